@@ -1,0 +1,62 @@
+# Runwarden: `make run` serves the console, `make test` runs every test. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8000
+
+# Tests use the machine's real PostgreSQL and Redis (never mocks); override to point elsewhere.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: install run test test-unit test-e2e lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Embedded default (no DATABASE_URL/REDIS_URL): one process, SQLite under var/, in-process
+# Celery worker. With both set: web, workers and beat as separate processes (Procfile).
+run: $(STAMP)
+	@export DEBUG=$${DEBUG:-1}; \
+	$(BIN)/python manage.py migrate --noinput && \
+	$(BIN)/python manage.py collectstatic --noinput -v0 && \
+	$(BIN)/python manage.py seed_demo && \
+	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && echo "" && \
+	if [ -n "$$DATABASE_URL" ] && [ -n "$$REDIS_URL" ]; then \
+		PORT=$(PORT) $(BIN)/honcho -f Procfile start; \
+	else \
+		PORT=$(PORT) $(BIN)/python manage.py serve --port $(PORT); \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint test-unit test-e2e
+
+test-unit: $(STAMP)
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
+		$(BIN)/pytest -m "not e2e" -p no:cacheprovider
+
+# Browser tests run in their own pytest process (sync Playwright and pytest-asyncio clash).
+test-e2e: $(STAMP)
+	@bash scripts/ensure-chromium
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
+		$(BIN)/pytest -m e2e -p no:cacheprovider
+
+bench: $(STAMP)
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
+		$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var/*.sqlite3 var/staticfiles .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest
+
+from core import selectors
+from core.models import Role, User
+
+
+def tenancy(request: HttpRequest) -> dict[str, Any]:
+    """The signed-in user's memberships, for the navigation."""
+    user = getattr(request, "user", None)
+    if not isinstance(user, User):
+        return {}
+    memberships = list(selectors.memberships_for_user(user))
+    return {
+        "nav_memberships": memberships,
+        "nav_admin_tenants": [m.tenant for m in memberships if m.role == Role.ADMIN],
+    }

@@ -1,0 +1,34 @@
+"""Demo tenants and users, created idempotently by ``manage.py seed_demo``."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+
+from core.models import Membership, Role, Tenant, TenantQuota, User
+
+DEMO_TENANTS = {"acme": "Acme Corp", "globex": "Globex Corporation"}
+DEMO_USERS = [
+    ("operator", "acme", Role.OPERATOR),
+    ("reviewer", "acme", Role.REVIEWER),
+    ("admin", "acme", Role.ADMIN),
+    ("globex-operator", "globex", Role.OPERATOR),
+]
+
+
+@transaction.atomic
+def seed_demo_tenants_and_users(password: str | None = None) -> list[tuple[str, str, str]]:
+    """Create (or reset) the demo tenants and users. Returns (username, tenant, role) rows."""
+    password = password or settings.DEMO_PASSWORD
+    tenants = {}
+    for slug, name in DEMO_TENANTS.items():
+        tenants[slug], _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": name})
+        TenantQuota.objects.get_or_create(tenant=tenants[slug])
+    for username, slug, role in DEMO_USERS:
+        user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
+        user.set_password(password)
+        # The demo admin also gets the Django admin site.
+        user.is_staff = user.is_superuser = role == Role.ADMIN
+        user.save(update_fields=["password", "is_staff", "is_superuser"])
+        Membership.objects.update_or_create(user=user, tenant=tenants[slug], defaults={"role": role})
+    return [(u, t, r.value) for u, t, r in DEMO_USERS]

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from core import services
+from core.models import User
+
+
+class Command(BaseCommand):
+    help = "Issue an API token for a user; the token is the last line of the output."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("username")
+        parser.add_argument("--name", default="cli", help="a label to tell tokens apart")
+
+    def handle(self, *args: Any, username: str, name: str, **options: Any) -> None:
+        user = User.objects.filter(username=username, is_active=True).first()
+        if user is None:
+            raise CommandError(f"no active user named {username!r}")
+        token = services.api_token_issue(user=user, name=name)
+        self.stdout.write(f"Token for {username} (shown once, store it now):")
+        self.stdout.write(token)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+
+
+class User(AbstractUser):
+    """Runwarden's user. Custom from day one so fields can be added without a data migration."""
+
+
+class Tenant(models.Model):
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Role(models.TextChoices):
+    OPERATOR = "operator", "Operator"
+    REVIEWER = "reviewer", "Reviewer"
+    ADMIN = "admin", "Admin"
+
+
+class Membership(models.Model):
+    """A user's role in one tenant. An admin may do everything an operator or reviewer may."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="memberships")
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "tenant"], name="membership_one_role_per_tenant"),
+            models.CheckConstraint(
+                condition=models.Q(role__in=["operator", "reviewer", "admin"]), name="membership_role_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.tenant}: {self.role}"
+
+
+class TenantQuota(models.Model):
+    """Per-tenant limits. ``max_concurrent_steps`` is the tenant scope's concurrency cap,
+    ``max_queue_depth`` the number of unfinished runs before new triggers get 429, and
+    ``weight`` the tenant's share in the dispatcher's round-robin."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota")
+    max_concurrent_steps = models.PositiveIntegerField(default=10)
+    max_queue_depth = models.PositiveIntegerField(default=1000)
+    weight = models.PositiveSmallIntegerField(default=1)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(max_concurrent_steps__gte=1), name="quota_concurrency_min_1"
+            ),
+            models.CheckConstraint(condition=models.Q(weight__gte=1), name="quota_weight_min_1"),
+        ]
+
+    def __str__(self) -> str:
+        return f"quota of {self.tenant}"
+
+
+class ApiToken(models.Model):
+    """A per-user API token. Only the SHA-256 of the secret is stored; ``prefix`` (the first
+    characters of the token) lets a user tell their tokens apart."""
+
+    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
+
+
+class AppendOnlyError(Exception):
+    """Raised on any attempt to change or delete an Event."""
+
+
+class Event(models.Model):
+    """The audit log and the outbox for live push: one row per state change, written in the
+    transaction of the change. Rows are never updated or deleted; the database refuses it
+    with a trigger (migration 0002) and the model refuses it before the query is sent."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="events")
+    subject = models.CharField(max_length=200)
+    verb = models.CharField(max_length=64)
+    actor = models.CharField(max_length=200)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "id"], name="event_tenant_id"),
+            models.Index(fields=["subject", "id"], name="event_subject_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subject} {self.verb}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if not self._state.adding:
+            raise AppendOnlyError("events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        raise AppendOnlyError("events are append-only")

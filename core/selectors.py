@@ -1,0 +1,77 @@
+"""Reads that every request goes through: which tenants a user may see, and in which role.
+
+Another tenant's object is a 404, never a 403, so that ids do not leak across tenants; a
+member without the needed role gets a 403.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import PermissionDenied
+from django.db.models import Model, QuerySet
+from django.http import Http404
+
+from core.models import Membership, Role, Tenant, TenantQuota, User
+
+M = TypeVar("M", bound=Model)
+AnyUser = User | AnonymousUser
+
+# What each role may do; an admin may do everything.
+ROLE_GRANTS: dict[str, frozenset[str]] = {
+    Role.OPERATOR: frozenset({Role.OPERATOR}),
+    Role.REVIEWER: frozenset({Role.REVIEWER}),
+    Role.ADMIN: frozenset({Role.OPERATOR, Role.REVIEWER, Role.ADMIN}),
+}
+
+
+def tenants_for_user(user: AnyUser) -> QuerySet[Tenant]:
+    if not user.is_authenticated:
+        return Tenant.objects.none()
+    return Tenant.objects.filter(memberships__user=user).order_by("slug", "id")
+
+
+def memberships_for_user(user: User) -> QuerySet[Membership]:
+    return Membership.objects.filter(user=user).select_related("tenant").order_by("tenant__slug", "id")
+
+
+def scope_to_user(queryset: QuerySet[M], user: AnyUser, tenant_field: str = "tenant") -> QuerySet[M]:
+    """Restrict ``queryset`` to rows of the tenants ``user`` belongs to."""
+    if not user.is_authenticated:
+        return queryset.none()
+    return queryset.filter(**{f"{tenant_field}__memberships__user": user})
+
+
+def user_can(user: User, tenant: Tenant, role: str) -> bool:
+    membership = Membership.objects.filter(user=user, tenant=tenant).only("role").first()
+    return membership is not None and role in ROLE_GRANTS[membership.role]
+
+
+def get_tenant_for_user(user: AnyUser, slug: str, *, role: str | None = None) -> Tenant:
+    """The tenant ``slug`` if ``user`` is a member (else 404) holding ``role`` (else 403)."""
+    membership = (
+        Membership.objects.filter(user=user, tenant__slug=slug).select_related("tenant").first()
+        if user.is_authenticated
+        else None
+    )
+    if membership is None:
+        raise Http404("No such tenant.")
+    if role is not None and role not in ROLE_GRANTS[membership.role]:
+        raise PermissionDenied(f"This needs the {role} role in {slug}.")
+    return membership.tenant
+
+
+def get_object_for_user(
+    queryset: QuerySet[M], user: User, *, tenant_field: str = "tenant", **lookup: object
+) -> M:
+    """One object of the user's tenants, or 404 (also for another tenant's object)."""
+    obj = scope_to_user(queryset, user, tenant_field).filter(**lookup).first()
+    if obj is None:
+        raise Http404("Not found.")
+    return obj
+
+
+def quota_for_tenant(tenant: Tenant) -> TenantQuota:
+    """The tenant's quota; a tenant without a row gets the defaults (not saved)."""
+    return TenantQuota.objects.filter(tenant=tenant).first() or TenantQuota(tenant=tenant)

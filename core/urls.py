@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+from core import views
+from core.api import api
+
+core_patterns = (
+    [
+        path("", views.overview, name="overview"),
+        path("tenants/<slug:slug>/quotas/", views.tenant_quotas, name="tenant-quotas"),
+    ],
+    "core",
+)
+
+urlpatterns = [
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+    path("accounts/", include("django.contrib.auth.urls")),
+    path("admin/", admin.site.urls),
+    path("api/v1/", api.urls),
+    path("", include(core_patterns)),
+]

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from tests.servers import base_env, console_server, manage
+
+
+def embedded_env(tmp_path: Path) -> dict[str, str]:
+    env = base_env(DEBUG="1", SQLITE_PATH=str(tmp_path / "embedded.sqlite3"))
+    env.pop("DATABASE_URL", None)
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
+    env = embedded_env(tmp_path)
+    manage("migrate", "--noinput", env=env)
+    seeded = manage("seed_demo", env=env)
+    assert "globex-operator" in seeded.stdout
+    manage("seed_demo", env=env)  # idempotent
+
+    log = tmp_path / "serve.log"
+    with console_server(env, log) as url:
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        with opener.open(url + "/readyz") as response:
+            assert json.load(response)["checks"] == {"database": "ok", "redis": "ok"}
+        with opener.open(url + "/accounts/login/") as response:
+            assert b'name="username"' in response.read()
+        csrf = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
+        form = urllib.parse.urlencode(
+            {"username": "operator", "password": "runwarden", "csrfmiddlewaretoken": csrf}
+        ).encode()
+        request = urllib.request.Request(url + "/accounts/login/", data=form, headers={"Referer": url + "/"})
+        with opener.open(request) as response:
+            page = response.read().decode()
+        assert response.url == url + "/"
+        assert "Acme Corp" in page
+
+    output = log.read_text()
+    assert "Embedded mode" in output
+    assert "Connected to memory://" in output

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from playwright.sync_api import Page, expect
+
+from tests.e2e.conftest import login, screenshot
+
+
+def test_an_operator_logs_in_sees_their_tenant_and_goes_live(live_console: str, page: Page) -> None:
+    login(page, live_console, "operator")
+    expect(page).to_have_url(live_console + "/")
+    expect(page.get_by_role("heading", name="Acme Corp")).to_be_visible()
+    expect(page.get_by_text("Globex Corporation")).to_have_count(0)
+    # The live websocket (Channels over Redis) connected through the origin validator.
+    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+    screenshot(page, "overview-operator")
+
+
+def test_a_wrong_password_is_refused(live_console: str, page: Page) -> None:
+    login(page, live_console, "operator", password="wrong")
+    expect(page.get_by_text("didn't match")).to_be_visible()
+    expect(page).to_have_url(live_console + "/accounts/login/")
+
+
+def test_an_admin_edits_the_quota_in_the_browser(live_console: str, page: Page) -> None:
+    login(page, live_console, "admin")
+    page.get_by_role("link", name="Quotas · acme").first.click()
+    page.fill("input[name=max_concurrent_steps]", "7")
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_text("Quota of acme saved.")).to_be_visible()
+    expect(page.locator("input[name=max_concurrent_steps]")).to_have_value("7")
+    screenshot(page, "quotas-admin")
