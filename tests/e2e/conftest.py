@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,10 +8,6 @@ from django.conf import settings
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.servers import ROOT, base_env, console_server, manage
-
-# Sync Playwright runs an event loop in this thread; the test's own ORM calls are still
-# sequential, so Django's async-safety guard may be lifted here (tests only, never the server).
-os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -31,6 +26,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/e2e/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(autouse=True)
+def _allow_orm_beside_playwright(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sync Playwright runs an event loop in this thread; the test's own ORM calls are still
+    # sequential, so Django's async-safety guard may be lifted here (browser tests only).
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
 @pytest.fixture
