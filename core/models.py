@@ -117,3 +117,114 @@ class Event(models.Model):
 
     def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
         raise AppendOnlyError("events are append-only")
+
+
+class Lease(models.Model):
+    """Ownership of a resource key: ``step:<id>`` for a step, ``crm_contact:42`` for an entity.
+
+    One row per (tenant, key), so at most one holder at any instant is a unique constraint.
+    Each grant writes a new fencing token (from a database sequence, strictly increasing per
+    key across take-overs). A lease past ``expires_at`` or with ``released_at`` set is free;
+    once it is, the old token is refused by every fenced write.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="leases")
+    key = models.CharField(max_length=200)
+    token = models.BigIntegerField()
+    holder = models.CharField(max_length=200)
+    metadata = models.JSONField(default=dict)
+    acquired_at = models.DateTimeField()
+    renewed_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="lease_one_row_per_key")]
+        indexes = [models.Index(fields=["expires_at"], name="lease_expires_at")]
+
+    def __str__(self) -> str:
+        return f"{self.key} #{self.token}"
+
+
+class FencingCounter(models.Model):
+    """The fencing-token sequence on SQLite (PostgreSQL uses a real sequence)."""
+
+    value = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class ConcurrencySlot(models.Model):
+    """One of the N seats of a scope with cap N (``global``, ``tenant:3``, ``lane:external``...).
+
+    A seat is taken by a lease and carries that lease's token and expiry, renewed in the same
+    transaction as the lease: when the lease expires, so does the seat, so a crashed holder can
+    never leak it. Seats are claimed with ``FOR UPDATE SKIP LOCKED``, spreading admissions over
+    many rows instead of one hot counter.
+    """
+
+    scope = models.CharField(max_length=200)
+    slot_no = models.PositiveIntegerField()
+    lease = models.ForeignKey(Lease, on_delete=models.SET_NULL, null=True, blank=True, related_name="slots")
+    lease_token = models.BigIntegerField(null=True, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "slot_no"], name="slot_unique_seat")]
+        indexes = [models.Index(fields=["lease", "lease_token"], name="slot_lease")]
+
+    def __str__(self) -> str:
+        return f"{self.scope}#{self.slot_no}"
+
+
+class OutboxStatus(models.TextChoices):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboxMessage(models.Model):
+    """A notification to send, written in the transaction of the change that causes it and
+    drained by a Celery task. ``key`` dedupes enqueues; the receiver dedupes redeliveries."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    key = models.CharField(max_length=300, unique=True)
+    kind = models.CharField(max_length=100)
+    payload = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    available_at = models.DateTimeField()
+    claimed_until = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        indexes = [
+            models.Index(
+                fields=["available_at", "id"],
+                name="outbox_due",
+                condition=models.Q(status__in=["pending", "sending"]),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Notification(models.Model):
+    """The in-app notification inbox: the receiving end of the outbox. Unique on the outbox key,
+    so a redelivered message is recorded once."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="notifications")
+    key = models.CharField(max_length=300, unique=True)
+    kind = models.CharField(max_length=100)
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.key

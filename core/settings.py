@@ -10,8 +10,10 @@ Two shapes, chosen by the environment:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 import django_stubs_ext
@@ -222,3 +224,22 @@ LOGGING = {
 # Runwarden's own knobs.
 DEMO_PASSWORD = env_str("DEMO_PASSWORD", "runwarden")
 RUNWARDEN_DEFAULT_LEASE_SECONDS = env_int("RUNWARDEN_DEFAULT_LEASE_SECONDS", 30)
+
+# Concurrency caps per scope (the tenant cap comes from TenantQuota.max_concurrent_steps).
+# JSON in RUNWARDEN_CAPS overrides any part, e.g. '{"tool": {"crm": 2}}'.
+RUNWARDEN_CAPS: dict[str, Any] = {
+    "global": 50,
+    "tenant_default": 10,
+    "workflow": {},
+    "lane": {"read": 20, "draft": 10, "external": 5, "high_risk": 2},
+    "tool": {"crm": 4, "messaging": 4, "payments": 1},
+}
+for _scope, _value in json.loads(env_str("RUNWARDEN_CAPS", "{}")).items():
+    if isinstance(_value, dict):
+        RUNWARDEN_CAPS.setdefault(_scope, {}).update(_value)
+    else:
+        RUNWARDEN_CAPS[_scope] = _value
+
+CELERY_BEAT_SCHEDULE = {
+    "outbox-drain": {"task": "core.outbox_drain", "schedule": 5.0, "options": {"queue": "maintenance"}},
+}

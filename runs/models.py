@@ -1,1 +1,160 @@
 from __future__ import annotations
+
+import os
+import time
+
+from django.db import models
+
+from core.models import Tenant
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid() -> str:
+    """A ULID: 48 bits of milliseconds then 80 random bits, Crockford base32 (sortable by time)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def new_run_id() -> str:
+    return f"run_{ulid()}"
+
+
+class RunStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CONFLICT = "conflict"
+
+
+class Run(models.Model):
+    id = models.CharField(primary_key=True, max_length=40, default=new_run_id, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="runs")
+    workflow = models.CharField(max_length=200)
+    actor = models.CharField(max_length=200)
+    correlation_id = models.CharField(max_length=200, blank=True)
+    trigger_event_id = models.CharField(max_length=200, blank=True)
+    environment = models.CharField(max_length=64, default="production")
+    input = models.JSONField(default=dict)
+    status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "status", "id"], name="run_tenant_status"),
+            models.Index(fields=["tenant", "correlation_id"], name="run_tenant_correlation"),
+        ]
+
+    def __str__(self) -> str:
+        return self.id
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending"
+    READY = "ready"
+    LEASED = "leased"
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    CONFLICT = "conflict"
+
+
+class Step(models.Model):
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    key = models.CharField(max_length=100)
+    position = models.PositiveIntegerField()
+    lane = models.CharField(max_length=20)
+    tool = models.CharField(max_length=100, blank=True)
+    status = models.CharField(max_length=20, choices=StepStatus.choices, default=StepStatus.PENDING)
+    attempt = models.PositiveIntegerField(default=0)
+    input_hash = models.CharField(max_length=64, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    checkpoint = models.JSONField(null=True, blank=True)
+    lock_keys = models.JSONField(default=list)
+    error = models.TextField(blank=True)
+    lease_token = models.BigIntegerField(null=True, blank=True)
+    available_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["run", "key"], name="step_key_unique_in_run"),
+            models.UniqueConstraint(fields=["run", "position"], name="step_position_unique_in_run"),
+        ]
+        indexes = [models.Index(fields=["status", "tenant", "id"], name="step_status_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.run_id}:{self.key}"
+
+
+class TriggerEvent(models.Model):
+    """One delivery id per tenant: a duplicate delivery returns the run the first one made."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    trigger_event_id = models.CharField(max_length=200)
+    fingerprint = models.CharField(max_length=64)
+    run = models.OneToOneField(Run, on_delete=models.CASCADE, related_name="trigger")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "trigger_event_id"], name="trigger_event_unique_per_tenant"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.trigger_event_id}"
+
+
+class EffectStatus(models.TextChoices):
+    PROPOSED = "proposed"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class SideEffect(models.Model):
+    """The side-effect ledger. A committed key is never executed again; a proposed key with no
+    outcome whose proposer is gone is ambiguous (did it happen?) and goes to review."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="effects")
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="effects", null=True, blank=True)
+    kind = models.CharField(max_length=100)
+    idempotency_key = models.CharField(max_length=300, unique=True)
+    status = models.CharField(max_length=16, choices=EffectStatus.choices, default=EffectStatus.PROPOSED)
+    request_fingerprint = models.CharField(max_length=64)
+    request = models.JSONField(default=dict)
+    result = models.JSONField(null=True, blank=True)
+    external_ref = models.CharField(max_length=300, blank=True)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveIntegerField(default=1)
+    proposer_lease_id = models.BigIntegerField(null=True, blank=True)
+    proposer_token = models.BigIntegerField(null=True, blank=True)
+    proposed_at = models.DateTimeField(auto_now_add=True)
+    committed_at = models.DateTimeField(null=True, blank=True)
+    failed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(status__in=["proposed", "committed", "failed"]),
+                name="side_effect_status_valid",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.idempotency_key

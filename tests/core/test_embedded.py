@@ -2,11 +2,23 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tests.servers import base_env, console_server, manage
+
+ENQUEUE = """
+from django.db import transaction
+from core.models import Tenant
+from core.outbox import outbox_enqueue
+with transaction.atomic():
+    outbox_enqueue(tenant_id=Tenant.objects.get(slug="acme").pk, key="embedded:1", kind="hello", payload={})
+"""
+COUNT_DELIVERED = (
+    "from core.models import Notification; print(Notification.objects.filter(key='embedded:1').count())"
+)
 
 
 def embedded_env(tmp_path: Path) -> dict[str, str]:
@@ -40,6 +52,14 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
             page = response.read().decode()
         assert response.url == url + "/"
         assert "Acme Corp" in page
+
+        # The in-process beat and Celery worker really execute tasks: a message written to the
+        # outbox by another process is drained by them (the outbox drain runs every 5 s).
+        manage("shell", "-c", ENQUEUE, env=env)
+        deadline = time.monotonic() + 30
+        while manage("shell", "-c", COUNT_DELIVERED, env=env).stdout.strip().splitlines()[-1:] != ["1"]:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
 
     output = log.read_text()
     assert "Embedded mode" in output

@@ -1,0 +1,312 @@
+"""Leases with fencing tokens, and entity locks built on them.
+
+A lease is ownership of a key for a while. ``lease_acquire`` is one conditional upsert: it
+inserts the key's row, or takes the row over only when the current lease is expired or
+released. The fencing token is drawn *in the UPDATE clause*, after the row lock is held, so a
+take-over always gets a larger token than the lease it replaces.
+
+Times come from the application host's clock (hosts are expected to run NTP); a skew of a
+few hundred milliseconds only shortens or lengthens a lease by as much, and fencing tokens
+keep a late writer out whatever the clocks say.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from core import services
+from core.models import ConcurrencySlot, Lease
+
+
+class LeaseError(Exception):
+    pass
+
+
+class LeaseHeld(LeaseError):
+    """The key is held by someone else (a live lease)."""
+
+
+class LockTimeout(LeaseHeld):
+    """Waited for entity locks for as long as allowed and did not get them all."""
+
+
+class StaleToken(LeaseError):
+    """The token no longer owns the key: the lease expired, was released or taken over."""
+
+    def __init__(self, key: str, token: int) -> None:
+        super().__init__(f"fencing token {token} no longer owns {key!r}; the write was refused")
+        self.key = key
+        self.token = token
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    id: int
+    tenant_id: int
+    key: str
+    token: int
+    acquired_at: datetime
+    expires_at: datetime
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or timezone.now()
+
+
+def _next_token_sql() -> tuple[str, list[Any]]:
+    """SQL (and params) that yields the next fencing token inside the calling statement."""
+    if connection.vendor == "postgresql":
+        return "nextval('core_fencing_token_seq')", []
+    # SQLite serialises writers, so a counter row updated in the same transaction is a sequence.
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE core_fencingcounter SET value = value + 1 WHERE id = 1 RETURNING value")
+        row = cursor.fetchone()
+    return "%s", [row[0]]
+
+
+def _adapt(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def lease_acquire(
+    *,
+    tenant_id: int,
+    key: str,
+    holder: str,
+    ttl: float,
+    metadata: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> LeaseGrant | None:
+    """Grant ``key`` to ``holder`` for ``ttl`` seconds, or return None while someone else holds it.
+
+    One statement; safe to call from any number of processes at once.
+    """
+    now = _now(now)
+    expires_at = now + timedelta(seconds=ttl)
+    with transaction.atomic():
+        insert_token_sql, insert_token_params = _next_token_sql()
+        update_token_sql, update_token_params = (
+            _next_token_sql() if connection.vendor == "postgresql" else ("EXCLUDED.token", [])
+        )
+        sql = f"""
+            INSERT INTO core_lease
+                (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
+            VALUES (%s, %s, {insert_token_sql}, %s, %s, %s, %s, %s, NULL)
+            ON CONFLICT (tenant_id, key) DO UPDATE SET
+                token = {update_token_sql},
+                holder = EXCLUDED.holder,
+                metadata = EXCLUDED.metadata,
+                acquired_at = EXCLUDED.acquired_at,
+                renewed_at = EXCLUDED.renewed_at,
+                expires_at = EXCLUDED.expires_at,
+                released_at = NULL
+            WHERE core_lease.released_at IS NOT NULL OR core_lease.expires_at <= %s
+            RETURNING id, token
+        """
+        params = [
+            tenant_id,
+            key,
+            *insert_token_params,
+            holder,
+            json.dumps(metadata or {}),
+            _adapt(now),
+            _adapt(now),
+            _adapt(expires_at),
+            *update_token_params,
+            _adapt(now),
+        ]
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    if row is None:
+        return None
+    return LeaseGrant(
+        id=row[0], tenant_id=tenant_id, key=key, token=row[1], acquired_at=now, expires_at=expires_at
+    )
+
+
+def lease_renew(*, grant: LeaseGrant, ttl: float, now: datetime | None = None) -> LeaseGrant:
+    """Extend a live lease (and the concurrency seats it holds) by ``ttl`` seconds from now.
+
+    Raises StaleToken when the lease expired, was released or was taken over: a holder that
+    lost its lease cannot get it back by renewing.
+    """
+    now = _now(now)
+    expires_at = now + timedelta(seconds=ttl)
+    with transaction.atomic():
+        renewed = Lease.objects.filter(
+            pk=grant.id, token=grant.token, released_at__isnull=True, expires_at__gt=now
+        ).update(renewed_at=now, expires_at=expires_at)
+        if renewed != 1:
+            raise StaleToken(grant.key, grant.token)
+        ConcurrencySlot.objects.filter(lease_id=grant.id, lease_token=grant.token).update(
+            expires_at=expires_at
+        )
+    return LeaseGrant(grant.id, grant.tenant_id, grant.key, grant.token, grant.acquired_at, expires_at)
+
+
+def lease_release(*, grant: LeaseGrant, now: datetime | None = None) -> bool:
+    """Release a lease and its concurrency seats. False when the token no longer held it."""
+    now = _now(now)
+    with transaction.atomic():
+        released = Lease.objects.filter(pk=grant.id, token=grant.token, released_at__isnull=True).update(
+            released_at=now
+        )
+        ConcurrencySlot.objects.filter(lease_id=grant.id, lease_token=grant.token).update(
+            lease=None, lease_token=None, claimed_at=None, expires_at=None
+        )
+    return released == 1
+
+
+def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = None) -> int:
+    """Expire the live leases on ``keys`` at once (their holders are fenced out from now on)."""
+    now = _now(now)
+    return Lease.objects.filter(
+        tenant_id=tenant_id, key__in=list(keys), released_at__isnull=True, expires_at__gt=now
+    ).update(expires_at=now)
+
+
+def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = None) -> None:
+    """Check, inside the caller's transaction, that ``token`` still owns ``key``.
+
+    Must be called inside ``transaction.atomic()``: the lease row stays locked until the
+    caller's write commits, so no take-over can slip between this check and that write.
+    Raises StaleToken otherwise.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("lease_fence must run inside the transaction of the write it protects")
+    now = _now(now)
+    live = (
+        Lease.objects.select_for_update(no_key=True)
+        .filter(tenant_id=tenant_id, key=key, token=token, released_at__isnull=True, expires_at__gt=now)
+        .values_list("pk", flat=True)
+    )
+    if not list(live):
+        raise StaleToken(key, token)
+
+
+@contextmanager
+def fenced_write(*, tenant_id: int, key: str, token: int, actor: str) -> Iterator[None]:
+    """A transaction whose writes commit only while ``token`` owns ``key``.
+
+    A refused write raises StaleToken after recording a ``stale_token_write`` event in a
+    transaction of its own (the refused one is rolled back). Not nestable in an outer
+    transaction, because the refusal must be recorded even though the write is not.
+    """
+    try:
+        with transaction.atomic(durable=True):
+            lease_fence(tenant_id=tenant_id, key=key, token=token)
+            yield
+    except StaleToken as exc:
+        with transaction.atomic():
+            services.event_record(
+                tenant=tenant_id,
+                subject=key,
+                verb="stale_token_write",
+                actor=actor,
+                payload={"key": exc.key, "token": exc.token},
+            )
+        raise
+
+
+class LockPolicy:
+    """What to do when an entity lock is held (the vocabulary of Hatchet and Inngest)."""
+
+    WAIT = "wait"  # wait (bounded) until every lock is free
+    SKIP = "skip"  # give up at once; the caller skips this step
+    CANCEL_NEWEST = "cancel_newest"  # give up at once; the caller cancels the newcomer
+    CANCEL_IN_PROGRESS = "cancel_in_progress"  # revoke the holders' leases and take over
+    ALL = (WAIT, SKIP, CANCEL_NEWEST, CANCEL_IN_PROGRESS)
+
+
+def _try_acquire_all(
+    *, tenant_id: int, keys: list[str], holder: str, ttl: float, metadata: dict[str, Any] | None
+) -> list[LeaseGrant] | None:
+    """All of ``keys`` or none, in one transaction, taken in sorted order."""
+    grants: list[LeaseGrant] = []
+    try:
+        with transaction.atomic():
+            for key in keys:
+                grant = lease_acquire(tenant_id=tenant_id, key=key, holder=holder, ttl=ttl, metadata=metadata)
+                if grant is None:
+                    raise LeaseHeld(key)
+                grants.append(grant)
+    except LeaseHeld:
+        return None
+    return grants
+
+
+def locks_acquire(
+    *,
+    tenant_id: int,
+    keys: Iterable[str],
+    holder: str,
+    ttl: float,
+    policy: str = LockPolicy.WAIT,
+    wait_timeout: float = 30.0,
+    metadata: dict[str, Any] | None = None,
+) -> list[LeaseGrant]:
+    """Take every entity lock in ``keys``, all or nothing.
+
+    Keys are taken in one canonical (sorted) order inside one transaction, so two callers
+    wanting {A, B} and {B, A} cannot deadlock: no transaction ever waits while holding a lock
+    another one needs. Raises LeaseHeld (``skip``, ``cancel_newest``) or LockTimeout (``wait``)
+    when the locks cannot be had.
+    """
+    if policy not in LockPolicy.ALL:
+        raise ValueError(f"unknown lock policy {policy!r}; use one of {', '.join(LockPolicy.ALL)}")
+    ordered = sorted(set(keys))
+    if not ordered:
+        return []
+    if policy == LockPolicy.CANCEL_IN_PROGRESS:
+        with transaction.atomic():
+            preempted = lease_revoke(tenant_id=tenant_id, keys=ordered)
+            grants = _try_acquire_all(
+                tenant_id=tenant_id, keys=ordered, holder=holder, ttl=ttl, metadata=metadata
+            )
+            if grants is None:  # a concurrent caller preempted them first
+                raise LeaseHeld(", ".join(ordered))
+            if preempted:
+                services.event_record(
+                    tenant=tenant_id,
+                    subject=",".join(ordered),
+                    verb="locks_preempted",
+                    actor=holder,
+                    payload={"keys": ordered, "revoked": preempted},
+                )
+            return grants
+    deadline = time.monotonic() + wait_timeout
+    delay = 0.005
+    while True:
+        grants = _try_acquire_all(
+            tenant_id=tenant_id, keys=ordered, holder=holder, ttl=ttl, metadata=metadata
+        )
+        if grants is not None:
+            return grants
+        if policy != LockPolicy.WAIT:
+            raise LeaseHeld(", ".join(ordered))
+        if time.monotonic() >= deadline:
+            raise LockTimeout(", ".join(ordered))
+        # Full jitter keeps waiters from retrying in lockstep.
+        time.sleep(random.uniform(0, delay))
+        delay = min(delay * 2, 0.25)
+
+
+def locks_release(grants: Iterable[LeaseGrant]) -> None:
+    for grant in grants:
+        lease_release(grant=grant)
+
+
+def live_leases_filter(now: datetime | None = None) -> Q:
+    return Q(released_at__isnull=True, expires_at__gt=_now(now))

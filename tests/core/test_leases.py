@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from core.leases import (
+    LeaseGrant,
+    StaleToken,
+    fenced_write,
+    lease_acquire,
+    lease_fence,
+    lease_release,
+    lease_renew,
+)
+from core.models import Event, Lease, Tenant
+from tests.concurrency import run_concurrently
+
+
+@pytest.mark.django_db
+def test_a_held_key_is_refused_and_a_released_one_is_granted_with_a_larger_token(acme: Tenant) -> None:
+    first = lease_acquire(tenant_id=acme.pk, key="crm_contact:1", holder="a", ttl=30)
+    assert first is not None
+    assert lease_acquire(tenant_id=acme.pk, key="crm_contact:1", holder="b", ttl=30) is None
+    assert lease_release(grant=first)
+    second = lease_acquire(tenant_id=acme.pk, key="crm_contact:1", holder="b", ttl=30)
+    assert second is not None
+    assert second.token > first.token
+    assert not lease_release(grant=first), "an old token cannot release the new holder's lease"
+
+
+@pytest.mark.django_db
+def test_an_expired_lease_is_taken_over_and_its_holder_is_fenced_out(acme: Tenant) -> None:
+    now = timezone.now()
+    old = lease_acquire(tenant_id=acme.pk, key="k", holder="a", ttl=5, now=now)
+    assert old is not None
+    assert (
+        lease_acquire(tenant_id=acme.pk, key="k", holder="b", ttl=5, now=now + timedelta(seconds=4)) is None
+    )
+    later = now + timedelta(seconds=6)
+    new = lease_acquire(tenant_id=acme.pk, key="k", holder="b", ttl=5, now=later)
+    assert new is not None and new.token > old.token
+    with pytest.raises(StaleToken):
+        lease_renew(grant=old, ttl=5, now=later)
+    with pytest.raises(StaleToken), transaction.atomic():
+        lease_fence(tenant_id=acme.pk, key="k", token=old.token, now=later)
+    with transaction.atomic():
+        lease_fence(tenant_id=acme.pk, key="k", token=new.token, now=later)
+
+
+@pytest.mark.django_db
+def test_an_expired_holder_cannot_renew_even_before_anyone_takes_over(acme: Tenant) -> None:
+    now = timezone.now()
+    grant = lease_acquire(tenant_id=acme.pk, key="k", holder="a", ttl=5, now=now)
+    assert grant is not None
+    with pytest.raises(StaleToken):
+        lease_renew(grant=grant, ttl=5, now=now + timedelta(seconds=5))
+
+
+@pytest.mark.django_db
+def test_renewing_extends_the_lease(acme: Tenant) -> None:
+    now = timezone.now()
+    grant = lease_acquire(tenant_id=acme.pk, key="k", holder="a", ttl=5, now=now)
+    assert grant is not None
+    renewed = lease_renew(grant=grant, ttl=5, now=now + timedelta(seconds=4))
+    assert renewed.expires_at == now + timedelta(seconds=9)
+    assert (
+        lease_acquire(tenant_id=acme.pk, key="k", holder="b", ttl=5, now=now + timedelta(seconds=7)) is None
+    )
+
+
+@pytest.mark.django_db
+def test_fencing_needs_the_transaction_of_the_write(acme: Tenant) -> None:
+    grant = lease_acquire(tenant_id=acme.pk, key="k", holder="a", ttl=5)
+    assert grant is not None
+    # pytest-django wraps the test in a transaction; step outside it to prove the guard.
+    connection = transaction.get_connection()
+    outer = connection.in_atomic_block
+    connection.in_atomic_block = False
+    try:
+        with pytest.raises(RuntimeError, match="inside the transaction"):
+            lease_fence(tenant_id=acme.pk, key="k", token=grant.token)
+    finally:
+        connection.in_atomic_block = outer
+
+
+@pytest.mark.django_db
+def test_keys_are_per_tenant(acme: Tenant, globex: Tenant) -> None:
+    assert lease_acquire(tenant_id=acme.pk, key="crm_contact:1", holder="a", ttl=30) is not None
+    assert lease_acquire(tenant_id=globex.pk, key="crm_contact:1", holder="b", ttl=30) is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_tokens_write_is_refused_and_recorded(acme: Tenant) -> None:
+    old = lease_acquire(tenant_id=acme.pk, key="k", holder="zombie", ttl=0.05)
+    assert old is not None
+    time.sleep(0.1)
+    new = lease_acquire(tenant_id=acme.pk, key="k", holder="fresh", ttl=30)
+    assert new is not None
+    with pytest.raises(StaleToken), fenced_write(tenant_id=acme.pk, key="k", token=old.token, actor="zombie"):
+        Event.objects.create(tenant=acme, subject="k", verb="zombie_wrote", actor="zombie")
+    assert not Event.objects.filter(verb="zombie_wrote").exists()
+    refusal = Event.objects.get(verb="stale_token_write")
+    assert refusal.payload == {"key": "k", "token": old.token}
+    with fenced_write(tenant_id=acme.pk, key="k", token=new.token, actor="fresh"):
+        Event.objects.create(tenant=acme, subject="k", verb="fresh_wrote", actor="fresh")
+    assert Event.objects.filter(verb="fresh_wrote").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_acquirers_get_exactly_one_grant_per_trial(acme: Tenant) -> None:
+    threads, trials = 8, 150
+    for trial in range(trials):
+        key = f"race:{trial}"
+        results = run_concurrently(
+            lambda i, key=key: lease_acquire(tenant_id=acme.pk, key=key, holder=f"t{i}", ttl=30), threads
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+        grants = [r for r in results if r is not None]
+        assert len(grants) == 1, f"trial {trial}: {len(grants)} holders"
+    assert Lease.objects.filter(key__startswith="race:").count() == trials
+
+
+@pytest.mark.django_db(transaction=True)
+def test_under_churn_holders_never_overlap_tokens_rise_and_fenced_writes_stay_in_token_order(
+    acme: Tenant,
+) -> None:
+    # Many threads keep grabbing one key with short leases; some oversleep their lease (zombies)
+    # and then try to write. Each committed write carries its token: in commit order the tokens
+    # must never go down, and no two grants' live intervals may overlap.
+    key = f"churn:{uuid.uuid4()}"
+    grants: list[LeaseGrant] = []
+    record = threading.Lock()
+    deadline = time.monotonic() + 6
+
+    def churn(i: int) -> int:
+        writes = 0
+        while time.monotonic() < deadline:
+            grant = lease_acquire(tenant_id=acme.pk, key=key, holder=f"t{i}", ttl=0.03)
+            if grant is None:
+                time.sleep(0.002)
+                continue
+            with record:
+                grants.append(grant)
+            time.sleep(0.045 if i % 3 == 0 else 0.005)  # every third thread turns zombie
+            try:
+                with fenced_write(tenant_id=acme.pk, key=key, token=grant.token, actor=f"t{i}"):
+                    Event.objects.create(
+                        tenant=acme, subject=key, verb="wrote", actor=f"t{i}", payload={"t": grant.token}
+                    )
+                writes += 1
+            except StaleToken:
+                pass
+        return writes
+
+    results = run_concurrently(churn, 6, timeout=60)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert sum(results) > 20, "the churn should commit plenty of writes"
+
+    by_token = sorted(grants, key=lambda g: g.token)
+    assert len({g.token for g in grants}) == len(grants), "tokens are unique"
+    for earlier, later in zip(by_token, by_token[1:], strict=False):
+        assert later.acquired_at >= earlier.expires_at, "a take-over happened while a lease was live"
+
+    written = list(
+        Event.objects.filter(subject=key, verb="wrote").order_by("id").values_list("payload", flat=True)
+    )
+    tokens = [p["t"] for p in written]
+    assert tokens == sorted(tokens), "a fenced-out holder's write landed after a newer holder's"
+    assert Event.objects.filter(subject=key, verb="stale_token_write").exists(), (
+        "zombies must have been refused"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_take_over_waits_for_a_fenced_write_already_in_progress(acme: Tenant) -> None:
+    # The holder passes the fence, then outlives its lease inside the write's transaction.
+    # The newcomer's take-over must wait for that transaction, so the writes stay in token
+    # order; without the row lock taken by the fence, the newcomer's write lands first.
+    key = "slow-writer"
+    old = lease_acquire(tenant_id=acme.pk, key=key, holder="slow", ttl=0.1)
+    assert old is not None
+    fenced = threading.Event()
+
+    def slow_writer(_: int) -> None:
+        with fenced_write(tenant_id=acme.pk, key=key, token=old.token, actor="slow"):
+            fenced.set()
+            time.sleep(0.4)
+            Event.objects.create(
+                tenant=acme, subject=key, verb="wrote", actor="slow", payload={"t": old.token}
+            )
+
+    def newcomer(_: int) -> None:
+        assert fenced.wait(5)
+        time.sleep(0.15)  # the old lease has expired by now
+        new = None
+        while new is None:
+            new = lease_acquire(tenant_id=acme.pk, key=key, holder="new", ttl=30)
+        with fenced_write(tenant_id=acme.pk, key=key, token=new.token, actor="new"):
+            Event.objects.create(
+                tenant=acme, subject=key, verb="wrote", actor="new", payload={"t": new.token}
+            )
+
+    results = run_concurrently(lambda i: (slow_writer if i == 0 else newcomer)(i), 2)
+    assert results == [None, None], results
+    tokens = list(
+        Event.objects.filter(subject=key, verb="wrote").order_by("id").values_list("payload__t", flat=True)
+    )
+    assert len(tokens) == 2
+    assert tokens == sorted(tokens)

@@ -1,0 +1,178 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from django.conf import settings
+
+from core.leases import lease_acquire, lease_release
+from core.models import Tenant
+from runs.models import EffectStatus, Run, SideEffect
+from runs.services import (
+    EffectOutcome,
+    EffectRequestMismatch,
+    EffectUnresolved,
+    effect_execute,
+)
+from tests.concurrency import run_concurrently
+from tests.servers import ROOT, base_env
+
+
+def make_run(tenant: Tenant) -> Run:
+    return Run.objects.create(tenant=tenant, workflow="demo.test", actor="t", input={})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_committed_effect_returns_its_recorded_result_without_running_again(acme: Tenant) -> None:
+    run = make_run(acme)
+    calls: list[int] = []
+    first = effect_execute(
+        run=run,
+        step=None,
+        kind="send",
+        fn=lambda: calls.append(1) or {"id": "m-1"},
+        request={"to": "x"},
+        external_ref=lambda r: r["id"],
+    )
+    again = effect_execute(
+        run=run, step=None, kind="send", fn=lambda: calls.append(1) or {"id": "m-2"}, request={"to": "x"}
+    )
+    assert calls == [1]
+    assert (first.replayed, again.replayed) == (False, True)
+    assert again.result == {"id": "m-1"}
+    effect = SideEffect.objects.get()
+    assert (effect.status, effect.external_ref, effect.idempotency_key) == (
+        "committed",
+        "m-1",
+        f"{run.id}:-:send",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_same_key_with_another_request_is_refused(acme: Tenant) -> None:
+    run = make_run(acme)
+    effect_execute(run=run, step=None, kind="send", fn=lambda: 1, request={"to": "x"})
+    with pytest.raises(EffectRequestMismatch):
+        effect_execute(run=run, step=None, kind="send", fn=lambda: 2, request={"to": "y"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_effect_is_retried_once_under_the_same_key(acme: Tenant) -> None:
+    run = make_run(acme)
+
+    def boom() -> None:
+        raise ConnectionError("provider down")
+
+    with pytest.raises(ConnectionError):
+        effect_execute(run=run, step=None, kind="send", fn=boom)
+    assert SideEffect.objects.get().status == EffectStatus.FAILED
+    outcome = effect_execute(run=run, step=None, kind="send", fn=lambda: "ok")
+    effect = SideEffect.objects.get()
+    assert (outcome.result, effect.status, effect.attempts) == ("ok", "committed", 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_proposal_with_a_live_proposer_is_in_flight_and_with_a_dead_one_ambiguous(acme: Tenant) -> None:
+    run = make_run(acme)
+    lease = lease_acquire(tenant_id=acme.pk, key="step:1", holder="w1", ttl=30)
+    assert lease is not None
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_send() -> str:
+        started.set()
+        finish.wait(10)
+        return "sent"
+
+    worker = threading.Thread(
+        target=lambda: effect_execute(run=run, step=None, kind="send", fn=slow_send, lease=lease), daemon=True
+    )
+    worker.start()
+    assert started.wait(10)
+    with pytest.raises(EffectUnresolved) as in_flight:
+        effect_execute(run=run, step=None, kind="send", fn=lambda: "second")
+    assert in_flight.value.in_flight
+    lease_release(grant=lease)
+    with pytest.raises(EffectUnresolved) as ambiguous:
+        effect_execute(run=run, step=None, kind="send", fn=lambda: "second")
+    assert not ambiguous.value.in_flight
+    finish.set()
+    worker.join(10)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(240)
+def test_the_same_effect_raced_from_many_threads_runs_its_callable_once(acme: Tenant) -> None:
+    for trial in range(40):
+        run = make_run(acme)
+        calls: list[int] = []
+        lock = threading.Lock()
+
+        def attempt(
+            i: int, run: Run = run, calls: list[int] = calls, lock: threading.Lock = lock
+        ) -> EffectOutcome:
+            def send() -> dict[str, int]:
+                with lock:
+                    calls.append(i)
+                time.sleep(0.005)
+                return {"sent_by": i}
+
+            return effect_execute(run=run, step=None, kind="send", fn=send, request={"body": "hi"})
+
+        results = run_concurrently(attempt, 12)
+        assert len(calls) == 1, f"trial {trial}: callable ran {len(calls)} times"
+        unexpected = [
+            r for r in results if isinstance(r, BaseException) and not isinstance(r, EffectUnresolved)
+        ]
+        assert not unexpected, unexpected
+        winners = [r for r in results if isinstance(r, EffectOutcome) and not r.replayed]
+        assert len(winners) == 1
+        assert SideEffect.objects.get(run=run).status == EffectStatus.COMMITTED
+
+
+CRASH_SCRIPT = """
+import os, django
+django.setup()
+from runs.models import Run
+from runs.services import effect_execute
+run = Run.objects.get(pk=os.environ["RUN_ID"])
+
+def send_then_crash():
+    with open(os.environ["CALLS_FILE"], "a") as calls:
+        calls.write("sent\\n")
+    os._exit(9)  # the worker dies after the provider accepted, before the outcome is recorded
+
+effect_execute(run=run, step=None, kind="send", fn=send_then_crash, request={"body": "hi"})
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_crash_between_proposed_and_committed_leaves_an_ambiguous_record_not_a_second_send(
+    acme: Tenant, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    run = make_run(acme)
+    calls_file = tmp_path / "calls.txt"
+    db = settings.DATABASES["default"]
+    env = base_env(
+        DEBUG="1",
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        RUN_ID=run.id,
+        CALLS_FILE=str(calls_file),
+    )
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert crashed.returncode == 9, crashed.stderr
+    assert calls_file.read_text() == "sent\n"
+
+    calls_after: list[int] = []
+    with pytest.raises(EffectUnresolved) as ambiguous:
+        effect_execute(
+            run=run, step=None, kind="send", fn=lambda: calls_after.append(1), request={"body": "hi"}
+        )
+    assert not ambiguous.value.in_flight
+    assert calls_after == []
+    assert calls_file.read_text() == "sent\n"
+    assert SideEffect.objects.get(run=run).status == EffectStatus.PROPOSED
