@@ -26,7 +26,8 @@ run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput && \
 	$(BIN)/python manage.py collectstatic --noinput -v0 && \
 	$(BIN)/python manage.py seed_demo && \
-	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && echo "" && \
+	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && \
+	echo "Start demo runs from another shell: $(BIN)/python manage.py demo_traffic --tenant acme --runs 50" && echo "" && \
 	if [ -n "$$DATABASE_URL" ] && [ -n "$$REDIS_URL" ]; then \
 		PORT=$(PORT) $(BIN)/honcho -f Procfile start; \
 	else \

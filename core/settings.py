@@ -242,4 +242,12 @@ for _scope, _value in json.loads(env_str("RUNWARDEN_CAPS", "{}")).items():
 
 CELERY_BEAT_SCHEDULE = {
     "outbox-drain": {"task": "core.outbox_drain", "schedule": 5.0, "options": {"queue": "maintenance"}},
+    "dispatch": {"task": "runs.dispatch", "schedule": 1.0, "options": {"queue": "maintenance", "expires": 5}},
+    "reap": {"task": "runs.reap", "schedule": 2.0, "options": {"queue": "maintenance", "expires": 5}},
 }
+
+RUNWARDEN_SANDBOX_LATENCY_MS = env_int("RUNWARDEN_SANDBOX_LATENCY_MS", 20)
+RUNWARDEN_SANDBOX_FAILURE_RATE = float(env_str("RUNWARDEN_SANDBOX_FAILURE_RATE", "0") or 0)
+RUNWARDEN_DISPATCH_BATCH = env_int("RUNWARDEN_DISPATCH_BATCH", 50)
+# Extra modules that declare workflows (besides the ``workflows.py`` of installed apps).
+RUNWARDEN_WORKFLOW_MODULES = env_list("RUNWARDEN_WORKFLOW_MODULES", "")

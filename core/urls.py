@@ -5,6 +5,9 @@ from django.urls import include, path
 
 from core import views
 from core.api import api
+from runs.api import router as runs_router
+
+api.add_router("/", runs_router)
 
 core_patterns = (
     [

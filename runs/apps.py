@@ -1,7 +1,18 @@
 from __future__ import annotations
 
+from importlib import import_module
+
 from django.apps import AppConfig
+from django.conf import settings
+from django.utils.module_loading import autodiscover_modules
 
 
 class RunsConfig(AppConfig):
     name = "runs"
+
+    def ready(self) -> None:
+        # Workflows are declared in ``workflows.py`` of installed apps, and in any module
+        # named by RUNWARDEN_WORKFLOW_MODULES (an integrator's own package).
+        autodiscover_modules("workflows")
+        for module in settings.RUNWARDEN_WORKFLOW_MODULES:
+            import_module(module)

@@ -1,0 +1,188 @@
+"""Runs API (v1): start, list, read and cancel runs; live leases."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from ninja import Field, Query, Router, Schema, Status
+
+from core.api import ApiError, request_user
+from core.models import Membership, Role
+from core.selectors import ROLE_GRANTS, get_tenant_for_user
+from runs import selectors, services
+from runs.definitions import UnknownWorkflow
+from runs.models import RunStatus
+
+router = Router(tags=["runs"])
+
+
+class RunIn(Schema):
+    workflow: str = Field(min_length=1, max_length=200)
+    input: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str = Field(default="", max_length=200)
+    trigger_event_id: str = Field(default="", max_length=200)
+    tenant: str = Field(default="", description="tenant slug; optional when you belong to one tenant")
+
+
+class RunFilters(Schema):
+    status: str = ""
+    workflow: str = ""
+    correlation_id: str = ""
+    tenant: str = ""
+    cursor: str = ""
+    limit: int = Field(default=50, ge=1, le=200)
+
+
+class StepOut(Schema):
+    key: str
+    position: int
+    lane: str
+    tool: str
+    status: str
+    attempt: int
+    lock_keys: list[str]
+    output: Any = None
+    error: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EffectOut(Schema):
+    kind: str
+    status: str
+    idempotency_key: str
+    external_ref: str
+    attempts: int
+    proposed_at: datetime
+    committed_at: datetime | None
+
+
+class LeaseOut(Schema):
+    key: str
+    tenant: str
+    holder: str
+    token: int
+    run_id: str | None
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+class RunSummaryOut(Schema):
+    id: str
+    tenant: str
+    workflow: str
+    status: str
+    actor: str
+    correlation_id: str
+    trigger_event_id: str
+    input: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunOut(RunSummaryOut):
+    steps: list[StepOut]
+    effects: list[EffectOut]
+    leases: list[LeaseOut]
+
+
+class RunPage(Schema):
+    items: list[RunSummaryOut]
+    next_cursor: str | None
+
+
+def _tenant_for_start(request: HttpRequest, slug: str) -> Any:
+    user = request_user(request)
+    if slug:
+        return get_tenant_for_user(user, slug, role=Role.OPERATOR)
+    memberships = [
+        m
+        for m in Membership.objects.filter(user=user).select_related("tenant")
+        if Role.OPERATOR in ROLE_GRANTS[m.role]
+    ]
+    if len(memberships) != 1:
+        raise ApiError(
+            400, "tenant_required", "You can start runs in several tenants (or none): name one in 'tenant'."
+        )
+    return memberships[0].tenant
+
+
+@router.post("/runs", response={200: RunOut, 201: RunOut})
+def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> Status[dict[str, Any]]:
+    header_key = request.headers.get("Idempotency-Key", "")
+    if header_key and payload.trigger_event_id and header_key != payload.trigger_event_id:
+        raise ApiError(
+            400, "invalid_request", "Idempotency-Key and trigger_event_id differ; send one of them."
+        )
+    tenant = _tenant_for_start(request, payload.tenant)
+    try:
+        start = services.run_start(
+            tenant=tenant,
+            workflow=payload.workflow,
+            input=payload.input,
+            actor=request_user(request).get_username(),
+            correlation_id=payload.correlation_id,
+            trigger_event_id=header_key or payload.trigger_event_id,
+        )
+    except UnknownWorkflow as exc:
+        raise ApiError(400, "unknown_workflow", str(exc)) from None
+    except services.TriggerPayloadMismatch as exc:
+        raise ApiError(409, "idempotency_key_reused", str(exc), {"run_id": exc.run_id}) from None
+    except services.QuotaExceeded as exc:
+        raise ApiError(
+            429,
+            "queue_depth_exceeded",
+            str(exc),
+            {"depth": exc.depth, "limit": exc.limit},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    if not start.created:
+        response["Idempotent-Replayed"] = "true"
+    return Status(201 if start.created else 200, selectors.run_detail(start.run))
+
+
+@router.get("/runs", response=RunPage)
+def run_list(request: HttpRequest, filters: Query[RunFilters]) -> dict[str, Any]:
+    if filters.status and filters.status not in RunStatus.values:
+        raise ApiError(400, "invalid_request", f"status must be one of {', '.join(RunStatus.values)}")
+    runs = selectors.runs_for_user(
+        request_user(request),
+        status=filters.status,
+        workflow=filters.workflow,
+        correlation_id=filters.correlation_id,
+        tenant=filters.tenant,
+    )
+    page, next_cursor = selectors.run_page(runs, cursor=filters.cursor, limit=filters.limit)
+    return {"items": [selectors.run_summary(run) for run in page], "next_cursor": next_cursor}
+
+
+@router.get("/runs/{run_id}", response=RunOut)
+def run_get(request: HttpRequest, run_id: str) -> dict[str, Any]:
+    run = get_object_or_404(selectors.runs_for_user(request_user(request)), pk=run_id)
+    return selectors.run_detail(run)
+
+
+@router.post("/runs/{run_id}/cancel", response=RunOut)
+def run_cancel(request: HttpRequest, run_id: str) -> dict[str, Any]:
+    user = request_user(request)
+    run = get_object_or_404(selectors.runs_for_user(user), pk=run_id)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    if not services.run_cancel(
+        run=run, actor=user.get_username(), reason=f"cancelled by {user.get_username()}"
+    ):
+        run.refresh_from_db()
+        raise ApiError(
+            409, "run_finished", f"run {run.id} already finished ({run.status})", {"status": run.status}
+        )
+    run.refresh_from_db()
+    return selectors.run_detail(run)
+
+
+@router.get("/leases", response=list[LeaseOut])
+def lease_list(request: HttpRequest) -> list[dict[str, Any]]:
+    return [selectors.lease_detail(lease) for lease in selectors.live_leases_for_user(request_user(request))]

@@ -1,0 +1,188 @@
+"""What a step body gets: its identity, its inputs, and the safe way to act on the world."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import connections
+
+from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
+from runs.gates import GateVerdict, get_gate
+from runs.models import Run, RunStatus, Step
+
+logger = logging.getLogger(__name__)
+
+
+class StepInterrupted(Exception):
+    """The step must stop: its lease was lost or its run was cancelled."""
+
+
+class LeaseLost(StepInterrupted):
+    pass
+
+
+class RunCancelled(StepInterrupted):
+    pass
+
+
+@dataclass
+class StepContext:
+    """Handed to every step body.
+
+    ``ctx.effect(kind, fn)`` is the only way a step should touch the outside world: the ledger
+    makes a retry return the recorded result instead of acting twice. ``ctx.heartbeat()``
+    renews the step's leases (a background thread also does so while the body runs) and raises
+    StepInterrupted when the step must stop. ``ctx.checkpoint(data)`` saves progress that a
+    take-over resumes from (``ctx.checkpoint_data``).
+    """
+
+    run: Run
+    step: Step
+    lease: LeaseGrant
+    lease_seconds: float
+    input: dict[str, Any]
+    outputs: dict[str, Any]
+    checkpoint_data: Any = None
+    locks: list[LeaseGrant] = field(default_factory=list)
+    approval: GateVerdict | None = None
+    _lost: threading.Event = field(default_factory=threading.Event)
+    _grants_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
+
+    @property
+    def step_key(self) -> str:
+        return self.step.key
+
+    @property
+    def attempt(self) -> int:
+        return self.step.attempt
+
+    @property
+    def correlation_id(self) -> str:
+        return self.run.correlation_id
+
+    @property
+    def tenant_id(self) -> int:
+        return self.run.tenant_id
+
+    @property
+    def approved_content(self) -> Any:
+        """The content of the artifact version a human approved (gated steps only)."""
+        if self.approval is None:
+            raise RuntimeError(f"step {self.step_key} is not gated by an approval")
+        return self.approval.content
+
+    @property
+    def token(self) -> int:
+        """The fencing token of the step's lease."""
+        return self.lease.token
+
+    def grants(self) -> list[LeaseGrant]:
+        with self._grants_lock:
+            return [self.lease, *self.locks]
+
+    def renew(self) -> None:
+        """Renew every lease this step holds; remember if one was lost."""
+        try:
+            renewed = leases_renew(grants=self.grants(), ttl=self.lease_seconds)
+        except StaleToken:
+            self._lost.set()
+            raise
+        with self._grants_lock:
+            self.lease, self.locks = renewed[0], renewed[1:]
+
+    def heartbeat(self) -> None:
+        """Prove the step still owns its work; raise StepInterrupted if it does not."""
+        if self._lost.is_set():
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
+        status = Run.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
+        if status == RunStatus.CANCELLED:
+            raise RunCancelled(f"run {self.run_id} was cancelled")
+        try:
+            self.renew()
+        except StaleToken:
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease") from None
+
+    def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
+        """Take entity locks for the rest of the step (released when it finishes)."""
+        grants = locks_acquire(
+            tenant_id=self.tenant_id,
+            keys=keys,
+            holder=f"{self.run_id}:{self.step_key}",
+            ttl=self.lease_seconds,
+            policy=policy,
+            wait_timeout=wait_timeout,
+        )
+        with self._grants_lock:
+            self.locks.extend(grants)
+
+    def effect(
+        self,
+        kind: str,
+        fn: Callable[[], Any],
+        *,
+        request: dict[str, Any] | None = None,
+        key: str = "",
+        external_ref: Callable[[Any], str] | None = None,
+    ) -> Any:
+        """Run a side effect through the ledger; a retry gets the recorded result back."""
+        from runs.services import effect_execute
+
+        self.heartbeat()
+        verdict = self.approval
+        outcome = effect_execute(
+            run=self.run,
+            step=self.step,
+            kind=kind,
+            fn=fn,
+            request=request,
+            idempotency_key=key,
+            lease=self.lease,
+            external_ref=external_ref,
+            # An approved step acts only while its approval still holds for the latest version.
+            guard=(lambda: get_gate().guard_effect(step=self.step, verdict=verdict)) if verdict else None,
+        )
+        return outcome.result
+
+    def checkpoint(self, data: Any) -> None:
+        from runs.services import step_checkpoint
+
+        self.heartbeat()
+        step_checkpoint(step=self.step, lease=self.lease, data=data)
+        self.checkpoint_data = data
+
+
+class Heartbeat:
+    """Renews a step's leases in the background while its body runs."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{ctx.step.pk}", daemon=True)
+
+    def _beat(self) -> None:
+        interval = max(self.ctx.lease_seconds / 3, 0.05)
+        try:
+            while not self.stop.wait(interval):
+                try:
+                    self.ctx.renew()
+                except StaleToken:
+                    logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
+                    return
+        finally:
+            connections.close_all()
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)

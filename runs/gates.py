@@ -1,0 +1,56 @@
+"""The approval gate: how execution asks "may this step act?" without knowing about humans.
+
+``runs`` defines the interface; the approvals app registers its implementation in its
+AppConfig.ready. Without a registered gate, a step that needs approval fails loudly rather
+than running unapproved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from runs.definitions import StepSpec
+    from runs.models import Run, Step
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """``approved``: run the body with ``content`` (the approved artifact version's content).
+    ``waiting``: park the step until a decision resumes it. ``rejected``: fail the step."""
+
+    state: str  # approved | waiting | rejected
+    content: Any = None
+    reason: str = ""
+    approval_id: int | None = None
+    artifact_version_id: int | None = None
+
+
+class ApprovalGate(Protocol):
+    def check(self, *, run: Run, step: Step, spec: StepSpec, draft: Any) -> GateVerdict:
+        """Called in the transaction that starts a gated step; ``draft`` is the previous step's output."""
+        ...
+
+    def guard_effect(self, *, step: Step, verdict: GateVerdict) -> None:
+        """Called in the transaction that proposes the step's effect: raise if the approval is
+        no longer valid (the artifact was edited since, or the approval was invalidated)."""
+        ...
+
+
+class NoGate(Exception):
+    pass
+
+
+_gate: ApprovalGate | None = None
+
+
+def register_gate(gate: ApprovalGate) -> None:
+    global _gate
+    _gate = gate
+
+
+def get_gate() -> ApprovalGate:
+    if _gate is None:
+        raise NoGate("this step needs approval but no approval gate is installed")
+    return _gate

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from core.models import Tenant
+from runs.services import QuotaExceeded, run_start
+
+MIX: list[tuple[int, str, Callable[[], dict[str, Any]]]] = [
+    (40, "demo.enrich_lead", lambda: {"lead_id": random.randint(1, 20)}),
+    (
+        30,
+        "demo.crm_update",
+        lambda: {
+            "contact_id": random.randint(1, 5),
+            "changes": {"stage": random.choice(["contacted", "qualified", "proposal"])},
+        },
+    ),
+    (
+        20,
+        "demo.lead_followup",
+        lambda: {"lead_id": random.randint(1, 20), "contact_id": random.randint(1, 20)},
+    ),
+    (
+        10,
+        "demo.invoice_payment",
+        lambda: {"invoice_id": random.randint(1, 20), "amount": f"{random.randint(20, 300)}.00"},
+    ),
+]
+
+
+class Command(BaseCommand):
+    help = "Start a realistic mix of demo runs so the console has something to show."
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--tenant", default="acme")
+        parser.add_argument("--runs", type=int, default=50)
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        tenant = Tenant.objects.filter(slug=options["tenant"]).first()
+        if tenant is None:
+            raise CommandError(f"no tenant {options['tenant']!r}")
+        weights = [w for w, _, _ in MIX]
+        started = 0
+        for _ in range(options["runs"]):
+            _, workflow, make_input = random.choices(MIX, weights=weights)[0]
+            try:
+                run_start(tenant=tenant, workflow=workflow, input=make_input(), actor="demo_traffic")
+            except QuotaExceeded as exc:
+                self.stdout.write(f"stopped: {exc}")
+                break
+            started += 1
+        self.stdout.write(f"started {started} runs in {tenant.slug}")

@@ -1,0 +1,170 @@
+"""Sandbox connectors: honest stand-ins for a CRM, a messaging service and a payment provider.
+
+Each call sleeps for the configured latency, fails at the configured rate, and is recorded in
+``SandboxCall`` with its start and finish times. ``RUNWARDEN_SANDBOX_LATENCY_MS`` and
+``RUNWARDEN_SANDBOX_FAILURE_RATE`` tune them (settings or environment).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from runs.models import SandboxCall, SandboxContact, SandboxInvoice, SandboxLead
+
+
+class SandboxUnavailable(ConnectionError):
+    """The sandbox service failed this call (injected failure)."""
+
+
+class SandboxVersionMismatch(Exception):
+    """The CRM record changed since it was read."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"contact version is {actual}, the write expected {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+def _latency_and_failure() -> tuple[Any, bool]:
+    """Wait the configured latency; return when the call started and whether it fails."""
+    started = timezone.now()
+    time.sleep(settings.RUNWARDEN_SANDBOX_LATENCY_MS / 1000)
+    return started, random.random() < settings.RUNWARDEN_SANDBOX_FAILURE_RATE
+
+
+def _record(
+    *,
+    tenant_id: int,
+    connector: str,
+    operation: str,
+    target: str,
+    request: dict[str, Any],
+    response: Any,
+    key: str,
+    ok: bool,
+    started: Any,
+) -> None:
+    SandboxCall.objects.create(
+        tenant_id=tenant_id,
+        connector=connector,
+        operation=operation,
+        target=target,
+        request=request,
+        response=response,
+        idempotency_key=key,
+        ok=ok,
+        started_at=started,
+        finished_at=timezone.now(),
+    )
+
+
+def _perform(
+    tenant_id: int, connector: str, operation: str, target: str, request: dict[str, Any], key: str, act: Any
+) -> Any:
+    started, failed = _latency_and_failure()
+    if failed:
+        _record(tenant_id=tenant_id, connector=connector, operation=operation, target=target, request=request,
+                response=None, key=key, ok=False, started=started)  # fmt: skip
+        raise SandboxUnavailable(f"{connector}.{operation} is unavailable (injected failure)")
+    response = act()
+    _record(tenant_id=tenant_id, connector=connector, operation=operation, target=target, request=request,
+            response=response, key=key, ok=True, started=started)  # fmt: skip
+    return response
+
+
+def crm_get_contact(*, tenant_id: int, contact_id: int) -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        contact = SandboxContact.objects.get(tenant_id=tenant_id, number=contact_id)
+        return {
+            "id": contact.number,
+            "name": contact.name,
+            "email": contact.email,
+            "stage": contact.stage,
+            "version": contact.version,
+        }
+
+    return dict(_perform(tenant_id, "crm", "get_contact", f"contact:{contact_id}", {}, "", act))
+
+
+def crm_update_contact(
+    *, tenant_id: int, contact_id: int, changes: dict[str, Any], expected_version: int, key: str = ""
+) -> dict[str, Any]:
+    """Write ``changes`` if the contact is still at ``expected_version`` (like an ETag)."""
+    allowed = {"stage", "name", "email"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"unknown contact fields: {', '.join(sorted(unknown))}")
+
+    def act() -> dict[str, Any]:
+        updated = SandboxContact.objects.filter(
+            tenant_id=tenant_id, number=contact_id, version=expected_version
+        ).update(**changes, version=F("version") + 1, updated_at=timezone.now())
+        contact = SandboxContact.objects.get(tenant_id=tenant_id, number=contact_id)
+        if updated != 1:
+            raise SandboxVersionMismatch(expected_version, contact.version)
+        return {"id": contact.number, "stage": contact.stage, "version": contact.version}
+
+    request = {"changes": changes, "expected_version": expected_version}
+    return dict(_perform(tenant_id, "crm", "update_contact", f"contact:{contact_id}", request, key, act))
+
+
+def lead_get(*, tenant_id: int, lead_id: int) -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        lead = SandboxLead.objects.get(tenant_id=tenant_id, number=lead_id)
+        return {"id": lead.number, "name": lead.name, "company": lead.company, "score": lead.score}
+
+    return dict(_perform(tenant_id, "crm", "get_lead", f"lead:{lead_id}", {}, "", act))
+
+
+def messaging_send(*, tenant_id: int, to: str, subject: str, body: str, key: str = "") -> dict[str, Any]:
+    request = {"to": to, "subject": subject, "body": body}
+    return dict(
+        _perform(
+            tenant_id,
+            "messaging",
+            "send",
+            to,
+            request,
+            key,
+            lambda: {"message_id": f"msg_{uuid.uuid4().hex[:12]}"},
+        )
+    )
+
+
+def payments_charge(*, tenant_id: int, invoice_id: int, amount: Decimal, key: str = "") -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        SandboxInvoice.objects.filter(tenant_id=tenant_id, number=invoice_id).update(
+            amount_paid=F("amount_paid") + amount
+        )
+        return {"payment_id": f"pay_{uuid.uuid4().hex[:12]}", "amount": str(amount)}
+
+    request = {"amount": str(amount)}
+    return dict(_perform(tenant_id, "payments", "charge", f"invoice:{invoice_id}", request, key, act))
+
+
+def seed_sandbox(tenant_id: int, count: int = 20) -> None:
+    """Contacts, leads and invoices 1..count for a tenant (idempotent)."""
+    for n in range(1, count + 1):
+        SandboxContact.objects.get_or_create(
+            tenant_id=tenant_id,
+            number=n,
+            defaults={"name": f"Contact {n}", "email": f"contact{n}@example.com"},
+        )
+        SandboxLead.objects.get_or_create(
+            tenant_id=tenant_id,
+            number=n,
+            defaults={"name": f"Lead {n}", "company": f"Company {n}", "score": n * 5},
+        )
+        SandboxInvoice.objects.get_or_create(
+            tenant_id=tenant_id,
+            number=n,
+            defaults={"customer": f"Customer {n}", "amount_due": Decimal(100 + n * 10)},
+        )

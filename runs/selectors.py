@@ -1,0 +1,127 @@
+"""Reads of the runs app: runs for a user, run detail, live leases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+
+from core.leases import live_leases_filter
+from core.models import Lease, User
+from core.selectors import AnyUser, scope_to_user
+from runs.models import Run, SideEffect, Step
+
+
+def runs_for_user(
+    user: AnyUser,
+    *,
+    status: str = "",
+    workflow: str = "",
+    correlation_id: str = "",
+    tenant: str = "",
+) -> QuerySet[Run]:
+    runs = scope_to_user(Run.objects.select_related("tenant"), user).distinct()
+    if status:
+        runs = runs.filter(status=status)
+    if workflow:
+        runs = runs.filter(workflow=workflow)
+    if correlation_id:
+        runs = runs.filter(correlation_id=correlation_id)
+    if tenant:
+        runs = runs.filter(tenant__slug=tenant)
+    return runs.order_by("-id")
+
+
+def run_page(runs: QuerySet[Run], *, cursor: str = "", limit: int = 50) -> tuple[list[Run], str | None]:
+    """Keyset pagination on the (time-sortable) run id, newest first."""
+    if cursor:
+        runs = runs.filter(id__lt=cursor)
+    page = list(runs[: limit + 1])
+    next_cursor = page[limit - 1].id if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "tenant": run.tenant.slug,
+        "workflow": run.workflow,
+        "status": run.status,
+        "actor": run.actor,
+        "correlation_id": run.correlation_id,
+        "trigger_event_id": run.trigger_event_id,
+        "input": run.input,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+    }
+
+
+def step_detail(step: Step) -> dict[str, Any]:
+    return {
+        "key": step.key,
+        "position": step.position,
+        "lane": step.lane,
+        "tool": step.tool,
+        "status": step.status,
+        "attempt": step.attempt,
+        "lock_keys": step.lock_keys,
+        "output": step.output,
+        "error": step.error,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+    }
+
+
+def effect_detail(effect: SideEffect) -> dict[str, Any]:
+    return {
+        "kind": effect.kind,
+        "status": effect.status,
+        "idempotency_key": effect.idempotency_key,
+        "external_ref": effect.external_ref,
+        "attempts": effect.attempts,
+        "proposed_at": effect.proposed_at,
+        "committed_at": effect.committed_at,
+    }
+
+
+def lease_detail(lease: Lease) -> dict[str, Any]:
+    return {
+        "key": lease.key,
+        "tenant": lease.tenant.slug,
+        "holder": lease.holder,
+        "token": lease.token,
+        "run_id": lease.metadata.get("run_id"),
+        "acquired_at": lease.acquired_at,
+        "renewed_at": lease.renewed_at,
+        "expires_at": lease.expires_at,
+    }
+
+
+def run_detail(run: Run) -> dict[str, Any]:
+    steps = list(Step.objects.filter(run=run).order_by("position"))
+    step_keys = [f"step:{step.pk}" for step in steps]
+    lock_keys = [key for step in steps for key in step.lock_keys]
+    leases = (
+        Lease.objects.filter(live_leases_filter(), tenant_id=run.tenant_id, key__in=step_keys + lock_keys)
+        .filter(metadata__run_id=run.id)
+        .select_related("tenant")
+        .order_by("key")
+    )
+    return {
+        **run_summary(run),
+        "steps": [step_detail(step) for step in steps],
+        "effects": [
+            effect_detail(e) for e in SideEffect.objects.filter(run=run).order_by("proposed_at", "id")
+        ],
+        "leases": [lease_detail(lease) for lease in leases],
+    }
+
+
+def live_leases_for_user(user: User) -> QuerySet[Lease]:
+    return (
+        scope_to_user(Lease.objects.filter(live_leases_filter()), user)
+        .select_related("tenant")
+        .distinct()
+        .order_by("tenant__slug", "key")
+    )

@@ -1,0 +1,149 @@
+"""The demo workflows, on the in-repo sandbox connectors (runs.sandbox).
+
+They are what ``make run``, ``demo_traffic``, the README and the tests use, and they are
+written the way an integrator writes theirs: plain functions, one per step, effects through
+``ctx.effect`` so a retry never acts twice.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from runs import sandbox
+from runs.context import StepContext
+from runs.definitions import ApprovalPolicy, workflow
+
+# demo.enrich_lead: read and draft steps only, no approval. Input: {"lead_id": 7}
+
+enrich_lead = workflow("demo.enrich_lead", description="Look up a lead, score it and draft a note")
+
+
+@enrich_lead.step(lane="read", tool="crm")
+def fetch_lead(ctx: StepContext) -> dict[str, Any]:
+    return {"lead": sandbox.lead_get(tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]))}
+
+
+@enrich_lead.step(lane="read")
+def summarize(ctx: StepContext) -> dict[str, Any]:
+    lead = ctx.outputs["fetch_lead"]["lead"]
+    tier = "hot" if lead["score"] >= 60 else "warm" if lead["score"] >= 30 else "cold"
+    return {"tier": tier, "summary": f"{lead['name']} at {lead['company']} scores {lead['score']} ({tier})"}
+
+
+@enrich_lead.step(lane="draft")
+def draft_note(ctx: StepContext) -> dict[str, Any]:
+    return {"note": f"Follow up: {ctx.outputs['summarize']['summary']}."}
+
+
+# demo.crm_update: one CRM contact, under its entity lock. Input: {"contact_id": 1, "changes": {...}}
+
+crm_update = workflow("demo.crm_update", description="Update one CRM contact under its lock")
+
+
+@crm_update.step(lane="external", tool="crm", locks=["crm_contact:{contact_id}"])
+def apply_changes(ctx: StepContext) -> dict[str, Any]:
+    contact_id = int(ctx.input["contact_id"])
+    changes = dict(ctx.input["changes"])
+    contact = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=contact_id)
+    result = ctx.effect(
+        "crm.update_contact",
+        lambda: sandbox.crm_update_contact(
+            tenant_id=ctx.tenant_id,
+            contact_id=contact_id,
+            changes=changes,
+            expected_version=contact["version"],
+            key=f"{ctx.run_id}:apply_changes",
+        ),
+        request={"contact_id": contact_id, "changes": changes},
+        external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
+    )
+    return {"contact_id": contact_id, "version": result["version"], "stage": result["stage"]}
+
+
+# demo.lead_followup: enrich -> draft a message (the artifact) -> send it after approval.
+# Input: {"lead_id": 7, "contact_id": 1}
+
+lead_followup = workflow("demo.lead_followup", description="Draft a follow-up and send it once approved")
+
+
+@lead_followup.step(lane="read", tool="crm")
+def enrich(ctx: StepContext) -> dict[str, Any]:
+    return {"lead": sandbox.lead_get(tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]))}
+
+
+@lead_followup.step(lane="draft")
+def draft_message(ctx: StepContext) -> dict[str, Any]:
+    lead = ctx.outputs["enrich"]["lead"]
+    return {
+        "subject": f"Next steps for {lead['company']}",
+        "body": (
+            f"Hi {lead['name']},\n\nThanks for your interest. "
+            "Shall we set up a call this week?\n\nBest,\nAcme"
+        ),
+    }
+
+
+@lead_followup.step(
+    lane="external",
+    tool="messaging",
+    locks=["crm_contact:{contact_id}"],
+    approval=ApprovalPolicy(required=1, roles=("operator",), redraft_step="draft_message"),
+)
+def send_message(ctx: StepContext) -> dict[str, Any]:
+    message = ctx.approved_content  # exactly the version the operator approved
+    contact = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]))
+    sent = ctx.effect(
+        "messaging.send",
+        lambda: sandbox.messaging_send(
+            tenant_id=ctx.tenant_id,
+            to=contact["email"],
+            subject=message["subject"],
+            body=message["body"],
+            key=f"{ctx.run_id}:send_message",
+        ),
+        request={"to": contact["email"], **message},
+        external_ref=lambda r: r["message_id"],
+    )
+    return {"message_id": sent["message_id"], "to": contact["email"]}
+
+
+# demo.invoice_payment: high-risk lane, approval required, serialised per invoice.
+# Input: {"invoice_id": 3, "amount": "120.00"}
+
+invoice_payment = workflow("demo.invoice_payment", description="Pay an invoice once approved")
+
+
+@invoice_payment.step(lane="draft")
+def prepare_payment(ctx: StepContext) -> dict[str, Any]:
+    try:
+        amount = Decimal(str(ctx.input["amount"]))
+    except (InvalidOperation, KeyError):
+        raise ValueError("amount must be a decimal string such as '120.00'") from None
+    if amount <= 0:
+        raise ValueError("amount must be positive")
+    invoice_id = int(ctx.input["invoice_id"])
+    return {"invoice_id": invoice_id, "amount": str(amount.quantize(Decimal("0.01")))}
+
+
+@invoice_payment.step(
+    lane="high_risk",
+    tool="payments",
+    locks=["invoice:{invoice_id}"],
+    approval=ApprovalPolicy(required=1, roles=("operator",)),
+    max_attempts=1,
+)
+def charge(ctx: StepContext) -> dict[str, Any]:
+    payment = ctx.approved_content
+    paid = ctx.effect(
+        "payments.charge",
+        lambda: sandbox.payments_charge(
+            tenant_id=ctx.tenant_id,
+            invoice_id=int(payment["invoice_id"]),
+            amount=Decimal(payment["amount"]),
+            key=f"{ctx.run_id}:charge",
+        ),
+        request=payment,
+        external_ref=lambda r: r["payment_id"],
+    )
+    return {"payment_id": paid["payment_id"], "amount": paid["amount"]}

@@ -1,0 +1,104 @@
+"""Real Celery worker and beat processes against the test database, for execution tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+from django.conf import settings
+
+from tests.servers import ROOT, base_env
+
+QUEUES = ["celery", "read", "draft", "external", "high_risk", "maintenance"]
+
+
+def purge_queues(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.delete(*QUEUES, "unacked", "unacked_index", "unacked_mutex")
+    finally:
+        client.close()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s: {message}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """Starts worker and beat processes; always stops them (by process group)."""
+
+    def __init__(self, tmp_path: Path, *, redis_url: str | None = None, **env: str) -> None:
+        db = settings.DATABASES["default"]
+        self.redis_url = redis_url or settings.REDIS_URL
+        defaults = {
+            "DEBUG": "1",
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": self.redis_url,
+            "RUNWARDEN_WORKFLOW_MODULES": "tests.runs.workflows_for_tests",
+            "RUNWARDEN_DEFAULT_LEASE_SECONDS": "2",
+            "RUNWARDEN_SANDBOX_LATENCY_MS": "20",
+        }
+        self.env = base_env(**{**defaults, **env})
+        self.tmp_path = tmp_path
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        purge_queues(self.redis_url)
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.tmp_path / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "core", *args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def worker(
+        self, name: str, queues: list[str] | None = None, concurrency: int = 1
+    ) -> subprocess.Popen[bytes]:
+        return self._start(
+            name,
+            [
+                "worker",
+                "--hostname", f"{name}@%h",
+                "--queues", ",".join(queues or QUEUES),
+                "--pool", "solo" if concurrency == 1 else "prefork",
+                "--concurrency", str(concurrency),
+                "--without-heartbeat", "--without-mingle", "--without-gossip",
+                "--loglevel", "INFO",
+            ],
+        )  # fmt: skip
+
+    def beat(self) -> subprocess.Popen[bytes]:
+        return self._start(
+            "beat", ["beat", "--schedule", str(self.tmp_path / "beat-schedule"), "--loglevel", "INFO"]
+        )
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.tmp_path.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGCONT)
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait(timeout=10)
+        purge_queues(self.redis_url)

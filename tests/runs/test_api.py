@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import json
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import Client
+
+from core.leases import lease_acquire
+from core.models import Membership, Role, Tenant, TenantQuota, User
+from runs.models import Run, RunStatus, Step, StepStatus
+from runs.services import run_start
+from tests.conftest import bearer_client
+
+pytestmark = pytest.mark.django_db
+
+
+def post_run(client: Client, body: dict, **headers: str):  # type: ignore[no-untyped-def]
+    return client.post(
+        "/api/v1/runs", data=json.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def test_starting_a_run_answers_201_with_its_steps(acme_operator: User) -> None:
+    response = post_run(
+        bearer_client(acme_operator), {"workflow": "demo.enrich_lead", "input": {"lead_id": 7}}
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["id"].startswith("run_")
+    assert (body["status"], body["workflow"], body["tenant"]) == ("pending", "demo.enrich_lead", "acme")
+    assert [(s["key"], s["status"], s["lane"]) for s in body["steps"]] == [
+        ("fetch_lead", "ready", "read"),
+        ("summarize", "pending", "read"),
+        ("draft_note", "pending", "draft"),
+    ]
+    assert body["effects"] == []
+    assert "Idempotent-Replayed" not in response
+
+
+def test_a_repeated_idempotency_key_replays_and_another_payload_conflicts(acme_operator: User) -> None:
+    client = bearer_client(acme_operator)
+    first = post_run(
+        client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 7}}, **{"Idempotency-Key": "evt-1"}
+    )
+    again = post_run(
+        client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 7}}, **{"Idempotency-Key": "evt-1"}
+    )
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    other = post_run(
+        client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 8}}, **{"Idempotency-Key": "evt-1"}
+    )
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert other.json()["error"]["details"]["run_id"] == first.json()["id"]
+    assert Run.objects.count() == 1
+
+
+def test_over_the_queue_depth_quota_answers_429_with_retry_after(acme: Tenant, acme_operator: User) -> None:
+    TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=2)
+    client = bearer_client(acme_operator)
+    for n in range(2):
+        assert post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": n}}).status_code == 201
+    refused = post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 9}})
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "5"
+    assert refused.json()["error"]["code"] == "queue_depth_exceeded"
+    assert Run.objects.count() == 2
+    # Finished runs no longer count.
+    Run.objects.update(status=RunStatus.SUCCEEDED)
+    assert post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 9}}).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"workflow": "demo.nope", "input": {}}, "unknown_workflow"),
+        ({"workflow": "demo.enrich_lead", "input": [1, 2]}, "invalid_request"),
+        ({"input": {}}, "invalid_request"),
+        ({"workflow": "demo.enrich_lead", "tenant": "globex"}, "not_found"),
+    ],
+)
+def test_bad_run_requests_are_refused_and_start_nothing(
+    acme_operator: User, globex: Tenant, body: dict, code: str
+) -> None:
+    response = post_run(bearer_client(acme_operator), body)
+    assert response.status_code in (400, 404)
+    assert response.json()["error"]["code"] == code
+    assert not Run.objects.exists()
+
+
+def test_a_reviewer_cannot_start_runs(acme_reviewer: User) -> None:
+    response = post_run(bearer_client(acme_reviewer), {"workflow": "demo.enrich_lead", "input": {}})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "tenant_required"
+
+
+def test_a_member_of_two_tenants_names_one(acme: Tenant, globex: Tenant, acme_admin: User) -> None:
+    Membership.objects.create(user=acme_admin, tenant=globex, role=Role.OPERATOR)
+    client = bearer_client(acme_admin)
+    assert post_run(client, {"workflow": "demo.enrich_lead"}).json()["error"]["code"] == "tenant_required"
+    response = post_run(client, {"workflow": "demo.enrich_lead", "tenant": "globex"})
+    assert response.status_code == 201
+    assert response.json()["tenant"] == "globex"
+
+
+def test_runs_are_listed_filtered_and_paged_by_cursor(
+    acme: Tenant, globex: Tenant, acme_operator: User
+) -> None:
+    ids = [
+        run_start(
+            tenant=acme,
+            workflow="demo.enrich_lead",
+            input={"lead_id": n},
+            actor="t",
+            correlation_id=f"c{n % 2}",
+        ).run.id
+        for n in range(5)
+    ]
+    run_start(tenant=globex, workflow="demo.enrich_lead", input={}, actor="t")
+    client = bearer_client(acme_operator)
+    first = client.get("/api/v1/runs?limit=2").json()
+    assert [r["id"] for r in first["items"]] == ids[::-1][:2]
+    second = client.get(f"/api/v1/runs?limit=2&cursor={first['next_cursor']}").json()
+    third = client.get(f"/api/v1/runs?limit=2&cursor={second['next_cursor']}").json()
+    assert [r["id"] for r in second["items"] + third["items"]] == ids[::-1][2:]
+    assert third["next_cursor"] is None
+    assert {r["id"] for r in client.get("/api/v1/runs?correlation_id=c0").json()["items"]} == {
+        ids[0],
+        ids[2],
+        ids[4],
+    }
+    assert client.get("/api/v1/runs?workflow=demo.crm_update").json()["items"] == []
+    assert client.get("/api/v1/runs?status=bogus").status_code == 400
+
+
+def test_another_tenants_run_is_a_404(acme: Tenant, globex_operator: User) -> None:
+    run = run_start(tenant=acme, workflow="demo.enrich_lead", input={}, actor="t").run
+    client = bearer_client(globex_operator)
+    assert client.get(f"/api/v1/runs/{run.id}").status_code == 404
+    assert client.post(f"/api/v1/runs/{run.id}/cancel").status_code == 404
+    assert client.get("/api/v1/runs").json()["items"] == []
+    assert Run.objects.get(pk=run.id).status == RunStatus.PENDING
+
+
+def test_cancelling_a_run_cancels_its_steps_and_releases_its_leases(
+    acme: Tenant, acme_operator: User
+) -> None:
+    run = run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t").run
+    step = run.steps.get(key="fetch_lead")
+    grant = lease_acquire(
+        tenant_id=acme.pk, key=f"step:{step.pk}", holder="w", ttl=30, metadata={"run_id": run.id}
+    )
+    assert grant is not None
+    Step.objects.filter(pk=step.pk).update(status=StepStatus.RUNNING, lease_token=grant.token)
+    client = bearer_client(acme_operator)
+    assert client.get("/api/v1/leases").json()[0]["key"] == f"step:{step.pk}"
+    response = client.post(f"/api/v1/runs/{run.id}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    assert set(run.steps.values_list("status", flat=True)) == {"cancelled"}
+    assert client.get("/api/v1/leases").json() == []
+    again = client.post(f"/api/v1/runs/{run.id}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "run_finished"
+
+
+def test_the_openapi_document_describes_the_runs_api(db: None) -> None:
+    paths = Client().get("/api/v1/openapi.json").json()["paths"]
+    assert {"/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/cancel", "/api/v1/leases"} <= set(
+        paths
+    )
+
+
+def test_start_run_command(acme: Tenant) -> None:
+    out = StringIO()
+    call_command("start_run", "demo.enrich_lead", "--tenant", "acme", "--input", '{"lead_id": 3}', stdout=out)
+    assert out.getvalue().startswith("started: run_")
+    with pytest.raises(CommandError, match="unknown workflow"):
+        call_command("start_run", "demo.nope", "--tenant", "acme", stdout=StringIO())
+    with pytest.raises(CommandError, match="not JSON"):
+        call_command("start_run", "demo.enrich_lead", "--tenant", "acme", "--input", "{", stdout=StringIO())
+
+
+def test_demo_traffic_starts_a_mix(acme: Tenant) -> None:
+    out = StringIO()
+    call_command("demo_traffic", "--tenant", "acme", "--runs", "12", stdout=out)
+    assert "started 12 runs" in out.getvalue()
+    assert Run.objects.filter(tenant=acme).count() == 12
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_starts_never_exceed_the_queue_depth_quota(acme: Tenant) -> None:
+    from runs.services import QuotaExceeded
+    from tests.concurrency import run_concurrently
+
+    TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=5)
+    for trial in range(3):
+        Run.objects.filter(tenant=acme).update(status=RunStatus.SUCCEEDED)
+        results = run_concurrently(
+            lambda i, trial=trial: run_start(
+                tenant=acme, workflow="demo.enrich_lead", input={"n": i, "t": trial}, actor="t"
+            ),
+            20,
+        )
+        unexpected = [r for r in results if isinstance(r, BaseException) and not isinstance(r, QuotaExceeded)]
+        assert not unexpected, unexpected
+        assert sum(not isinstance(r, BaseException) for r in results) == 5
+        assert Run.objects.filter(tenant=acme, status=RunStatus.PENDING).count() == 5
