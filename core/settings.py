@@ -244,6 +244,11 @@ CELERY_BEAT_SCHEDULE = {
     "outbox-drain": {"task": "core.outbox_drain", "schedule": 5.0, "options": {"queue": "maintenance"}},
     "dispatch": {"task": "runs.dispatch", "schedule": 1.0, "options": {"queue": "maintenance", "expires": 5}},
     "reap": {"task": "runs.reap", "schedule": 2.0, "options": {"queue": "maintenance", "expires": 5}},
+    "approvals-expire": {
+        "task": "approvals.expire",
+        "schedule": 5.0,
+        "options": {"queue": "maintenance", "expires": 10},
+    },
 }
 
 RUNWARDEN_SANDBOX_LATENCY_MS = env_int("RUNWARDEN_SANDBOX_LATENCY_MS", 20)

@@ -3,11 +3,13 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import include, path
 
+from approvals.api import router as approvals_router
 from core import views
 from core.api import api
 from runs.api import router as runs_router
 
 api.add_router("/", runs_router)
+api.add_router("/", approvals_router)
 
 core_patterns = (
     [

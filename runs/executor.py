@@ -4,13 +4,16 @@ Who runs a step is decided by its lease, never by the broker: a task carries the
 token the dispatcher granted, and ``step_execute`` starts only if that token still owns the
 step. A redelivered or duplicated task therefore exits without running, and every write a
 step makes back to Runwarden is fenced by the same token.
+
+The ``_apply_*`` functions write one outcome; they expect to run inside a transaction that
+holds the step's fence (``lease_fence`` or ``fenced_write``).
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -39,14 +42,6 @@ from runs.services import EffectRequestMismatch, EffectUnresolved, step_outputs
 
 logger = logging.getLogger(__name__)
 
-# Hooks the approvals app fills to turn collisions into conflict artifacts (runs never imports it).
-CONFLICT_HOOKS: list[Any] = []
-
-
-def _report_conflict(kind: str, **details: Any) -> None:
-    for hook in CONFLICT_HOOKS:
-        hook(kind=kind, **details)
-
 
 def _grants_for(step: Step, token: int) -> tuple[LeaseGrant, list[LeaseGrant]]:
     """The step's lease and its entity locks, as the worker needs them to renew and fence."""
@@ -69,6 +64,21 @@ def _grants_for(step: Step, token: int) -> tuple[LeaseGrant, list[LeaseGrant]]:
     return grant(step_lease), locks
 
 
+def _release(grants: list[LeaseGrant]) -> None:
+    for grant in grants:
+        lease_release(grant=grant)
+
+
+def _event(step: Step, verb: str, actor: str, **payload: Any) -> None:
+    core_services.event_record(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb=verb,
+        actor=actor,
+        payload={"step": step.key, **payload},
+    )
+
+
 def step_execute(*, step_id: int, token: int) -> str:
     """Run one admitted step. Returns what happened (for logs and tests)."""
     step = Step.objects.select_related("run").filter(pk=step_id).first()
@@ -78,10 +88,10 @@ def step_execute(*, step_id: int, token: int) -> str:
     try:
         spec = get_workflow(run.workflow).spec(step.key)
     except UnknownWorkflow as exc:
-        _finish_failed(step, token, f"{exc}", retry=None)
-        return "failed"
+        return _finish_failed(step, token, str(exc), retry=None)
 
     now = timezone.now()
+    verdict = None
     try:
         with transaction.atomic():
             lease_fence(tenant_id=step.tenant_id, key=f"step:{step.pk}", token=token)
@@ -93,20 +103,22 @@ def step_execute(*, step_id: int, token: int) -> str:
             Run.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
                 status=RunStatus.RUNNING, started_at=now, updated_at=now
             )
-            verdict = None
             if spec.approval is not None:
                 outputs = step_outputs(run, before_position=step.position)
                 draft = list(outputs.values())[-1] if outputs else None
                 verdict = gates.get_gate().check(run=run, step=step, spec=spec, draft=draft)
-                if verdict.state != "approved":
-                    raise _Parked(verdict)
+                # Parked in this same transaction: a decision that commits after it always
+                # finds the step waiting, so it can never be missed.
+                if verdict.state == "waiting":
+                    _apply_park(step, token, verdict, now)
+                    return "waiting_approval"
+                if verdict.state == "rejected":
+                    _apply_failed(step, token, f"rejected: {verdict.reason}", None, now)
+                    return "rejected"
     except StaleToken:
         return "stale"  # the lease expired before the task ran; the reaper re-dispatches it
-    except _Parked as parked:
-        return _park(step, token, parked.verdict)
     except gates.NoGate as exc:
-        _finish_failed(step, token, str(exc), retry=None)
-        return "failed"
+        return _finish_failed(step, token, str(exc), retry=None)
 
     step.refresh_from_db()
     lease, locks = _grants_for(step, token)
@@ -129,57 +141,86 @@ def step_execute(*, step_id: int, token: int) -> str:
     except LeaseLost:
         return "lease-lost"  # a newer holder or the reaper owns the step now
     except EffectUnresolved as exc:
-        _finish_conflict(ctx, "lease_expired_with_pending_effect", str(exc), effect=exc.effect)
-        return "conflict"
+        return _finish_conflict(
+            ctx,
+            "lease_expired_with_pending_effect",
+            str(exc),
+            effect=exc.effect,
+            current={"effect": exc.effect.idempotency_key, "status": exc.effect.status},
+        )
+    except gates.ApprovalNoLongerValid as exc:
+        return _finish_conflict(
+            ctx, "stale_approval", str(exc), approval_id=verdict.approval_id if verdict else None
+        )
+    except gates.EntityChanged as exc:
+        return _finish_conflict(
+            ctx,
+            "entity_version_mismatch",
+            str(exc),
+            target_key=exc.key,
+            current={"version": exc.actual},
+            proposed={"expected_version": exc.expected, "changes": exc.proposed},
+        )
     except EffectRequestMismatch as exc:
-        _finish_failed(step, token, str(exc), retry=None, ctx=ctx)
-        return "failed"
+        return _finish_failed(step, token, str(exc), retry=None, grants=ctx.grants())
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return _finish_failed(step, token, detail, retry=spec, ctx=ctx)
+        return _finish_failed(step, token, detail, retry=spec, grants=ctx.grants())
     return _finish_succeeded(ctx, output)
 
 
-class _Parked(Exception):
-    def __init__(self, verdict: gates.GateVerdict) -> None:
-        super().__init__(verdict.state)
-        self.verdict = verdict
+def _apply_park(step: Step, token: int, verdict: gates.GateVerdict, now: datetime) -> None:
+    """Gated step without a valid approval: wait, with every lease released."""
+    Step.objects.filter(pk=step.pk).update(status=StepStatus.WAITING_APPROVAL, updated_at=now)
+    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
+        status=RunStatus.WAITING_APPROVAL, updated_at=now
+    )
+    _release([*_grants_for_release(step, token)])
+    _event(step, "step_waiting_approval", "executor", approval_id=verdict.approval_id)
 
 
-def _release_all(ctx_or_step: StepContext | Step, token: int) -> None:
-    if isinstance(ctx_or_step, StepContext):
-        for grant in ctx_or_step.grants():
-            lease_release(grant=grant)
-        return
-    step = ctx_or_step
+def _grants_for_release(step: Step, token: int) -> list[LeaseGrant]:
     lease, locks = _grants_for(step, token)
-    for grant in (lease, *locks):
-        lease_release(grant=grant)
+    return [lease, *locks]
 
 
-def _park(step: Step, token: int, verdict: gates.GateVerdict) -> str:
-    """Gated step without a valid approval: wait (lease released) or fail if rejected."""
-    if verdict.state == "rejected":
-        _finish_failed(step, token, f"rejected: {verdict.reason}", retry=None)
-        return "rejected"
-    now = timezone.now()
-    try:
-        with fenced_write(tenant_id=step.tenant_id, key=f"step:{step.pk}", token=token, actor="executor"):
-            Step.objects.filter(pk=step.pk).update(status=StepStatus.WAITING_APPROVAL, updated_at=now)
-            Run.objects.filter(pk=step.run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
-                status=RunStatus.WAITING_APPROVAL, updated_at=now
-            )
-            _release_all(step, token)
-            core_services.event_record(
-                tenant=step.tenant_id,
-                subject=f"run:{step.run_id}",
-                verb="step_waiting_approval",
-                actor="executor",
-                payload={"step": step.key, "approval_id": verdict.approval_id},
-            )
-    except StaleToken:
-        return "stale"
-    return "waiting_approval"
+def _apply_failed(step: Step, token: int, error: str, retry: StepSpec | None, now: datetime,
+                  grants: list[LeaseGrant] | None = None) -> bool:  # fmt: skip
+    """Retry with backoff (same step, same idempotency keys) or fail the run. True if retrying."""
+    retrying = retry is not None and step.attempt < retry.retry.max_attempts
+    if retrying:
+        assert retry is not None
+        delay = retry.retry.delay(step.attempt)
+        Step.objects.filter(pk=step.pk).update(
+            status=StepStatus.READY, error=error, available_at=now + timedelta(seconds=delay), updated_at=now
+        )
+    else:
+        Step.objects.filter(pk=step.pk).update(
+            status=StepStatus.FAILED, error=error, finished_at=now, updated_at=now
+        )
+        Run.objects.filter(pk=step.run_id).exclude(status=RunStatus.CANCELLED).update(
+            status=RunStatus.FAILED, finished_at=now, updated_at=now
+        )
+    _release(grants if grants is not None else _grants_for_release(step, token))
+    _event(
+        step,
+        "step_retry_scheduled" if retrying else "run_failed",
+        f"step:{step.key}",
+        attempt=step.attempt,
+        error=error[:500],
+    )
+    return retrying
+
+
+def apply_conflict(step: Step, kind: str, error: str, now: datetime, **details: Any) -> None:
+    """The step waits in ``conflict`` for a reviewer (call inside a transaction)."""
+    Step.objects.filter(pk=step.pk).update(status=StepStatus.CONFLICT, error=error, updated_at=now)
+    Run.objects.filter(pk=step.run_id).exclude(status=RunStatus.CANCELLED).update(
+        status=RunStatus.CONFLICT, updated_at=now
+    )
+    effect = details.get("effect")
+    _event(step, "step_conflict", "executor", kind=kind, effect=effect.idempotency_key if effect else None)
+    gates.report_conflict(kind, step=step, error=error, **details)
 
 
 def _finish_succeeded(ctx: StepContext, output: Any) -> str:
@@ -199,23 +240,24 @@ def _finish_succeeded(ctx: StepContext, output: Any) -> str:
                 Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
                     status=RunStatus.SUCCEEDED, finished_at=now, updated_at=now
                 )
-            _release_all(ctx, ctx.lease.token)
-            core_services.event_record(
-                tenant=step.tenant_id,
-                subject=f"run:{run.id}",
-                verb="step_succeeded" if following else "run_succeeded",
-                actor=f"step:{step.key}",
-                payload={"step": step.key, "attempt": step.attempt},
-            )
-            if not following:
                 outbox.outbox_enqueue(
                     tenant_id=step.tenant_id,
                     key=f"{run.id}:succeeded",
                     kind="run_finished",
                     payload={"run_id": run.id, "workflow": run.workflow, "status": "succeeded"},
                 )
+            _release(ctx.grants())
+            _event(
+                step,
+                "step_succeeded" if following else "run_succeeded",
+                f"step:{step.key}",
+                attempt=step.attempt,
+            )
     except StaleToken:
-        _report_conflict("stale_token_write", step=step, token=ctx.lease.token, output=output)
+        # A zombie: the step belongs to a newer holder now. The refusal is recorded as an event
+        # by fenced_write; here it also becomes a conflict artifact for a reviewer to see.
+        with transaction.atomic():
+            gates.report_conflict("stale_token_write", step=step, token=ctx.lease.token, proposed=output)
         return "stale"
     from runs.tasks import kick_dispatcher
 
@@ -223,75 +265,36 @@ def _finish_succeeded(ctx: StepContext, output: Any) -> str:
     return "succeeded"
 
 
-def _finish_failed(
-    step: Step, token: int, error: str, *, retry: StepSpec | None, ctx: StepContext | None = None
-) -> str:
-    """Schedule a retry with backoff (same step, same idempotency keys) or fail the run."""
-    now = timezone.now()
-    retrying = retry is not None and step.attempt < retry.retry.max_attempts
+def _finish_failed(step: Step, token: int, error: str, *, retry: StepSpec | None,
+                   grants: list[LeaseGrant] | None = None) -> str:  # fmt: skip
     try:
         with fenced_write(
             tenant_id=step.tenant_id, key=f"step:{step.pk}", token=token, actor=f"step:{step.pk}"
         ):
-            if retrying:
-                assert retry is not None
-                delay = retry.retry.delay(step.attempt)
-                Step.objects.filter(pk=step.pk).update(
-                    status=StepStatus.READY,
-                    error=error,
-                    available_at=now + timedelta(seconds=delay),
-                    updated_at=now,
-                )
-            else:
-                Step.objects.filter(pk=step.pk).update(
-                    status=StepStatus.FAILED, error=error, finished_at=now, updated_at=now
-                )
-                Run.objects.filter(pk=step.run_id).exclude(status=RunStatus.CANCELLED).update(
-                    status=RunStatus.FAILED, finished_at=now, updated_at=now
-                )
-            _release_all(ctx or step, token)
-            core_services.event_record(
-                tenant=step.tenant_id,
-                subject=f"run:{step.run_id}",
-                verb="step_retry_scheduled" if retrying else "run_failed",
-                actor=f"step:{step.key}",
-                payload={"step": step.key, "attempt": step.attempt, "error": error[:500]},
-            )
+            retrying = _apply_failed(step, token, error, retry, timezone.now(), grants)
     except StaleToken:
         return "stale"
+    if retrying:
+        from runs.tasks import kick_dispatcher
+
+        kick_dispatcher()
     return "retrying" if retrying else "failed"
 
 
-def _finish_conflict(ctx: StepContext, kind: str, error: str, *, effect: SideEffect | None = None) -> None:
+def _finish_conflict(ctx: StepContext, kind: str, error: str, **details: Any) -> str:
     step = ctx.step
-    now = timezone.now()
     try:
         with fenced_write(
             tenant_id=step.tenant_id, key=ctx.lease.key, token=ctx.lease.token, actor=f"step:{step.pk}"
         ):
-            _mark_conflict(step, kind, error, now, effect=effect)
-            _release_all(ctx, ctx.lease.token)
+            apply_conflict(step, kind, error, timezone.now(), **details)
+            _release(ctx.grants())
     except StaleToken:
-        pass
+        return "stale"
+    return "conflict"
 
 
-def _mark_conflict(step: Step, kind: str, error: str, now: Any, *, effect: SideEffect | None = None) -> None:
-    """The step waits in ``conflict`` for a reviewer (call inside a transaction)."""
-    Step.objects.filter(pk=step.pk).update(status=StepStatus.CONFLICT, error=error, updated_at=now)
-    Run.objects.filter(pk=step.run_id).exclude(status=RunStatus.CANCELLED).update(
-        status=RunStatus.CONFLICT, updated_at=now
-    )
-    core_services.event_record(
-        tenant=step.tenant_id,
-        subject=f"run:{step.run_id}",
-        verb="step_conflict",
-        actor="executor",
-        payload={"step": step.key, "kind": kind, "effect": effect.idempotency_key if effect else None},
-    )
-    _report_conflict(kind, step=step, effect=effect, error=error)
-
-
-def reap_expired_steps(*, now: Any = None, limit: int = 100) -> dict[str, int]:
+def reap_expired_steps(*, now: datetime | None = None, limit: int = 100) -> dict[str, int]:
     """Steps whose lease expired (their worker died or stalled) go back to ready, with the
     attempt count kept, or to ``conflict`` when they proposed an effect without an outcome
     (it may have happened: a human decides). Returns counts by outcome."""
@@ -317,10 +320,10 @@ def reap_expired_steps(*, now: Any = None, limit: int = 100) -> dict[str, int]:
     return counts
 
 
-def _reap_one(step_id: int, now: Any) -> str | None:
+def _reap_one(step_id: int, now: datetime) -> str | None:
     with transaction.atomic():
         step = (
-            Step.objects.select_for_update(skip_locked=True)
+            Step.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("run")
             .filter(pk=step_id, status__in=[StepStatus.LEASED, StepStatus.RUNNING])
             .first()
@@ -341,17 +344,21 @@ def _reap_one(step_id: int, now: Any) -> str | None:
         lease_revoke(tenant_id=step.tenant_id, keys=step.lock_keys, now=now)
         pending = SideEffect.objects.filter(step=step, status=EffectStatus.PROPOSED).first()
         if pending is not None:
-            _mark_conflict(
+            apply_conflict(
                 step,
                 "lease_expired_with_pending_effect",
-                "the worker vanished while an effect was in flight",
+                "the worker vanished while an effect was in flight: did it happen?",
                 now,
                 effect=pending,
+                current={
+                    "effect": pending.idempotency_key,
+                    "status": pending.status,
+                    "request": pending.request,
+                },
             )
             return "conflict"
         try:
-            spec = get_workflow(step.run.workflow).spec(step.key)
-            max_attempts = spec.retry.max_attempts
+            max_attempts = get_workflow(step.run.workflow).spec(step.key).retry.max_attempts
         except UnknownWorkflow:
             max_attempts = step.attempt
         if step.attempt >= max_attempts:
@@ -368,11 +375,5 @@ def _reap_one(step_id: int, now: Any) -> str | None:
         else:
             Step.objects.filter(pk=step.pk).update(status=StepStatus.READY, available_at=now, updated_at=now)
             verb, outcome = "step_lease_expired", "retried"
-        core_services.event_record(
-            tenant=step.tenant_id,
-            subject=f"run:{step.run_id}",
-            verb=verb,
-            actor="reaper",
-            payload={"step": step.key, "attempt": step.attempt, "token": step.lease_token},
-        )
+        _event(step, verb, "reaper", attempt=step.attempt, token=step.lease_token)
     return outcome

@@ -7,6 +7,7 @@ than running unapproved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,3 +55,36 @@ def get_gate() -> ApprovalGate:
     if _gate is None:
         raise NoGate("this step needs approval but no approval gate is installed")
     return _gate
+
+
+class ApprovalNoLongerValid(Exception):
+    """Raised by the gate's effect guard: the approval was invalidated or the artifact edited
+    after it was approved. The effect does not happen; the step goes to ``conflict``."""
+
+
+class EntityChanged(Exception):
+    """A step body raises this when the entity it read changed before its write (an optimistic
+    check failed): the step goes to ``conflict`` for a reviewer instead of a blind retry."""
+
+    def __init__(self, key: str, *, expected: Any, actual: Any, proposed: Any = None) -> None:
+        super().__init__(f"{key} changed: expected {expected}, found {actual}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        self.proposed = proposed
+
+
+ConflictHook = Callable[..., None]
+_conflict_hooks: list[ConflictHook] = []
+
+
+def register_conflict_hook(hook: ConflictHook) -> None:
+    """The approvals app turns reported collisions into conflict artifacts."""
+    if hook not in _conflict_hooks:
+        _conflict_hooks.append(hook)
+
+
+def report_conflict(kind: str, **details: Any) -> None:
+    """Report a collision (call it in the transaction that records the affected state)."""
+    for hook in list(_conflict_hooks):
+        hook(kind=kind, **details)

@@ -68,14 +68,13 @@ def run_create(
     constraint decides between racing deliveries: the loser's insert waits for the winner's
     commit, fails, and reads the winner's run.
     """
-    payload_fingerprint = fingerprint(
-        {"workflow": workflow, "input": input, "correlation_id": correlation_id}
-    )
+    payload = {"workflow": workflow, "input": input, "correlation_id": correlation_id}
+    payload_fingerprint = fingerprint(payload)
     if trigger_event_id:
         # A known delivery is answered from the record, even when the tenant is over quota.
         seen = TriggerEvent.objects.filter(tenant=tenant, trigger_event_id=trigger_event_id).first()
         if seen is not None:
-            return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor)
+            return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
     try:
         with transaction.atomic():
             if enforce_quota:
@@ -109,13 +108,20 @@ def run_create(
     existing = TriggerEvent.objects.select_related("run").get(
         tenant=tenant, trigger_event_id=trigger_event_id
     )
-    return _replay(tenant, existing, trigger_event_id, payload_fingerprint, actor)
+    return _replay(tenant, existing, trigger_event_id, payload_fingerprint, actor, payload)
 
 
 def _replay(
-    tenant: Tenant, existing: TriggerEvent, trigger_event_id: str, payload_fingerprint: str, actor: str
+    tenant: Tenant,
+    existing: TriggerEvent,
+    trigger_event_id: str,
+    payload_fingerprint: str,
+    actor: str,
+    proposed_payload: dict[str, Any],
 ) -> RunStart:
     if existing.fingerprint != payload_fingerprint:
+        from runs.gates import report_conflict
+
         with transaction.atomic():
             core_services.event_record(
                 tenant=tenant,
@@ -123,6 +129,19 @@ def _replay(
                 verb="duplicate_trigger_payload",
                 actor=actor,
                 payload={"trigger_event_id": trigger_event_id, "fingerprint": payload_fingerprint},
+            )
+            first = existing.run
+            report_conflict(
+                "duplicate_trigger_payload",
+                tenant_id=tenant.pk,
+                run=first,
+                target_key=f"trigger:{trigger_event_id}",
+                current={
+                    "workflow": first.workflow,
+                    "input": first.input,
+                    "correlation_id": first.correlation_id,
+                },
+                proposed=proposed_payload,
             )
         raise TriggerPayloadMismatch(trigger_event_id, existing.run_id)
     metrics.DUPLICATES_SUPPRESSED.labels(kind="trigger").inc()
@@ -232,6 +251,84 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
 def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
     run = Run.objects.filter(pk=run_id).first()
     return run is not None and run_cancel(run=run, actor=actor, reason=reason)
+
+
+def step_resume(
+    *, step: Step, actor: str, from_statuses: tuple[str, ...] = (StepStatus.WAITING_APPROVAL,)
+) -> bool:
+    """Make a parked step ready again, once: a conditional UPDATE, so two racing resumes (two
+    approvals, an approval and a timeout) move it exactly once. Call in the deciding transaction."""
+    from runs.tasks import kick_dispatcher
+
+    now = timezone.now()
+    resumed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
+        status=StepStatus.READY, available_at=now, error="", updated_at=now
+    )
+    if resumed != 1:
+        return False
+    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT]).update(
+        status=RunStatus.RUNNING, updated_at=now
+    )
+    core_services.event_record(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb="step_resumed",
+        actor=actor,
+        payload={"step": step.key},
+    )
+    kick_dispatcher()
+    return True
+
+
+def step_fail(*, step: Step, actor: str, reason: str, from_statuses: tuple[str, ...]) -> bool:
+    """Fail a parked step and its run (a rejection, a reviewer's cancel). Once, like step_resume."""
+    now = timezone.now()
+    failed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
+        status=StepStatus.FAILED, error=reason, finished_at=now, updated_at=now
+    )
+    if failed != 1:
+        return False
+    Run.objects.filter(pk=step.run_id).exclude(status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED]).update(
+        status=RunStatus.FAILED, finished_at=now, updated_at=now
+    )
+    core_services.event_record(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb="run_failed",
+        actor=actor,
+        payload={"step": step.key, "reason": reason},
+    )
+    return True
+
+
+def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> bool:
+    """Send a parked step's run back to an earlier step ("request changes" → redraft): that step
+    is ready again and every step after it pending. Once, from ``waiting_approval`` only."""
+    from runs.tasks import kick_dispatcher
+
+    now = timezone.now()
+    target = Step.objects.filter(run_id=step.run_id, key=to_step_key, position__lt=step.position).first()
+    if target is None:
+        raise ValueError(f"no earlier step {to_step_key!r} to send the run back to")
+    moved = Step.objects.filter(pk=step.pk, status=StepStatus.WAITING_APPROVAL).update(
+        status=StepStatus.PENDING, updated_at=now
+    )
+    if moved != 1:
+        return False
+    Step.objects.filter(run_id=step.run_id, position__gt=target.position, position__lt=step.position).update(
+        status=StepStatus.PENDING, updated_at=now
+    )
+    Step.objects.filter(pk=target.pk).update(status=StepStatus.READY, available_at=now, updated_at=now)
+    Run.objects.filter(pk=step.run_id).update(status=RunStatus.RUNNING, updated_at=now)
+    core_services.event_record(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb="changes_requested",
+        actor=actor,
+        payload={"step": step.key, "back_to": to_step_key, "note": note},
+    )
+    kick_dispatcher()
+    return True
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:

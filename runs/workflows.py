@@ -13,6 +13,7 @@ from typing import Any
 from runs import sandbox
 from runs.context import StepContext
 from runs.definitions import ApprovalPolicy, workflow
+from runs.gates import EntityChanged
 
 # demo.enrich_lead: read and draft steps only, no approval. Input: {"lead_id": 7}
 
@@ -46,18 +47,25 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
     contact_id = int(ctx.input["contact_id"])
     changes = dict(ctx.input["changes"])
     contact = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=contact_id)
-    result = ctx.effect(
-        "crm.update_contact",
-        lambda: sandbox.crm_update_contact(
-            tenant_id=ctx.tenant_id,
-            contact_id=contact_id,
-            changes=changes,
-            expected_version=contact["version"],
-            key=f"{ctx.run_id}:apply_changes",
-        ),
-        request={"contact_id": contact_id, "changes": changes},
-        external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
-    )
+    try:
+        result = ctx.effect(
+            "crm.update_contact",
+            lambda: sandbox.crm_update_contact(
+                tenant_id=ctx.tenant_id,
+                contact_id=contact_id,
+                changes=changes,
+                expected_version=contact["version"],
+                key=f"{ctx.run_id}:apply_changes",
+            ),
+            request={"contact_id": contact_id, "changes": changes},
+            external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
+        )
+    except sandbox.SandboxVersionMismatch as changed:
+        # Someone outside Runwarden changed the contact between our read and our write:
+        # a reviewer decides whether our change still applies.
+        raise EntityChanged(
+            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
+        ) from None
     return {"contact_id": contact_id, "version": result["version"], "stage": result["stage"]}
 
 

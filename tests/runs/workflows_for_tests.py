@@ -8,7 +8,7 @@ from typing import Any
 
 from runs import sandbox
 from runs.context import StepContext
-from runs.definitions import workflow
+from runs.definitions import ApprovalPolicy, workflow
 
 slow_send = workflow("test.slow_send", description="works for a while, then sends one message")
 
@@ -47,3 +47,50 @@ busy = workflow("test.busy_crm", description="holds a CRM-tool slot for a while"
 def hold_crm(ctx: StepContext) -> dict[str, Any]:
     time.sleep(float(ctx.input.get("hold_seconds", 0.3)))
     return {"held": True}
+
+
+quorum = workflow("test.quorum", description="a draft that two distinct operators must approve")
+
+
+@quorum.step(lane="draft")
+def draft(ctx: StepContext) -> dict[str, Any]:
+    return {"subject": "Quarterly report", "body": f"Draft for {ctx.run_id}"}
+
+
+@quorum.step(lane="external", approval=ApprovalPolicy(required=2, roles=("operator",)))
+def publish(ctx: StepContext) -> dict[str, Any]:
+    return {"published": ctx.approved_content["subject"]}
+
+
+timed = workflow("test.timed_gate", description="an approval that times out")
+
+
+@timed.step(lane="draft")
+def timed_draft(ctx: StepContext) -> dict[str, Any]:
+    return {"body": "time-boxed"}
+
+
+@timed.step(lane="external", approval=ApprovalPolicy(timeout_seconds=60, on_timeout="reject"))
+def timed_send(ctx: StepContext) -> dict[str, Any]:
+    return {"sent": ctx.approved_content["body"]}
+
+
+crash_on_send = workflow("test.crash_on_send", description="the worker dies in the middle of sending")
+
+
+@crash_on_send.step(lane="external", tool="messaging")
+def send_and_die(ctx: StepContext) -> dict[str, Any]:
+    die_after_send = bool(ctx.input.get("die_after_send"))
+
+    def send() -> dict[str, Any]:
+        if ctx.attempt == 1 and not die_after_send:
+            os._exit(9)  # dies after proposing, before the provider got the call
+        sent = sandbox.messaging_send(
+            tenant_id=ctx.tenant_id, to="x@example.com", subject="s", body=ctx.run_id
+        )
+        if ctx.attempt == 1 and die_after_send:
+            os._exit(9)  # the provider sent it; the worker dies before recording that
+        return sent
+
+    sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
+    return {"message_id": sent["message_id"]}

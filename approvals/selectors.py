@@ -1,0 +1,138 @@
+"""Reads of the approvals app."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+from django.db.models import QuerySet
+
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ArtifactVersion, ConflictArtifact
+from core.selectors import AnyUser, scope_to_user
+
+
+def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> QuerySet[ApprovalRequest]:
+    requests = scope_to_user(
+        ApprovalRequest.objects.select_related(
+            "tenant", "step", "artifact", "artifact_version", "decided_by", "run"
+        ),
+        user,
+    ).distinct()
+    if status:
+        requests = requests.filter(status=status)
+    if run_id:
+        requests = requests.filter(run_id=run_id)
+    return requests.order_by("-id")
+
+
+def conflicts_for_user(user: AnyUser, *, status: str = "", kind: str = "") -> QuerySet[ConflictArtifact]:
+    conflicts = scope_to_user(
+        ConflictArtifact.objects.select_related("tenant", "step", "run", "resolved_by"), user
+    )
+    if status:
+        conflicts = conflicts.filter(status=status)
+    if kind:
+        conflicts = conflicts.filter(kind=kind)
+    return conflicts.distinct().order_by("-id")
+
+
+def _lines(content: Any) -> list[str]:
+    if isinstance(content, dict) and all(isinstance(v, str) for v in content.values()):
+        lines = []
+        for key, value in content.items():
+            lines.append(f"{key}:")
+            lines.extend(f"  {line}" for line in value.splitlines() or [""])
+        return lines
+    return json.dumps(content, indent=2, sort_keys=True, default=str).splitlines()
+
+
+def content_diff(before: Any, after: Any, *, before_label: str, after_label: str) -> list[str]:
+    """A unified diff of two artifact contents, line by line."""
+    return list(difflib.unified_diff(_lines(before), _lines(after), before_label, after_label, lineterm=""))
+
+
+def approved_version(artifact: Artifact) -> ArtifactVersion | None:
+    """The newest version that was ever approved (what an edit may have changed)."""
+    request = (
+        ApprovalRequest.objects.filter(artifact=artifact, decided_at__isnull=False, approvals__gt=0)
+        .exclude(status=ApprovalStatus.PENDING)
+        .select_related("artifact_version")
+        .order_by("-id")
+        .first()
+    )
+    return request.artifact_version if request else None
+
+
+def approval_detail(request: ApprovalRequest) -> dict[str, Any]:
+    artifact = request.artifact
+    versions = {v.number: v for v in artifact.versions.all()}
+    latest = versions[artifact.latest_version]
+    shown = request.artifact_version
+    baseline = approved_version(artifact)
+    if baseline is None or baseline.number == shown.number:
+        baseline = versions.get(shown.number - 1)
+    diff = (
+        content_diff(
+            baseline.content,
+            shown.content,
+            before_label=f"v{baseline.number}",
+            after_label=f"v{shown.number}",
+        )
+        if baseline
+        else []
+    )
+    return {
+        "id": request.pk,
+        "tenant": request.tenant.slug,
+        "run_id": request.run_id,
+        "workflow": request.run.workflow,
+        "step_key": request.step.key,
+        "status": request.status,
+        "version": request.version,
+        "artifact_version": shown.number,
+        "artifact": {
+            "id": artifact.pk,
+            "kind": artifact.kind,
+            "latest_version": latest.number,
+            "content": shown.content,
+            "author": shown.author,
+            "source": shown.source,
+        },
+        "required": request.required,
+        "approvals": request.approvals,
+        "escalated": request.escalated,
+        "decided_by": request.decided_by.get_username() if request.decided_by else None,
+        "decided_at": request.decided_at,
+        "comment": request.comment,
+        "expires_at": request.expires_at,
+        "created_at": request.created_at,
+        "diff_against": baseline.number if baseline else None,
+        "diff": diff,
+    }
+
+
+def conflict_detail(conflict: ConflictArtifact) -> dict[str, Any]:
+    return {
+        "id": conflict.pk,
+        "tenant": conflict.tenant.slug,
+        "kind": conflict.kind,
+        "status": conflict.status,
+        "version": conflict.version,
+        "target_key": conflict.target_key,
+        "run_id": conflict.run_id,
+        "step_key": conflict.step.key if conflict.step else None,
+        "effect_key": conflict.effect.idempotency_key if conflict.effect_id and conflict.effect else None,
+        "current": conflict.current,
+        "proposed": conflict.proposed,
+        "diff": content_diff(
+            conflict.proposed, conflict.current, before_label="proposed", after_label="current"
+        ),
+        "timing": conflict.timing,
+        "suggestion": conflict.suggestion,
+        "resolution": conflict.resolution,
+        "resolved_by": conflict.resolved_by.get_username() if conflict.resolved_by else None,
+        "resolved_at": conflict.resolved_at,
+        "note": conflict.note,
+        "created_at": conflict.created_at,
+    }
