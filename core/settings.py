@@ -129,7 +129,9 @@ TEMPLATES = [
 ]
 
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+    # 0: under ASGI, sync views run on pool threads, and persistent connections would pile up one
+    # per thread per process until PostgreSQL refuses clients. Pool with pgbouncer instead.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
 else:
     (BASE_DIR / "var").mkdir(exist_ok=True)
     DATABASES = {

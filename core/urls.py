@@ -26,4 +26,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("", include(core_patterns)),
+    path("", include("runs.urls")),
 ]

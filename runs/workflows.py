@@ -66,7 +66,8 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
         raise EntityChanged(
             f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
         ) from None
-    return {"contact_id": contact_id, "version": result["version"], "stage": result["stage"]}
+    # A reviewer who confirmed an ambiguous effect records only its reference (``external_ref``).
+    return {"contact_id": contact_id, "version": result.get("version"), "stage": result.get("stage")}
 
 
 # demo.lead_followup: enrich -> draft a message (the artifact) -> send it after approval.
@@ -113,7 +114,7 @@ def send_message(ctx: StepContext) -> dict[str, Any]:
         request={"to": contact["email"], **message},
         external_ref=lambda r: r["message_id"],
     )
-    return {"message_id": sent["message_id"], "to": contact["email"]}
+    return {"message_id": sent.get("message_id") or sent["external_ref"], "to": contact["email"]}
 
 
 # demo.invoice_payment: high-risk lane, approval required, serialised per invoice.
@@ -154,4 +155,4 @@ def charge(ctx: StepContext) -> dict[str, Any]:
         request=payment,
         external_ref=lambda r: r["payment_id"],
     )
-    return {"payment_id": paid["payment_id"], "amount": paid["amount"]}
+    return {"payment_id": paid.get("payment_id") or paid["external_ref"], "amount": payment["amount"]}

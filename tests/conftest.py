@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from django.test import Client
 
+import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows too)
 from core import services
 from core.models import Membership, Role, Tenant, TenantQuota, User
+from runs.sandbox import seed_sandbox
+from tests.runs.cluster import Cluster
 
 
 @pytest.fixture
@@ -56,3 +62,19 @@ def bearer_client(user: User) -> Client:
     """A test client that authenticates with a freshly issued API token."""
     token = services.api_token_issue(user=user, name="test")
     return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+@pytest.fixture
+def cluster(transactional_db: None, tmp_path: Path) -> Iterator[Cluster]:
+    """Real Celery worker/beat processes on the test database; stopped after the test."""
+    running = Cluster(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def sandbox_acme(acme: Tenant) -> Tenant:
+    seed_sandbox(acme.pk)
+    return acme

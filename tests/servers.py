@@ -81,10 +81,11 @@ def running_process(
 
 
 @contextmanager
-def console_server(env: dict[str, str], log_path: Path) -> Iterator[str]:
+def console_server(env: dict[str, str], log_path: Path, workers: int = 1) -> Iterator[str]:
     """``manage.py serve`` on a free port; yields its base URL once /healthz answers."""
     port = free_port()
-    with running_process([sys.executable, "manage.py", "serve", "--port", str(port)], env, log_path):
+    args = [sys.executable, "manage.py", "serve", "--port", str(port), "--workers", str(workers)]
+    with running_process(args, env, log_path):
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(url + "/healthz")

@@ -12,8 +12,12 @@
   });
   document.addEventListener("htmx:wsClose", function () { setStatus(false); });
   document.addEventListener("htmx:oobAfterSwap", function (e) {
-    var el = e.detail && e.detail.target;
-    if (!el || el.id !== "live-last-event") { return; }
+    var target = e.detail && e.detail.target;
+    if (!target || target.id !== "live-last-event") { return; }
+    // The event names the element that was swapped out; read the one now in the page.
+    var el = document.getElementById("live-last-event");
+    if (!el || el.dataset.seen) { return; }
+    el.dataset.seen = "1";  // one live:event per push, however many swap events fire
     var id = parseInt(el.dataset.eventId, 10);
     if (lastEventId !== null && id > lastEventId + 1) {
       document.body.dispatchEvent(new CustomEvent("live:resync"));

@@ -216,6 +216,19 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     step.refresh_from_db()
     assert step.output["pid"] == new_holder
     assert (step.status, step.attempt) == ("succeeded", 2)
+    # The refused write also becomes a conflict artifact a reviewer can see and acknowledge.
+    from approvals.models import ConflictArtifact
+    from approvals.services import conflict_resolve
+    from tests.conftest import make_member
+
+    conflict = ConflictArtifact.objects.get(kind="stale_token_write", step=step)
+    assert conflict.proposed["output"] == {"pid": zombie}
+    assert conflict.current["output"] == {"pid": new_holder}
+    reviewer = make_member("reviewer", sandbox_acme, "reviewer")
+    resolved = conflict_resolve(
+        conflict=conflict, user=reviewer, expected_version=1, resolution="acknowledge"
+    )
+    assert resolved.status == "resolved"
 
 
 @pytest.mark.timeout(240)

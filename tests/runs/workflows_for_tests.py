@@ -93,4 +93,4 @@ def send_and_die(ctx: StepContext) -> dict[str, Any]:
         return sent
 
     sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
-    return {"message_id": sent["message_id"]}
+    return {"message_id": sent.get("message_id") or sent["external_ref"]}

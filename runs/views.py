@@ -1,0 +1,142 @@
+"""Operator console pages for runs and leases: server-rendered, with htmx partials.
+
+Each page's main fragment is a ``{% partialdef %}`` inside the page template; an htmx request
+(a filter change, a live refresh, the cancel button) gets only that fragment back.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from core.http import HtmxHttpRequest, authenticated_user
+from core.models import Event, Role, User
+from core.selectors import get_tenant_for_user, tenants_for_user, user_can
+from runs import selectors, services
+from runs.definitions import REGISTRY
+from runs.models import Run, RunStatus
+
+RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
+PAGE_SIZE = 50
+# A run's audit trail is short in practice; a retry storm must not make the page unbounded.
+MAX_EVENTS = 200
+
+
+def _get_run_for_user(request: HtmxHttpRequest, run_id: str) -> Run:
+    """The run if it belongs to one of the user's tenants; another tenant's run is a 404."""
+    return get_object_or_404(selectors.runs_for_user(authenticated_user(request)), pk=run_id)
+
+
+def _compact_json(value: Any) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _run_events(run: Run) -> list[Event]:
+    """The run's audit events, oldest first (the newest ``MAX_EVENTS`` of them)."""
+    newest = Event.objects.filter(tenant_id=run.tenant_id, subject=f"run:{run.id}").order_by("-id")
+    events = list(newest[:MAX_EVENTS])
+    events.reverse()
+    return events
+
+
+def _detail_context(
+    request: HtmxHttpRequest, run: Run, *, notice: str = "", notice_level: str = "success"
+) -> dict[str, Any]:
+    user = authenticated_user(request)
+    detail = selectors.run_detail(run)
+    detail["input_json"] = _compact_json(detail["input"])
+    for step in detail["steps"]:
+        step["output_json"] = _compact_json(step["output"])
+    return {
+        "run": detail,
+        "events": [
+            {"event": event, "payload_json": _compact_json(event.payload)} for event in _run_events(run)
+        ],
+        # Offered while run_cancel would act; the POST checks the role again.
+        "can_cancel": run.status in services.UNFINISHED_RUN_STATUSES
+        and user_can(user, run.tenant, Role.OPERATOR),
+        "notice": notice,
+        "notice_level": notice_level,
+    }
+
+
+def _lease_rows(user: User) -> list[dict[str, Any]]:
+    now = timezone.now()
+    rows = []
+    for lease in selectors.live_leases_for_user(user):
+        row = selectors.lease_detail(lease)
+        row["expires_in"] = max(0, round((lease.expires_at - now).total_seconds()))
+        row["is_step"] = lease.key.startswith("step:")
+        # Lease metadata is free-form: link only what can be a run id.
+        run_id = row["run_id"]
+        valid = isinstance(run_id, str) and run_id.startswith("run_") and "/" not in run_id
+        row["run_url"] = reverse("runs:run-detail", args=[run_id]) if valid else None
+        rows.append(row)
+    return rows
+
+
+@require_GET
+@login_required
+def run_list(request: HtmxHttpRequest) -> HttpResponse:
+    user = authenticated_user(request)
+    filters = {name: request.GET.get(name, "").strip() for name in RUN_FILTERS}
+    cursor = request.GET.get("cursor", "").strip()
+    page, next_cursor = selectors.run_page(
+        selectors.runs_for_user(user, **filters), cursor=cursor, limit=PAGE_SIZE
+    )
+    context = {
+        "runs": page,
+        "filters": filters,
+        "cursor": cursor,
+        "next_cursor": next_cursor,
+        "statuses": RunStatus.choices,
+        "workflows": sorted(REGISTRY),
+        "tenants": list(tenants_for_user(user)),
+    }
+    template = "runs/list.html#runs-table" if request.htmx else "runs/list.html"
+    return render(request, template, context)
+
+
+@require_GET
+@login_required
+def run_detail(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
+    run = _get_run_for_user(request, run_id)
+    template = "runs/detail.html#run-detail" if request.htmx else "runs/detail.html"
+    return render(request, template, _detail_context(request, run))
+
+
+@require_POST
+@login_required
+def run_cancel(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
+    run = _get_run_for_user(request, run_id)
+    user = authenticated_user(request)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    username = user.get_username()
+    cancelled = services.run_cancel(run=run, actor=username, reason=f"cancelled by {username}")
+    # Another operator or the run itself may have finished it first; say so, change nothing.
+    notice = f"Run {run.id} cancelled." if cancelled else f"Run {run.id} had already finished."
+    level = "success" if cancelled else "warning"
+    if not request.htmx:
+        messages.add_message(request, messages.SUCCESS if cancelled else messages.WARNING, notice)
+        return redirect("runs:run-detail", run_id=run.id)
+    run.refresh_from_db()
+    context = _detail_context(request, run, notice=notice, notice_level=level)
+    return render(request, "runs/detail.html#run-detail", context)
+
+
+@require_GET
+@login_required
+def lease_board(request: HtmxHttpRequest) -> HttpResponse:
+    user = authenticated_user(request)
+    template = "runs/leases.html#lease-board" if request.htmx else "runs/leases.html"
+    return render(request, template, {"leases": _lease_rows(user)})

@@ -1,0 +1,25 @@
+"""Helpers for approval tests: drive steps in-process, and find what a run is waiting on."""
+
+from __future__ import annotations
+
+from approvals.models import ApprovalRequest
+from runs.dispatch import dispatch_round
+from runs.executor import step_execute
+from runs.models import Run
+
+
+def pump(rounds: int = 8) -> list[str]:
+    """Dispatch and execute ready steps in this process until nothing is ready (no workers)."""
+    outcomes = []
+    for _ in range(rounds):
+        admitted = dispatch_round()
+        if not admitted:
+            break
+        outcomes += [step_execute(step_id=a.step_id, token=a.token) for a in admitted]
+    return outcomes
+
+
+def pending_request(run: Run) -> ApprovalRequest:
+    return ApprovalRequest.objects.select_related("step__run", "artifact_version").get(
+        run=run, status="pending"
+    )
