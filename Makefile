@@ -55,9 +55,14 @@ test-e2e: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
 		$(BIN)/pytest -m e2e -p no:cacheprovider
 
+# Side by side on this machine: Runwarden's pipeline vs raw Celery on the same Redis broker.
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden_bench
 bench: $(STAMP)
-	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
-		$(BIN)/python -m bench
+	@psql "$(BENCH_DATABASE_URL:/runwarden_bench=/postgres)" -tAc "SELECT 1 FROM pg_database WHERE datname='runwarden_bench'" | grep -q 1 \
+		|| createdb -h 127.0.0.1 -U postgres runwarden_bench
+	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/2} \
+		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret}; \
+		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3 var/staticfiles .pytest_cache .mypy_cache .ruff_cache

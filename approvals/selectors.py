@@ -6,7 +6,7 @@ import difflib
 import json
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ArtifactVersion, ConflictArtifact
 from core.selectors import AnyUser, scope_to_user
@@ -136,3 +136,10 @@ def conflict_detail(conflict: ConflictArtifact) -> dict[str, Any]:
         "note": conflict.note,
         "created_at": conflict.created_at,
     }
+
+
+def open_conflict_samples() -> list[tuple[dict[str, str], float]]:
+    rows = (
+        ConflictArtifact.objects.filter(status="open").values("kind").annotate(n=Count("id")).order_by("kind")
+    )
+    return [({"kind": r["kind"]}, r["n"]) for r in rows]

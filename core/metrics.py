@@ -6,7 +6,10 @@ database when /metrics is scraped, so they are right whichever process changed t
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LOCK_WAIT_SECONDS = Histogram("runwarden_lock_wait_seconds", "Time spent acquiring entity locks")
 LOCK_CONFLICTS = Counter("runwarden_lock_conflicts_total", "Entity lock acquisitions refused because held")
@@ -21,3 +24,30 @@ RETRIES_BLOCKED_BY_LEASE = Counter(
 )
 EFFECT_LATENCY_SECONDS = Histogram("runwarden_effect_latency_seconds", "Side-effect execution time", ["kind"])
 APPROVAL_DECISIONS = Counter("runwarden_approval_decisions_total", "Approval decisions", ["outcome"])
+
+
+GaugeSource = Callable[[], Iterable[tuple[dict[str, str], float]]]
+_gauges: dict[str, tuple[str, list[str], GaugeSource]] = {}
+
+
+def gauge_register(name: str, documentation: str, labels: list[str], source: GaugeSource) -> None:
+    """A gauge read from the database at scrape time (apps register theirs in AppConfig.ready)."""
+    _gauges[name] = (documentation, labels, source)
+
+
+class _DatabaseGauges:
+    """A prometheus collector that asks each registered source for its current samples."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, (documentation, labels, source) in _gauges.items():
+            family = GaugeMetricFamily(name, documentation, labels=labels)
+            for label_values, value in source():
+                family.add_metric([label_values[label] for label in labels], value)
+            yield family
+
+
+REGISTRY.register(_DatabaseGauges())
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -7,7 +7,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from core import health, selectors, services
+from core import health, metrics, selectors, services
 from core.forms import QuotaForm
 from core.http import authenticated_user
 from core.models import Role
@@ -30,6 +30,14 @@ def readyz(request: HttpRequest) -> JsonResponse:
         "checks": {name: error or "ok" for name, error in checks.items()},
     }
     return JsonResponse(body, status=503 if failing else 200)
+
+
+@require_GET
+@never_cache
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Prometheus text. Counters are this process's; gauges are read from the database."""
+    body, content_type = metrics.render()
+    return HttpResponse(body, content_type=content_type)
 
 
 @require_GET

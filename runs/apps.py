@@ -16,3 +16,19 @@ class RunsConfig(AppConfig):
         autodiscover_modules("workflows")
         for module in settings.RUNWARDEN_WORKFLOW_MODULES:
             import_module(module)
+
+        from core import metrics
+        from runs import selectors
+
+        metrics.gauge_register(
+            "runwarden_queue_depth",
+            "Ready steps waiting for admission",
+            ["tenant", "lane"],
+            selectors.queue_depth_samples,
+        )
+        metrics.gauge_register(
+            "runwarden_inflight_steps",
+            "Admitted steps (leased or running)",
+            ["workflow"],
+            selectors.inflight_samples,
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from core.leases import live_leases_filter
 from core.models import Lease, User
@@ -125,3 +125,25 @@ def live_leases_for_user(user: User) -> QuerySet[Lease]:
         .distinct()
         .order_by("tenant__slug", "key")
     )
+
+
+def queue_depth_samples() -> list[tuple[dict[str, str], float]]:
+    """Ready steps waiting for admission, by tenant and lane."""
+    rows = (
+        Step.objects.filter(status="ready")
+        .values("tenant__slug", "lane")
+        .annotate(n=Count("id"))
+        .order_by("tenant__slug", "lane")
+    )
+    return [({"tenant": r["tenant__slug"], "lane": r["lane"]}, r["n"]) for r in rows]
+
+
+def inflight_samples() -> list[tuple[dict[str, str], float]]:
+    """Admitted steps (leased or running), by workflow."""
+    rows = (
+        Step.objects.filter(status__in=["leased", "running"])
+        .values("run__workflow")
+        .annotate(n=Count("id"))
+        .order_by("run__workflow")
+    )
+    return [({"workflow": r["run__workflow"]}, r["n"]) for r in rows]

@@ -156,3 +156,13 @@ def charge(ctx: StepContext) -> dict[str, Any]:
         external_ref=lambda r: r["payment_id"],
     )
     return {"payment_id": paid.get("payment_id") or paid["external_ref"], "amount": payment["amount"]}
+
+
+# bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
+
+bench_noop = workflow("bench.noop", description="One no-op step (for make bench)")
+
+
+@bench_noop.step(lane="read")
+def noop(ctx: StepContext) -> dict[str, Any]:
+    return {}
