@@ -28,4 +28,5 @@ urlpatterns = [
     path("api/v1/", api.urls),
     path("", include(core_patterns)),
     path("", include("runs.urls")),
+    path("", include("approvals.urls")),
 ]

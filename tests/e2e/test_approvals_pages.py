@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from django.db import connection
+from playwright.sync_api import Browser, Page, WebSocketRoute, expect
+
+from approvals import services
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
+from core.models import Tenant, User
+from runs.models import Step, StepStatus
+from runs.services import run_start
+from tests.approvals.helpers import pending_request, pump
+from tests.e2e.conftest import login, screenshot
+
+LIVE_TIMEOUT = 5_000  # ms
+
+T = TypeVar("T")
+
+
+def elsewhere(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``fn`` in another thread, as another process would: sync Playwright runs an event
+    loop in the test's thread, where the on-commit live push (async_to_sync) cannot run."""
+
+    def call() -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(call).result()
+
+
+def waiting_for_approval(slug: str = "acme") -> ApprovalRequest:
+    """A demo.lead_followup run driven in-process up to its gated send_message step."""
+    tenant = Tenant.objects.get(slug=slug)
+    run = run_start(
+        tenant=tenant, workflow="demo.lead_followup", input={"lead_id": 7, "contact_id": 1}, actor="e2e"
+    ).run
+    pump()
+    return pending_request(run)
+
+
+def go_live(page: Page, base_url: str, path: str) -> None:
+    page.goto(base_url + path)
+    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+
+
+def test_an_operator_approves_from_the_inbox(live_console: str, page: Page) -> None:
+    login(page, live_console, "operator")
+    expect(page).to_have_url(live_console + "/")
+    page.get_by_role("link", name="Approvals", exact=True).click()
+    expect(page).to_have_url(live_console + "/approvals/")
+    req = elsewhere(waiting_for_approval)
+    go_live(page, live_console, "/approvals/")
+    card = page.locator(f"#approval-{req.pk}")
+    expect(card).to_be_visible()
+    expect(card.get_by_role("link", name=req.run_id)).to_be_visible()
+    expect(card).to_contain_text("Next steps for Company 7")
+    expect(card.locator(".badge")).to_have_text("pending")
+    screenshot(page, "approvals-inbox")
+
+    card.get_by_role("button", name="Approve", exact=True).click()
+    expect(card.locator(".badge")).to_have_text("approved")
+    expect(card).to_contain_text("Approved by operator")
+    expect(card.get_by_role("button", name="Approve", exact=True)).to_have_count(0)
+    # The live refresh the approval pushes keeps the decided card on screen.
+    page.wait_for_load_state("networkidle")
+    expect(card.locator(".badge")).to_have_text("approved")
+    screenshot(page, "approvals-inbox-approved")
+    req.refresh_from_db()
+    assert (req.status, req.version) == (ApprovalStatus.APPROVED, 2)
+    assert Step.objects.get(pk=req.step_id).status == StepStatus.READY
+
+
+def test_a_pending_request_appears_live(live_console: str, page: Page) -> None:
+    login(page, live_console, "operator")
+    go_live(page, live_console, "/approvals/")
+    page.evaluate("window.__sameDocument = true")
+    req = elsewhere(waiting_for_approval)
+    expect(page.locator(f"#approval-{req.pk}")).to_be_visible(timeout=LIVE_TIMEOUT)
+    assert page.evaluate("window.__sameDocument") is True
+
+
+def test_two_tabs_race_and_the_second_sees_who_won(live_console: str, browser: Browser, page: Page) -> None:
+    req = elsewhere(waiting_for_approval)
+    login(page, live_console, "operator")
+    page.goto(live_console + "/approvals/")
+
+    other = browser.new_context(viewport={"width": 1280, "height": 800})
+    try:
+        late = other.new_page()
+        # The second tab's live push is "still on its way" (pushes are hints, delivered at most
+        # once): its socket is mocked, so it keeps showing version 1 of the request, as a tab
+        # would if the user clicked before the push landed.
+        late.route_web_socket("**/ws/live/", _never_delivers)
+        login(late, live_console, "admin")
+        late.goto(live_console + "/approvals/")
+        expect(late.locator(f"#approval-{req.pk} .badge")).to_have_text("pending")
+
+        page.locator(f"#approval-{req.pk}").get_by_role("button", name="Approve", exact=True).click()
+        expect(page.locator(f"#approval-{req.pk} .badge")).to_have_text("approved")
+
+        card = late.locator(f"#approval-{req.pk}")
+        card.get_by_role("button", name="Approve", exact=True).click()
+        notice = card.locator(".notice")
+        expect(notice).to_contain_text("Already approved by operator at ")
+        expect(notice).to_contain_text("on version 1 — your decision was not applied")
+        expect(card.locator(".badge")).to_have_text("approved")
+        screenshot(page, "approvals-race-first-tab")
+        screenshot(late, "approvals-race-second-tab")
+    finally:
+        other.close()
+    req.refresh_from_db()
+    assert (req.status, req.version, req.decided_by) == (
+        ApprovalStatus.APPROVED,
+        2,
+        User.objects.get(username="operator"),
+    )
+
+
+def _never_delivers(ws: WebSocketRoute) -> None:
+    """Leave the socket open but never connected to the server."""
+
+
+def _open_conflicts() -> tuple[ConflictArtifact, ConflictArtifact]:
+    req = waiting_for_approval()
+    operator = User.objects.get(username="operator")
+    admin = User.objects.get(username="admin")
+    artifact = Artifact.objects.get(pk=req.artifact_id)
+    content = dict(req.artifact_version.content)
+    services.artifact_edit(
+        artifact=artifact, user=operator, expected_version=1, content={**content, "subject": "Quick call?"}
+    )
+    try:
+        services.artifact_edit(
+            artifact=artifact,
+            user=admin,
+            expected_version=1,
+            content={**content, "body": content["body"].replace("this week", "on Friday")},
+        )
+    except services.EditConflict as lost:
+        assert lost.conflict is not None
+        edit = lost.conflict
+    duplicate = services.record_conflict(
+        "duplicate_trigger_payload",
+        tenant_id=req.tenant_id,
+        target_key="trigger:evt-9",
+        current={"input": {"lead_id": 7}},
+        proposed={"input": {"lead_id": 8}},
+    )
+    return edit, duplicate
+
+
+def test_a_reviewer_resolves_a_conflict(live_console: str, page: Page) -> None:
+    edit, duplicate = elsewhere(_open_conflicts)
+    login(page, live_console, "reviewer")
+    page.get_by_role("link", name="Conflicts", exact=True).click()
+    expect(page).to_have_url(live_console + "/conflicts/")
+    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+    page.wait_for_load_state("networkidle")  # the refresh on socket open is done
+    card = page.locator(f"#conflict-{duplicate.pk}")
+    expect(card).to_contain_text("duplicate_trigger_payload")
+    expect(page.locator(f"#conflict-{edit.pk}")).to_contain_text("concurrent_edit")
+    expect(page.locator(f"#conflict-{edit.pk} .diff-add").first).to_be_visible()
+    card.locator("select[name=resolution]").select_option("acknowledge")
+    card.locator("input[name=note]").fill("sender fixed its ids")
+    card.get_by_role("button", name="Resolve").click()
+    expect(card.locator(".badge")).to_have_text("resolved")
+    expect(card).to_contain_text("Resolved by reviewer")
+    page.wait_for_load_state("networkidle")
+    screenshot(page, "conflicts-queue")
+    duplicate.refresh_from_db()
+    assert (duplicate.status, duplicate.note) == (ConflictStatus.RESOLVED, "sender fixed its ids")
+    assert ConflictArtifact.objects.get(pk=edit.pk).status == ConflictStatus.OPEN
+
+
+def test_an_edit_shows_the_diff_and_needs_a_new_approval(live_console: str, page: Page) -> None:
+    req = elsewhere(waiting_for_approval)
+    login(page, live_console, "operator")
+    go_live(page, live_console, "/approvals/")
+    page.wait_for_load_state("networkidle")
+    card = page.locator(f"#approval-{req.pk}")
+    card.get_by_text("Edit", exact=True).click()
+    card.locator("textarea[name='field:subject']").fill("Quick call on Friday?")
+    card.get_by_role("button", name="Save as new version").click()
+    expect(page.get_by_text("Saved version 2")).to_be_visible()
+    new = ApprovalRequest.objects.get(step_id=req.step_id, status=ApprovalStatus.PENDING)
+    fresh = page.locator(f"#approval-{new.pk}")
+    expect(fresh).to_contain_text("artifact v2")
+    expect(fresh.locator(".diff-add")).to_contain_text("Quick call on Friday?")
+    expect(fresh.locator(".diff-del")).to_contain_text("Next steps for Company 7")
+    expect(card).to_have_count(0)
+    # The editor wrote version 2, so someone else must approve it.
+    fresh.get_by_role("button", name="Approve", exact=True).click()
+    expect(fresh.locator(".notice")).to_contain_text("you started this run or wrote this version")
+    expect(fresh.locator(".badge")).to_have_text("pending")
+    screenshot(page, "approvals-inbox-edited")
+    assert ApprovalRequest.objects.get(pk=req.pk).status == ApprovalStatus.INVALIDATED
+    assert ApprovalRequest.objects.get(pk=new.pk).version == 1
