@@ -218,3 +218,39 @@ def test_thirty_two_operators_approving_at_once_over_http_make_exactly_one_winne
                 )
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(180)
+def test_the_gated_demo_workflows_complete_on_real_workers_after_approval(
+    sandbox_acme: Tenant, acme_operator: User, cluster: Cluster
+) -> None:
+    from approvals.services import approval_decide
+    from runs.models import SandboxInvoice, Step
+
+    cluster.worker("w1")
+    cluster.beat()
+    payment = run_start(
+        tenant=sandbox_acme,
+        workflow="demo.invoice_payment",
+        input={"invoice_id": 3, "amount": "120.00"},
+        actor="bot",
+    ).run
+    followup = run_start(
+        tenant=sandbox_acme, workflow="demo.lead_followup", input={"lead_id": 7, "contact_id": 1}, actor="bot"
+    ).run
+    for run in (payment, followup):
+        wait_for(
+            lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.WAITING_APPROVAL,
+            60,
+            cluster.logs(),
+        )
+        request = pending_request(run)
+        approval_decide(
+            request=request, user=acme_operator, decision="approve", expected_version=request.version
+        )
+        wait_for(lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs())
+    invoice = SandboxInvoice.objects.get(tenant=sandbox_acme, number=3)
+    assert str(invoice.amount_paid) == "120.00"
+    assert SandboxCall.objects.filter(connector="payments").count() == 1
+    assert Step.objects.get(run=payment, key="charge").lock_keys == ["invoice:3"]
+    assert SandboxCall.objects.filter(connector="messaging").count() == 1
