@@ -200,3 +200,45 @@ def test_the_timeout_fallback_and_a_human_racing_it_decide_exactly_once(
         Run.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED)
         Step.objects.filter(run=run).update(status=StepStatus.CANCELLED)
     assert sum(outcomes.values()) == 25
+
+
+def test_an_escalated_approval_can_only_be_decided_by_an_admin(
+    acme: Tenant, acme_operator: User, acme_admin: User
+) -> None:
+    run = run_start(tenant=acme, workflow="test.escalating_gate", input={}, actor="bot").run
+    pump()
+    request = pending_request(run)
+    assert services.approvals_expire(now=timezone.now() + timedelta(minutes=5)) == 1
+    assert services.approvals_expire(now=timezone.now() + timedelta(minutes=10)) == 0, "fires once"
+    escalated = ApprovalRequest.objects.get(pk=request.pk)
+    assert (escalated.status, escalated.escalated, escalated.version) == ("pending", True, 2)
+    with pytest.raises(services.DecisionForbidden, match="admin"):
+        services.approval_decide(
+            request=escalated, user=acme_operator, decision="approve", expected_version=2
+        )
+    services.approval_decide(request=escalated, user=acme_admin, decision="approve", expected_version=2)
+    pump()
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+
+
+def test_a_low_risk_approval_auto_approves_on_timeout(acme: Tenant) -> None:
+    run = run_start(tenant=acme, workflow="test.auto_gate", input={}, actor="bot").run
+    pump()
+    request = pending_request(run)
+    assert services.approvals_expire(now=timezone.now() + timedelta(minutes=5)) == 1
+    assert ApprovalRequest.objects.get(pk=request.pk).status == "approved"
+    pump()
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    assert Step.objects.get(run=run, key="auto_publish").output == {"published": "low risk"}
+    assert Event.objects.filter(subject=f"run:{run.id}", verb="approval_auto_approved").count() == 1
+
+
+def test_auto_approve_is_refused_on_risky_lanes() -> None:
+    from runs.definitions import ApprovalPolicy, Workflow, WorkflowDefinitionError
+
+    with pytest.raises(WorkflowDefinitionError, match="low-risk"):
+        Workflow(key="x").step(lane="external", approval=ApprovalPolicy(on_timeout="auto_approve"))(
+            lambda ctx: None
+        )

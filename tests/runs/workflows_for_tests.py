@@ -94,3 +94,29 @@ def send_and_die(ctx: StepContext) -> dict[str, Any]:
 
     sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
     return {"message_id": sent.get("message_id") or sent["external_ref"]}
+
+
+escalating = workflow("test.escalating_gate", description="an approval that escalates to admins on timeout")
+
+
+@escalating.step(lane="draft")
+def escalating_draft(ctx: StepContext) -> dict[str, Any]:
+    return {"body": "needs a decision"}
+
+
+@escalating.step(lane="external", approval=ApprovalPolicy(timeout_seconds=60, on_timeout="escalate"))
+def escalating_send(ctx: StepContext) -> dict[str, Any]:
+    return {"sent": ctx.approved_content["body"]}
+
+
+auto = workflow("test.auto_gate", description="a low-risk approval that auto-approves on timeout")
+
+
+@auto.step(lane="read")
+def auto_draft(ctx: StepContext) -> dict[str, Any]:
+    return {"summary": "low risk"}
+
+
+@auto.step(lane="draft", approval=ApprovalPolicy(timeout_seconds=60, on_timeout="auto_approve"))
+def auto_publish(ctx: StepContext) -> dict[str, Any]:
+    return {"published": ctx.approved_content["summary"]}
