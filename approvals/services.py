@@ -33,7 +33,7 @@ from core.selectors import ROLE_GRANTS
 from runs import services as run_services
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.gates import ApprovalNoLongerValid, GateVerdict
-from runs.models import EffectStatus, Run, SideEffect, Step, StepStatus
+from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 
 
 class DecisionConflict(Exception):
@@ -521,11 +521,15 @@ def _apply_resolution(
             content=(conflict.proposed or {}).get("content"),
         )
     elif resolution == "keep_current" and conflict.kind == ConflictKind.STALE_APPROVAL and step is not None:
-        # Back to waiting for a decision on the new version.
-        Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT).update(
-            status=StepStatus.WAITING_APPROVAL, updated_at=timezone.now()
+        # Back to waiting for a decision on the new version (only if the step is still held).
+        now = timezone.now()
+        moved = Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT).update(
+            status=StepStatus.WAITING_APPROVAL, updated_at=now
         )
-        Run.objects.filter(pk=step.run_id).update(status="waiting_approval", updated_at=timezone.now())
+        if moved:
+            Run.objects.filter(pk=step.run_id, status=RunStatus.CONFLICT).update(
+                status=RunStatus.WAITING_APPROVAL, updated_at=now
+            )
 
 
 def conflict_hook(kind: str, **details: Any) -> None:

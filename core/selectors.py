@@ -62,16 +62,6 @@ def get_tenant_for_user(user: AnyUser, slug: str, *, role: str | None = None) ->
     return membership.tenant
 
 
-def get_object_for_user(
-    queryset: QuerySet[M], user: User, *, tenant_field: str = "tenant", **lookup: object
-) -> M:
-    """One object of the user's tenants, or 404 (also for another tenant's object)."""
-    obj = scope_to_user(queryset, user, tenant_field).filter(**lookup).first()
-    if obj is None:
-        raise Http404("Not found.")
-    return obj
-
-
 def quota_for_tenant(tenant: Tenant) -> TenantQuota:
     """The tenant's quota; a tenant without a row gets the defaults (not saved)."""
     return TenantQuota.objects.filter(tenant=tenant).first() or TenantQuota(tenant=tenant)

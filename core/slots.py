@@ -18,7 +18,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.utils import timezone
 
 from core.leases import LeaseGrant
@@ -126,7 +126,3 @@ def admission_scopes(*, tenant_id: int, workflow: str, lane: str, tool: str = ""
     if tool and tool in caps["tool"]:
         scopes.append(Scope(f"tool:{tool}", caps["tool"][tool]))
     return scopes
-
-
-def held_filter(now: datetime | None = None) -> Q:
-    return Q(lease__isnull=False, expires_at__gt=now or timezone.now())
