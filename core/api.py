@@ -1,6 +1,9 @@
 """The v1 HTTP API object, its authentication and its error shape.
 
-Every error answers ``{"error": {"code", "message", "details"}}`` with a fitting status.
+Every error answers ``{"error": {"code", "message", "details"}}`` with a fitting status:
+a body that is not JSON is a 400 ``malformed_json``, one over DATA_UPLOAD_MAX_MEMORY_SIZE a 413
+``payload_too_large``, a request that does not fit its schema a 422 ``invalid_input`` with
+``details.fields`` ({dotted path: message}). Never a 500 for input.
 Routers of the other apps are added to ``api`` in ``core/urls.py`` (a wiring file).
 """
 
@@ -8,16 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.exceptions import PermissionDenied
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI, Router, Schema
-from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import AuthenticationError, HttpError, ValidationErrorContext
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import HttpBearer, django_auth
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from core import selectors, services
 from core.models import Role, User
+from core.validation import NUL_MESSAGE, dotted_path
 
 
 class ApiError(Exception):
@@ -47,7 +53,24 @@ class BearerTokenAuth(HttpBearer):
         return user
 
 
-api = NinjaAPI(
+class RunwardenAPI(NinjaAPI):
+    def validation_error_from_error_contexts(
+        self, error_contexts: list[ValidationErrorContext[Any]]
+    ) -> NinjaValidationError:
+        """ninja's errors, with the name of a single body schema parameter left out of ``loc``:
+        ("body", "payload", "input") -> ("body", "input"), the field as the client sent it."""
+        errors: list[dict[str, Any]] = []
+        for context in error_contexts:
+            single = getattr(context.model, "__read_from_single_attr__", None)
+            for error in super().validation_error_from_error_contexts([context]).errors:
+                loc = tuple(error["loc"])
+                if single and loc[1:2] == (single,):
+                    error["loc"] = loc[:1] + loc[2:]
+                errors.append(error)
+        return NinjaValidationError(errors)
+
+
+api = RunwardenAPI(
     title="Runwarden API",
     version="1",
     urls_namespace="api-v1",
@@ -89,10 +112,24 @@ def _unauthenticated(request: HttpRequest, exc: AuthenticationError) -> HttpResp
     )
 
 
+def error_fields(errors: list[dict[str, Any]]) -> dict[str, str]:
+    """ninja's errors as {dotted path: message}, the path without its source ("body", "query");
+    several messages for one path are joined."""
+    fields: dict[str, str] = {}
+    for error in errors:
+        path = dotted_path(error["loc"][1:])
+        fields[path] = f"{fields[path]}; {error['msg']}" if path in fields else error["msg"]
+    return fields
+
+
 @api.exception_handler(NinjaValidationError)
 def _invalid(request: HttpRequest, exc: NinjaValidationError) -> HttpResponse:
     return error_response(
-        request, 400, "invalid_request", "The request is not valid.", {"errors": exc.errors}
+        request,
+        422,
+        "invalid_input",
+        "The request does not fit its schema.",
+        {"fields": error_fields(exc.errors)},
     )
 
 
@@ -106,8 +143,25 @@ def _forbidden(request: HttpRequest, exc: PermissionDenied) -> HttpResponse:
     return error_response(request, 403, "forbidden", str(exc) or "Forbidden.")
 
 
+@api.exception_handler(RequestDataTooBig)
+def _too_large(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    # Raised when ninja first reads request.body; unhandled, Django would answer an HTML 400.
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return error_response(
+        request,
+        413,
+        "payload_too_large",
+        f"The request body is larger than the limit of {limit} bytes.",
+        {"limit_bytes": limit},
+    )
+
+
 @api.exception_handler(HttpError)
 def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
+    # ninja answers a body it cannot parse with HttpError(400), the parser's error as its cause.
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, ValueError):  # JSONDecodeError, UnicodeDecodeError
+        return error_response(request, 400, "malformed_json", f"The request body is not valid JSON: {cause}")
     return error_response(request, exc.status_code, "error", str(exc))
 
 
@@ -115,6 +169,18 @@ def request_user(request: HttpRequest) -> User:
     user = request.user
     assert isinstance(user, User), "API handlers run only for authenticated users"
     return user
+
+
+class InputSchema(Schema):
+    """A request schema whose strings PostgreSQL can store: a NUL character in any string field
+    is a 422 for that field, not a database error. Nested values are the handler's to check."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        if isinstance(value, str) and "\x00" in value:
+            raise PydanticCustomError("nul_character", NUL_MESSAGE)
+        return value
 
 
 class MembershipOut(Schema):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
 
@@ -23,3 +24,24 @@ def _persistent_db_connections(**kwargs: object) -> None:
     age = int(os.environ.get("WORKER_DB_CONN_MAX_AGE", "300"))
     for connection in connections.all():
         connection.settings_dict["CONN_MAX_AGE"] = age
+
+
+_announcer = None
+
+
+@worker_ready.connect
+def _announce_pool(sender: object = None, **kwargs: object) -> None:
+    """Tell the dispatcher which queues (lanes) this worker consumes and how many slots it has."""
+    global _announcer
+    from core.workers import Announcer
+
+    consumer: Any = sender
+    queues = [queue.name for queue in consumer.task_consumer.queues]
+    slots = int(getattr(consumer.controller, "concurrency", 1) or 1)
+    _announcer = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
+
+
+@worker_shutting_down.connect
+def _withdraw_pool(**kwargs: object) -> None:
+    if _announcer is not None:
+        _announcer.stop()

@@ -2,7 +2,8 @@
 
 With no REDIS_URL the broker is kombu's in-memory transport, which only works when producer
 and consumer share a process; so ``manage.py serve`` starts the worker here, in a thread.
-Steps still go through Celery, exactly as they do with separate worker processes.
+Steps still go through Celery, exactly as they do with separate worker processes, and the
+dispatcher (``settings.EMBEDDED_BACKGROUND``) runs as a thread beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import threading
 
 from celery import beat
 from celery.worker import WorkController
+from django.conf import settings
+from django.utils.module_loading import import_string
 
 from core.celery import app
 
@@ -37,5 +40,7 @@ def start_embedded_worker(*, with_beat: bool = True) -> WorkController:
         beat_service = beat.EmbeddedService(app, thread=True, schedule_filename="var/celerybeat-schedule")
         assert isinstance(beat_service, threading.Thread)
         beat_service.start()
+    for starter in settings.EMBEDDED_BACKGROUND:
+        import_string(starter)()
     logger.info("embedded Celery worker started on queues %s", ", ".join(ALL_QUEUES))
     return worker

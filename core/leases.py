@@ -26,7 +26,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from core import services
-from core.models import ConcurrencySlot, Lease
+from core.models import Lease
 
 
 class LeaseError(Exception):
@@ -136,32 +136,113 @@ def lease_acquire(
     )
 
 
+@dataclass(frozen=True)
+class LeaseRequest:
+    tenant_id: int
+    key: str
+    holder: str
+    ttl: float
+    metadata: dict[str, Any]
+
+
+def leases_acquire_many(
+    requests: Sequence[LeaseRequest], *, now: datetime | None = None
+) -> dict[tuple[int, str], LeaseGrant]:
+    """Grant every requested key that is free, in ONE statement; returns the grants by
+    (tenant_id, key). A key held by a live lease is simply missing from the result.
+
+    The batched form of ``lease_acquire`` (the dispatcher grants a whole round's step leases
+    and entity locks with it). Each (tenant, key) may appear once per call. On PostgreSQL a
+    take-over draws its token in the UPDATE clause, after the row lock, as ``lease_acquire``
+    does, so tokens still rise across take-overs.
+    """
+    if not requests:
+        return {}
+    if len({(r.tenant_id, r.key) for r in requests}) != len(requests):
+        raise ValueError("leases_acquire_many: a key may be requested once per call")
+    now = _now(now)
+    params: list[Any] = []
+    rows = []
+    if connection.vendor == "postgresql":
+        token_sql, update_token_sql = "nextval('core_fencing_token_seq')", "nextval('core_fencing_token_seq')"
+        first_token = 0
+    else:
+        # SQLite serialises writers: reserve a block of the counter for this statement.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE core_fencingcounter SET value = value + %s WHERE id = 1 RETURNING value",
+                [len(requests)],
+            )
+            first_token = cursor.fetchone()[0] - len(requests) + 1
+        token_sql, update_token_sql = "%s", "EXCLUDED.token"
+    for n, request in enumerate(requests):
+        rows.append(f"(%s, %s, {token_sql}, %s, %s, %s, %s, %s, NULL)")
+        params += [request.tenant_id, request.key]
+        if connection.vendor != "postgresql":
+            params.append(first_token + n)
+        params += [
+            request.holder,
+            json.dumps(request.metadata),
+            _adapt(now),
+            _adapt(now),
+            _adapt(now + timedelta(seconds=request.ttl)),
+        ]
+    sql = f"""
+        INSERT INTO core_lease
+            (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
+        VALUES {", ".join(rows)}
+        ON CONFLICT (tenant_id, key) DO UPDATE SET
+            token = {update_token_sql},
+            holder = EXCLUDED.holder,
+            metadata = EXCLUDED.metadata,
+            acquired_at = EXCLUDED.acquired_at,
+            renewed_at = EXCLUDED.renewed_at,
+            expires_at = EXCLUDED.expires_at,
+            released_at = NULL
+        WHERE core_lease.released_at IS NOT NULL OR core_lease.expires_at <= %s
+        RETURNING id, tenant_id, key, token, expires_at
+    """
+    params.append(_adapt(now))
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        granted = cursor.fetchall()
+    by_key = {(r.tenant_id, r.key): r for r in requests}
+    grants = {}
+    for lease_id, tenant_id, key, token, _ in granted:
+        request = by_key[(tenant_id, key)]
+        grants[(tenant_id, key)] = LeaseGrant(
+            id=lease_id,
+            tenant_id=tenant_id,
+            key=key,
+            token=token,
+            acquired_at=now,
+            expires_at=now + timedelta(seconds=request.ttl),
+        )
+    return grants
+
+
 def lease_renew(*, grant: LeaseGrant, ttl: float, now: datetime | None = None) -> LeaseGrant:
-    """Extend a live lease (and the concurrency seats it holds) by ``ttl`` seconds from now.
+    """Extend a live lease by ``ttl`` seconds from now.
 
     Raises StaleToken when the lease expired, was released or was taken over: a holder that
     lost its lease cannot get it back by renewing.
     """
     now = _now(now)
     expires_at = now + timedelta(seconds=ttl)
-    with transaction.atomic():
-        renewed = Lease.objects.filter(
-            pk=grant.id, token=grant.token, released_at__isnull=True, expires_at__gt=now
-        ).update(renewed_at=now, expires_at=expires_at)
-        if renewed != 1:
-            raise StaleToken(grant.key, grant.token)
-        ConcurrencySlot.objects.filter(lease_id=grant.id, lease_token=grant.token).update(
-            expires_at=expires_at
-        )
+    renewed = Lease.objects.filter(
+        pk=grant.id, token=grant.token, released_at__isnull=True, expires_at__gt=now
+    ).update(renewed_at=now, expires_at=expires_at)
+    if renewed != 1:
+        raise StaleToken(grant.key, grant.token)
     return LeaseGrant(grant.id, grant.tenant_id, grant.key, grant.token, grant.acquired_at, expires_at)
 
 
 def leases_renew(
     *, grants: Sequence[LeaseGrant], ttl: float, now: datetime | None = None
 ) -> list[LeaseGrant]:
-    """Renew several leases (a step's lease and its entity locks) and their seats, all or none.
+    """Renew several leases (a step's lease and its entity locks), all or none.
 
-    Two statements, no reads: a heartbeat. Raises StaleToken naming the first lost lease.
+    One statement, no reads: a heartbeat. Raises StaleToken naming the first lost lease.
     """
     if not grants:
         return []
@@ -182,38 +263,44 @@ def leases_renew(
             )
             lost = next(grant for grant in grants if grant.id not in alive)
             raise StaleToken(lost.key, lost.token)
-        seats = Q()
-        for grant in grants:
-            seats |= Q(lease_id=grant.id, lease_token=grant.token)
-        ConcurrencySlot.objects.filter(seats).update(expires_at=expires_at)
     return [LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expires_at) for g in grants]
 
 
 def lease_release(*, grant: LeaseGrant, now: datetime | None = None) -> bool:
-    """Release a lease and its concurrency seats. False when the token no longer held it."""
+    """Release a lease. False when the token no longer held it."""
+    return leases_release([grant], now=now) == 1
+
+
+def leases_release(grants: Sequence[LeaseGrant], now: datetime | None = None) -> int:
+    """Release several leases in one statement; only those the given tokens still hold."""
+    if not grants:
+        return 0
+    owned = Q()
+    for grant in grants:
+        owned |= Q(pk=grant.id, token=grant.token)
+    return Lease.objects.filter(owned, released_at__isnull=True).update(released_at=_now(now))
+
+
+def leases_revoke(grants: Sequence[LeaseGrant], now: datetime | None = None) -> int:
+    """Expire these leases now if their tokens still hold them: the holders are fenced out."""
+    if not grants:
+        return 0
     now = _now(now)
-    with transaction.atomic():
-        released = Lease.objects.filter(pk=grant.id, token=grant.token, released_at__isnull=True).update(
-            released_at=now
-        )
-        ConcurrencySlot.objects.filter(lease_id=grant.id, lease_token=grant.token).update(
-            lease=None, lease_token=None, claimed_at=None, expires_at=None
-        )
-    return released == 1
+    owned = Q()
+    for grant in grants:
+        owned |= Q(pk=grant.id, token=grant.token)
+    return Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(expires_at=now)
 
 
 def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = None) -> int:
-    """Expire the live leases on ``keys`` and their seats at once; their holders are fenced out
-    from now on."""
+    """Expire the live leases on ``keys`` at once; their holders are fenced out from now on."""
     now = _now(now)
     with transaction.atomic():
         live = Lease.objects.filter(
             tenant_id=tenant_id, key__in=list(keys), released_at__isnull=True, expires_at__gt=now
         )
         ids = list(live.select_for_update(no_key=True).values_list("pk", flat=True))
-        revoked = Lease.objects.filter(pk__in=ids).update(expires_at=now)
-        ConcurrencySlot.objects.filter(lease_id__in=ids).update(expires_at=now)
-    return revoked
+        return Lease.objects.filter(pk__in=ids).update(expires_at=now)
 
 
 def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = None) -> None:
@@ -343,8 +430,7 @@ def locks_acquire(
 
 
 def locks_release(grants: Iterable[LeaseGrant]) -> None:
-    for grant in grants:
-        lease_release(grant=grant)
+    leases_release(list(grants))
 
 
 def live_leases_filter(now: datetime | None = None) -> Q:

@@ -155,30 +155,6 @@ class FencingCounter(models.Model):
         return str(self.value)
 
 
-class ConcurrencySlot(models.Model):
-    """One of the N seats of a scope with cap N (``global``, ``tenant:3``, ``lane:external``...).
-
-    A seat is taken by a lease and carries that lease's token and expiry, renewed in the same
-    transaction as the lease: when the lease expires, so does the seat, so a crashed holder can
-    never leak it. Seats are claimed with ``FOR UPDATE SKIP LOCKED``, spreading admissions over
-    many rows instead of one hot counter.
-    """
-
-    scope = models.CharField(max_length=200)
-    slot_no = models.PositiveIntegerField()
-    lease = models.ForeignKey(Lease, on_delete=models.SET_NULL, null=True, blank=True, related_name="slots")
-    lease_token = models.BigIntegerField(null=True, blank=True)
-    claimed_at = models.DateTimeField(null=True, blank=True)
-    expires_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        constraints = [models.UniqueConstraint(fields=["scope", "slot_no"], name="slot_unique_seat")]
-        indexes = [models.Index(fields=["lease", "lease_token"], name="slot_lease")]
-
-    def __str__(self) -> str:
-        return f"{self.scope}#{self.slot_no}"
-
-
 class OutboxStatus(models.TextChoices):
     PENDING = "pending"
     SENDING = "sending"

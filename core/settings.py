@@ -111,6 +111,8 @@ AUTH_USER_MODEL = "core.User"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "core:overview"
 LOGOUT_REDIRECT_URL = "login"
+# A request body larger than this is refused (the API answers 413) before it is read.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024)
 
 TEMPLATES = [
     {
@@ -244,8 +246,6 @@ for _scope, _value in json.loads(env_str("RUNWARDEN_CAPS", "{}")).items():
 
 CELERY_BEAT_SCHEDULE = {
     "outbox-drain": {"task": "core.outbox_drain", "schedule": 5.0, "options": {"queue": "maintenance"}},
-    "dispatch": {"task": "runs.dispatch", "schedule": 1.0, "options": {"queue": "maintenance", "expires": 5}},
-    "reap": {"task": "runs.reap", "schedule": 2.0, "options": {"queue": "maintenance", "expires": 5}},
     "approvals-expire": {
         "task": "approvals.expire",
         "schedule": 5.0,
@@ -255,6 +255,15 @@ CELERY_BEAT_SCHEDULE = {
 
 RUNWARDEN_SANDBOX_LATENCY_MS = env_int("RUNWARDEN_SANDBOX_LATENCY_MS", 20)
 RUNWARDEN_SANDBOX_FAILURE_RATE = float(env_str("RUNWARDEN_SANDBOX_FAILURE_RATE", "0") or 0)
-RUNWARDEN_DISPATCH_BATCH = env_int("RUNWARDEN_DISPATCH_BATCH", 50)
+# The dispatcher process (python manage.py dispatcher; a thread in the embedded default).
+RUNWARDEN_DISPATCH_BATCH = env_int("RUNWARDEN_DISPATCH_BATCH", 100)
+RUNWARDEN_DISPATCH_SWEEP_SECONDS = float(env_str("RUNWARDEN_DISPATCH_SWEEP_SECONDS", "1.0"))
+RUNWARDEN_REAP_EVERY_SECONDS = float(env_str("RUNWARDEN_REAP_EVERY_SECONDS", "1.0"))
+# An admitted step's lease lasts this long until a worker picks it up (then its own lease
+# length applies); a task still unstarted after RESEND_AFTER seconds is sent again.
+RUNWARDEN_PICKUP_TIMEOUT_SECONDS = env_int("RUNWARDEN_PICKUP_TIMEOUT_SECONDS", 120)
+RUNWARDEN_RESEND_AFTER_SECONDS = env_int("RUNWARDEN_RESEND_AFTER_SECONDS", 10)
+# What the embedded default runs beside its in-process Celery worker (dotted callables).
+EMBEDDED_BACKGROUND = ["runs.dispatcher.start_embedded"]
 # Extra modules that declare workflows (besides the ``workflows.py`` of installed apps).
 RUNWARDEN_WORKFLOW_MODULES = env_list("RUNWARDEN_WORKFLOW_MODULES", "")

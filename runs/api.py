@@ -5,21 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
 
-from core.api import ApiError, request_user
-from core.models import Membership, Role
+from core.api import ApiError, InputSchema, request_user
+from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS, get_tenant_for_user
 from runs import selectors, services
-from runs.definitions import UnknownWorkflow
-from runs.models import RunStatus
+from runs.definitions import InvalidInput, UnknownWorkflow
+from runs.models import Run, RunStatus
 
 router = Router(tags=["runs"])
 
 
-class RunIn(Schema):
+class RunIn(InputSchema):
     workflow: str = Field(min_length=1, max_length=200)
     input: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str = Field(default="", max_length=200)
@@ -27,7 +27,7 @@ class RunIn(Schema):
     tenant: str = Field(default="", description="tenant slug; optional when you belong to one tenant")
 
 
-class RunFilters(Schema):
+class RunFilters(InputSchema):
     status: str = ""
     workflow: str = ""
     correlation_id: str = ""
@@ -115,6 +115,10 @@ def _tenant_for_start(request: HttpRequest, slug: str) -> Any:
 @router.post("/runs", response={200: RunOut, 201: RunOut})
 def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> Status[dict[str, Any]]:
     header_key = request.headers.get("Idempotency-Key", "")
+    if "\x00" in header_key:
+        raise ApiError(400, "invalid_request", "Idempotency-Key may not contain NUL characters.")
+    if len(header_key) > 200:
+        raise ApiError(400, "invalid_request", "Idempotency-Key is longer than 200 characters.")
     if header_key and payload.trigger_event_id and header_key != payload.trigger_event_id:
         raise ApiError(
             400, "invalid_request", "Idempotency-Key and trigger_event_id differ; send one of them."
@@ -131,6 +135,13 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
         )
     except UnknownWorkflow as exc:
         raise ApiError(400, "unknown_workflow", str(exc)) from None
+    except InvalidInput as exc:
+        raise ApiError(
+            422,
+            "invalid_input",
+            f"The input does not fit workflow {payload.workflow}.",
+            {"fields": exc.fields},
+        ) from None
     except services.TriggerPayloadMismatch as exc:
         raise ApiError(409, "idempotency_key_reused", str(exc), {"run_id": exc.run_id}) from None
     except services.QuotaExceeded as exc:
@@ -161,16 +172,22 @@ def run_list(request: HttpRequest, filters: Query[RunFilters]) -> dict[str, Any]
     return {"items": [selectors.run_summary(run) for run in page], "next_cursor": next_cursor}
 
 
+def _get_run_for_user(user: User, run_id: str) -> Run:
+    if "\x00" in run_id:  # no run has one, and PostgreSQL refuses to be asked
+        raise Http404("No run matches the given query.")
+    return get_object_or_404(selectors.runs_for_user(user), pk=run_id)
+
+
 @router.get("/runs/{run_id}", response=RunOut)
 def run_get(request: HttpRequest, run_id: str) -> dict[str, Any]:
-    run = get_object_or_404(selectors.runs_for_user(request_user(request)), pk=run_id)
+    run = _get_run_for_user(request_user(request), run_id)
     return selectors.run_detail(run)
 
 
 @router.post("/runs/{run_id}/cancel", response=RunOut)
 def run_cancel(request: HttpRequest, run_id: str) -> dict[str, Any]:
     user = request_user(request)
-    run = get_object_or_404(selectors.runs_for_user(user), pk=run_id)
+    run = _get_run_for_user(user, run_id)
     get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
     if not services.run_cancel(
         run=run, actor=user.get_username(), reason=f"cancelled by {user.get_username()}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,11 @@ class StepInterrupted(Exception):
 
 class LeaseLost(StepInterrupted):
     pass
+
+
+class StepTimedOut(BaseException):  # noqa: N818 — a BaseException, so no ``except Exception`` swallows it
+    """Raised inside a step body that ran past its timeout. Not an ``Exception``: the ledger
+    must not record an effect interrupted by it as failed (it may have happened)."""
 
 
 class RunCancelled(StepInterrupted):
@@ -49,6 +55,8 @@ class StepContext:
     checkpoint_data: Any = None
     locks: list[LeaseGrant] = field(default_factory=list)
     approval: GateVerdict | None = None
+    deadline_seconds: float = 300.0
+    timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)
     _grants_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,6 +108,8 @@ class StepContext:
 
     def heartbeat(self) -> None:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""
+        if self.timed_out.is_set():
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
         if self._lost.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
         status = Run.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
@@ -133,7 +143,7 @@ class StepContext:
         external_ref: Callable[[Any], str] | None = None,
     ) -> Any:
         """Run a side effect through the ledger; a retry gets the recorded result back."""
-        from runs.services import effect_execute
+        from runs.ledger import effect_execute
 
         self.heartbeat()
         verdict = self.approval
@@ -160,22 +170,32 @@ class StepContext:
 
 
 class Heartbeat:
-    """Renews a step's leases in the background while its body runs."""
+    """Renews a step's leases in the background while its body runs, until the step's timeout:
+    then it stops renewing and calls ``on_timeout`` (which releases what the step holds)."""
 
-    def __init__(self, ctx: StepContext) -> None:
+    def __init__(self, ctx: StepContext, on_timeout: Callable[[StepContext], None] | None = None) -> None:
         self.ctx = ctx
+        self.on_timeout = on_timeout
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{ctx.step.pk}", daemon=True)
 
     def _beat(self) -> None:
         interval = max(self.ctx.lease_seconds / 3, 0.05)
+        deadline = time.monotonic() + self.ctx.deadline_seconds
         try:
-            while not self.stop.wait(interval):
+            while not self.stop.wait(max(min(interval, deadline - time.monotonic()), 0)):
+                if time.monotonic() >= deadline:
+                    logger.warning("step %s ran past its timeout; stopping it", self.ctx.step.pk)
+                    if self.on_timeout is not None:
+                        self.on_timeout(self.ctx)
+                    return
                 try:
                     self.ctx.renew()
                 except StaleToken:
                     logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
                     return
+        except Exception:
+            logger.exception("heartbeat of step %s failed", self.ctx.step.pk)
         finally:
             connections.close_all()
 

@@ -1,9 +1,15 @@
 """Workflows in Python: a workflow is an ordered list of steps, declared with decorators.
 
-    from runs.context import StepContext
-    from runs.definitions import workflow
+    from pydantic import Field
 
-    crm_update = workflow("demo.crm_update", description="Update one CRM contact")
+    from runs.context import StepContext
+    from runs.definitions import WorkflowInput, workflow
+
+    class CrmUpdateInput(WorkflowInput):
+        contact_id: int = Field(ge=1)
+        changes: dict[str, str]
+
+    crm_update = workflow("demo.crm_update", description="Update one CRM contact", input=CrmUpdateInput)
 
     @crm_update.step(lane="external", tool="crm", locks=["crm_contact:{contact_id}"])
     def apply_changes(ctx: StepContext) -> dict:
@@ -12,6 +18,19 @@
 Steps run in declaration order, each only after the previous one succeeded. Lock keys are
 templates filled from the run input and the outputs of earlier steps. Modules named
 ``workflows`` in installed apps are imported at start-up (see RunsConfig.ready).
+
+The input is checked at the door: ``run_start`` calls ``Workflow.validate_input``, which
+validates it against the workflow's ``input`` model (a pydantic model) and stores the
+normalized result (``model_dump(mode="json")``, e.g. a decimal amount "120" becomes "120.00").
+Input that does not fit raises InvalidInput with one message per field, keyed by dotted path,
+and nothing is stored.
+
+Input models forbid extra fields by default (``extra="forbid"``), so a misspelt field is
+refused rather than silently dropped: WorkflowInput sets it (subclass it for nested models
+too), and a top-level model whose config does not say is registered with it. An integrator
+opts out with their own ``model_config = ConfigDict(extra="ignore")`` (or "allow").
+A workflow without a model accepts any JSON object. In every case values PostgreSQL cannot
+store are refused: a NUL character (U+0000) in any key or string, a NaN or infinite number.
 """
 
 from __future__ import annotations
@@ -21,6 +40,10 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from core.validation import dotted_path, unstorable_values
 
 if TYPE_CHECKING:
     from runs.context import StepContext
@@ -37,6 +60,32 @@ class UnknownWorkflow(LookupError):
 
 class WorkflowDefinitionError(ValueError):
     pass
+
+
+class InvalidInput(ValueError):
+    """A run input that does not fit its workflow: ``fields`` maps a dotted path within the
+    input ("changes.stage", "items.0.sku"; "__all__" for the input as a whole) to its message."""
+
+    def __init__(self, fields: dict[str, str], message: str = "") -> None:
+        self.fields = fields
+        super().__init__(
+            message or "invalid input: " + "; ".join(f"{path}: {msg}" for path, msg in fields.items())
+        )
+
+
+class WorkflowInput(pydantic.BaseModel):
+    """Base for workflow input models: extra fields are refused (see the module docstring)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+def pydantic_fields(error: pydantic.ValidationError) -> dict[str, str]:
+    """A pydantic error as {dotted path: message}; several messages for one path are joined."""
+    fields: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        path = dotted_path(item["loc"])
+        fields[path] = f"{fields[path]}; {item['msg']}" if path in fields else item["msg"]
+    return fields
 
 
 @dataclass(frozen=True)
@@ -100,6 +149,28 @@ class Workflow:
     key: str
     description: str = ""
     steps: list[StepSpec] = field(default_factory=list)
+    input: type[pydantic.BaseModel] | None = None
+
+    def validate_input(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The run input, validated against the workflow's input model and normalized to what is
+        stored (``model_dump(mode="json")``); without a model, the input as given.
+
+        Raises InvalidInput with every field error, and for any value PostgreSQL cannot store
+        (a NUL character, a non-finite number), with or without a model.
+        """
+        fields = unstorable_values(raw)
+        normalized: dict[str, Any] = dict(raw)
+        if self.input is not None:
+            try:
+                normalized = self.input.model_validate(raw).model_dump(mode="json")
+            except pydantic.ValidationError as exc:
+                fields = {**pydantic_fields(exc), **fields}
+        if not fields:
+            # A model's own serializers may still produce what cannot be stored.
+            fields = unstorable_values(normalized)
+        if fields:
+            raise InvalidInput(fields, f"the input does not fit workflow {self.key!r}")
+        return normalized
 
     def step(
         self,
@@ -165,11 +236,23 @@ class Workflow:
 REGISTRY: dict[str, Workflow] = {}
 
 
-def workflow(key: str, *, description: str = "") -> Workflow:
-    """Declare a workflow and register it under ``key``."""
+def workflow(key: str, *, description: str = "", input: type[pydantic.BaseModel] | None = None) -> Workflow:
+    """Declare a workflow and register it under ``key``; ``input`` is the pydantic model its run
+    input must fit (see the module docstring)."""
     if key in REGISTRY:
         raise WorkflowDefinitionError(f"workflow {key!r} is declared twice")
-    REGISTRY[key] = Workflow(key=key, description=description)
+    if input is not None and "extra" not in input.model_config:
+        # Forbid extra fields unless the model says otherwise (a subclass, same name).
+        input = type(
+            input.__name__,
+            (input,),
+            {
+                "__module__": input.__module__,
+                "__qualname__": input.__qualname__,
+                "model_config": pydantic.ConfigDict(extra="forbid"),
+            },
+        )
+    REGISTRY[key] = Workflow(key=key, description=description, input=input)
     return REGISTRY[key]
 
 

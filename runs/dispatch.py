@@ -1,43 +1,57 @@
-"""The dispatcher: decides which ready steps may run now, and hands them to Celery.
+"""Admission: which ready steps may run now. One round admits a batch in a few set-based
+statements, inside one transaction:
 
-One round:
-1. picks candidates fairly: per tenant, its oldest ready steps, at most ``weight`` × ``per_tenant``
-   of them, interleaved round-robin (one flooding tenant cannot push another's first step past
-   this round);
-2. for each, in the round's transaction: locks the step row (``FOR UPDATE SKIP LOCKED``), grants
-   the step lease (fencing token), takes its entity locks (all or none) and a seat in every
-   concurrency scope (all or none) — a step with no room stays ready for a later round;
-3. after commit, enqueues one task per admitted step on its lane's queue.
+1. a transaction-scoped advisory lock: one round at a time, cluster-wide, so the holder
+   counts below cannot grow behind the round's back;
+2. one grouped query counts the live holders of every scope (global, tenant, workflow, lane,
+   tool) and of every worker pool; scopes already at their cap are left out of step 3;
+3. one query picks candidates fairly: tenants round-robin by weight, and per entity key only
+   the oldest waiter (FIFO per key), whose keys nobody holds — a step blocked by a lock or a
+   full cap is not a candidate, so it never holds back the steps behind it;
+4. in memory, each candidate takes room in every scope and a free worker slot of its lane;
+   keys taken earlier in the round are skipped (FIFO again);
+5. candidate rows are locked (``SKIP LOCKED``), and ONE statement grants every step lease and
+   entity lock of the round, ONE more marks the steps leased;
+6. after commit, one task per admitted step goes to its lane's queue.
 
-Rounds run on a short beat and are kicked when work becomes ready; the database says what
-is ready, so a lost kick or a lost Celery message only delays work. Only one round runs at a
-time (a transaction-scoped advisory lock): rounds in parallel would only contend on the same
-rows and could take entity locks in crossing orders.
+A step that cannot be admitted because of its own data or definition (a workflow no longer
+registered, a lock key no lease can carry) fails with its reason in a savepoint of its own;
+if the batch statements fail anyway, the round admits step by step so the culprit fails
+alone. Nothing one run carries can stop the round for the others.
+
+A step lease granted here lasts ``RUNWARDEN_PICKUP_TIMEOUT_SECONDS``; the worker that picks
+the step up renews it to the step's own lease length, so a step's lease never runs out while
+its task waits in the broker.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from core import metrics
-from core.leases import LeaseGrant, LeaseHeld, lease_acquire, live_leases_filter, locks_acquire
-from core.models import Lease
-from core.slots import NoRoom, admission_scopes, slots_claim
-from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
+from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
+from core.models import Lease, TenantQuota
+from core.workers import Pool, live_pools
+from runs import transitions
+from runs.definitions import REGISTRY
 from runs.models import Step, StepStatus
-from runs.services import fingerprint, run_cancel_by_id, step_lock_context
+from runs.queueing import enqueue_step
+from runs.services import run_cancel_by_id
 
 logger = logging.getLogger(__name__)
 
-DISPATCH_LOCK_ID = 7_411_001  # pg advisory lock key of the dispatcher
+ROUND_LOCK_ID = 7_411_001  # pg advisory lock: one admission round at a time
 
 
 @dataclass(frozen=True)
@@ -47,170 +61,402 @@ class Admission:
     lane: str
 
 
-class _NotAdmitted(Exception):
-    """The step stays ready; with ``cancel_reason`` its run gives way and is cancelled."""
+@dataclass(frozen=True)
+class Candidate:
+    step_id: int
+    tenant_id: int
+    run_id: str
+    key: str
+    lane: str
+    tool: str
+    workflow: str
+    lock_keys: tuple[Any, ...]  # strings, unless the data is corrupt (then it fails alone)
+    lock_policy: str
 
-    def __init__(self, cancel_reason: str = "") -> None:
-        super().__init__(cancel_reason)
-        self.cancel_reason = cancel_reason
+    def scopes(self) -> list[str]:
+        return [
+            "global",
+            f"tenant:{self.tenant_id}",
+            f"workflow:{self.workflow}",
+            f"lane:{self.lane}",
+            *([f"tool:{self.tool}"] if self.tool else []),
+        ]
 
 
 @dataclass
-class _RoundEffects:
-    """What to do once the round commits (callbacks registered in a savepoint that rolls back
-    would be discarded with it)."""
+class Room:
+    """Live holders per scope and per lane, the caps, and the worker pools: what is free."""
 
-    cancel: list[tuple[str, str]]  # (run_id, reason)
+    caps: dict[str, int]
+    held: Counter[str]
+    lane_held: Counter[str]
+    pools: list[Pool]
+    tenant_cap_default: int
+
+    def cap(self, scope: str) -> int | None:
+        if scope.startswith("tenant:"):
+            return self.caps.get(scope, self.tenant_cap_default)
+        return self.caps.get(scope)
+
+    def full(self, scope: str) -> bool:
+        cap = self.cap(scope)
+        return cap is not None and self.held[scope] >= cap
+
+    def worker_room(self, lane: str) -> bool:
+        """A free worker slot for ``lane``: the pools consuming it, minus what is admitted on
+        every lane those pools also consume. With no pool announced at all, caps alone apply."""
+        if not self.pools:
+            return True
+        serving = [pool for pool in self.pools if lane in pool.queues]
+        if not serving:
+            return False
+        lanes = set().union(*(pool.queues for pool in serving))
+        return sum(self.lane_held[name] for name in lanes) < sum(pool.slots for pool in serving)
+
+    def fits(self, candidate: Candidate) -> bool:
+        return not any(self.full(scope) for scope in candidate.scopes()) and self.worker_room(candidate.lane)
+
+    def take(self, candidate: Candidate) -> None:
+        for scope in candidate.scopes():
+            self.held[scope] += 1
+        self.lane_held[candidate.lane] += 1
 
 
-def fair_candidates(*, limit: int, per_tenant: int = 4, now: datetime | None = None) -> list[int]:
-    """Ready step ids, interleaved across tenants by weight (round-robin)."""
-    now = now or timezone.now()
-    adapt = connection.ops.adapt_datetimefield_value
+@dataclass
+class _Round:
+    now: datetime
+    admitted: list[Admission] = field(default_factory=list)
+    cancel: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason) after commit
+
+
+def _take_round_lock() -> bool:
+    if connection.vendor != "postgresql":
+        return True  # SQLite serialises writers already
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ROUND_LOCK_ID])
+        return bool(cursor.fetchone()[0])
+
+
+def _adapt(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def load_room(now: datetime) -> Room:
+    """Count live holders (admitted steps whose lease is live) per scope in one query."""
     sql = """
-        SELECT id FROM (
-            SELECT s.id, s.tenant_id,
+        SELECT s.tenant_id, r.workflow, s.lane, s.tool, COUNT(*)
+        FROM runs_step s
+        JOIN runs_run r ON r.id = s.run_id
+        JOIN core_lease l ON l.id = s.lease_id AND l.token = s.lease_token
+        WHERE s.status IN ('leased', 'running') AND l.released_at IS NULL AND l.expires_at > %s
+        GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
+    """
+    held: Counter[str] = Counter()
+    lane_held: Counter[str] = Counter()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_adapt(now)])
+        for tenant_id, workflow, lane, tool, n in cursor.fetchall():
+            scopes = ["global", f"tenant:{tenant_id}", f"workflow:{workflow}", f"lane:{lane}"]
+            for scope in [*scopes, *([f"tool:{tool}"] if tool else [])]:
+                held[scope] += n
+            lane_held[lane] += n
+    configured = settings.RUNWARDEN_CAPS
+    caps = {"global": configured["global"]}
+    for kind in ("workflow", "lane", "tool"):
+        caps.update({f"{kind}:{name}": cap for name, cap in configured.get(kind, {}).items()})
+    for tenant_id, cap in TenantQuota.objects.values_list("tenant_id", "max_concurrent_steps"):
+        caps[f"tenant:{tenant_id}"] = cap
+    return Room(caps, held, lane_held, live_pools(), configured["tenant_default"])
+
+
+def _key_fragments() -> tuple[str, str, str]:
+    """(unnest a step's lock keys as rows, the key column, "another step's keys contain it")."""
+    if connection.vendor == "postgresql":
+        return (
+            "jsonb_array_elements_text({t}.lock_keys) AS k(key)",
+            "k.key",
+            "{t}.lock_keys @> to_jsonb(k.key)",
+        )
+    return (
+        "json_each({t}.lock_keys) AS k",
+        "k.value",
+        "EXISTS (SELECT 1 FROM json_each({t}.lock_keys) j WHERE j.value = k.value)",
+    )
+
+
+def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
+    values = list(values)
+    if not values:
+        return ""
+    params.extend(values)
+    return f" AND {column} NOT IN ({', '.join(['%s'] * len(values))})"
+
+
+def fair_candidates(*, limit: int, now: datetime | None = None, room: Room | None = None) -> list[Candidate]:
+    """Ready steps that could be admitted now, interleaved across tenants by weight.
+
+    Left out: steps in a scope that is full, steps with ``wait`` locks someone holds, and
+    every waiter for an entity key but the oldest (FIFO per key, by step id: the steps of a
+    run are created when it starts, so id order is start order).
+    """
+    now = now or timezone.now()
+    unnest, key_col, contains = _key_fragments()
+    params: list[Any] = [_adapt(now)]
+    exclusions = ""
+    if room is not None:
+        full = [scope for scope in room.held if room.full(scope)]
+        exclusions += _in_clause(
+            "s.tenant_id", [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")], params
+        )
+        exclusions += _in_clause(
+            "r.workflow", [s.split(":", 1)[1] for s in full if s.startswith("workflow:")], params
+        )
+        exclusions += _in_clause(
+            "s.lane", [s.split(":", 1)[1] for s in full if s.startswith("lane:")], params
+        )
+        exclusions += _in_clause(
+            "s.tool", [s.split(":", 1)[1] for s in full if s.startswith("tool:")], params
+        )
+    params += [_adapt(now), _adapt(now), limit]
+    sql = f"""
+        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy FROM (
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
+                   s.lock_policy,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
                    COALESCE(q.weight, 1) AS weight
             FROM runs_step s
+            JOIN runs_run r ON r.id = s.run_id
             LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
             WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
+            {exclusions}
+            AND (s.lock_policy <> 'wait' OR NOT EXISTS (
+                SELECT 1 FROM {unnest.format(t="s")}
+                JOIN core_lease l ON l.tenant_id = s.tenant_id AND l.key = {key_col}
+                WHERE l.released_at IS NULL AND l.expires_at > %s))
+            AND NOT EXISTS (
+                SELECT 1 FROM {unnest.format(t="s")}
+                JOIN runs_step w ON w.tenant_id = s.tenant_id AND w.status = 'ready' AND w.id < s.id
+                WHERE (w.available_at IS NULL OR w.available_at <= %s) AND {contains.format(t="w")})
         ) ranked
-        WHERE rn <= weight * %s
         ORDER BY (rn - 1) / weight, tenant_id, id
         LIMIT %s
     """
     with connection.cursor() as cursor:
-        cursor.execute(sql, [adapt(now), per_tenant, limit])
-        return [row[0] for row in cursor.fetchall()]
-
-
-def _take_dispatch_lock() -> bool:
-    if connection.vendor != "postgresql":
-        return True  # SQLite serialises writers already
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [DISPATCH_LOCK_ID])
-        return bool(cursor.fetchone()[0])
-
-
-def _admit(step: Step, spec: StepSpec, effects: _RoundEffects) -> Admission:
-    """Lease, locks and seats for one step, in the caller's savepoint; raises _NotAdmitted."""
-    run = step.run
-    lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-    holder = f"{run.id}:{step.key}"
-    metadata = {"run_id": run.id, "step_id": step.pk, "step_key": step.key}
-    grant = lease_acquire(
-        tenant_id=run.tenant_id, key=f"step:{step.pk}", holder=holder, ttl=lease_seconds, metadata=metadata
-    )
-    if grant is None:
-        # Never start a retry while a live lease still owns the step.
-        metrics.RETRIES_BLOCKED_BY_LEASE.inc()
-        raise _NotAdmitted
-    context = step_lock_context(step)
-    lock_keys = spec.lock_keys(context)
-    if lock_keys:
-        _take_entity_locks(step, spec, lock_keys, holder, lease_seconds, metadata, effects)
-    try:
-        slots_claim(
-            grant=grant,
-            scopes=admission_scopes(
-                tenant_id=run.tenant_id, workflow=run.workflow, lane=spec.lane, tool=spec.tool
-            ),
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [
+        Candidate(
+            step_id=row[0],
+            tenant_id=row[1],
+            run_id=row[2],
+            key=row[3],
+            lane=row[4],
+            tool=row[5],
+            workflow=row[6],
+            lock_keys=tuple(_json_list(row[7])),
+            lock_policy=row[8],
         )
-    except NoRoom:
-        raise _NotAdmitted from None
-    Step.objects.filter(pk=step.pk).update(
-        status=StepStatus.LEASED,
-        attempt=step.attempt + 1,
-        lease_token=grant.token,
-        lock_keys=lock_keys,
-        input_hash=step.input_hash or fingerprint(context),
-        updated_at=timezone.now(),
-    )
-    return Admission(step_id=step.pk, token=grant.token, lane=spec.lane)
+        for row in rows
+    ]
 
 
-def _take_entity_locks(
-    step: Step,
-    spec: StepSpec,
-    keys: list[str],
-    holder: str,
-    ttl: float,
-    metadata: dict[str, Any],
-    effects: _RoundEffects,
-) -> list[LeaseGrant]:
-    run = step.run
-    # At admission "wait" means: stay ready and try again next round (no worker sits waiting).
-    policy = "skip" if spec.lock_policy == "wait" else spec.lock_policy
-    preempted: list[str] = []
-    if policy == "cancel_in_progress":
-        preempted = [
-            rid
-            for rid in Lease.objects.filter(live_leases_filter(), tenant_id=run.tenant_id, key__in=keys)
-            .values_list("metadata__run_id", flat=True)
-            .distinct()
-            if rid and rid != run.id
-        ]
+def _json_list(value: Any) -> list[Any]:
+    if isinstance(value, str):  # SQLite returns JSON as text
+        value = json.loads(value)
+    return list(value or [])
+
+
+def _unadmittable_reason(candidate: Candidate) -> str:
+    """Why a step can never be admitted as it is (its own data or definition), or ''."""
+    definition = REGISTRY.get(candidate.workflow)
+    if definition is None:
+        return f"workflow {candidate.workflow!r} is no longer registered"
+    if not any(spec.key == candidate.key for spec in definition.steps):
+        return f"workflow {candidate.workflow!r} no longer has a step {candidate.key!r}"
+    for key in candidate.lock_keys:
+        if not isinstance(key, str) or not key or len(key) > transitions.MAX_LOCK_KEY_LENGTH or "\x00" in key:
+            return f"lock key {str(key)[:60]!r} is not a valid key"
+    return ""
+
+
+def _fail_unadmittable(candidate: Candidate, reason: str, state: _Round) -> None:
+    """Fail one step (and its run) with its reason, in a savepoint of its own."""
     try:
-        with metrics.LOCK_WAIT_SECONDS.time():
-            grants = locks_acquire(
-                tenant_id=run.tenant_id, keys=keys, holder=holder, ttl=ttl, policy=policy, metadata=metadata
+        with transaction.atomic():
+            step = Step.objects.get(pk=candidate.step_id)
+            transitions.step_fail(
+                step=step,
+                actor="dispatcher",
+                reason=f"cannot be admitted: {reason}",
+                from_statuses=[StepStatus.READY],
+                now=state.now,
             )
-    except LeaseHeld:
-        metrics.LOCK_CONFLICTS.inc()
-        if spec.lock_policy == "skip":
-            raise _NotAdmitted("skipped: an entity it needs is locked by another run") from None
-        if spec.lock_policy == "cancel_newest":
-            raise _NotAdmitted("cancelled: an older run holds the entity (cancel_newest)") from None
-        raise _NotAdmitted from None
-    effects.cancel.extend(
-        (rid, f"cancelled: preempted by {run.id} (cancel_in_progress)") for rid in preempted
+    except Exception:
+        logger.exception("could not fail unadmittable step %s", candidate.step_id)
+
+
+def _held_keys(candidate: Candidate, now: datetime) -> list[str]:
+    live = Lease.objects.filter(
+        tenant_id=candidate.tenant_id,
+        key__in=list(candidate.lock_keys),
+        released_at__isnull=True,
+        expires_at__gt=now,
     )
-    return grants
+    return list(live.values_list("key", flat=True))
 
 
-def dispatch_round(*, limit: int | None = None) -> list[Admission]:
-    """Admit what may run now and enqueue it. Returns the admissions (empty if another round runs)."""
-    from runs.tasks import enqueue_step
+def _plan(candidates: list[Candidate], room: Room, state: _Round) -> list[Candidate]:
+    """Pick, in fair order, the candidates that fit; handle lock policies other than ``wait``."""
+    chosen: list[Candidate] = []
+    taken: set[tuple[int, str]] = set()
+    for candidate in candidates:
+        reason = _unadmittable_reason(candidate)
+        if reason:
+            _fail_unadmittable(candidate, reason, state)
+            continue
+        keys = {(candidate.tenant_id, key) for key in candidate.lock_keys}
+        if keys & taken:
+            taken |= keys  # FIFO: a later waiter for these keys waits too
+            continue
+        if not room.fits(candidate):
+            taken |= keys
+            continue
+        if candidate.lock_policy != "wait" and candidate.lock_keys:
+            held = _held_keys(candidate, state.now)
+            if held:
+                metrics.LOCK_CONFLICTS.inc()
+                if candidate.lock_policy == "cancel_in_progress":
+                    _preempt(candidate, held, state)
+                else:
+                    why = "skipped" if candidate.lock_policy == "skip" else "cancelled"
+                    detail = (
+                        "an entity it needs is locked by another run"
+                        if why == "skipped"
+                        else ("an older run holds the entity (cancel_newest)")
+                    )
+                    state.cancel.append((candidate.run_id, f"{why}: {detail}"))
+                    taken |= keys
+                    continue
+        room.take(candidate)
+        taken |= keys
+        chosen.append(candidate)
+    return chosen
 
-    limit = limit or settings.RUNWARDEN_DISPATCH_BATCH
+
+def _preempt(candidate: Candidate, held: list[str], state: _Round) -> None:
+    """cancel_in_progress: revoke the holders' leases (fencing them out) and cancel their runs."""
+    holders = (
+        Lease.objects.filter(tenant_id=candidate.tenant_id, key__in=held)
+        .values_list("metadata__run_id", flat=True)
+        .distinct()
+    )
+    lease_revoke(tenant_id=candidate.tenant_id, keys=held, now=state.now)
+    for run_id in holders:
+        if run_id and run_id != candidate.run_id:
+            state.cancel.append((run_id, f"cancelled: preempted by {candidate.run_id} (cancel_in_progress)"))
+
+
+def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
+    """Lock the chosen rows, grant their leases and locks in one statement, mark them leased in
+    one more. A step that lost a key to someone outside the round (a step body's ``ctx.lock``)
+    gives back what it got and stays ready."""
+    if not chosen:
+        return []
+    locked = set(
+        Step.objects.select_for_update(skip_locked=True, of=("self",))
+        .filter(pk__in=[c.step_id for c in chosen], status=StepStatus.READY)
+        .values_list("pk", flat=True)
+    )
+    chosen = [c for c in chosen if c.step_id in locked]
+    ttl = float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS)
+    requests = []
+    for c in chosen:
+        metadata = {"run_id": c.run_id, "step_id": c.step_id, "step_key": c.key}
+        holder = f"{c.run_id}:{c.key}"
+        requests.append(LeaseRequest(c.tenant_id, f"step:{c.step_id}", holder, ttl, metadata))
+        requests += [LeaseRequest(c.tenant_id, key, holder, ttl, metadata) for key in c.lock_keys]
+    grants = leases_acquire_many(requests, now=state.now)
     admitted: list[Admission] = []
-    effects = _RoundEffects(cancel=[])
-    with transaction.atomic():
-        if not _take_dispatch_lock():
-            return []
-        for step_id in fair_candidates(limit=limit):
-            step = (
-                Step.objects.select_for_update(skip_locked=True, of=("self",))
-                .select_related("run")
-                .filter(pk=step_id, status=StepStatus.READY)
-                .first()
+    updates: list[Step] = []
+    give_back: list[LeaseGrant] = []
+    for c in chosen:
+        mine = [grants.get((c.tenant_id, key)) for key in (f"step:{c.step_id}", *c.lock_keys)]
+        if any(grant is None for grant in mine):
+            give_back += [grant for grant in mine if grant is not None]
+            if mine[0] is None:
+                metrics.RETRIES_BLOCKED_BY_LEASE.inc()  # a live lease still owns the step
+            continue
+        step_lease, *locks = [grant for grant in mine if grant is not None]
+        updates.append(
+            Step(
+                pk=c.step_id,
+                status=StepStatus.LEASED,
+                lease_id=step_lease.id,
+                lease_token=step_lease.token,
+                lock_leases=[{"id": g.id, "key": g.key, "token": g.token} for g in locks],
+                enqueued_at=state.now,
+                updated_at=state.now,
             )
-            if step is None:
-                continue
-            try:
-                spec = get_workflow(step.run.workflow).spec(step.key)
-            except UnknownWorkflow:
-                logger.error("step %s belongs to an unknown workflow %s", step.pk, step.run.workflow)
-                continue
-            try:
-                with transaction.atomic():
-                    admitted.append(_admit(step, spec, effects))
-            except _NotAdmitted as refused:
-                if refused.cancel_reason:
-                    effects.cancel.append((step.run_id, refused.cancel_reason))
-        for admission in admitted:
-            transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
-        for run_id, reason in effects.cancel:
-            transaction.on_commit(partial(run_cancel_by_id, run_id=run_id, actor="dispatcher", reason=reason))
+        )
+        admitted.append(Admission(step_id=c.step_id, token=step_lease.token, lane=c.lane))
+    leases_release(give_back, now=state.now)
+    if updates:
+        Step.objects.bulk_update(
+            updates, ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
+        )
     return admitted
 
 
-def dispatch_until_idle(*, max_rounds: int = 20) -> int:
+def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:
+    """The batch failed: admit step by step, each in a savepoint, so the step whose data the
+    database refuses fails alone."""
+    admitted: list[Admission] = []
+    for candidate in chosen:
+        try:
+            with transaction.atomic():
+                admitted += _grant([candidate], state)
+        except DatabaseError as exc:
+            logger.warning("step %s cannot be admitted: %s", candidate.step_id, exc)
+            _fail_unadmittable(candidate, f"the database refused its admission ({type(exc).__name__})", state)
+    return admitted
+
+
+def dispatch_round(*, limit: int | None = None) -> list[Admission]:
+    """Admit what may run now and enqueue it after commit. Returns the admissions (empty when
+    another round is running)."""
+    limit = limit or settings.RUNWARDEN_DISPATCH_BATCH
+    with transaction.atomic():
+        if not _take_round_lock():
+            return []
+        state = _Round(now=timezone.now())
+        room = load_room(state.now)
+        if room.full("global"):
+            return []
+        candidates = fair_candidates(limit=limit, now=state.now, room=room)
+        chosen = _plan(candidates, room, state)
+        try:
+            with transaction.atomic():
+                state.admitted = _grant(chosen, state)
+        except DatabaseError:
+            logger.exception("a batched admission failed; admitting step by step")
+            state.admitted = _grant_isolated(chosen, state)
+        for admission in state.admitted:
+            transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
+        for run_id, reason in state.cancel:
+            transaction.on_commit(partial(_cancel_after_round, run_id, reason))
+    return state.admitted
+
+
+def _cancel_after_round(run_id: str, reason: str) -> None:
+    run_cancel_by_id(run_id=run_id, actor="dispatcher", reason=reason)
+
+
+def dispatch_until_idle(*, max_rounds: int = 50) -> int:
+    """Rounds until one admits less than a full batch (the rest is blocked or absent)."""
     total = 0
     for _ in range(max_rounds):
         admitted = dispatch_round()
         total += len(admitted)
-        if not admitted:
+        if len(admitted) < settings.RUNWARDEN_DISPATCH_BATCH:
             break
     return total

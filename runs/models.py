@@ -79,9 +79,18 @@ class Step(models.Model):
     input_hash = models.CharField(max_length=64, blank=True)
     output = models.JSONField(null=True, blank=True)
     checkpoint = models.JSONField(null=True, blank=True)
+    # Resolved when the step becomes ready (at run start for the first step), so admission
+    # never needs the workflow's code: lock keys, their policy and the retry budget.
     lock_keys = models.JSONField(default=list)
+    lock_policy = models.CharField(max_length=20, default="wait")
+    max_attempts = models.PositiveIntegerField(default=3)
     error = models.TextField(blank=True)
+    # The admission that owns the step: its lease row and token, and its entity locks'
+    # leases ([{"id", "key", "token"}]) so the worker can renew and release them.
+    lease_id = models.BigIntegerField(null=True, blank=True)
     lease_token = models.BigIntegerField(null=True, blank=True)
+    lock_leases = models.JSONField(default=list)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
     available_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

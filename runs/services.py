@@ -1,4 +1,6 @@
-"""Writes of the runs app: starting runs (deduplicated triggers) and the side-effect ledger."""
+"""Writes of the runs app: starting runs (validated input, deduplicated triggers), cancelling
+them, and checkpoints. State transitions live in ``runs.transitions``, the ledger in
+``runs.ledger``."""
 
 from __future__ import annotations
 
@@ -9,21 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from core import metrics
 from core import services as core_services
-from core.leases import LeaseGrant, fenced_write, lease_revoke
-from core.models import Lease, Tenant, TenantQuota
-from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus, TriggerEvent
-
-UNFINISHED_RUN_STATUSES = (
-    RunStatus.PENDING,
-    RunStatus.RUNNING,
-    RunStatus.WAITING_APPROVAL,
-    RunStatus.CONFLICT,
-)
+from core.leases import LeaseGrant, fenced_write
+from core.models import Tenant, TenantQuota
+from core.wakeups import wake_on_commit
+from runs import transitions
+from runs.definitions import InvalidInput, WorkflowDefinitionError, get_workflow
+from runs.models import Run, Step, StepStatus, TriggerEvent
+from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
 
 
 def fingerprint(value: Any) -> str:
@@ -94,6 +92,7 @@ def run_create(
                 )
             if build_steps is not None:
                 Step.objects.bulk_create(build_steps(run))
+                wake_on_commit()
             core_services.event_record(
                 tenant=tenant,
                 subject=f"run:{run.id}",
@@ -177,15 +176,19 @@ def run_start(
     correlation_id: str = "",
     trigger_event_id: str = "",
 ) -> RunStart:
-    """Start a run of a registered workflow: its steps are created, the first one ready.
+    """Start a run of a registered workflow, in one transaction: its input validated, its steps
+    created with everything known at start resolved (lane, tool, lock policy, retry budget, and
+    the first step's lock keys), the first step ready. The dispatcher is woken on commit.
 
-    Raises UnknownWorkflow, QuotaExceeded or TriggerPayloadMismatch. The dispatcher is kicked
-    when the run commits.
+    Raises UnknownWorkflow, InvalidInput (nothing stored), QuotaExceeded or
+    TriggerPayloadMismatch.
     """
-    from runs.definitions import get_workflow
-    from runs.tasks import kick_dispatcher
-
     definition = get_workflow(workflow)
+    input = definition.validate_input(input)
+    try:
+        first_locks = step_lock_keys(workflow=workflow, step_key=definition.steps[0].key, context=input)
+    except WorkflowDefinitionError as exc:
+        raise InvalidInput({"__all__": str(exc)}) from None
 
     def build_steps(run: Run) -> list[Step]:
         return [
@@ -196,6 +199,9 @@ def run_start(
                 position=position,
                 lane=spec.lane,
                 tool=spec.tool,
+                lock_policy=spec.lock_policy,
+                max_attempts=spec.retry.max_attempts,
+                lock_keys=first_locks if position == 0 else [],
                 status=StepStatus.READY if position == 0 else StepStatus.PENDING,
             )
             for position, spec in enumerate(definition.steps)
@@ -211,41 +217,13 @@ def run_start(
         build_steps=build_steps,
         enforce_quota=True,
     )
-    if start.created:
-        kick_dispatcher()
     return start
 
 
 def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
-    """Cancel an unfinished run: waiting steps are cancelled, running ones are fenced out (their
-    leases, locks and seats are revoked now; they notice at their next heartbeat). False when
-    the run had already finished."""
-    now = timezone.now()
+    """Cancel an unfinished run (see ``transitions.run_cancel``). False when already finished."""
     with transaction.atomic():
-        cancelled = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES).update(
-            status=RunStatus.CANCELLED, finished_at=now, updated_at=now
-        )
-        if cancelled != 1:
-            return False
-        live_steps = list(
-            Step.objects.select_for_update()
-            .filter(run=run)
-            .exclude(status__in=[StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED])
-            .order_by("pk")
-        )
-        keys = [key for step in live_steps for key in (f"step:{step.pk}", *step.lock_keys)]
-        lease_revoke(tenant_id=run.tenant_id, keys=keys)
-        Step.objects.filter(pk__in=[step.pk for step in live_steps]).update(
-            status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now
-        )
-        core_services.event_record(
-            tenant=run.tenant_id,
-            subject=f"run:{run.id}",
-            verb="cancelled",
-            actor=actor,
-            payload={"reason": reason},
-        )
-    return True
+        return transitions.run_cancel(run=run, actor=actor, reason=reason)
 
 
 def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
@@ -253,82 +231,10 @@ def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
     return run is not None and run_cancel(run=run, actor=actor, reason=reason)
 
 
-def step_resume(
-    *, step: Step, actor: str, from_statuses: tuple[str, ...] = (StepStatus.WAITING_APPROVAL,)
-) -> bool:
-    """Make a parked step ready again, once: a conditional UPDATE, so two racing resumes (two
-    approvals, an approval and a timeout) move it exactly once. Call in the deciding transaction."""
-    from runs.tasks import kick_dispatcher
-
-    now = timezone.now()
-    resumed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
-        status=StepStatus.READY, available_at=now, error="", updated_at=now
-    )
-    if resumed != 1:
-        return False
-    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT]).update(
-        status=RunStatus.RUNNING, updated_at=now
-    )
-    core_services.event_record(
-        tenant=step.tenant_id,
-        subject=f"run:{step.run_id}",
-        verb="step_resumed",
-        actor=actor,
-        payload={"step": step.key},
-    )
-    kick_dispatcher()
-    return True
-
-
-def step_fail(*, step: Step, actor: str, reason: str, from_statuses: tuple[str, ...]) -> bool:
-    """Fail a parked step and its run (a rejection, a reviewer's cancel). Once, like step_resume."""
-    now = timezone.now()
-    failed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
-        status=StepStatus.FAILED, error=reason, finished_at=now, updated_at=now
-    )
-    if failed != 1:
-        return False
-    Run.objects.filter(pk=step.run_id).exclude(status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED]).update(
-        status=RunStatus.FAILED, finished_at=now, updated_at=now
-    )
-    core_services.event_record(
-        tenant=step.tenant_id,
-        subject=f"run:{step.run_id}",
-        verb="run_failed",
-        actor=actor,
-        payload={"step": step.key, "reason": reason},
-    )
-    return True
-
-
-def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> bool:
-    """Send a parked step's run back to an earlier step ("request changes" → redraft): that step
-    is ready again and every step after it pending. Once, from ``waiting_approval`` only."""
-    from runs.tasks import kick_dispatcher
-
-    now = timezone.now()
-    target = Step.objects.filter(run_id=step.run_id, key=to_step_key, position__lt=step.position).first()
-    if target is None:
-        raise ValueError(f"no earlier step {to_step_key!r} to send the run back to")
-    moved = Step.objects.filter(pk=step.pk, status=StepStatus.WAITING_APPROVAL).update(
-        status=StepStatus.PENDING, updated_at=now
-    )
-    if moved != 1:
-        return False
-    Step.objects.filter(run_id=step.run_id, position__gt=target.position, position__lt=step.position).update(
-        status=StepStatus.PENDING, updated_at=now
-    )
-    Step.objects.filter(pk=target.pk).update(status=StepStatus.READY, available_at=now, updated_at=now)
-    Run.objects.filter(pk=step.run_id).update(status=RunStatus.RUNNING, updated_at=now)
-    core_services.event_record(
-        tenant=step.tenant_id,
-        subject=f"run:{step.run_id}",
-        verb="changes_requested",
-        actor=actor,
-        payload={"step": step.key, "back_to": to_step_key, "note": note},
-    )
-    kick_dispatcher()
-    return True
+# The transitions other apps (approvals) move parked steps with.
+step_resume = transitions.step_resume
+step_fail = transitions.step_fail
+run_rewind = transitions.run_rewind
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:
@@ -339,170 +245,7 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
     return dict(steps.order_by("position").values_list("key", "output"))
 
 
-def step_lock_context(step: Step) -> dict[str, Any]:
-    """What lock-key templates are filled from: earlier outputs (dicts), then the run input."""
-    context: dict[str, Any] = {}
-    for output in step_outputs(step.run, before_position=step.position).values():
-        if isinstance(output, dict):
-            context.update(output)
-    context.update(step.run.input)
-    return context
-
-
 def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
     """Save a step's progress, only while its lease is live (a fenced write)."""
     with fenced_write(tenant_id=step.tenant_id, key=lease.key, token=lease.token, actor=f"step:{step.pk}"):
         Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())
-
-
-class EffectError(Exception):
-    pass
-
-
-class EffectRequestMismatch(EffectError):
-    """The idempotency key was used before for a different request."""
-
-
-class EffectUnresolved(EffectError):
-    """A proposed effect has no recorded outcome.
-
-    ``in_flight`` is True while the proposer's lease is live (someone is executing it right
-    now); otherwise the effect is ambiguous — it may or may not have happened — and must be
-    reviewed, never blindly retried.
-    """
-
-    def __init__(self, effect: SideEffect, in_flight: bool) -> None:
-        state = "in flight" if in_flight else "ambiguous (proposed, no recorded outcome)"
-        super().__init__(f"effect {effect.idempotency_key} is {state}")
-        self.effect = effect
-        self.in_flight = in_flight
-
-
-@dataclass(frozen=True)
-class EffectOutcome:
-    effect: SideEffect
-    result: Any
-    replayed: bool  # True: the recorded result of an earlier execution, the callable did not run
-
-
-def _proposer_is_live(effect: SideEffect) -> bool:
-    if effect.proposer_lease_id is None or effect.proposer_token is None:
-        return False
-    now = timezone.now()
-    return Lease.objects.filter(
-        pk=effect.proposer_lease_id,
-        token=effect.proposer_token,
-        released_at__isnull=True,
-        expires_at__gt=now,
-    ).exists()
-
-
-def _propose(
-    *,
-    key: str,
-    run: Run,
-    step: Step | None,
-    kind: str,
-    request: dict[str, Any],
-    request_fingerprint: str,
-    lease: LeaseGrant | None,
-) -> tuple[SideEffect, bool]:
-    """Insert the ``proposed`` row, or find the one a racing caller inserted first."""
-    return SideEffect.objects.get_or_create(
-        idempotency_key=key,
-        defaults={
-            "tenant_id": run.tenant_id,
-            "run": run,
-            "step": step,
-            "kind": kind,
-            "request": request,
-            "request_fingerprint": request_fingerprint,
-            "proposer_lease_id": lease.id if lease else None,
-            "proposer_token": lease.token if lease else None,
-        },
-    )
-
-
-def effect_execute(
-    *,
-    run: Run,
-    step: Step | None,
-    kind: str,
-    fn: Callable[[], Any],
-    request: dict[str, Any] | None = None,
-    idempotency_key: str = "",
-    lease: LeaseGrant | None = None,
-    external_ref: Callable[[Any], str] | None = None,
-    guard: Callable[[], None] | None = None,
-) -> EffectOutcome:
-    """Run ``fn`` at most once per idempotency key, through the ledger.
-
-    1. The ``proposed`` row is committed *before* ``fn`` runs, so a crash afterwards leaves an
-       ambiguous record rather than a silent second execution.
-    2. Whoever inserts the row runs ``fn``; everyone else gets the recorded result (committed),
-       EffectUnresolved (proposed), or becomes the runner of a retry (failed, claimed by a
-       conditional UPDATE so only one retrier wins).
-    3. The outcome is recorded with a conditional UPDATE on ``status='proposed'``.
-
-    ``guard`` runs in the transaction that writes the proposal; if it raises, nothing is
-    proposed and ``fn`` does not run (the approval gate checks the approved version there).
-
-    Must not be called inside a transaction: the proposal has to be durable before ``fn``.
-    """
-    if transaction.get_connection().in_atomic_block:
-        raise RuntimeError(
-            "effect_execute must not run inside a transaction (the proposal must commit first)"
-        )
-    key = idempotency_key or f"{run.id}:{step.key if step else '-'}:{kind}"
-    request = request or {}
-    request_fingerprint = fingerprint(request)
-    with transaction.atomic():
-        if guard is not None:
-            guard()
-        effect, created = _propose(
-            key=key,
-            run=run,
-            step=step,
-            kind=kind,
-            request=request,
-            request_fingerprint=request_fingerprint,
-            lease=lease,
-        )
-    if not created:
-        if effect.request_fingerprint != request_fingerprint:
-            raise EffectRequestMismatch(f"idempotency key {key} was used for a different request")
-        if effect.status == EffectStatus.COMMITTED:
-            metrics.DUPLICATES_SUPPRESSED.labels(kind="effect").inc()
-            return EffectOutcome(effect=effect, result=effect.result, replayed=True)
-        if effect.status == EffectStatus.PROPOSED:
-            raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
-        # Failed before: exactly one retrier re-proposes it.
-        claimed = SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.FAILED).update(
-            status=EffectStatus.PROPOSED,
-            attempts=F("attempts") + 1,
-            error="",
-            proposer_lease_id=lease.id if lease else None,
-            proposer_token=lease.token if lease else None,
-            updated_at=timezone.now(),
-        )
-        effect.refresh_from_db()
-        if claimed != 1:
-            if effect.status == EffectStatus.COMMITTED:
-                return EffectOutcome(effect=effect, result=effect.result, replayed=True)
-            raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
-
-    try:
-        with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
-            result = fn()
-    except Exception as exc:
-        SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
-            status=EffectStatus.FAILED, error=f"{type(exc).__name__}: {exc}", failed_at=timezone.now()
-        )
-        raise
-    now = timezone.now()
-    ref = external_ref(result) if external_ref else ""
-    SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
-        status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
-    )
-    effect.refresh_from_db()
-    return EffectOutcome(effect=effect, result=result, replayed=False)

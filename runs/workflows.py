@@ -8,16 +8,61 @@ written the way an integrator writes theirs: plain functions, one per step, effe
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import validate_email
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic_core import PydanticCustomError
 
 from runs import sandbox
 from runs.context import StepContext
-from runs.definitions import ApprovalPolicy, workflow
+from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
 from runs.gates import EntityChanged
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic would read true as 1: a client bug that must not pay invoice 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_allowed", "Input should be a number, not a boolean")
+    return value
+
+
+def _email(value: str) -> str:
+    try:
+        validate_email(value)  # what the sandbox's EmailField accepts
+    except DjangoValidationError:
+        raise PydanticCustomError("email", "Enter a valid email address") from None
+    return value
+
+
+# A sandbox record number (a PositiveIntegerField there).
+RecordId = Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=1, le=2_147_483_647)]
+
+# Money as the sandbox stores it (DecimalField(max_digits=12, decimal_places=2)): "120" or 120
+# is accepted and stored as "120.00".
+Amount = Annotated[
+    Decimal,
+    BeforeValidator(_not_a_boolean),
+    Field(gt=0, max_digits=12, decimal_places=2),
+    AfterValidator(lambda amount: amount.quantize(Decimal("0.01"))),
+]
+
+
+class NoInput(WorkflowInput):
+    """An empty input: ``{}``."""
+
 
 # demo.enrich_lead: read and draft steps only, no approval. Input: {"lead_id": 7}
 
-enrich_lead = workflow("demo.enrich_lead", description="Look up a lead, score it and draft a note")
+
+class EnrichLeadInput(WorkflowInput):
+    lead_id: RecordId
+
+
+enrich_lead = workflow(
+    "demo.enrich_lead", description="Look up a lead, score it and draft a note", input=EnrichLeadInput
+)
 
 
 @enrich_lead.step(lane="read", tool="crm")
@@ -37,9 +82,27 @@ def draft_note(ctx: StepContext) -> dict[str, Any]:
     return {"note": f"Follow up: {ctx.outputs['summarize']['summary']}."}
 
 
-# demo.crm_update: one CRM contact, under its entity lock. Input: {"contact_id": 1, "changes": {...}}
+# demo.crm_update: one CRM contact, under its entity lock.
+# Input: {"contact_id": 1, "changes": {"stage": "won"}} (name and email may change too)
 
-crm_update = workflow("demo.crm_update", description="Update one CRM contact under its lock")
+
+class ContactChanges(WorkflowInput):
+    # The fields sandbox.crm_update_contact writes, within their columns' limits.
+    stage: str = Field(min_length=1, max_length=50)
+    name: str | None = Field(default=None, min_length=1, max_length=200, exclude_if=lambda v: v is None)
+    email: Annotated[str, AfterValidator(_email)] | None = Field(
+        default=None, max_length=254, exclude_if=lambda v: v is None
+    )
+
+
+class CrmUpdateInput(WorkflowInput):
+    contact_id: RecordId
+    changes: ContactChanges
+
+
+crm_update = workflow(
+    "demo.crm_update", description="Update one CRM contact under its lock", input=CrmUpdateInput
+)
 
 
 @crm_update.step(lane="external", tool="crm", locks=["crm_contact:{contact_id}"])
@@ -73,7 +136,15 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
 # demo.lead_followup: enrich -> draft a message (the artifact) -> send it after approval.
 # Input: {"lead_id": 7, "contact_id": 1}
 
-lead_followup = workflow("demo.lead_followup", description="Draft a follow-up and send it once approved")
+
+class LeadFollowupInput(WorkflowInput):
+    lead_id: RecordId
+    contact_id: RecordId
+
+
+lead_followup = workflow(
+    "demo.lead_followup", description="Draft a follow-up and send it once approved", input=LeadFollowupInput
+)
 
 
 @lead_followup.step(lane="read", tool="crm")
@@ -120,7 +191,15 @@ def send_message(ctx: StepContext) -> dict[str, Any]:
 # demo.invoice_payment: high-risk lane, approval required, serialised per invoice.
 # Input: {"invoice_id": 3, "amount": "120.00"}
 
-invoice_payment = workflow("demo.invoice_payment", description="Pay an invoice once approved")
+
+class InvoicePaymentInput(WorkflowInput):
+    invoice_id: RecordId
+    amount: Amount
+
+
+invoice_payment = workflow(
+    "demo.invoice_payment", description="Pay an invoice once approved", input=InvoicePaymentInput
+)
 
 
 @invoice_payment.step(lane="draft")
@@ -160,7 +239,7 @@ def charge(ctx: StepContext) -> dict[str, Any]:
 
 # bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
 
-bench_noop = workflow("bench.noop", description="One no-op step (for make bench)")
+bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=NoInput)
 
 
 @bench_noop.step(lane="read")

@@ -58,14 +58,22 @@ def test_an_admin_updates_the_quota_over_the_api_and_it_is_audited(acme: Tenant,
 
 
 @pytest.mark.parametrize(
-    "body", [{"max_concurrent_steps": 0}, {"weight": "heavy"}, {}, {"max_queue_depth": -5}]
+    ("body", "status", "code"),
+    [
+        ({"max_concurrent_steps": 0}, 422, "invalid_input"),
+        ({"weight": "heavy"}, 422, "invalid_input"),
+        ({}, 400, "invalid_request"),
+        ({"max_queue_depth": -5}, 422, "invalid_input"),
+    ],
 )
-def test_it_refuses_bad_quota_input_and_changes_nothing(acme: Tenant, acme_admin: User, body: dict) -> None:
+def test_it_refuses_bad_quota_input_and_changes_nothing(
+    acme: Tenant, acme_admin: User, body: dict, status: int, code: str
+) -> None:
     response = bearer_client(acme_admin).put(
         "/api/v1/tenants/acme/quota", data=json.dumps(body), content_type="application/json"
     )
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
     quota = TenantQuota.objects.get(tenant=acme)
     assert (quota.max_concurrent_steps, quota.max_queue_depth, quota.weight) == (10, 1000, 1)
     assert not Event.objects.filter(verb="quota_updated").exists()

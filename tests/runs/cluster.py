@@ -16,12 +16,14 @@ from django.conf import settings
 from tests.servers import ROOT, base_env
 
 QUEUES = ["celery", "read", "draft", "external", "high_risk", "maintenance"]
+# Also forget worker pools announced by an earlier test's (killed) workers, and wake-ups.
+STATE_KEYS = ["runwarden:worker-pools", "runwarden:dispatcher:wake"]
 
 
 def purge_queues(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
-        client.delete(*QUEUES, "unacked", "unacked_index", "unacked_mutex")
+        client.delete(*QUEUES, *STATE_KEYS, "unacked", "unacked_index", "unacked_mutex")
     finally:
         client.close()
 
@@ -53,10 +55,10 @@ class Cluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         purge_queues(self.redis_url)
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, args: list[str], command: list[str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.tmp_path / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "core", *args],
+            [*(command or [sys.executable, "-m", "celery", "-A", "core"]), *args],
             cwd=ROOT,
             env=self.env,
             stdout=log,
@@ -82,7 +84,12 @@ class Cluster:
             ],
         )  # fmt: skip
 
+    def dispatcher(self, name: str = "dispatcher") -> subprocess.Popen[bytes]:
+        return self._start(name, ["dispatcher"], command=[sys.executable, "manage.py"])
+
     def beat(self) -> subprocess.Popen[bytes]:
+        """Beat (outbox, approval timeouts) and the dispatcher: the cluster's maintenance."""
+        self.dispatcher()
         return self._start(
             "beat", ["beat", "--schedule", str(self.tmp_path / "beat-schedule"), "--loglevel", "INFO"]
         )

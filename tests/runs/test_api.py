@@ -62,7 +62,7 @@ def test_a_repeated_idempotency_key_replays_and_another_payload_conflicts(acme_o
 def test_over_the_queue_depth_quota_answers_429_with_retry_after(acme: Tenant, acme_operator: User) -> None:
     TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=2)
     client = bearer_client(acme_operator)
-    for n in range(2):
+    for n in range(1, 3):
         assert post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": n}}).status_code == 201
     refused = post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 9}})
     assert refused.status_code == 429
@@ -75,19 +75,19 @@ def test_over_the_queue_depth_quota_answers_429_with_retry_after(acme: Tenant, a
 
 
 @pytest.mark.parametrize(
-    ("body", "code"),
+    ("body", "status", "code"),
     [
-        ({"workflow": "demo.nope", "input": {}}, "unknown_workflow"),
-        ({"workflow": "demo.enrich_lead", "input": [1, 2]}, "invalid_request"),
-        ({"input": {}}, "invalid_request"),
-        ({"workflow": "demo.enrich_lead", "tenant": "globex"}, "not_found"),
+        ({"workflow": "demo.nope", "input": {}}, 400, "unknown_workflow"),
+        ({"workflow": "demo.enrich_lead", "input": [1, 2]}, 422, "invalid_input"),
+        ({"input": {}}, 422, "invalid_input"),
+        ({"workflow": "demo.enrich_lead", "tenant": "globex"}, 404, "not_found"),
     ],
 )
 def test_bad_run_requests_are_refused_and_start_nothing(
-    acme_operator: User, globex: Tenant, body: dict, code: str
+    acme_operator: User, globex: Tenant, body: dict, status: int, code: str
 ) -> None:
     response = post_run(bearer_client(acme_operator), body)
-    assert response.status_code in (400, 404)
+    assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert not Run.objects.exists()
 
@@ -102,7 +102,7 @@ def test_a_member_of_two_tenants_names_one(acme: Tenant, globex: Tenant, acme_ad
     Membership.objects.create(user=acme_admin, tenant=globex, role=Role.OPERATOR)
     client = bearer_client(acme_admin)
     assert post_run(client, {"workflow": "demo.enrich_lead"}).json()["error"]["code"] == "tenant_required"
-    response = post_run(client, {"workflow": "demo.enrich_lead", "tenant": "globex"})
+    response = post_run(client, {"workflow": "demo.enrich_lead", "input": {"lead_id": 7}, "tenant": "globex"})
     assert response.status_code == 201
     assert response.json()["tenant"] == "globex"
 
@@ -114,13 +114,13 @@ def test_runs_are_listed_filtered_and_paged_by_cursor(
         run_start(
             tenant=acme,
             workflow="demo.enrich_lead",
-            input={"lead_id": n},
+            input={"lead_id": n + 1},
             actor="t",
             correlation_id=f"c{n % 2}",
         ).run.id
         for n in range(5)
     ]
-    run_start(tenant=globex, workflow="demo.enrich_lead", input={}, actor="t")
+    run_start(tenant=globex, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t")
     client = bearer_client(acme_operator)
     first = client.get("/api/v1/runs?limit=2").json()
     assert [r["id"] for r in first["items"]] == ids[::-1][:2]
@@ -138,7 +138,7 @@ def test_runs_are_listed_filtered_and_paged_by_cursor(
 
 
 def test_another_tenants_run_is_a_404(acme: Tenant, globex_operator: User) -> None:
-    run = run_start(tenant=acme, workflow="demo.enrich_lead", input={}, actor="t").run
+    run = run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t").run
     client = bearer_client(globex_operator)
     assert client.get(f"/api/v1/runs/{run.id}").status_code == 404
     assert client.post(f"/api/v1/runs/{run.id}/cancel").status_code == 404
@@ -202,7 +202,7 @@ def test_racing_starts_never_exceed_the_queue_depth_quota(acme: Tenant) -> None:
         Run.objects.filter(tenant=acme).update(status=RunStatus.SUCCEEDED)
         results = run_concurrently(
             lambda i, trial=trial: run_start(
-                tenant=acme, workflow="demo.enrich_lead", input={"n": i, "t": trial}, actor="t"
+                tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 20 * trial + i + 1}, actor="t"
             ),
             20,
         )

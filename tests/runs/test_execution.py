@@ -95,9 +95,9 @@ def test_concurrent_updates_of_the_same_contacts_never_overlap(
 @pytest.mark.timeout(180)
 def test_a_flooding_tenant_does_not_delay_another_tenants_first_step(acme: Tenant, globex: Tenant) -> None:
     for n in range(500):
-        run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": n}, actor="flood")
+        run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": n + 1}, actor="flood")
     late = [
-        run_start(tenant=globex, workflow="demo.enrich_lead", input={"lead_id": n}, actor="b").run
+        run_start(tenant=globex, workflow="demo.enrich_lead", input={"lead_id": n + 1}, actor="b").run
         for n in range(5)
     ]
     first_round = dispatch_round()

@@ -10,13 +10,13 @@ from django.conf import settings
 
 from core.leases import lease_acquire, lease_release
 from core.models import Tenant
-from runs.models import EffectStatus, Run, SideEffect
-from runs.services import (
+from runs.ledger import (
     EffectOutcome,
     EffectRequestMismatch,
     EffectUnresolved,
     effect_execute,
 )
+from runs.models import EffectStatus, Run, SideEffect
 from tests.concurrency import run_concurrently
 from tests.servers import ROOT, base_env
 
@@ -136,7 +136,7 @@ CRASH_SCRIPT = """
 import os, django
 django.setup()
 from runs.models import Run
-from runs.services import effect_execute
+from runs.ledger import effect_execute
 run = Run.objects.get(pk=os.environ["RUN_ID"])
 
 def send_then_crash():

@@ -97,7 +97,7 @@ def test_the_list_page_makes_a_bounded_number_of_queries(
     acme: Tenant, globex: Tenant, acme_operator: User, django_assert_max_num_queries: DjangoAssertNumQueries
 ) -> None:
     for n in range(20):
-        start(acme, input={"lead_id": n})
+        start(acme, input={"lead_id": n + 1})
     client = client_for(acme_operator)
     with django_assert_max_num_queries(10):
         response = client.get("/runs/")

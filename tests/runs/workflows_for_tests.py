@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from runs import sandbox
 from runs.context import StepContext
-from runs.definitions import ApprovalPolicy, workflow
+from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
 
-slow_send = workflow("test.slow_send", description="works for a while, then sends one message")
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class NoInput(WorkflowInput):
+    pass
+
+
+class SlowSendInput(WorkflowInput):
+    work_seconds: Seconds = 3
+
+
+slow_send = workflow(
+    "test.slow_send", description="works for a while, then sends one message", input=SlowSendInput
+)
 
 
 @slow_send.step(lane="external", tool="messaging")
@@ -30,7 +45,11 @@ def work_then_send(ctx: StepContext) -> dict[str, Any]:
     return {"pid": os.getpid(), "message_id": sent["message_id"]}
 
 
-sleepy = workflow("test.sleepy", description="sleeps without calling the context")
+class SleepyInput(WorkflowInput):
+    sleep_seconds: Seconds = 3
+
+
+sleepy = workflow("test.sleepy", description="sleeps without calling the context", input=SleepyInput)
 
 
 @sleepy.step(lane="external")
@@ -40,7 +59,11 @@ def sleep_then_answer(ctx: StepContext) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
-busy = workflow("test.busy_crm", description="holds a CRM-tool slot for a while")
+class BusyInput(WorkflowInput):
+    hold_seconds: Seconds = 0.3
+
+
+busy = workflow("test.busy_crm", description="holds a CRM-tool slot for a while", input=BusyInput)
 
 
 @busy.step(lane="read", tool="crm")
@@ -49,7 +72,9 @@ def hold_crm(ctx: StepContext) -> dict[str, Any]:
     return {"held": True}
 
 
-quorum = workflow("test.quorum", description="a draft that two distinct operators must approve")
+quorum = workflow(
+    "test.quorum", description="a draft that two distinct operators must approve", input=NoInput
+)
 
 
 @quorum.step(lane="draft")
@@ -62,7 +87,7 @@ def publish(ctx: StepContext) -> dict[str, Any]:
     return {"published": ctx.approved_content["subject"]}
 
 
-timed = workflow("test.timed_gate", description="an approval that times out")
+timed = workflow("test.timed_gate", description="an approval that times out", input=NoInput)
 
 
 @timed.step(lane="draft")
@@ -75,7 +100,13 @@ def timed_send(ctx: StepContext) -> dict[str, Any]:
     return {"sent": ctx.approved_content["body"]}
 
 
-crash_on_send = workflow("test.crash_on_send", description="the worker dies in the middle of sending")
+class CrashOnSendInput(WorkflowInput):
+    die_after_send: bool = False
+
+
+crash_on_send = workflow(
+    "test.crash_on_send", description="the worker dies in the middle of sending", input=CrashOnSendInput
+)
 
 
 @crash_on_send.step(lane="external", tool="messaging")
@@ -96,7 +127,9 @@ def send_and_die(ctx: StepContext) -> dict[str, Any]:
     return {"message_id": sent.get("message_id") or sent["external_ref"]}
 
 
-escalating = workflow("test.escalating_gate", description="an approval that escalates to admins on timeout")
+escalating = workflow(
+    "test.escalating_gate", description="an approval that escalates to admins on timeout", input=NoInput
+)
 
 
 @escalating.step(lane="draft")
@@ -109,7 +142,9 @@ def escalating_send(ctx: StepContext) -> dict[str, Any]:
     return {"sent": ctx.approved_content["body"]}
 
 
-auto = workflow("test.auto_gate", description="a low-risk approval that auto-approves on timeout")
+auto = workflow(
+    "test.auto_gate", description="a low-risk approval that auto-approves on timeout", input=NoInput
+)
 
 
 @auto.step(lane="read")

@@ -6,7 +6,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from core.models import Tenant
-from runs.definitions import UnknownWorkflow
+from runs.definitions import InvalidInput, UnknownWorkflow
 from runs.services import QuotaExceeded, TriggerPayloadMismatch, run_start
 
 
@@ -42,6 +42,9 @@ class Command(BaseCommand):
                 correlation_id=options["correlation_id"],
                 trigger_event_id=options["trigger_event_id"],
             )
+        except InvalidInput as exc:
+            problems = "\n".join(f"  {path}: {message}" for path, message in exc.fields.items())
+            raise CommandError(f"--input does not fit workflow {options['workflow']}:\n{problems}") from None
         except (UnknownWorkflow, TriggerPayloadMismatch, QuotaExceeded) as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"{'started' if start.created else 'already started'}: {start.run.id}")

@@ -1,0 +1,42 @@
+"""What PostgreSQL will not store, found before it is asked to: shared by the API's request
+schemas (core.api) and workflow input validation (runs.definitions)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+NON_FIELD = "__all__"  # the path of an error about the value as a whole, as in Django forms
+NUL_MESSAGE = "NUL characters (\\u0000) are not allowed"
+NUL_KEY_MESSAGE = "NUL characters (\\u0000) are not allowed in keys"
+NOT_FINITE_MESSAGE = "Input should be a finite number"
+
+
+def dotted_path(loc: Sequence[str | int]) -> str:
+    """``("changes", "stage")`` -> "changes.stage"; the empty path is NON_FIELD. A NUL in a key
+    is spelt out, so the path itself can be shown, logged and stored."""
+    return ".".join(str(part).replace("\x00", "\\u0000") for part in loc) or NON_FIELD
+
+
+def unstorable_values(value: Any, path: tuple[str | int, ...] = ()) -> dict[str, str]:
+    """{dotted path: message} for each place in a JSON-like value that PostgreSQL refuses: a NUL
+    character in a key or string (text and jsonb both refuse it), a NaN or infinite number (not
+    JSON, though Python's json module reads and writes them). Empty when the value is storable."""
+    found: dict[str, str] = {}
+    if isinstance(value, str):
+        if "\x00" in value:
+            found[dotted_path(path)] = NUL_MESSAGE
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            found[dotted_path(path)] = NOT_FINITE_MESSAGE
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                found[dotted_path((*path, key))] = NUL_KEY_MESSAGE
+            else:
+                found.update(unstorable_values(item, (*path, key)))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found.update(unstorable_values(item, (*path, index)))
+    return found

@@ -1,0 +1,114 @@
+"""Worker pools announce which queues they consume and how many tasks they run at once.
+
+The dispatcher admits a step only into a free worker slot of its lane, so a step never waits
+in the broker behind others while its lease runs (DESIGN: "admission never outruns the
+workers"). A pool re-announces every few seconds; an announcement older than ``STALE_AFTER``
+is ignored, so a pool that died stops counting on its own. With no announcement at all (a
+test calling the dispatcher in-process, or workers that are still starting) admission is
+bounded by the caps alone, and leases still start their clock only when a worker picks the
+step up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from core.redis_client import get_redis
+
+logger = logging.getLogger(__name__)
+
+POOLS_KEY = "runwarden:worker-pools"
+ANNOUNCE_EVERY = 3.0
+STALE_AFTER = 10.0
+
+_local_pools: dict[str, tuple[frozenset[str], int, float]] = {}
+_local_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    queues: frozenset[str]
+    slots: int
+
+
+def pool_announce(*, name: str, queues: Iterable[str], slots: int) -> None:
+    record = (frozenset(queues), slots, time.time())
+    client = get_redis()
+    if client is None:
+        with _local_lock:
+            _local_pools[name] = record
+        return
+    payload = json.dumps({"queues": sorted(record[0]), "slots": slots, "at": record[2]})
+    client.hset(POOLS_KEY, name, payload)
+
+
+def pool_withdraw(name: str) -> None:
+    client = get_redis()
+    if client is None:
+        with _local_lock:
+            _local_pools.pop(name, None)
+        return
+    client.hdel(POOLS_KEY, name)
+
+
+def live_pools(now: float | None = None) -> list[Pool]:
+    """Pools that announced themselves recently."""
+    now = now or time.time()
+    client = get_redis()
+    if client is None:
+        with _local_lock:
+            records = dict(_local_pools)
+    else:
+        try:
+            raw = client.hgetall(POOLS_KEY)
+        except Exception:
+            logger.warning("cannot read worker pools from Redis; admitting by caps only", exc_info=True)
+            return []
+        records = {}
+        for name, value in raw.items():
+            data = json.loads(value)
+            records[name.decode() if isinstance(name, bytes) else name] = (
+                frozenset(data["queues"]),
+                int(data["slots"]),
+                float(data["at"]),
+            )
+    return [
+        Pool(name, queues, slots)
+        for name, (queues, slots, at) in sorted(records.items())
+        if now - at <= STALE_AFTER
+    ]
+
+
+class Announcer:
+    """Keeps announcing a pool from a daemon thread until stopped."""
+
+    def __init__(self, *, name: str, queues: Iterable[str], slots: int) -> None:
+        self.name, self.queues, self.slots = name, frozenset(queues), slots
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"announce-{name}", daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                pool_announce(name=self.name, queues=self.queues, slots=self.slots)
+            except Exception:
+                logger.warning("could not announce worker pool %s", self.name, exc_info=True)
+            if self._stop.wait(ANNOUNCE_EVERY):
+                return
+
+    def start(self) -> Announcer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            pool_withdraw(self.name)
+        except Exception:
+            logger.warning("could not withdraw worker pool %s", self.name, exc_info=True)

@@ -1,0 +1,171 @@
+"""The side-effect ledger: a step's effect on the outside world happens at most once per
+idempotency key, and a retry or replay gets the recorded result back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from core import metrics
+from core.leases import LeaseGrant
+from core.models import Lease
+from runs.models import EffectStatus, Run, SideEffect, Step
+from runs.services import fingerprint
+
+
+class EffectError(Exception):
+    pass
+
+
+class EffectRequestMismatch(EffectError):
+    """The idempotency key was used before for a different request."""
+
+
+class EffectUnresolved(EffectError):
+    """A proposed effect has no recorded outcome.
+
+    ``in_flight`` is True while the proposer's lease is live (someone is executing it right
+    now); otherwise the effect is ambiguous — it may or may not have happened — and must be
+    reviewed, never blindly retried.
+    """
+
+    def __init__(self, effect: SideEffect, in_flight: bool) -> None:
+        state = "in flight" if in_flight else "ambiguous (proposed, no recorded outcome)"
+        super().__init__(f"effect {effect.idempotency_key} is {state}")
+        self.effect = effect
+        self.in_flight = in_flight
+
+
+@dataclass(frozen=True)
+class EffectOutcome:
+    effect: SideEffect
+    result: Any
+    replayed: bool  # True: the recorded result of an earlier execution, the callable did not run
+
+
+def _proposer_is_live(effect: SideEffect) -> bool:
+    if effect.proposer_lease_id is None or effect.proposer_token is None:
+        return False
+    now = timezone.now()
+    return Lease.objects.filter(
+        pk=effect.proposer_lease_id,
+        token=effect.proposer_token,
+        released_at__isnull=True,
+        expires_at__gt=now,
+    ).exists()
+
+
+def _propose(
+    *,
+    key: str,
+    run: Run,
+    step: Step | None,
+    kind: str,
+    request: dict[str, Any],
+    request_fingerprint: str,
+    lease: LeaseGrant | None,
+) -> tuple[SideEffect, bool]:
+    """Insert the ``proposed`` row, or find the one a racing caller inserted first."""
+    return SideEffect.objects.get_or_create(
+        idempotency_key=key,
+        defaults={
+            "tenant_id": run.tenant_id,
+            "run": run,
+            "step": step,
+            "kind": kind,
+            "request": request,
+            "request_fingerprint": request_fingerprint,
+            "proposer_lease_id": lease.id if lease else None,
+            "proposer_token": lease.token if lease else None,
+        },
+    )
+
+
+def effect_execute(
+    *,
+    run: Run,
+    step: Step | None,
+    kind: str,
+    fn: Callable[[], Any],
+    request: dict[str, Any] | None = None,
+    idempotency_key: str = "",
+    lease: LeaseGrant | None = None,
+    external_ref: Callable[[Any], str] | None = None,
+    guard: Callable[[], None] | None = None,
+) -> EffectOutcome:
+    """Run ``fn`` at most once per idempotency key, through the ledger.
+
+    1. The ``proposed`` row is committed *before* ``fn`` runs, so a crash afterwards leaves an
+       ambiguous record rather than a silent second execution.
+    2. Whoever inserts the row runs ``fn``; everyone else gets the recorded result (committed),
+       EffectUnresolved (proposed), or becomes the runner of a retry (failed, claimed by a
+       conditional UPDATE so only one retrier wins).
+    3. The outcome is recorded with a conditional UPDATE on ``status='proposed'``.
+
+    ``guard`` runs in the transaction that writes the proposal; if it raises, nothing is
+    proposed and ``fn`` does not run (the approval gate checks the approved version there).
+
+    Must not be called inside a transaction: the proposal has to be durable before ``fn``.
+    """
+    if transaction.get_connection().in_atomic_block:
+        raise RuntimeError(
+            "effect_execute must not run inside a transaction (the proposal must commit first)"
+        )
+    key = idempotency_key or f"{run.id}:{step.key if step else '-'}:{kind}"
+    request = request or {}
+    request_fingerprint = fingerprint(request)
+    with transaction.atomic():
+        if guard is not None:
+            guard()
+        effect, created = _propose(
+            key=key,
+            run=run,
+            step=step,
+            kind=kind,
+            request=request,
+            request_fingerprint=request_fingerprint,
+            lease=lease,
+        )
+    if not created:
+        if effect.request_fingerprint != request_fingerprint:
+            raise EffectRequestMismatch(f"idempotency key {key} was used for a different request")
+        if effect.status == EffectStatus.COMMITTED:
+            metrics.DUPLICATES_SUPPRESSED.labels(kind="effect").inc()
+            return EffectOutcome(effect=effect, result=effect.result, replayed=True)
+        if effect.status == EffectStatus.PROPOSED:
+            raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
+        # Failed before: exactly one retrier re-proposes it.
+        claimed = SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.FAILED).update(
+            status=EffectStatus.PROPOSED,
+            attempts=F("attempts") + 1,
+            error="",
+            proposer_lease_id=lease.id if lease else None,
+            proposer_token=lease.token if lease else None,
+            updated_at=timezone.now(),
+        )
+        effect.refresh_from_db()
+        if claimed != 1:
+            if effect.status == EffectStatus.COMMITTED:
+                return EffectOutcome(effect=effect, result=effect.result, replayed=True)
+            raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
+
+    try:
+        with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
+            result = fn()
+    except Exception as exc:
+        SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
+            status=EffectStatus.FAILED, error=f"{type(exc).__name__}: {exc}", failed_at=timezone.now()
+        )
+        raise
+    now = timezone.now()
+    ref = external_ref(result) if external_ref else ""
+    SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
+        status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
+    )
+    effect.refresh_from_db()
+    return EffectOutcome(effect=effect, result=result, replayed=False)

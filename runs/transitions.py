@@ -1,0 +1,338 @@
+"""Step and run state transitions: one function per transition, the only code that moves a
+step's or a run's status.
+
+Every transition is a conditional UPDATE on the status it leaves (``from_statuses``), so two
+racing callers (a timeout and a human, a reaper and a late worker) move a row exactly once;
+the loser sees ``False``. Each appends its event in the caller's transaction and, when it
+frees capacity or readies work, wakes the dispatcher once that transaction commits.
+
+Transitions that end an admission (succeed, fail or retry, park, conflict) must run inside a
+transaction that holds the step's fence (``core.leases.fenced_write``), so a worker that lost
+its lease can never move the step; they release the admission's leases in that transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db.models import F, Q
+from django.utils import timezone
+
+from core import services as core_services
+from core.leases import LeaseGrant, leases_release, live_leases_filter
+from core.models import Lease
+from core.wakeups import wake_on_commit
+from runs import gates
+from runs.definitions import UnknownWorkflow, WorkflowDefinitionError, get_workflow
+from runs.models import Run, RunStatus, Step, StepStatus
+
+UNFINISHED_RUN_STATUSES = (
+    RunStatus.PENDING,
+    RunStatus.RUNNING,
+    RunStatus.WAITING_APPROVAL,
+    RunStatus.CONFLICT,
+)
+ADMITTED = (StepStatus.LEASED, StepStatus.RUNNING)
+LIVE_STEP_STATUSES = (
+    StepStatus.PENDING,
+    StepStatus.READY,
+    StepStatus.LEASED,
+    StepStatus.RUNNING,
+    StepStatus.WAITING_APPROVAL,
+    StepStatus.CONFLICT,
+)
+MAX_LOCK_KEY_LENGTH = 200
+
+
+def _event(step: Step, verb: str, actor: str, **payload: Any) -> None:
+    core_services.event_record(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb=verb,
+        actor=actor,
+        payload={"step": step.key, **payload},
+    )
+
+
+def admission_grants(step: Step) -> list[LeaseGrant]:
+    """The leases a step's current admission holds (its step lease, then its entity locks),
+    as recorded when it was admitted; empty for a step that is not admitted."""
+    if step.lease_id is None or step.lease_token is None or step.status not in ADMITTED:
+        return []
+    now = timezone.now()
+    grants = [LeaseGrant(step.lease_id, step.tenant_id, f"step:{step.pk}", step.lease_token, now, now)]
+    grants += [
+        LeaseGrant(int(lock["id"]), step.tenant_id, str(lock["key"]), int(lock["token"]), now, now)
+        for lock in step.lock_leases
+    ]
+    return grants
+
+
+def step_lock_keys(*, workflow: str, step_key: str, context: Mapping[str, Any]) -> list[str]:
+    """A step's entity lock keys, filled from ``context`` (the run input and earlier outputs).
+
+    Raises WorkflowDefinitionError (or UnknownWorkflow) with a reason a user can act on: a
+    template that cannot be filled, or a key no lease can carry.
+    """
+    keys = get_workflow(workflow).spec(step_key).lock_keys(context)
+    for key in keys:
+        if len(key) > MAX_LOCK_KEY_LENGTH or "\x00" in key:
+            raise WorkflowDefinitionError(
+                f"lock key {key[:60]!r}… of step {step_key!r} is not a valid key "
+                f"(at most {MAX_LOCK_KEY_LENGTH} characters, no NUL)"
+            )
+    return keys
+
+
+def lock_context(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What lock templates are filled from: earlier outputs (dicts), then the run input."""
+    context: dict[str, Any] = {}
+    for output in outputs.values():
+        if isinstance(output, dict):
+            context.update(output)
+    context.update(run.input)
+    return context
+
+
+def run_fail(*, run_id: str, now: datetime) -> None:
+    Run.objects.filter(pk=run_id).exclude(
+        status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED]
+    ).update(status=RunStatus.FAILED, finished_at=now, updated_at=now)
+
+
+def step_fail(
+    *,
+    step: Step,
+    actor: str,
+    reason: str,
+    from_statuses: Sequence[str],
+    grants: Sequence[LeaseGrant] = (),
+    now: datetime | None = None,
+) -> bool:
+    """Fail a step and its run, once (a last attempt, a rejection, a step that cannot be
+    admitted or executed because of its own data or definition, a reviewer's cancel)."""
+    now = now or timezone.now()
+    failed = Step.objects.filter(pk=step.pk, status__in=list(from_statuses)).update(
+        status=StepStatus.FAILED, error=reason, finished_at=now, updated_at=now
+    )
+    if failed != 1:
+        return False
+    run_fail(run_id=step.run_id, now=now)
+    leases_release(grants, now=now)
+    _event(step, "run_failed", actor, attempt=step.attempt, error=reason[:500], reason=reason[:500])
+    wake_on_commit()
+    return True
+
+
+def step_retry_or_fail(
+    *,
+    step: Step,
+    actor: str,
+    error: str,
+    retryable: bool,
+    backoff: float,
+    grants: Sequence[LeaseGrant],
+    now: datetime | None = None,
+) -> bool:
+    """End a running attempt that raised: back to ready after ``backoff`` seconds (same step,
+    same idempotency keys) while attempts remain, else fail the run. True when retrying."""
+    now = now or timezone.now()
+    if not retryable or step.attempt >= step.max_attempts:
+        step_fail(step=step, actor=actor, reason=error, from_statuses=ADMITTED, grants=grants, now=now)
+        return False
+    moved = Step.objects.filter(pk=step.pk, status__in=ADMITTED).update(
+        status=StepStatus.READY,
+        error=error,
+        available_at=now + timedelta(seconds=backoff),
+        updated_at=now,
+    )
+    if moved == 1:
+        leases_release(grants, now=now)
+        _event(step, "step_retry_scheduled", actor, attempt=step.attempt, error=error[:500])
+        wake_on_commit()
+    return moved == 1
+
+
+def step_succeed(
+    *, step: Step, run: Run, output: Any, outputs: Mapping[str, Any], grants: Sequence[LeaseGrant]
+) -> str:
+    """Record a step's output and ready the next step (its lock keys resolved now), or finish
+    the run. Returns ``succeeded``, or ``failed`` when the next step cannot be readied (its
+    workflow is gone, or its lock template does not fit this run's data)."""
+    now = timezone.now()
+    Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
+        status=StepStatus.SUCCEEDED, output=output, error="", finished_at=now, updated_at=now
+    )
+    leases_release(grants, now=now)
+    following = (
+        Step.objects.filter(run_id=run.pk, position=step.position + 1).values_list("pk", "key").first()
+    )
+    if following is None:
+        Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
+            status=RunStatus.SUCCEEDED, finished_at=now, updated_at=now
+        )
+        _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
+        wake_on_commit()
+        return "succeeded"
+    next_id, next_key = following
+    try:
+        keys = step_lock_keys(
+            workflow=run.workflow, step_key=next_key, context=lock_context(run, {**outputs, step.key: output})
+        )
+    except (UnknownWorkflow, WorkflowDefinitionError) as exc:
+        _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
+        nxt = Step.objects.get(pk=next_id)
+        step_fail(step=nxt, actor="executor", reason=str(exc), from_statuses=[StepStatus.PENDING], now=now)
+        return "failed"
+    Step.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
+        status=StepStatus.READY, lock_keys=keys, available_at=None, updated_at=now
+    )
+    _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
+    wake_on_commit()
+    return "succeeded"
+
+
+def step_park(*, step: Step, grants: Sequence[LeaseGrant], approval_id: int | None) -> None:
+    """A gated step without a valid approval waits, holding no lease, lock or capacity."""
+    now = timezone.now()
+    Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
+        status=StepStatus.WAITING_APPROVAL, updated_at=now
+    )
+    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
+        status=RunStatus.WAITING_APPROVAL, updated_at=now
+    )
+    leases_release(grants, now=now)
+    _event(step, "step_waiting_approval", "executor", approval_id=approval_id)
+    wake_on_commit()
+
+
+def step_conflict(
+    *,
+    step: Step,
+    kind: str,
+    error: str,
+    grants: Sequence[LeaseGrant] = (),
+    from_statuses: Sequence[str] = ADMITTED,
+    now: datetime | None = None,
+    **details: Any,
+) -> bool:
+    """The step waits in ``conflict`` for a reviewer; a conflict artifact says why."""
+    now = now or timezone.now()
+    moved = Step.objects.filter(pk=step.pk, status__in=list(from_statuses)).update(
+        status=StepStatus.CONFLICT, error=error, updated_at=now
+    )
+    if moved != 1:
+        return False
+    Run.objects.filter(pk=step.run_id).exclude(
+        status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED]
+    ).update(status=RunStatus.CONFLICT, updated_at=now)
+    leases_release(grants, now=now)
+    effect = details.get("effect")
+    _event(step, "step_conflict", "executor", kind=kind, effect=effect.idempotency_key if effect else None)
+    gates.report_conflict(kind, step=step, error=error, **details)
+    wake_on_commit()
+    return True
+
+
+def step_requeue(*, step: Step, actor: str, verb: str, now: datetime | None = None, **payload: Any) -> bool:
+    """An admission that ended without a result (its lease expired before or while it ran, and
+    no effect was in flight) goes back to ready. The attempt count is kept: a step that was
+    never picked up has not used an attempt."""
+    now = now or timezone.now()
+    moved = Step.objects.filter(pk=step.pk, status__in=ADMITTED, lease_token=step.lease_token).update(
+        status=StepStatus.READY, available_at=now, updated_at=now
+    )
+    if moved == 1:
+        _event(step, verb, actor, attempt=step.attempt, token=step.lease_token, **payload)
+        wake_on_commit()
+    return moved == 1
+
+
+def step_resume(
+    *, step: Step, actor: str, from_statuses: tuple[str, ...] = (StepStatus.WAITING_APPROVAL,)
+) -> bool:
+    """Make a parked step ready again, once: two racing resumes (two approvals, an approval
+    and a timeout) move it exactly once. Call in the deciding transaction."""
+    now = timezone.now()
+    resumed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
+        status=StepStatus.READY, available_at=now, error="", updated_at=now
+    )
+    if resumed != 1:
+        return False
+    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT]).update(
+        status=RunStatus.RUNNING, updated_at=now
+    )
+    _event(step, "step_resumed", actor)
+    wake_on_commit()
+    return True
+
+
+def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> bool:
+    """Send a parked step's run back to an earlier step ("request changes" → redraft): that step
+    is ready again and every step after it pending. Once, from ``waiting_approval`` only."""
+    now = timezone.now()
+    target = Step.objects.filter(run_id=step.run_id, key=to_step_key, position__lt=step.position).first()
+    if target is None:
+        raise ValueError(f"no earlier step {to_step_key!r} to send the run back to")
+    moved = Step.objects.filter(pk=step.pk, status=StepStatus.WAITING_APPROVAL).update(
+        status=StepStatus.PENDING, updated_at=now
+    )
+    if moved != 1:
+        return False
+    Step.objects.filter(run_id=step.run_id, position__gt=target.position, position__lt=step.position).update(
+        status=StepStatus.PENDING, updated_at=now
+    )
+    Step.objects.filter(pk=target.pk).update(status=StepStatus.READY, available_at=now, updated_at=now)
+    Run.objects.filter(pk=step.run_id).update(status=RunStatus.RUNNING, updated_at=now)
+    _event(step, "changes_requested", actor, back_to=to_step_key, note=note)
+    wake_on_commit()
+    return True
+
+
+def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
+    """Cancel an unfinished run: waiting steps are cancelled, admitted ones are fenced out (their
+    leases and locks are revoked now; they notice at their next heartbeat). False when the run
+    had already finished. Call inside a transaction."""
+    now = timezone.now()
+    cancelled = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES).update(
+        status=RunStatus.CANCELLED, finished_at=now, updated_at=now
+    )
+    if cancelled != 1:
+        return False
+    live_steps = list(
+        Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
+    )
+    # Only what this run's admissions hold (step lease by key and token, entity locks by their
+    # recorded leases): a step still waiting for an entity must not revoke its holder's lock.
+    held = Q(pk__in=[])
+    for step in live_steps:
+        if step.lease_token is not None:
+            held |= Q(key=f"step:{step.pk}", token=step.lease_token)
+        for lock in step.lock_leases if step.status in ADMITTED else []:
+            held |= Q(pk=int(lock["id"]), token=int(lock["token"]))
+    Lease.objects.filter(held, live_leases_filter(now), tenant_id=run.tenant_id).update(expires_at=now)
+    Step.objects.filter(pk__in=[step.pk for step in live_steps]).update(
+        status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now
+    )
+    core_services.event_record(
+        tenant=run.tenant_id,
+        subject=f"run:{run.id}",
+        verb="cancelled",
+        actor=actor,
+        payload={"reason": reason},
+    )
+    wake_on_commit()
+    return True
+
+
+def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
+    """leased → running for the worker holding ``token``: the attempt is counted here, when a
+    worker really starts it, not at admission."""
+    return (
+        Step.objects.filter(pk=step_id, status=StepStatus.LEASED, lease_token=token).update(
+            status=StepStatus.RUNNING, attempt=F("attempt") + 1, started_at=now, updated_at=now
+        )
+        == 1
+    )
