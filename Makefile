@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Embedded default (no DATABASE_URL/REDIS_URL): one process, SQLite under var/, in-process
-# Celery worker. With both set: web, workers and beat as separate processes (Procfile).
+# Celery worker and dispatcher. With both set: web, dispatcher, one worker pool per lane and
+# beat as separate processes (Procfile), run from the project's virtualenv.
 run: $(STAMP)
 	@export DEBUG=$${DEBUG:-1}; \
 	$(BIN)/python manage.py migrate --noinput && \
@@ -29,7 +30,7 @@ run: $(STAMP)
 	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && \
 	echo "Start demo runs from another shell: $(BIN)/python manage.py demo_traffic --tenant acme --runs 50" && echo "" && \
 	if [ -n "$$DATABASE_URL" ] && [ -n "$$REDIS_URL" ]; then \
-		PORT=$(PORT) $(BIN)/honcho -f Procfile start; \
+		PATH="$(CURDIR)/$(BIN):$$PATH" PORT=$(PORT) $(BIN)/honcho -f Procfile start; \
 	else \
 		PORT=$(PORT) $(BIN)/python manage.py serve --port $(PORT); \
 	fi

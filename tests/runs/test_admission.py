@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from core.leases import lease_acquire, lease_release
+from core.models import Event, Tenant, TenantQuota
+from runs.context import StepContext
+from runs.definitions import workflow
+from runs.dispatch import dispatch_round, load_room
+from runs.executor import step_execute
+from runs.models import Run, RunStatus, Step, StepStatus
+from runs.services import run_start
+from tests.concurrency import run_concurrently
+
+# Workflows whose steps fail in ways that belong to their own run.
+raising = workflow("test.poison_raises", description="its only step always raises")
+
+
+@raising.step(lane="read", max_attempts=1)
+def explode(ctx: StepContext) -> dict[str, Any]:
+    raise ValueError("this step always fails")
+
+
+unfillable = workflow("test.poison_next_lock", description="the second step's lock cannot be filled")
+
+
+@unfillable.step(lane="read")
+def first(ctx: StepContext) -> dict[str, Any]:
+    return {"unrelated": 1}
+
+
+@unfillable.step(lane="read", locks=["thing:{missing}"])
+def second(ctx: StepContext) -> dict[str, Any]:
+    return {}
+
+
+def pump(rounds: int = 20) -> list[str]:
+    """Dispatch and execute in this process until nothing more is admitted."""
+    outcomes: list[str] = []
+    for _ in range(rounds):
+        admitted = dispatch_round()
+        if not admitted:
+            break
+        outcomes += [step_execute(step_id=a.step_id, token=a.token) for a in admitted]
+    return outcomes
+
+
+def crm_run(tenant: Tenant, contact: int, stage: str = "won") -> Run:
+    return run_start(
+        tenant=tenant,
+        workflow="demo.crm_update",
+        input={"contact_id": contact, "changes": {"stage": stage}},
+        actor="t",
+    ).run
+
+
+NO_TOOL_CAPS = {"global": 50, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {}}
+
+
+@override_settings(RUNWARDEN_CAPS=NO_TOOL_CAPS)
+def test_it_admits_free_steps_past_many_that_wait_for_a_held_entity(sandbox_acme: Tenant) -> None:
+    holder = lease_acquire(tenant_id=sandbox_acme.pk, key="crm_contact:1", holder="elsewhere", ttl=60)
+    assert holder is not None
+    blocked = [crm_run(sandbox_acme, 1, f"s{n}") for n in range(30)]
+    free = [
+        run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": n + 1}, actor="t").run
+        for n in range(8)
+    ]
+    admitted = dispatch_round(limit=8)
+    admitted_steps = Step.objects.filter(pk__in=[a.step_id for a in admitted])
+    admitted_runs = set(admitted_steps.values_list("run_id", flat=True))
+    assert admitted_runs == {run.id for run in free}, "the free steps must not wait behind the blocked ones"
+    assert not Step.objects.filter(run__in=blocked).exclude(status=StepStatus.READY).exists()
+    lease_release(grant=holder)
+    assert len(dispatch_round(limit=8)) == 1, "exactly one waiter gets the entity once it is free"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_waiters_for_one_entity_are_admitted_in_the_order_their_runs_started(sandbox_acme: Tenant) -> None:
+    runs = [crm_run(sandbox_acme, 2, f"s{n}") for n in range(6)]
+    order: list[str] = []
+    for _ in range(10):
+        admitted = dispatch_round()
+        if not admitted:
+            break
+        assert len(admitted) == 1, "one holder per entity at a time"
+        order.append(Step.objects.get(pk=admitted[0].step_id).run_id)
+        assert step_execute(step_id=admitted[0].step_id, token=admitted[0].token) == "succeeded"
+    assert order == [run.id for run in runs]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_poisoned_runs_fail_alone_with_their_reason_and_good_runs_finish(
+    sandbox_acme: Tenant, globex: Tenant
+) -> None:
+    good = [crm_run(sandbox_acme, 3, f"s{n}") for n in range(3)]
+    good += [
+        run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": n + 1}, actor="t").run
+        for n in range(4)
+    ]
+    good += [run_start(tenant=globex, workflow="bench.noop", input={}, actor="t").run for _ in range(4)]
+    expected: dict[str, str] = {}
+    for n in range(6):
+        gone = run_start(tenant=globex, workflow="bench.noop", input={}, actor="t").run
+        Run.objects.filter(pk=gone.pk).update(workflow=f"deleted.workflow_{n}")
+        expected[gone.id] = "no longer registered"
+        renamed = run_start(tenant=sandbox_acme, workflow="bench.noop", input={}, actor="t").run
+        Step.objects.filter(run=renamed).update(key=f"renamed_{n}")
+        expected[renamed.id] = "no longer has a step"
+        corrupt = crm_run(sandbox_acme, 4 + n)
+        Step.objects.filter(run=corrupt).update(lock_keys=["x" * 300] if n % 2 else [42])
+        expected[corrupt.id] = "is not a valid key"
+        raises = run_start(tenant=globex, workflow="test.poison_raises", input={}, actor="t").run
+        expected[raises.id] = "this step always fails"
+        unfilled = run_start(tenant=sandbox_acme, workflow="test.poison_next_lock", input={}, actor="t").run
+        expected[unfilled.id] = "needs 'missing'"
+    pump(rounds=60)
+    for run in good:
+        run.refresh_from_db()
+        assert run.status == RunStatus.SUCCEEDED, (run.workflow, run.status)
+    for run_id, reason in expected.items():
+        run = Run.objects.get(pk=run_id)
+        assert run.status == RunStatus.FAILED, (run.workflow, run.status)
+        failed = run.steps.get(status=StepStatus.FAILED)
+        assert reason in failed.error, (failed.error, reason)
+        assert Event.objects.filter(subject=f"run:{run_id}", verb="run_failed").count() == 1
+
+
+def test_a_round_costs_the_same_number_of_queries_for_one_step_or_fifty(acme: Tenant) -> None:
+    def round_queries(n: int) -> tuple[int, int]:
+        for _ in range(n):
+            run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+        with CaptureQueriesContext(connections["default"]) as captured:
+            admitted = dispatch_round()
+        for admission in admitted:
+            step_execute(step_id=admission.step_id, token=admission.token)
+        return len(admitted), len(captured.captured_queries)
+
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=100)
+    with override_settings(
+        RUNWARDEN_CAPS={"global": 100, "tenant_default": 100, "workflow": {}, "lane": {}, "tool": {}}
+    ):
+        one = round_queries(1)
+        fifty = round_queries(50)
+    assert (one[0], fifty[0]) == (1, 50)
+    assert one[1] == fifty[1] <= 12, (one, fifty)
+
+
+def test_starting_and_finishing_a_step_are_one_transaction_each(acme: Tenant) -> None:
+    run = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run
+    (admission,) = dispatch_round()
+    with CaptureQueriesContext(connections["default"]) as captured:
+        assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
+    statements = [q["sql"] for q in captured.captured_queries]
+    # Under the test's outer transaction, the start and the finish each show as one SAVEPOINT
+    # (the start's lease renewal nests one more inside it).
+    assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 3, statements
+    assert len(statements) <= 20, statements
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.timeout(240)
+def test_racing_dispatchers_never_exceed_any_cap(acme: Tenant, globex: Tenant) -> None:
+    caps = {"global": 5, "tenant_default": 3, "workflow": {}, "lane": {}, "tool": {}}
+    TenantQuota.objects.filter(tenant__in=[acme, globex]).update(max_concurrent_steps=3)
+    ids = [
+        run_start(tenant=tenant, workflow="bench.noop", input={}, actor="t").run.id
+        for _ in range(40)
+        for tenant in (acme, globex)
+    ]
+    peaks: dict[str, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        # Another connection watches the live holders while the dispatchers race.
+        try:
+            while not stop.is_set():
+                for scope, n in load_room(timezone.now()).held.items():
+                    peaks[scope] = max(peaks.get(scope, 0), n)
+                time.sleep(0.001)
+        finally:
+            connections.close_all()
+
+    def dispatch_and_run(i: int) -> int:
+        executed = 0
+        deadline = time.monotonic() + 200
+        while Run.objects.filter(pk__in=ids).exclude(status=RunStatus.SUCCEEDED).exists():
+            if time.monotonic() > deadline:
+                break
+            for admission in dispatch_round():
+                time.sleep(0.003)  # hold the capacity for a moment
+                assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
+                executed += 1
+        return executed
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    with override_settings(RUNWARDEN_CAPS=caps):
+        sampler.start()
+        try:
+            results = run_concurrently(dispatch_and_run, 8, timeout=230)
+        finally:
+            stop.set()
+            sampler.join(10)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert sum(results) == len(ids), "every step ran exactly once"
+    assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}
+    assert peaks["global"] <= 5, peaks
+    assert peaks[f"tenant:{acme.pk}"] <= 3 and peaks[f"tenant:{globex.pk}"] <= 3, peaks
+    assert peaks["global"] >= 4, "the race must actually press against the cap"
