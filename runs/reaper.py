@@ -58,7 +58,7 @@ def _reap_one(step_id: int, now: datetime) -> str | None:
         if step is None:
             return None
         still_live = Lease.objects.filter(
-            live_leases_filter(now), pk=step.lease_id, token=step.lease_token
+            live_leases_filter(now), pk=step.lease_id or 0, token=step.lease_token or 0
         ).exists()
         if still_live:
             return None  # renewed since we looked
