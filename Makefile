@@ -56,14 +56,19 @@ test-e2e: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
 		$(BIN)/pytest -m e2e -p no:cacheprovider
 
-# Side by side on this machine: Runwarden's pipeline vs raw Celery on the same Redis broker.
+# Side by side on this machine: Runwarden's pipeline vs raw Celery on the same Redis broker, with real
+# worker processes (docs/BENCHMARKS.md). A fresh database each time, Redis DB 2 (emptied between
+# phases: never point BENCH_REDIS_URL at a Redis DB anything else uses). Writes bench/results.json;
+# BENCH_ARGS passes options, e.g. BENCH_ARGS=--markdown. Ends within 10 minutes.
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden_bench
+BENCH_REDIS_URL ?= redis://127.0.0.1:6379/2
+BENCH_ARGS ?=
 bench: $(STAMP)
-	@psql "$(BENCH_DATABASE_URL:/runwarden_bench=/postgres)" -tAc "SELECT 1 FROM pg_database WHERE datname='runwarden_bench'" | grep -q 1 \
-		|| createdb -h 127.0.0.1 -U postgres runwarden_bench
-	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/2} \
-		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret}; \
-		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench
+	psql -q "$(BENCH_DATABASE_URL:/runwarden_bench=/postgres)" -c "DROP DATABASE IF EXISTS runwarden_bench WITH (FORCE)" \
+		-c "CREATE DATABASE runwarden_bench"
+	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) \
+		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows; \
+		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3 var/staticfiles .pytest_cache .mypy_cache .ruff_cache

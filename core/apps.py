@@ -8,6 +8,7 @@ class CoreConfig(AppConfig):
     verbose_name = "Runwarden core"
 
     def ready(self) -> None:
-        from core import live, services
+        from core import live, services, statement_counter
 
         services.event_listener_register(live.publish_event)
+        statement_counter.install_if_enabled()  # off unless RUNWARDEN_COUNT_STATEMENTS (make bench)

@@ -13,6 +13,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
 app = Celery("runwarden")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# Celery's Django fixup closes every database connection before and after each task unless
+# DB_REUSE_MAX is set: that cost two extra transactions (connect, SET TIME ZONE) per step.
+# Workers keep their connections (WORKER_DB_CONN_MAX_AGE); Django's close_old_connections,
+# called by the step task, still drops a broken or obsolete one.
+app.conf["CELERY_DB_REUSE_MAX"] = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
 
 
 @worker_init.connect

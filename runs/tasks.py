@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from celery import shared_task
 from django.conf import settings
+from django.db import close_old_connections
 
 from runs import executor
 from runs.queueing import EXECUTE_STEP_TASK
@@ -12,6 +13,7 @@ from runs.queueing import EXECUTE_STEP_TASK
 
 @shared_task(name=EXECUTE_STEP_TASK, acks_late=True, ignore_result=True)
 def execute_step_task(*, step_id: int, token: int) -> str:
+    close_old_connections()  # connections are kept across tasks: drop a broken one first
     return executor.step_execute(step_id=step_id, token=token)
 
 

@@ -1,122 +1,1045 @@
 """make bench: Runwarden's pipeline against raw Celery, side by side, on the same broker.
 
-Both sides run on real worker processes started here. Reported as ratios, since this
-machine's speed drifts: our runs/s over raw Celery's tasks/s, and PostgreSQL transactions
-per completed step (from pg_stat_database, including the dispatcher, reaper and beat).
+One invocation, real processes started (and always stopped) here, this machine's PostgreSQL
+and Redis. Figures are ratios and per-step costs where they can be, since a machine's speed
+drifts. Writes ``bench/results.json`` (stable keys, see docs/BENCHMARKS.md) and prints a table;
+``--markdown`` prints it as Markdown, ``--report FILE`` prints the table of an earlier run.
+
+Exit status: 0, also when the machine was slow and a phase ran out of time (reported as such);
+1 when a run failed or any step needed more than one attempt (a correctness failure).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import redis
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
-from django.db import connection
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection, connections
+from django.db.models import Max
+from django.test import Client
+from django.utils import timezone
 
-from core.models import Tenant, TenantQuota
-from runs.models import Run, RunStatus
+from core import statement_counter
+from core.models import Membership, Role, Tenant, TenantQuota, User
+from core.services import api_token_issue
+from runs.benchmarking import (
+    Monitor,
+    ProcessSet,
+    cpu_snapshot,
+    cpu_usage,
+    log_tail,
+    machine_info,
+    percentile,
+    start_runwarden_processes,
+    start_step_workers,
+    stop_all_started,
+    wait_for_workers,
+)
+from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
-from runs.tasks import bench_noop_task
 
-QUEUES = ["celery", "read", "draft", "external", "high_risk", "maintenance"]
+BENCH_WORKFLOWS_MODULE = "runs.bench_workflows"
+COUNTER_PREFIX = "runwarden:bench:"
+STATEMENTS_KEY = COUNTER_PREFIX + "statements"
+TENANT_SLUG = "bench"
+OPERATOR = "bench-operator"
+ACTOR = "bench"
+WARMUP_RUNS = 5
+BAD_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CONFLICT)
+FLUSH_WAIT = statement_counter.FLUSH_INTERVAL_SECONDS + 0.3
+GOALS = {
+    "ratio_vs_celery": "≥ 0.5",
+    "pg_transactions_per_step": "≤ 4",
+    "pg_transactions_per_further_step": "≤ 2",
+    "approve_to_resume_ms": "p50 < 100",
+}
+
+
+class PhaseSkipped(Exception):
+    pass
+
+
+@dataclass
+class Waited:
+    counts: dict[str, int]
+    total: int
+    done: bool  # every run reached succeeded or a bad status
+    elapsed: float
+    why: str = ""
+
+    @property
+    def succeeded(self) -> int:
+        return self.counts.get(RunStatus.SUCCEEDED, 0)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.get(status, 0) for status in BAD_STATUSES)
+
+
+@dataclass
+class Bench:
+    out: Callable[[str], None]
+    options: dict[str, Any]
+    workdir: Path
+    redis: redis.Redis
+    monitor: Monitor
+    tenant: Tenant
+    env: dict[str, str]
+    deadline: float
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    engine: str = ""
+    transactions_per_connection: float = 0.0
+
+    # ------------------------------------------------------------------ helpers
+
+    def time_left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def budget(self, cap: float, reserve: float = 20.0) -> float:
+        """Seconds a wait may take: its own cap, within what is left of the whole budget."""
+        return max(0.0, min(cap, self.time_left() - reserve))
+
+    def need(self, seconds: float, what: str) -> None:
+        if self.time_left() < seconds:
+            raise PhaseSkipped(f"{what}: skipped, {self.time_left():.0f} s of the time budget left")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        self.out(f"    note: {text}")
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        self.out(f"    PROBLEM: {text}")
+
+    def prepare(self) -> None:
+        """Before each phase: nothing of ours running, the bench tenant's unfinished runs cancelled,
+        the broker's queues (Redis DB of REDIS_URL) emptied, the bench's own connection closed."""
+        from runs import services
+
+        stop_all_started()
+        unfinished = Run.objects.filter(tenant=self.tenant).exclude(
+            status__in=[RunStatus.SUCCEEDED, *BAD_STATUSES]
+        )
+        for run in unfinished.iterator():
+            try:
+                services.run_cancel(run=run, actor=ACTOR, reason="bench: cleaned up before a phase")
+            except Exception:  # whatever the service refuses, the bench must start clean
+                now = timezone.now()
+                Step.objects.filter(run=run).exclude(
+                    status__in=[StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED]
+                ).update(status=StepStatus.CANCELLED, finished_at=now)
+                Run.objects.filter(pk=run.pk).update(status=RunStatus.CANCELLED, finished_at=now)
+        keep = ("_kombu.binding.", COUNTER_PREFIX)
+        doomed = [key for key in self.redis.scan_iter(count=1000) if not key.decode().startswith(keep)]
+        for start in range(0, len(doomed), 500):
+            self.redis.delete(*doomed[start : start + 500])
+        connections.close_all()
+
+    def statement_totals(self) -> dict[str, int]:
+        statement_counter.flush_now()
+        return statement_counter.read_totals(self.redis, STATEMENTS_KEY)
+
+    def start_runs(self, workflow: str, count: int, per_second: float | None = None) -> list[str]:
+        ids = []
+        began = time.monotonic()
+        for number in range(count):
+            if per_second:
+                delay = began + number / per_second - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            start = run_start(tenant=self.tenant, workflow=workflow, input={}, actor=ACTOR)
+            ids.append(start.run.id)
+        return ids
+
+    def wait_runs(
+        self, ids: Sequence[str], timeout: float, processes: ProcessSet | None = None, poll: float = 0.05
+    ) -> Waited:
+        began = time.monotonic()
+        counts: dict[str, int] = {}
+        why = ""
+        while True:
+            counts = dict(
+                self.monitor.rows(
+                    f"SELECT status, count(*) FROM {Run._meta.db_table} WHERE id = ANY(%s) GROUP BY status",
+                    [list(ids)],
+                )
+            )
+            finished = sum(counts.get(s, 0) for s in (RunStatus.SUCCEEDED, *BAD_STATUSES))
+            if finished >= len(ids):
+                return Waited(counts, len(ids), True, time.monotonic() - began)
+            if processes is not None and (dead := processes.dead()):
+                why = "process exited: " + ", ".join(
+                    f"{p.name} (exit {p.popen.returncode}; {p.log})" for p in dead
+                )
+                for proc in dead:
+                    self.out(log_tail(proc))
+                break
+            if time.monotonic() - began > timeout:
+                why = f"timed out after {timeout:.0f} s"
+                break
+            time.sleep(poll)
+        return Waited(counts, len(ids), False, time.monotonic() - began, why)
+
+    def check_runs(self, label: str, waited: Waited, ids: Sequence[str], resumed_step: str = "") -> None:
+        """Bad statuses and retried steps are correctness failures; an unfinished wait is a note.
+        ``resumed_step``: a gated step, which runs once to park and once more after its approval."""
+        if waited.bad:
+            detail = {s: waited.counts[s] for s in BAD_STATUSES if waited.counts.get(s)}
+            errors = list(
+                Step.objects.filter(run_id__in=ids)
+                .exclude(error="")
+                .values_list("error", flat=True)
+                .distinct()[:3]
+            )
+            self.problem(
+                f"{label}: {waited.bad} of {waited.total} runs did not succeed {detail}; errors: {errors}"
+            )
+        if not waited.done:
+            self.note(f"{label}: {waited.succeeded} of {waited.total} runs succeeded ({waited.why})")
+        steps = Step.objects.filter(run_id__in=ids).exclude(key=resumed_step)
+        retried = steps.filter(attempt__gt=1).count()
+        if retried:
+            worst = steps.aggregate(m=Max("attempt"))["m"]
+            self.problem(f"{label}: {retried} steps needed more than one attempt (up to {worst})")
+
+    @contextlib.contextmanager
+    def runwarden(self, workers: int) -> Iterator[ProcessSet]:
+        processes = start_runwarden_processes(self.workdir, workers, self.env)
+        self.engine = processes.engine
+        try:
+            missing = wait_for_workers(processes, timeout=self.budget(60))
+            if missing:
+                raise PhaseSkipped(
+                    f"workers did not answer a ping: {', '.join(missing)} (logs in {self.workdir})"
+                )
+            yield processes
+        finally:
+            time.sleep(FLUSH_WAIT)  # processes without an exit hook flush their counts every 0.5 s
+            processes.stop()
+
+    def warm_up(
+        self, processes: ProcessSet, workflow: str = "bench.noop", count: int = WARMUP_RUNS
+    ) -> list[str]:
+        ids = self.start_runs(workflow, count)
+        waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+        self.check_runs("warm-up", waited, ids)
+        if waited.succeeded < count:
+            self.problem(
+                f"the pipeline finished {waited.succeeded} of {count} warm-up runs "
+                f"({waited.why or 'some failed'}); logs in {self.workdir}"
+            )
+            raise PhaseSkipped("warm-up did not complete")
+        return ids
+
+    # ------------------------------------------------------------------- phases
+
+    def raw_celery(self, workers: int, tasks: int) -> dict[str, Any]:
+        """Raw Celery: the same step workers, a no-op task that counts itself in Redis."""
+        from runs.tasks import bench_noop_task
+
+        self.need(30, "raw Celery")
+        self.prepare()
+        key = f"{COUNTER_PREFIX}raw:{uuid.uuid4().hex}"
+        processes = start_step_workers(self.workdir, workers, self.env)
+        try:
+            missing = wait_for_workers(processes, timeout=self.budget(60))
+            if missing:
+                raise PhaseSkipped(f"workers did not answer a ping: {', '.join(missing)}")
+            for _ in range(50):
+                bench_noop_task.apply_async(kwargs={"counter_key": key}, queue="read")
+            if self._wait_counter(key, 50, self.budget(60)) < 50:
+                raise PhaseSkipped(f"the workers did not run 50 warm-up tasks (logs in {self.workdir})")
+            self.redis.delete(key)
+            cpu0 = cpu_snapshot(processes.pgids(), [])
+            began = time.monotonic()
+            for _ in range(tasks):
+                bench_noop_task.apply_async(kwargs={"counter_key": key}, queue="read")
+            done = self._wait_counter(key, tasks, self.budget(120))
+            elapsed = time.monotonic() - began
+            cpu = cpu_usage(cpu0, cpu_snapshot(processes.pgids(), []))
+        finally:
+            processes.stop()
+            self.redis.delete(key)
+        if done < tasks:
+            self.note(f"raw Celery, {workers} workers: {done} of {tasks} tasks done in time")
+        return {
+            "workers": workers,
+            "tasks": tasks,
+            "done": done,
+            "seconds": round(elapsed, 3),
+            "tasks_per_s": round(done / elapsed, 1),
+            "cpu": cpu,
+        }
+
+    def _wait_counter(self, key: str, target: int, timeout: float) -> int:
+        began = time.monotonic()
+        while (done := int(self.redis.get(key) or 0)) < target and time.monotonic() - began < timeout:
+            time.sleep(0.005)
+        return done
+
+    def pipeline(self, workflow: str, steps_per_run: int, runs: int, workers: int) -> dict[str, Any]:
+        """Runs of ``workflow`` started with run_start, timed until all succeeded; every
+        transaction (pg_stat_database) and statement (the counter) of every process counted."""
+        self.need(40, f"{workflow} on {workers} workers")
+        self.prepare()
+        statements_before = self.statement_totals()
+        pg_before, monitor_before, settled = self.monitor.settle_and_read()
+        if not settled:
+            self.note(
+                "another client stayed connected to the bench database: transactions may include its own"
+            )
+        all_ids: list[str] = []
+        result: dict[str, Any] = {"workflow": workflow, "workers": workers, "runs": runs}
+        t0 = timezone.now()
+        with self.runwarden(workers) as processes:
+            all_ids += self.warm_up(processes, workflow)
+            cpu0 = cpu_snapshot(processes.pgids(), self.monitor.backend_pids())
+            t0, began = timezone.now(), time.monotonic()
+            ids = self.start_runs(workflow, runs)
+            all_ids += ids
+            started_in = time.monotonic() - began
+            waited = self.wait_runs(ids, timeout=self.budget(self.options["max_window"]), processes=processes)
+            elapsed = time.monotonic() - began
+            cpu = cpu_usage(cpu0, cpu_snapshot(processes.pgids(), self.monitor.backend_pids()))
+        connections.close_all()  # its backend exits and flushes its statistics
+        pg_after, monitor_after, _ = self.monitor.settle_and_read()
+        statements_after = self.statement_totals()
+        self.check_runs(f"{workflow} on {workers} workers", waited, ids)
+        last = self.monitor.value(
+            f"SELECT max(finished_at) FROM {Run._meta.db_table} WHERE id = ANY(%s) AND status = %s",
+            [ids, RunStatus.SUCCEEDED],
+        )
+        if waited.done and last is not None:
+            elapsed = max((last - t0).total_seconds(), 1e-3)
+        steps = int(
+            self.monitor.value(
+                f"SELECT count(*) FROM {Step._meta.db_table} WHERE run_id = ANY(%s) AND status = %s",
+                [all_ids, StepStatus.SUCCEEDED],
+            )
+        )
+        monitor_queries = monitor_after - monitor_before
+        xacts = pg_after["xact_commit"] - pg_before["xact_commit"] - monitor_queries
+        by_role: dict[str, dict[str, float]] = {}
+        for name in sorted(set(statements_after) | set(statements_before)):
+            role, _, kind = name.rpartition(".")
+            delta = statements_after.get(name, 0) - statements_before.get(name, 0)
+            if delta:
+                by_role.setdefault(role, {})[f"{kind}_per_step"] = round(delta / max(steps, 1), 2)
+
+        def total(kind: str) -> int:
+            return sum(
+                statements_after.get(k, 0) - statements_before.get(k, 0)
+                for k in statements_after
+                if k.endswith(f".{kind}")
+            )
+
+        per_step = max(steps, 1)
+        statements, counted, sessions = (
+            total("statements"),
+            total("transactions"),
+            pg_after["sessions"] - pg_before["sessions"],
+        )
+        from_connections = sessions * self.transactions_per_connection
+        result.update(
+            engine=self.engine,
+            succeeded=waited.succeeded,
+            seconds=round(elapsed, 3),
+            start_seconds=round(started_in, 3),
+            runs_per_s=round(waited.succeeded / elapsed, 1),
+            steps_counted=steps,
+            pg_transactions=xacts,
+            pg_transactions_per_step=round(xacts / per_step, 2),
+            pg_transactions_per_run=round(xacts / per_step * steps_per_run, 2),
+            pg_statements=statements,
+            pg_statements_per_step=round(statements / per_step, 2),
+            pg_statements_per_run=round(statements / per_step * steps_per_run, 2),
+            pg_sessions=sessions,
+            pg_sessions_per_step=round(sessions / per_step, 2),
+            pg_autovacuum_runs=pg_after["autovacuum"] - pg_before["autovacuum"],
+            monitor_queries_subtracted=monitor_queries,
+            # Where the transactions come from: what the processes' Django connections ran (the
+            # counter), opening connections, and the rest (connections outside Django, autovacuum).
+            transactions_per_step_by_source={
+                "django_statements": round(counted / per_step, 2),
+                "new_connections": round(from_connections / per_step, 2),
+                "elsewhere": round((xacts - counted - from_connections) / per_step, 2),
+            },
+            by_process=by_role,
+            cpu=cpu,
+            complete=waited.done,
+        )
+        return result
+
+    def probe_connection_cost(self) -> float:
+        """PostgreSQL transactions that opening one Django connection costs (backend start, and
+        Django's SET TIME ZONE when the server's zone name differs from TIME_ZONE)."""
+        connections.close_all()
+        before, monitor_before, _ = self.monitor.settle_and_read()
+        probes = 5
+        for _ in range(probes):
+            connection.ensure_connection()
+            connection.close()
+        after, monitor_after, _ = self.monitor.settle_and_read()
+        opened = max(after["sessions"] - before["sessions"], 1)
+        spent = after["xact_commit"] - before["xact_commit"] - (monitor_after - monitor_before)
+        self.transactions_per_connection = round(spent / opened, 2)
+        return self.transactions_per_connection
+
+    def dispatch_latency(self, workers: int, per_second: float, seconds: float) -> dict[str, Any]:
+        """Runs started at a steady rate; per run, its first step's started_at - run created_at."""
+        self.need(seconds + 30, "dispatch latency")
+        self.prepare()
+        count = max(5, round(per_second * seconds))
+        with self.runwarden(workers) as processes:
+            self.warm_up(processes)
+            began = time.monotonic()
+            ids = self.start_runs("bench.noop", count, per_second=per_second)
+            achieved = count / max(time.monotonic() - began, 1e-3)
+            waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+        self.check_runs("dispatch latency", waited, ids)
+        pairs = Step.objects.filter(run_id__in=ids, position=0).values_list("started_at", "run__created_at")
+        latencies = [(started - created).total_seconds() * 1000 for started, created in pairs if started]
+        return {
+            "p50": _ms(percentile(latencies, 50)),
+            "p99": _ms(percentile(latencies, 99)),
+            "max": _ms(max(latencies, default=None)),
+            "n": len(latencies),
+            "target_rate_per_s": round(per_second, 1),
+            "rate_per_s": round(achieved, 1),
+        }
+
+    def approvals(self, workers: int, count: int) -> dict[str, Any]:
+        """Approve through the HTTP API (in process, as an operator with a token) and time until
+        the gated step has finished: its finished_at minus the moment the request was sent."""
+        self.need(45, "approve to resume")
+        self.prepare()
+        token = self._operator_token()
+        client = Client(headers={"authorization": f"Bearer {token}"}, HTTP_HOST="127.0.0.1")
+        times: list[float] = []
+        with self.runwarden(workers) as processes:
+            ids = self.start_runs("bench.gated", count)
+            gated = Step.objects.filter(run_id__in=ids, key="apply")
+            began = time.monotonic()
+            while gated.filter(status=StepStatus.WAITING_APPROVAL).count() < count:
+                if time.monotonic() - began > self.budget(120) or processes.dead():
+                    waited = self.wait_runs(ids, timeout=0)
+                    self.check_runs("approve to resume (drafting)", waited, ids, resumed_step="apply")
+                    raise PhaseSkipped(
+                        f"only {gated.filter(status=StepStatus.WAITING_APPROVAL).count()} of {count} "
+                        "gated steps reached waiting_approval"
+                    )
+                time.sleep(0.05)
+            for run_id in ids:
+                listed = client.get("/api/v1/approvals", {"status": "pending", "run_id": run_id}, secure=True)
+                pending = listed.json() if listed.status_code == 200 else []
+                if not pending:
+                    self.problem(f"no pending approval for run {run_id} ({listed.status_code})")
+                    continue
+                approval = pending[0]
+                sent = timezone.now()
+                answer = client.post(
+                    f"/api/v1/approvals/{approval['id']}/approve",
+                    data={"comment": ""},
+                    content_type="application/json",
+                    headers={"if-match": f'"{approval["version"]}"'},
+                    secure=True,
+                )
+                if answer.status_code != 200:
+                    self.problem(
+                        f"approving {approval['id']} answered {answer.status_code}: {answer.content[:200]!r}"
+                    )
+                    continue
+                until = time.monotonic() + self.budget(30)
+                while True:
+                    status, finished = gated.filter(run_id=run_id).values_list("status", "finished_at").get()
+                    if status == StepStatus.SUCCEEDED and finished is not None:
+                        times.append((finished - sent).total_seconds() * 1000)
+                        break
+                    if status in (StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.CONFLICT):
+                        self.problem(f"gated step of {run_id} ended {status} after its approval")
+                        break
+                    if time.monotonic() > until:
+                        self.note(f"gated step of {run_id} did not finish after its approval")
+                        break
+                    time.sleep(0.002)
+            waited = self.wait_runs(ids, timeout=self.budget(30), processes=processes)
+        self.check_runs("approve to resume", waited, ids, resumed_step="apply")
+        return {
+            "p50": _ms(percentile(times, 50)),
+            "p99": _ms(percentile(times, 99)),
+            "max": _ms(max(times, default=None)),
+            "n": len(times),
+        }
+
+    def _operator_token(self) -> str:
+        user, _ = User.objects.get_or_create(username=OPERATOR)
+        Membership.objects.update_or_create(user=user, tenant=self.tenant, defaults={"role": Role.OPERATOR})
+        user.api_tokens.all().delete()
+        return api_token_issue(user=user, name="make bench")
+
+    def backlog(self, workers: int, factor: int) -> dict[str, Any]:
+        """factor x the worker slots started at once: all succeed, first attempts only."""
+        self.need(40, "backlog")
+        self.prepare()
+        count = factor * workers  # solo pool: one slot per step worker
+        with self.runwarden(workers) as processes:
+            self.warm_up(processes, count=2)
+            t0 = timezone.now()
+            ids = self.start_runs("bench.noop", count)
+            started_in = (timezone.now() - t0).total_seconds()
+            waited = self.wait_runs(ids, timeout=self.budget(240), processes=processes)
+        self.check_runs("backlog", waited, ids)
+        steps = Step.objects.filter(run_id__in=ids)
+        max_attempt = steps.aggregate(m=Max("attempt"))["m"]
+        last = Run.objects.filter(pk__in=ids, status=RunStatus.SUCCEEDED).aggregate(m=Max("finished_at"))["m"]
+        return {
+            "runs": count,
+            "workers": workers,
+            "slots": workers,
+            "succeeded": waited.succeeded,
+            "all_succeeded": waited.succeeded == count,
+            "first_attempts_only": waited.succeeded == count and steps.filter(attempt__gt=1).count() == 0,
+            "max_attempt": max_attempt,
+            "start_seconds": round(started_in, 3),
+            "drain_s": round((last - t0).total_seconds(), 3) if last and waited.done else None,
+        }
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.2f}{suffix}" if abs(value) < 10 else f"{value:,.1f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def _percentiles(figures: dict[str, Any]) -> str:
+    return f"p50 {_fmt(figures.get('p50'))}, p99 {_fmt(figures.get('p99'))}"
+
+
+def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, value, goal) rows of the headline table."""
+    latency = r.get("dispatch_latency_ms") or {}
+    approvals = r.get("approve_to_resume_ms") or {}
+    backlog = r.get("backlog") or {}
+    workers = (r.get("config") or {}).get("workers")
+    ratio = (
+        f"{_fmt(r.get('ratio_vs_celery'))} ({_fmt(r.get('runs_per_s'))} runs/s ÷ "
+        f"{_fmt(r.get('celery_tasks_per_s'))} tasks/s, {workers} step worker(s) each)"
+    )
+    backlog_text = "n/a"
+    if backlog:
+        attempts = "first attempts only" if backlog.get("first_attempts_only") else "NOT first attempts only"
+        backlog_text = (
+            f"{backlog.get('succeeded')} of {backlog.get('runs')} runs on {backlog.get('slots')} slot(s) "
+            f"succeeded, {attempts} (max attempt {backlog.get('max_attempt')}), "
+            f"drained in {_fmt(backlog.get('drain_s'), ' s')}"
+        )
+    return [
+        ("ratio_vs_celery", ratio, GOALS["ratio_vs_celery"]),
+        (
+            "pg_transactions_per_step",
+            f"{_fmt(r.get('pg_transactions_per_step'))} (one-step runs)",
+            GOALS["pg_transactions_per_step"],
+        ),
+        ("pg_statements_per_step", f"{_fmt(r.get('pg_statements_per_step'))} (one-step runs)", ""),
+        ("pg_transactions_per_step_5", f"{_fmt(r.get('pg_transactions_per_step_5'))} (five-step runs)", ""),
+        ("pg_statements_per_step_5", f"{_fmt(r.get('pg_statements_per_step_5'))} (five-step runs)", ""),
+        (
+            "pg_transactions_per_further_step",
+            f"{_fmt(r.get('pg_transactions_per_further_step'))} ((five-step run - one-step run) / 4)",
+            GOALS["pg_transactions_per_further_step"],
+        ),
+        (
+            "dispatch_latency_ms",
+            f"{_percentiles(latency)} ({latency.get('n', 0)} runs started at "
+            f"{_fmt(latency.get('rate_per_s'))} runs/s)",
+            "",
+        ),
+        (
+            "approve_to_resume_ms",
+            f"{_percentiles(approvals)} ({approvals.get('n', 0)} approvals)",
+            GOALS["approve_to_resume_ms"],
+        ),
+        ("backlog", backlog_text, "all succeed, first attempts only"),
+    ]
+
+
+SCALING_HEADER = ("step workers", "raw Celery tasks/s", "Runwarden runs/s", "ratio", "CPU busy", "top CPU")
+
+
+def scaling_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    scaling = r.get("scaling") or {}
+    counts = set(scaling.get("runs_per_s") or {}) | set(scaling.get("celery_tasks_per_s") or {})
+    rows: list[tuple[str, ...]] = []
+    for n in sorted(counts, key=int):
+        cpu = (scaling.get("cpu") or {}).get(n) or {}
+        shares = sorted(((k, v) for k, v in cpu.items() if k != "machine_busy_pct"), key=lambda kv: -kv[1])
+        top = ", ".join(f"{k} {v:.0f}%" for k, v in shares[:4] if v >= 1)
+        rows.append(
+            (
+                n,
+                _fmt((scaling.get("celery_tasks_per_s") or {}).get(n)),
+                _fmt((scaling.get("runs_per_s") or {}).get(n)),
+                _fmt((scaling.get("ratio") or {}).get(n)),
+                _fmt(cpu.get("machine_busy_pct"), "%"),
+                top,
+            )
+        )
+    return rows
+
+
+PROCESS_HEADER = ("runs", "process", "statements/step", "transactions/step", "new connections/step")
+
+
+def process_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    phases = r.get("phases") or {}
+    by_process = r.get("statements_by_process") or {}
+    for label, key in (("one-step", "one_step"), ("five-step", "five_step")):
+        phase = phases.get(key) or {}
+        if key == "one_step":
+            phase = phase.get(str((r.get("config") or {}).get("workers")), {})
+        for role, figures in sorted((by_process.get(key) or {}).items()):
+            rows.append(
+                (
+                    label,
+                    role,
+                    _fmt(figures.get("statements_per_step")),
+                    _fmt(figures.get("transactions_per_step")),
+                    _fmt(figures.get("connections_per_step")),
+                )
+            )
+        if phase:
+            rows.append(
+                (
+                    label,
+                    "all processes",
+                    _fmt(phase.get("pg_statements_per_step")),
+                    _fmt(phase.get("pg_transactions_per_step")),
+                    _fmt(phase.get("pg_sessions_per_step")),
+                )
+            )
+    return rows
+
+
+PROCESS_NOTE = (
+    "each process's own figures from the statement counter, transactions as its Django connections "
+    "ran them; 'all processes': transactions and new connections from pg_stat_database"
+)
+
+
+def source_lines(r: dict[str, Any]) -> list[str]:
+    """Where the transactions of a step come from (see ``Bench.pipeline``)."""
+    lines = []
+    per_connection = r.get("pg_transactions_per_connection")
+    for label, key, total in (
+        ("one-step runs", "one_step", r.get("pg_transactions_per_step")),
+        ("five-step runs", "five_step", r.get("pg_transactions_per_step_5")),
+    ):
+        source = (r.get("transactions_per_step_by_source") or {}).get(key)
+        if not source or total is None:
+            continue
+        lines.append(
+            f"{label}: {_fmt(total)} transactions per step = {_fmt(source['django_statements'])} run on "
+            f"the processes' Django connections + {_fmt(source['new_connections'])} opening new connections "
+            f"({_fmt(per_connection)} each: backend start, SET TIME ZONE) + {_fmt(source['elsewhere'])} "
+            "elsewhere (connections outside Django, autovacuum)"
+        )
+    return lines
+
+
+def machine_line(r: dict[str, Any]) -> str:
+    m = r.get("machine") or {}
+    return (
+        f"{m.get('nproc')} cores ({m.get('cpu')}), {m.get('memory_gb')} GB, {m.get('os')}; "
+        f"PostgreSQL {m.get('postgresql')}, Redis {m.get('redis')}, Python {m.get('python')}, "
+        f"Django {m.get('django')}, Celery {m.get('celery')}; commit {m.get('commit') or 'n/a'}"
+    )
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[str]], left: Sequence[int] = ()) -> list[str]:
+    """Plain-text table: the columns numbered in ``left`` left-aligned, the others right-aligned."""
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return [
+        "  ".join(
+            cell.ljust(width) if i in left else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in table
+    ]
+
+
+def _correctness(r: dict[str, Any]) -> tuple[bool, list[str]]:
+    correctness = r.get("correctness") or {}
+    return bool(correctness.get("ok")), list(correctness.get("problems") or [])
+
+
+def render_text(r: dict[str, Any]) -> str:
+    lines = [f"make bench, {r.get('recorded_at')}; engine: {r.get('engine')}", machine_line(r), ""]
+    rows = summary_rows(r)
+    width = max(len(key) for key, _, _ in rows)
+    lines += [f"{key:<{width}}  {value}{f'   [goal: {goal}]' if goal else ''}" for key, value, goal in rows]
+    lines += ["", "scaling (one-step runs; CPU in % of one core over the timed window):"]
+    lines += ["  " + line for line in _columns(SCALING_HEADER, scaling_rows(r), left=(5,))]
+    if (r.get("scaling") or {}).get("limit"):
+        lines.append(f"what limits it: {r['scaling']['limit']}")
+    if process_rows(r):
+        lines += ["", f"per step, by process ({PROCESS_NOTE}):"]
+        lines += ["  " + line for line in _columns(PROCESS_HEADER, process_rows(r), left=(0, 1))]
+        lines += [f"  {line}" for line in source_lines(r)]
+    lines += [f"note: {note}" for note in r.get("notes") or []]
+    ok, problems = _correctness(r)
+    lines += ["", "correctness: ok" if ok else "correctness: FAILED", *(f"  - {p}" for p in problems)]
+    return "\n".join(lines)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int]) -> list[str]:
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(align) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    lines = [f"Recorded {r.get('recorded_at')} on {machine_line(r)}.", "", f"Engine: {r.get('engine')}.", ""]
+    summary = [(f"`{key}`", value, goal) for key, value, goal in summary_rows(r)]
+    lines += _markdown_table(("key", "value", "goal"), summary, right=())
+    lines += ["", *_markdown_table(SCALING_HEADER, scaling_rows(r), right=(0, 1, 2, 3, 4))]
+    if (r.get("scaling") or {}).get("limit"):
+        lines += ["", f"What limits it: {r['scaling']['limit']}"]
+    if process_rows(r):
+        lines += ["", f"Per step, by process ({PROCESS_NOTE}):", ""]
+        lines += [*_markdown_table(PROCESS_HEADER, process_rows(r), right=(2, 3, 4)), ""]
+        lines += [f"- {line}" for line in source_lines(r)]
+    ok, problems = _correctness(r)
+    verdict = (
+        "every run succeeded, every step on its first attempt" if ok else "FAILED: " + "; ".join(problems)
+    )
+    lines += ["", f"Correctness: {verdict}."]
+    lines += [f"Note: {note}" for note in r.get("notes") or []]
+    return "\n".join(lines)
+
+
+def limit_sentence(r: dict[str, Any]) -> str:
+    """What limits scaling, from the figures measured (CPU of each kind of process)."""
+    scaling = r.get("scaling") or {}
+    rates = {int(n): v for n, v in scaling.get("runs_per_s", {}).items() if v}
+    if not rates:
+        return ""
+    top, low = max(rates), min(rates)
+    cpu = scaling.get("cpu", {}).get(str(top)) or {}
+    cores = (r.get("machine") or {}).get("nproc") or 1
+    busy = cpu.get("machine_busy_pct") or 0
+    ours = sorted(
+        ((k, v) for k, v in cpu.items() if k not in ("machine_busy_pct", "other")), key=lambda kv: -kv[1]
+    )
+    consumers = ", ".join(f"{k} {v:.0f}%" for k, v in ours[:3])
+    other = cpu.get("other", 0)
+    besides = f"; other programs on the machine took {other:.0f}% of a core" if other >= 10 else ""
+    trend = (
+        f"runs/s went from {rates[low]:.1f} with {low} step worker(s) to {rates[top]:.1f} with {top} "
+        f"(×{rates[top] / rates[low]:.2f})"
+        if top != low
+        else f"{rates[top]:.1f} runs/s with {top} step worker(s)"
+    )
+    engine = cpu.get("engine", 0)
+    if busy >= 85:
+        return (
+            f"CPU. With {top} step workers the {cores} cores were {busy:.0f}% busy ({consumers} of one core"
+            f"{besides}); {trend}: past the core count, more worker processes only share the same cores."
+        )
+    if engine >= 85:
+        return (
+            f"the engine's own process: it used {engine:.0f}% of one core with {top} step workers while the "
+            f"machine was {busy:.0f}% busy ({consumers}{besides}); {trend}."
+        )
+    return (
+        f"not CPU ({busy:.0f}% busy with {top} step workers: {consumers} of one core{besides}): each step "
+        f"waits on round trips to PostgreSQL and Redis and between dispatch rounds; {trend}."
+    )
+
+
+# ------------------------------------------------------------------------ command
 
 
 class Command(BaseCommand):
-    help = "Benchmark: Runwarden runs/s vs raw Celery tasks/s on the same broker, and transactions per step."
+    help = (
+        "Benchmark Runwarden against raw Celery on real worker processes and write bench/results.json "
+        "(see docs/BENCHMARKS.md). Needs DATABASE_URL (PostgreSQL) and REDIS_URL of their own."
+    )
 
-    def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--runs", type=int, default=300)
-        parser.add_argument("--tasks", type=int, default=1000)
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--workers", type=int, default=1, help="step workers for the headline ratio")
+        parser.add_argument("--runs", type=int, default=300, help="one-step runs per throughput measurement")
+        parser.add_argument("--five-runs", type=int, default=60, help="five-step runs")
+        parser.add_argument("--tasks", type=int, default=2000, help="raw Celery tasks per measurement")
+        parser.add_argument("--approvals", type=int, default=20)
+        parser.add_argument("--latency-seconds", type=float, default=10.0)
+        parser.add_argument("--backlog-factor", type=int, default=20, help="backlog = factor x worker slots")
+        parser.add_argument("--scaling", default="1,2,4", help="step worker counts to measure")
+        parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole bench")
+        parser.add_argument(
+            "--max-window", type=float, default=90.0, help="seconds a throughput measurement may last"
+        )
+        parser.add_argument("--output", default="bench/results.json")
+        parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+        parser.add_argument(
+            "--report", metavar="FILE", help="only print the table of an earlier results file"
+        )
+        parser.add_argument("--any-database", action="store_true", help="run on a database not named *bench*")
 
-    def handle(self, *args: Any, runs: int, tasks: int, **options: Any) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["report"]:
+            results = json.loads(Path(options["report"]).read_text())
+            self.stdout.write(render_markdown(results) if options["markdown"] else render_text(results))
+            return
         if connection.vendor != "postgresql" or not settings.REDIS_URL:
-            raise CommandError("bench needs DATABASE_URL (PostgreSQL) and REDIS_URL")
-        client = redis.Redis.from_url(settings.REDIS_URL)
-        client.delete(*QUEUES, "unacked", "unacked_index")
-        tenant, _ = Tenant.objects.get_or_create(slug="bench", defaults={"name": "Bench"})
-        TenantQuota.objects.update_or_create(
-            tenant=tenant, defaults={"max_concurrent_steps": 50, "max_queue_depth": 1_000_000}
+            raise CommandError("bench needs DATABASE_URL (PostgreSQL) and REDIS_URL (use `make bench`)")
+        if "bench" not in str(connection.settings_dict["NAME"]) and not options["any_database"]:
+            raise CommandError(
+                "bench cancels unfinished runs and empties the Redis DB of REDIS_URL between phases: "
+                "run it on a database of its own (its name containing 'bench', as `make bench` does) "
+                "or pass --any-database"
+            )
+        scaling = sorted(
+            {int(n) for n in str(options["scaling"]).split(",") if n.strip()} | {options["workers"]}
         )
-        Run.objects.filter(tenant=tenant).exclude(status=RunStatus.SUCCEEDED).update(
-            status=RunStatus.CANCELLED
-        )
-        workdir = Path(tempfile.mkdtemp(prefix="runwarden-bench-"))
-        processes = [
-            self._celery(
-                ["worker", "-n", "steps@%h", "-Q", "celery,read", "--pool", "solo"], workdir / "steps.log"
-            ),
-            self._celery(
-                ["worker", "-n", "maint@%h", "-Q", "maintenance", "--pool", "solo"], workdir / "maint.log"
-            ),
-            self._celery(["beat", "--schedule", str(workdir / "beat")], workdir / "beat.log"),
-        ]
+        if min(scaling) < 1:
+            raise CommandError("worker counts must be at least 1")
+
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+        def interrupted(signum: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        for sig in previous:
+            signal.signal(sig, interrupted)
         try:
-            time.sleep(4)  # workers up
-            raw_rate = self._raw_celery(client, tasks)
-            ours_rate, xacts_per_step = self._pipeline(tenant, runs)
+            results = self._run(options, scaling)
+        except KeyboardInterrupt:
+            stop_all_started()
+            raise CommandError("interrupted; every process the bench started was stopped") from None
         finally:
-            for process in processes:
-                os.killpg(process.pid, signal.SIGTERM)
-            for process in processes:
-                process.wait(30)
-            client.close()
+            stop_all_started()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        output = Path(options["output"])
+        if not output.is_absolute():
+            output = Path(settings.BASE_DIR) / output
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2, default=str) + "\n")
         self.stdout.write("")
-        self.stdout.write(
-            f"raw Celery (1 solo worker, Redis broker): {tasks} no-op tasks, {raw_rate:8.1f} tasks/s"
-        )
-        self.stdout.write(
-            f"Runwarden pipeline (same worker + 1 maintenance worker): {runs} one-step runs, "
-            f"{ours_rate:8.1f} runs/s"
-        )
-        self.stdout.write(f"ratio, Runwarden / raw Celery: {ours_rate / raw_rate:.2f}")
-        self.stdout.write(f"PostgreSQL transactions per completed step (all processes): {xacts_per_step:.1f}")
+        self.stdout.write(render_markdown(results) if options["markdown"] else render_text(results))
+        self.stdout.write(f"\nwritten: {output}")
+        if not results["correctness"]["ok"]:
+            self.stderr.write(
+                "\nCORRECTNESS FAILURE (not a slow machine): " + "; ".join(results["correctness"]["problems"])
+            )
+            raise SystemExit(1)
 
-    def _celery(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": "core.settings"}
-        common = ["--loglevel", "WARNING"] + (
-            ["--without-heartbeat", "--without-mingle", "--without-gossip"] if args[0] == "worker" else []
-        )
-        return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "core", *args, *common],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def _raw_celery(self, client: redis.Redis, tasks: int) -> float:
-        key = f"bench:{uuid.uuid4()}"
+    def _run(self, options: dict[str, Any], scaling: list[int]) -> dict[str, Any]:
         started = time.monotonic()
-        for _ in range(tasks):
-            bench_noop_task.apply_async(kwargs={"counter_key": key}, queue="read")
-        while int(client.get(key) or 0) < tasks:
-            if time.monotonic() - started > 600:
-                raise CommandError("raw Celery tasks did not finish in 10 minutes")
-            time.sleep(0.05)
-        return tasks / (time.monotonic() - started)
+        import_module(BENCH_WORKFLOWS_MODULE)
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        statement_counter.install(settings.REDIS_URL, STATEMENTS_KEY, role="bench")
+        modules = [m for m in os.environ.get("RUNWARDEN_WORKFLOW_MODULES", "").split(",") if m.strip()]
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "core.settings"),
+            "RUNWARDEN_WORKFLOW_MODULES": ",".join(dict.fromkeys([*modules, BENCH_WORKFLOWS_MODULE])),
+            statement_counter.ENV_TARGET: f"{settings.REDIS_URL} {STATEMENTS_KEY}",
+            "PYTHONUNBUFFERED": "1",
+        }
+        workdir = Path(settings.BASE_DIR) / "bench" / "logs"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        tenant, _ = Tenant.objects.get_or_create(slug=TENANT_SLUG, defaults={"name": "Bench"})
+        TenantQuota.objects.update_or_create(
+            tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
+        )
+        monitor = Monitor()
+        bench = Bench(
+            out=self.stdout.write,
+            options=options,
+            workdir=workdir,
+            redis=client,
+            monitor=monitor,
+            tenant=tenant,
+            env=env,
+            deadline=started + options["budget"],
+        )
+        results: dict[str, Any] = {
+            "schema": 1,
+            "recorded_at": timezone.now().replace(microsecond=0).isoformat(),
+            "machine": machine_info(monitor, client),
+            "pg_transactions_per_connection": bench.probe_connection_cost(),
+            "config": {
+                k: options[k]
+                for k in (
+                    "workers",
+                    "runs",
+                    "five_runs",
+                    "tasks",
+                    "approvals",
+                    "latency_seconds",
+                    "backlog_factor",
+                    "budget",
+                    "max_window",
+                )
+            }
+            | {"scaling": scaling},
+        }
+        phases: dict[str, Any] = {}
+        workers = options["workers"]
+        raw: dict[int, dict[str, Any]] = {}
+        ours: dict[int, dict[str, Any]] = {}
 
-    def _xacts(self) -> int:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
-            return int(cursor.fetchone()[0])
+        def phase(label: str, run: Callable[[], Any]) -> Any:
+            self.stdout.write(f"[{time.monotonic() - started:5.0f} s] {label} ...")
+            try:
+                value = run()
+            except PhaseSkipped as skipped:
+                bench.note(f"{label}: {skipped}")
+                return None
+            self.stdout.write(f"    {_brief(value)}")
+            return value
 
-    def _pipeline(self, tenant: Tenant, runs: int) -> tuple[float, float]:
-        before = self._xacts()
-        started = time.monotonic()
-        ids = [
-            run_start(tenant=tenant, workflow="bench.noop", input={}, actor="bench").run.id
-            for _ in range(runs)
-        ]
-        while Run.objects.filter(pk__in=ids, status=RunStatus.SUCCEEDED).count() < runs:
-            if time.monotonic() - started > 600:
-                raise CommandError("bench runs did not finish in 10 minutes")
-            time.sleep(0.25)
-        elapsed = time.monotonic() - started
-        time.sleep(0.5)  # let pg_stat catch up
-        return runs / elapsed, (self._xacts() - before) / runs
+        def measure_pair(n: int) -> None:
+            got = phase(
+                f"raw Celery, {n} step worker(s), {options['tasks']} no-op tasks",
+                lambda: bench.raw_celery(n, options["tasks"]),
+            )
+            if got:
+                raw[n] = got
+            got = phase(
+                f"Runwarden, {n} step worker(s), {options['runs']} one-step runs",
+                lambda: bench.pipeline("bench.noop", 1, options["runs"], n),
+            )
+            if got:
+                ours[n] = got
+
+        try:
+            measure_pair(workers)
+            phases["five_step"] = phase(
+                f"Runwarden, {workers} step worker(s), {options['five_runs']} five-step runs",
+                lambda: bench.pipeline("bench.five", 5, options["five_runs"], workers),
+            )
+            throughput = (ours.get(workers) or {}).get("runs_per_s") or 10.0
+            phases["dispatch_latency"] = phase(
+                f"dispatch latency at {throughput / 2:.1f} runs/s for {options['latency_seconds']:.0f} s",
+                lambda: bench.dispatch_latency(workers, throughput / 2, options["latency_seconds"]),
+            )
+            phases["approvals"] = phase(
+                f"approve to resume, {options['approvals']} approvals",
+                lambda: bench.approvals(workers, options["approvals"]),
+            )
+            phases["backlog"] = phase(
+                f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
+                lambda: bench.backlog(workers, options["backlog_factor"]),
+            )
+            for n in scaling:
+                if n != workers:
+                    measure_pair(n)
+        finally:
+            monitor.close()
+            client.close()
+
+        one, five = ours.get(workers) or {}, phases.get("five_step") or {}
+        base = (raw.get(workers) or {}).get("tasks_per_s")
+        results.update(
+            engine=bench.engine,
+            ratio_vs_celery=round(one["runs_per_s"] / base, 3) if one and base else None,
+            runs_per_s=one.get("runs_per_s"),
+            celery_tasks_per_s=base,
+            pg_transactions_per_step=one.get("pg_transactions_per_step"),
+            pg_statements_per_step=one.get("pg_statements_per_step"),
+            pg_transactions_per_step_5=five.get("pg_transactions_per_step"),
+            pg_statements_per_step_5=five.get("pg_statements_per_step"),
+            pg_transactions_per_further_step=_further(one, five, "pg_transactions_per_run"),
+            pg_statements_per_further_step=_further(one, five, "pg_statements_per_run"),
+            dispatch_latency_ms=phases.get("dispatch_latency"),
+            approve_to_resume_ms=phases.get("approvals"),
+            backlog=phases.get("backlog"),
+            scaling={
+                "runs_per_s": {str(n): v["runs_per_s"] for n, v in sorted(ours.items())},
+                "celery_tasks_per_s": {str(n): v["tasks_per_s"] for n, v in sorted(raw.items())},
+                "ratio": {
+                    str(n): round(ours[n]["runs_per_s"] / raw[n]["tasks_per_s"], 3)
+                    for n in sorted(ours)
+                    if n in raw and raw[n]["tasks_per_s"]
+                },
+                "cpu": {str(n): v["cpu"] for n, v in sorted(ours.items())},
+                "celery_cpu": {str(n): v["cpu"] for n, v in sorted(raw.items())},
+            },
+            transactions_per_step_by_source={
+                "one_step": one.get("transactions_per_step_by_source"),
+                "five_step": five.get("transactions_per_step_by_source"),
+            },
+            statements_by_process={
+                "one_step": one.get("by_process", {}),
+                "five_step": five.get("by_process", {}),
+            },
+            phases={
+                "raw_celery": {str(n): v for n, v in raw.items()},
+                "one_step": {str(n): v for n, v in ours.items()},
+                "five_step": five,
+            },
+            seconds=round(time.monotonic() - started, 1),
+        )
+        results["scaling"]["limit"] = limit_sentence(results)
+        results["notes"] = bench.notes
+        results["correctness"] = {"ok": not bench.problems, "problems": bench.problems}
+        return results
+
+
+def _further(one: dict[str, Any], five: dict[str, Any], key: str) -> float | None:
+    if not one.get(key) or not five.get(key):
+        return None
+    return round((five[key] - one[key]) / 4, 2)
+
+
+def _brief(value: Any) -> str:
+    if not isinstance(value, dict):
+        return str(value)
+    keys = (
+        "tasks_per_s",
+        "runs_per_s",
+        "pg_transactions_per_step",
+        "pg_statements_per_step",
+        "p50",
+        "p99",
+        "n",
+        "rate_per_s",
+        "succeeded",
+        "first_attempts_only",
+        "max_attempt",
+        "drain_s",
+        "seconds",
+    )
+    return ", ".join(f"{k}={value[k]}" for k in keys if k in value)

@@ -1,0 +1,53 @@
+"""Workflows of ``manage.py bench`` (not the demo's): no-op steps that measure the engine's own cost.
+
+Imported at start-up only where ``RUNWARDEN_WORKFLOW_MODULES`` names ``runs.bench_workflows``:
+``manage.py bench`` sets it for every process it starts and imports this module itself.
+
+- ``bench.noop``: one no-op step on lane read (declared here unless ``runs.workflows`` has it);
+- ``bench.five``: five no-op steps on lane read;
+- ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+
+from runs.definitions import REGISTRY, ApprovalPolicy, workflow
+
+if TYPE_CHECKING:
+    from runs.context import StepContext
+
+FIVE_STEPS = 5
+
+
+class BenchInput(pydantic.BaseModel):
+    """An empty input, ``{}`` (validated like any workflow's, so starting a run costs what it does)."""
+
+
+def _noop(ctx: StepContext) -> dict[str, Any]:
+    return {}
+
+
+if "bench.noop" not in REGISTRY:
+    bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=BenchInput)
+    bench_noop.step(key="noop", lane="read")(_noop)
+
+bench_five = workflow("bench.five", description="Five no-op steps (for make bench)", input=BenchInput)
+for _position in range(1, FIVE_STEPS + 1):
+    bench_five.step(key=f"noop{_position}", lane="read")(_noop)
+
+bench_gated = workflow(
+    "bench.gated", description="A draft, then a no-op gated by an approval (make bench)", input=BenchInput
+)
+
+
+@bench_gated.step(key="draft", lane="draft")
+def draft(ctx: StepContext) -> dict[str, Any]:
+    return {"text": "bench draft"}
+
+
+@bench_gated.step(key="apply", lane="draft", approval=ApprovalPolicy(required=1, roles=("operator",)))
+def apply(ctx: StepContext) -> dict[str, Any]:
+    return {}
