@@ -253,7 +253,7 @@ def _time_out(ctx: StepContext) -> None:
 # the body. Elsewhere (the embedded worker's thread) the body is fenced out instead: its next
 # heartbeat, effect or checkpoint raises LeaseLost, and its late result is refused.
 _armed: StepContext | None = None
-_armed_lock = threading.Lock()
+_armed_lock = threading.RLock()  # the SIGALRM handler may run while the main thread holds it
 _handler_installed = False
 
 
