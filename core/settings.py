@@ -263,6 +263,8 @@ RUNWARDEN_REAP_EVERY_SECONDS = float(env_str("RUNWARDEN_REAP_EVERY_SECONDS", "1.
 # length applies); a task still unstarted after RESEND_AFTER seconds is sent again.
 RUNWARDEN_PICKUP_TIMEOUT_SECONDS = env_int("RUNWARDEN_PICKUP_TIMEOUT_SECONDS", 120)
 RUNWARDEN_RESEND_AFTER_SECONDS = env_int("RUNWARDEN_RESEND_AFTER_SECONDS", 10)
+# Admissions per announced worker slot: the step running and the next one waiting in the broker.
+RUNWARDEN_WORKER_PREFETCH = env_int("RUNWARDEN_WORKER_PREFETCH", 2)
 # What the embedded default runs beside its in-process Celery worker (dotted callables).
 EMBEDDED_BACKGROUND = ["runs.dispatcher.start_embedded"]
 # Extra modules that declare workflows (besides the ``workflows.py`` of installed apps).

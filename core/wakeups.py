@@ -19,7 +19,12 @@ from core.redis_client import get_redis
 logger = logging.getLogger(__name__)
 
 WAKE_KEY = "runwarden:dispatcher:wake"
+# Set while ready steps wait for room (a lock, a cap, a worker slot): only then does freeing
+# room need a round. Set before a round starts and cleared after it when nothing waits, so a
+# release that lands during a round still wakes the next one.
+WAITING_KEY = "runwarden:dispatcher:waiting"
 _local_wake = threading.Event()
+_local_waiting = threading.Event()
 
 
 def wake_now() -> None:
@@ -37,9 +42,41 @@ def wake_now() -> None:
         logger.warning("could not wake the dispatcher; its sweep will find the work", exc_info=True)
 
 
-def wake_on_commit() -> None:
-    """Wake the dispatcher once the current transaction commits (never for a rolled-back one)."""
-    transaction.on_commit(wake_now)
+def wake_on_commit(*, only_if_waiting: bool = False) -> None:
+    """Wake the dispatcher once the current transaction commits (never for a rolled-back one).
+
+    ``only_if_waiting``: the change only freed room (a finished step's capacity or locks), so
+    a round is useful only if some ready step is waiting for room.
+    """
+    transaction.on_commit(_wake_if_waiting if only_if_waiting else wake_now)
+
+
+def _wake_if_waiting() -> None:
+    client = get_redis()
+    try:
+        waiting = _local_waiting.is_set() if client is None else bool(client.exists(WAITING_KEY))
+    except Exception:
+        waiting = True
+    if waiting:
+        wake_now()
+
+
+def mark_waiting(waiting: bool) -> None:
+    """The dispatcher says whether ready steps are left waiting for room."""
+    if waiting:
+        _local_waiting.set()
+    else:
+        _local_waiting.clear()
+    client = get_redis()
+    if client is None:
+        return
+    try:
+        if waiting:
+            client.set(WAITING_KEY, 1)
+        else:
+            client.delete(WAITING_KEY)
+    except Exception:
+        logger.warning("could not record whether steps wait; every release will wake", exc_info=True)
 
 
 def wait_for_wake(timeout: float) -> bool:

@@ -56,6 +56,7 @@ class StepContext:
     locks: list[LeaseGrant] = field(default_factory=list)
     approval: GateVerdict | None = None
     deadline_seconds: float = 300.0
+    backend_pid: int | None = None  # the PostgreSQL backend the body's queries run on
     timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)
     _grants_lock: threading.Lock = field(default_factory=threading.Lock)

@@ -37,11 +37,13 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
+from django.db.models import Min, Q
 from django.utils import timezone
 
 from core import metrics
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
 from core.models import Lease, TenantQuota
+from core.wakeups import mark_waiting
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import REGISTRY
@@ -103,15 +105,18 @@ class Room:
         return cap is not None and self.held[scope] >= cap
 
     def worker_room(self, lane: str) -> bool:
-        """A free worker slot for ``lane``: the pools consuming it, minus what is admitted on
-        every lane those pools also consume. With no pool announced at all, caps alone apply."""
+        """Room in the workers of ``lane``: the pools consuming it, minus what is admitted on
+        every lane those pools also consume. Each slot takes ``RUNWARDEN_WORKER_PREFETCH``
+        admissions (2: the one running and the next, already in the broker, so a worker never
+        idles for a dispatch round trip). With no pool announced at all, caps alone apply."""
         if not self.pools:
             return True
         serving = [pool for pool in self.pools if lane in pool.queues]
         if not serving:
             return False
         lanes = set().union(*(pool.queues for pool in serving))
-        return sum(self.lane_held[name] for name in lanes) < sum(pool.slots for pool in serving)
+        slots = sum(pool.slots for pool in serving) * settings.RUNWARDEN_WORKER_PREFETCH
+        return sum(self.lane_held[name] for name in lanes) < slots
 
     def fits(self, candidate: Candidate) -> bool:
         return not any(self.full(scope) for scope in candidate.scopes()) and self.worker_room(candidate.lane)
@@ -421,18 +426,23 @@ def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:
     return admitted
 
 
-def dispatch_round(*, limit: int | None = None) -> list[Admission]:
-    """Admit what may run now and enqueue it after commit. Returns the admissions (empty when
-    another round is running)."""
+@dataclass(frozen=True)
+class RoundResult:
+    admitted: list[Admission]
+    waiting: bool  # ready steps were left waiting for room
+    next_due: datetime | None  # the earliest backoff that ends after this round
+
+
+def admit_round(*, limit: int | None = None) -> RoundResult:
+    """One admission round (see the module docstring); enqueues after commit."""
     limit = limit or settings.RUNWARDEN_DISPATCH_BATCH
+    mark_waiting(True)  # until this round says otherwise: releases meanwhile wake the next one
     with transaction.atomic():
         if not _take_round_lock():
-            return []
+            return RoundResult([], True, None)
         state = _Round(now=timezone.now())
         room = load_room(state.now)
-        if room.full("global"):
-            return []
-        candidates = fair_candidates(limit=limit, now=state.now, room=room)
+        candidates = [] if room.full("global") else fair_candidates(limit=limit, now=state.now, room=room)
         chosen = _plan(candidates, room, state)
         try:
             with transaction.atomic():
@@ -440,23 +450,39 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
         except DatabaseError:
             logger.exception("a batched admission failed; admitting step by step")
             state.admitted = _grant_isolated(chosen, state)
+        waiting, next_due = _left_behind(state)
         for admission in state.admitted:
             transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
         for run_id, reason in state.cancel:
             transaction.on_commit(partial(_cancel_after_round, run_id, reason))
-    return state.admitted
+    mark_waiting(waiting)
+    return RoundResult(state.admitted, waiting, next_due)
+
+
+def _left_behind(state: _Round) -> tuple[bool, datetime | None]:
+    """Whether ready steps are still waiting for room, and when the next backoff ends."""
+    ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=[a.step_id for a in state.admitted])
+    waiting = ready.filter(Q(available_at__isnull=True) | Q(available_at__lte=state.now)).exists()
+    next_due = ready.filter(available_at__gt=state.now).aggregate(due=Min("available_at"))["due"]
+    return waiting, next_due
+
+
+def dispatch_round(*, limit: int | None = None) -> list[Admission]:
+    """Admit what may run now and enqueue it after commit. Returns the admissions (empty when
+    another round is running)."""
+    return admit_round(limit=limit).admitted
 
 
 def _cancel_after_round(run_id: str, reason: str) -> None:
     run_cancel_by_id(run_id=run_id, actor="dispatcher", reason=reason)
 
 
-def dispatch_until_idle(*, max_rounds: int = 50) -> int:
+def dispatch_until_idle(*, max_rounds: int = 50) -> RoundResult:
     """Rounds until one admits less than a full batch (the rest is blocked or absent)."""
-    total = 0
+    admitted: list[Admission] = []
     for _ in range(max_rounds):
-        admitted = dispatch_round()
-        total += len(admitted)
-        if len(admitted) < settings.RUNWARDEN_DISPATCH_BATCH:
+        result = admit_round()
+        admitted += result.admitted
+        if len(result.admitted) < settings.RUNWARDEN_DISPATCH_BATCH:
             break
-    return total
+    return RoundResult(admitted, result.waiting, result.next_due)

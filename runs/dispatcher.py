@@ -24,6 +24,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.utils import timezone
 
 from core.wakeups import wait_for_wake
 from runs.dispatch import dispatch_until_idle
@@ -84,7 +85,7 @@ def run_dispatcher(stop: threading.Event, *, name: str = "") -> None:
     sweep = float(settings.RUNWARDEN_DISPATCH_SWEEP_SECONDS)
     reap_every = float(settings.RUNWARDEN_REAP_EVERY_SECONDS)
     active = False
-    next_reap = 0.0
+    next_maintenance = 0.0
     while not stop.is_set():
         if not active:
             active = role.try_take()
@@ -94,24 +95,27 @@ def run_dispatcher(stop: threading.Event, *, name: str = "") -> None:
             logger.info("dispatcher %s is active", name)
         try:
             close_old_connections()
-            dispatch_until_idle()
-            if time.monotonic() >= next_reap:
-                next_reap = time.monotonic() + reap_every
+            result = dispatch_until_idle()
+            if time.monotonic() >= next_maintenance:
+                next_maintenance = time.monotonic() + reap_every
+                if not role.still_held():
+                    active = False
+                    continue
                 reaped = reap_expired_steps()
                 resent = resend_unstarted()
                 if any(reaped.values()) or resent:
                     logger.info("reaper: %s, re-sent %d", reaped, resent)
-                    dispatch_until_idle()
-            if not role.still_held():
-                active = False
-                continue
+                    result = dispatch_until_idle()
         except Exception:
             # The database or Redis may be restarting: say so, wait a moment, carry on.
             logger.exception("dispatch round failed; retrying")
             connection.close()
             stop.wait(1.0)
             continue
-        wait_for_wake(sweep)
+        timeout = sweep
+        if result.next_due is not None:  # a backoff ends before the next sweep: be there
+            timeout = min(timeout, max((result.next_due - timezone.now()).total_seconds(), 0.005))
+        wait_for_wake(timeout)
     role.drop()
 
 

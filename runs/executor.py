@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core.leases import StaleToken, fenced_write, leases_renew
@@ -111,6 +111,7 @@ def _start(step_id: int, token: int) -> _Start:
         locks=grants[1:],
         approval=verdict,
         deadline_seconds=spec.timeout_seconds,
+        backend_pid=connection.connection.get_backend_pid() if connection.vendor == "postgresql" else None,
     )
     return _Start(ctx=ctx, spec=spec)
 
@@ -216,6 +217,7 @@ def _time_out(ctx: StepContext) -> None:
     reviewer decide whether it happened (the ledger's ambiguity rule)."""
     error = f"timed out after {ctx.deadline_seconds:g}s"
     step = ctx.step
+    cancel_query = False
     try:
         with _fenced(ctx):
             ctx.timed_out.set()
@@ -234,6 +236,7 @@ def _time_out(ctx: StepContext) -> None:
                     },
                 )
             else:
+                cancel_query = True
                 spec = get_workflow(ctx.run.workflow).spec(step.key)
                 transitions.step_retry_or_fail(
                     step=step,
@@ -246,6 +249,11 @@ def _time_out(ctx: StepContext) -> None:
     except StaleToken:
         return  # it finished, was cancelled or was reaped first
     _interrupt_body(ctx)
+    if cancel_query and ctx.backend_pid is not None:
+        # A body blocked in a query does not see the signal until the query returns: cancel
+        # it. Not while an effect is in flight — that stays exactly as it was, for review.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_cancel_backend(%s)", [ctx.backend_pid])
 
 
 # Stopping a body that hangs: when the step runs on the main thread (Celery's solo and prefork

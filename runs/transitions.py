@@ -122,7 +122,7 @@ def step_fail(
     run_fail(run_id=step.run_id, now=now)
     leases_release(grants, now=now)
     _event(step, "run_failed", actor, attempt=step.attempt, error=reason[:500], reason=reason[:500])
-    wake_on_commit()
+    wake_on_commit(only_if_waiting=True)
     return True
 
 
@@ -174,7 +174,7 @@ def step_succeed(
             status=RunStatus.SUCCEEDED, finished_at=now, updated_at=now
         )
         _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
-        wake_on_commit()
+        wake_on_commit(only_if_waiting=True)
         return "succeeded"
     next_id, next_key = following
     try:
@@ -205,7 +205,7 @@ def step_park(*, step: Step, grants: Sequence[LeaseGrant], approval_id: int | No
     )
     leases_release(grants, now=now)
     _event(step, "step_waiting_approval", "executor", approval_id=approval_id)
-    wake_on_commit()
+    wake_on_commit(only_if_waiting=True)
 
 
 def step_conflict(
@@ -232,7 +232,7 @@ def step_conflict(
     effect = details.get("effect")
     _event(step, "step_conflict", "executor", kind=kind, effect=effect.idempotency_key if effect else None)
     gates.report_conflict(kind, step=step, error=error, **details)
-    wake_on_commit()
+    wake_on_commit(only_if_waiting=True)
     return True
 
 
@@ -323,7 +323,7 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
         actor=actor,
         payload={"reason": reason},
     )
-    wake_on_commit()
+    wake_on_commit(only_if_waiting=True)
     return True
 
 

@@ -155,3 +155,71 @@ def auto_draft(ctx: StepContext) -> dict[str, Any]:
 @auto.step(lane="draft", approval=ApprovalPolicy(timeout_seconds=60, on_timeout="auto_approve"))
 def auto_publish(ctx: StepContext) -> dict[str, Any]:
     return {"published": ctx.approved_content["summary"]}
+
+
+# Engine v2's process tests (tests/runs/test_engine_processes.py): steps that hang past their
+# timeout without ever calling the context.
+
+
+class HangOnEntityInput(WorkflowInput):
+    contact_id: int = Field(ge=1)
+    sleep_seconds: Seconds = 30
+
+
+hang_on_entity = workflow(
+    "test.hang_on_entity",
+    description="holds a contact's lock and hangs past its timeout",
+    input=HangOnEntityInput,
+)
+
+
+@hang_on_entity.step(lane="external", locks=["crm_contact:{contact_id}"], timeout_seconds=1.5, max_attempts=1)
+def hang_holding_lock(ctx: StepContext) -> dict[str, Any]:
+    ctx.checkpoint({"pid": os.getpid(), "attempt": ctx.attempt})
+    time.sleep(float(ctx.input.get("sleep_seconds", 30)))  # never calls ctx again
+    return {"pid": os.getpid()}
+
+
+class HangInEffectInput(WorkflowInput):
+    sleep_seconds: Seconds = 30
+
+
+hang_in_effect = workflow(
+    "test.hang_in_effect",
+    description="sends a message, then hangs inside the effect past its timeout",
+    input=HangInEffectInput,
+)
+
+
+@hang_in_effect.step(lane="external", tool="messaging", timeout_seconds=1.5, max_attempts=1)
+def send_then_hang(ctx: StepContext) -> dict[str, Any]:
+    ctx.checkpoint({"pid": os.getpid(), "attempt": ctx.attempt})
+
+    def send() -> dict[str, Any]:
+        sent = sandbox.messaging_send(
+            tenant_id=ctx.tenant_id, to="x@example.com", subject="s", body=ctx.run_id
+        )
+        time.sleep(float(ctx.input.get("sleep_seconds", 30)))  # the provider never answers
+        return sent
+
+    sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
+    return {"message_id": sent["message_id"]}
+
+
+# A body blocked in a database call (a slow query, a row lock): libpq waits in C and retries
+# its poll on EINTR, so a signal handler runs only when the call returns.
+hang_in_query = workflow(
+    "test.hang_in_query",
+    description="holds a contact's lock and hangs in a database call past its timeout",
+    input=HangOnEntityInput,
+)
+
+
+@hang_in_query.step(lane="external", locks=["crm_contact:{contact_id}"], timeout_seconds=1.5, max_attempts=1)
+def hang_in_a_query(ctx: StepContext) -> dict[str, Any]:
+    from django.db import connection
+
+    ctx.checkpoint({"pid": os.getpid(), "attempt": ctx.attempt})
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [float(ctx.input.get("sleep_seconds", 30))])
+    return {"pid": os.getpid()}
