@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -323,8 +323,13 @@ def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = 
 
 
 @contextmanager
-def fenced_write(*, tenant_id: int, key: str, token: int, actor: str) -> Iterator[None]:
+def fenced_write(
+    *, tenant_id: int, key: str, token: int, actor: str, prelude: Callable[[], None] | None = None
+) -> Iterator[None]:
     """A transaction whose writes commit only while ``token`` owns ``key``.
+
+    ``prelude`` runs first in the transaction, before the fence's row lock (e.g. a lock that
+    must always be taken before row locks, so two lock orders never meet).
 
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
@@ -332,6 +337,8 @@ def fenced_write(*, tenant_id: int, key: str, token: int, actor: str) -> Iterato
     """
     try:
         with transaction.atomic(durable=True):
+            if prelude is not None:
+                prelude()
             lease_fence(tenant_id=tenant_id, key=key, token=token)
             yield
     except StaleToken as exc:

@@ -85,6 +85,14 @@ def live_pools(now: float | None = None) -> list[Pool]:
     ]
 
 
+_local_queues: frozenset[str] = frozenset()
+
+
+def local_queues() -> frozenset[str]:
+    """The queues (lanes) the worker pool of this process consumes; empty outside a worker."""
+    return _local_queues
+
+
 class Announcer:
     """Keeps announcing a pool from a daemon thread until stopped."""
 
@@ -103,6 +111,8 @@ class Announcer:
                 return
 
     def start(self) -> Announcer:
+        global _local_queues
+        _local_queues = self.queues
         self._thread.start()
         return self
 

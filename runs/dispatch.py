@@ -142,6 +142,13 @@ def _take_round_lock() -> bool:
         return bool(cursor.fetchone()[0])
 
 
+def wait_for_round_lock() -> None:
+    """Take the admission lock for the rest of the transaction, waiting for a running round."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ROUND_LOCK_ID])
+
+
 def _adapt(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
@@ -197,7 +204,9 @@ def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
     return f" AND {column} NOT IN ({', '.join(['%s'] * len(values))})"
 
 
-def fair_candidates(*, limit: int, now: datetime | None = None, room: Room | None = None) -> list[Candidate]:
+def fair_candidates(
+    *, limit: int, now: datetime | None = None, room: Room | None = None, only_step: int | None = None
+) -> list[Candidate]:
     """Ready steps that could be admitted now, interleaved across tenants by weight.
 
     Left out: steps in a scope that is full, steps with ``wait`` locks someone holds, and
@@ -222,6 +231,9 @@ def fair_candidates(*, limit: int, now: datetime | None = None, room: Room | Non
         exclusions += _in_clause(
             "s.tool", [s.split(":", 1)[1] for s in full if s.startswith("tool:")], params
         )
+    if only_step is not None:
+        exclusions += " AND s.id = %s"
+        params.append(only_step)
     params += [_adapt(now), _adapt(now), limit]
     sql = f"""
         SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy FROM (
@@ -471,6 +483,27 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
     """Admit what may run now and enqueue it after commit. Returns the admissions (empty when
     another round is running)."""
     return admit_round(limit=limit).admitted
+
+
+def admit_next_here(*, step_id: int, lanes: frozenset[str]) -> Admission | None:
+    """Admit ``step_id`` — the next step of a run, readied by the caller's transaction — for
+    the calling worker to run straight on, when its lane is one the worker consumes and every
+    cap, FIFO rule and lock allows it now; else None (the dispatcher will admit it).
+
+    Call inside that transaction after ``wait_for_round_lock``: admissions stay one at a time.
+    """
+    now = timezone.now()
+    room = load_room(now)
+    candidates = fair_candidates(limit=1, now=now, room=room, only_step=step_id)
+    if not candidates:
+        return None
+    candidate = candidates[0]
+    if candidate.lane not in lanes or candidate.lock_policy != "wait" or _unadmittable_reason(candidate):
+        return None
+    if not room.fits(candidate):
+        return None
+    admitted = _grant([candidate], _Round(now=now))
+    return admitted[0] if admitted else None
 
 
 def _cancel_after_round(run_id: str, reason: str) -> None:

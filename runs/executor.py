@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -23,9 +24,11 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from core.leases import StaleToken, fenced_write, leases_renew
+from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
+from runs.dispatch import Admission, admit_next_here, wait_for_round_lock
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import step_outputs
@@ -116,15 +119,38 @@ def _start(step_id: int, token: int) -> _Start:
     return _Start(ctx=ctx, spec=spec)
 
 
-def step_execute(*, step_id: int, token: int) -> str:
-    """Run one admitted step. Returns what happened (for logs and tests)."""
+def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset()) -> str:
+    """Run one admitted step and, when ``lanes`` (the queues this worker consumes) allow it,
+    go straight on with the run's next steps without a dispatch round trip. Returns what
+    happened to the last step run (for logs and tests)."""
+    outcome, follow = _execute_one(step_id, token, lanes)
+    while follow is not None:
+        outcome, follow = _execute_one(follow.step_id, follow.token, lanes)
+    return outcome
+
+
+def _execute_one(step_id: int, token: int, lanes: frozenset[str]) -> tuple[str, Admission | None]:
     try:
         start = _start(step_id, token)
     except StaleToken:
-        return "stale"  # the admission expired before a worker got to it; it is admitted anew
+        return "stale", None  # the admission expired before a worker got to it; it is admitted anew
     if start.ctx is None or start.spec is None:
-        return start.outcome
+        return start.outcome, None
     ctx, spec = start.ctx, start.spec
+    outcome = _run_body(ctx, spec)
+    if isinstance(outcome, str):
+        return outcome, None
+    has_next = ctx.step.position + 1 < len(get_workflow(ctx.run.workflow).steps)
+    return _finish_succeeded(ctx, outcome.output, lanes if has_next else frozenset())
+
+
+class _Output:
+    def __init__(self, output: Any) -> None:
+        self.output = output
+
+
+def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
+    """Run the body; a string says how the step ended otherwise."""
     try:
         with Heartbeat(ctx, on_timeout=_time_out), _interruptible(ctx):
             output = spec.body(ctx)
@@ -161,29 +187,46 @@ def step_execute(*, step_id: int, token: int) -> str:
         return _finish_failed(ctx, spec, detail, retryable=True)
     if ctx.timed_out.is_set():
         return "timed-out"
-    return _finish_succeeded(ctx, output)
+    return _Output(output)
 
 
-def _fenced(ctx: StepContext) -> Any:
+def _fenced(ctx: StepContext, prelude: Callable[[], None] | None = None) -> Any:
     return fenced_write(
-        tenant_id=ctx.step.tenant_id, key=ctx.lease.key, token=ctx.lease.token, actor=f"step:{ctx.step.pk}"
+        tenant_id=ctx.step.tenant_id,
+        key=ctx.lease.key,
+        token=ctx.lease.token,
+        actor=f"step:{ctx.step.pk}",
+        prelude=prelude,
     )
 
 
-def _finish_succeeded(ctx: StepContext, output: Any) -> str:
+def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> tuple[str, Admission | None]:
+    """One fenced transaction: the output, the leases released, the next step readied — and,
+    when this worker may run it (``lanes``), admitted to it directly."""
+    go_on = bool(lanes)
     try:
-        with _fenced(ctx):
-            return transitions.step_succeed(
-                step=ctx.step, run=ctx.run, output=output, outputs=ctx.outputs, grants=ctx.grants()
+        # The admission lock comes first, as in a dispatch round, so lock orders never cross.
+        with _fenced(ctx, prelude=wait_for_round_lock if go_on else None):
+            outcome, next_id = transitions.step_succeed(
+                step=ctx.step,
+                run=ctx.run,
+                output=output,
+                outputs=ctx.outputs,
+                grants=ctx.grants(),
+                wake_for_next=not go_on,
             )
+            follow = admit_next_here(step_id=next_id, lanes=lanes) if go_on and next_id else None
+            if go_on and next_id and follow is None:
+                wake_on_commit()
+            return outcome, follow
     except StaleToken:
         if ctx.timed_out.is_set():
-            return "timed-out"
+            return "timed-out", None
         # A zombie: the step belongs to a newer holder now. The refusal is recorded as an event
         # by fenced_write; here it also becomes a conflict artifact for a reviewer to see.
         with transaction.atomic():
             gates.report_conflict("stale_token_write", step=ctx.step, token=ctx.lease.token, proposed=output)
-        return "stale"
+        return "stale", None
 
 
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:

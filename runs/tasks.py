@@ -7,6 +7,7 @@ from celery import shared_task
 from django.conf import settings
 from django.db import close_old_connections
 
+from core.workers import local_queues
 from runs import executor
 from runs.queueing import EXECUTE_STEP_TASK
 
@@ -14,7 +15,8 @@ from runs.queueing import EXECUTE_STEP_TASK
 @shared_task(name=EXECUTE_STEP_TASK, acks_late=True, ignore_result=True)
 def execute_step_task(*, step_id: int, token: int) -> str:
     close_old_connections()  # connections are kept across tasks: drop a broken one first
-    return executor.step_execute(step_id=step_id, token=token)
+    # Where caps and lanes allow, the worker goes straight on with the run's next step.
+    return executor.step_execute(step_id=step_id, token=token, lanes=local_queues())
 
 
 @shared_task(name="runs.bench_noop", ignore_result=True)

@@ -156,11 +156,19 @@ def step_retry_or_fail(
 
 
 def step_succeed(
-    *, step: Step, run: Run, output: Any, outputs: Mapping[str, Any], grants: Sequence[LeaseGrant]
-) -> str:
+    *,
+    step: Step,
+    run: Run,
+    output: Any,
+    outputs: Mapping[str, Any],
+    grants: Sequence[LeaseGrant],
+    wake_for_next: bool = True,
+) -> tuple[str, int | None]:
     """Record a step's output and ready the next step (its lock keys resolved now), or finish
-    the run. Returns ``succeeded``, or ``failed`` when the next step cannot be readied (its
-    workflow is gone, or its lock template does not fit this run's data)."""
+    the run. Returns (``succeeded``, the readied next step's id or None), or (``failed``,
+    None) when the next step cannot be readied (its workflow is gone, or its lock template
+    does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
+    itself (or wakes the dispatcher when it cannot)."""
     now = timezone.now()
     Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
         status=StepStatus.SUCCEEDED, output=output, error="", finished_at=now, updated_at=now
@@ -175,7 +183,7 @@ def step_succeed(
         )
         _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
         wake_on_commit(only_if_waiting=True)
-        return "succeeded"
+        return "succeeded", None
     next_id, next_key = following
     try:
         keys = step_lock_keys(
@@ -185,13 +193,14 @@ def step_succeed(
         _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
         nxt = Step.objects.get(pk=next_id)
         step_fail(step=nxt, actor="executor", reason=str(exc), from_statuses=[StepStatus.PENDING], now=now)
-        return "failed"
+        return "failed", None
     Step.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
         status=StepStatus.READY, lock_keys=keys, available_at=None, updated_at=now
     )
     _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
-    wake_on_commit()
-    return "succeeded"
+    if wake_for_next:
+        wake_on_commit()
+    return "succeeded", next_id
 
 
 def step_park(*, step: Step, grants: Sequence[LeaseGrant], approval_id: int | None) -> None:

@@ -22,6 +22,7 @@ from django.db.models import Count
 from approvals.models import ConflictArtifact
 from core.models import Event, Tenant
 from core.workers import live_pools
+from runs.dispatch import dispatch_round
 from runs.models import Run, SandboxCall, SandboxContact, SideEffect, Step, StepStatus
 from runs.services import run_start
 from tests.runs.cluster import Cluster, wait_for
@@ -309,3 +310,16 @@ def test_a_step_hanging_in_a_database_call_past_its_timeout_is_stopped(
                 " WHERE datname = current_database() AND query LIKE 'SELECT pg_sleep%%'"
                 " AND pid <> pg_backend_pid()"
             )
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_goes_straight_on_with_the_runs_next_steps(sandbox_acme: Tenant, cluster: Cluster) -> None:
+    cluster.worker("w1")  # every lane; and no dispatcher process at all
+    wait_for(lambda: live_pools(), 60, cluster.logs())
+    run = run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": 7}, actor="t").run
+    assert len(dispatch_round()) == 1  # this test process admits the first step, once
+    # Nobody dispatches after that: the worker admits steps 2 and 3 itself as it finishes each.
+    wait_for(lambda: finished([run.id]), 30, cluster.logs())
+    run.refresh_from_db()
+    assert run.status == "succeeded", cluster.logs()
+    assert list(run.steps.order_by("position").values_list("status", "attempt")) == [("succeeded", 1)] * 3
