@@ -30,10 +30,11 @@ from core import metrics
 from core import services as core_services
 from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS
+from runs import ledger
 from runs import services as run_services
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.gates import ApprovalNoLongerValid, GateVerdict
-from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
+from runs.models import Run, SideEffect, Step, StepStatus
 
 
 class DecisionConflict(Exception):
@@ -494,16 +495,13 @@ def _apply_resolution(
                 run=run, actor=actor, reason=f"{conflict.kind} resolved by {actor}: {resolution}"
             )
     elif resolution == "mark_effect_committed" and conflict.effect is not None:
-        SideEffect.objects.filter(pk=conflict.effect.pk, status=EffectStatus.PROPOSED).update(
-            status=EffectStatus.COMMITTED, external_ref=external_ref, committed_at=timezone.now(),
-            result={"external_ref": external_ref, "verified_by": actor},
-        )  # fmt: skip
+        ledger.effect_confirm_committed(
+            effect_id=conflict.effect.pk, external_ref=external_ref, verified_by=actor
+        )
         if step is not None:
             run_services.step_resume(step=step, actor=actor, from_statuses=in_conflict)
     elif resolution == "mark_effect_not_sent" and conflict.effect is not None:
-        SideEffect.objects.filter(pk=conflict.effect.pk, status=EffectStatus.PROPOSED).update(
-            status=EffectStatus.FAILED, error=f"marked not sent by {actor}: {note}", failed_at=timezone.now()
-        )
+        ledger.effect_mark_not_sent(effect_id=conflict.effect.pk, actor=actor, note=note)
         if step is not None:
             run_services.step_resume(step=step, actor=actor, from_statuses=in_conflict)
     elif resolution == "apply_proposed" and conflict.kind == ConflictKind.ENTITY_VERSION_MISMATCH:
@@ -522,14 +520,7 @@ def _apply_resolution(
         )
     elif resolution == "keep_current" and conflict.kind == ConflictKind.STALE_APPROVAL and step is not None:
         # Back to waiting for a decision on the new version (only if the step is still held).
-        now = timezone.now()
-        moved = Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT).update(
-            status=StepStatus.WAITING_APPROVAL, updated_at=now
-        )
-        if moved:
-            Run.objects.filter(pk=step.run_id, status=RunStatus.CONFLICT).update(
-                status=RunStatus.WAITING_APPROVAL, updated_at=now
-            )
+        run_services.step_await_approval(step=step, actor=actor)
 
 
 def conflict_hook(kind: str, **details: Any) -> None:

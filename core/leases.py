@@ -64,17 +64,6 @@ def _now(now: datetime | None) -> datetime:
     return now or timezone.now()
 
 
-def _next_token_sql() -> tuple[str, list[Any]]:
-    """SQL (and params) that yields the next fencing token inside the calling statement."""
-    if connection.vendor == "postgresql":
-        return "nextval('core_fencing_token_seq')", []
-    # SQLite serialises writers, so a counter row updated in the same transaction is a sequence.
-    with connection.cursor() as cursor:
-        cursor.execute("UPDATE core_fencingcounter SET value = value + 1 WHERE id = 1 RETURNING value")
-        row = cursor.fetchone()
-    return "%s", [row[0]]
-
-
 def _adapt(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
@@ -92,48 +81,8 @@ def lease_acquire(
 
     One statement; safe to call from any number of processes at once.
     """
-    now = _now(now)
-    expires_at = now + timedelta(seconds=ttl)
-    with transaction.atomic():
-        insert_token_sql, insert_token_params = _next_token_sql()
-        update_token_sql, update_token_params = (
-            _next_token_sql() if connection.vendor == "postgresql" else ("EXCLUDED.token", [])
-        )
-        sql = f"""
-            INSERT INTO core_lease
-                (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
-            VALUES (%s, %s, {insert_token_sql}, %s, %s, %s, %s, %s, NULL)
-            ON CONFLICT (tenant_id, key) DO UPDATE SET
-                token = {update_token_sql},
-                holder = EXCLUDED.holder,
-                metadata = EXCLUDED.metadata,
-                acquired_at = EXCLUDED.acquired_at,
-                renewed_at = EXCLUDED.renewed_at,
-                expires_at = EXCLUDED.expires_at,
-                released_at = NULL
-            WHERE core_lease.released_at IS NOT NULL OR core_lease.expires_at <= %s
-            RETURNING id, token
-        """
-        params = [
-            tenant_id,
-            key,
-            *insert_token_params,
-            holder,
-            json.dumps(metadata or {}),
-            _adapt(now),
-            _adapt(now),
-            _adapt(expires_at),
-            *update_token_params,
-            _adapt(now),
-        ]
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-    if row is None:
-        return None
-    return LeaseGrant(
-        id=row[0], tenant_id=tenant_id, key=key, token=row[1], acquired_at=now, expires_at=expires_at
-    )
+    request = LeaseRequest(tenant_id, key, holder, ttl, metadata or {})
+    return leases_acquire_many([request], now=now).get((tenant_id, key))
 
 
 @dataclass(frozen=True)
@@ -161,6 +110,11 @@ def leases_acquire_many(
     if len({(r.tenant_id, r.key) for r in requests}) != len(requests):
         raise ValueError("leases_acquire_many: a key may be requested once per call")
     now = _now(now)
+    with transaction.atomic():
+        return _acquire_many(requests, now)
+
+
+def _acquire_many(requests: Sequence[LeaseRequest], now: datetime) -> dict[tuple[int, str], LeaseGrant]:
     params: list[Any] = []
     rows = []
     if connection.vendor == "postgresql":

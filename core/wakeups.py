@@ -23,8 +23,12 @@ WAKE_KEY = "runwarden:dispatcher:wake"
 # room need a round. Set before a round starts and cleared after it when nothing waits, so a
 # release that lands during a round still wakes the next one.
 WAITING_KEY = "runwarden:dispatcher:waiting"
+# Lanes whose workers are all busy (every slot admitted): their workers take the next ready
+# step themselves when they finish one, so new work in them needs no round.
+SATURATED_KEY = "runwarden:dispatcher:saturated"
 _local_wake = threading.Event()
 _local_waiting = threading.Event()
+_local_saturated: set[str] = set()
 
 
 def wake_now() -> None:
@@ -42,13 +46,32 @@ def wake_now() -> None:
         logger.warning("could not wake the dispatcher; its sweep will find the work", exc_info=True)
 
 
-def wake_on_commit(*, only_if_waiting: bool = False) -> None:
+def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "") -> None:
     """Wake the dispatcher once the current transaction commits (never for a rolled-back one).
 
     ``only_if_waiting``: the change only freed room (a finished step's capacity or locks), so
-    a round is useful only if some ready step is waiting for room.
+    a round is useful only if some ready step is waiting for room. ``lane``: the change made
+    a step of that lane ready; no round is needed while that lane's workers are all busy.
     """
-    transaction.on_commit(_wake_if_waiting if only_if_waiting else wake_now)
+    if only_if_waiting:
+        transaction.on_commit(_wake_if_waiting)
+    elif lane:
+        transaction.on_commit(lambda: _wake_unless_saturated(lane))
+    else:
+        transaction.on_commit(wake_now)
+
+
+def _wake_unless_saturated(lane: str) -> None:
+    client = get_redis()
+    try:
+        if client is None:
+            saturated = lane in _local_saturated
+        else:
+            saturated = bool(client.sismember(SATURATED_KEY, lane))
+    except Exception:
+        saturated = False
+    if not saturated:
+        wake_now()
 
 
 def _wake_if_waiting() -> None:
@@ -61,20 +84,30 @@ def _wake_if_waiting() -> None:
         wake_now()
 
 
-def mark_waiting(waiting: bool) -> None:
-    """The dispatcher says whether ready steps are left waiting for room."""
+def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:
+    """The dispatcher says whether ready steps are left waiting for room a release may free,
+    and (after a round) which lanes have every worker slot taken."""
     if waiting:
         _local_waiting.set()
     else:
         _local_waiting.clear()
+    if saturated is not None:
+        _local_saturated.clear()
+        _local_saturated.update(saturated)
     client = get_redis()
     if client is None:
         return
     try:
-        if waiting:
-            client.set(WAITING_KEY, 1)
-        else:
-            client.delete(WAITING_KEY)
+        with client.pipeline(transaction=True) as pipe:
+            if waiting:
+                pipe.set(WAITING_KEY, 1)
+            else:
+                pipe.delete(WAITING_KEY)
+            if saturated is not None:
+                pipe.delete(SATURATED_KEY)
+                if saturated:
+                    pipe.sadd(SATURATED_KEY, *sorted(saturated))
+            pipe.execute()
     except Exception:
         logger.warning("could not record whether steps wait; every release will wake", exc_info=True)
 

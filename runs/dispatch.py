@@ -46,7 +46,7 @@ from core.models import Lease, TenantQuota
 from core.wakeups import mark_waiting
 from core.workers import Pool, live_pools
 from runs import transitions
-from runs.definitions import REGISTRY
+from runs.definitions import LANES, REGISTRY
 from runs.models import Step, StepStatus
 from runs.queueing import enqueue_step
 from runs.services import run_cancel_by_id
@@ -74,6 +74,7 @@ class Candidate:
     workflow: str
     lock_keys: tuple[Any, ...]  # strings, unless the data is corrupt (then it fails alone)
     lock_policy: str
+    weight: int = 1
 
     def scopes(self) -> list[str]:
         return [
@@ -205,7 +206,12 @@ def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
 
 
 def fair_candidates(
-    *, limit: int, now: datetime | None = None, room: Room | None = None, only_step: int | None = None
+    *,
+    limit: int,
+    now: datetime | None = None,
+    room: Room | None = None,
+    only_step: int | None = None,
+    lanes: Iterable[str] = (),
 ) -> list[Candidate]:
     """Ready steps that could be admitted now, interleaved across tenants by weight.
 
@@ -234,9 +240,13 @@ def fair_candidates(
     if only_step is not None:
         exclusions += " AND s.id = %s"
         params.append(only_step)
+    lanes = sorted(lanes)
+    if lanes:
+        exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
+        params.extend(lanes)
     params += [_adapt(now), _adapt(now), limit]
     sql = f"""
-        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy FROM (
+        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight FROM (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
                    s.lock_policy,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
@@ -272,6 +282,7 @@ def fair_candidates(
             workflow=row[6],
             lock_keys=tuple(_json_list(row[7])),
             lock_policy=row[8],
+            weight=row[9],
         )
         for row in rows
     ]
@@ -462,21 +473,25 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
         except DatabaseError:
             logger.exception("a batched admission failed; admitting step by step")
             state.admitted = _grant_isolated(chosen, state)
-        waiting, next_due = _left_behind(state)
+        waiting, saturated, next_due = _left_behind(state, room)
         for admission in state.admitted:
             transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
         for run_id, reason in state.cancel:
             transaction.on_commit(partial(_cancel_after_round, run_id, reason))
-    mark_waiting(waiting)
+    mark_waiting(waiting, saturated)
     return RoundResult(state.admitted, waiting, next_due)
 
 
-def _left_behind(state: _Round) -> tuple[bool, datetime | None]:
-    """Whether ready steps are still waiting for room, and when the next backoff ends."""
+def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | None]:
+    """After a round: the lanes whose worker slots are all taken (their workers pull their next
+    step themselves), whether other ready steps wait for room a release may free, and when
+    the next retry backoff ends."""
+    saturated = {lane for lane in LANES if room.pools and not room.worker_room(lane)}
     ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=[a.step_id for a in state.admitted])
-    waiting = ready.filter(Q(available_at__isnull=True) | Q(available_at__lte=state.now)).exists()
+    due = Q(available_at__isnull=True) | Q(available_at__lte=state.now)
+    waiting = ready.filter(due).exclude(lane__in=saturated).exists()
     next_due = ready.filter(available_at__gt=state.now).aggregate(due=Min("available_at"))["due"]
-    return waiting, next_due
+    return waiting, saturated, next_due
 
 
 def dispatch_round(*, limit: int | None = None) -> list[Admission]:
@@ -485,23 +500,37 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
     return admit_round(limit=limit).admitted
 
 
-def admit_next_here(*, step_id: int, lanes: frozenset[str]) -> Admission | None:
-    """Admit ``step_id`` — the next step of a run, readied by the caller's transaction — for
-    the calling worker to run straight on, when its lane is one the worker consumes and every
-    cap, FIFO rule and lock allows it now; else None (the dispatcher will admit it).
+def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission | None:
+    """Admit one step for the calling worker to run straight on, as it finishes another: the
+    run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
+    step of its lanes whose tenant holds the least (by weight). None when nothing fits.
 
-    Call inside that transaction after ``wait_for_round_lock``: admissions stay one at a time.
+    Call inside the finishing transaction after ``wait_for_round_lock``, so admissions stay
+    one at a time. A busy worker thus pulls its next step without a dispatch round trip.
     """
     now = timezone.now()
     room = load_room(now)
-    candidates = fair_candidates(limit=1, now=now, room=room, only_step=step_id)
+    if prefer is not None:
+        picked = _fitting(fair_candidates(limit=1, now=now, room=room, only_step=prefer), room, lanes)
+        if picked:
+            return _admit_one(picked[0], now)
+    candidates = _fitting(fair_candidates(limit=20, now=now, room=room, lanes=lanes), room, lanes)
     if not candidates:
         return None
-    candidate = candidates[0]
-    if candidate.lane not in lanes or candidate.lock_policy != "wait" or _unadmittable_reason(candidate):
-        return None
-    if not room.fits(candidate):
-        return None
+    # Round-robin by weight, one admission at a time: the tenant with the least admitted work.
+    fairest = min(candidates, key=lambda c: room.held[f"tenant:{c.tenant_id}"] / max(c.weight, 1))
+    return _admit_one(fairest, now)
+
+
+def _fitting(candidates: list[Candidate], room: Room, lanes: frozenset[str]) -> list[Candidate]:
+    return [
+        c
+        for c in candidates
+        if c.lane in lanes and c.lock_policy == "wait" and not _unadmittable_reason(c) and room.fits(c)
+    ]
+
+
+def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
     admitted = _grant([candidate], _Round(now=now))
     return admitted[0] if admitted else None
 

@@ -28,7 +28,7 @@ from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import Admission, admit_next_here, wait_for_round_lock
+from runs.dispatch import Admission, admit_here, wait_for_round_lock
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import step_outputs
@@ -56,17 +56,17 @@ def _start(step_id: int, token: int) -> _Start:
         step = Step.objects.select_related("run").get(pk=step_id)
         run = step.run
         grants = transitions.admission_grants(step)
+
+        def fail(reason: str) -> _Start:
+            transitions.step_fail(
+                step=step, actor="executor", reason=reason, from_statuses=[StepStatus.RUNNING], grants=grants
+            )
+            return _Start("failed")
+
         try:
             spec = get_workflow(run.workflow).spec(step.key)
         except UnknownWorkflow as exc:
-            transitions.step_fail(
-                step=step,
-                actor="executor",
-                reason=str(exc),
-                from_statuses=[StepStatus.RUNNING],
-                grants=grants,
-            )
-            return _Start("failed")
+            return fail(str(exc))
         lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
         # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
         grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
@@ -81,14 +81,7 @@ def _start(step_id: int, token: int) -> _Start:
             try:
                 verdict = gates.get_gate().check(run=run, step=step, spec=spec, draft=draft)
             except gates.NoGate as exc:
-                transitions.step_fail(
-                    step=step,
-                    actor="executor",
-                    reason=str(exc),
-                    from_statuses=[StepStatus.RUNNING],
-                    grants=grants,
-                )
-                return _Start("failed")
+                return fail(str(exc))
             # Parked in this same transaction: a decision that commits after it always finds
             # the step waiting, so it can never be missed.
             if verdict.state == "waiting":
@@ -140,8 +133,7 @@ def _execute_one(step_id: int, token: int, lanes: frozenset[str]) -> tuple[str, 
     outcome = _run_body(ctx, spec)
     if isinstance(outcome, str):
         return outcome, None
-    has_next = ctx.step.position + 1 < len(get_workflow(ctx.run.workflow).steps)
-    return _finish_succeeded(ctx, outcome.output, lanes if has_next else frozenset())
+    return _finish_succeeded(ctx, outcome.output, lanes)
 
 
 class _Output:
@@ -202,7 +194,9 @@ def _fenced(ctx: StepContext, prelude: Callable[[], None] | None = None) -> Any:
 
 def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> tuple[str, Admission | None]:
     """One fenced transaction: the output, the leases released, the next step readied — and,
-    when this worker may run it (``lanes``), admitted to it directly."""
+    in a worker (``lanes``: the queues it consumes), the worker's own next step admitted to
+    it directly: the run's next step when it may run here, else the fairest ready step of
+    its lanes."""
     go_on = bool(lanes)
     try:
         # The admission lock comes first, as in a dispatch round, so lock orders never cross.
@@ -215,9 +209,9 @@ def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> t
                 grants=ctx.grants(),
                 wake_for_next=not go_on,
             )
-            follow = admit_next_here(step_id=next_id, lanes=lanes) if go_on and next_id else None
-            if go_on and next_id and follow is None:
-                wake_on_commit()
+            follow = admit_here(lanes=lanes, prefer=next_id) if go_on else None
+            if go_on and next_id and (follow is None or follow.step_id != next_id):
+                wake_on_commit()  # the run's next step needs another worker
             return outcome, follow
     except StaleToken:
         if ctx.timed_out.is_set():

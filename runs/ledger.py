@@ -169,3 +169,30 @@ def effect_execute(
     )
     effect.refresh_from_db()
     return EffectOutcome(effect=effect, result=result, replayed=False)
+
+
+def effect_confirm_committed(*, effect_id: int, external_ref: str, verified_by: str) -> bool:
+    """A reviewer checked with the provider that an ambiguous effect did happen: record it
+    committed with the provider's reference, so the step's retry replays it instead of sending
+    again. Once, and only from ``proposed`` (a conditional UPDATE); call in the resolving
+    transaction."""
+    now = timezone.now()
+    confirmed = SideEffect.objects.filter(pk=effect_id, status=EffectStatus.PROPOSED).update(
+        status=EffectStatus.COMMITTED,
+        external_ref=external_ref,
+        result={"external_ref": external_ref, "verified_by": verified_by},
+        committed_at=now,
+        updated_at=now,
+    )
+    return confirmed == 1
+
+
+def effect_mark_not_sent(*, effect_id: int, actor: str, note: str = "") -> bool:
+    """A reviewer checked with the provider that an ambiguous effect did not happen: record it
+    failed, so the step's retry sends it again under the same idempotency key. Once, and only
+    from ``proposed`` (a conditional UPDATE); call in the resolving transaction."""
+    now = timezone.now()
+    marked = SideEffect.objects.filter(pk=effect_id, status=EffectStatus.PROPOSED).update(
+        status=EffectStatus.FAILED, error=f"marked not sent by {actor}: {note}", failed_at=now, updated_at=now
+    )
+    return marked == 1

@@ -91,8 +91,8 @@ def run_create(
                     tenant=tenant, trigger_event_id=trigger_event_id, fingerprint=payload_fingerprint, run=run
                 )
             if build_steps is not None:
-                Step.objects.bulk_create(build_steps(run))
-                wake_on_commit()
+                steps = Step.objects.bulk_create(build_steps(run))
+                wake_on_commit(lane=steps[0].lane)
             core_services.event_record(
                 tenant=tenant,
                 subject=f"run:{run.id}",
@@ -235,6 +235,7 @@ def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
 step_resume = transitions.step_resume
 step_fail = transitions.step_fail
 run_rewind = transitions.run_rewind
+step_await_approval = transitions.step_await_approval
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:

@@ -345,3 +345,21 @@ def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
         )
         == 1
     )
+
+
+def step_await_approval(*, step: Step, actor: str) -> bool:
+    """A step held in ``conflict`` because an edit made its approval stale waits for a decision
+    on the new version again (a reviewer kept the edit), once; its run waits with it. The step
+    holds no lease in ``conflict`` and nothing becomes ready, so nothing is woken. Call in the
+    deciding transaction."""
+    now = timezone.now()
+    moved = Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT).update(
+        status=StepStatus.WAITING_APPROVAL, updated_at=now
+    )
+    if moved != 1:
+        return False
+    Run.objects.filter(pk=step.run_id, status=RunStatus.CONFLICT).update(
+        status=RunStatus.WAITING_APPROVAL, updated_at=now
+    )
+    _event(step, "step_waiting_approval", actor)
+    return True
