@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 
 from django.db import transaction
 
@@ -110,6 +111,21 @@ def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:
             pipe.execute()
     except Exception:
         logger.warning("could not record whether steps wait; every release will wake", exc_info=True)
+
+
+def mark_unsaturated(lanes: Iterable[str]) -> None:
+    """A worker of these lanes found nothing to pull: new work there needs a round again."""
+    lanes = sorted(lanes)
+    if not lanes:
+        return
+    _local_saturated.difference_update(lanes)
+    client = get_redis()
+    if client is None:
+        return
+    try:
+        client.srem(SATURATED_KEY, *lanes)
+    except Exception:
+        logger.warning("could not clear saturated lanes", exc_info=True)
 
 
 def wait_for_wake(timeout: float) -> bool:

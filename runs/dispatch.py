@@ -43,7 +43,7 @@ from django.utils import timezone
 from core import metrics
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
 from core.models import Lease, TenantQuota
-from core.wakeups import mark_waiting
+from core.wakeups import mark_unsaturated, mark_waiting, wake_now
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY
@@ -520,6 +520,15 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission
     # Round-robin by weight, one admission at a time: the tenant with the least admitted work.
     fairest = min(candidates, key=lambda c: room.held[f"tenant:{c.tenant_id}"] / max(c.weight, 1))
     return _admit_one(fairest, now)
+
+
+def worker_idle(lanes: frozenset[str]) -> None:
+    """A worker found nothing to pull as it finished: its lanes are no longer saturated. A step
+    made ready in the moment before that was recorded skipped its wake-up: look once more."""
+    mark_unsaturated(lanes)
+    due = Q(available_at__isnull=True) | Q(available_at__lte=timezone.now())
+    if Step.objects.filter(due, status=StepStatus.READY, lane__in=lanes).exists():
+        wake_now()
 
 
 def _fitting(candidates: list[Candidate], room: Room, lanes: frozenset[str]) -> list[Candidate]:

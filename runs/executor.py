@@ -28,7 +28,7 @@ from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import Admission, admit_here, wait_for_round_lock
+from runs.dispatch import Admission, admit_here, wait_for_round_lock, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import step_outputs
@@ -119,6 +119,8 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     outcome, follow = _execute_one(step_id, token, lanes)
     while follow is not None:
         outcome, follow = _execute_one(follow.step_id, follow.token, lanes)
+    if lanes:
+        worker_idle(lanes)  # nothing more to pull here: new work in these lanes needs a round
     return outcome
 
 
