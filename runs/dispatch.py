@@ -183,18 +183,14 @@ def load_room(now: datetime) -> Room:
 
 
 def _key_fragments() -> tuple[str, str, str]:
-    """(unnest a step's lock keys as rows, the key column, "another step's keys contain it")."""
+    """SQL pieces: unnest a step's lock keys as rows, the key column, "the step has no keys"."""
     if connection.vendor == "postgresql":
         return (
             "jsonb_array_elements_text({t}.lock_keys) AS k(key)",
             "k.key",
-            "{t}.lock_keys @> to_jsonb(k.key)",
+            "jsonb_array_length({t}.lock_keys) = 0",
         )
-    return (
-        "json_each({t}.lock_keys) AS k",
-        "k.value",
-        "EXISTS (SELECT 1 FROM json_each({t}.lock_keys) j WHERE j.value = k.value)",
-    )
+    return ("json_each({t}.lock_keys) AS k", "k.value", "json_array_length({t}.lock_keys) = 0")
 
 
 def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
@@ -220,7 +216,7 @@ def fair_candidates(
     run are created when it starts, so id order is start order).
     """
     now = now or timezone.now()
-    unnest, key_col, contains = _key_fragments()
+    unnest, key_col, keyless = _key_fragments()
     params: list[Any] = [_adapt(now)]
     exclusions = ""
     if room is not None:
@@ -244,26 +240,38 @@ def fair_candidates(
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
         params.extend(lanes)
-    params += [_adapt(now), _adapt(now), limit]
+    # FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
+    # candidate only where it heads every key it needs.
+    params = [_adapt(now), *params[1:], _adapt(now), limit]
     sql = f"""
+        WITH ready AS (
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy
+            FROM runs_step s
+            WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
+        ), heads AS (
+            SELECT s.tenant_id, {key_col} AS lock_key, MIN(s.id) AS head
+            FROM ready s, {unnest.format(t="s")}
+            GROUP BY s.tenant_id, {key_col}
+        )
         SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight FROM (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
                    s.lock_policy,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
                    COALESCE(q.weight, 1) AS weight
-            FROM runs_step s
+            FROM ready s
             JOIN runs_run r ON r.id = s.run_id
             LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
-            WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
-            {exclusions}
-            AND (s.lock_policy <> 'wait' OR NOT EXISTS (
+            WHERE 1 = 1 {exclusions}
+            AND ({keyless.format(t="s")} OR NOT EXISTS (
                 SELECT 1 FROM {unnest.format(t="s")}
-                JOIN core_lease l ON l.tenant_id = s.tenant_id AND l.key = {key_col}
-                WHERE l.released_at IS NULL AND l.expires_at > %s))
-            AND NOT EXISTS (
+                JOIN heads h ON h.tenant_id = s.tenant_id AND h.lock_key = {key_col}
+                WHERE h.head <> s.id))
+            AND ({keyless.format(t="s")} OR s.lock_policy <> 'wait' OR NOT EXISTS (
                 SELECT 1 FROM {unnest.format(t="s")}
-                JOIN runs_step w ON w.tenant_id = s.tenant_id AND w.status = 'ready' AND w.id < s.id
-                WHERE (w.available_at IS NULL OR w.available_at <= %s) AND {contains.format(t="w")})
+                WHERE EXISTS (
+                    SELECT 1 FROM core_lease l
+                    WHERE l.tenant_id = s.tenant_id AND l.key = {key_col}
+                    AND l.released_at IS NULL AND l.expires_at > %s)))
         ) ranked
         ORDER BY (rn - 1) / weight, tenant_id, id
         LIMIT %s
