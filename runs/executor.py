@@ -49,53 +49,64 @@ class _Start:
 
 def _start(step_id: int, token: int) -> _Start:
     """leased → running in one transaction, or the reason the step does not run here."""
+    try:
+        with transaction.atomic():
+            return _begin(step_id, token)
+    except StaleToken:
+        return _Start("stale")  # the admission expired before a worker got to it; admitted anew
+
+
+def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _Start:
+    """The start of an attempt, in the caller's transaction: leased → running, leases renewed
+    to the step's own length (StaleToken if they ran out), a gated step parked or let through.
+    ``outputs``: the earlier steps' outputs when the caller already has them."""
     now = timezone.now()
-    with transaction.atomic():
-        if not transitions.step_attempt_started(step_id=step_id, token=token, now=now):
-            return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
-        step = Step.objects.select_related("run").get(pk=step_id)
-        run = step.run
-        grants = transitions.admission_grants(step)
+    if not transitions.step_attempt_started(step_id=step_id, token=token, now=now):
+        return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
+    step = Step.objects.select_related("run").get(pk=step_id)
+    run = step.run
+    grants = transitions.admission_grants(step)
 
-        def fail(reason: str) -> _Start:
-            transitions.step_fail(
-                step=step, actor="executor", reason=reason, from_statuses=[StepStatus.RUNNING], grants=grants
-            )
-            return _Start("failed")
+    def fail(reason: str) -> _Start:
+        transitions.step_fail(
+            step=step, actor="executor", reason=reason, from_statuses=[StepStatus.RUNNING], grants=grants
+        )
+        return _Start("failed")
 
-        try:
-            spec = get_workflow(run.workflow).spec(step.key)
-        except UnknownWorkflow as exc:
-            return fail(str(exc))
-        lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-        # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
-        grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
-        if run.status == RunStatus.PENDING:
-            Run.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
-                status=RunStatus.RUNNING, started_at=now, updated_at=now
-            )
+    try:
+        spec = get_workflow(run.workflow).spec(step.key)
+    except UnknownWorkflow as exc:
+        return fail(str(exc))
+    lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
+    # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
+    grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
+    if run.status == RunStatus.PENDING:
+        Run.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
+            status=RunStatus.RUNNING, started_at=now, updated_at=now
+        )
+    if outputs is None:
         outputs = step_outputs(run, before_position=step.position) if step.position else {}
-        verdict = None
-        if spec.approval is not None:
-            draft = list(outputs.values())[-1] if outputs else None
-            try:
-                verdict = gates.get_gate().check(run=run, step=step, spec=spec, draft=draft)
-            except gates.NoGate as exc:
-                return fail(str(exc))
-            # Parked in this same transaction: a decision that commits after it always finds
-            # the step waiting, so it can never be missed.
-            if verdict.state == "waiting":
-                transitions.step_park(step=step, grants=grants, approval_id=verdict.approval_id)
-                return _Start("waiting_approval")
-            if verdict.state == "rejected":
-                transitions.step_fail(
-                    step=step,
-                    actor="executor",
-                    reason=f"rejected: {verdict.reason}",
-                    from_statuses=[StepStatus.RUNNING],
-                    grants=grants,
-                )
-                return _Start("rejected")
+    verdict = None
+    if spec.approval is not None:
+        draft = list(outputs.values())[-1] if outputs else None
+        try:
+            verdict = gates.get_gate().check(run=run, step=step, spec=spec, draft=draft)
+        except gates.NoGate as exc:
+            return fail(str(exc))
+        # Parked in this same transaction: a decision that commits after it always finds
+        # the step waiting, so it can never be missed.
+        if verdict.state == "waiting":
+            transitions.step_park(step=step, grants=grants, approval_id=verdict.approval_id)
+            return _Start("waiting_approval")
+        if verdict.state == "rejected":
+            transitions.step_fail(
+                step=step,
+                actor="executor",
+                reason=f"rejected: {verdict.reason}",
+                from_statuses=[StepStatus.RUNNING],
+                grants=grants,
+            )
+            return _Start("rejected")
     ctx = StepContext(
         run=run,
         step=step,
@@ -114,24 +125,25 @@ def _start(step_id: int, token: int) -> _Start:
 
 def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset()) -> str:
     """Run one admitted step and, when ``lanes`` (the queues this worker consumes) allow it,
-    go straight on with the run's next steps without a dispatch round trip. Returns what
-    happened to the last step run (for logs and tests)."""
-    outcome, follow = _execute_one(step_id, token, lanes)
-    while follow is not None:
-        outcome, follow = _execute_one(follow.step_id, follow.token, lanes)
+    go straight on with the next step it is handed as it finishes (the run's next step, its
+    start folded into that same transaction, or another ready step of its lanes). Returns
+    what happened to the last step run (for logs and tests)."""
+    start = _start(step_id, token)
+    outcome = start.outcome
+    while start.ctx is not None and start.spec is not None:
+        outcome, following = _carry_out(start.ctx, start.spec, lanes)
+        if following is None:
+            break
+        start = following if isinstance(following, _Start) else _start(following.step_id, following.token)
+        outcome = start.outcome
     if lanes:
         worker_idle(lanes)  # nothing more to pull here: new work in these lanes needs a round
     return outcome
 
 
-def _execute_one(step_id: int, token: int, lanes: frozenset[str]) -> tuple[str, Admission | None]:
-    try:
-        start = _start(step_id, token)
-    except StaleToken:
-        return "stale", None  # the admission expired before a worker got to it; it is admitted anew
-    if start.ctx is None or start.spec is None:
-        return start.outcome, None
-    ctx, spec = start.ctx, start.spec
+def _carry_out(
+    ctx: StepContext, spec: StepSpec, lanes: frozenset[str]
+) -> tuple[str, _Start | Admission | None]:
     outcome = _run_body(ctx, spec)
     if isinstance(outcome, str):
         return outcome, None
@@ -194,7 +206,9 @@ def _fenced(ctx: StepContext, prelude: Callable[[], None] | None = None) -> Any:
     )
 
 
-def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> tuple[str, Admission | None]:
+def _finish_succeeded(
+    ctx: StepContext, output: Any, lanes: frozenset[str]
+) -> tuple[str, _Start | Admission | None]:
     """One fenced transaction: the output, the leases released, the next step readied — and,
     in a worker (``lanes``: the queues it consumes), the worker's own next step admitted to
     it directly: the run's next step when it may run here, else the fairest ready step of
@@ -214,7 +228,16 @@ def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> t
             follow = admit_here(lanes=lanes, prefer=next_id) if go_on else None
             if go_on and next_id and (follow is None or follow.step_id != next_id):
                 wake_on_commit()  # the run's next step needs another worker
-            return outcome, follow
+            if follow is None or follow.step_id != next_id:
+                return outcome, follow
+            # The run's next step is ours: start it in this same transaction too.
+            try:
+                with transaction.atomic():
+                    return outcome, _begin(
+                        follow.step_id, follow.token, {**ctx.outputs, ctx.step.key: output}
+                    )
+            except StaleToken:
+                return outcome, follow
     except StaleToken:
         if ctx.timed_out.is_set():
             return "timed-out", None
