@@ -18,6 +18,7 @@ from runs.dispatch import dispatch_round, load_room
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
+from tests.approvals.helpers import pump
 from tests.concurrency import run_concurrently
 
 # Workflows whose steps fail in ways that belong to their own run.
@@ -40,17 +41,6 @@ def first(ctx: StepContext) -> dict[str, Any]:
 @unfillable.step(lane="read", locks=["thing:{missing}"])
 def second(ctx: StepContext) -> dict[str, Any]:
     return {}
-
-
-def pump(rounds: int = 20) -> list[str]:
-    """Dispatch and execute in this process until nothing more is admitted."""
-    outcomes: list[str] = []
-    for _ in range(rounds):
-        admitted = dispatch_round()
-        if not admitted:
-            break
-        outcomes += [step_execute(step_id=a.step_id, token=a.token) for a in admitted]
-    return outcomes
 
 
 def crm_run(tenant: Tenant, contact: int, stage: str = "won") -> Run:
