@@ -110,7 +110,7 @@ def leases_acquire_many(
     if len({(r.tenant_id, r.key) for r in requests}) != len(requests):
         raise ValueError("leases_acquire_many: a key may be requested once per call")
     now = _now(now)
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):  # one statement on PostgreSQL; a savepoint buys nothing
         return _acquire_many(requests, now)
 
 
@@ -205,7 +205,7 @@ def leases_renew(
     owned = Q()
     for grant in grants:
         owned |= Q(pk=grant.id, token=grant.token)
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         renewed = Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(
             renewed_at=now, expires_at=expires_at
         )

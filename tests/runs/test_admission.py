@@ -150,9 +150,8 @@ def test_starting_and_finishing_a_step_are_one_transaction_each(acme: Tenant) ->
     with CaptureQueriesContext(connections["default"]) as captured:
         assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
     statements = [q["sql"] for q in captured.captured_queries]
-    # Under the test's outer transaction, the start and the finish each show as one SAVEPOINT
-    # (the start's lease renewal nests one more inside it).
-    assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 3, statements
+    # Under the test's outer transaction, the start and the finish each show as one SAVEPOINT.
+    assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 2, statements
     assert len(statements) <= 20, statements
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
