@@ -243,7 +243,9 @@ def leases_revoke(grants: Sequence[LeaseGrant], now: datetime | None = None) -> 
     owned = Q()
     for grant in grants:
         owned |= Q(pk=grant.id, token=grant.token)
-    return Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(expires_at=now)
+    return Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(
+        expires_at=now, released_at=now
+    )
 
 
 def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = None) -> int:
@@ -254,7 +256,8 @@ def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = 
             tenant_id=tenant_id, key__in=list(keys), released_at__isnull=True, expires_at__gt=now
         )
         ids = list(live.select_for_update(no_key=True).values_list("pk", flat=True))
-        return Lease.objects.filter(pk__in=ids).update(expires_at=now)
+        # released_at too: a renewal judged by a clock a moment behind can never revive it.
+        return Lease.objects.filter(pk__in=ids).update(expires_at=now, released_at=now)
 
 
 def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = None) -> None:
@@ -276,14 +279,36 @@ def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = 
         raise StaleToken(key, token)
 
 
+def _fence_all(grants: Sequence[LeaseGrant]) -> None:
+    """Every grant still holds its lease (rows locked until the caller commits), or StaleToken."""
+    owned = Q()
+    for grant in grants:
+        owned |= Q(pk=grant.id, token=grant.token)
+    held = set(
+        Lease.objects.select_for_update(no_key=True)
+        .filter(owned, released_at__isnull=True, expires_at__gt=timezone.now())
+        .values_list("pk", flat=True)
+    )
+    lost = next((grant for grant in grants if grant.id not in held), None)
+    if lost is not None:
+        raise StaleToken(lost.key, lost.token)
+
+
 @contextmanager
 def fenced_write(
-    *, tenant_id: int, key: str, token: int, actor: str, prelude: Callable[[], None] | None = None
+    *,
+    tenant_id: int,
+    key: str,
+    token: int,
+    actor: str,
+    prelude: Callable[[], None] | None = None,
+    also: Sequence[LeaseGrant] = (),
 ) -> Iterator[None]:
     """A transaction whose writes commit only while ``token`` owns ``key``.
 
     ``prelude`` runs first in the transaction, before the fence's row lock (e.g. a lock that
-    must always be taken before row locks, so two lock orders never meet).
+    must always be taken before row locks, so two lock orders never meet). ``also``: more
+    leases (a step's entity locks) that must still be held for the write to commit.
 
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
@@ -294,6 +319,8 @@ def fenced_write(
             if prelude is not None:
                 prelude()
             lease_fence(tenant_id=tenant_id, key=key, token=token)
+            if also:
+                _fence_all(also)
             yield
     except StaleToken as exc:
         with transaction.atomic():

@@ -265,6 +265,8 @@ RUNWARDEN_PICKUP_TIMEOUT_SECONDS = env_int("RUNWARDEN_PICKUP_TIMEOUT_SECONDS", 1
 RUNWARDEN_RESEND_AFTER_SECONDS = env_int("RUNWARDEN_RESEND_AFTER_SECONDS", 10)
 # Admissions per announced worker slot: the step running and the next one waiting in the broker.
 RUNWARDEN_WORKER_PREFETCH = env_int("RUNWARDEN_WORKER_PREFETCH", 2)
+# How long one task may go on pulling the next step as it finishes one (then the task ends).
+RUNWARDEN_WORKER_CHAIN_SECONDS = float(env_str("RUNWARDEN_WORKER_CHAIN_SECONDS", "10"))
 # What the embedded default runs beside its in-process Celery worker (dotted callables).
 EMBEDDED_BACKGROUND = ["runs.dispatcher.start_embedded"]
 # Extra modules that declare workflows (besides the ``workflows.py`` of installed apps).

@@ -36,7 +36,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import Min, Q
 from django.utils import timezone
 
@@ -135,14 +135,6 @@ class _Round:
     cancel: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason) after commit
 
 
-def _take_round_lock() -> bool:
-    if connection.vendor != "postgresql":
-        return True  # SQLite serialises writers already
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [ROUND_LOCK_ID])
-        return bool(cursor.fetchone()[0])
-
-
 def wait_for_round_lock() -> None:
     """Take the admission lock for the rest of the transaction, waiting for a running round."""
     if connection.vendor == "postgresql":
@@ -220,15 +212,16 @@ def fair_candidates(
     params: list[Any] = [_adapt(now)]
     exclusions = ""
     if room is not None:
-        full = [scope for scope in room.held if room.full(scope)]
+        full = [scope for scope in {*room.held, *room.caps} if room.full(scope)]
         exclusions += _in_clause(
             "s.tenant_id", [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")], params
         )
         exclusions += _in_clause(
             "r.workflow", [s.split(":", 1)[1] for s in full if s.startswith("workflow:")], params
         )
+        no_workers = [lane for lane in LANES if not room.worker_room(lane)]
         exclusions += _in_clause(
-            "s.lane", [s.split(":", 1)[1] for s in full if s.startswith("lane:")], params
+            "s.lane", [s.split(":", 1)[1] for s in full if s.startswith("lane:")] + no_workers, params
         )
         exclusions += _in_clause(
             "s.tool", [s.split(":", 1)[1] for s in full if s.startswith("tool:")], params
@@ -310,7 +303,7 @@ def _unadmittable_reason(candidate: Candidate) -> str:
     if not any(spec.key == candidate.key for spec in definition.steps):
         return f"workflow {candidate.workflow!r} no longer has a step {candidate.key!r}"
     for key in candidate.lock_keys:
-        if not isinstance(key, str) or not key or len(key) > transitions.MAX_LOCK_KEY_LENGTH or "\x00" in key:
+        if not transitions.valid_lock_key(key):
             return f"lock key {str(key)[:60]!r} is not a valid key"
     return ""
 
@@ -411,7 +404,8 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
         holder = f"{c.run_id}:{c.key}"
         requests.append(LeaseRequest(c.tenant_id, f"step:{c.step_id}", holder, ttl, metadata))
         requests += [LeaseRequest(c.tenant_id, key, holder, ttl, metadata) for key in c.lock_keys]
-    grants = leases_acquire_many(requests, now=state.now)
+    # In one canonical order, as locks_acquire takes them: no two writers cross.
+    grants = leases_acquire_many(sorted(requests, key=lambda r: (r.tenant_id, r.key)), now=state.now)
     admitted: list[Admission] = []
     updates: list[Step] = []
     give_back: list[LeaseGrant] = []
@@ -452,7 +446,7 @@ def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:
         try:
             with transaction.atomic():
                 admitted += _grant([candidate], state)
-        except DatabaseError as exc:
+        except (DataError, IntegrityError) as exc:  # its own data; a deadlock or timeout is not
             logger.warning("step %s cannot be admitted: %s", candidate.step_id, exc)
             _fail_unadmittable(candidate, f"the database refused its admission ({type(exc).__name__})", state)
     return admitted
@@ -470,8 +464,10 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
     limit = limit or settings.RUNWARDEN_DISPATCH_BATCH
     mark_waiting(True)  # until this round says otherwise: releases meanwhile wake the next one
     with transaction.atomic():
-        if not _take_round_lock():
-            return RoundResult([], True, None)
+        # Wait for the lock rather than try it: finishing workers take it too, and PostgreSQL
+        # grants a contended lock to its queue in order, so a try could fail for as long as
+        # workers keep finishing — and leave every lane they do not pull from unadmitted.
+        wait_for_round_lock()
         state = _Round(now=timezone.now())
         room = load_room(state.now)
         candidates = [] if room.full("global") else fair_candidates(limit=limit, now=state.now, room=room)

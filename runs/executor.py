@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -130,8 +130,12 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     what happened to the last step run (for logs and tests)."""
     start = _start(step_id, token)
     outcome = start.outcome
+    # A worker goes on for a while, not forever: the task ends well inside Celery's time
+    # limits, and the broker's next message for this worker is not left waiting long.
+    go_on_until = time.monotonic() + settings.RUNWARDEN_WORKER_CHAIN_SECONDS
     while start.ctx is not None and start.spec is not None:
-        outcome, following = _carry_out(start.ctx, start.spec, lanes)
+        pull = lanes if time.monotonic() < go_on_until else frozenset()
+        outcome, following = _carry_out(start.ctx, start.spec, pull)
         if following is None:
             break
         start = following if isinstance(following, _Start) else _start(following.step_id, following.token)
@@ -196,13 +200,23 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
     return _Output(output)
 
 
-def _fenced(ctx: StepContext, prelude: Callable[[], None] | None = None) -> Any:
+def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
+    """The fenced transaction that ends an attempt. Locks are taken in the one order every
+    writer uses — admission lock, step row, leases, run row — so a cancel, the reaper or a
+    round never waits on this transaction while it waits on them."""
+
+    def prelude() -> None:
+        if admitting:
+            wait_for_round_lock()
+        list(Step.objects.select_for_update(of=("self",)).filter(pk=ctx.step.pk).values_list("pk"))
+
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
         key=ctx.lease.key,
         token=ctx.lease.token,
         actor=f"step:{ctx.step.pk}",
         prelude=prelude,
+        also=ctx.locks,
     )
 
 
@@ -216,7 +230,7 @@ def _finish_succeeded(
     go_on = bool(lanes)
     try:
         # The admission lock comes first, as in a dispatch round, so lock orders never cross.
-        with _fenced(ctx, prelude=wait_for_round_lock if go_on else None):
+        with _fenced(ctx, admitting=go_on):
             outcome, next_id = transitions.step_succeed(
                 step=ctx.step,
                 run=ctx.run,
@@ -311,7 +325,9 @@ def _time_out(ctx: StepContext) -> None:
     except StaleToken:
         return  # it finished, was cancelled or was reaped first
     _interrupt_body(ctx)
-    if cancel_query and ctx.backend_pid is not None:
+    with _armed_lock:
+        body_running = _armed is ctx  # not yet returned: the connection is still its own
+    if cancel_query and body_running and ctx.backend_pid is not None:
         # A body blocked in a query does not see the signal until the query returns: cancel
         # it. Not while an effect is in flight — that stays exactly as it was, for review.
         with connection.cursor() as cursor:

@@ -7,12 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from core import metrics
-from core.leases import LeaseGrant
+from core.leases import LeaseGrant, lease_fence
 from core.models import Lease
 from runs.models import EffectStatus, Run, SideEffect, Step
 from runs.services import fingerprint
@@ -120,6 +121,10 @@ def effect_execute(
     request = request or {}
     request_fingerprint = fingerprint(request)
     with transaction.atomic():
+        if lease is not None:
+            # Fenced: a proposal either commits while its step still owns its lease (so a
+            # timeout, a cancel or a take-over that comes after sees it), or not at all.
+            lease_fence(tenant_id=lease.tenant_id, key=lease.key, token=lease.token)
         if guard is not None:
             guard()
         effect, created = _propose(
@@ -139,32 +144,42 @@ def effect_execute(
             return EffectOutcome(effect=effect, result=effect.result, replayed=True)
         if effect.status == EffectStatus.PROPOSED:
             raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
-        # Failed before: exactly one retrier re-proposes it.
-        claimed = SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.FAILED).update(
-            status=EffectStatus.PROPOSED,
-            attempts=F("attempts") + 1,
-            error="",
-            proposer_lease_id=lease.id if lease else None,
-            proposer_token=lease.token if lease else None,
-            updated_at=timezone.now(),
-        )
+        # Failed before: exactly one retrier re-proposes it (fenced, like a first proposal).
+        with transaction.atomic():
+            if lease is not None:
+                lease_fence(tenant_id=lease.tenant_id, key=lease.key, token=lease.token)
+            claimed = SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.FAILED).update(
+                status=EffectStatus.PROPOSED,
+                attempts=F("attempts") + 1,
+                error="",
+                proposer_lease_id=lease.id if lease else None,
+                proposer_token=lease.token if lease else None,
+                updated_at=timezone.now(),
+            )
         effect.refresh_from_db()
         if claimed != 1:
             if effect.status == EffectStatus.COMMITTED:
                 return EffectOutcome(effect=effect, result=effect.result, replayed=True)
             raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
 
+    mine = SideEffect.objects.filter(
+        pk=effect.pk, status=EffectStatus.PROPOSED, proposer_token=lease.token if lease else None
+    )
     try:
         with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
             result = fn()
+    except SoftTimeLimitExceeded:
+        raise  # interrupted from outside: it may have happened, so it stays proposed (ambiguous)
     except Exception as exc:
-        SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
+        # Only this proposal's own outcome: a zombie whose effect a reviewer settled meanwhile
+        # (or that another proposer re-claimed) records nothing.
+        mine.update(
             status=EffectStatus.FAILED, error=f"{type(exc).__name__}: {exc}", failed_at=timezone.now()
         )
         raise
     now = timezone.now()
     ref = external_ref(result) if external_ref else ""
-    SideEffect.objects.filter(pk=effect.pk, status=EffectStatus.PROPOSED).update(
+    mine.update(
         status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
     )
     effect.refresh_from_db()

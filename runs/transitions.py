@@ -21,7 +21,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from core import services as core_services
-from core.leases import LeaseGrant, leases_release, live_leases_filter
+from core.leases import LeaseGrant, StaleToken, leases_release, live_leases_filter
 from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
@@ -70,6 +70,16 @@ def admission_grants(step: Step) -> list[LeaseGrant]:
     return grants
 
 
+def valid_lock_key(key: object) -> bool:
+    """A key a lease can carry: a short string without NUL, never a step's own ``step:`` key."""
+    return (
+        isinstance(key, str)
+        and 0 < len(key) <= MAX_LOCK_KEY_LENGTH
+        and "\x00" not in key
+        and not key.startswith("step:")
+    )
+
+
 def step_lock_keys(*, workflow: str, step_key: str, context: Mapping[str, Any]) -> list[str]:
     """A step's entity lock keys, filled from ``context`` (the run input and earlier outputs).
 
@@ -78,10 +88,10 @@ def step_lock_keys(*, workflow: str, step_key: str, context: Mapping[str, Any]) 
     """
     keys = get_workflow(workflow).spec(step_key).lock_keys(context)
     for key in keys:
-        if len(key) > MAX_LOCK_KEY_LENGTH or "\x00" in key:
+        if not valid_lock_key(key):
             raise WorkflowDefinitionError(
                 f"lock key {key[:60]!r}… of step {step_key!r} is not a valid key "
-                f"(at most {MAX_LOCK_KEY_LENGTH} characters, no NUL)"
+                f"(at most {MAX_LOCK_KEY_LENGTH} characters, no NUL, not starting with 'step:')"
             )
     return keys
 
@@ -170,9 +180,11 @@ def step_succeed(
     does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
     itself (or wakes the dispatcher when it cannot)."""
     now = timezone.now()
-    Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
+    recorded = Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
         status=StepStatus.SUCCEEDED, output=output, error="", finished_at=now, updated_at=now
     )
+    if recorded != 1:  # cancelled, timed out or reaped while it ran: its result is refused
+        raise StaleToken(f"step:{step.pk}", step.lease_token or 0)
     leases_release(grants, now=now)
     following = (
         Step.objects.filter(run_id=run.pk, position=step.position + 1).values_list("pk", "key").first()
@@ -305,14 +317,15 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
     leases and locks are revoked now; they notice at their next heartbeat). False when the run
     had already finished. Call inside a transaction."""
     now = timezone.now()
+    # Step rows first, then leases, then the run: the order every writer uses.
+    live_steps = list(
+        Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
+    )
     cancelled = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES).update(
         status=RunStatus.CANCELLED, finished_at=now, updated_at=now
     )
     if cancelled != 1:
         return False
-    live_steps = list(
-        Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
-    )
     # Only what this run's admissions hold (step lease by key and token, entity locks by their
     # recorded leases): a step still waiting for an entity must not revoke its holder's lock.
     held = Q(pk__in=[])
@@ -321,7 +334,9 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
             held |= Q(key=f"step:{step.pk}", token=step.lease_token)
         for lock in step.lock_leases if step.status in ADMITTED else []:
             held |= Q(pk=int(lock["id"]), token=int(lock["token"]))
-    Lease.objects.filter(held, live_leases_filter(now), tenant_id=run.tenant_id).update(expires_at=now)
+    Lease.objects.filter(held, live_leases_filter(now), tenant_id=run.tenant_id).update(
+        expires_at=now, released_at=now
+    )
     Step.objects.filter(pk__in=[step.pk for step in live_steps]).update(
         status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now
     )

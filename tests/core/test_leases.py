@@ -17,6 +17,8 @@ from core.leases import (
     lease_fence,
     lease_release,
     lease_renew,
+    lease_revoke,
+    leases_renew,
 )
 from core.models import Event, Lease, Tenant
 from tests.concurrency import run_concurrently
@@ -214,3 +216,13 @@ def test_a_take_over_waits_for_a_fenced_write_already_in_progress(acme: Tenant) 
     )
     assert len(tokens) == 2
     assert tokens == sorted(tokens)
+
+
+def test_a_revoked_lease_cannot_be_renewed_by_a_clock_a_moment_behind(acme: Tenant) -> None:
+    now = timezone.now()
+    grant = lease_acquire(tenant_id=acme.pk, key="crm_contact:9", holder="w", ttl=30, now=now)
+    assert grant is not None
+    assert lease_revoke(tenant_id=acme.pk, keys=["crm_contact:9"], now=now) == 1
+    # A heartbeat that read its clock just before the revoke must not bring the lease back.
+    with pytest.raises(StaleToken):
+        leases_renew(grants=[grant], ttl=30, now=now - timedelta(seconds=1))
