@@ -212,6 +212,8 @@ def step_succeed(
     _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
     if wake_for_next:
         wake_on_commit()
+    elif len(grants) > 1:  # its entity locks were released: a run waiting for one may go now
+        wake_on_commit(only_if_waiting=True)
     return "succeeded", next_id
 
 
