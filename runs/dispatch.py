@@ -233,9 +233,9 @@ def fair_candidates(
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
         params.extend(lanes)
+    params += [_adapt(now), limit]
     # FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
     # candidate only where it heads every key it needs.
-    params = [_adapt(now), *params[1:], _adapt(now), limit]
     sql = f"""
         WITH ready AS (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy
@@ -334,6 +334,13 @@ def _held_keys(candidate: Candidate, now: datetime) -> list[str]:
     return list(live.values_list("key", flat=True))
 
 
+# Why a newcomer whose entity is held gives way, by lock policy.
+GIVE_WAY = {
+    "skip": "skipped: an entity it needs is locked by another run",
+    "cancel_newest": "cancelled: an older run holds the entity (cancel_newest)",
+}
+
+
 def _plan(candidates: list[Candidate], room: Room, state: _Round) -> list[Candidate]:
     """Pick, in fair order, the candidates that fit; handle lock policies other than ``wait``."""
     chosen: list[Candidate] = []
@@ -357,13 +364,7 @@ def _plan(candidates: list[Candidate], room: Room, state: _Round) -> list[Candid
                 if candidate.lock_policy == "cancel_in_progress":
                     _preempt(candidate, held, state)
                 else:
-                    why = "skipped" if candidate.lock_policy == "skip" else "cancelled"
-                    detail = (
-                        "an entity it needs is locked by another run"
-                        if why == "skipped"
-                        else ("an older run holds the entity (cancel_newest)")
-                    )
-                    state.cancel.append((candidate.run_id, f"{why}: {detail}"))
+                    state.cancel.append((candidate.run_id, GIVE_WAY[candidate.lock_policy]))
                     taken |= keys
                     continue
         room.take(candidate)
@@ -482,7 +483,7 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
         for admission in state.admitted:
             transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
         for run_id, reason in state.cancel:
-            transaction.on_commit(partial(_cancel_after_round, run_id, reason))
+            transaction.on_commit(partial(run_cancel_by_id, run_id=run_id, actor="dispatcher", reason=reason))
     mark_waiting(waiting, saturated)
     return RoundResult(state.admitted, waiting, next_due)
 
@@ -500,8 +501,7 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
 
 
 def dispatch_round(*, limit: int | None = None) -> list[Admission]:
-    """Admit what may run now and enqueue it after commit. Returns the admissions (empty when
-    another round is running)."""
+    """Admit what may run now (after any admission in progress) and enqueue it after commit."""
     return admit_round(limit=limit).admitted
 
 
@@ -547,10 +547,6 @@ def _fitting(candidates: list[Candidate], room: Room, lanes: frozenset[str]) -> 
 def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
     admitted = _grant([candidate], _Round(now=now))
     return admitted[0] if admitted else None
-
-
-def _cancel_after_round(run_id: str, reason: str) -> None:
-    run_cancel_by_id(run_id=run_id, actor="dispatcher", reason=reason)
 
 
 def dispatch_until_idle(*, max_rounds: int = 50) -> RoundResult:

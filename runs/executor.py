@@ -67,11 +67,11 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
     run = step.run
     grants = transitions.admission_grants(step)
 
-    def fail(reason: str) -> _Start:
+    def fail(reason: str, outcome: str = "failed") -> _Start:
         transitions.step_fail(
             step=step, actor="executor", reason=reason, from_statuses=[StepStatus.RUNNING], grants=grants
         )
-        return _Start("failed")
+        return _Start(outcome)
 
     try:
         spec = get_workflow(run.workflow).spec(step.key)
@@ -99,14 +99,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
             transitions.step_park(step=step, grants=grants, approval_id=verdict.approval_id)
             return _Start("waiting_approval")
         if verdict.state == "rejected":
-            transitions.step_fail(
-                step=step,
-                actor="executor",
-                reason=f"rejected: {verdict.reason}",
-                from_statuses=[StepStatus.RUNNING],
-                grants=grants,
-            )
-            return _Start("rejected")
+            return fail(f"rejected: {verdict.reason}", outcome="rejected")
     ctx = StepContext(
         run=run,
         step=step,
@@ -240,9 +233,9 @@ def _finish_succeeded(
                 wake_for_next=not go_on,
             )
             follow = admit_here(lanes=lanes, prefer=next_id) if go_on else None
-            if go_on and next_id and (follow is None or follow.step_id != next_id):
-                wake_on_commit()  # the run's next step needs another worker
             if follow is None or follow.step_id != next_id:
+                if go_on and next_id:
+                    wake_on_commit()  # the run's next step needs another worker
                 return outcome, follow
             # The run's next step is ours: start it in this same transaction too.
             try:

@@ -107,9 +107,9 @@ def lock_context(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_fail(*, run_id: str, now: datetime) -> None:
-    Run.objects.filter(pk=run_id).exclude(
-        status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED]
-    ).update(status=RunStatus.FAILED, finished_at=now, updated_at=now)
+    Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
+        status=RunStatus.FAILED, finished_at=now, updated_at=now
+    )
 
 
 def step_fail(
@@ -197,19 +197,18 @@ def step_succeed(
         wake_on_commit(only_if_waiting=True)
         return "succeeded", None
     next_id, next_key = following
+    _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
     try:
         keys = step_lock_keys(
             workflow=run.workflow, step_key=next_key, context=lock_context(run, {**outputs, step.key: output})
         )
     except (UnknownWorkflow, WorkflowDefinitionError) as exc:
-        _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
         nxt = Step.objects.get(pk=next_id)
         step_fail(step=nxt, actor="executor", reason=str(exc), from_statuses=[StepStatus.PENDING], now=now)
         return "failed", None
     Step.objects.filter(pk=next_id, status=StepStatus.PENDING).update(
         status=StepStatus.READY, lock_keys=keys, available_at=None, updated_at=now
     )
-    _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
     if wake_for_next:
         wake_on_commit()
     elif len(grants) > 1:  # its entity locks were released: a run waiting for one may go now
@@ -248,9 +247,9 @@ def step_conflict(
     )
     if moved != 1:
         return False
-    Run.objects.filter(pk=step.run_id).exclude(
-        status__in=[RunStatus.CANCELLED, RunStatus.SUCCEEDED, RunStatus.FAILED]
-    ).update(status=RunStatus.CONFLICT, updated_at=now)
+    Run.objects.filter(pk=step.run_id, status__in=UNFINISHED_RUN_STATUSES).update(
+        status=RunStatus.CONFLICT, updated_at=now
+    )
     leases_release(grants, now=now)
     effect = details.get("effect")
     _event(step, "step_conflict", "executor", kind=kind, effect=effect.idempotency_key if effect else None)

@@ -36,6 +36,16 @@ def wait_for(predicate: Callable[[], object], timeout: float, message: str, inte
         time.sleep(interval)
 
 
+def calls_per_key(operation: str) -> list[int]:
+    """How often the sandbox was called for each idempotency key of ``operation``."""
+    from django.db.models import Count
+
+    from runs.models import SandboxCall
+
+    rows = SandboxCall.objects.filter(operation=operation).values("idempotency_key").annotate(n=Count("id"))
+    return [row["n"] for row in rows]
+
+
 class Cluster:
     """Starts worker and beat processes; always stops them (by process group)."""
 
