@@ -23,7 +23,7 @@ from pydantic_core import PydanticCustomError
 
 from core import selectors, services
 from core.models import Role, User
-from core.validation import NUL_MESSAGE, dotted_path
+from core.validation import NON_FIELD, NUL_MESSAGE, dotted_path
 
 
 class ApiError(Exception):
@@ -118,7 +118,10 @@ def error_fields(errors: list[dict[str, Any]]) -> dict[str, str]:
     fields: dict[str, str] = {}
     for error in errors:
         path = dotted_path(error["loc"][1:])
-        fields[path] = f"{fields[path]}; {error['msg']}" if path in fields else error["msg"]
+        message = error["msg"]
+        if error["loc"][:1] == ("body",) and path == NON_FIELD and error.get("type") == "missing":
+            message = "a JSON body is required (send {} when every field is optional)"
+        fields[path] = f"{fields[path]}; {message}" if path in fields else message
     return fields
 
 

@@ -52,6 +52,19 @@ def test_an_approval_carries_its_version_artifact_and_etag(sandbox_acme: Tenant,
     assert client.get("/api/v1/approvals?status=maybe").status_code == 400
 
 
+def test_a_decision_without_a_body_says_a_json_body_is_required_and_changes_nothing(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    _, request = waiting_followup(sandbox_acme)
+    response = bearer_client(acme_operator).generic(  # as `curl -X POST` sends it: no body at all
+        "POST", f"/api/v1/approvals/{request.pk}/approve", headers={"If-Match": '"1"'}
+    )
+    assert response.status_code == 422, response.content
+    assert "JSON body is required" in response.json()["error"]["details"]["fields"]["__all__"]
+    request.refresh_from_db()
+    assert (request.status, request.version) == ("pending", 1)
+
+
 def test_deciding_needs_if_match_and_a_stale_one_gets_412_with_the_current_state(
     sandbox_acme: Tenant, acme_operator: User, acme_admin: User
 ) -> None:
