@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
+import pydantic
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
@@ -13,8 +15,9 @@ from core.api import ApiError, InputSchema, request_user
 from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS, get_tenant_for_user
 from runs import selectors, services
-from runs.definitions import InvalidInput, UnknownWorkflow
+from runs.definitions import InvalidInput, UnknownWorkflow, pydantic_fields
 from runs.models import Run, RunStatus
+from runs.sessions import SessionOverflow
 
 router = Router(tags=["runs"])
 
@@ -25,6 +28,17 @@ class RunIn(InputSchema):
     correlation_id: str = Field(default="", max_length=200)
     trigger_event_id: str = Field(default="", max_length=200)
     tenant: str = Field(default="", description="tenant slug; optional when you belong to one tenant")
+    session_key: str = Field(
+        default="",
+        max_length=200,
+        description="runs of one session (a conversation, a thread, a user) run one at a time, in order",
+    )
+    sequence: int | None = Field(
+        default=None,
+        ge=1,
+        lt=2**62,
+        description="order within the session, counting from 1 (else start order)",
+    )
 
 
 class RunFilters(InputSchema):
@@ -71,14 +85,26 @@ class LeaseOut(Schema):
     expires_at: datetime
 
 
+class SessionOut(Schema):
+    key: str
+    sequence: int | None
+    state: str = Field(description="waiting, active, done or dropped (left the queue without running)")
+    place: int | None = Field(description="place in the session's queue while waiting (1: next)")
+
+
 class RunSummaryOut(Schema):
     id: str
     tenant: str
     workflow: str
+    workflow_version: str
     status: str
     actor: str
     correlation_id: str
     trigger_event_id: str
+    environment: str
+    session: SessionOut | None
+    replay_of: str | None
+    retries: int
     input: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
@@ -132,6 +158,8 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
             actor=request_user(request).get_username(),
             correlation_id=payload.correlation_id,
             trigger_event_id=header_key or payload.trigger_event_id,
+            session_key=payload.session_key,
+            sequence=payload.sequence,
         )
     except UnknownWorkflow as exc:
         raise ApiError(400, "unknown_workflow", str(exc)) from None
@@ -150,6 +178,14 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
             "queue_depth_exceeded",
             str(exc),
             {"depth": exc.depth, "limit": exc.limit},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    except SessionOverflow as exc:
+        raise ApiError(
+            429,
+            "session_busy",
+            str(exc),
+            {"session_key": exc.session_key, "waiting": exc.waiting, "limit": exc.limit},
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
     if not start.created:
@@ -198,6 +234,78 @@ def run_cancel(request: HttpRequest, run_id: str) -> dict[str, Any]:
         )
     run.refresh_from_db()
     return selectors.run_detail(run)
+
+
+class ReplayIn(InputSchema):
+    input: dict[str, Any] | None = Field(
+        default=None, description="new input for the replay (validated); the original's when left out"
+    )
+
+
+@router.post("/runs/{run_id}/retry", response=RunOut)
+def run_retry(request: HttpRequest, run_id: str) -> dict[str, Any]:
+    """Retry a failed, cancelled or expired run from its first unfinished step: same run, same
+    idempotency keys, so nothing that committed happens again."""
+    user = request_user(request)
+    run = _get_run_for_user(user, run_id)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    try:
+        run = services.run_retry(run=run, actor=user.get_username())
+    except services.RunNotRetryable as exc:
+        raise ApiError(409, "run_not_retryable", str(exc), {"status": run.status}) from None
+    return selectors.run_detail(run)
+
+
+def _replay_input(request: HttpRequest) -> dict[str, Any] | None:
+    """The optional body of a replay: none at all, ``{}``, or ``{"input": {...}}``."""
+    if not request.body.strip():
+        return None
+    try:
+        data = json.loads(request.body)
+    except ValueError as exc:
+        raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {exc}") from None
+    try:
+        return ReplayIn.model_validate(data).input
+    except pydantic.ValidationError as exc:
+        raise ApiError(
+            422, "invalid_input", "The request does not fit.", {"fields": pydantic_fields(exc)}
+        ) from None
+
+
+@router.post(
+    "/runs/{run_id}/replay",
+    response={201: RunOut},
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ReplayIn.model_json_schema()}},
+        }
+    },
+)
+def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
+    """Start the run again as a new run linked to it, optionally with edited input (the body
+    may be left out)."""
+    user = request_user(request)
+    run = _get_run_for_user(user, run_id)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    edited = _replay_input(request)
+    try:
+        replay = services.run_replay(run=run, actor=user.get_username(), input=edited)
+    except UnknownWorkflow as exc:
+        raise ApiError(409, "workflow_gone", str(exc)) from None
+    except InvalidInput as exc:
+        raise ApiError(
+            422, "invalid_input", f"The input does not fit workflow {run.workflow}.", {"fields": exc.fields}
+        ) from None
+    except services.QuotaExceeded as exc:
+        raise ApiError(
+            429,
+            "queue_depth_exceeded",
+            str(exc),
+            {"depth": exc.depth, "limit": exc.limit},
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    return Status(201, selectors.run_detail(replay))
 
 
 @router.get("/leases", response=list[LeaseOut])

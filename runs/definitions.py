@@ -35,6 +35,8 @@ store are refused: a NUL character (U+0000) in any key or string, a NaN or infin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import string
 from collections.abc import Callable, Mapping
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
 LANES = ("read", "draft", "external", "high_risk")
 LOCK_POLICIES = ("wait", "skip", "cancel_newest", "cancel_in_progress")
+OVERFLOW_POLICIES = ("queue", "reject", "cancel_oldest_waiting")
 
 StepBody = Callable[["StepContext"], Any]
 
@@ -113,6 +116,47 @@ class ApprovalPolicy:
 
 
 @dataclass(frozen=True)
+class SessionPolicy:
+    """How runs of one session (one tenant, one ``session_key``) share it.
+
+    At most ``max_concurrent`` runs of a session execute at once, whole run after whole run
+    (a run waiting for an approval keeps its place), in start order, or in ``sequence`` order
+    when the runs carry one. A run that waited ``queue_timeout_seconds`` ends ``expired``. When
+    ``max_waiting`` runs already wait, ``overflow`` decides: ``queue`` (no bound; the default),
+    ``reject`` (the new run is refused: 429 with Retry-After) or ``cancel_oldest_waiting``
+    (the oldest waiting run is cancelled to make room). A run whose ``sequence`` is ahead of
+    the next expected number waits at most ``sequence_gap_seconds`` for the missing ones.
+    """
+
+    max_concurrent: int = 1
+    queue_timeout_seconds: float | None = None
+    overflow: str = "queue"
+    max_waiting: int | None = None
+    sequence_gap_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise WorkflowDefinitionError("session max_concurrent must be at least 1")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise WorkflowDefinitionError(f"session overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        if self.overflow == "queue" and self.max_waiting is not None:
+            raise WorkflowDefinitionError(
+                "session max_waiting bounds the queue: pick overflow reject or cancel_oldest_waiting"
+            )
+        if self.queue_timeout_seconds is not None and self.queue_timeout_seconds <= 0:
+            raise WorkflowDefinitionError("session queue_timeout_seconds must be positive")
+
+    @property
+    def waiting_limit(self) -> int | None:
+        """How many runs may wait before ``overflow`` applies (None: no bound)."""
+        if self.overflow == "queue":
+            return None
+        if self.max_waiting is not None:
+            return self.max_waiting
+        return 0 if self.overflow == "reject" else 1
+
+
+@dataclass(frozen=True)
 class StepSpec:
     key: str
     body: StepBody
@@ -150,6 +194,20 @@ class Workflow:
     description: str = ""
     steps: list[StepSpec] = field(default_factory=list)
     input: type[pydantic.BaseModel] | None = None
+    session: SessionPolicy = field(default_factory=SessionPolicy)
+    declared_version: int | None = None
+
+    @property
+    def version(self) -> str:
+        """The version a run pins: the declared one, else a digest of the step list (keys,
+        lanes, tools, locks and policies), so any change to the steps is a new version."""
+        if self.declared_version is not None:
+            return str(self.declared_version)
+        shape = [
+            [s.key, s.lane, s.tool, list(s.locks), s.lock_policy, bool(s.approval), s.retry.max_attempts]
+            for s in self.steps
+        ]
+        return "h" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:11]
 
     def validate_input(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """The run input, validated against the workflow's input model and normalized to what is
@@ -233,14 +291,31 @@ class Workflow:
         raise UnknownWorkflow(f"workflow {self.key!r} has no step {step_key!r}")
 
 
+# The newest version of each workflow (what new runs start on), and every registered version.
 REGISTRY: dict[str, Workflow] = {}
+VERSIONS: dict[str, list[Workflow]] = {}
 
 
-def workflow(key: str, *, description: str = "", input: type[pydantic.BaseModel] | None = None) -> Workflow:
+def workflow(
+    key: str,
+    *,
+    description: str = "",
+    input: type[pydantic.BaseModel] | None = None,
+    version: int | None = None,
+    session: SessionPolicy | None = None,
+) -> Workflow:
     """Declare a workflow and register it under ``key``; ``input`` is the pydantic model its run
-    input must fit (see the module docstring)."""
-    if key in REGISTRY:
-        raise WorkflowDefinitionError(f"workflow {key!r} is declared twice")
+    input must fit (see the module docstring). ``version`` (an integer) lets two versions of
+    one workflow live side by side, so runs in flight finish on the one they started with;
+    the highest is the one new runs take. ``session`` says how runs of one session share it.
+    """
+    earlier = VERSIONS.get(key, [])
+    if any(w.declared_version == version for w in earlier) or (earlier and version is None):
+        raise WorkflowDefinitionError(
+            f"workflow {key!r} is declared twice (give each declaration its own version=)"
+        )
+    if earlier and any(w.declared_version is None for w in earlier):
+        raise WorkflowDefinitionError(f"workflow {key!r}: declare version= on every declaration")
     if input is not None and "extra" not in input.model_config:
         # Forbid extra fields unless the model says otherwise (a subclass, same name).
         input = type(
@@ -252,16 +327,43 @@ def workflow(key: str, *, description: str = "", input: type[pydantic.BaseModel]
                 "model_config": pydantic.ConfigDict(extra="forbid"),
             },
         )
-    REGISTRY[key] = Workflow(key=key, description=description, input=input)
-    return REGISTRY[key]
+    declared = Workflow(
+        key=key,
+        description=description,
+        input=input,
+        session=session or SessionPolicy(),
+        declared_version=version,
+    )
+    VERSIONS[key] = sorted([*earlier, declared], key=lambda w: w.declared_version or 0)
+    REGISTRY[key] = VERSIONS[key][-1]
+    return declared
 
 
-def get_workflow(key: str) -> Workflow:
-    try:
-        workflow_def = REGISTRY[key]
-    except KeyError:
+def unregister(key: str, version: str | None = None) -> None:
+    """Forget a workflow (every version, or one): as a deploy that removed it would."""
+    kept = [w for w in VERSIONS.pop(key, []) if version and w.version != version]
+    REGISTRY.pop(key, None)
+    if kept:
+        VERSIONS[key] = kept
+        REGISTRY[key] = kept[-1]
+
+
+def get_workflow(key: str, version: str | None = None) -> Workflow:
+    """The workflow ``key`` (its newest version), or exactly ``version`` of it: a run's pinned
+    version. Raises UnknownWorkflow when that version is no longer registered."""
+    if key not in REGISTRY:
         known = ", ".join(sorted(REGISTRY)) or "none"
-        raise UnknownWorkflow(f"unknown workflow {key!r} (known: {known})") from None
+        raise UnknownWorkflow(f"unknown workflow {key!r} (known: {known})")
+    if version:
+        matching = [w for w in VERSIONS[key] if w.version == version]
+        if not matching:
+            registered = ", ".join(w.version for w in VERSIONS[key])
+            raise UnknownWorkflow(
+                f"workflow {key!r} version {version} is no longer registered (registered: {registered})"
+            )
+        workflow_def = matching[0]
+    else:
+        workflow_def = REGISTRY[key]
     if not workflow_def.steps:
         raise UnknownWorkflow(f"workflow {key!r} has no steps")
     return workflow_def

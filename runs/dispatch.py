@@ -46,10 +46,11 @@ from core.models import Lease, TenantQuota
 from core.wakeups import mark_unsaturated, mark_waiting, wake_now
 from core.workers import Pool, live_pools
 from runs import transitions
-from runs.definitions import LANES, REGISTRY
+from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
 from runs.models import Step, StepStatus
 from runs.queueing import enqueue_step
 from runs.services import run_cancel_by_id
+from runs.sessions import session_round
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Candidate:
     lock_keys: tuple[Any, ...]  # strings, unless the data is corrupt (then it fails alone)
     lock_policy: str
     weight: int = 1
+    workflow_version: str = ""
 
     def scopes(self) -> list[str]:
         return [
@@ -246,9 +248,10 @@ def fair_candidates(
             FROM ready s, {unnest.format(t="s")}
             GROUP BY s.tenant_id, {key_col}
         )
-        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight FROM (
+        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight,
+               workflow_version FROM (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
-                   s.lock_policy,
+                   s.lock_policy, r.workflow_version,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
                    COALESCE(q.weight, 1) AS weight
             FROM ready s
@@ -284,6 +287,7 @@ def fair_candidates(
             lock_keys=tuple(_json_list(row[7])),
             lock_policy=row[8],
             weight=row[9],
+            workflow_version=row[10],
         )
         for row in rows
     ]
@@ -297,9 +301,12 @@ def _json_list(value: Any) -> list[Any]:
 
 def _unadmittable_reason(candidate: Candidate) -> str:
     """Why a step can never be admitted as it is (its own data or definition), or ''."""
-    definition = REGISTRY.get(candidate.workflow)
-    if definition is None:
+    if candidate.workflow not in REGISTRY:
         return f"workflow {candidate.workflow!r} is no longer registered"
+    try:
+        definition = get_workflow(candidate.workflow, candidate.workflow_version)
+    except UnknownWorkflow as gone:
+        return str(gone)
     if not any(spec.key == candidate.key for spec in definition.steps):
         return f"workflow {candidate.workflow!r} no longer has a step {candidate.key!r}"
     for key in candidate.lock_keys:
@@ -470,6 +477,7 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
         # workers keep finishing — and leave every lane they do not pull from unadmitted.
         wait_for_round_lock()
         state = _Round(now=timezone.now())
+        sessions_waiting, session_due = session_round(state.now)
         room = load_room(state.now)
         candidates = [] if room.full("global") else fair_candidates(limit=limit, now=state.now, room=room)
         chosen = _plan(candidates, room, state)
@@ -480,6 +488,9 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
             logger.exception("a batched admission failed; admitting step by step")
             state.admitted = _grant_isolated(chosen, state)
         waiting, saturated, next_due = _left_behind(state, room)
+        waiting = waiting or sessions_waiting  # a run finishing in a session frees a turn
+        if session_due is not None:
+            next_due = session_due if next_due is None else min(next_due, session_due)
         for admission in state.admitted:
             transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
         for run_id, reason in state.cancel:

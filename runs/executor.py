@@ -74,7 +74,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         return _Start(outcome)
 
     try:
-        spec = get_workflow(run.workflow).spec(step.key)
+        spec = get_workflow(run.workflow, run.workflow_version).spec(step.key)
     except UnknownWorkflow as exc:
         return fail(str(exc))
     lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
@@ -306,7 +306,7 @@ def _time_out(ctx: StepContext) -> None:
                 )
             else:
                 cancel_query = True
-                spec = get_workflow(ctx.run.workflow).spec(step.key)
+                spec = get_workflow(ctx.run.workflow, ctx.run.workflow_version).spec(step.key)
                 transitions.step_retry_or_fail(
                     step=step,
                     actor="timeout",

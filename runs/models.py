@@ -28,6 +28,17 @@ class RunStatus(models.TextChoices):
     FAILED = "failed"
     CANCELLED = "cancelled"
     CONFLICT = "conflict"
+    EXPIRED = "expired"
+
+
+class SessionState(models.TextChoices):
+    """Where a run stands in its session ("" for a run without one)."""
+
+    NONE = "", "no session"
+    WAITING = "waiting"  # queued behind the session's running runs: holds nothing
+    ACTIVE = "active"  # one of the session's ``max_concurrent`` runs, until it finishes
+    DONE = "done"  # finished after it ran
+    DROPPED = "dropped"  # left the queue without running (cancelled or expired)
 
 
 class Run(models.Model):
@@ -38,6 +49,19 @@ class Run(models.Model):
     correlation_id = models.CharField(max_length=200, blank=True)
     trigger_event_id = models.CharField(max_length=200, blank=True)
     environment = models.CharField(max_length=64, default="production")
+    workflow_version = models.CharField(max_length=40, blank=True)
+    session_key = models.CharField(max_length=200, blank=True)
+    sequence = models.BigIntegerField(null=True, blank=True)
+    session_state = models.CharField(max_length=10, choices=SessionState.choices, blank=True, default="")
+    # Resolved from the workflow's session policy at start: how many of the session's runs may
+    # run at once, and when this run stops waiting for its turn (None: never).
+    session_max = models.PositiveIntegerField(default=1)
+    session_gap_seconds = models.FloatField(default=30.0)
+    queue_deadline = models.DateTimeField(null=True, blank=True)
+    replay_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
+    )
+    retries = models.PositiveIntegerField(default=0)
     input = models.JSONField(default=dict)
     status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -49,6 +73,12 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["tenant", "status", "id"], name="run_tenant_status"),
             models.Index(fields=["tenant", "correlation_id"], name="run_tenant_correlation"),
+            models.Index(fields=["tenant", "session_key", "id"], name="run_tenant_session"),
+            models.Index(
+                fields=["session_state"],
+                name="run_session_waiting",
+                condition=models.Q(session_state__in=["waiting", "active"]),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -10,6 +10,7 @@ from core.leases import live_leases_filter
 from core.models import Lease, User
 from core.selectors import AnyUser, scope_to_user
 from runs.models import Run, SideEffect, Step
+from runs.sessions import session_summary
 
 
 def runs_for_user(
@@ -50,6 +51,11 @@ def run_summary(run: Run) -> dict[str, Any]:
         "actor": run.actor,
         "correlation_id": run.correlation_id,
         "trigger_event_id": run.trigger_event_id,
+        "workflow_version": run.workflow_version,
+        "environment": run.environment,
+        "session": session_summary(run),
+        "replay_of": run.replay_of_id,
+        "retries": run.retries,
         "input": run.input,
         "created_at": run.created_at,
         "started_at": run.started_at,

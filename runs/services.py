@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from core import metrics
@@ -19,8 +20,15 @@ from core.leases import LeaseGrant, fenced_write
 from core.models import Tenant, TenantQuota
 from core.wakeups import wake_on_commit
 from runs import transitions
-from runs.definitions import InvalidInput, WorkflowDefinitionError, get_workflow
-from runs.models import Run, Step, StepStatus, TriggerEvent
+from runs.definitions import (
+    InvalidInput,
+    SessionPolicy,
+    UnknownWorkflow,
+    WorkflowDefinitionError,
+    get_workflow,
+)
+from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
+from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
 
 
@@ -58,6 +66,11 @@ def run_create(
     environment: str = "production",
     build_steps: Callable[[Run], list[Step]] | None = None,
     enforce_quota: bool = False,
+    workflow_version: str = "",
+    session_key: str = "",
+    sequence: int | None = None,
+    session: SessionPolicy | None = None,
+    replay_of: Run | None = None,
 ) -> RunStart:
     """Start a run, once per (tenant, trigger_event_id).
 
@@ -66,7 +79,10 @@ def run_create(
     constraint decides between racing deliveries: the loser's insert waits for the winner's
     commit, fails, and reads the winner's run.
     """
-    payload = {"workflow": workflow, "input": input, "correlation_id": correlation_id}
+    payload: dict[str, Any] = {"workflow": workflow, "input": input, "correlation_id": correlation_id}
+    if session_key:
+        payload.update(session_key=session_key, sequence=sequence)
+    session = session or SessionPolicy()
     payload_fingerprint = fingerprint(payload)
     if trigger_event_id:
         # A known delivery is answered from the record, even when the tenant is over quota.
@@ -77,14 +93,26 @@ def run_create(
         with transaction.atomic():
             if enforce_quota:
                 _check_queue_depth(tenant)
+            if session_key:
+                session_admit(tenant_id=tenant.pk, session_key=session_key, policy=session, actor=actor)
+            run_id = new_run_id()
             run = Run.objects.create(
+                id=run_id,
                 tenant=tenant,
                 workflow=workflow,
+                workflow_version=workflow_version,
                 input=input,
                 actor=actor,
-                correlation_id=correlation_id,
+                correlation_id=correlation_id or trigger_event_id or run_id,
                 trigger_event_id=trigger_event_id,
                 environment=environment,
+                session_key=session_key,
+                sequence=sequence,
+                session_state=SessionState.WAITING if session_key else SessionState.NONE,
+                session_max=session.max_concurrent,
+                session_gap_seconds=session.sequence_gap_seconds,
+                queue_deadline=queue_deadline(session) if session_key else None,
+                replay_of=replay_of,
             )
             if trigger_event_id:
                 TriggerEvent.objects.create(
@@ -92,13 +120,22 @@ def run_create(
                 )
             if build_steps is not None:
                 steps = Step.objects.bulk_create(build_steps(run))
-                wake_on_commit(lane=steps[0].lane)
+                if session_key:
+                    wake_on_commit()  # the dispatcher gives it its turn
+                else:
+                    wake_on_commit(lane=steps[0].lane)
             core_services.event_record(
                 tenant=tenant,
                 subject=f"run:{run.id}",
                 verb="created",
                 actor=actor,
-                payload={"workflow": workflow, "trigger_event_id": trigger_event_id},
+                payload={
+                    "workflow": workflow,
+                    "workflow_version": workflow_version,
+                    "trigger_event_id": trigger_event_id,
+                    **({"session_key": session_key, "sequence": sequence} if session_key else {}),
+                    **({"replay_of": replay_of.pk} if replay_of else {}),
+                },
             )
             return RunStart(run=run, created=True)
     except IntegrityError:
@@ -175,18 +212,28 @@ def run_start(
     actor: str,
     correlation_id: str = "",
     trigger_event_id: str = "",
+    session_key: str = "",
+    sequence: int | None = None,
+    replay_of: Run | None = None,
 ) -> RunStart:
-    """Start a run of a registered workflow, in one transaction: its input validated, its steps
-    created with everything known at start resolved (lane, tool, lock policy, retry budget, and
-    the first step's lock keys), the first step ready. The dispatcher is woken on commit.
+    """Start a run of a registered workflow, in one transaction: its input validated, its
+    version pinned, its steps created with everything known at start resolved (lane, tool,
+    lock policy, retry budget, and the first step's lock keys), the first step ready — or, for
+    a run of a session (``session_key``), queued for its turn (see ``runs.sessions``). The
+    dispatcher is woken on commit.
 
-    Raises UnknownWorkflow, InvalidInput (nothing stored), QuotaExceeded or
+    Raises UnknownWorkflow, InvalidInput (nothing stored), QuotaExceeded, SessionOverflow or
     TriggerPayloadMismatch.
     """
     definition = get_workflow(workflow)
     input = definition.validate_input(input)
+    session_fields = _session_fields(session_key, sequence)
+    if session_fields:
+        raise InvalidInput(session_fields, "the session fields are not valid")
     try:
-        first_locks = step_lock_keys(workflow=workflow, step_key=definition.steps[0].key, context=input)
+        first_locks = step_lock_keys(
+            workflow=workflow, version=definition.version, step_key=definition.steps[0].key, context=input
+        )
     except WorkflowDefinitionError as exc:
         raise InvalidInput({"__all__": str(exc)}) from None
 
@@ -202,7 +249,7 @@ def run_start(
                 lock_policy=spec.lock_policy,
                 max_attempts=spec.retry.max_attempts,
                 lock_keys=first_locks if position == 0 else [],
-                status=StepStatus.READY if position == 0 else StepStatus.PENDING,
+                status=StepStatus.READY if position == 0 and not session_key else StepStatus.PENDING,
             )
             for position, spec in enumerate(definition.steps)
         ]
@@ -216,8 +263,30 @@ def run_start(
         trigger_event_id=trigger_event_id,
         build_steps=build_steps,
         enforce_quota=True,
+        workflow_version=definition.version,
+        session_key=session_key,
+        sequence=sequence,
+        session=definition.session,
+        replay_of=replay_of,
     )
     return start
+
+
+def _session_fields(session_key: str, sequence: int | None) -> dict[str, str]:
+    """Errors in a run's session fields, by field (empty when they are fine)."""
+    fields: dict[str, str] = {}
+    if len(session_key) > MAX_SESSION_KEY_LENGTH:
+        fields["session_key"] = f"at most {MAX_SESSION_KEY_LENGTH} characters"
+    elif "\x00" in session_key:
+        fields["session_key"] = "may not contain NUL characters"
+    elif session_key != session_key.strip():
+        fields["session_key"] = "may not start or end with whitespace"
+    if sequence is not None:
+        if not session_key:
+            fields["sequence"] = "a sequence needs a session_key"
+        elif not 1 <= sequence < 2**62:
+            fields["sequence"] = "must be between 1 and 2^62 (sequences count from 1 in each session)"
+    return fields
 
 
 def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
@@ -250,3 +319,110 @@ def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
     """Save a step's progress, only while its lease is live (a fenced write)."""
     with fenced_write(tenant_id=step.tenant_id, key=lease.key, token=lease.token, actor=f"step:{step.pk}"):
         Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())
+
+
+RETRYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.EXPIRED)
+
+
+class RunNotRetryable(Exception):
+    """The run cannot be retried: it has not failed, or its pinned version is gone."""
+
+
+def run_retry(*, run: Run, actor: str) -> Run:
+    """Retry a failed, cancelled or expired run from its first unfinished step: the same run,
+    its next attempt, the same idempotency keys, so an effect that committed is answered from
+    the ledger and never happens again. Its steps from there on start over (the retried step
+    gets a fresh attempt budget); a session run takes its turn again.
+
+    A compare-and-set on the run's status: of two racing retries, one wins, the other raises
+    RunNotRetryable, as does a run whose pinned workflow version is no longer registered.
+    """
+    try:
+        definition = get_workflow(run.workflow, run.workflow_version)
+    except UnknownWorkflow as exc:
+        raise RunNotRetryable(str(exc)) from None
+    now = timezone.now()
+    with transaction.atomic():
+        # Step rows first, then the run: the order every writer uses.
+        steps = list(Step.objects.select_for_update().filter(run=run).order_by("position"))
+        target = next((s for s in steps if s.status != StepStatus.SUCCEEDED), None)
+        if target is None:
+            raise RunNotRetryable(f"run {run.id} has no unfinished step to retry")
+        outputs = {s.key: s.output for s in steps if s.status == StepStatus.SUCCEEDED}
+        try:
+            keys = step_lock_keys(
+                workflow=run.workflow,
+                version=run.workflow_version,
+                step_key=target.key,
+                context=transitions.lock_context(run, outputs),
+            )
+            budget = definition.spec(target.key).retry.max_attempts
+        except (UnknownWorkflow, WorkflowDefinitionError) as exc:
+            raise RunNotRetryable(str(exc)) from None
+        moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES).update(
+            status=RunStatus.PENDING,
+            session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
+            queue_deadline=queue_deadline(definition.session, now) if run.session_key else None,
+            retries=F("retries") + 1,
+            finished_at=None,
+            updated_at=now,
+        )
+        if moved != 1:
+            run.refresh_from_db(fields=["status"])
+            raise RunNotRetryable(
+                f"run {run.id} is {run.status}: only a failed, cancelled or expired run is retried"
+            )
+        fresh: dict[str, Any] = {
+            "error": "",
+            "finished_at": None,
+            "lease_id": None,
+            "lease_token": None,
+            "lock_leases": [],
+        }
+        Step.objects.filter(run=run, position__gt=target.position).update(
+            status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
+        )
+        Step.objects.filter(pk=target.pk).update(
+            status=StepStatus.PENDING if run.session_key else StepStatus.READY,
+            lock_keys=keys,
+            max_attempts=target.attempt + budget,
+            available_at=None,
+            updated_at=now,
+            **fresh,
+        )
+        core_services.event_record(
+            tenant=run.tenant_id,
+            subject=f"run:{run.id}",
+            verb="run_retried",
+            actor=actor,
+            payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
+        )
+        wake_on_commit()
+    run.refresh_from_db()
+    return run
+
+
+def run_replay(*, run: Run, actor: str, input: dict[str, Any] | None = None) -> Run:
+    """Start the run again as a new run linked to it (``replay_of``), with its input or an
+    edited one (validated like any start), on the workflow's current version. The new run
+    has its own idempotency keys: a replay does its effects again, on purpose.
+
+    Raises UnknownWorkflow, InvalidInput or QuotaExceeded, like ``run_start``.
+    """
+    with transaction.atomic():
+        start = run_start(
+            tenant=run.tenant,
+            workflow=run.workflow,
+            input=run.input if input is None else input,
+            actor=actor,
+            correlation_id=run.correlation_id,
+            replay_of=run,
+        )
+        core_services.event_record(
+            tenant=run.tenant_id,
+            subject=f"run:{run.id}",
+            verb="run_replayed",
+            actor=actor,
+            payload={"replay": start.run.id, "input_edited": input is not None and input != run.input},
+        )
+    return start.run

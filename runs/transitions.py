@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from core import services as core_services
@@ -26,7 +26,7 @@ from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
 from runs.definitions import UnknownWorkflow, WorkflowDefinitionError, get_workflow
-from runs.models import Run, RunStatus, Step, StepStatus
+from runs.models import Run, RunStatus, SessionState, Step, StepStatus
 
 UNFINISHED_RUN_STATUSES = (
     RunStatus.PENDING,
@@ -80,13 +80,15 @@ def valid_lock_key(key: object) -> bool:
     )
 
 
-def step_lock_keys(*, workflow: str, step_key: str, context: Mapping[str, Any]) -> list[str]:
+def step_lock_keys(
+    *, workflow: str, step_key: str, context: Mapping[str, Any], version: str = ""
+) -> list[str]:
     """A step's entity lock keys, filled from ``context`` (the run input and earlier outputs).
 
     Raises WorkflowDefinitionError (or UnknownWorkflow) with a reason a user can act on: a
     template that cannot be filled, or a key no lease can carry.
     """
-    keys = get_workflow(workflow).spec(step_key).lock_keys(context)
+    keys = get_workflow(workflow, version).spec(step_key).lock_keys(context)
     for key in keys:
         if not valid_lock_key(key):
             raise WorkflowDefinitionError(
@@ -106,9 +108,20 @@ def lock_context(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:
     return context
 
 
+def session_release() -> Case:
+    """The session state of a run as it finishes, in the statement that finishes it: an active
+    run frees its place (the dispatcher, woken by the release, promotes the next one); a
+    waiting one leaves the queue."""
+    return Case(
+        When(session_state=SessionState.ACTIVE, then=Value(SessionState.DONE)),
+        When(session_state=SessionState.WAITING, then=Value(SessionState.DROPPED)),
+        default=F("session_state"),
+    )
+
+
 def run_fail(*, run_id: str, now: datetime) -> None:
     Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
-        status=RunStatus.FAILED, finished_at=now, updated_at=now
+        status=RunStatus.FAILED, session_state=session_release(), finished_at=now, updated_at=now
     )
 
 
@@ -191,7 +204,7 @@ def step_succeed(
     )
     if following is None:
         Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
-            status=RunStatus.SUCCEEDED, finished_at=now, updated_at=now
+            status=RunStatus.SUCCEEDED, session_state=session_release(), finished_at=now, updated_at=now
         )
         _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
         wake_on_commit(only_if_waiting=True)
@@ -200,7 +213,10 @@ def step_succeed(
     _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
     try:
         keys = step_lock_keys(
-            workflow=run.workflow, step_key=next_key, context=lock_context(run, {**outputs, step.key: output})
+            workflow=run.workflow,
+            version=run.workflow_version,
+            step_key=next_key,
+            context=lock_context(run, {**outputs, step.key: output}),
         )
     except (UnknownWorkflow, WorkflowDefinitionError) as exc:
         nxt = Step.objects.get(pk=next_id)
@@ -323,7 +339,7 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
         Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
     )
     cancelled = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES).update(
-        status=RunStatus.CANCELLED, finished_at=now, updated_at=now
+        status=RunStatus.CANCELLED, session_state=session_release(), finished_at=now, updated_at=now
     )
     if cancelled != 1:
         return False

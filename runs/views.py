@@ -21,8 +21,9 @@ from core.http import HtmxHttpRequest, authenticated_user
 from core.models import Event, Role, User
 from core.selectors import get_tenant_for_user, tenants_for_user, user_can
 from runs import selectors, services
-from runs.definitions import REGISTRY
+from runs.definitions import REGISTRY, UnknownWorkflow
 from runs.models import Run, RunStatus
+from runs.sessions import session_place, session_runs
 
 RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
 PAGE_SIZE = 50
@@ -65,6 +66,10 @@ def _detail_context(
         # Offered while run_cancel would act; the POST checks the role again.
         "can_cancel": run.status in services.UNFINISHED_RUN_STATUSES
         and user_can(user, run.tenant, Role.OPERATOR),
+        "can_retry": run.status in services.RETRYABLE_RUN_STATUSES
+        and user_can(user, run.tenant, Role.OPERATOR),
+        "can_replay": user_can(user, run.tenant, Role.OPERATOR),
+        "replays": list(run.replays.order_by("id").values_list("id", "status")),
         "notice": notice,
         "notice_level": notice_level,
     }
@@ -132,6 +137,64 @@ def run_cancel(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
     run.refresh_from_db()
     context = _detail_context(request, run, notice=notice, notice_level=level)
     return render(request, "runs/detail.html#run-detail", context)
+
+
+def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool) -> HttpResponse:
+    """Answer a run action: the refreshed detail fragment for htmx, else a redirect."""
+    if not request.htmx:
+        messages.add_message(request, messages.SUCCESS if ok else messages.WARNING, notice)
+        return redirect("runs:run-detail", run_id=run.id)
+    run.refresh_from_db()
+    context = _detail_context(request, run, notice=notice, notice_level="success" if ok else "warning")
+    return render(request, "runs/detail.html#run-detail", context)
+
+
+@require_POST
+@login_required
+def run_retry(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
+    run = _get_run_for_user(request, run_id)
+    user = authenticated_user(request)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    try:
+        services.run_retry(run=run, actor=user.get_username())
+    except services.RunNotRetryable as exc:
+        return _notice(request, run, f"Not retried: {exc}", ok=False)
+    return _notice(request, run, f"Run {run.id} retried from its first unfinished step.", ok=True)
+
+
+@require_POST
+@login_required
+def run_replay(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
+    run = _get_run_for_user(request, run_id)
+    user = authenticated_user(request)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    raw = request.POST.get("input", "").strip()
+    try:
+        edited = json.loads(raw) if raw else None
+        if edited is not None and not isinstance(edited, dict):
+            raise ValueError("the input must be a JSON object")
+        replay = services.run_replay(run=run, actor=user.get_username(), input=edited)
+    except ValueError as exc:  # malformed JSON, or InvalidInput (a ValueError) with its fields
+        return _notice(request, run, f"Not replayed: {exc}", ok=False)
+    except (UnknownWorkflow, services.QuotaExceeded) as exc:
+        return _notice(request, run, f"Not replayed: {exc}", ok=False)
+    url = reverse("runs:run-detail", args=[replay.id])
+    if request.htmx:
+        return HttpResponse(status=204, headers={"HX-Redirect": url})
+    messages.success(request, f"Replayed as {replay.id}.")
+    return redirect(url)
+
+
+@require_GET
+@login_required
+def session_detail(request: HtmxHttpRequest, tenant: str) -> HttpResponse:
+    """A session's runs in session order, with where each stands."""
+    user = authenticated_user(request)
+    tenant_obj = get_tenant_for_user(user, tenant)
+    key = request.GET.get("key", "")
+    runs = session_runs(tenant_id=tenant_obj.pk, session_key=key) if key and "\x00" not in key else []
+    rows = [{"run": r, "place": session_place(r)} for r in runs]
+    return render(request, "runs/session.html", {"tenant": tenant_obj, "key": key, "rows": rows})
 
 
 @require_GET

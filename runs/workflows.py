@@ -17,7 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from runs import sandbox
 from runs.context import StepContext
-from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
+from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 from runs.gates import EntityChanged
 
 
@@ -237,8 +237,61 @@ def charge(ctx: StepContext) -> dict[str, Any]:
     return {"payment_id": paid.get("payment_id") or paid["external_ref"], "amount": payment["amount"]}
 
 
-# bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
+# demo.chat_reply: one conversation's messages are answered one at a time, in order.
+# Start with a session: {"workflow": "demo.chat_reply", "session_key": "conv-42",
+#                        "input": {"contact_id": 1, "message": "Can we move the call?"}}
 
+
+class ChatReplyInput(WorkflowInput):
+    contact_id: RecordId
+    message: str = Field(min_length=1, max_length=2000)
+
+
+chat_reply = workflow(
+    "demo.chat_reply",
+    description="Answer one message of a conversation; a conversation's messages never interleave",
+    input=ChatReplyInput,
+    session=SessionPolicy(max_concurrent=1, queue_timeout_seconds=600, overflow="queue"),
+)
+
+
+@chat_reply.step(lane="read", tool="crm")
+def load_contact(ctx: StepContext) -> dict[str, Any]:
+    return {
+        "contact": sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]))
+    }
+
+
+@chat_reply.step(lane="draft")
+def draft_reply(ctx: StepContext) -> dict[str, Any]:
+    contact = ctx.outputs["load_contact"]["contact"]
+    quoted = str(ctx.input["message"])[:80]
+    return {
+        "subject": "Re: your message",
+        "body": f"Hi {contact['name']},\n\nabout \u201c{quoted}\u201d: on it.\n",
+    }
+
+
+@chat_reply.step(lane="external", tool="messaging")
+def send_reply(ctx: StepContext) -> dict[str, Any]:
+    contact = ctx.outputs["load_contact"]["contact"]
+    reply = ctx.outputs["draft_reply"]
+    sent = ctx.effect(
+        "messaging.send",
+        lambda: sandbox.messaging_send(
+            tenant_id=ctx.tenant_id,
+            to=contact["email"],
+            subject=reply["subject"],
+            body=reply["body"],
+            key=f"{ctx.run_id}:send_reply",
+        ),
+        request={"to": contact["email"], **reply},
+        external_ref=lambda r: r["message_id"],
+    )
+    return {"message_id": sent.get("message_id") or sent["external_ref"]}
+
+
+# bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
 bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=NoInput)
 
 

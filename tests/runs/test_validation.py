@@ -11,7 +11,7 @@ from django.test import Client
 from pydantic import BaseModel, ConfigDict
 
 from core.models import Event, Tenant, User
-from runs.definitions import REGISTRY, InvalidInput, Workflow, get_workflow, workflow
+from runs.definitions import InvalidInput, Workflow, get_workflow, unregister, workflow
 from runs.models import Run, Step, TriggerEvent
 from runs.services import run_start
 
@@ -348,7 +348,7 @@ def registered() -> Iterator[list[str]]:
     keys: list[str] = []
     yield keys
     for key in keys:
-        REGISTRY.pop(key, None)
+        unregister(key)
 
 
 def test_a_plain_model_forbids_extra_fields_unless_it_opts_out(registered: list[str]) -> None:

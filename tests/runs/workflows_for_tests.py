@@ -10,7 +10,7 @@ from pydantic import Field
 
 from runs import sandbox
 from runs.context import StepContext
-from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
+from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -223,3 +223,64 @@ def hang_in_a_query(ctx: StepContext) -> dict[str, Any]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [float(ctx.input.get("sleep_seconds", 30))])
     return {"pid": os.getpid()}
+
+
+# Sessions: runs of one conversation take turns (tests/runs/test_sessions.py).
+
+
+class TurnInput(WorkflowInput):
+    message: str = ""
+    work_seconds: Seconds = 0.05
+
+
+def _turn_step(ctx: StepContext) -> dict[str, Any]:
+    time.sleep(float(ctx.input.get("work_seconds", 0.05)))
+    return {"message": ctx.input.get("message", ""), "pid": os.getpid()}
+
+
+chat_turn = workflow(
+    "test.chat_turn", description="two steps per message, one message at a time", input=TurnInput
+)
+chat_turn.step(key="read_turn", lane="read")(_turn_step)
+chat_turn.step(key="answer_turn", lane="draft")(_turn_step)
+
+chat_pair = workflow(
+    "test.chat_pair",
+    description="two messages of a session at a time",
+    input=TurnInput,
+    session=SessionPolicy(max_concurrent=2),
+)
+chat_pair.step(key="pair_turn", lane="read")(_turn_step)
+
+chat_gated = workflow("test.chat_gated", description="a turn that waits for an approval", input=TurnInput)
+chat_gated.step(key="gated_draft", lane="draft")(_turn_step)
+
+
+@chat_gated.step(lane="external", approval=ApprovalPolicy(required=1, roles=("operator",)))
+def gated_send(ctx: StepContext) -> dict[str, Any]:
+    return {"sent": ctx.approved_content}
+
+
+chat_strict = workflow(
+    "test.chat_strict",
+    description="a busy session refuses new messages",
+    input=TurnInput,
+    session=SessionPolicy(overflow="reject"),
+)
+chat_strict.step(key="strict_turn", lane="read")(_turn_step)
+
+chat_latest = workflow(
+    "test.chat_latest",
+    description="only the newest waiting message matters",
+    input=TurnInput,
+    session=SessionPolicy(overflow="cancel_oldest_waiting"),
+)
+chat_latest.step(key="latest_turn", lane="read")(_turn_step)
+
+chat_impatient = workflow(
+    "test.chat_impatient",
+    description="a waiting message expires after a second",
+    input=TurnInput,
+    session=SessionPolicy(queue_timeout_seconds=1, sequence_gap_seconds=1),
+)
+chat_impatient.step(key="impatient_turn", lane="read")(_turn_step)

@@ -10,6 +10,14 @@ from core.models import Tenant
 from runs.services import QuotaExceeded, run_start
 
 MIX: list[tuple[int, str, Callable[[], dict[str, Any]]]] = [
+    (
+        15,
+        "demo.chat_reply",  # started in one of three conversations (sessions)
+        lambda: {
+            "contact_id": random.randint(1, 5),
+            "message": random.choice(["Can we move the call?", "Thanks!", "What is the price?"]),
+        },
+    ),
     (40, "demo.enrich_lead", lambda: {"lead_id": random.randint(1, 20)}),
     (
         30,
@@ -47,8 +55,15 @@ class Command(BaseCommand):
         started = 0
         for _ in range(options["runs"]):
             _, workflow, make_input = random.choices(MIX, weights=weights)[0]
+            session_key = f"conversation-{random.randint(1, 3)}" if workflow == "demo.chat_reply" else ""
             try:
-                run_start(tenant=tenant, workflow=workflow, input=make_input(), actor="demo_traffic")
+                run_start(
+                    tenant=tenant,
+                    workflow=workflow,
+                    input=make_input(),
+                    actor="demo_traffic",
+                    session_key=session_key,
+                )
             except QuotaExceeded as exc:
                 self.stdout.write(f"stopped: {exc}")
                 break
