@@ -68,7 +68,7 @@ class InvalidResolution(ValueError):
 
 def _spec(step: Step) -> StepSpec | None:
     try:
-        return get_workflow(step.run.workflow).spec(step.key)
+        return get_workflow(step.run.workflow, step.run.workflow_version).spec(step.key)
     except UnknownWorkflow:
         return None
 
