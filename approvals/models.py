@@ -106,6 +106,7 @@ class ConflictKind(models.TextChoices):
     ENTITY_VERSION_MISMATCH = "entity_version_mismatch"
     DUPLICATE_TRIGGER_PAYLOAD = "duplicate_trigger_payload"
     CONCURRENT_EDIT = "concurrent_edit"
+    COMPENSATION_FAILED = "compensation_failed"
 
 
 class ConflictStatus(models.TextChoices):

@@ -416,6 +416,11 @@ SUGGESTIONS: dict[str, str] = {
         "Two edits started from the same version; the first one stands. "
         "Keep it, or apply the other edit on top as a new version."
     ),
+    ConflictKind.COMPENSATION_FAILED: (
+        "Undoing a committed step kept failing, so the run is only partly compensated. Retry the "
+        "compensation once the provider works again, or undo it by hand and mark it compensated; "
+        "the remaining compensations then go on."
+    ),
 }
 
 RESOLUTIONS = {
@@ -429,6 +434,7 @@ RESOLUTIONS = {
     ConflictKind.ENTITY_VERSION_MISMATCH: {"keep_current", "apply_proposed", "cancel_run"},
     ConflictKind.DUPLICATE_TRIGGER_PAYLOAD: {"acknowledge"},
     ConflictKind.CONCURRENT_EDIT: {"keep_current", "apply_proposed"},
+    ConflictKind.COMPENSATION_FAILED: {"retry_compensation", "mark_compensated"},
 }
 
 
@@ -518,6 +524,10 @@ def _apply_resolution(
             expected_version=artifact.latest_version,
             content=(conflict.proposed or {}).get("content"),
         )
+    elif resolution == "retry_compensation" and step is not None:
+        run_services.compensation_retry(step=step, actor=actor)
+    elif resolution == "mark_compensated" and step is not None:
+        run_services.compensation_mark_done(step=step, actor=actor, note=note)
     elif resolution == "keep_current" and conflict.kind == ConflictKind.STALE_APPROVAL and step is not None:
         # Back to waiting for a decision on the new version (only if the step is still held).
         run_services.step_await_approval(step=step, actor=actor)

@@ -47,10 +47,12 @@ class ApiError(Exception):
 
 class BearerTokenAuth(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> User | None:
-        user = services.api_token_authenticate(token)
-        if user is not None:
-            request.user = user
-        return user
+        found = services.api_token_find(token)
+        if found is None:
+            return None
+        request.user = found.user
+        request.api_token_environment = found.environment  # type: ignore[attr-defined]
+        return found.user
 
 
 class RunwardenAPI(NinjaAPI):
@@ -166,6 +168,12 @@ def _http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     if exc.status_code == 400 and isinstance(cause, ValueError):  # JSONDecodeError, UnicodeDecodeError
         return error_response(request, 400, "malformed_json", f"The request body is not valid JSON: {cause}")
     return error_response(request, exc.status_code, "error", str(exc))
+
+
+def request_environment(request: HttpRequest, asked: str) -> str:
+    """The environment a request acts in: the one it names, else the one its API token was
+    issued for; a browser session that names none acts in production."""
+    return asked or getattr(request, "api_token_environment", "") or "production"
 
 
 def request_user(request: HttpRequest) -> User:

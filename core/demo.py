@@ -31,8 +31,10 @@ def seed_demo_tenants_and_users(password: str | None = None) -> list[tuple[str, 
         user.is_staff = user.is_superuser = role == Role.ADMIN
         user.save(update_fields=["password", "is_staff", "is_superuser"])
         Membership.objects.update_or_create(user=user, tenant=tenants[slug], defaults={"role": role})
+    from core.connections import sandbox_connections_create
     from runs.sandbox import seed_sandbox  # the demo's outside world (contacts, leads, invoices)
 
     for tenant in tenants.values():
         seed_sandbox(tenant.pk)
+        sandbox_connections_create(tenant, actor="seed_demo")
     return [(u, t, r.value) for u, t, r in DEMO_USERS]

@@ -69,12 +69,73 @@ class TenantQuota(models.Model):
         return f"quota of {self.tenant}"
 
 
+BUILTIN_ENVIRONMENTS = ("production", "staging")
+
+
+class Environment(models.Model):
+    """An environment a tenant's admins added beside the built-in production and staging."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="environments")
+    name = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="environment_unique_per_tenant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+
+class Connection(models.Model):
+    """An outside account (a CRM portal, a messaging or payments account) of one tenant in one
+    environment. Credentials by reference: ``secret_ref`` (``env:NAME``) or ``secret_encrypted``
+    (Fernet); neither is ever shown back. See ``core.connections``."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="connections")
+    environment = models.CharField(max_length=64)
+    provider = models.CharField(max_length=64)
+    name = models.CharField(max_length=64)
+    is_default = models.BooleanField(default=False)
+    secret_ref = models.CharField(max_length=140, blank=True)
+    secret_encrypted = models.TextField(blank=True)
+    config = models.JSONField(default=dict, blank=True)
+    created_by = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    archived_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "environment", "provider", "name"], name="connection_name_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "environment", "provider"],
+                condition=models.Q(is_default=True),
+                name="connection_one_default",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.environment}/{self.provider}/{self.name}"
+
+    @property
+    def secret_source(self) -> str:
+        if self.secret_ref:
+            return self.secret_ref
+        return "encrypted" if self.secret_encrypted else "none"
+
+
 class ApiToken(models.Model):
     """A per-user API token. Only the SHA-256 of the secret is stored; ``prefix`` (the first
-    characters of the token) lets a user tell their tokens apart."""
+    characters of the token) lets a user tell their tokens apart. Runs started with it run in
+    its ``environment`` unless the request names another."""
 
     user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100, blank=True)
+    environment = models.CharField(max_length=64, default="production")
     prefix = models.CharField(max_length=16)
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)

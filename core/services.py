@@ -12,7 +12,16 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from core.models import ApiToken, Event, Membership, Tenant, TenantQuota, User
+from core.models import (
+    BUILTIN_ENVIRONMENTS,
+    ApiToken,
+    Environment,
+    Event,
+    Membership,
+    Tenant,
+    TenantQuota,
+    User,
+)
 
 TOKEN_PREFIX = "rw_"
 
@@ -48,15 +57,30 @@ def _hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def api_token_issue(*, user: User, name: str = "") -> str:
-    """Create a token for ``user`` and return its secret; only its hash is stored."""
+def api_token_issue(*, user: User, name: str = "", environment: str = "production") -> str:
+    """Create a token for ``user`` and return its secret; only its hash is stored. Runs started
+    with it run in ``environment`` unless a request names another: one of the built-in
+    environments or one added by a tenant of the user (else ValueError)."""
+    known = {*BUILTIN_ENVIRONMENTS} | set(
+        Environment.objects.filter(tenant__memberships__user=user).values_list("name", flat=True)
+    )
+    if environment not in known:
+        raise ValueError(f"unknown environment {environment!r} (known: {', '.join(sorted(known))})")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, name=name, prefix=raw[:10], token_hash=_hash_token(raw))
+    ApiToken.objects.create(
+        user=user, name=name, environment=environment, prefix=raw[:10], token_hash=_hash_token(raw)
+    )
     return raw
 
 
 def api_token_authenticate(raw: str) -> User | None:
     """The active user a token belongs to, or None for an unknown, revoked or inactive one."""
+    token = api_token_find(raw)
+    return token.user if token is not None else None
+
+
+def api_token_find(raw: str) -> ApiToken | None:
+    """The live token ``raw`` is (with its active user), or None."""
     if not raw.startswith(TOKEN_PREFIX):
         return None
     token = (
@@ -71,7 +95,7 @@ def api_token_authenticate(raw: str) -> User | None:
     ApiToken.objects.filter(pk=token.pk).filter(
         Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - timedelta(minutes=1))
     ).update(last_used_at=now)
-    return token.user
+    return token
 
 
 @transaction.atomic

@@ -6,15 +6,18 @@ from django.urls import include, path
 from approvals.api import router as approvals_router
 from core import views
 from core.api import api
+from core.connections_api import router as connections_router
 from runs.api import router as runs_router
 
 api.add_router("/", runs_router)
 api.add_router("/", approvals_router)
+api.add_router("/", connections_router)
 
 core_patterns = (
     [
         path("", views.overview, name="overview"),
         path("tenants/<slug:slug>/quotas/", views.tenant_quotas, name="tenant-quotas"),
+        path("tenants/<slug:slug>/connections/", views.tenant_connections, name="tenant-connections"),
     ],
     "core",
 )

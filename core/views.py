@@ -7,10 +7,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
-from core import health, metrics, selectors, services
-from core.forms import QuotaForm
+from core import connections, health, metrics, selectors, services
+from core.forms import ConnectionForm, QuotaForm
 from core.http import authenticated_user
-from core.models import Role
+from core.models import Connection, Role
 
 
 @require_GET
@@ -61,3 +61,62 @@ def tenant_quotas(request: HttpRequest, slug: str) -> HttpResponse:
     return render(
         request, "core/quotas.html", {"tenant": tenant, "form": form}, status=400 if form.errors else 200
     )
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
+    """Admins: the tenant's environments and connections; add an environment or a connection,
+    make one the default, archive one. Secrets are write-only."""
+    user = authenticated_user(request)
+    tenant = selectors.get_tenant_for_user(user, slug, role=Role.ADMIN)
+    actor = user.get_username()
+    environments = connections.environment_names(tenant)
+    action = request.POST.get("action", "")
+    form = ConnectionForm(request.POST if action == "add_connection" else None, environments=environments)
+    error = ""
+    if request.method == "POST":
+        try:
+            if action == "add_environment":
+                connections.environment_add(
+                    tenant=tenant, name=request.POST.get("name", "").strip(), actor=actor
+                )
+                messages.success(request, "Environment added.")
+                return redirect("core:tenant-connections", slug=tenant.slug)
+            if action == "add_connection" and form.is_valid():
+                data = form.cleaned_data
+                connections.connection_add(
+                    tenant=tenant,
+                    environment=data["environment"],
+                    provider=data["provider"].strip(),
+                    name=data["name"].strip(),
+                    actor=actor,
+                    is_default=data["is_default"],
+                    secret=data["secret"] or None,
+                    secret_ref=data["secret_ref"].strip() or None,
+                )
+                messages.success(request, f"Connection {data['name']} added.")
+                return redirect("core:tenant-connections", slug=tenant.slug)
+            if action in ("make_default", "archive"):
+                target = Connection.objects.filter(
+                    tenant=tenant, pk=request.POST.get("connection", "0")
+                ).first()
+                if target is None:
+                    error = "That connection does not exist (any more)."
+                else:
+                    changes = {"is_default": True} if action == "make_default" else {"archived": True}
+                    connections.connection_update(connection=target, actor=actor, **changes)  # type: ignore[arg-type]
+                    messages.success(request, f"Connection {target.name} updated.")
+                    return redirect("core:tenant-connections", slug=tenant.slug)
+        except connections.ConnectionInvalid as exc:
+            error = str(exc)
+    rows = Connection.objects.filter(tenant=tenant).order_by("environment", "provider", "-is_default", "name")
+    context = {
+        "tenant": tenant,
+        "environments": environments,
+        "connections": rows,
+        "form": form,
+        "error": error,
+    }
+    failed = request.method == "POST" and (error or form.errors)
+    return render(request, "core/connections.html", context, status=400 if failed else 200)

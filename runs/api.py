@@ -11,7 +11,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
 
-from core.api import ApiError, InputSchema, request_user
+from core.api import ApiError, InputSchema, request_environment, request_user
 from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS, get_tenant_for_user
 from runs import selectors, services
@@ -32,6 +32,15 @@ class RunIn(InputSchema):
         default="",
         max_length=200,
         description="runs of one session (a conversation, a thread, a user) run one at a time, in order",
+    )
+    environment: str = Field(
+        default="",
+        max_length=64,
+        description="the environment to run in; else the one the API token was issued for",
+    )
+    connections: dict[str, str] = Field(
+        default_factory=dict,
+        description="connection names by provider; else the environment's default for each",
     )
     sequence: int | None = Field(
         default=None,
@@ -102,6 +111,7 @@ class RunSummaryOut(Schema):
     correlation_id: str
     trigger_event_id: str
     environment: str
+    connections: dict[str, str] = Field(description="the connections bound at start, by provider")
     session: SessionOut | None
     replay_of: str | None
     retries: int
@@ -160,6 +170,8 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
             trigger_event_id=header_key or payload.trigger_event_id,
             session_key=payload.session_key,
             sequence=payload.sequence,
+            environment=request_environment(request, payload.environment),
+            connections=payload.connections,
         )
     except UnknownWorkflow as exc:
         raise ApiError(400, "unknown_workflow", str(exc)) from None

@@ -6,14 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.db import connections
 
+from core.connections import BoundConnection, connection_for_run
 from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
 from runs.gates import GateVerdict, get_gate
-from runs.models import Run, RunStatus, Step
+from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,29 @@ class StepContext:
     def correlation_id(self) -> str:
         return self.run.correlation_id
 
+    def committed_effects(self, step_key: str) -> dict[str, Any]:
+        """The recorded results of a step's committed effects, by kind (what a compensation
+        undoes)."""
+        rows = SideEffect.objects.filter(
+            run_id=self.run.id, step__key=step_key, status=EffectStatus.COMMITTED
+        ).order_by("committed_at", "id")
+        return dict(rows.values_list("kind", "result"))
+
+    @property
+    def environment(self) -> str:
+        return self.run.environment
+
+    def connection(self, provider: str) -> BoundConnection:
+        """The ``provider`` connection this run bound when it started (its tenant's and its
+        environment's, never another's). Raises ConnectionNotBound when it bound none."""
+        bound = connection_for_run(
+            tenant_id=self.run.tenant_id,
+            environment=self.run.environment,
+            binding=self.run.connections or {},
+            provider=provider,
+        )
+        return replace(bound, run_id=self.run.id, correlation_id=self.run.correlation_id)
+
     @property
     def tenant_id(self) -> int:
         return self.run.tenant_id
@@ -114,7 +138,7 @@ class StepContext:
         if self._lost.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
         status = Run.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
-        if status == RunStatus.CANCELLED:
+        if status == RunStatus.CANCELLED and not self.step.compensates:  # compensations go on
             raise RunCancelled(f"run {self.run_id} was cancelled")
         try:
             self.renew()

@@ -41,6 +41,7 @@ import random
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pydantic
@@ -55,6 +56,10 @@ LOCK_POLICIES = ("wait", "skip", "cancel_newest", "cancel_in_progress")
 OVERFLOW_POLICIES = ("queue", "reject", "cancel_oldest_waiting")
 
 StepBody = Callable[["StepContext"], Any]
+# A compensation: given the step's context and its committed effects' results by kind.
+Compensation = Callable[["StepContext", dict[str, Any]], Any]
+COMPENSATE_PREFIX = "compensate:"
+COMPENSATION_ATTEMPTS = 5
 
 
 class UnknownWorkflow(LookupError):
@@ -168,6 +173,24 @@ class StepSpec:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_seconds: float = 300.0
     lease_seconds: float | None = None
+    compensate: Compensation | None = None
+
+    def compensation_spec(self) -> StepSpec:
+        """The step that undoes this one (``compensate:<key>``): same lane, tool and locks, its
+        own retry budget, its body the compensation given this step's committed effects."""
+        assert self.compensate is not None
+        return StepSpec(
+            key=COMPENSATE_PREFIX + self.key,
+            body=partial(_run_compensation, self),
+            lane=self.lane,
+            tool=self.tool,
+            locks=self.locks,
+            retry=RetryPolicy(
+                COMPENSATION_ATTEMPTS, self.retry.backoff_seconds, self.retry.backoff_max_seconds
+            ),
+            timeout_seconds=self.timeout_seconds,
+            lease_seconds=self.lease_seconds,
+        )
 
     def lock_keys(self, context: Mapping[str, Any]) -> list[str]:
         """The step's entity lock keys, filled from the run input and earlier outputs."""
@@ -183,6 +206,11 @@ class StepSpec:
         return sorted(set(keys))
 
 
+def _run_compensation(original: StepSpec, ctx: StepContext) -> Any:
+    assert original.compensate is not None
+    return original.compensate(ctx, ctx.committed_effects(original.key))
+
+
 class _StrictMap(dict[str, Any]):
     def __missing__(self, key: str) -> Any:
         raise KeyError(key)
@@ -196,6 +224,7 @@ class Workflow:
     input: type[pydantic.BaseModel] | None = None
     session: SessionPolicy = field(default_factory=SessionPolicy)
     declared_version: int | None = None
+    connections: tuple[str, ...] = ()  # providers a run binds a connection for at start
 
     @property
     def version(self) -> str:
@@ -205,6 +234,7 @@ class Workflow:
             return str(self.declared_version)
         shape = [
             [s.key, s.lane, s.tool, list(s.locks), s.lock_policy, bool(s.approval), s.retry.max_attempts]
+            + ([True] if s.compensate else [])
             for s in self.steps
         ]
         return "h" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:11]
@@ -244,8 +274,15 @@ class Workflow:
         backoff_max_seconds: float = 60.0,
         timeout_seconds: float = 300.0,
         lease_seconds: float | None = None,
+        compensate: Compensation | None = None,
     ) -> Callable[[StepBody], StepBody]:
-        """Declare the next step of this workflow (steps run in declaration order)."""
+        """Declare the next step of this workflow (steps run in declaration order).
+
+        ``compensate(ctx, results)`` undoes the step: when its run fails or is cancelled after
+        the step committed effects, compensations run in reverse step order, each as a step of
+        its own (``compensate:<key>``) whose effects go through the ledger under their own keys.
+        ``results`` maps each committed effect's kind to its recorded result.
+        """
 
         def register(body: StepBody) -> StepBody:
             step_key = key or body.__name__
@@ -278,6 +315,7 @@ class Workflow:
                     retry=RetryPolicy(max_attempts, backoff_seconds, backoff_max_seconds),
                     timeout_seconds=timeout_seconds,
                     lease_seconds=lease_seconds,
+                    compensate=compensate,
                 )
             )
             return body
@@ -285,6 +323,13 @@ class Workflow:
         return register
 
     def spec(self, step_key: str) -> StepSpec:
+        if step_key.startswith(COMPENSATE_PREFIX):
+            original = self.spec(step_key.removeprefix(COMPENSATE_PREFIX))
+            if original.compensate is None:
+                raise UnknownWorkflow(
+                    f"step {original.key!r} of workflow {self.key!r} no longer has a compensation"
+                )
+            return original.compensation_spec()
         for spec in self.steps:
             if spec.key == step_key:
                 return spec
@@ -303,11 +348,14 @@ def workflow(
     input: type[pydantic.BaseModel] | None = None,
     version: int | None = None,
     session: SessionPolicy | None = None,
+    connections: tuple[str, ...] | list[str] = (),
 ) -> Workflow:
     """Declare a workflow and register it under ``key``; ``input`` is the pydantic model its run
     input must fit (see the module docstring). ``version`` (an integer) lets two versions of
     one workflow live side by side, so runs in flight finish on the one they started with;
     the highest is the one new runs take. ``session`` says how runs of one session share it.
+    ``connections`` names the providers (``crm``, ``messaging``, ...) whose connection a run
+    binds when it starts; steps reach them with ``ctx.connection(provider)``.
     """
     earlier = VERSIONS.get(key, [])
     if any(w.declared_version == version for w in earlier) or (earlier and version is None):
@@ -333,6 +381,7 @@ def workflow(
         input=input,
         session=session or SessionPolicy(),
         declared_version=version,
+        connections=tuple(connections),
     )
     VERSIONS[key] = sorted([*earlier, declared], key=lambda w: w.declared_version or 0)
     REGISTRY[key] = VERSIONS[key][-1]

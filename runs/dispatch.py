@@ -307,7 +307,9 @@ def _unadmittable_reason(candidate: Candidate) -> str:
         definition = get_workflow(candidate.workflow, candidate.workflow_version)
     except UnknownWorkflow as gone:
         return str(gone)
-    if not any(spec.key == candidate.key for spec in definition.steps):
+    try:
+        definition.spec(candidate.key)
+    except UnknownWorkflow:
         return f"workflow {candidate.workflow!r} no longer has a step {candidate.key!r}"
     for key in candidate.lock_keys:
         if not transitions.valid_lock_key(key):

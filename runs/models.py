@@ -62,6 +62,11 @@ class Run(models.Model):
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
     )
     retries = models.PositiveIntegerField(default=0)
+    # Compensation after a failure or cancel: "" (none), running, done, or failed (a
+    # compensation is in conflict, waiting for a reviewer).
+    compensation = models.CharField(max_length=10, blank=True)
+    # The connections bound at start, frozen: {provider: {"id": connection id, "name": ...}}.
+    connections = models.JSONField(default=dict, blank=True)
     input = models.JSONField(default=dict)
     status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -100,7 +105,7 @@ class StepStatus(models.TextChoices):
 class Step(models.Model):
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
-    key = models.CharField(max_length=100)
+    key = models.CharField(max_length=120)
     position = models.PositiveIntegerField()
     lane = models.CharField(max_length=20)
     tool = models.CharField(max_length=100, blank=True)
@@ -113,6 +118,8 @@ class Step(models.Model):
     # never needs the workflow's code: lock keys, their policy and the retry budget.
     lock_keys = models.JSONField(default=list)
     lock_policy = models.CharField(max_length=20, default="wait")
+    # A compensation step (key ``compensate:<key>``) names the step it undoes.
+    compensates = models.CharField(max_length=100, blank=True)
     max_attempts = models.PositiveIntegerField(default=3)
     error = models.TextField(blank=True)
     # The admission that owns the step: its lease row and token, and its entity locks'
@@ -257,6 +264,12 @@ class SandboxCall(models.Model):
     response = models.JSONField(null=True, blank=True)
     idempotency_key = models.CharField(max_length=300, blank=True)
     ok = models.BooleanField(default=True)
+    # The account the call went to, and who called (from ``ctx.connection``).
+    connection = models.ForeignKey(
+        "core.Connection", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    environment = models.CharField(max_length=64, blank=True)
+    run_id = models.CharField(max_length=40, blank=True)
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField()
 

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
+from core.connections import BoundConnection
 from runs.models import SandboxCall, SandboxContact, SandboxInvoice, SandboxLead
 
 
@@ -40,6 +41,11 @@ def _latency_and_failure() -> tuple[Any, bool]:
     return started, random.random() < settings.RUNWARDEN_SANDBOX_FAILURE_RATE
 
 
+class SandboxRefused(PermissionError):
+    """The sandbox refused a connection that is not an account of the calling tenant (as a real
+    provider refuses another customer's credentials)."""
+
+
 def _record(
     *,
     tenant_id: int,
@@ -51,6 +57,7 @@ def _record(
     key: str,
     ok: bool,
     started: Any,
+    connection: BoundConnection | None,
 ) -> None:
     SandboxCall.objects.create(
         tenant_id=tenant_id,
@@ -63,24 +70,40 @@ def _record(
         ok=ok,
         started_at=started,
         finished_at=timezone.now(),
+        connection_id=connection.id if connection else None,
+        environment=connection.environment if connection else "",
+        run_id=connection.run_id if connection else "",
     )
 
 
 def _perform(
-    tenant_id: int, connector: str, operation: str, target: str, request: dict[str, Any], key: str, act: Any
+    tenant_id: int,
+    connector: str,
+    operation: str,
+    target: str,
+    request: dict[str, Any],
+    key: str,
+    act: Any,
+    connection: BoundConnection | None = None,
 ) -> Any:
+    """Call the fake provider as ``connection`` (the account a run bound; None for a direct
+    call), and record the call with the account it went to."""
+    if connection is not None and (connection.tenant_id != tenant_id or connection.provider != connector):
+        raise SandboxRefused(f"{connector}: connection {connection.label} is not an account of this tenant")
     started, failed = _latency_and_failure()
+    call = {"tenant_id": tenant_id, "connector": connector, "operation": operation, "target": target,
+            "request": request, "key": key, "started": started, "connection": connection}  # fmt: skip
     if failed:
-        _record(tenant_id=tenant_id, connector=connector, operation=operation, target=target, request=request,
-                response=None, key=key, ok=False, started=started)  # fmt: skip
+        _record(response=None, ok=False, **call)
         raise SandboxUnavailable(f"{connector}.{operation} is unavailable (injected failure)")
     response = act()
-    _record(tenant_id=tenant_id, connector=connector, operation=operation, target=target, request=request,
-            response=response, key=key, ok=True, started=started)  # fmt: skip
+    _record(response=response, ok=True, **call)
     return response
 
 
-def crm_get_contact(*, tenant_id: int, contact_id: int) -> dict[str, Any]:
+def crm_get_contact(
+    *, tenant_id: int, contact_id: int, connection: BoundConnection | None = None
+) -> dict[str, Any]:
     def act() -> dict[str, Any]:
         contact = SandboxContact.objects.get(tenant_id=tenant_id, number=contact_id)
         return {
@@ -91,11 +114,17 @@ def crm_get_contact(*, tenant_id: int, contact_id: int) -> dict[str, Any]:
             "version": contact.version,
         }
 
-    return dict(_perform(tenant_id, "crm", "get_contact", f"contact:{contact_id}", {}, "", act))
+    return dict(_perform(tenant_id, "crm", "get_contact", f"contact:{contact_id}", {}, "", act, connection))
 
 
 def crm_update_contact(
-    *, tenant_id: int, contact_id: int, changes: dict[str, Any], expected_version: int, key: str = ""
+    *,
+    tenant_id: int,
+    contact_id: int,
+    changes: dict[str, Any],
+    expected_version: int,
+    key: str = "",
+    connection: BoundConnection | None = None,
 ) -> dict[str, Any]:
     """Write ``changes`` if the contact is still at ``expected_version`` (like an ETag)."""
     allowed = {"stage", "name", "email"}
@@ -113,18 +142,28 @@ def crm_update_contact(
         return {"id": contact.number, "stage": contact.stage, "version": contact.version}
 
     request = {"changes": changes, "expected_version": expected_version}
-    return dict(_perform(tenant_id, "crm", "update_contact", f"contact:{contact_id}", request, key, act))
+    return dict(
+        _perform(tenant_id, "crm", "update_contact", f"contact:{contact_id}", request, key, act, connection)
+    )
 
 
-def lead_get(*, tenant_id: int, lead_id: int) -> dict[str, Any]:
+def lead_get(*, tenant_id: int, lead_id: int, connection: BoundConnection | None = None) -> dict[str, Any]:
     def act() -> dict[str, Any]:
         lead = SandboxLead.objects.get(tenant_id=tenant_id, number=lead_id)
         return {"id": lead.number, "name": lead.name, "company": lead.company, "score": lead.score}
 
-    return dict(_perform(tenant_id, "crm", "get_lead", f"lead:{lead_id}", {}, "", act))
+    return dict(_perform(tenant_id, "crm", "get_lead", f"lead:{lead_id}", {}, "", act, connection))
 
 
-def messaging_send(*, tenant_id: int, to: str, subject: str, body: str, key: str = "") -> dict[str, Any]:
+def messaging_send(
+    *,
+    tenant_id: int,
+    to: str,
+    subject: str,
+    body: str,
+    key: str = "",
+    connection: BoundConnection | None = None,
+) -> dict[str, Any]:
     request = {"to": to, "subject": subject, "body": body}
     return dict(
         _perform(
@@ -135,11 +174,19 @@ def messaging_send(*, tenant_id: int, to: str, subject: str, body: str, key: str
             request,
             key,
             lambda: {"message_id": f"msg_{uuid.uuid4().hex[:12]}"},
+            connection,
         )
     )
 
 
-def payments_charge(*, tenant_id: int, invoice_id: int, amount: Decimal, key: str = "") -> dict[str, Any]:
+def payments_charge(
+    *,
+    tenant_id: int,
+    invoice_id: int,
+    amount: Decimal,
+    key: str = "",
+    connection: BoundConnection | None = None,
+) -> dict[str, Any]:
     def act() -> dict[str, Any]:
         SandboxInvoice.objects.filter(tenant_id=tenant_id, number=invoice_id).update(
             amount_paid=F("amount_paid") + amount
@@ -147,7 +194,42 @@ def payments_charge(*, tenant_id: int, invoice_id: int, amount: Decimal, key: st
         return {"payment_id": f"pay_{uuid.uuid4().hex[:12]}", "amount": str(amount)}
 
     request = {"amount": str(amount)}
-    return dict(_perform(tenant_id, "payments", "charge", f"invoice:{invoice_id}", request, key, act))
+    return dict(
+        _perform(tenant_id, "payments", "charge", f"invoice:{invoice_id}", request, key, act, connection)
+    )
+
+
+def payments_refund(
+    *, tenant_id: int, payment_id: str, amount: str, key: str = "", connection: BoundConnection | None = None
+) -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        return {"refund_id": f"ref_{uuid.uuid4().hex[:12]}", "payment_id": payment_id, "amount": amount}
+
+    request = {"payment_id": payment_id, "amount": amount}
+    return dict(
+        _perform(tenant_id, "payments", "refund", f"payment:{payment_id}", request, key, act, connection)
+    )
+
+
+def inventory_reserve(
+    *, tenant_id: int, sku: str, quantity: int, key: str = "", connection: BoundConnection | None = None
+) -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        return {"reservation_id": f"res_{uuid.uuid4().hex[:12]}", "sku": sku, "quantity": quantity}
+
+    request = {"sku": sku, "quantity": quantity}
+    return dict(_perform(tenant_id, "inventory", "reserve", f"sku:{sku}", request, key, act, connection))
+
+
+def inventory_release(
+    *, tenant_id: int, reservation_id: str, key: str = "", connection: BoundConnection | None = None
+) -> dict[str, Any]:
+    def act() -> dict[str, Any]:
+        return {"released": reservation_id}
+
+    request = {"reservation_id": reservation_id}
+    target = f"reservation:{reservation_id}"
+    return dict(_perform(tenant_id, "inventory", "release", target, request, key, act, connection))
 
 
 def seed_sandbox(tenant_id: int, count: int = 20) -> None:

@@ -53,6 +53,9 @@ def run_summary(run: Run) -> dict[str, Any]:
         "trigger_event_id": run.trigger_event_id,
         "workflow_version": run.workflow_version,
         "environment": run.environment,
+        "connections": {
+            provider: str(bound.get("name", "")) for provider, bound in (run.connections or {}).items()
+        },
         "session": session_summary(run),
         "replay_of": run.replay_of_id,
         "retries": run.retries,

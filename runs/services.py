@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from core import metrics
 from core import services as core_services
+from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
 from core.models import Tenant, TenantQuota
 from core.wakeups import wake_on_commit
@@ -71,6 +72,7 @@ def run_create(
     sequence: int | None = None,
     session: SessionPolicy | None = None,
     replay_of: Run | None = None,
+    connections: dict[str, Any] | None = None,
 ) -> RunStart:
     """Start a run, once per (tenant, trigger_event_id).
 
@@ -80,6 +82,8 @@ def run_create(
     commit, fails, and reads the winner's run.
     """
     payload: dict[str, Any] = {"workflow": workflow, "input": input, "correlation_id": correlation_id}
+    if environment != "production":
+        payload["environment"] = environment
     if session_key:
         payload.update(session_key=session_key, sequence=sequence)
     session = session or SessionPolicy()
@@ -113,6 +117,7 @@ def run_create(
                 session_gap_seconds=session.sequence_gap_seconds,
                 queue_deadline=queue_deadline(session) if session_key else None,
                 replay_of=replay_of,
+                connections=connections or {},
             )
             if trigger_event_id:
                 TriggerEvent.objects.create(
@@ -132,6 +137,8 @@ def run_create(
                 payload={
                     "workflow": workflow,
                     "workflow_version": workflow_version,
+                    "environment": environment,
+                    "connections": {p: c["name"] for p, c in (connections or {}).items()},
                     "trigger_event_id": trigger_event_id,
                     **({"session_key": session_key, "sequence": sequence} if session_key else {}),
                     **({"replay_of": replay_of.pk} if replay_of else {}),
@@ -215,11 +222,15 @@ def run_start(
     session_key: str = "",
     sequence: int | None = None,
     replay_of: Run | None = None,
+    environment: str = "production",
+    connections: Mapping[str, str] | None = None,
 ) -> RunStart:
     """Start a run of a registered workflow, in one transaction: its input validated, its
-    version pinned, its steps created with everything known at start resolved (lane, tool,
-    lock policy, retry budget, and the first step's lock keys), the first step ready — or, for
-    a run of a session (``session_key``), queued for its turn (see ``runs.sessions``). The
+    environment checked and its connections bound (``connections`` names some by provider; the
+    environment's defaults for the rest the workflow declares), its version pinned, its steps
+    created with everything known at start resolved (lane, tool, lock policy, retry budget,
+    and the first step's lock keys), the first step ready — or, for a run of a session
+    (``session_key``), queued for its turn (see ``runs.sessions``). The
     dispatcher is woken on commit.
 
     Raises UnknownWorkflow, InvalidInput (nothing stored), QuotaExceeded, SessionOverflow or
@@ -230,6 +241,16 @@ def run_start(
     session_fields = _session_fields(session_key, sequence)
     if session_fields:
         raise InvalidInput(session_fields, "the session fields are not valid")
+    try:
+        environment_check(tenant, environment)
+        bound = connections_bind(
+            tenant=tenant,
+            environment=environment,
+            providers=definition.connections,
+            requested=dict(connections or {}),
+        )
+    except ConnectionInvalid as exc:
+        raise InvalidInput(exc.fields, str(exc)) from None
     try:
         first_locks = step_lock_keys(
             workflow=workflow, version=definition.version, step_key=definition.steps[0].key, context=input
@@ -268,6 +289,8 @@ def run_start(
         sequence=sequence,
         session=definition.session,
         replay_of=replay_of,
+        environment=environment,
+        connections=bound,
     )
     return start
 
@@ -305,6 +328,8 @@ step_resume = transitions.step_resume
 step_fail = transitions.step_fail
 run_rewind = transitions.run_rewind
 step_await_approval = transitions.step_await_approval
+compensation_retry = transitions.compensation_retry
+compensation_mark_done = transitions.compensation_mark_done
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:
@@ -337,6 +362,8 @@ def run_retry(*, run: Run, actor: str) -> Run:
     A compare-and-set on the run's status: of two racing retries, one wins, the other raises
     RunNotRetryable, as does a run whose pinned workflow version is no longer registered.
     """
+    if run.compensation:
+        raise RunNotRetryable(f"run {run.id} was compensated (its effects were undone): replay it instead")
     try:
         definition = get_workflow(run.workflow, run.workflow_version)
     except UnknownWorkflow as exc:
@@ -359,7 +386,7 @@ def run_retry(*, run: Run, actor: str) -> Run:
             budget = definition.spec(target.key).retry.max_attempts
         except (UnknownWorkflow, WorkflowDefinitionError) as exc:
             raise RunNotRetryable(str(exc)) from None
-        moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES).update(
+        moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES, compensation="").update(
             status=RunStatus.PENDING,
             session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
             queue_deadline=queue_deadline(definition.session, now) if run.session_key else None,
@@ -417,6 +444,8 @@ def run_replay(*, run: Run, actor: str, input: dict[str, Any] | None = None) -> 
             actor=actor,
             correlation_id=run.correlation_id,
             replay_of=run,
+            environment=run.environment,
+            connections={p: c["name"] for p, c in run.connections.items() if isinstance(c, dict)},
         )
         core_services.event_record(
             tenant=run.tenant_id,

@@ -25,8 +25,14 @@ from core.leases import LeaseGrant, StaleToken, leases_release, live_leases_filt
 from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
-from runs.definitions import UnknownWorkflow, WorkflowDefinitionError, get_workflow
-from runs.models import Run, RunStatus, SessionState, Step, StepStatus
+from runs.definitions import (
+    COMPENSATE_PREFIX,
+    COMPENSATION_ATTEMPTS,
+    UnknownWorkflow,
+    WorkflowDefinitionError,
+    get_workflow,
+)
+from runs.models import EffectStatus, Run, RunStatus, SessionState, SideEffect, Step, StepStatus
 
 UNFINISHED_RUN_STATUSES = (
     RunStatus.PENDING,
@@ -120,9 +126,65 @@ def session_release() -> Case:
 
 
 def run_fail(*, run_id: str, now: datetime) -> None:
-    Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
+    failed = Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
         status=RunStatus.FAILED, session_state=session_release(), finished_at=now, updated_at=now
     )
+    if failed:
+        compensation_start(run_id=run_id, now=now)
+
+
+def compensation_start(*, run_id: str, now: datetime) -> bool:
+    """After a run failed or was cancelled: for each step that committed effects and declares a
+    compensation, newest first, append a ``compensate:<key>`` step (the first ready, the others
+    pending, so they run one after another in reverse order). Once per run: a conditional
+    update on ``Run.compensation`` and the unique (run, key) constraint make sure of it. False
+    when there is nothing to compensate."""
+    run = Run.objects.filter(pk=run_id).only("workflow", "workflow_version", "tenant_id").first()
+    if run is None:
+        return False
+    try:
+        definition = get_workflow(run.workflow, run.workflow_version)
+    except UnknownWorkflow:
+        return False  # the run already failed for this very reason; nothing declares a compensation
+    compensable = [spec.key for spec in definition.steps if spec.compensate is not None]
+    if not compensable:
+        return False
+    committed = set(
+        SideEffect.objects.filter(run_id=run_id, status=EffectStatus.COMMITTED, step__key__in=compensable)
+        .values_list("step__key", flat=True)
+        .distinct()
+    )
+    undo = list(Step.objects.filter(run_id=run_id, key__in=committed, compensates="").order_by("-position"))
+    if not undo or not Run.objects.filter(pk=run_id, compensation="").update(compensation="running"):
+        return False
+    last = (
+        Step.objects.filter(run_id=run_id).order_by("-position").values_list("position", flat=True).first()
+        or 0
+    )
+    Step.objects.bulk_create(
+        Step(
+            run_id=run_id,
+            tenant_id=run.tenant_id,
+            key=COMPENSATE_PREFIX + step.key,
+            compensates=step.key,
+            position=last + 1 + index,
+            lane=step.lane,
+            tool=step.tool,
+            lock_keys=step.lock_keys,
+            max_attempts=COMPENSATION_ATTEMPTS,
+            status=StepStatus.READY if index == 0 else StepStatus.PENDING,
+        )
+        for index, step in enumerate(undo)
+    )
+    core_services.event_record(
+        tenant=run.tenant_id,
+        subject=f"run:{run_id}",
+        verb="compensation_started",
+        actor="executor",
+        payload={"steps": [COMPENSATE_PREFIX + step.key for step in undo]},
+    )
+    wake_on_commit()
+    return True
 
 
 def step_fail(
@@ -135,8 +197,13 @@ def step_fail(
     now: datetime | None = None,
 ) -> bool:
     """Fail a step and its run, once (a last attempt, a rejection, a step that cannot be
-    admitted or executed because of its own data or definition, a reviewer's cancel)."""
+    admitted or executed because of its own data or definition, a reviewer's cancel). A
+    compensation step is never just failed: it waits in ``conflict`` for a reviewer."""
     now = now or timezone.now()
+    if step.compensates:
+        return compensation_conflict(
+            step=step, reason=reason, from_statuses=from_statuses, grants=grants, now=now
+        )
     failed = Step.objects.filter(pk=step.pk, status__in=list(from_statuses)).update(
         status=StepStatus.FAILED, error=reason, finished_at=now, updated_at=now
     )
@@ -199,6 +266,9 @@ def step_succeed(
     if recorded != 1:  # cancelled, timed out or reaped while it ran: its result is refused
         raise StaleToken(f"step:{step.pk}", step.lease_token or 0)
     leases_release(grants, now=now)
+    if step.compensates:
+        _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
+        return "succeeded", _compensation_next(step, now)
     following = (
         Step.objects.filter(run_id=run.pk, position=step.position + 1).values_list("pk", "key").first()
     )
@@ -230,6 +300,82 @@ def step_succeed(
     elif len(grants) > 1:  # its entity locks were released: a run waiting for one may go now
         wake_on_commit(only_if_waiting=True)
     return "succeeded", next_id
+
+
+def compensation_conflict(
+    *,
+    step: Step,
+    reason: str,
+    from_statuses: Sequence[str],
+    grants: Sequence[LeaseGrant] = (),
+    now: datetime | None = None,
+) -> bool:
+    """A compensation that ran out of attempts (or cannot run): a reviewer decides — retry it,
+    or mark it compensated by hand. Later compensations wait behind it."""
+    now = now or timezone.now()
+    moved = step_conflict(
+        step=step,
+        kind="compensation_failed",
+        error=reason,
+        grants=grants,
+        from_statuses=from_statuses,
+        now=now,
+        current={"compensating": step.compensates, "attempt": step.attempt, "error": reason[:500]},
+    )
+    if moved:
+        Run.objects.filter(pk=step.run_id).update(compensation="failed", updated_at=now)
+    return moved
+
+
+def compensation_retry(*, step: Step, actor: str) -> bool:
+    """A reviewer retries a compensation in conflict: a fresh attempt budget, ready again."""
+    now = timezone.now()
+    moved = Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT, compensates__gt="").update(
+        status=StepStatus.READY,
+        max_attempts=F("attempt") + COMPENSATION_ATTEMPTS,
+        available_at=now,
+        error="",
+        updated_at=now,
+    )
+    if moved:
+        Run.objects.filter(pk=step.run_id).update(compensation="running", updated_at=now)
+        _event(step, "compensation_retried", actor)
+        wake_on_commit()
+    return moved == 1
+
+
+def compensation_mark_done(*, step: Step, actor: str, note: str = "") -> bool:
+    """A reviewer undid the step by hand: the compensation counts as done and the next one
+    (if any) goes on."""
+    now = timezone.now()
+    moved = Step.objects.filter(pk=step.pk, status=StepStatus.CONFLICT, compensates__gt="").update(
+        status=StepStatus.SUCCEEDED,
+        output={"compensated_by_hand": actor, "note": note[:500]},
+        finished_at=now,
+        updated_at=now,
+    )
+    if moved:
+        _event(step, "compensation_marked_done", actor, note=note[:500])
+        _compensation_next(step, now)
+    return moved == 1
+
+
+def _compensation_next(step: Step, now: datetime) -> int | None:
+    """After a compensation step: ready the next one, or record that compensation is done."""
+    following = (
+        Step.objects.filter(run_id=step.run_id, position=step.position + 1)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if following is None:
+        Run.objects.filter(pk=step.run_id).update(compensation="done", updated_at=now)
+        _event(step, "compensation_finished", f"step:{step.key}")
+        return None
+    Step.objects.filter(pk=following, status=StepStatus.PENDING).update(
+        status=StepStatus.READY, available_at=None, updated_at=now
+    )
+    wake_on_commit()
+    return following
 
 
 def step_park(*, step: Step, grants: Sequence[LeaseGrant], approval_id: int | None) -> None:
@@ -364,6 +510,7 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
         actor=actor,
         payload={"reason": reason},
     )
+    compensation_start(run_id=run.id, now=now)
     wake_on_commit(only_if_waiting=True)
     return True
 

@@ -61,13 +61,20 @@ class EnrichLeadInput(WorkflowInput):
 
 
 enrich_lead = workflow(
-    "demo.enrich_lead", description="Look up a lead, score it and draft a note", input=EnrichLeadInput
+    "demo.enrich_lead",
+    description="Look up a lead, score it and draft a note",
+    input=EnrichLeadInput,
+    connections=["crm"],
 )
 
 
 @enrich_lead.step(lane="read", tool="crm")
 def fetch_lead(ctx: StepContext) -> dict[str, Any]:
-    return {"lead": sandbox.lead_get(tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]))}
+    return {
+        "lead": sandbox.lead_get(
+            tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]), connection=ctx.connection("crm")
+        )
+    }
 
 
 @enrich_lead.step(lane="read")
@@ -101,7 +108,10 @@ class CrmUpdateInput(WorkflowInput):
 
 
 crm_update = workflow(
-    "demo.crm_update", description="Update one CRM contact under its lock", input=CrmUpdateInput
+    "demo.crm_update",
+    description="Update one CRM contact under its lock",
+    input=CrmUpdateInput,
+    connections=["crm"],  # bound at start: the tenant's CRM account in the run's environment
 )
 
 
@@ -109,7 +119,9 @@ crm_update = workflow(
 def apply_changes(ctx: StepContext) -> dict[str, Any]:
     contact_id = int(ctx.input["contact_id"])
     changes = dict(ctx.input["changes"])
-    contact = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=contact_id)
+    contact = sandbox.crm_get_contact(
+        tenant_id=ctx.tenant_id, contact_id=contact_id, connection=ctx.connection("crm")
+    )
     try:
         result = ctx.effect(
             "crm.update_contact",
@@ -119,6 +131,7 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
                 changes=changes,
                 expected_version=contact["version"],
                 key=f"{ctx.run_id}:apply_changes",
+                connection=ctx.connection("crm"),
             ),
             request={"contact_id": contact_id, "changes": changes},
             external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
@@ -143,13 +156,20 @@ class LeadFollowupInput(WorkflowInput):
 
 
 lead_followup = workflow(
-    "demo.lead_followup", description="Draft a follow-up and send it once approved", input=LeadFollowupInput
+    "demo.lead_followup",
+    description="Draft a follow-up and send it once approved",
+    input=LeadFollowupInput,
+    connections=["crm", "messaging"],
 )
 
 
 @lead_followup.step(lane="read", tool="crm")
 def enrich(ctx: StepContext) -> dict[str, Any]:
-    return {"lead": sandbox.lead_get(tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]))}
+    return {
+        "lead": sandbox.lead_get(
+            tenant_id=ctx.tenant_id, lead_id=int(ctx.input["lead_id"]), connection=ctx.connection("crm")
+        )
+    }
 
 
 @lead_followup.step(lane="draft")
@@ -172,7 +192,9 @@ def draft_message(ctx: StepContext) -> dict[str, Any]:
 )
 def send_message(ctx: StepContext) -> dict[str, Any]:
     message = ctx.approved_content  # exactly the version the operator approved
-    contact = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]))
+    contact = sandbox.crm_get_contact(
+        tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]), connection=ctx.connection("crm")
+    )
     sent = ctx.effect(
         "messaging.send",
         lambda: sandbox.messaging_send(
@@ -181,6 +203,7 @@ def send_message(ctx: StepContext) -> dict[str, Any]:
             subject=message["subject"],
             body=message["body"],
             key=f"{ctx.run_id}:send_message",
+            connection=ctx.connection("messaging"),
         ),
         request={"to": contact["email"], **message},
         external_ref=lambda r: r["message_id"],
@@ -198,7 +221,10 @@ class InvoicePaymentInput(WorkflowInput):
 
 
 invoice_payment = workflow(
-    "demo.invoice_payment", description="Pay an invoice once approved", input=InvoicePaymentInput
+    "demo.invoice_payment",
+    description="Pay an invoice once approved",
+    input=InvoicePaymentInput,
+    connections=["payments"],
 )
 
 
@@ -230,6 +256,7 @@ def charge(ctx: StepContext) -> dict[str, Any]:
             invoice_id=int(payment["invoice_id"]),
             amount=Decimal(payment["amount"]),
             key=f"{ctx.run_id}:charge",
+            connection=ctx.connection("payments"),
         ),
         request=payment,
         external_ref=lambda r: r["payment_id"],
@@ -252,13 +279,16 @@ chat_reply = workflow(
     description="Answer one message of a conversation; a conversation's messages never interleave",
     input=ChatReplyInput,
     session=SessionPolicy(max_concurrent=1, queue_timeout_seconds=600, overflow="queue"),
+    connections=["crm", "messaging"],
 )
 
 
 @chat_reply.step(lane="read", tool="crm")
 def load_contact(ctx: StepContext) -> dict[str, Any]:
     return {
-        "contact": sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]))
+        "contact": sandbox.crm_get_contact(
+            tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]), connection=ctx.connection("crm")
+        )
     }
 
 
@@ -284,11 +314,130 @@ def send_reply(ctx: StepContext) -> dict[str, Any]:
             subject=reply["subject"],
             body=reply["body"],
             key=f"{ctx.run_id}:send_reply",
+            connection=ctx.connection("messaging"),
         ),
         request={"to": contact["email"], **reply},
         external_ref=lambda r: r["message_id"],
     )
     return {"message_id": sent.get("message_id") or sent["external_ref"]}
+
+
+# demo.order_checkout: reserve stock, charge, confirm. A failed confirmation (or a cancel)
+# compensates what committed, newest first: the charge is refunded, then the stock released.
+# Input: {"invoice_id": 3, "amount": "49.00", "sku": "SKU-1", "quantity": 1}
+# ("simulate_confirm_failure": true makes the confirmation service refuse the order).
+
+
+class OrderCheckoutInput(WorkflowInput):
+    invoice_id: RecordId
+    amount: Amount
+    sku: str = Field(min_length=1, max_length=40)
+    quantity: int = Field(default=1, ge=1, le=1000)
+    contact_id: RecordId = 1
+    simulate_confirm_failure: bool = False
+
+
+order_checkout = workflow(
+    "demo.order_checkout",
+    description="Reserve, charge, confirm; a failure refunds the charge and releases the stock",
+    input=OrderCheckoutInput,
+    connections=["inventory", "payments", "crm", "messaging"],
+)
+
+
+def release_stock(ctx: StepContext, results: dict[str, Any]) -> dict[str, Any]:
+    reservation = results["inventory.reserve"]
+    released = ctx.effect(
+        "inventory.release",
+        lambda: sandbox.inventory_release(
+            tenant_id=ctx.tenant_id,
+            reservation_id=reservation["reservation_id"],
+            key=f"{ctx.run_id}:release",
+            connection=ctx.connection("inventory"),
+        ),
+        request={"reservation_id": reservation["reservation_id"]},
+    )
+    return {"released": released["released"]}
+
+
+@order_checkout.step(lane="external", tool="inventory", compensate=release_stock)
+def reserve_stock(ctx: StepContext) -> dict[str, Any]:
+    sku, quantity = str(ctx.input["sku"]), int(ctx.input["quantity"])
+    reserved = ctx.effect(
+        "inventory.reserve",
+        lambda: sandbox.inventory_reserve(
+            tenant_id=ctx.tenant_id,
+            sku=sku,
+            quantity=quantity,
+            key=f"{ctx.run_id}:reserve",
+            connection=ctx.connection("inventory"),
+        ),
+        request={"sku": sku, "quantity": quantity},
+    )
+    return {"reservation_id": reserved["reservation_id"]}
+
+
+def refund_charge(ctx: StepContext, results: dict[str, Any]) -> dict[str, Any]:
+    charge = results["payments.charge"]
+    refunded = ctx.effect(
+        "payments.refund",
+        lambda: sandbox.payments_refund(
+            tenant_id=ctx.tenant_id,
+            payment_id=charge["payment_id"],
+            amount=charge["amount"],
+            key=f"{ctx.run_id}:refund",
+            connection=ctx.connection("payments"),
+        ),
+        request={"payment_id": charge["payment_id"], "amount": charge["amount"]},
+        external_ref=lambda r: r["refund_id"],
+    )
+    return {"refund_id": refunded["refund_id"]}
+
+
+@order_checkout.step(
+    lane="high_risk",
+    tool="payments",
+    locks=["invoice:{invoice_id}"],
+    max_attempts=1,
+    compensate=refund_charge,
+)
+def charge_card(ctx: StepContext) -> dict[str, Any]:
+    amount = Decimal(str(ctx.input["amount"]))
+    paid = ctx.effect(
+        "payments.charge",
+        lambda: sandbox.payments_charge(
+            tenant_id=ctx.tenant_id,
+            invoice_id=int(ctx.input["invoice_id"]),
+            amount=amount,
+            key=f"{ctx.run_id}:charge",
+            connection=ctx.connection("payments"),
+        ),
+        request={"invoice_id": ctx.input["invoice_id"], "amount": str(amount)},
+        external_ref=lambda r: r["payment_id"],
+    )
+    return {"payment_id": paid["payment_id"]}
+
+
+@order_checkout.step(lane="external", tool="messaging", max_attempts=1)
+def confirm_order(ctx: StepContext) -> dict[str, Any]:
+    if ctx.input.get("simulate_confirm_failure"):
+        raise RuntimeError("the order service refused the confirmation")
+    contact = sandbox.crm_get_contact(
+        tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]), connection=ctx.connection("crm")
+    )
+    sent = ctx.effect(
+        "messaging.send",
+        lambda: sandbox.messaging_send(
+            tenant_id=ctx.tenant_id,
+            to=contact["email"],
+            subject="Your order is confirmed",
+            body=f"Order for {ctx.input['quantity']} × {ctx.input['sku']} confirmed.",
+            key=f"{ctx.run_id}:confirm",
+            connection=ctx.connection("messaging"),
+        ),
+        request={"to": contact["email"], "sku": ctx.input["sku"]},
+    )
+    return {"message_id": sent["message_id"]}
 
 
 # bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.

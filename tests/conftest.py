@@ -8,23 +8,29 @@ from django.test import Client
 
 import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows too)
 from core import services
+from core.connections import sandbox_connections_create
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from runs.sandbox import seed_sandbox
 from tests.runs.cluster import Cluster
 
 
+def make_tenant(slug: str, name: str) -> Tenant:
+    """A tenant with its quota and a default sandbox connection per demo provider in production
+    and staging (what ``seed_demo`` gives the demo tenants)."""
+    tenant = Tenant.objects.create(slug=slug, name=name)
+    TenantQuota.objects.create(tenant=tenant)
+    sandbox_connections_create(tenant, actor="test")
+    return tenant
+
+
 @pytest.fixture
 def acme(db: None) -> Tenant:
-    tenant = Tenant.objects.create(slug="acme", name="Acme Corp")
-    TenantQuota.objects.create(tenant=tenant)
-    return tenant
+    return make_tenant("acme", "Acme Corp")
 
 
 @pytest.fixture
 def globex(db: None) -> Tenant:
-    tenant = Tenant.objects.create(slug="globex", name="Globex Corporation")
-    TenantQuota.objects.create(tenant=tenant)
-    return tenant
+    return make_tenant("globex", "Globex Corporation")
 
 
 def make_member(username: str, tenant: Tenant, role: str) -> User:

@@ -284,3 +284,94 @@ chat_impatient = workflow(
     session=SessionPolicy(queue_timeout_seconds=1, sequence_gap_seconds=1),
 )
 chat_impatient.step(key="impatient_turn", lane="read")(_turn_step)
+
+
+# Compensation (tests/runs/test_compensation.py).
+
+
+class OrderInput(WorkflowInput):
+    invoice_id: int = 1
+    crash_in_refund: bool = False
+    refund_always_fails: bool = False
+
+
+def _refund(ctx: StepContext, results: dict[str, Any]) -> dict[str, Any]:
+    if ctx.input.get("refund_always_fails"):
+        raise RuntimeError("the payment provider refuses refunds today")
+    charge = results["payments.charge"]
+    refunded = ctx.effect(
+        "payments.refund",
+        lambda: sandbox.payments_refund(
+            tenant_id=ctx.tenant_id, payment_id=charge["payment_id"], amount=charge["amount"]
+        ),
+        request={"payment_id": charge["payment_id"]},
+    )
+    if ctx.input.get("crash_in_refund") and ctx.attempt == 1:
+        os._exit(9)  # the worker dies after the refund committed, before the step finished
+    return refunded
+
+
+def _release(ctx: StepContext, results: dict[str, Any]) -> dict[str, Any]:
+    reservation = results["inventory.reserve"]
+    return ctx.effect(
+        "inventory.release",
+        lambda: sandbox.inventory_release(
+            tenant_id=ctx.tenant_id, reservation_id=reservation["reservation_id"]
+        ),
+        request={"reservation_id": reservation["reservation_id"]},
+    )
+
+
+gated_order = workflow(
+    "test.gated_order",
+    description="reserve, charge, then wait for an approval to confirm",
+    input=OrderInput,
+)
+
+
+@gated_order.step(lane="external", tool="inventory", compensate=_release)
+def hold_stock(ctx: StepContext) -> dict[str, Any]:
+    return ctx.effect(
+        "inventory.reserve",
+        lambda: sandbox.inventory_reserve(tenant_id=ctx.tenant_id, sku="SKU-T", quantity=1),
+        request={"sku": "SKU-T"},
+    )
+
+
+@gated_order.step(lane="external", tool="payments", compensate=_refund, backoff_seconds=0.01, max_attempts=1)
+def take_payment(ctx: StepContext) -> dict[str, Any]:
+    from decimal import Decimal
+
+    return ctx.effect(
+        "payments.charge",
+        lambda: sandbox.payments_charge(
+            tenant_id=ctx.tenant_id, invoice_id=int(ctx.input.get("invoice_id", 1)), amount=Decimal("10.00")
+        ),
+        request={"invoice_id": ctx.input.get("invoice_id", 1)},
+    )
+
+
+@gated_order.step(lane="external", approval=ApprovalPolicy(required=1, roles=("operator",)))
+def confirm_after_approval(ctx: StepContext) -> dict[str, Any]:
+    return {"confirmed": True}
+
+
+failing_order = workflow(
+    "test.failing_order",
+    description="reserve, charge, then a confirmation that always fails",
+    input=OrderInput,
+)
+failing_order.step(key="hold_stock", lane="external", tool="inventory", compensate=_release)(hold_stock)
+failing_order.step(
+    key="take_payment",
+    lane="external",
+    tool="payments",
+    compensate=_refund,
+    max_attempts=1,
+    backoff_seconds=0.01,
+)(take_payment)
+
+
+@failing_order.step(lane="read", max_attempts=1)
+def confirm_fails(ctx: StepContext) -> dict[str, Any]:
+    raise RuntimeError("the order service refused the confirmation")

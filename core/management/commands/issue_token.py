@@ -14,11 +14,19 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("username")
         parser.add_argument("--name", default="cli", help="a label to tell tokens apart")
+        parser.add_argument(
+            "--environment",
+            default="production",
+            help="the environment runs started with this token run in (unless a request names one)",
+        )
 
-    def handle(self, *args: Any, username: str, name: str, **options: Any) -> None:
+    def handle(self, *args: Any, username: str, name: str, environment: str, **options: Any) -> None:
         user = User.objects.filter(username=username, is_active=True).first()
         if user is None:
             raise CommandError(f"no active user named {username!r}")
-        token = services.api_token_issue(user=user, name=name)
-        self.stdout.write(f"Token for {username} (shown once, store it now):")
+        try:
+            token = services.api_token_issue(user=user, name=name, environment=environment)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(f"Token for {username} in {environment} (shown once, store it now):")
         self.stdout.write(token)

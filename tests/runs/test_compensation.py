@@ -1,0 +1,151 @@
+"""Compensation (issue 9): after a failure or a cancel, what committed is undone in reverse
+order, each compensation through the ledger under its own key — exactly once, even when a
+worker dies in the middle of one — and a compensation that keeps failing waits for a reviewer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from approvals.models import ConflictArtifact
+from approvals.services import conflict_resolve
+from core.models import Event, Tenant, User
+from runs.models import Run, SandboxCall, SideEffect, Step
+from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
+from tests.approvals.helpers import pump
+from tests.conftest import bearer_client
+from tests.runs.cluster import Cluster, wait_for
+
+
+def calls(operation: str) -> list[SandboxCall]:
+    rows = SandboxCall.objects.filter(operation=operation, ok=True)
+    return list(rows.order_by("started_at", "id"))
+
+
+def pump_until(predicate: object, rounds: int = 40) -> None:
+    """Pump, also across short retry backoffs, until ``predicate()`` holds."""
+    for _ in range(rounds):
+        pump()
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_confirm_refunds_the_charge_then_releases_the_stock(sandbox_acme: Tenant) -> None:
+    run = run_start(
+        tenant=sandbox_acme,
+        workflow="demo.order_checkout",
+        input={"invoice_id": 3, "amount": "49.00", "sku": "SKU-1", "simulate_confirm_failure": True},
+        actor="t",
+    ).run
+    pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "done")
+    run.refresh_from_db()
+    assert run.status == "failed" and run.compensation == "done"
+    steps = list(Step.objects.filter(run=run).order_by("position").values_list("key", "status"))
+    assert steps == [
+        ("reserve_stock", "succeeded"),
+        ("charge_card", "succeeded"),
+        ("confirm_order", "failed"),
+        ("compensate:charge_card", "succeeded"),
+        ("compensate:reserve_stock", "succeeded"),
+    ], "compensations run newest first, each as a step of the run"
+    refund, release = calls("refund")[0], calls("release")[0]
+    assert refund.finished_at <= release.started_at, "the refund comes before the release"
+    assert len(calls("refund")) == len(calls("release")) == 1
+    keys = set(SideEffect.objects.filter(run=run).values_list("idempotency_key", flat=True))
+    assert f"{run.id}:compensate:charge_card:payments.refund" in keys
+    assert f"{run.id}:compensate:reserve_stock:inventory.release" in keys
+    verbs = list(Event.objects.filter(subject=f"run:{run.id}").values_list("verb", flat=True))
+    assert "compensation_started" in verbs and "compensation_finished" in verbs
+    with pytest.raises(RunNotRetryable, match="compensated"):
+        run_retry(run=run, actor="t")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_cancelled_while_waiting_for_approval_undoes_what_it_committed(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    run = run_start(tenant=sandbox_acme, workflow="test.gated_order", input={}, actor="t").run
+    pump()
+    assert Run.objects.get(pk=run.pk).status == "waiting_approval"
+    response = bearer_client(acme_operator).post(f"/api/v1/runs/{run.id}/cancel")
+    assert response.status_code == 200
+    pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "done")
+    run.refresh_from_db()
+    assert run.status == "cancelled" and run.compensation == "done"
+    assert len(calls("refund")) == 1 and len(calls("release")) == 1
+    assert calls("refund")[0].finished_at <= calls("release")[0].started_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_with_nothing_committed_has_nothing_to_compensate(sandbox_acme: Tenant) -> None:
+    run = run_start(tenant=sandbox_acme, workflow="test.gated_order", input={}, actor="t").run
+    assert run_cancel(run=run, actor="t")  # before anything ran
+    pump()
+    run.refresh_from_db()
+    assert run.compensation == "" and not Step.objects.filter(run=run, compensates__gt="").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_compensation_that_keeps_failing_opens_a_conflict_a_reviewer_settles(
+    sandbox_acme: Tenant, acme_reviewer: User
+) -> None:
+    run = run_start(
+        tenant=sandbox_acme, workflow="test.failing_order", input={"refund_always_fails": True}, actor="t"
+    ).run
+    pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "failed", rounds=80)
+    run.refresh_from_db()
+    assert run.status == "failed" and run.compensation == "failed"
+    refund_step = Step.objects.get(run=run, key="compensate:take_payment")
+    assert refund_step.status == "conflict" and refund_step.attempt == 5
+    release_step = Step.objects.get(run=run, key="compensate:hold_stock")
+    assert release_step.status == "pending", "later compensations wait behind the one in conflict"
+    conflict = ConflictArtifact.objects.get(run=run, kind="compensation_failed", status="open")
+
+    conflict_resolve(
+        conflict=conflict,
+        user=acme_reviewer,
+        expected_version=conflict.version,
+        resolution="mark_compensated",
+        note="refunded by hand in the provider's dashboard",
+    )
+    pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "done")
+    assert Step.objects.get(pk=refund_step.pk).status == "succeeded"
+    assert len(calls("release")) == 1 and len(calls("refund")) == 0
+    assert Run.objects.get(pk=run.pk).compensation == "done"
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_in_the_middle_of_a_compensation_never_compensates_twice(
+    sandbox_acme: Tenant, cluster: Cluster
+) -> None:
+    cluster.worker("w1", queues=["read", "external"], concurrency=1)
+    cluster.dispatcher("d1")
+    runs = [
+        run_start(
+            tenant=sandbox_acme,
+            workflow="test.failing_order",
+            input={"invoice_id": n + 1, "crash_in_refund": True},
+            actor="t",
+        ).run
+        for n in range(3)
+    ]
+    workers = ["w1"]
+
+    def settled() -> bool:
+        if cluster.processes[workers[-1]].poll() is not None:  # it died mid-refund: start another
+            workers.append(f"w{len(workers) + 1}")
+            cluster.worker(workers[-1], queues=["read", "external"], concurrency=1)
+        return all(r.compensation == "done" for r in Run.objects.filter(pk__in=[r.id for r in runs]))
+
+    wait_for(settled, 100, "every run compensated after the crashes")
+    assert len(workers) == len(runs) + 1, "a worker really died in the middle of each refund"
+    for run in runs:
+        keys = SideEffect.objects.filter(run=run, kind="payments.refund")
+        assert keys.count() == 1 and keys.get().status == "committed"
+        assert Step.objects.get(run=run, key="compensate:take_payment").attempt >= 2
+    refunds = SandboxCall.objects.filter(operation="refund", ok=True)
+    assert refunds.count() == len(runs), "each charge refunded exactly once"
+    assert SandboxCall.objects.filter(operation="release", ok=True).count() == len(runs)
