@@ -130,9 +130,11 @@ class ApprovalGate:
             )
         if request.status == ApprovalStatus.PENDING:
             return GateVerdict("waiting", approval_id=request.pk)
-        if request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED):
+        decided_before_retry = step.retried_at is not None and request.created_at < step.retried_at
+        if request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED) and not decided_before_retry:
             return GateVerdict("rejected", reason=request.comment or request.status, approval_id=request.pk)
-        # Changes were requested (the agent re-drafted) or the approval was invalidated.
+        # Below: changes were requested, the approval was invalidated, or an operator retried the
+        # run after a rejection or expiry — a new request for the latest version.
         if draft is not None and draft != latest.content:
             latest = _new_version(artifact, draft, author=run.actor, source="agent", based_on=latest.number)
         request = _open_request(step, artifact, latest, spec)
@@ -438,6 +440,21 @@ RESOLUTIONS = {
 }
 
 
+def resolutions_for(conflict: ConflictArtifact) -> set[str]:
+    """How a conflict may be resolved. A compensation step's run has already ended, so
+    cancelling it (or keeping the current state) would settle nothing: a reviewer retries the
+    compensation or marks it done by hand instead."""
+    allowed = set(RESOLUTIONS[ConflictKind(conflict.kind)])
+    step = conflict.step
+    if step is None or not step.compensates:
+        return allowed
+    allowed -= {"cancel_run", "keep_current", "apply_proposed"}
+    allowed.add("mark_compensated")
+    if conflict.kind != ConflictKind.LEASE_EXPIRED_WITH_PENDING_EFFECT:  # that needs the effect settled
+        allowed.add("retry_compensation")
+    return allowed
+
+
 def _audit_conflict(conflict: ConflictArtifact, verb: str, actor: str, payload: dict[str, Any]) -> None:
     core_services.event_record(
         tenant=conflict.tenant_id,
@@ -458,7 +475,7 @@ def conflict_resolve(
     external_ref: str = "",
 ) -> ConflictArtifact:
     """Resolve a conflict (compare-and-set on its version) and move the affected step on, once."""
-    allowed = RESOLUTIONS[ConflictKind(conflict.kind)]
+    allowed = resolutions_for(conflict)
     if resolution not in allowed:
         raise InvalidResolution(f"{conflict.kind} can be resolved with: {', '.join(sorted(allowed))}")
     if resolution == "mark_effect_committed" and not external_ref:

@@ -272,7 +272,7 @@ def _conflict_card(
         **detail,
         "is_open": conflict.status == ConflictStatus.OPEN,
         "can_resolve": can_resolve,
-        "resolutions": sorted(services.RESOLUTIONS[ConflictKind(conflict.kind)]),
+        "resolutions": sorted(services.resolutions_for(conflict)),
         "needs_external_ref": conflict.kind == ConflictKind.LEASE_EXPIRED_WITH_PENDING_EFFECT,
         "timing_rows": _timing_rows(detail["timing"]),
         "diff_rows": _diff_rows(diff),
@@ -306,7 +306,7 @@ def conflict_queue(request: HtmxHttpRequest) -> HttpResponse:
         "kind": request.GET.get("kind", "").strip(),
     }
     shown = _shown_ids(request)
-    conflicts = selectors.conflicts_for_user(user).select_related("effect")
+    conflicts = selectors.conflicts_for_user(user).select_related("effect", "step")
     if filters["status"]:
         conflicts = conflicts.filter(Q(status=filters["status"]) | Q(pk__in=shown))
     if filters["kind"]:

@@ -31,9 +31,10 @@ from django.utils import timezone
 
 from core import services as core_services
 from core.models import BUILTIN_ENVIRONMENTS, Connection, Environment, Tenant
+from core.validation import unstorable_values
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-ENV_REF_PATTERN = re.compile(r"^env:[A-Z_][A-Z0-9_]{0,127}$")
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+ENV_REF_PATTERN = re.compile(r"env:[A-Z_][A-Z0-9_]{0,127}")
 
 
 class ConnectionInvalid(ValueError):
@@ -85,7 +86,7 @@ def environment_check(tenant: Tenant | int, name: str, *, field_name: str = "env
 
 
 def environment_add(*, tenant: Tenant, name: str, actor: str) -> Environment:
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ConnectionInvalid({"name": "lowercase letters, digits, - and _ (at most 64)"})
     try:
         with transaction.atomic():
@@ -101,10 +102,19 @@ def environment_add(*, tenant: Tenant, name: str, actor: str) -> Environment:
 # Connections
 
 
+def _config_check(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Connection settings PostgreSQL can store (no NUL, no NaN), as a plain dict."""
+    config = dict(config or {})
+    problems = unstorable_values(config)
+    if problems:
+        raise ConnectionInvalid({f"config.{path}": message for path, message in problems.items()})
+    return config
+
+
 def _credential_fields(secret: str | None, secret_ref: str | None) -> dict[str, str]:
     if secret and secret_ref:
         raise ConnectionInvalid({"secret": "give either secret or secret_ref, not both"})
-    if secret_ref is not None and secret_ref and not ENV_REF_PATTERN.match(secret_ref):
+    if secret_ref is not None and secret_ref and not ENV_REF_PATTERN.fullmatch(secret_ref):
         raise ConnectionInvalid(
             {"secret_ref": "must look like env:NAME (an environment variable of the workers)"}
         )
@@ -132,14 +142,15 @@ def connection_add(
     """Add a connection; ``is_default`` makes it the environment's default for its provider
     (the previous default stops being one in the same transaction)."""
     fields: dict[str, str] = {}
-    if not NAME_PATTERN.match(provider or ""):
+    if not NAME_PATTERN.fullmatch(provider or ""):
         fields["provider"] = "lowercase letters, digits, - and _ (at most 64)"
-    if not NAME_PATTERN.match(name or ""):
+    if not NAME_PATTERN.fullmatch(name or ""):
         fields["name"] = "lowercase letters, digits, - and _ (at most 64)"
     if fields:
         raise ConnectionInvalid(fields)
     environment_check(tenant, environment)
     credentials = _credential_fields(secret, secret_ref)
+    config = _config_check(config)
     try:
         with transaction.atomic():
             if is_default:
@@ -150,7 +161,7 @@ def connection_add(
                 provider=provider,
                 name=name,
                 is_default=is_default,
-                config=dict(config or {}),
+                config=config,
                 created_by=actor,
                 **credentials,
             )
@@ -183,7 +194,7 @@ def connection_update(
         locked = Connection.objects.select_for_update().get(pk=connection.pk)
         changes: dict[str, Any] = _credential_fields(secret, secret_ref)
         if config is not None:
-            changes["config"] = dict(config)
+            changes["config"] = _config_check(config)
         if archived is not None:
             changes["archived_at"] = timezone.now() if archived else None
             if archived:
@@ -245,7 +256,7 @@ def connections_bind(
     malformed = {
         f"connections.{provider}": "not a provider and connection name (lowercase letters, digits, - and _)"
         for provider, name in requested.items()
-        if not (isinstance(name, str) and NAME_PATTERN.match(provider) and NAME_PATTERN.match(name))
+        if not (isinstance(name, str) and NAME_PATTERN.fullmatch(provider) and NAME_PATTERN.fullmatch(name))
     }
     if malformed:
         raise ConnectionInvalid(malformed)

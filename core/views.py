@@ -98,9 +98,12 @@ def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
                 messages.success(request, f"Connection {data['name']} added.")
                 return redirect("core:tenant-connections", slug=tenant.slug)
             if action in ("make_default", "archive"):
-                target = Connection.objects.filter(
-                    tenant=tenant, pk=request.POST.get("connection", "0")
-                ).first()
+                chosen = request.POST.get("connection", "")
+                target = (
+                    Connection.objects.filter(tenant=tenant, pk=int(chosen)).first()
+                    if chosen.isdigit() and len(chosen) < 18
+                    else None
+                )
                 if target is None:
                     error = "That connection does not exist (any more)."
                 else:

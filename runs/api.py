@@ -252,6 +252,9 @@ class ReplayIn(InputSchema):
     input: dict[str, Any] | None = Field(
         default=None, description="new input for the replay (validated); the original's when left out"
     )
+    connections: dict[str, str] = Field(
+        default_factory=dict, description="connections by provider, instead of the ones the original bound"
+    )
 
 
 @router.post("/runs/{run_id}/retry", response=RunOut)
@@ -268,16 +271,16 @@ def run_retry(request: HttpRequest, run_id: str) -> dict[str, Any]:
     return selectors.run_detail(run)
 
 
-def _replay_input(request: HttpRequest) -> dict[str, Any] | None:
-    """The optional body of a replay: none at all, ``{}``, or ``{"input": {...}}``."""
+def _replay_body(request: HttpRequest) -> ReplayIn:
+    """The optional body of a replay: none at all, ``{}``, or ``{"input": {...}, "connections": {...}}``."""
     if not request.body.strip():
-        return None
+        return ReplayIn()
     try:
         data = json.loads(request.body)
     except ValueError as exc:
         raise ApiError(400, "malformed_json", f"The request body is not valid JSON: {exc}") from None
     try:
-        return ReplayIn.model_validate(data).input
+        return ReplayIn.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ApiError(
             422, "invalid_input", "The request does not fit.", {"fields": pydantic_fields(exc)}
@@ -300,9 +303,11 @@ def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
     user = request_user(request)
     run = _get_run_for_user(user, run_id)
     get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
-    edited = _replay_input(request)
+    body = _replay_body(request)
     try:
-        replay = services.run_replay(run=run, actor=user.get_username(), input=edited)
+        replay = services.run_replay(
+            run=run, actor=user.get_username(), input=body.input, connections=body.connections
+        )
     except UnknownWorkflow as exc:
         raise ApiError(409, "workflow_gone", str(exc)) from None
     except InvalidInput as exc:
@@ -317,6 +322,8 @@ def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
             {"depth": exc.depth, "limit": exc.limit},
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
+    except SessionOverflow as exc:
+        raise ApiError(429, "session_busy", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     return Status(201, selectors.run_detail(replay))
 
 

@@ -86,6 +86,11 @@ class StepContext:
         ).order_by("committed_at", "id")
         return dict(rows.values_list("kind", "result"))
 
+    def in_flight_effects(self, step_key: str) -> list[str]:
+        """Kinds of a step's effects proposed with no outcome yet."""
+        rows = SideEffect.objects.filter(run_id=self.run.id, step__key=step_key, status=EffectStatus.PROPOSED)
+        return sorted(rows.values_list("kind", flat=True))
+
     @property
     def environment(self) -> str:
         return self.run.environment

@@ -148,8 +148,13 @@ class SessionPolicy:
             raise WorkflowDefinitionError(
                 "session max_waiting bounds the queue: pick overflow reject or cancel_oldest_waiting"
             )
-        if self.queue_timeout_seconds is not None and self.queue_timeout_seconds <= 0:
-            raise WorkflowDefinitionError("session queue_timeout_seconds must be positive")
+        week = 7 * 24 * 3600.0
+        if self.queue_timeout_seconds is not None and not 0 < self.queue_timeout_seconds <= 52 * week:
+            raise WorkflowDefinitionError("session queue_timeout_seconds must be between 0 and a year")
+        if not 0 <= self.sequence_gap_seconds <= week:
+            raise WorkflowDefinitionError("session sequence_gap_seconds must be between 0 and a week")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise WorkflowDefinitionError("session max_waiting may not be negative")
 
     @property
     def waiting_limit(self) -> int | None:
@@ -206,9 +211,23 @@ class StepSpec:
         return sorted(set(keys))
 
 
+class EffectStillInFlight(RuntimeError):
+    """An effect of the step to undo has no outcome yet (its cancelled body may still be running
+    it): the compensation is retried later, and a reviewer decides if it never settles."""
+
+
 def _run_compensation(original: StepSpec, ctx: StepContext) -> Any:
     assert original.compensate is not None
-    return original.compensate(ctx, ctx.committed_effects(original.key))
+    in_flight = ctx.in_flight_effects(original.key)
+    if in_flight:
+        raise EffectStillInFlight(
+            f"effect {', '.join(in_flight)} of step {original.key!r} has no outcome yet; "
+            "undoing it waits until it has one"
+        )
+    results = ctx.committed_effects(original.key)
+    if not results:
+        return {"nothing_to_undo": True}
+    return original.compensate(ctx, results)
 
 
 class _StrictMap(dict[str, Any]):

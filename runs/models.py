@@ -120,6 +120,9 @@ class Step(models.Model):
     lock_policy = models.CharField(max_length=20, default="wait")
     # A compensation step (key ``compensate:<key>``) names the step it undoes.
     compensates = models.CharField(max_length=100, blank=True)
+    # When an operator last retried the run from this step: an approval decided before it
+    # (rejected, expired) no longer counts, and the step asks again.
+    retried_at = models.DateTimeField(null=True, blank=True)
     max_attempts = models.PositiveIntegerField(default=3)
     error = models.TextField(blank=True)
     # The admission that owns the step: its lease row and token, and its entity locks'

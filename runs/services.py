@@ -410,6 +410,7 @@ def run_retry(*, run: Run, actor: str) -> Run:
             status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
         )
         Step.objects.filter(pk=target.pk).update(
+            retried_at=now,
             status=StepStatus.PENDING if run.session_key else StepStatus.READY,
             lock_keys=keys,
             max_attempts=target.attempt + budget,
@@ -429,13 +430,22 @@ def run_retry(*, run: Run, actor: str) -> Run:
     return run
 
 
-def run_replay(*, run: Run, actor: str, input: dict[str, Any] | None = None) -> Run:
+def run_replay(
+    *,
+    run: Run,
+    actor: str,
+    input: dict[str, Any] | None = None,
+    connections: Mapping[str, str] | None = None,
+) -> Run:
     """Start the run again as a new run linked to it (``replay_of``), with its input or an
-    edited one (validated like any start), on the workflow's current version. The new run
-    has its own idempotency keys: a replay does its effects again, on purpose.
+    edited one (validated like any start), on the workflow's current version, in the same
+    environment and session, with the connections it bound (or ``connections``, by provider,
+    e.g. when one of those was archived). The new run has its own idempotency keys: a replay
+    does its effects again, on purpose.
 
-    Raises UnknownWorkflow, InvalidInput or QuotaExceeded, like ``run_start``.
+    Raises UnknownWorkflow, InvalidInput, QuotaExceeded or SessionOverflow, like ``run_start``.
     """
+    bound = {p: c["name"] for p, c in run.connections.items() if isinstance(c, dict) and "name" in c}
     with transaction.atomic():
         start = run_start(
             tenant=run.tenant,
@@ -445,7 +455,8 @@ def run_replay(*, run: Run, actor: str, input: dict[str, Any] | None = None) -> 
             correlation_id=run.correlation_id,
             replay_of=run,
             environment=run.environment,
-            connections={p: c["name"] for p, c in run.connections.items() if isinstance(c, dict)},
+            connections={**bound, **(connections or {})},
+            session_key=run.session_key,
         )
         core_services.event_record(
             tenant=run.tenant_id,

@@ -76,8 +76,12 @@ def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, ac
     from runs.transitions import run_cancel
 
     for oldest in waiting[: len(waiting) - limit + 1]:
+        # Conditional on still waiting: a run the dispatcher promoted meanwhile keeps running.
         run_cancel(
-            run=oldest, actor=actor, reason="replaced by a newer run of its session (cancel_oldest_waiting)"
+            run=oldest,
+            actor=actor,
+            reason="replaced by a newer run of its session (cancel_oldest_waiting)",
+            only_waiting=True,
         )
 
 
@@ -179,7 +183,9 @@ def _waiting_with_room() -> list[_Waiting]:
                    w.session_max - coalesce(p.active, 0), p.last_sequence, p.last_finished
             FROM waiting w LEFT JOIN passed p USING (tenant_id, session_key)
             WHERE w.place <= w.session_max - coalesce(p.active, 0)
-            ORDER BY w.tenant_id, w.session_key, w.place
+            -- Every session's next run first, then the ones after: a session that cannot go on
+            -- (a sequence gap) never crowds the others out of the batch.
+            ORDER BY w.place, w.tenant_id, w.session_key
             LIMIT %s
             """,
             [MAX_PROMOTIONS_PER_ROUND],
@@ -230,11 +236,15 @@ def _expire(now: datetime) -> None:
     Step.objects.filter(
         run_id__in=ids, status=StepStatus.PENDING, run__session_state=SessionState.WAITING
     ).update(status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now)
-    expired = Run.objects.filter(pk__in=ids, session_state=SessionState.WAITING).update(
+    Run.objects.filter(pk__in=ids, session_state=SessionState.WAITING).update(
         status=RunStatus.EXPIRED, session_state=SessionState.DROPPED, finished_at=now, updated_at=now
     )
+    # Only the runs this statement expired (a cancel may have taken one meanwhile).
+    expired = set(
+        Run.objects.filter(pk__in=ids, status=RunStatus.EXPIRED, finished_at=now).values_list("pk", flat=True)
+    )
     if expired:
-        for run_id, tenant_id, session_key, created_at in due:
+        for run_id, tenant_id, session_key, created_at in (row for row in due if row[0] in expired):
             core_services.event_record(
                 tenant=tenant_id,
                 subject=f"run:{run_id}",

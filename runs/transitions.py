@@ -149,13 +149,25 @@ def compensation_start(*, run_id: str, now: datetime) -> bool:
     compensable = [spec.key for spec in definition.steps if spec.compensate is not None]
     if not compensable:
         return False
+    # Effects still in flight count too: the compensation waits for their outcome (see
+    # definitions._run_compensation), so an effect that commits after a cancel is still undone.
     committed = set(
-        SideEffect.objects.filter(run_id=run_id, status=EffectStatus.COMMITTED, step__key__in=compensable)
+        SideEffect.objects.filter(
+            run_id=run_id,
+            status__in=[EffectStatus.COMMITTED, EffectStatus.PROPOSED],
+            step__key__in=compensable,
+        )
         .values_list("step__key", flat=True)
         .distinct()
     )
     undo = list(Step.objects.filter(run_id=run_id, key__in=committed, compensates="").order_by("-position"))
-    if not undo or not Run.objects.filter(pk=run_id, compensation="").update(compensation="running"):
+    # The run keeps its session place until its compensations are done (whole run after whole run).
+    held = Case(
+        When(session_state=SessionState.DONE, then=Value(SessionState.ACTIVE)), default=F("session_state")
+    )
+    if not undo or not Run.objects.filter(pk=run_id, compensation="").update(
+        compensation="running", session_state=held
+    ):
         return False
     last = (
         Step.objects.filter(run_id=run_id).order_by("-position").values_list("position", flat=True).first()
@@ -313,7 +325,7 @@ def compensation_conflict(
     """A compensation that ran out of attempts (or cannot run): a reviewer decides — retry it,
     or mark it compensated by hand. Later compensations wait behind it."""
     now = now or timezone.now()
-    moved = step_conflict(
+    return step_conflict(
         step=step,
         kind="compensation_failed",
         error=reason,
@@ -322,9 +334,6 @@ def compensation_conflict(
         now=now,
         current={"compensating": step.compensates, "attempt": step.attempt, "error": reason[:500]},
     )
-    if moved:
-        Run.objects.filter(pk=step.run_id).update(compensation="failed", updated_at=now)
-    return moved
 
 
 def compensation_retry(*, step: Step, actor: str) -> bool:
@@ -368,8 +377,11 @@ def _compensation_next(step: Step, now: datetime) -> int | None:
         .first()
     )
     if following is None:
-        Run.objects.filter(pk=step.run_id).update(compensation="done", updated_at=now)
+        Run.objects.filter(pk=step.run_id).update(
+            compensation="done", session_state=session_release(), updated_at=now
+        )
         _event(step, "compensation_finished", f"step:{step.key}")
+        wake_on_commit(only_if_waiting=True)  # its session's next run may go now
         return None
     Step.objects.filter(pk=following, status=StepStatus.PENDING).update(
         status=StepStatus.READY, available_at=None, updated_at=now
@@ -412,6 +424,8 @@ def step_conflict(
     Run.objects.filter(pk=step.run_id, status__in=UNFINISHED_RUN_STATUSES).update(
         status=RunStatus.CONFLICT, updated_at=now
     )
+    if step.compensates:  # the run's compensation waits for a reviewer
+        Run.objects.filter(pk=step.run_id).update(compensation="failed", updated_at=now)
     leases_release(grants, now=now)
     effect = details.get("effect")
     _event(step, "step_conflict", "executor", kind=kind, effect=effect.idempotency_key if effect else None)
@@ -448,6 +462,10 @@ def step_resume(
     Run.objects.filter(pk=step.run_id, status__in=[RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT]).update(
         status=RunStatus.RUNNING, updated_at=now
     )
+    if step.compensates:
+        Run.objects.filter(pk=step.run_id, compensation="failed").update(
+            compensation="running", updated_at=now
+        )
     _event(step, "step_resumed", actor)
     wake_on_commit()
     return True
@@ -475,16 +493,20 @@ def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> b
     return True
 
 
-def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
+def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting: bool = False) -> bool:
     """Cancel an unfinished run: waiting steps are cancelled, admitted ones are fenced out (their
     leases and locks are revoked now; they notice at their next heartbeat). False when the run
-    had already finished. Call inside a transaction."""
+    had already finished — or, with ``only_waiting``, when it is no longer waiting for its
+    session turn. Call inside a transaction."""
     now = timezone.now()
     # Step rows first, then leases, then the run: the order every writer uses.
     live_steps = list(
         Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
     )
-    cancelled = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES).update(
+    still = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES)
+    if only_waiting:
+        still = still.filter(session_state=SessionState.WAITING)
+    cancelled = still.update(
         status=RunStatus.CANCELLED, session_state=session_release(), finished_at=now, updated_at=now
     )
     if cancelled != 1:

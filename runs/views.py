@@ -23,7 +23,7 @@ from core.selectors import get_tenant_for_user, tenants_for_user, user_can
 from runs import selectors, services
 from runs.definitions import REGISTRY, UnknownWorkflow
 from runs.models import Run, RunStatus
-from runs.sessions import session_place, session_runs
+from runs.sessions import SessionOverflow, session_place, session_runs
 
 RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
 PAGE_SIZE = 50
@@ -176,7 +176,7 @@ def run_replay(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
         replay = services.run_replay(run=run, actor=user.get_username(), input=edited)
     except ValueError as exc:  # malformed JSON, or InvalidInput (a ValueError) with its fields
         return _notice(request, run, f"Not replayed: {exc}", ok=False)
-    except (UnknownWorkflow, services.QuotaExceeded) as exc:
+    except (UnknownWorkflow, services.QuotaExceeded, SessionOverflow) as exc:
         return _notice(request, run, f"Not replayed: {exc}", ok=False)
     url = reverse("runs:run-detail", args=[replay.id])
     if request.htmx:

@@ -196,3 +196,32 @@ def test_only_admins_manage_connections(acme: Tenant, acme_operator: User, globe
     )
     assert bearer_client(globex_admin).get("/api/v1/tenants/acme/connections").status_code == 404
     assert not Connection.objects.filter(name="z").exists()
+
+
+def test_bad_connection_input_is_refused_and_changes_nothing(acme: Tenant, acme_admin: User) -> None:
+    client = bearer_client(acme_admin)
+    before = Connection.objects.count()
+    bodies = [
+        {"environment": "staging", "provider": "crm", "name": "c1", "config": {"a": "x\u0000y"}},
+        {"environment": "staging", "provider": "crm", "name": "c2", "config": {"k\u0000": 1}},
+        {"environment": "staging", "provider": "crm", "name": "qa\n"},
+        {"environment": "nowhere", "provider": "crm", "name": "c3"},
+        {"environment": "staging", "provider": "crm", "name": "c4", "secret_ref": "env:X\n"},
+        {"environment": "staging", "provider": "crm", "name": "c5", "secret": "a", "secret_ref": "env:A"},
+    ]
+    for body in bodies:
+        response = client.post("/api/v1/tenants/acme/connections", body, content_type="application/json")
+        assert response.status_code == 422, (body, response.content)
+    assert Connection.objects.count() == before
+    console = Client()
+    console.force_login(acme_admin)
+    for garbage in ("abc", "1\u0000", "9" * 40, ""):
+        response = console.post("/tenants/acme/connections/", {"action": "archive", "connection": garbage})
+        assert response.status_code == 400, garbage
+    assert not Connection.objects.filter(archived_at__isnull=False).exists()
+    ok = client.post(
+        "/api/v1/tenants/acme/connections",
+        {"environment": "staging", "provider": "crm", "name": "fine", "config": {"portal": "eu-1"}},
+        content_type="application/json",
+    )
+    assert ok.status_code == 201, "the system still does its job"

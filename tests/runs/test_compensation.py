@@ -4,13 +4,20 @@ worker dies in the middle of one — and a compensation that keeps failing waits
 
 from __future__ import annotations
 
+import threading
 import time
+from decimal import Decimal
+from typing import Any
 
 import pytest
+from django.db import connections
 
 from approvals.models import ConflictArtifact
 from approvals.services import conflict_resolve
 from core.models import Event, Tenant, User
+from runs import sandbox
+from runs.context import StepContext
+from runs.definitions import workflow
 from runs.models import Run, SandboxCall, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump
@@ -149,3 +156,109 @@ def test_a_worker_killed_in_the_middle_of_a_compensation_never_compensates_twice
     refunds = SandboxCall.objects.filter(operation="refund", ok=True)
     assert refunds.count() == len(runs), "each charge refunded exactly once"
     assert SandboxCall.objects.filter(operation="release", ok=True).count() == len(runs)
+
+
+# An effect still in flight when its run is cancelled is undone once it commits.
+_charge_may_finish = threading.Event()
+slow_charge = workflow("test.slow_charge", description="a charge that takes its time")
+
+
+@slow_charge.step(
+    lane="external",
+    tool="inventory",
+    compensate=lambda ctx, results: ctx.effect(
+        "inventory.release",
+        lambda: sandbox.inventory_release(
+            tenant_id=ctx.tenant_id, reservation_id=results["inventory.reserve"]["reservation_id"]
+        ),
+        request={},
+    ),
+)
+def reserve_first(ctx: StepContext) -> dict[str, Any]:
+    return ctx.effect(
+        "inventory.reserve",
+        lambda: sandbox.inventory_reserve(tenant_id=ctx.tenant_id, sku="SKU-S", quantity=1),
+        request={},
+    )
+
+
+def _slow_refund(ctx: StepContext, results: dict[str, Any]) -> Any:
+    charge = results["payments.charge"]
+    return ctx.effect(
+        "payments.refund",
+        lambda: sandbox.payments_refund(
+            tenant_id=ctx.tenant_id, payment_id=charge["payment_id"], amount=charge["amount"]
+        ),
+        request={"payment_id": charge["payment_id"]},
+    )
+
+
+@slow_charge.step(lane="external", tool="payments", compensate=_slow_refund, backoff_seconds=0.05)
+def charge_slowly(ctx: StepContext) -> dict[str, Any]:
+    def charge() -> dict[str, Any]:
+        assert _charge_may_finish.wait(30), "the test never let the charge finish"
+        return sandbox.payments_charge(tenant_id=ctx.tenant_id, invoice_id=1, amount=Decimal("5.00"))
+
+    return ctx.effect("payments.charge", charge, request={"invoice_id": 1})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_effect_in_flight_when_the_run_is_cancelled_is_undone_once_it_commits(
+    sandbox_acme: Tenant,
+) -> None:
+    _charge_may_finish.clear()
+    run = run_start(tenant=sandbox_acme, workflow="test.slow_charge", input={}, actor="t").run
+
+    def worker() -> None:
+        try:
+            pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "done")
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        wait_for(
+            lambda: SideEffect.objects.filter(run=run, kind="payments.charge", status="proposed").exists(),
+            20,
+            "the charge is in flight",
+        )
+        assert run_cancel(run=run, actor="t")
+        undo = list(
+            Step.objects.filter(run=run, compensates__gt="")
+            .order_by("position")
+            .values_list("key", flat=True)
+        )
+        assert undo == ["compensate:charge_slowly", "compensate:reserve_first"]
+    finally:
+        _charge_may_finish.set()
+        thread.join(60)
+    run.refresh_from_db()
+    assert run.status == "cancelled" and run.compensation == "done"
+    assert SideEffect.objects.get(run=run, kind="payments.charge").status == "committed"
+    assert len(calls("charge")) == len(calls("refund")) == len(calls("release")) == 1
+    assert calls("charge")[0].finished_at <= calls("refund")[0].started_at, "undone only after it happened"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_run_keeps_its_place_until_its_compensations_are_done(sandbox_acme: Tenant) -> None:
+    first = run_start(
+        tenant=sandbox_acme, workflow="test.gated_order", input={}, actor="t", session_key="order-chat"
+    ).run
+    second = run_start(
+        tenant=sandbox_acme,
+        workflow="test.gated_order",
+        input={"invoice_id": 2},
+        actor="t",
+        session_key="order-chat",
+    ).run
+    pump()
+    assert Run.objects.get(pk=first.pk).status == "waiting_approval"
+    assert run_cancel(run=first, actor="t")
+    first.refresh_from_db()
+    assert first.session_state == "active" and first.compensation == "running"
+    assert Run.objects.get(pk=second.pk).session_state == "waiting", "the next run waits for the undo"
+    pump_until(lambda: Run.objects.get(pk=second.pk).status == "waiting_approval")
+    first.refresh_from_db()
+    assert first.compensation == "done" and first.session_state == "done"
+    assert calls("release")[0].finished_at <= Run.objects.get(pk=second.pk).started_at

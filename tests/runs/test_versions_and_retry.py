@@ -205,3 +205,64 @@ def test_replay_starts_a_linked_run_with_validated_input(sandbox_acme: Tenant, a
     # Each replay is its own run with its own keys: it sends again (and fails like the original).
     assert sends() == 3
     assert Event.objects.filter(subject=f"run:{original.id}", verb="run_replayed").count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_after_a_rejection_asks_for_approval_again(acme: Tenant, acme_operator: User) -> None:
+    from approvals.models import ApprovalRequest
+    from approvals.services import approval_decide
+    from tests.approvals.helpers import pending_request
+
+    run = run_start(tenant=acme, workflow="test.chat_gated", input={"message": "hi"}, actor="t").run
+    pump()
+    request = pending_request(run)
+    approval_decide(request=request, user=acme_operator, decision="reject", expected_version=request.version)
+    pump()
+    assert Run.objects.get(pk=run.pk).status == "failed"
+    run_retry(run=run, actor="op")
+    pump()
+    assert Run.objects.get(pk=run.pk).status == "waiting_approval", "the retried step asks again"
+    fresh = pending_request(run)
+    assert fresh.pk != request.pk
+    assert ApprovalRequest.objects.filter(step__run=run).count() == 2
+    approval_decide(request=fresh, user=acme_operator, decision="approve", expected_version=fresh.version)
+    pump()
+    assert Run.objects.get(pk=run.pk).status == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_replay_keeps_environment_and_session_and_may_name_other_connections(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    from core.connections import connection_add, connection_update
+    from core.models import Connection
+
+    original = run_start(
+        tenant=sandbox_acme,
+        workflow="demo.chat_reply",
+        input={"contact_id": 1, "message": "hello"},
+        actor="t",
+        environment="staging",
+        session_key="conv-r",
+    ).run
+    pump()
+    crm = Connection.objects.get(tenant=sandbox_acme, environment="staging", provider="crm", is_default=True)
+    other = connection_add(
+        tenant=sandbox_acme, environment="staging", provider="crm", name="crm-b", actor="t"
+    )
+    connection_update(connection=crm, actor="t", archived=True)
+    client = bearer_client(acme_operator)
+    gone = client.post(f"/api/v1/runs/{original.id}/replay", content_type="application/json")
+    assert gone.status_code == 422 and "connections.crm" in gone.json()["error"]["details"]["fields"]
+    ok = client.post(
+        f"/api/v1/runs/{original.id}/replay",
+        {"connections": {"crm": "crm-b"}},
+        content_type="application/json",
+    )
+    assert ok.status_code == 201, ok.content
+    body = ok.json()
+    assert body["environment"] == "staging" and body["session"]["key"] == "conv-r"
+    assert (
+        body["connections"]["crm"] == "crm-b"
+        and Run.objects.get(pk=body["id"]).connections["crm"]["id"] == other.pk
+    )
