@@ -132,6 +132,16 @@ class RunPage(Schema):
     next_cursor: str | None
 
 
+def _over_quota(exc: services.QuotaExceeded) -> ApiError:
+    return ApiError(
+        429,
+        "queue_depth_exceeded",
+        str(exc),
+        {"depth": exc.depth, "limit": exc.limit},
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
 def _tenant_for_start(request: HttpRequest, slug: str) -> Any:
     user = request_user(request)
     if slug:
@@ -185,13 +195,7 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
     except services.TriggerPayloadMismatch as exc:
         raise ApiError(409, "idempotency_key_reused", str(exc), {"run_id": exc.run_id}) from None
     except services.QuotaExceeded as exc:
-        raise ApiError(
-            429,
-            "queue_depth_exceeded",
-            str(exc),
-            {"depth": exc.depth, "limit": exc.limit},
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise _over_quota(exc) from None
     except SessionOverflow as exc:
         raise ApiError(
             429,
@@ -315,13 +319,7 @@ def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
             422, "invalid_input", f"The input does not fit workflow {run.workflow}.", {"fields": exc.fields}
         ) from None
     except services.QuotaExceeded as exc:
-        raise ApiError(
-            429,
-            "queue_depth_exceeded",
-            str(exc),
-            {"depth": exc.depth, "limit": exc.limit},
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise _over_quota(exc) from None
     except SessionOverflow as exc:
         raise ApiError(429, "session_busy", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     return Status(201, selectors.run_detail(replay))

@@ -49,6 +49,25 @@ Amount = Annotated[
 ]
 
 
+def send_message_once(ctx: StepContext, *, to: str, message: dict[str, str]) -> str:
+    """Send ``message`` ({"subject", "body"}) through the run's messaging connection as one
+    ledger effect (a retry gets the recorded result, never a second message): its id."""
+    sent = ctx.effect(
+        "messaging.send",
+        lambda: sandbox.messaging_send(
+            tenant_id=ctx.tenant_id,
+            to=to,
+            subject=message["subject"],
+            body=message["body"],
+            key=f"{ctx.run_id}:{ctx.step_key}",
+            connection=ctx.connection("messaging"),
+        ),
+        request={"to": to, **message},
+        external_ref=lambda r: r["message_id"],
+    )
+    return str(sent.get("message_id") or sent["external_ref"])
+
+
 class NoInput(WorkflowInput):
     """An empty input: ``{}``."""
 
@@ -195,20 +214,10 @@ def send_message(ctx: StepContext) -> dict[str, Any]:
     contact = sandbox.crm_get_contact(
         tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]), connection=ctx.connection("crm")
     )
-    sent = ctx.effect(
-        "messaging.send",
-        lambda: sandbox.messaging_send(
-            tenant_id=ctx.tenant_id,
-            to=contact["email"],
-            subject=message["subject"],
-            body=message["body"],
-            key=f"{ctx.run_id}:send_message",
-            connection=ctx.connection("messaging"),
-        ),
-        request={"to": contact["email"], **message},
-        external_ref=lambda r: r["message_id"],
-    )
-    return {"message_id": sent.get("message_id") or sent["external_ref"], "to": contact["email"]}
+    return {
+        "message_id": send_message_once(ctx, to=contact["email"], message=message),
+        "to": contact["email"],
+    }
 
 
 # demo.invoice_payment: high-risk lane, approval required, serialised per invoice.
@@ -306,20 +315,7 @@ def draft_reply(ctx: StepContext) -> dict[str, Any]:
 def send_reply(ctx: StepContext) -> dict[str, Any]:
     contact = ctx.outputs["load_contact"]["contact"]
     reply = ctx.outputs["draft_reply"]
-    sent = ctx.effect(
-        "messaging.send",
-        lambda: sandbox.messaging_send(
-            tenant_id=ctx.tenant_id,
-            to=contact["email"],
-            subject=reply["subject"],
-            body=reply["body"],
-            key=f"{ctx.run_id}:send_reply",
-            connection=ctx.connection("messaging"),
-        ),
-        request={"to": contact["email"], **reply},
-        external_ref=lambda r: r["message_id"],
-    )
-    return {"message_id": sent.get("message_id") or sent["external_ref"]}
+    return {"message_id": send_message_once(ctx, to=contact["email"], message=reply)}
 
 
 # demo.order_checkout: reserve stock, charge, confirm. A failed confirmation (or a cancel)
@@ -425,19 +421,11 @@ def confirm_order(ctx: StepContext) -> dict[str, Any]:
     contact = sandbox.crm_get_contact(
         tenant_id=ctx.tenant_id, contact_id=int(ctx.input["contact_id"]), connection=ctx.connection("crm")
     )
-    sent = ctx.effect(
-        "messaging.send",
-        lambda: sandbox.messaging_send(
-            tenant_id=ctx.tenant_id,
-            to=contact["email"],
-            subject="Your order is confirmed",
-            body=f"Order for {ctx.input['quantity']} × {ctx.input['sku']} confirmed.",
-            key=f"{ctx.run_id}:confirm",
-            connection=ctx.connection("messaging"),
-        ),
-        request={"to": contact["email"], "sku": ctx.input["sku"]},
-    )
-    return {"message_id": sent["message_id"]}
+    confirmation = {
+        "subject": "Your order is confirmed",
+        "body": f"Order for {ctx.input['quantity']} × {ctx.input['sku']} confirmed.",
+    }
+    return {"message_id": send_message_once(ctx, to=str(contact["email"]), message=confirmation)}
 
 
 # bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
