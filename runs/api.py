@@ -81,6 +81,10 @@ class EffectOut(Schema):
     attempts: int
     proposed_at: datetime
     committed_at: datetime | None
+    context: dict[str, Any] = Field(
+        description="the run's contract when proposed: correlation id, actor, environment, session, "
+        "workflow version, connections, attempt"
+    )
 
 
 class LeaseOut(Schema):

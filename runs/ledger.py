@@ -83,6 +83,7 @@ def _propose(
             "request_fingerprint": request_fingerprint,
             "proposer_lease_id": lease.id if lease else None,
             "proposer_token": lease.token if lease else None,
+            "context": run.contract(attempt=step.attempt if step else None),
         },
     )
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from django.db import models
 
@@ -88,6 +89,21 @@ class Run(models.Model):
 
     def __str__(self) -> str:
         return self.id
+
+    def contract(self, attempt: int | None = None) -> dict[str, Any]:
+        """Who and what a run acts for, stamped on each of its ledger rows: correlation id,
+        actor, environment, session, pinned version, bound connections (and the attempt)."""
+        return {
+            "correlation_id": self.correlation_id,
+            "actor": self.actor,
+            "environment": self.environment,
+            "session_key": self.session_key,
+            "workflow_version": self.workflow_version,
+            "connections": {
+                p: c.get("name") for p, c in (self.connections or {}).items() if isinstance(c, dict)
+            },
+            **({"attempt": attempt} if attempt is not None else {}),
+        }
 
 
 class StepStatus(models.TextChoices):
@@ -186,6 +202,7 @@ class SideEffect(models.Model):
     status = models.CharField(max_length=16, choices=EffectStatus.choices, default=EffectStatus.PROPOSED)
     request_fingerprint = models.CharField(max_length=64)
     request = models.JSONField(default=dict)
+    context = models.JSONField(default=dict, blank=True)  # Run.contract() when proposed
     result = models.JSONField(null=True, blank=True)
     external_ref = models.CharField(max_length=300, blank=True)
     error = models.TextField(blank=True)

@@ -91,6 +91,7 @@ def effect_detail(effect: SideEffect) -> dict[str, Any]:
         "attempts": effect.attempts,
         "proposed_at": effect.proposed_at,
         "committed_at": effect.committed_at,
+        "context": effect.context,
     }
 
 

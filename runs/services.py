@@ -137,6 +137,7 @@ def run_create(
                 payload={
                     "workflow": workflow,
                     "workflow_version": workflow_version,
+                    "correlation_id": run.correlation_id,
                     "environment": environment,
                     "connections": {p: c["name"] for p, c in (connections or {}).items()},
                     "trigger_event_id": trigger_event_id,

@@ -9,7 +9,7 @@ from django.test import Client
 from core import services
 from core.connections import ConnectionInvalid, connection_add, connection_for_run, connection_update
 from core.models import Connection, Event, Tenant, User
-from runs.models import Run, SandboxCall
+from runs.models import Run, SandboxCall, SideEffect
 from runs.services import run_start
 from tests.approvals.helpers import pump
 from tests.conftest import bearer_client
@@ -53,6 +53,16 @@ def test_a_staging_token_runs_on_staging_connections_only(sandbox_acme: Tenant, 
         assert set(calls.values_list("connection_id", flat=True)) == {expected.pk}, (
             "each call went where its run was bound"
         )
+        effect = SideEffect.objects.get(run_id=run_id)
+        assert effect.context == {
+            "correlation_id": run.correlation_id,
+            "actor": run.actor,
+            "environment": run.environment,
+            "session_key": "",
+            "workflow_version": run.workflow_version,
+            "connections": {"crm": expected.name},
+            "attempt": 1,
+        }, "the ledger row carries the run's contract"
 
 
 @pytest.mark.django_db(transaction=True)
