@@ -77,6 +77,8 @@ def environment_names(tenant: Tenant | int) -> list[str]:
 
 def environment_check(tenant: Tenant | int, name: str, *, field_name: str = "environment") -> str:
     """``name`` if it is one of the tenant's environments, else ConnectionInvalid (a 422)."""
+    if name in BUILTIN_ENVIRONMENTS:  # every tenant has them: no query on the hot path
+        return name
     known = environment_names(tenant)
     if name not in known:
         raise ConnectionInvalid(
@@ -261,6 +263,8 @@ def connections_bind(
     if malformed:
         raise ConnectionInvalid(malformed)
     wanted = sorted({*providers, *requested})
+    if not wanted:
+        return {}
     live = Connection.objects.filter(
         tenant_id=tenant_id, environment=environment, provider__in=wanted, archived_at__isnull=True
     )
