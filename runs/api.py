@@ -119,6 +119,10 @@ class RunSummaryOut(Schema):
     session: SessionOut | None
     replay_of: str | None
     retries: int
+    compensation: str = Field(
+        description="after a failure or cancel: running, done or failed (a compensation waits for a "
+        "reviewer); empty when nothing was compensated"
+    )
     input: dict[str, Any]
     created_at: datetime
     started_at: datetime | None
@@ -193,7 +197,7 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
         raise ApiError(
             422,
             "invalid_input",
-            f"The input does not fit workflow {payload.workflow}.",
+            f"The run request does not fit workflow {payload.workflow}.",
             {"fields": exc.fields},
         ) from None
     except services.TriggerPayloadMismatch as exc:

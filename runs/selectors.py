@@ -59,6 +59,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "session": session_summary(run),
         "replay_of": run.replay_of_id,
         "retries": run.retries,
+        "compensation": run.compensation,
         "input": run.input,
         "created_at": run.created_at,
         "started_at": run.started_at,

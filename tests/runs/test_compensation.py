@@ -82,6 +82,8 @@ def test_a_run_cancelled_while_waiting_for_approval_undoes_what_it_committed(
     pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "done")
     run.refresh_from_db()
     assert run.status == "cancelled" and run.compensation == "done"
+    shown = bearer_client(acme_operator).get(f"/api/v1/runs/{run.id}").json()
+    assert shown["compensation"] == "done" and shown["status"] == "cancelled"
     assert len(calls("refund")) == 1 and len(calls("release")) == 1
     assert calls("refund")[0].finished_at <= calls("release")[0].started_at
 
