@@ -10,10 +10,18 @@ class ApprovalsConfig(AppConfig):
         # Plug humans into execution through the small interface runs defines.
         from approvals import selectors, services
         from core import metrics
-        from runs import gates
+        from runs import gates, invariants
 
         metrics.gauge_register(
             "runwarden_conflicts_open", "Open conflict artifacts", ["kind"], selectors.open_conflict_samples
+        )
+
+        invariants.check_register("parked_for_a_human", selectors.parked_without_request)
+        metrics.gauge_register(
+            "runwarden_invariant_violations",
+            "Findings of manage.py check_invariants, per check (0: it holds)",
+            ["check"],
+            invariants.violation_samples,
         )
 
         gates.register_gate(services.ApprovalGate())

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import difflib
 import json
+from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet
 
-from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ArtifactVersion, ConflictArtifact
+from approvals.models import (
+    ApprovalRequest,
+    ApprovalStatus,
+    Artifact,
+    ArtifactVersion,
+    ConflictArtifact,
+    ConflictStatus,
+)
 from core.selectors import AnyUser, scope_to_user
+from runs.models import Step, StepStatus
 
 
 def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> QuerySet[ApprovalRequest]:
@@ -143,3 +152,22 @@ def open_conflict_samples() -> list[tuple[dict[str, str], float]]:
         ConflictArtifact.objects.filter(status="open").values("kind").annotate(n=Count("id")).order_by("kind")
     )
     return [({"kind": r["kind"]}, r["n"]) for r in rows]
+
+
+def parked_without_request(now: datetime) -> list[str]:
+    """Invariant: a step waiting for approval has a pending request; one in conflict has an open
+    conflict artifact (someone can act on it)."""
+    pending = ApprovalRequest.objects.filter(step_id=OuterRef("pk"), status=ApprovalStatus.PENDING)
+    open_conflict = ConflictArtifact.objects.filter(step_id=OuterRef("pk"), status=ConflictStatus.OPEN)
+    waiting = Step.objects.filter(status=StepStatus.WAITING_APPROVAL).filter(~Exists(pending))
+    held = Step.objects.filter(status=StepStatus.CONFLICT).filter(~Exists(open_conflict))
+    return [
+        *(
+            f"step {r}:{k} waits for approval with no pending request"
+            for r, k in waiting.values_list("run_id", "key")[:100]
+        ),
+        *(
+            f"step {r}:{k} is in conflict with no open conflict"
+            for r, k in held.values_list("run_id", "key")[:100]
+        ),
+    ]

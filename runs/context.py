@@ -157,6 +157,7 @@ class StepContext:
             keys=keys,
             holder=f"{self.run_id}:{self.step_key}",
             ttl=self.lease_seconds,
+            metadata={"run_id": self.run_id, "step_id": self.step.pk, "step_key": self.step_key},
             policy=policy,
             wait_timeout=wait_timeout,
         )

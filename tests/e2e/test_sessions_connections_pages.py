@@ -10,7 +10,7 @@ from runs import transitions
 from runs.models import Run, Step, StepStatus
 from runs.services import run_start
 from tests.e2e.conftest import login, screenshot
-from tests.e2e.test_runs_pages import elsewhere
+from tests.e2e.test_runs_pages import elsewhere, go_live
 
 
 def failed_crm_run() -> Run:
@@ -26,12 +26,19 @@ def failed_crm_run() -> Run:
     return run
 
 
+def cancel_elsewhere(run: Run) -> None:
+    """Something happens to the run while the page is open (an event pushed to it)."""
+    from runs.services import run_cancel
+
+    run_cancel(run=Run.objects.get(pk=run.pk), actor="elsewhere", reason="cancelled elsewhere")
+
+
 def test_an_operator_retries_a_failed_run_then_replays_it_with_edited_input(
     live_console: str, page: Page
 ) -> None:
     run = elsewhere(failed_crm_run)
     login(page, live_console, "operator")
-    page.goto(f"{live_console}/runs/{run.id}/")
+    go_live(page, live_console, f"/runs/{run.id}/")
     expect(page.locator("h1 .badge")).to_have_text("failed")
     expect(page.get_by_text(f"v{run.workflow_version}")).to_be_visible()
     expect(page.get_by_text("crm: sandbox-crm")).to_be_visible()
@@ -51,10 +58,15 @@ def test_an_operator_retries_a_failed_run_then_replays_it_with_edited_input(
     expect(page).to_have_url(f"{live_console}/runs/{replay.id}/")
     assert replay.input == {"contact_id": 3, "changes": {"stage": "lost"}}
 
-    # Input that does not fit is refused with its reason; nothing starts.
-    page.goto(f"{live_console}/runs/{run.id}/")
+    # Input that does not fit is refused with its reason; nothing starts. The open form
+    # outlives a live refresh of the run (a cancel elsewhere re-renders the page around it).
+    go_live(page, live_console, f"/runs/{run.id}/")
     page.get_by_text("Replay as a new run…").click()
     page.fill("#replay-input", '{"contact_id": "x"}')
+    elsewhere(cancel_elsewhere, run)
+    expect(page.locator("h1 .badge")).to_have_text("cancelled")  # the live refresh came
+    expect(page.locator("#replay-input")).to_be_visible()
+    expect(page.locator("#replay-input")).to_have_value('{"contact_id": "x"}')
     page.get_by_role("button", name="Replay", exact=True).click()
     expect(page.locator("#run-notice")).to_contain_text("Not replayed")
     assert Run.objects.filter(replay_of=run).count() == 1

@@ -18,6 +18,7 @@ from core.models import Event, Tenant, User
 from runs import sandbox
 from runs.context import StepContext
 from runs.definitions import workflow
+from runs.invariants import check_invariants
 from runs.models import Run, SandboxCall, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump
@@ -158,6 +159,7 @@ def test_a_worker_killed_in_the_middle_of_a_compensation_never_compensates_twice
     refunds = SandboxCall.objects.filter(operation="refund", ok=True)
     assert refunds.count() == len(runs), "each charge refunded exactly once"
     assert SandboxCall.objects.filter(operation="release", ok=True).count() == len(runs)
+    assert check_invariants() == []
 
 
 # An effect still in flight when its run is cancelled is undone once it commits.

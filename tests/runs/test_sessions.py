@@ -17,6 +17,7 @@ from approvals.services import approval_decide
 from core.models import Event, Lease, Tenant, User
 from runs.dispatch import Admission, dispatch_round
 from runs.executor import step_execute
+from runs.invariants import check_invariants
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus
 from runs.services import run_cancel, run_start
 from runs.sessions import SessionOverflow, session_place
@@ -253,10 +254,11 @@ def test_cancels_racing_promotions_never_leave_a_cancelled_run_with_work(acme: T
             assert run.session_state in ("done", "dropped")
             live = Step.objects.filter(run=run).exclude(status="cancelled")
             assert not live.exists(), f"a cancelled run kept {list(live.values_list('status', flat=True))}"
-    # The system still does its job.
+    # The system still does its job, and holds every invariant.
     after = turn(acme, "cancel-race-0")
     pump()
     assert Run.objects.get(pk=after.id).status == "succeeded"
+    assert check_invariants() == []
 
 
 def test_session_fields_are_checked_at_the_door(acme_operator: User) -> None:
@@ -304,3 +306,4 @@ def test_two_sessions_on_real_workers_never_interleave_and_keep_their_order(
         spans.append((min(r.started_at for r in runs), max(r.finished_at for r in runs)))  # type: ignore[type-var]
     (a_start, a_end), (b_start, b_end) = spans
     assert a_start < b_end and b_start < a_end, "the two sessions ran beside each other"
+    assert check_invariants() == []
