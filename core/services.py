@@ -41,13 +41,27 @@ def _notify_event_listeners(event: Event) -> None:
         listener(event)
 
 
+# Enrichers add context to an event's payload before it is written (runs stamps the run's
+# contract on every event about a run). Registered from AppConfig.ready, like listeners.
+EventEnricher = Callable[[str, dict[str, Any]], dict[str, Any]]
+_event_enrichers: list[EventEnricher] = []
+
+
+def event_enricher_register(enricher: EventEnricher) -> None:
+    if enricher not in _event_enrichers:
+        _event_enrichers.append(enricher)
+
+
 def event_record(
     *, tenant: Tenant | int, subject: str, verb: str, actor: str, payload: dict[str, Any] | None = None
 ) -> Event:
     """Append an event in the caller's transaction; listeners run only once it commits."""
     tenant_id = tenant if isinstance(tenant, int) else tenant.pk
+    payload = payload or {}
+    for enrich in _event_enrichers:
+        payload = enrich(subject, payload)
     event = Event.objects.create(
-        tenant_id=tenant_id, subject=subject, verb=verb, actor=actor, payload=payload or {}
+        tenant_id=tenant_id, subject=subject, verb=verb, actor=actor, payload=payload
     )
     transaction.on_commit(lambda: _notify_event_listeners(event))
     return event

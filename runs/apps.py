@@ -18,7 +18,10 @@ class RunsConfig(AppConfig):
             import_module(module)
 
         from core import metrics
-        from runs import selectors
+        from core import services as core_services
+        from runs import selectors, services
+
+        core_services.event_enricher_register(services.event_with_run_contract)
 
         metrics.gauge_register(
             "runwarden_queue_depth",

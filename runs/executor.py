@@ -31,7 +31,7 @@ from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import Admission, admit_here, wait_for_round_lock, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
-from runs.services import step_outputs
+from runs.services import contract_remember, step_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
     step = Step.objects.select_related("run").get(pk=step_id)
     run = step.run
+    contract_remember(run)  # its events carry it without reading it again
     grants = transitions.admission_grants(step)
 
     def fail(reason: str, outcome: str = "failed") -> _Start:

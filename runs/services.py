@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,35 @@ from runs.definitions import (
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
+
+# The contract of recent runs, by id: it never changes once a run exists, so each process
+# reads it at most once per run (and not at all for runs it started or picked up).
+_contracts: OrderedDict[str, dict[str, Any]] = OrderedDict()
+CONTRACT_CACHE_SIZE = 10_000
+
+
+def contract_remember(run: Run) -> dict[str, Any]:
+    contract = run.contract()
+    _contracts[run.id] = contract
+    _contracts.move_to_end(run.id)
+    while len(_contracts) > CONTRACT_CACHE_SIZE:
+        _contracts.popitem(last=False)
+    return contract
+
+
+def event_with_run_contract(subject: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Event enricher: every event about a run (subject ``run:<id>``) carries the run's
+    contract — correlation id, actor, environment, session, version, connections."""
+    if not subject.startswith("run:") or "contract" in payload:
+        return payload
+    run_id = subject.removeprefix("run:")
+    contract = _contracts.get(run_id)
+    if contract is None:
+        run = Run.objects.filter(pk=run_id).first()
+        if run is None:
+            return payload
+        contract = contract_remember(run)
+    return {**payload, "contract": contract}
 
 
 def fingerprint(value: Any) -> str:
@@ -119,6 +149,7 @@ def run_create(
                 replay_of=replay_of,
                 connections=connections or {},
             )
+            contract_remember(run)
             if trigger_event_id:
                 TriggerEvent.objects.create(
                     tenant=tenant, trigger_event_id=trigger_event_id, fingerprint=payload_fingerprint, run=run

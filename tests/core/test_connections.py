@@ -63,6 +63,12 @@ def test_a_staging_token_runs_on_staging_connections_only(sandbox_acme: Tenant, 
             "connections": {"crm": expected.name},
             "attempt": 1,
         }, "the ledger row carries the run's contract"
+        events = Event.objects.filter(subject=f"run:{run_id}")
+        assert events.count() >= 2
+        for event in events:
+            assert event.payload["contract"] == {k: v for k, v in effect.context.items() if k != "attempt"}, (
+                f"event {event.verb} carries the run's contract"
+            )
 
 
 @pytest.mark.django_db(transaction=True)
