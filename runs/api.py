@@ -55,6 +55,7 @@ class RunFilters(InputSchema):
     workflow: str = ""
     correlation_id: str = ""
     tenant: str = ""
+    session_key: str = Field(default="", max_length=200, description="a session's runs")
     cursor: str = ""
     limit: int = Field(default=50, ge=1, le=200)
 
@@ -227,6 +228,7 @@ def run_list(request: HttpRequest, filters: Query[RunFilters]) -> dict[str, Any]
         workflow=filters.workflow,
         correlation_id=filters.correlation_id,
         tenant=filters.tenant,
+        session_key=filters.session_key,
     )
     page, next_cursor = selectors.run_page(runs, cursor=filters.cursor, limit=filters.limit)
     return {"items": [selectors.run_summary(run) for run in page], "next_cursor": next_cursor}

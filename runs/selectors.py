@@ -20,6 +20,7 @@ def runs_for_user(
     workflow: str = "",
     correlation_id: str = "",
     tenant: str = "",
+    session_key: str = "",
 ) -> QuerySet[Run]:
     runs = scope_to_user(Run.objects.select_related("tenant"), user).distinct()
     if status:
@@ -30,6 +31,8 @@ def runs_for_user(
         runs = runs.filter(correlation_id=correlation_id)
     if tenant:
         runs = runs.filter(tenant__slug=tenant)
+    if session_key:
+        runs = runs.filter(session_key=session_key)
     return runs.order_by("-id")
 
 

@@ -177,6 +177,8 @@ def test_reject_overflow_answers_429_with_retry_after_and_stores_nothing(
     first = client.post("/api/v1/runs", body, content_type="application/json")
     assert first.status_code == 201, first.content
     assert first.json()["session"] == {"key": "busy-line", "sequence": None, "state": "waiting", "place": 1}
+    listed = client.get("/api/v1/runs", {"session_key": "busy-line"}).json()["items"]
+    assert [r["id"] for r in listed] == [first.json()["id"]]
     before = Run.objects.count()
     refused = client.post("/api/v1/runs", body, content_type="application/json")
     assert refused.status_code == 429
