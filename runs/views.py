@@ -123,20 +123,20 @@ def run_detail(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
 @require_POST
 @login_required
 def run_cancel(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
-    run = _get_run_for_user(request, run_id)
-    user = authenticated_user(request)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
-    username = user.get_username()
+    run, username = _run_for_operator(request, run_id)
     cancelled = services.run_cancel(run=run, actor=username, reason=f"cancelled by {username}")
     # Another operator or the run itself may have finished it first; say so, change nothing.
     notice = f"Run {run.id} cancelled." if cancelled else f"Run {run.id} had already finished."
-    level = "success" if cancelled else "warning"
-    if not request.htmx:
-        messages.add_message(request, messages.SUCCESS if cancelled else messages.WARNING, notice)
-        return redirect("runs:run-detail", run_id=run.id)
-    run.refresh_from_db()
-    context = _detail_context(request, run, notice=notice, notice_level=level)
-    return render(request, "runs/detail.html#run-detail", context)
+    return _notice(request, run, notice, ok=cancelled)
+
+
+def _run_for_operator(request: HtmxHttpRequest, run_id: str) -> tuple[Run, str]:
+    """The run (404 for another tenant's) and the acting username, if the user may act on
+    runs of its tenant (operators and admins; else 403)."""
+    run = _get_run_for_user(request, run_id)
+    user = authenticated_user(request)
+    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    return run, user.get_username()
 
 
 def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool) -> HttpResponse:
@@ -152,11 +152,9 @@ def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool) -> HttpRe
 @require_POST
 @login_required
 def run_retry(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
-    run = _get_run_for_user(request, run_id)
-    user = authenticated_user(request)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    run, username = _run_for_operator(request, run_id)
     try:
-        services.run_retry(run=run, actor=user.get_username())
+        services.run_retry(run=run, actor=username)
     except services.RunNotRetryable as exc:
         return _notice(request, run, f"Not retried: {exc}", ok=False)
     return _notice(request, run, f"Run {run.id} retried from its first unfinished step.", ok=True)
@@ -165,15 +163,13 @@ def run_retry(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
 @require_POST
 @login_required
 def run_replay(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
-    run = _get_run_for_user(request, run_id)
-    user = authenticated_user(request)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    run, username = _run_for_operator(request, run_id)
     raw = request.POST.get("input", "").strip()
     try:
         edited = json.loads(raw) if raw else None
         if edited is not None and not isinstance(edited, dict):
             raise ValueError("the input must be a JSON object")
-        replay = services.run_replay(run=run, actor=user.get_username(), input=edited)
+        replay = services.run_replay(run=run, actor=username, input=edited)
     except ValueError as exc:  # malformed JSON, or InvalidInput (a ValueError) with its fields
         return _notice(request, run, f"Not replayed: {exc}", ok=False)
     except (UnknownWorkflow, services.QuotaExceeded, SessionOverflow) as exc:
