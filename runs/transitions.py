@@ -125,12 +125,13 @@ def session_release() -> Case:
     )
 
 
-def run_fail(*, run_id: str, now: datetime) -> None:
-    failed = Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
-        status=RunStatus.FAILED, session_state=session_release(), finished_at=now, updated_at=now
+def run_fail(*, run_id: str, now: datetime) -> bool:
+    return (
+        Run.objects.filter(pk=run_id, status__in=UNFINISHED_RUN_STATUSES).update(
+            status=RunStatus.FAILED, session_state=session_release(), finished_at=now, updated_at=now
+        )
+        == 1
     )
-    if failed:
-        compensation_start(run_id=run_id, now=now)
 
 
 def compensation_start(*, run_id: str, now: datetime) -> bool:
@@ -221,9 +222,11 @@ def step_fail(
     )
     if failed != 1:
         return False
-    run_fail(run_id=step.run_id, now=now)
+    run_failed = run_fail(run_id=step.run_id, now=now)
     leases_release(grants, now=now)
     _event(step, "run_failed", actor, attempt=step.attempt, error=reason[:500], reason=reason[:500])
+    if run_failed:
+        compensation_start(run_id=step.run_id, now=now)
     wake_on_commit(only_if_waiting=True)
     return True
 

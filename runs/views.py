@@ -42,6 +42,10 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
 
 
+def _without_contract(payload: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in payload.items() if key != "contract"}
+
+
 def _run_events(run: Run) -> list[Event]:
     """The run's audit events, oldest first (the newest ``MAX_EVENTS`` of them)."""
     newest = Event.objects.filter(tenant_id=run.tenant_id, subject=f"run:{run.id}").order_by("-id")
@@ -61,12 +65,16 @@ def _detail_context(
     return {
         "run": detail,
         "events": [
-            {"event": event, "payload_json": _compact_json(event.payload)} for event in _run_events(run)
+            # The run's contract is on every event and already at the top of the page.
+            {"event": event, "payload_json": _compact_json(_without_contract(event.payload))}
+            for event in _run_events(run)
         ],
         # Offered while run_cancel would act; the POST checks the role again.
         "can_cancel": run.status in services.UNFINISHED_RUN_STATUSES
         and user_can(user, run.tenant, Role.OPERATOR),
+        # A compensated run's effects were undone: it is replayed, not retried.
         "can_retry": run.status in services.RETRYABLE_RUN_STATUSES
+        and not run.compensation
         and user_can(user, run.tenant, Role.OPERATOR),
         "can_replay": user_can(user, run.tenant, Role.OPERATOR),
         "replays": list(run.replays.order_by("id").values_list("id", "status")),

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from django.db import connections
+from django.test import Client
 
 from approvals.models import ConflictArtifact
 from approvals.services import conflict_resolve
@@ -65,8 +66,10 @@ def test_a_failed_confirm_refunds_the_charge_then_releases_the_stock(sandbox_acm
     keys = set(SideEffect.objects.filter(run=run).values_list("idempotency_key", flat=True))
     assert f"{run.id}:compensate:charge_card:payments.refund" in keys
     assert f"{run.id}:compensate:reserve_stock:inventory.release" in keys
-    verbs = list(Event.objects.filter(subject=f"run:{run.id}").values_list("verb", flat=True))
-    assert "compensation_started" in verbs and "compensation_finished" in verbs
+    verbs = list(Event.objects.filter(subject=f"run:{run.id}").order_by("id").values_list("verb", flat=True))
+    assert (
+        verbs.index("run_failed") < verbs.index("compensation_started") < verbs.index("compensation_finished")
+    )
     with pytest.raises(RunNotRetryable, match="compensated"):
         run_retry(run=run, actor="t")
 
@@ -85,6 +88,10 @@ def test_a_run_cancelled_while_waiting_for_approval_undoes_what_it_committed(
     assert run.status == "cancelled" and run.compensation == "done"
     shown = bearer_client(acme_operator).get(f"/api/v1/runs/{run.id}").json()
     assert shown["compensation"] == "done" and shown["status"] == "cancelled"
+    page = Client()
+    page.force_login(acme_operator)
+    html = page.get(f"/runs/{run.id}/").content.decode()
+    assert "Replay as a new run" in html and "Retry from failed step" not in html, "compensated: replay only"
     assert len(calls("refund")) == 1 and len(calls("release")) == 1
     assert calls("refund")[0].finished_at <= calls("release")[0].started_at
 
