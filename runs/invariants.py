@@ -93,21 +93,24 @@ def _admitted_without_lease(now: datetime) -> list[str]:
 
 def _lease_without_step(now: datetime) -> list[str]:
     """Every live lease held for a step belongs to a step that is admitted right now."""
-    findings = []
-    leases = Lease.objects.filter(
-        live_leases_filter(now), metadata__has_key="step_id", acquired_at__lt=now - grace()
+    leases = list(
+        Lease.objects.filter(
+            live_leases_filter(now), metadata__has_key="step_id", acquired_at__lt=now - grace()
+        ).only("key", "token", "metadata")[:1000]
     )
-    for lease in leases.only("key", "token", "metadata", "tenant_id")[:1000]:
+    steps = Step.objects.in_bulk([lease.metadata.get("step_id") for lease in leases])
+    findings = []
+    for lease in leases:
         step_id = lease.metadata.get("step_id")
-        step = Step.objects.filter(pk=step_id).values_list("status", "lease_token").first()
-        if step is None or step[0] not in ADMITTED:
-            state = "gone" if step is None else step[0]
+        step = steps.get(step_id)
+        if step is None or step.status not in ADMITTED:
+            state = "gone" if step is None else step.status
             findings.append(
                 f"lease {lease.key} (token {lease.token}) is live but its step {step_id} is {state}"
             )
-        elif lease.key.startswith("step:") and step[1] != lease.token:
+        elif lease.key.startswith("step:") and step.lease_token != lease.token:
             findings.append(
-                f"lease {lease.key} (token {lease.token}) is live but the step holds token {step[1]}"
+                f"lease {lease.key} (token {lease.token}) is live but the step holds token {step.lease_token}"
             )
     return findings
 

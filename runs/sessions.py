@@ -204,14 +204,13 @@ def _promote(run_ids: list[str], now: datetime) -> None:
     Step.objects.filter(run_id__in=run_ids, status=StepStatus.PENDING).filter(~Exists(earlier_open)).update(
         status=StepStatus.READY, available_at=None, updated_at=now
     )
-    promoted = list(
-        Run.objects.filter(pk__in=run_ids, session_state=SessionState.WAITING).values_list(
-            "pk", "tenant_id", "session_key"
-        )
-    )
-    Run.objects.filter(pk__in=[p[0] for p in promoted], session_state=SessionState.WAITING).update(
+    Run.objects.filter(pk__in=run_ids, session_state=SessionState.WAITING).update(
         session_state=SessionState.ACTIVE, updated_at=now
     )
+    # Only the runs this statement promoted (a cancel may have taken one meanwhile).
+    promoted = Run.objects.filter(
+        pk__in=run_ids, session_state=SessionState.ACTIVE, updated_at=now
+    ).values_list("pk", "tenant_id", "session_key")
     for run_id, tenant_id, session_key in promoted:
         core_services.event_record(
             tenant=tenant_id,

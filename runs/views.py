@@ -22,8 +22,8 @@ from core.models import Event, Role, User
 from core.selectors import get_tenant_for_user, tenants_for_user, user_can
 from runs import selectors, services
 from runs.definitions import REGISTRY, UnknownWorkflow
-from runs.models import Run, RunStatus
-from runs.sessions import SessionOverflow, session_place, session_runs
+from runs.models import Run, RunStatus, SessionState
+from runs.sessions import SessionOverflow, session_runs
 
 RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
 PAGE_SIZE = 50
@@ -197,7 +197,8 @@ def session_detail(request: HtmxHttpRequest, tenant: str) -> HttpResponse:
     tenant_obj = get_tenant_for_user(user, tenant)
     key = request.GET.get("key", "")
     runs = session_runs(tenant_id=tenant_obj.pk, session_key=key) if key and "\x00" not in key else []
-    rows = [{"run": r, "place": session_place(r)} for r in runs]
+    waiting = [r for r in runs if r.session_state == SessionState.WAITING]
+    rows = [{"run": r, "place": waiting.index(r) + 1 if r in waiting else None} for r in runs]
     return render(request, "runs/session.html", {"tenant": tenant_obj, "key": key, "rows": rows})
 
 
