@@ -9,12 +9,13 @@ Routers of the other apps are added to ``api`` in ``core/urls.py`` (a wiring fil
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
-from ninja import NinjaAPI, Router, Schema
+from ninja import NinjaAPI, Query, Router, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationErrorContext
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import HttpBearer, django_auth
@@ -22,7 +23,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from core import selectors, services
-from core.models import Role, User
+from core.models import Membership, Role, User
 from core.validation import NON_FIELD, NUL_MESSAGE, dotted_path
 
 
@@ -209,12 +210,31 @@ class QuotaOut(Schema):
     max_concurrent_steps: int
     max_queue_depth: int
     weight: int
+    caps: dict[str, dict[str, int]] = Field(
+        description="the tenant's own caps per workflow, lane and tool: {kind: {name: cap}}"
+    )
+    platform_caps: dict[str, Any] = Field(description="the platform's caps, which apply as well")
+    cap_names: dict[str, list[str]] = Field(description="what a cap may be put on: {kind: [names]}")
 
 
-class QuotaIn(Schema):
-    max_concurrent_steps: int | None = Field(default=None, ge=1, le=100_000)
-    max_queue_depth: int | None = Field(default=None, ge=1, le=10_000_000)
-    weight: int | None = Field(default=None, ge=1, le=1000)
+class QuotaIn(InputSchema):
+    max_concurrent_steps: int | None = Field(
+        default=None, ge=1, le=services.QUOTA_LIMITS["max_concurrent_steps"]
+    )
+    max_queue_depth: int | None = Field(default=None, ge=1, le=services.QUOTA_LIMITS["max_queue_depth"])
+    weight: int | None = Field(default=None, ge=1, le=services.QUOTA_LIMITS["weight"])
+    # Checked by the service (whole numbers only, known names), which names each bad field.
+    caps: dict[str, Any] | None = Field(
+        default=None,
+        description="merged into the current caps: {kind: {name: cap}}; a null cap removes it",
+    )
+
+    @field_validator("max_concurrent_steps", "max_queue_depth", "weight", mode="before")
+    @classmethod
+    def _whole_numbers_only(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise PydanticCustomError("int_type", "must be a whole number")
+        return value
 
 
 core_router = Router(tags=["core"])
@@ -237,6 +257,9 @@ def _quota_out(slug: str, quota: Any) -> dict[str, Any]:
         "max_concurrent_steps": quota.max_concurrent_steps,
         "max_queue_depth": quota.max_queue_depth,
         "weight": quota.weight,
+        "caps": quota.caps or {},
+        "platform_caps": settings.RUNWARDEN_CAPS,
+        "cap_names": services.quota_cap_names(),
     }
 
 
@@ -248,15 +271,141 @@ def quota_get(request: HttpRequest, slug: str) -> dict[str, Any]:
 
 @core_router.put("/tenants/{slug}/quota", response=QuotaOut)
 def quota_put(request: HttpRequest, slug: str, payload: QuotaIn) -> dict[str, Any]:
+    """Change any of the tenant's caps; fields left out keep their value. The next admission
+    round applies the change."""
     user = request_user(request)
     tenant = selectors.get_tenant_for_user(user, slug, role=Role.ADMIN)
     changes = payload.model_dump(exclude_none=True)
     if not changes:
         raise ApiError(
-            400, "invalid_request", "Send at least one of max_concurrent_steps, max_queue_depth, weight."
+            400,
+            "invalid_request",
+            "Send at least one of max_concurrent_steps, max_queue_depth, weight, caps.",
         )
-    quota = services.tenant_quota_update(tenant=tenant, actor=user, changes=changes)
+    try:
+        quota = services.tenant_quota_update(tenant=tenant, actor=user, changes=changes)
+    except services.QuotaInvalid as invalid:
+        raise ApiError(
+            422, "invalid_input", "The quota change does not fit.", {"fields": invalid.fields}
+        ) from invalid
     return _quota_out(slug, quota)
+
+
+class MemberOut(Schema):
+    username: str
+    email: str
+    role: str
+    since: datetime
+
+
+class MemberIn(InputSchema):
+    username: str = Field(min_length=1, max_length=150)
+    role: Role
+    email: str = Field(default="", max_length=254)
+    password: str = Field(default="", max_length=128, description="only to create a new account")
+
+
+class MemberRoleIn(InputSchema):
+    role: Role
+
+
+def _member_out(membership: Membership) -> dict[str, Any]:
+    return {
+        "username": membership.user.get_username(),
+        "email": membership.user.email,
+        "role": membership.role,
+        "since": membership.created_at,
+    }
+
+
+def _membership_error(invalid: services.MembershipInvalid) -> ApiError:
+    return ApiError(invalid.status, invalid.code, str(invalid))
+
+
+@core_router.get("/tenants/{slug}/members", response=list[MemberOut])
+def members_list(request: HttpRequest, slug: str) -> list[dict[str, Any]]:
+    tenant = selectors.get_tenant_for_user(request_user(request), slug, role=Role.ADMIN)
+    return [_member_out(m) for m in selectors.members_of_tenant(tenant)]
+
+
+@core_router.post("/tenants/{slug}/members", response={201: MemberOut})
+def members_add(request: HttpRequest, slug: str, payload: MemberIn) -> Status:
+    """Give a user a role in the tenant; an unknown username is a new account (with password)."""
+    actor = request_user(request)
+    tenant = selectors.get_tenant_for_user(actor, slug, role=Role.ADMIN)
+    try:
+        membership = services.membership_add(tenant=tenant, actor=actor, **payload.model_dump())
+    except services.MembershipInvalid as invalid:
+        raise _membership_error(invalid) from invalid
+    return Status(201, _member_out(membership))
+
+
+@core_router.patch("/tenants/{slug}/members/{username}", response=MemberOut)
+def members_set_role(request: HttpRequest, slug: str, username: str, payload: MemberRoleIn) -> dict[str, Any]:
+    actor = request_user(request)
+    tenant = selectors.get_tenant_for_user(actor, slug, role=Role.ADMIN)
+    member = selectors.member_user(tenant, username)
+    try:
+        membership = services.membership_set_role(tenant=tenant, actor=actor, user=member, role=payload.role)
+    except services.MembershipInvalid as invalid:
+        raise _membership_error(invalid) from invalid
+    return _member_out(membership)
+
+
+@core_router.delete("/tenants/{slug}/members/{username}", response={204: None})
+def members_remove(request: HttpRequest, slug: str, username: str) -> Status:
+    actor = request_user(request)
+    tenant = selectors.get_tenant_for_user(actor, slug, role=Role.ADMIN)
+    member = selectors.member_user(tenant, username)
+    try:
+        services.membership_revoke(tenant=tenant, user=member, actor=actor)
+    except services.MembershipInvalid as invalid:
+        raise _membership_error(invalid) from invalid
+    return Status(204, None)
+
+
+class EventOut(Schema):
+    id: int
+    created_at: datetime
+    actor: str
+    verb: str
+    subject: str
+    payload: dict[str, Any]
+
+
+class EventPage(Schema):
+    items: list[EventOut]
+    next_before: int | None
+
+
+@core_router.get("/tenants/{slug}/events", response=EventPage)
+def tenant_events(
+    request: HttpRequest,
+    slug: str,
+    actor: str = Query("", max_length=200),
+    verb: str = Query("", max_length=64),
+    subject: str = Query("", max_length=200, description="prefix, e.g. run: or user:ann"),
+    before: int | None = Query(None, ge=1, le=2**62, description="the next_before of the previous page"),
+) -> dict[str, Any]:
+    """The tenant's audit log, newest first (admins)."""
+    tenant = selectors.get_tenant_for_user(request_user(request), slug, role=Role.ADMIN)
+    events, next_before = selectors.tenant_events(
+        tenant, actor=actor, verb=verb, subject=subject, before=before
+    )
+    return {
+        "items": [
+            {
+                "id": e.pk,
+                "created_at": e.created_at,
+                "actor": e.actor,
+                "verb": e.verb,
+                "subject": e.subject,
+                "payload": e.payload,
+            }
+            for e in events
+        ],
+        "next_before": next_before,
+    }
 
 
 api.add_router("/", core_router)

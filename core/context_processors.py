@@ -17,4 +17,14 @@ def tenancy(request: HttpRequest) -> dict[str, Any]:
     return {
         "nav_memberships": memberships,
         "nav_admin_tenants": [m.tenant for m in memberships if m.role == Role.ADMIN],
+        "tenant_pages": TENANT_PAGES,
     }
+
+
+# The tenant administration pages, in the order of their tabs.
+TENANT_PAGES = [
+    ("core:tenant-members", "Members"),
+    ("core:tenant-quotas", "Quotas"),
+    ("core:tenant-connections", "Connections"),
+    ("core:tenant-audit", "Audit log"),
+]

@@ -27,8 +27,9 @@ def seed_demo_tenants_and_users(password: str | None = None) -> list[tuple[str, 
     for username, slug, role in DEMO_USERS:
         user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
         user.set_password(password)
-        # The demo admin also gets the Django admin site.
-        user.is_staff = user.is_superuser = role == Role.ADMIN
+        # Tenant admins manage their tenant in the console; Django's admin site is for the
+        # platform's own staff (``manage.py createsuperuser``), never a tenant's admin.
+        user.is_staff = user.is_superuser = False
         user.save(update_fields=["password", "is_staff", "is_superuser"])
         Membership.objects.update_or_create(user=user, tenant=tenants[slug], defaults={"role": role})
     from core.connections import sandbox_connections_create

@@ -3,21 +3,56 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 
-from core.models import TenantQuota
+from core.models import Role, TenantQuota
+from core.services import CAP_KINDS, CAP_MAX, QUOTA_LIMITS
 
 
-class QuotaForm(forms.ModelForm[TenantQuota]):
-    max_concurrent_steps = forms.IntegerField(min_value=1, max_value=100_000)
-    max_queue_depth = forms.IntegerField(min_value=1, max_value=10_000_000)
-    weight = forms.IntegerField(min_value=1, max_value=1000)
+class QuotaForm(forms.Form):
+    """Every cap of a tenant: the three tenant-wide figures, then one optional cap per known
+    workflow, lane and tool (blank: no cap of the tenant's own; the platform's still applies)."""
 
-    class Meta:
-        model = TenantQuota
-        fields = ["max_concurrent_steps", "max_queue_depth", "weight"]
+    max_concurrent_steps = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["max_concurrent_steps"])
+    max_queue_depth = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["max_queue_depth"])
+    weight = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["weight"])
 
-    def changes(self) -> dict[str, int]:
-        return {field: self.cleaned_data[field] for field in self.Meta.fields}
+    def __init__(
+        self, *args: Any, quota: TenantQuota, cap_names: dict[str, list[str]], **kwargs: Any
+    ) -> None:
+        initial = {field: getattr(quota, field) for field in QUOTA_LIMITS}
+        self.cap_fields: list[tuple[str, str, str]] = []  # (kind, name, field name)
+        for kind in CAP_KINDS:
+            for name in cap_names[kind]:
+                field_name = f"cap__{kind}__{name}"
+                self.cap_fields.append((kind, name, field_name))
+                initial[field_name] = ((quota.caps or {}).get(kind) or {}).get(name)
+        kwargs["initial"] = initial
+        super().__init__(*args, **kwargs)
+        for kind, name, field_name in self.cap_fields:
+            platform_cap = settings.RUNWARDEN_CAPS.get(kind, {}).get(name)
+            self.fields[field_name] = forms.IntegerField(
+                required=False,
+                min_value=1,
+                max_value=CAP_MAX,
+                label=name,
+                help_text=f"platform cap {platform_cap}" if platform_cap else "no platform cap",
+            )
+
+    def cap_rows(self) -> list[tuple[str, list[forms.BoundField]]]:
+        """The cap fields grouped by kind, for the template."""
+        return [
+            (kind, [self[field_name] for k, _, field_name in self.cap_fields if k == kind])
+            for kind in CAP_KINDS
+        ]
+
+    def changes(self) -> dict[str, Any]:
+        changes: dict[str, Any] = {field: self.cleaned_data[field] for field in QUOTA_LIMITS}
+        caps: dict[str, dict[str, int | None]] = {kind: {} for kind in CAP_KINDS}
+        for kind, name, field_name in self.cap_fields:
+            caps[kind][name] = self.cleaned_data.get(field_name)
+        changes["caps"] = caps
+        return changes
 
 
 class ConnectionForm(forms.Form):
@@ -40,3 +75,17 @@ class ConnectionForm(forms.Form):
         field = self.fields["environment"]
         assert isinstance(field, forms.ChoiceField)
         field.choices = [(name, name) for name in environments]
+
+
+class MemberAddForm(forms.Form):
+    """Give someone a role in the tenant; a username without an account needs a password."""
+
+    username = forms.CharField(max_length=150)
+    role = forms.ChoiceField(choices=Role.choices, initial=Role.OPERATOR)
+    email = forms.EmailField(required=False, help_text="for a new account")
+    password = forms.CharField(
+        required=False,
+        max_length=128,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="only for a new account; never shown again",
+    )

@@ -49,12 +49,15 @@ class Membership(models.Model):
 class TenantQuota(models.Model):
     """Per-tenant limits. ``max_concurrent_steps`` is the tenant scope's concurrency cap,
     ``max_queue_depth`` the number of unfinished runs before new triggers get 429, and
-    ``weight`` the tenant's share in the dispatcher's round-robin."""
+    ``weight`` the tenant's share in the dispatcher's round-robin. ``caps`` holds the tenant's
+    own caps per workflow, lane and tool: ``{"workflow": {"demo.crm_update": 2}, "lane": {...},
+    "tool": {...}}``, applied by the next admission round beside the platform's caps."""
 
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="quota")
     max_concurrent_steps = models.PositiveIntegerField(default=10)
     max_queue_depth = models.PositiveIntegerField(default=1000)
     weight = models.PositiveSmallIntegerField(default=1)
+    caps = models.JSONField(default=dict, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
@@ -166,6 +169,9 @@ class Event(models.Model):
         indexes = [
             models.Index(fields=["tenant", "id"], name="event_tenant_id"),
             models.Index(fields=["subject", "id"], name="event_subject_id"),
+            # The audit page's filters.
+            models.Index(fields=["tenant", "verb", "id"], name="event_tenant_verb_id"),
+            models.Index(fields=["tenant", "actor", "id"], name="event_tenant_actor_id"),
         ]
 
     def __str__(self) -> str:

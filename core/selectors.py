@@ -13,7 +13,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Model, QuerySet
 from django.http import Http404
 
-from core.models import Membership, Role, Tenant, TenantQuota, User
+from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 
 M = TypeVar("M", bound=Model)
 AnyUser = User | AnonymousUser
@@ -65,3 +65,45 @@ def get_tenant_for_user(user: AnyUser, slug: str, *, role: str | None = None) ->
 def quota_for_tenant(tenant: Tenant) -> TenantQuota:
     """The tenant's quota; a tenant without a row gets the defaults (not saved)."""
     return TenantQuota.objects.filter(tenant=tenant).first() or TenantQuota(tenant=tenant)
+
+
+def members_of_tenant(tenant: Tenant) -> QuerySet[Membership]:
+    return Membership.objects.filter(tenant=tenant).select_related("user").order_by("user__username", "id")
+
+
+def member_user(tenant: Tenant, username: str) -> User:
+    """The member ``username`` of ``tenant``; anyone else (or nobody) is a 404."""
+    membership = (
+        Membership.objects.select_related("user").filter(tenant=tenant, user__username=username).first()
+    )
+    if membership is None:
+        raise Http404("No such member.")
+    return membership.user
+
+
+AUDIT_PAGE_SIZE = 50
+
+
+def tenant_events(
+    tenant: Tenant,
+    *,
+    actor: str = "",
+    verb: str = "",
+    subject: str = "",
+    before: int | None = None,
+    limit: int = AUDIT_PAGE_SIZE,
+) -> tuple[list[Event], int | None]:
+    """A page of the tenant's events, newest first: exact actor and verb, subject by prefix
+    (``run:`` for every run, ``user:ann``), ``before`` an event id. Returns the page and the
+    cursor of the next one (None at the end)."""
+    events = Event.objects.filter(tenant=tenant)
+    if actor:
+        events = events.filter(actor=actor)
+    if verb:
+        events = events.filter(verb=verb)
+    if subject:
+        events = events.filter(subject__startswith=subject)
+    if before is not None:
+        events = events.filter(pk__lt=before)
+    page = list(events.order_by("-pk")[: limit + 1])
+    return page[:limit], (page[limit - 1].pk if len(page) > limit else None)

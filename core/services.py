@@ -18,6 +18,7 @@ from core.models import (
     Environment,
     Event,
     Membership,
+    Role,
     Tenant,
     TenantQuota,
     User,
@@ -112,46 +113,230 @@ def api_token_find(raw: str) -> ApiToken | None:
     return token
 
 
+class QuotaInvalid(ValueError):
+    """A quota change that cannot be applied; ``fields`` maps each bad field to its message."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{name}: {message}" for name, message in fields.items()))
+        self.fields = fields
+
+
+QUOTA_LIMITS = {"max_concurrent_steps": 100_000, "max_queue_depth": 10_000_000, "weight": 1000}
+CAP_KINDS = ("workflow", "lane", "tool")
+CAP_MAX = 100_000
+
+# What a tenant may put a cap on: {"workflow": [...], "lane": [...], "tool": [...]}. The runs
+# app registers the names it knows (registered workflows, lanes, tools) from AppConfig.ready.
+_cap_names: Callable[[], dict[str, list[str]]] = lambda: {kind: [] for kind in CAP_KINDS}  # noqa: E731
+
+
+def quota_cap_names_register(provider: Callable[[], dict[str, list[str]]]) -> None:
+    global _cap_names
+    _cap_names = provider
+
+
+def quota_cap_names() -> dict[str, list[str]]:
+    return _cap_names()
+
+
+def _merged_caps(current: dict[str, Any], changes: Any) -> dict[str, dict[str, int]]:
+    """``current`` with ``changes`` ({kind: {name: cap or None}}) applied; None removes a cap."""
+    if not isinstance(changes, dict):
+        raise QuotaInvalid({"caps": "must be an object of workflow, lane and tool caps"})
+    known = quota_cap_names()
+    errors: dict[str, str] = {}
+    merged = {kind: dict((current or {}).get(kind) or {}) for kind in CAP_KINDS}
+    for kind, caps in changes.items():
+        if kind not in CAP_KINDS:
+            errors[f"caps.{kind}"] = f"unknown kind of cap (one of {', '.join(CAP_KINDS)})"
+            continue
+        if not isinstance(caps, dict):
+            errors[f"caps.{kind}"] = "must be an object of name: cap"
+            continue
+        for name, cap in caps.items():
+            if name not in known[kind]:
+                errors[f"caps.{kind}.{name}"] = f"unknown {kind} (known: {', '.join(known[kind]) or 'none'})"
+            elif cap is None:
+                merged[kind].pop(name, None)
+            elif isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= CAP_MAX:
+                errors[f"caps.{kind}.{name}"] = (
+                    f"must be a whole number from 1 to {CAP_MAX}, or null to remove"
+                )
+            else:
+                merged[kind][name] = cap
+    if errors:
+        raise QuotaInvalid(errors)
+    return {kind: dict(sorted(caps.items())) for kind, caps in merged.items() if caps}
+
+
 @transaction.atomic
-def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, int]) -> TenantQuota:
-    """Set some of a tenant's quota fields and record the change as an event."""
-    allowed = {"max_concurrent_steps", "max_queue_depth", "weight"}
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"unknown quota fields: {', '.join(sorted(unknown))}")
+def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any]) -> TenantQuota:
+    """Set some of a tenant's quota: concurrent steps, queue depth, weight and ``caps``
+    (merged: {kind: {name: cap}}, a null cap removes it). The row is locked, so two admins
+    take turns; the change is an event and the next admission round applies it."""
+    errors = dict.fromkeys(set(changes) - {*QUOTA_LIMITS, "caps"}, "unknown quota field")
+    for field, limit in QUOTA_LIMITS.items():
+        value = changes.get(field)
+        if field in changes and (
+            isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit
+        ):
+            errors[field] = f"must be a whole number from 1 to {limit}"
+    if errors:
+        raise QuotaInvalid(errors)
     quota, _ = TenantQuota.objects.select_for_update().get_or_create(tenant=tenant)
+    if "caps" in changes:
+        changes = {**changes, "caps": _merged_caps(quota.caps, changes["caps"])}
     before = {field: getattr(quota, field) for field in changes}
-    for field, value in changes.items():
+    after = {field: value for field, value in changes.items() if before[field] != value}
+    if not after:
+        return quota
+    for field, value in after.items():
         setattr(quota, field, value)
-    quota.save(update_fields=[*changes, "updated_at"])
+    quota.save(update_fields=[*after, "updated_at"])
     event_record(
         tenant=tenant,
         subject=f"tenant:{tenant.slug}",
         verb="quota_updated",
         actor=actor.get_username(),
-        payload={"before": before, "after": changes},
+        payload={"before": {field: before[field] for field in after}, "after": after},
     )
     return quota
+
+
+class MembershipInvalid(ValueError):
+    """A membership change that cannot be made (unknown user, last admin, ...)."""
+
+    def __init__(self, message: str, *, code: str = "invalid_member", status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+def _lock_tenant(tenant: Tenant) -> None:
+    """Membership changes of one tenant take turns on its row: "at least one admin remains"
+    is then a check under the lock, never a race between two admins demoting each other."""
+    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+
+
+def _close_member_sockets(tenant: Tenant, user: User) -> None:
+    """After commit: the member's open live sockets for ``tenant`` close (they reconnect with
+    the groups their memberships allow now)."""
+    from core import live
+
+    transaction.on_commit(
+        lambda: live.group_send(
+            live.user_group(user.pk), {"type": "membership.changed", "tenant_id": tenant.pk}
+        )
+    )
+
+
+def _check_role(role: str) -> None:
+    if role not in Role.values:
+        raise MembershipInvalid(
+            f"unknown role {role!r} (one of {', '.join(Role.values)})", code="invalid_role"
+        )
+
+
+@transaction.atomic
+def membership_add(
+    *, tenant: Tenant, actor: User, username: str, role: str, email: str = "", password: str = ""
+) -> Membership:
+    """Give ``username`` a role in ``tenant``. An unknown username is a new account, which needs
+    a password that passes the password validators. Audited."""
+    from django.contrib.auth.password_validation import validate_password
+    from django.core.exceptions import ValidationError
+
+    _check_role(role)
+    username = username.strip()
+    if not username or len(username) > 150 or "\x00" in username:
+        raise MembershipInvalid("a username of 1 to 150 characters is required", code="invalid_username")
+    _lock_tenant(tenant)
+    user = User.objects.filter(username=username).first()
+    created = user is None
+    if user is None:
+        if not password:
+            raise MembershipInvalid(f"{username!r} has no account yet: give a password to create it")
+        candidate = User(username=username, email=email)
+        try:
+            validate_password(password, candidate)
+        except ValidationError as weak:
+            raise MembershipInvalid(" ".join(weak.messages), code="weak_password") from weak
+        candidate.set_password(password)
+        candidate.save()
+        user = candidate
+    elif Membership.objects.filter(tenant=tenant, user=user).exists():
+        raise MembershipInvalid(
+            f"{username} is already a member: change the role instead", code="already_member", status=409
+        )
+    membership = Membership.objects.create(tenant=tenant, user=user, role=role)
+    event_record(
+        tenant=tenant,
+        subject=f"user:{username}",
+        verb="membership_added",
+        actor=actor.get_username(),
+        payload={"role": role, "account_created": created},
+    )
+    _close_member_sockets(tenant, user)
+    return membership
+
+
+def _ensure_an_admin_remains(tenant: Tenant, leaving: Membership) -> None:
+    if leaving.role != Role.ADMIN:
+        return
+    others = Membership.objects.filter(tenant=tenant, role=Role.ADMIN).exclude(pk=leaving.pk)
+    if not others.exists():
+        raise MembershipInvalid(
+            f"{leaving.user.get_username()} is the last admin of {tenant.slug}: "
+            "make someone else admin first",
+            code="last_admin",
+            status=409,
+        )
+
+
+@transaction.atomic
+def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -> Membership:
+    """Change a member's role; it applies at once (their open sockets close and reconnect)."""
+    _check_role(role)
+    _lock_tenant(tenant)
+    membership = Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
+    if membership is None:
+        raise MembershipInvalid(
+            f"{user.get_username()} is not a member of {tenant.slug}", code="not_found", status=404
+        )
+    if membership.role == role:
+        return membership
+    if role != Role.ADMIN:
+        _ensure_an_admin_remains(tenant, membership)
+    before = membership.role
+    membership.role = role
+    membership.save(update_fields=["role", "updated_at"])
+    event_record(
+        tenant=tenant,
+        subject=f"user:{user.get_username()}",
+        verb="membership_role_changed",
+        actor=actor.get_username(),
+        payload={"before": before, "after": role},
+    )
+    _close_member_sockets(tenant, user)
+    return membership
 
 
 @transaction.atomic
 def membership_revoke(*, tenant: Tenant, user: User, actor: User) -> bool:
     """Remove ``user``'s role in ``tenant``; their open live sockets for it are closed on commit.
-    Returns False when there was no membership to remove."""
-    from core import live
-
-    deleted, _ = Membership.objects.filter(tenant=tenant, user=user).delete()
-    if not deleted:
+    Returns False when there was no membership to remove; refuses to remove the last admin."""
+    _lock_tenant(tenant)
+    membership = Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
+    if membership is None:
         return False
+    _ensure_an_admin_remains(tenant, membership)
+    membership.delete()
     event_record(
         tenant=tenant,
         subject=f"user:{user.get_username()}",
         verb="membership_revoked",
         actor=actor.get_username(),
+        payload={"role": membership.role},
     )
-    transaction.on_commit(
-        lambda: live.group_send(
-            live.user_group(user.pk), {"type": "membership.revoked", "tenant_id": tenant.pk}
-        )
-    )
+    _close_member_sockets(tenant, user)
     return True

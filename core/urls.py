@@ -18,6 +18,8 @@ core_patterns = (
         path("", views.overview, name="overview"),
         path("tenants/<slug:slug>/quotas/", views.tenant_quotas, name="tenant-quotas"),
         path("tenants/<slug:slug>/connections/", views.tenant_connections, name="tenant-connections"),
+        path("tenants/<slug:slug>/members/", views.tenant_members, name="tenant-members"),
+        path("tenants/<slug:slug>/audit/", views.tenant_audit, name="tenant-audit"),
     ],
     "core",
 )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -8,7 +10,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from core import connections, health, metrics, selectors, services
-from core.forms import ConnectionForm, QuotaForm
+from core.forms import ConnectionForm, MemberAddForm, QuotaForm
 from core.http import authenticated_user
 from core.models import Connection, Role
 
@@ -53,11 +55,16 @@ def tenant_quotas(request: HttpRequest, slug: str) -> HttpResponse:
     user = authenticated_user(request)
     tenant = selectors.get_tenant_for_user(user, slug, role=Role.ADMIN)
     quota = selectors.quota_for_tenant(tenant)
-    form = QuotaForm(request.POST or None, instance=quota)
+    form = QuotaForm(request.POST or None, quota=quota, cap_names=services.quota_cap_names())
     if request.method == "POST" and form.is_valid():
-        services.tenant_quota_update(tenant=tenant, actor=user, changes=form.changes())
-        messages.success(request, f"Quota of {tenant.slug} saved.")
-        return redirect("core:tenant-quotas", slug=tenant.slug)
+        try:
+            services.tenant_quota_update(tenant=tenant, actor=user, changes=form.changes())
+        except services.QuotaInvalid as invalid:
+            for field, message in invalid.fields.items():
+                form.add_error(None, f"{field}: {message}")
+        else:
+            messages.success(request, f"Quota of {tenant.slug} saved; the next admission round applies it.")
+            return redirect("core:tenant-quotas", slug=tenant.slug)
     return render(
         request, "core/quotas.html", {"tenant": tenant, "form": form}, status=400 if form.errors else 200
     )
@@ -123,3 +130,72 @@ def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
     }
     failed = request.method == "POST" and (error or form.errors)
     return render(request, "core/connections.html", context, status=400 if failed else 200)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+def tenant_members(request: HttpRequest, slug: str) -> HttpResponse:
+    """Admins of the tenant: add a member (a new account, or an existing one), change a role,
+    remove a member. Each change applies at once and closes the member's open sockets."""
+    actor = authenticated_user(request)
+    tenant = selectors.get_tenant_for_user(actor, slug, role=Role.ADMIN)
+    action = request.POST.get("action", "")
+    form = MemberAddForm(request.POST if action == "add" else None)
+    error = ""
+    if request.method == "POST":
+        try:
+            if action == "add":
+                if form.is_valid():
+                    data = form.cleaned_data
+                    services.membership_add(tenant=tenant, actor=actor, **data)
+                    messages.success(request, f"{data['username']} is now {data['role']} of {tenant.slug}.")
+                    return redirect("core:tenant-members", slug=tenant.slug)
+            elif action in ("set_role", "remove"):
+                member = selectors.member_user(tenant, request.POST.get("username", ""))
+                if action == "set_role":
+                    role = request.POST.get("role", "")
+                    services.membership_set_role(tenant=tenant, actor=actor, user=member, role=role)
+                    messages.success(request, f"{member.get_username()} is now {role}.")
+                else:
+                    services.membership_revoke(tenant=tenant, user=member, actor=actor)
+                    messages.success(request, f"{member.get_username()} was removed from {tenant.slug}.")
+                return redirect("core:tenant-members", slug=tenant.slug)
+            else:
+                error = "Unknown action."
+        except services.MembershipInvalid as invalid:
+            error = str(invalid)
+    context = {
+        "tenant": tenant,
+        "members": selectors.members_of_tenant(tenant),
+        "roles": Role.choices,
+        "form": form,
+        "error": error,
+        "me": actor,
+    }
+    failed = request.method == "POST" and bool(error or form.errors)
+    return render(request, "core/members.html", context, status=400 if failed else 200)
+
+
+@require_GET
+@login_required
+def tenant_audit(request: HttpRequest, slug: str) -> HttpResponse:
+    """The tenant's event log, newest first, filtered by actor, verb and subject prefix."""
+    tenant = selectors.get_tenant_for_user(authenticated_user(request), slug, role=Role.ADMIN)
+    filters = {name: request.GET.get(name, "").strip()[:200] for name in ("actor", "verb", "subject")}
+    before = request.GET.get("before", "")
+    events, next_before = selectors.tenant_events(
+        tenant,
+        actor=filters["actor"],
+        verb=filters["verb"],
+        subject=filters["subject"],
+        before=int(before) if before.isdigit() and len(before) < 19 else None,
+    )
+    query = urlencode({name: value for name, value in filters.items() if value})
+    context = {
+        "tenant": tenant,
+        "events": events,
+        "filters": filters,
+        "next_before": next_before,
+        "query": query,
+    }
+    return render(request, "core/audit.html", context)

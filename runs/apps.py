@@ -19,9 +19,10 @@ class RunsConfig(AppConfig):
 
         from core import metrics
         from core import services as core_services
-        from runs import selectors, services
+        from runs import definitions, selectors, services
 
         core_services.event_enricher_register(services.event_with_run_contract)
+        core_services.quota_cap_names_register(definitions.cap_names)
 
         metrics.gauge_register(
             "runwarden_queue_depth",

@@ -435,3 +435,10 @@ def get_workflow(key: str, version: str | None = None) -> Workflow:
     if not workflow_def.steps:
         raise UnknownWorkflow(f"workflow {key!r} has no steps")
     return workflow_def
+
+
+def cap_names() -> dict[str, list[str]]:
+    """What a tenant may put a cap on: registered workflows, the lanes, and every tool a
+    registered step (of any version) calls."""
+    tools = {spec.tool for versions in VERSIONS.values() for w in versions for spec in w.steps if spec.tool}
+    return {"workflow": sorted(REGISTRY), "lane": list(LANES), "tool": sorted(tools)}

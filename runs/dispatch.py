@@ -85,7 +85,20 @@ class Candidate:
             f"workflow:{self.workflow}",
             f"lane:{self.lane}",
             *([f"tool:{self.tool}"] if self.tool else []),
+            *tenant_scopes(self.tenant_id, self.workflow, self.lane, self.tool),
         ]
+
+
+# A tenant's own caps per workflow, lane and tool (TenantQuota.caps) are scopes of their own.
+TENANT_SCOPE_KINDS = ("workflow", "lane", "tool")
+
+
+def tenant_scopes(tenant_id: int, workflow: str, lane: str, tool: str) -> list[str]:
+    return [
+        f"tenant_workflow:{tenant_id}:{workflow}",
+        f"tenant_lane:{tenant_id}:{lane}",
+        *([f"tenant_tool:{tenant_id}:{tool}"] if tool else []),
+    ]
 
 
 @dataclass
@@ -164,15 +177,19 @@ def load_room(now: datetime) -> Room:
         cursor.execute(sql, [_adapt(now)])
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             scopes = ["global", f"tenant:{tenant_id}", f"workflow:{workflow}", f"lane:{lane}"]
-            for scope in [*scopes, *([f"tool:{tool}"] if tool else [])]:
+            scopes += [f"tool:{tool}"] if tool else []
+            for scope in [*scopes, *tenant_scopes(tenant_id, workflow, lane, tool)]:
                 held[scope] += n
             lane_held[lane] += n
     configured = settings.RUNWARDEN_CAPS
     caps = {"global": configured["global"]}
     for kind in ("workflow", "lane", "tool"):
         caps.update({f"{kind}:{name}": cap for name, cap in configured.get(kind, {}).items()})
-    for tenant_id, cap in TenantQuota.objects.values_list("tenant_id", "max_concurrent_steps"):
+    for tenant_id, cap, own in TenantQuota.objects.values_list("tenant_id", "max_concurrent_steps", "caps"):
         caps[f"tenant:{tenant_id}"] = cap
+        for kind in TENANT_SCOPE_KINDS:
+            for name, value in ((own or {}).get(kind) or {}).items():
+                caps[f"tenant_{kind}:{tenant_id}:{name}"] = int(value)
     return Room(caps, held, lane_held, live_pools(), configured["tenant_default"])
 
 
@@ -228,6 +245,11 @@ def fair_candidates(
         exclusions += _in_clause(
             "s.tool", [s.split(":", 1)[1] for s in full if s.startswith("tool:")], params
         )
+        column = {"workflow": "r.workflow", "lane": "s.lane", "tool": "s.tool"}
+        for scope in sorted(s for s in full if s.startswith("tenant_")):
+            kind, tenant_id, name = scope.removeprefix("tenant_").split(":", 2)
+            exclusions += f" AND NOT (s.tenant_id = %s AND {column[kind]} = %s)"
+            params.extend([int(tenant_id), name])
     if only_step is not None:
         exclusions += " AND s.id = %s"
         params.append(only_step)

@@ -74,4 +74,18 @@ async def test_revoking_a_membership_closes_that_members_socket(
     assert revoked
     # The revoke's own audit event may arrive first; the socket must then be closed.
     outputs = [await communicator.receive_output(timeout=5) for _ in range(2)]
-    assert {"type": "websocket.close", "code": 4403} in outputs
+    assert {"type": "websocket.close", "code": 1012} in outputs
+
+
+async def test_changing_a_members_role_closes_their_socket_so_it_reconnects_with_the_new_role(
+    acme: Tenant, acme_operator: User, acme_admin: User
+) -> None:
+    headers = await sync_to_async(session_headers)(acme_operator)
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    await sync_to_async(services.membership_set_role)(
+        tenant=acme, actor=acme_admin, user=acme_operator, role="reviewer"
+    )
+    outputs = [await communicator.receive_output(timeout=5) for _ in range(2)]
+    assert {"type": "websocket.close", "code": 1012} in outputs

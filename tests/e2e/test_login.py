@@ -23,9 +23,12 @@ def test_a_wrong_password_is_refused(live_console: str, page: Page) -> None:
 
 def test_an_admin_edits_the_quota_in_the_browser(live_console: str, page: Page) -> None:
     login(page, live_console, "admin")
-    page.get_by_role("link", name="Quotas · acme").first.click()
+    page.get_by_role("link", name="Admin · acme").click()
+    page.get_by_role("navigation", name="Tenant administration").get_by_role("link", name="Quotas").click()
     page.fill("input[name=max_concurrent_steps]", "7")
-    page.get_by_role("button", name="Save").click()
-    expect(page.get_by_text("Quota of acme saved.")).to_be_visible()
+    page.fill("input[name='cap__lane__high_risk']", "1")
+    page.get_by_role("button", name="Save quotas").click()
+    expect(page.get_by_text("Quota of acme saved")).to_be_visible()
+    expect(page.locator("input[name='cap__lane__high_risk']")).to_have_value("1")
     expect(page.locator("input[name=max_concurrent_steps]")).to_have_value("7")
     screenshot(page, "quotas-admin")

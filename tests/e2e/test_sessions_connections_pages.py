@@ -104,7 +104,10 @@ def test_an_admin_adds_a_connection_makes_it_default_and_never_sees_its_secret(
     live_console: str, page: Page
 ) -> None:
     login(page, live_console, "admin")
-    page.get_by_role("link", name="Connections · acme").click()
+    page.get_by_role("link", name="Admin · acme").click()
+    page.get_by_role("navigation", name="Tenant administration").get_by_role(
+        "link", name="Connections"
+    ).click()
     expect(page.locator("#connections")).to_contain_text("sandbox-crm")
     page.select_option("select[name=environment]", "staging")
     page.fill("input[name=provider]", "crm")
