@@ -15,7 +15,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
-from ninja import NinjaAPI, Query, Router, Schema, Status
+from ninja import NinjaAPI, Path, Query, Router, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationErrorContext
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.security import HttpBearer, django_auth
@@ -406,6 +406,70 @@ def tenant_events(
         ],
         "next_before": next_before,
     }
+
+
+class TokenOut(Schema):
+    id: int
+    name: str
+    prefix: str
+    environment: str
+    state: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenIn(InputSchema):
+    name: str = Field(default="", max_length=100)
+    environment: str = Field(default="production", max_length=64)
+    days: int | None = Field(
+        default=None, ge=1, description="until it expires (default and maximum by settings)"
+    )
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="the secret: shown this once, never again")
+
+
+def _token_out(token: Any) -> dict[str, Any]:
+    return {
+        "id": token.pk,
+        "name": token.name,
+        "prefix": token.prefix,
+        "environment": token.environment,
+        "state": token.state,
+        "created_at": token.created_at,
+        "last_used_at": token.last_used_at,
+        "expires_at": token.expires_at,
+        "revoked_at": token.revoked_at,
+    }
+
+
+@core_router.get("/tokens", response=list[TokenOut])
+def tokens_list(request: HttpRequest) -> list[dict[str, Any]]:
+    """Your API tokens (never their secrets), newest first."""
+    return [_token_out(t) for t in selectors.tokens_of_user(request_user(request))]
+
+
+@core_router.post("/tokens", response={201: TokenCreated}, auth=django_auth)
+def tokens_create(request: HttpRequest, payload: TokenIn) -> Status:
+    """Issue a token; its secret is in this answer only. Browser sessions only: a token cannot
+    mint tokens, so a leaked one dies when it expires or is revoked."""
+    user = request_user(request)
+    try:
+        token, raw = services.api_token_create(user=user, **payload.model_dump())
+    except ValueError as refused:
+        raise ApiError(422, "invalid_input", str(refused), {"fields": {"token": str(refused)}}) from refused
+    return Status(201, {**_token_out(token), "token": raw})
+
+
+@core_router.delete("/tokens/{token_id}", response={204: None})
+def tokens_revoke(request: HttpRequest, token_id: int = Path(..., ge=1, le=2**62)) -> Status:
+    """Revoke one of your tokens; it is refused from the next request on."""
+    if not services.api_token_revoke(user=request_user(request), token_id=token_id):
+        raise ApiError(404, "not_found", "No live token of yours has that id.")
+    return Status(204, None)
 
 
 api.add_router("/", core_router)

@@ -89,3 +89,13 @@ class MemberAddForm(forms.Form):
         widget=forms.PasswordInput(render_value=False),
         help_text="only for a new account; never shown again",
     )
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(max_length=100, required=False, help_text="to tell your tokens apart")
+    environment = forms.CharField(max_length=64, initial="production", help_text="where runs it starts run")
+    days = forms.IntegerField(
+        min_value=1,
+        max_value=settings.RUNWARDEN_TOKEN_MAX_DAYS,
+        initial=settings.RUNWARDEN_TOKEN_DEFAULT_DAYS,
+    )

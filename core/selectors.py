@@ -13,7 +13,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import Model, QuerySet
 from django.http import Http404
 
-from core.models import Event, Membership, Role, Tenant, TenantQuota, User
+from core.models import ApiToken, Event, Membership, Role, Tenant, TenantQuota, User
 
 M = TypeVar("M", bound=Model)
 AnyUser = User | AnonymousUser
@@ -107,3 +107,7 @@ def tenant_events(
         events = events.filter(pk__lt=before)
     page = list(events.order_by("-pk")[: limit + 1])
     return page[:limit], (page[limit - 1].pk if len(page) > limit else None)
+
+
+def tokens_of_user(user: User) -> QuerySet[ApiToken]:
+    return ApiToken.objects.filter(user=user).order_by("-created_at", "-id")

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -72,20 +73,48 @@ def _hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def api_token_issue(*, user: User, name: str = "", environment: str = "production") -> str:
+def api_token_issue(
+    *, user: User, name: str = "", environment: str = "production", days: int | None = None
+) -> str:
+    """The secret of a new token (see ``api_token_create``)."""
+    return api_token_create(user=user, name=name, environment=environment, days=days)[1]
+
+
+def api_token_create(
+    *, user: User, name: str = "", environment: str = "production", days: int | None = None
+) -> tuple[ApiToken, str]:
     """Create a token for ``user`` and return its secret; only its hash is stored. Runs started
     with it run in ``environment`` unless a request names another: one of the built-in
-    environments or one added by a tenant of the user (else ValueError)."""
+    environments or one added by a tenant of the user (else ValueError). It expires after
+    ``days`` (RUNWARDEN_TOKEN_DEFAULT_DAYS; at most RUNWARDEN_TOKEN_MAX_DAYS)."""
     known = {*BUILTIN_ENVIRONMENTS} | set(
         Environment.objects.filter(tenant__memberships__user=user).values_list("name", flat=True)
     )
     if environment not in known:
         raise ValueError(f"unknown environment {environment!r} (known: {', '.join(sorted(known))})")
+    days = settings.RUNWARDEN_TOKEN_DEFAULT_DAYS if days is None else days
+    if not 1 <= days <= settings.RUNWARDEN_TOKEN_MAX_DAYS:
+        raise ValueError(f"a token lives from 1 to {settings.RUNWARDEN_TOKEN_MAX_DAYS} days")
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    ApiToken.objects.create(
-        user=user, name=name, environment=environment, prefix=raw[:10], token_hash=_hash_token(raw)
+    token = ApiToken.objects.create(
+        user=user,
+        name=name,
+        environment=environment,
+        prefix=raw[:10],
+        token_hash=_hash_token(raw),
+        expires_at=timezone.now() + timedelta(days=days),
     )
-    return raw
+    return token, raw
+
+
+def api_token_revoke(*, user: User, token_id: int) -> bool:
+    """Revoke one of ``user``'s own tokens (conditional: a revoked token stays as it was).
+    Returns False when no live token of theirs has that id."""
+    return bool(
+        ApiToken.objects.filter(pk=token_id, user=user, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+    )
 
 
 def api_token_authenticate(raw: str) -> User | None:
@@ -101,6 +130,7 @@ def api_token_find(raw: str) -> ApiToken | None:
     token = (
         ApiToken.objects.select_related("user")
         .filter(token_hash=_hash_token(raw), revoked_at__isnull=True, user__is_active=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
         .first()
     )
     if token is None:

@@ -102,6 +102,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "core.security.security_headers_middleware",
     "django_htmx.middleware.HtmxMiddleware",
 ]
 
@@ -215,6 +216,16 @@ X_FRAME_OPTIONS = "DENY"
 if env_bool("USE_X_FORWARDED_PROTO", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+CSRF_COOKIE_SAMESITE = "Lax"
+
+# Accounts: failed logins per username (and 4x per address) within the window, then 429.
+RUNWARDEN_LOGIN_FAILURE_LIMIT = env_int("RUNWARDEN_LOGIN_FAILURE_LIMIT", 5)
+RUNWARDEN_LOGIN_FAILURE_WINDOW = env_int("RUNWARDEN_LOGIN_FAILURE_WINDOW", 15 * 60)
+# API tokens expire; a token may live at most this long (days).
+RUNWARDEN_TOKEN_DEFAULT_DAYS = env_int("RUNWARDEN_TOKEN_DEFAULT_DAYS", 90)
+RUNWARDEN_TOKEN_MAX_DAYS = env_int("RUNWARDEN_TOKEN_MAX_DAYS", 365)
 
 LOGGING = {
     "version": 1,

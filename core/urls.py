@@ -7,6 +7,7 @@ from approvals.api import router as approvals_router
 from core import views
 from core.api import api
 from core.connections_api import router as connections_router
+from core.security import ThrottledLoginView
 from runs.api import router as runs_router
 
 api.add_router("/", runs_router)
@@ -20,6 +21,7 @@ core_patterns = (
         path("tenants/<slug:slug>/connections/", views.tenant_connections, name="tenant-connections"),
         path("tenants/<slug:slug>/members/", views.tenant_members, name="tenant-members"),
         path("tenants/<slug:slug>/audit/", views.tenant_audit, name="tenant-audit"),
+        path("account/tokens/", views.account_tokens, name="account-tokens"),
     ],
     "core",
 )
@@ -28,6 +30,7 @@ urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics_view, name="metrics"),
+    path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),

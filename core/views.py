@@ -10,7 +10,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from core import connections, health, metrics, selectors, services
-from core.forms import ConnectionForm, MemberAddForm, QuotaForm
+from core.forms import ConnectionForm, MemberAddForm, QuotaForm, TokenForm
 from core.http import authenticated_user
 from core.models import Connection, Role
 
@@ -199,3 +199,38 @@ def tenant_audit(request: HttpRequest, slug: str) -> HttpResponse:
         "query": query,
     }
     return render(request, "core/audit.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+@login_required
+@never_cache
+def account_tokens(request: HttpRequest) -> HttpResponse:
+    """The user's API tokens: issue one (its secret is shown on this answer only), revoke one."""
+    user = authenticated_user(request)
+    action = request.POST.get("action", "")
+    form = TokenForm(request.POST if action == "issue" else None)
+    secret = ""
+    error = ""
+    if action == "issue" and form.is_valid():
+        try:
+            token, secret = services.api_token_create(user=user, **form.cleaned_data)
+        except ValueError as refused:
+            error = str(refused)
+        else:
+            messages.success(request, f"Token {token.prefix}… issued. Copy it now: it is never shown again.")
+            form = TokenForm()
+    elif action == "revoke":
+        chosen = request.POST.get("token", "")
+        if (
+            chosen.isdigit()
+            and len(chosen) < 18
+            and services.api_token_revoke(user=user, token_id=int(chosen))
+        ):
+            messages.success(request, "Token revoked.")
+            return redirect("core:account-tokens")
+        error = "That token is not yours or is already revoked."
+    elif action:
+        error = "Unknown action."
+    context = {"tokens": selectors.tokens_of_user(user), "form": form, "secret": secret, "error": error}
+    failed = request.method == "POST" and bool(error or form.errors)
+    return render(request, "core/tokens.html", context, status=400 if failed else 200)

@@ -11,6 +11,33 @@
     if (lastEventId !== null) { document.body.dispatchEvent(new CustomEvent("live:resync")); }
   });
   document.addEventListener("htmx:wsClose", function () { setStatus(false); });
+  // Inside [data-swap-errors="400 409"], answers with those statuses are swapped in like a
+  // success: they carry the reason (a stale decision, a refused role), not a broken page.
+  // (Here and not in hx-on attributes: the CSP allows no inline script and htmx no eval.)
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var holder = e.target && e.target.closest && e.target.closest("[data-swap-errors]");
+    if (!holder) { return; }
+    var statuses = holder.dataset.swapErrors.split(/\s+/);
+    if (statuses.indexOf(String(e.detail.xhr.status)) >= 0) {
+      e.detail.shouldSwap = true;
+      e.detail.isError = false;
+    }
+  });
+  // Live refreshes (elements triggered by live:event, live:resync, htmx:wsOpen) are skipped
+  // while the user is busy (data-pause-while: a selector, e.g. an open edit form) and, with
+  // data-live-subject, for pushes about other subjects. Here rather than in hx-trigger
+  // filters, which htmx would have to eval.
+  document.addEventListener("htmx:confirm", function (e) {
+    var elt = e.detail.elt;
+    if (!elt || !elt.dataset) { return; }
+    var pause = elt.dataset.pauseWhile;
+    if (pause && document.querySelector(pause)) { e.preventDefault(); return; }
+    var subject = elt.dataset.liveSubject;
+    var trigger = e.detail.triggeringEvent;
+    if (subject && trigger && trigger.type === "live:event" && trigger.detail && trigger.detail.subject !== subject) {
+      e.preventDefault();
+    }
+  });
   document.addEventListener("htmx:oobAfterSwap", function (e) {
     var target = e.detail && e.detail.target;
     if (!target || target.id !== "live-last-event") { return; }

@@ -12,11 +12,12 @@ import pytest
 from django.test import Client
 
 from approvals.models import ApprovalRequest, ConflictArtifact
-from core.models import Connection, Event, Tenant, User
+from core import services
+from core.models import ApiToken, Connection, Event, Membership, Role, Tenant, User
 from runs.models import Run
 from runs.services import TriggerPayloadMismatch, run_start
 from tests.approvals.helpers import pending_request, pump
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, make_member
 
 JSON = "application/json"
 
@@ -35,7 +36,10 @@ def acme_objects(acme: Tenant) -> dict[str, Any]:
         run_start(
             tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 2}, actor="t", trigger_event_id="e-1"
         )
+    owner = User.objects.filter(username="admin").first() or make_member("admin", acme, Role.ADMIN)
+    services.api_token_issue(user=owner, name="acme's")
     return {
+        "token": ApiToken.objects.filter(user=owner).first(),
         "run": gated,
         "approval": approval,
         "conflict": ConflictArtifact.objects.get(tenant=acme),
@@ -70,6 +74,17 @@ def api_walk(o: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None, d
             {},
         ),
         ("patch", f"/api/v1/tenants/acme/connections/{connection}", {"is_default": False}, {}),
+        ("get", "/api/v1/tenants/acme/members", None, {}),
+        (
+            "post",
+            "/api/v1/tenants/acme/members",
+            {"username": "globex-operator", "role": "admin"},
+            {},
+        ),
+        ("patch", "/api/v1/tenants/acme/members/admin", {"role": "operator"}, {}),
+        ("delete", "/api/v1/tenants/acme/members/admin", None, {}),
+        ("get", "/api/v1/tenants/acme/events", None, {}),
+        ("delete", f"/api/v1/tokens/{o['token'].pk}", None, {}),
         (
             "post",
             "/api/v1/runs",
@@ -98,6 +113,10 @@ def console_walk(o: dict[str, Any]) -> list[tuple[str, str, dict[str, str]]]:
         ),
         ("get", "/tenants/acme/connections/", {}),
         ("post", "/tenants/acme/connections/", {"action": "add_environment", "name": "qa"}),
+        ("get", "/tenants/acme/members/", {}),
+        ("post", "/tenants/acme/members/", {"action": "add", "username": "globex-operator", "role": "admin"}),
+        ("post", "/tenants/acme/members/", {"action": "remove", "username": "admin"}),
+        ("get", "/tenants/acme/audit/", {}),
     ]
 
 
@@ -107,6 +126,8 @@ def snapshot() -> tuple[Any, ...]:
         list(ApprovalRequest.objects.order_by("id").values_list("id", "status", "version")),
         list(ConflictArtifact.objects.order_by("id").values_list("id", "status", "version")),
         list(Connection.objects.order_by("id").values_list("id", "is_default", "archived_at")),
+        list(Membership.objects.order_by("id").values_list("id", "role")),
+        list(ApiToken.objects.filter(user__username="admin").order_by("id").values_list("id", "revoked_at")),
         Event.objects.count(),
     )
 
@@ -146,9 +167,10 @@ def test_the_walk_covers_every_parameterized_api_route(acme: Tenant, acme_operat
         if "{" in path
     }
     walked = set()
-    placeholder = re.compile(r"/(run_[0-9A-Z]+|\d+|acme)(?=/|$)")
+    placeholder = re.compile(r"/(run_[0-9A-Z]+|\d+|acme|admin)(?=/|$)")
     fake = {"run": type("R", (), {"id": "run_X"})(), "approval": type("A", (), {"pk": 1})()}
     fake |= {"conflict": type("C", (), {"pk": 2})(), "connection": type("N", (), {"pk": 3})()}
+    fake |= {"token": type("T", (), {"pk": 4})()}
     for method, path, _, _ in api_walk(fake):
         template = placeholder.sub("/{}", path.removeprefix("/api/v1"))
         walked.add((method, template))

@@ -220,6 +220,12 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     from approvals.services import conflict_resolve
     from tests.conftest import make_member
 
+    # The artifact follows the event: the approvals app opens it once the refusal commits.
+    wait_for(
+        lambda: ConflictArtifact.objects.filter(kind="stale_token_write", step=step).exists(),
+        30,
+        cluster.logs(),
+    )
     conflict = ConflictArtifact.objects.get(kind="stale_token_write", step=step)
     assert conflict.proposed["output"] == {"pid": zombie}
     assert conflict.current["output"] == {"pid": new_holder}

@@ -19,13 +19,16 @@ class Command(BaseCommand):
             default="production",
             help="the environment runs started with this token run in (unless a request names one)",
         )
+        parser.add_argument("--days", type=int, default=None, help="days until it expires (default 90)")
 
-    def handle(self, *args: Any, username: str, name: str, environment: str, **options: Any) -> None:
+    def handle(
+        self, *args: Any, username: str, name: str, environment: str, days: int | None, **options: Any
+    ) -> None:
         user = User.objects.filter(username=username, is_active=True).first()
         if user is None:
             raise CommandError(f"no active user named {username!r}")
         try:
-            token = services.api_token_issue(user=user, name=name, environment=environment)
+            token = services.api_token_issue(user=user, name=name, environment=environment, days=days)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"Token for {username} in {environment} (shown once, store it now):")
