@@ -66,6 +66,8 @@ class Cluster:
         purge_queues(self.redis_url)
 
     def _start(self, name: str, args: list[str], command: list[str] | None = None) -> subprocess.Popen[bytes]:
+        # A second process under one name would escape stop() and outlive the test.
+        assert name not in self.processes, f"a process named {name!r} is already running"
         log = (self.tmp_path / f"{name}.log").open("wb")
         process = subprocess.Popen(
             [*(command or [sys.executable, "-m", "celery", "-A", "core"]), *args],
