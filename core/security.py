@@ -15,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 
 from core.redis_client import get_redis
@@ -143,5 +143,30 @@ def security_headers_middleware(
         response.setdefault("Cross-Origin-Opener-Policy", "same-origin")
         response.setdefault("Permissions-Policy", "camera=(), microphone=(), geolocation=()")
         return response
+
+    return middleware
+
+
+def refuse_nul_characters_middleware(
+    get_response: Callable[[HttpRequest], HttpResponse],
+) -> Callable[..., HttpResponse]:
+    """A NUL character in any query or form value is a 400 before any view runs: PostgreSQL
+    cannot store or even compare it, so no filter, cursor or form field may carry one.
+    (JSON bodies are checked by the API's schemas, field by field.)"""
+
+    def middleware(request: HttpRequest) -> HttpResponse:
+        values = [*request.GET.lists()]
+        if request.method == "POST" and request.content_type in (
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ):
+            values += [*request.POST.lists()]
+        if any("\x00" in key or any("\x00" in v for v in vs) for key, vs in values):
+            message = "A NUL character is not allowed in a query or form value."
+            if request.path.startswith("/api/"):
+                body = {"error": {"code": "invalid_input", "message": message, "details": {}}}
+                return JsonResponse(body, status=400)
+            return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
+        return get_response(request)
 
     return middleware

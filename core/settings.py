@@ -103,6 +103,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "core.security.security_headers_middleware",
+    "core.security.refuse_nul_characters_middleware",
     "django_htmx.middleware.HtmxMiddleware",
 ]
 

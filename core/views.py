@@ -104,7 +104,9 @@ def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
                 )
                 messages.success(request, f"Connection {data['name']} added.")
                 return redirect("core:tenant-connections", slug=tenant.slug)
-            if action in ("make_default", "archive"):
+            if action not in ("add_environment", "add_connection", "make_default", "archive"):
+                error = "Unknown action."
+            elif action in ("make_default", "archive"):
                 chosen = request.POST.get("connection", "")
                 target = (
                     Connection.objects.filter(tenant=tenant, pk=int(chosen)).first()
@@ -229,7 +231,7 @@ def account_tokens(request: HttpRequest) -> HttpResponse:
             messages.success(request, "Token revoked.")
             return redirect("core:account-tokens")
         error = "That token is not yours or is already revoked."
-    elif action:
+    elif request.method == "POST":
         error = "Unknown action."
     context = {"tokens": selectors.tokens_of_user(user), "form": form, "secret": secret, "error": error}
     failed = request.method == "POST" and bool(error or form.errors)

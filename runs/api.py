@@ -230,7 +230,10 @@ def run_list(request: HttpRequest, filters: Query[RunFilters]) -> dict[str, Any]
         tenant=filters.tenant,
         session_key=filters.session_key,
     )
-    page, next_cursor = selectors.run_page(runs, cursor=filters.cursor, limit=filters.limit)
+    try:
+        page, next_cursor = selectors.run_page(runs, cursor=filters.cursor, limit=filters.limit)
+    except ValueError as bad:
+        raise ApiError(422, "invalid_input", str(bad), {"fields": {"cursor": str(bad)}}) from bad
     return {"items": [selectors.run_summary(run) for run in page], "next_cursor": next_cursor}
 
 

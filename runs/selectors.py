@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django.db.models import Count, QuerySet
@@ -36,8 +37,14 @@ def runs_for_user(
     return runs.order_by("-id")
 
 
+CURSOR_SHAPE = re.compile(r"run_[0-9A-Za-z]{1,60}")
+
+
 def run_page(runs: QuerySet[Run], *, cursor: str = "", limit: int = 50) -> tuple[list[Run], str | None]:
-    """Keyset pagination on the (time-sortable) run id, newest first."""
+    """Keyset pagination on the (time-sortable) run id, newest first. A cursor that is not a
+    run id is a ValueError."""
+    if cursor and not CURSOR_SHAPE.fullmatch(cursor):
+        raise ValueError("the cursor is not one this list handed out")
     if cursor:
         runs = runs.filter(id__lt=cursor)
     page = list(runs[: limit + 1])

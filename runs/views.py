@@ -104,9 +104,12 @@ def run_list(request: HtmxHttpRequest) -> HttpResponse:
     user = authenticated_user(request)
     filters = {name: request.GET.get(name, "").strip() for name in RUN_FILTERS}
     cursor = request.GET.get("cursor", "").strip()
-    page, next_cursor = selectors.run_page(
-        selectors.runs_for_user(user, **filters), cursor=cursor, limit=PAGE_SIZE
-    )
+    try:
+        page, next_cursor = selectors.run_page(
+            selectors.runs_for_user(user, **filters), cursor=cursor, limit=PAGE_SIZE
+        )
+    except ValueError:
+        return HttpResponse("That page cursor is not one this list handed out.", status=400)
     context = {
         "runs": page,
         "filters": filters,
@@ -135,7 +138,7 @@ def run_cancel(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
     cancelled = services.run_cancel(run=run, actor=username, reason=f"cancelled by {username}")
     # Another operator or the run itself may have finished it first; say so, change nothing.
     notice = f"Run {run.id} cancelled." if cancelled else f"Run {run.id} had already finished."
-    return _notice(request, run, notice, ok=cancelled)
+    return _notice(request, run, notice, ok=cancelled, status=200 if cancelled else 409)
 
 
 def _run_for_operator(request: HtmxHttpRequest, run_id: str) -> tuple[Run, str]:
@@ -147,14 +150,15 @@ def _run_for_operator(request: HtmxHttpRequest, run_id: str) -> tuple[Run, str]:
     return run, user.get_username()
 
 
-def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool) -> HttpResponse:
-    """Answer a run action: the refreshed detail fragment for htmx, else a redirect."""
+def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool, status: int = 200) -> HttpResponse:
+    """Answer a run action: the refreshed detail fragment for htmx (a refusal with its status:
+    400 bad input, 409 the run's state), else a redirect with the notice."""
     if not request.htmx:
         messages.add_message(request, messages.SUCCESS if ok else messages.WARNING, notice)
         return redirect("runs:run-detail", run_id=run.id)
     run.refresh_from_db()
     context = _detail_context(request, run, notice=notice, notice_level="success" if ok else "warning")
-    return render(request, "runs/detail.html#run-detail", context)
+    return render(request, "runs/detail.html#run-detail", context, status=status)
 
 
 @require_POST
@@ -164,7 +168,7 @@ def run_retry(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
     try:
         services.run_retry(run=run, actor=username)
     except services.RunNotRetryable as exc:
-        return _notice(request, run, f"Not retried: {exc}", ok=False)
+        return _notice(request, run, f"Not retried: {exc}", ok=False, status=409)
     return _notice(request, run, f"Run {run.id} retried from its first unfinished step.", ok=True)
 
 
@@ -179,9 +183,9 @@ def run_replay(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
             raise ValueError("the input must be a JSON object")
         replay = services.run_replay(run=run, actor=username, input=edited)
     except ValueError as exc:  # malformed JSON, or InvalidInput (a ValueError) with its fields
-        return _notice(request, run, f"Not replayed: {exc}", ok=False)
+        return _notice(request, run, f"Not replayed: {exc}", ok=False, status=400)
     except (UnknownWorkflow, services.QuotaExceeded, SessionOverflow) as exc:
-        return _notice(request, run, f"Not replayed: {exc}", ok=False)
+        return _notice(request, run, f"Not replayed: {exc}", ok=False, status=409)
     url = reverse("runs:run-detail", args=[replay.id])
     if request.htmx:
         return HttpResponse(status=204, headers={"HX-Redirect": url})
