@@ -9,7 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test test-unit test-e2e lint format bench clean
+.PHONY: install run test test-unit test-e2e lint format bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,16 @@ bench: $(STAMP)
 	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) \
 		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows; \
 		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS)
+
+# The long soak (docs/RELIABILITY.md): 2,000 mixed runs across two tenants on real workers, with
+# random worker kills and racing approvals; make test runs a short one (300 runs). Figures go
+# to bench/soak.json.
+SOAK_RUNS ?= 2000
+soak: $(STAMP)
+	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
+	RUNWARDEN_SOAK_RUNS=$(SOAK_RUNS) RUNWARDEN_SOAK_TIMEOUT=3000 RUNWARDEN_SOAK_SETTLE_SECONDS=2400 \
+	RUNWARDEN_SOAK_REPORT=bench/soak.json \
+		$(BIN)/pytest -m "not e2e" -p no:cacheprovider -s tests/runs/test_soak.py
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3 var/staticfiles .pytest_cache .mypy_cache .ruff_cache

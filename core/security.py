@@ -19,6 +19,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 
 from core.redis_client import get_redis
+from core.validation import NUL_MESSAGE
 
 _local_counts: dict[str, tuple[int, float]] = {}
 _local_lock = threading.Lock()
@@ -150,7 +151,8 @@ def security_headers_middleware(
 def refuse_nul_characters_middleware(
     get_response: Callable[[HttpRequest], HttpResponse],
 ) -> Callable[..., HttpResponse]:
-    """A NUL character in any query or form value is a 400 before any view runs: PostgreSQL
+    """A NUL character in any query or form value is refused before any view runs (the API's
+    422 ``invalid_input`` naming the fields, a console page's 400): PostgreSQL
     cannot store or even compare it, so no filter, cursor or form field may carry one.
     (JSON bodies are checked by the API's schemas, field by field.)"""
 
@@ -161,11 +163,13 @@ def refuse_nul_characters_middleware(
             "multipart/form-data",
         ):
             values += [*request.POST.lists()]
-        if any("\x00" in key or any("\x00" in v for v in vs) for key, vs in values):
+        bad = sorted({key for key, vs in values if "\x00" in key or any("\x00" in v for v in vs)})
+        if bad:
             message = "A NUL character is not allowed in a query or form value."
             if request.path.startswith("/api/"):
-                body = {"error": {"code": "invalid_input", "message": message, "details": {}}}
-                return JsonResponse(body, status=400)
+                fields = {key.replace("\x00", "\\u0000"): NUL_MESSAGE for key in bad}
+                body = {"error": {"code": "invalid_input", "message": message, "details": {"fields": fields}}}
+                return JsonResponse(body, status=422)
             return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
         return get_response(request)
 

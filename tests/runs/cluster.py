@@ -99,11 +99,12 @@ class Cluster:
     def dispatcher(self, name: str = "dispatcher") -> subprocess.Popen[bytes]:
         return self._start(name, ["dispatcher"], command=[sys.executable, "manage.py"])
 
-    def beat(self) -> subprocess.Popen[bytes]:
+    def beat(self, name: str = "beat", *, with_dispatcher: bool = True) -> subprocess.Popen[bytes]:
         """Beat (outbox, approval timeouts) and the dispatcher: the cluster's maintenance."""
-        self.dispatcher()
+        if with_dispatcher:
+            self.dispatcher()
         return self._start(
-            "beat", ["beat", "--schedule", str(self.tmp_path / "beat-schedule"), "--loglevel", "INFO"]
+            name, ["beat", "--schedule", str(self.tmp_path / f"{name}-schedule"), "--loglevel", "INFO"]
         )
 
     def logs(self) -> str:

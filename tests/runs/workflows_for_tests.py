@@ -102,6 +102,7 @@ def timed_send(ctx: StepContext) -> dict[str, Any]:
 
 class CrashOnSendInput(WorkflowInput):
     die_after_send: bool = False
+    die_after_commit: bool = False
 
 
 crash_on_send = workflow(
@@ -114,7 +115,7 @@ def send_and_die(ctx: StepContext) -> dict[str, Any]:
     die_after_send = bool(ctx.input.get("die_after_send"))
 
     def send() -> dict[str, Any]:
-        if ctx.attempt == 1 and not die_after_send:
+        if ctx.attempt == 1 and not die_after_send and not ctx.input.get("die_after_commit"):
             os._exit(9)  # dies after proposing, before the provider got the call
         sent = sandbox.messaging_send(
             tenant_id=ctx.tenant_id, to="x@example.com", subject="s", body=ctx.run_id
@@ -124,7 +125,24 @@ def send_and_die(ctx: StepContext) -> dict[str, Any]:
         return sent
 
     sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
+    if ctx.attempt == 1 and ctx.input.get("die_after_commit"):
+        os._exit(9)  # the effect is recorded as committed; the worker dies before the step ends
     return {"message_id": sent.get("message_id") or sent["external_ref"]}
+
+
+quick_gate = workflow(
+    "test.quick_timeout_gate", description="an approval that times out in 2 s", input=NoInput
+)
+
+
+@quick_gate.step(lane="draft")
+def quick_draft(ctx: StepContext) -> dict[str, Any]:
+    return {"body": "decide quickly"}
+
+
+@quick_gate.step(lane="external", approval=ApprovalPolicy(timeout_seconds=2, on_timeout="reject"))
+def quick_send(ctx: StepContext) -> dict[str, Any]:
+    return {"sent": True}
 
 
 escalating = workflow(
