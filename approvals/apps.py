@@ -10,7 +10,7 @@ class ApprovalsConfig(AppConfig):
         # Plug humans into execution through the small interface runs defines.
         from approvals import selectors, services
         from core import metrics
-        from runs import gates, invariants
+        from runs import explain, gates, invariants
 
         metrics.gauge_register(
             "runwarden_conflicts_open", "Open conflict artifacts", ["kind"], selectors.open_conflict_samples
@@ -24,5 +24,6 @@ class ApprovalsConfig(AppConfig):
             invariants.violation_samples,
         )
 
+        explain.human_waits_register(selectors.human_waits)
         gates.register_gate(services.ApprovalGate())
         gates.register_conflict_hook(services.conflict_hook)

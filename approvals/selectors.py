@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,9 @@ from approvals.models import (
     ConflictArtifact,
     ConflictStatus,
 )
+from core.models import Membership, Role
 from core.selectors import AnyUser, scope_to_user
+from runs.explain import Wait
 from runs.models import Step, StepStatus
 
 
@@ -171,3 +174,42 @@ def parked_without_request(now: datetime) -> list[str]:
             for r, k in held.values_list("run_id", "key")[:100]
         ),
     ]
+
+
+def human_waits(steps: Sequence[Step]) -> dict[int, Wait]:
+    """For steps parked for a human, what they wait for and who may settle it (the run page's
+    "why not running"): the pending approval and the members who may decide, or the open
+    conflict a reviewer must resolve. Three queries for any number of steps."""
+    from django.urls import reverse
+
+    waits: dict[int, Wait] = {}
+    waiting = [s.pk for s in steps if s.status == StepStatus.WAITING_APPROVAL]
+    requests = list(
+        ApprovalRequest.objects.filter(step_id__in=waiting, status=ApprovalStatus.PENDING).order_by("pk")
+    )
+    deciders: dict[tuple[int, str], list[str]] = {}
+    if requests:
+        for tenant_id, role, username in Membership.objects.filter(
+            tenant_id__in={r.tenant_id for r in requests}
+        ).values_list("tenant_id", "role", "user__username"):
+            deciders.setdefault((tenant_id, role), []).append(username)
+    for request in requests:
+        roles = [*request.eligible_roles, Role.ADMIN] if request.eligible_roles else [Role.ADMIN]
+        names = sorted({n for role in roles for n in deciders.get((request.tenant_id, role), [])})
+        who = ", ".join(names[:6]) + (" …" if len(names) > 6 else "") if names else "nobody yet: add a member"
+        waits[request.step_id] = Wait(
+            "human",
+            f"waits for approval #{request.pk} ({request.approvals} of {request.required}) from "
+            f"{' or '.join(request.eligible_roles) or 'admin'}; may decide: {who}",
+            until=request.expires_at,
+            link=f"{reverse('approvals:approval-inbox')}#approval-{request.pk}",
+        )
+    conflicted = [s.pk for s in steps if s.status == StepStatus.CONFLICT]
+    for conflict in ConflictArtifact.objects.filter(step_id__in=conflicted, status=ConflictStatus.OPEN):
+        waits[conflict.step_id or 0] = Wait(
+            "human",
+            f"waits for a reviewer to resolve conflict #{conflict.pk} ({conflict.kind.replace('_', ' ')})",
+            key=conflict.target_key,
+            link=f"{reverse('approvals:conflict-queue')}#conflict-{conflict.pk}",
+        )
+    return waits

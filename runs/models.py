@@ -146,6 +146,7 @@ class Step(models.Model):
     lease_id = models.BigIntegerField(null=True, blank=True)
     lease_token = models.BigIntegerField(null=True, blank=True)
     lock_leases = models.JSONField(default=list)
+    worker = models.CharField(max_length=200, blank=True)  # host:pid of the attempt's worker
     enqueued_at = models.DateTimeField(null=True, blank=True)
     available_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from typing import Any
 
 from django.db.models import Count, QuerySet
+from django.utils import timezone
 
 from core.leases import live_leases_filter
 from core.models import Lease, User
 from core.selectors import AnyUser, scope_to_user
-from runs.models import Run, SideEffect, Step
+from runs.models import Run, SideEffect, Step, StepStatus
 from runs.sessions import session_summary
 
 
@@ -37,7 +39,7 @@ def runs_for_user(
     return runs.order_by("-id")
 
 
-CURSOR_SHAPE = re.compile(r"run_[0-9A-Za-z]{1,60}")
+CURSOR_SHAPE = RUN_ID_SHAPE = re.compile(r"run_[0-9A-Za-z]{1,60}")
 
 
 def run_page(runs: QuerySet[Run], *, cursor: str = "", limit: int = 50) -> tuple[list[Run], str | None]:
@@ -79,6 +81,7 @@ def run_summary(run: Run) -> dict[str, Any]:
 
 def step_detail(step: Step) -> dict[str, Any]:
     return {
+        "id": step.pk,
         "key": step.key,
         "position": step.position,
         "lane": step.lane,
@@ -90,6 +93,8 @@ def step_detail(step: Step) -> dict[str, Any]:
         "error": step.error,
         "started_at": step.started_at,
         "finished_at": step.finished_at,
+        "created_at": step.created_at,
+        "max_attempts": step.max_attempts,
     }
 
 
@@ -168,3 +173,78 @@ def inflight_samples() -> list[tuple[dict[str, str], float]]:
         .order_by("run__workflow")
     )
     return [({"workflow": r["run__workflow"]}, r["n"]) for r in rows]
+
+
+STALE_WINDOW = timedelta(minutes=5)
+BOARD_WAITERS_SCANNED = 2000
+
+
+def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[dict[str, Any]]:
+    """Per key the user's tenants hold: the holder (run, step, worker, fencing token, acquired,
+    expiry) and the queue of waiters in admission order (FIFO per key: step id), each with how
+    long it has waited and why it is not admitted. Leases past expiry that nobody released
+    (their holder died; anyone may take them over) are listed too, marked stale."""
+    from runs.explain import explain_ready
+
+    now = timezone.now()
+    leases = scope_to_user(
+        Lease.objects.filter(released_at__isnull=True, expires_at__gt=now - STALE_WINDOW), user
+    )
+    if tenant:
+        leases = leases.filter(tenant__slug=tenant)
+    if prefix:
+        leases = leases.filter(key__startswith=prefix)
+    leases_list = list(leases.select_related("tenant").distinct().order_by("tenant__slug", "key")[:500])
+    step_ids = {lease.metadata.get("step_id") for lease in leases_list}
+    holders = {s.pk: s for s in Step.objects.filter(pk__in=[i for i in step_ids if isinstance(i, int)])}
+    held_keys = {(lease.tenant_id, lease.key) for lease in leases_list if not lease.key.startswith("step:")}
+    candidates = (
+        scope_to_user(Step.objects.filter(status=StepStatus.READY), user)
+        .exclude(lock_keys=[])
+        .select_related("run")
+        .order_by("pk")[:BOARD_WAITERS_SCANNED]
+    )
+    queued: dict[tuple[int, str], list[Step]] = {}
+    for candidate in candidates:
+        for key in candidate.lock_keys:
+            if (candidate.tenant_id, key) in held_keys:
+                queued.setdefault((candidate.tenant_id, key), []).append(candidate)
+    waiting = [s for steps in queued.values() for s in steps]
+    reasons = explain_ready(waiting, run_workflows={s.run_id: s.run.workflow for s in waiting}, now=now)
+    rows = []
+    for lease in leases_list:
+        step = holders.get(lease.metadata.get("step_id"))
+        run_id = lease.metadata.get("run_id")
+        rows.append(
+            {
+                "key": lease.key,
+                "tenant": lease.tenant.slug,
+                "is_step": lease.key.startswith("step:"),
+                # Lease metadata is free-form: link only what can be a run id.
+                "run_id": run_id if isinstance(run_id, str) and RUN_ID_SHAPE.fullmatch(run_id) else None,
+                "step_key": lease.metadata.get("step_key", ""),
+                "worker": step.worker if step is not None and step.status == StepStatus.RUNNING else "",
+                "step_status": step.status if step is not None else "",
+                "holder": lease.holder,
+                # The dispatcher names a holder after its run and step; show any other.
+                "show_holder": lease.holder
+                != f"{lease.metadata.get('run_id')}:{lease.metadata.get('step_key')}",
+                "token": lease.token,
+                "acquired_at": lease.acquired_at,
+                "expires_at": lease.expires_at,
+                "expires_in": round((lease.expires_at - now).total_seconds()),
+                "stale": lease.expires_at <= now,
+                "expired_ago": max(0, round((now - lease.expires_at).total_seconds())),
+                "waiters": [
+                    {
+                        "run_id": w.run_id,
+                        "step_key": w.key,
+                        "position": n,
+                        "waited_seconds": max(0, round((now - w.updated_at).total_seconds())),
+                        "reason": reasons.get(w.pk),
+                    }
+                    for n, w in enumerate(queued.get((lease.tenant_id, lease.key), []), start=1)
+                ],
+            }
+        )
+    return rows

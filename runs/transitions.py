@@ -13,6 +13,8 @@ its lease can never move the step; they release the admission's leases in that t
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -540,12 +542,25 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting:
     return True
 
 
+_HOST = socket.gethostname()
+
+
+def worker_id() -> str:
+    """This process, as the board names a step's worker (read at each start: prefork children
+    are forked after import)."""
+    return f"{_HOST}:{os.getpid()}"
+
+
 def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
     """leased → running for the worker holding ``token``: the attempt is counted here, when a
     worker really starts it, not at admission."""
     return (
         Step.objects.filter(pk=step_id, status=StepStatus.LEASED, lease_token=token).update(
-            status=StepStatus.RUNNING, attempt=F("attempt") + 1, started_at=now, updated_at=now
+            status=StepStatus.RUNNING,
+            attempt=F("attempt") + 1,
+            started_at=now,
+            updated_at=now,
+            worker=worker_id(),
         )
         == 1
     )

@@ -18,11 +18,11 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
 from core.http import HtmxHttpRequest, authenticated_user
-from core.models import Event, Role, User
+from core.models import Event, Role
 from core.selectors import get_tenant_for_user, tenants_for_user, user_can
-from runs import selectors, services
+from runs import explain, selectors, services
 from runs.definitions import REGISTRY, UnknownWorkflow
-from runs.models import Run, RunStatus, SessionState
+from runs.models import Run, RunStatus, SessionState, Step
 from runs.sessions import SessionOverflow, session_runs
 
 RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
@@ -60,10 +60,13 @@ def _detail_context(
     user = authenticated_user(request)
     detail = selectors.run_detail(run)
     detail["input_json"] = _compact_json(detail["input"])
+    waits = explain.explain_run(run, list(Step.objects.filter(run=run)))
     for step in detail["steps"]:
         step["output_json"] = _compact_json(step["output"])
+        step["wait"] = waits.get(step["id"])
     return {
         "run": detail,
+        "timeline": _timeline(run, detail["steps"]),
         "events": [
             # The run's contract is on every event and already at the top of the page.
             {"event": event, "payload_json": _compact_json(_without_contract(event.payload))}
@@ -83,19 +86,41 @@ def _detail_context(
     }
 
 
-def _lease_rows(user: User) -> list[dict[str, Any]]:
+TIMELINE_WIDTH = 1000
+
+
+def _timeline(run: Run, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each started step as a bar on the run's time axis (created → finished, or now), scaled
+    to TIMELINE_WIDTH; drawn as SVG in the page, no script."""
     now = timezone.now()
+    start = run.created_at
+    end = run.finished_at or now
+    span = max((end - start).total_seconds(), 0.001)
     rows = []
-    for lease in selectors.live_leases_for_user(user):
-        row = selectors.lease_detail(lease)
-        row["expires_in"] = max(0, round((lease.expires_at - now).total_seconds()))
-        row["is_step"] = lease.key.startswith("step:")
-        # Lease metadata is free-form: link only what can be a run id.
-        run_id = row["run_id"]
-        valid = isinstance(run_id, str) and run_id.startswith("run_") and "/" not in run_id
-        row["run_url"] = reverse("runs:run-detail", args=[run_id]) if valid else None
-        rows.append(row)
-    return rows
+    for n, step in enumerate(steps):
+        began = step["started_at"]
+        if began is None:
+            continue
+        finished = step["finished_at"] or now
+        x = (began - start).total_seconds() / span * TIMELINE_WIDTH
+        width = max((finished - began).total_seconds() / span * TIMELINE_WIDTH, 2)
+        rows.append(
+            {
+                "key": step["key"],
+                "status": step["status"],
+                "attempt": step["attempt"],
+                "x": round(min(x, TIMELINE_WIDTH - 2), 1),
+                "width": round(min(width, TIMELINE_WIDTH - x), 1),
+                "y": n * 26 + 4,
+                "seconds": round((finished - began).total_seconds(), 3),
+            }
+        )
+    return {
+        "rows": rows,
+        "height": len(steps) * 26 + 8,
+        "width": TIMELINE_WIDTH,
+        "span_seconds": round(span, 3),
+    }
 
 
 @require_GET
@@ -209,6 +234,13 @@ def session_detail(request: HtmxHttpRequest, tenant: str) -> HttpResponse:
 @require_GET
 @login_required
 def lease_board(request: HtmxHttpRequest) -> HttpResponse:
+    """Who owns which record, who waits for it and why; filtered by tenant and key prefix."""
     user = authenticated_user(request)
+    filters = {name: request.GET.get(name, "").strip()[:200] for name in ("tenant", "prefix")}
     template = "runs/leases.html#lease-board" if request.htmx else "runs/leases.html"
-    return render(request, template, {"leases": _lease_rows(user)})
+    context = {
+        "rows": selectors.ownership_board(user, **filters),
+        "filters": filters,
+        "tenants": list(tenants_for_user(user).values_list("slug", flat=True)),
+    }
+    return render(request, template, context)

@@ -38,6 +38,15 @@
       e.preventDefault();
     }
   });
+  // Expiry counts down in the browser between refreshes ([data-expires]: a Unix time).
+  setInterval(function () {
+    var now = Date.now() / 1000;
+    document.querySelectorAll("[data-expires]").forEach(function (el) {
+      var left = Math.round(parseFloat(el.dataset.expires) - now);
+      el.textContent = left >= 0 ? "in " + left + " s" : -left + " s ago";
+      el.classList.toggle("expiring", left <= 5);
+    });
+  }, 1000);
   document.addEventListener("htmx:oobAfterSwap", function (e) {
     var target = e.detail && e.detail.target;
     if (!target || target.id !== "live-last-event") { return; }

@@ -124,7 +124,7 @@ def test_the_ownership_board_shows_lease_and_lock_holders(live_console: str, pag
     login(page, live_console, "operator")
     page.get_by_role("link", name="Leases", exact=True).click()
     expect(page).to_have_url(live_console + "/leases/")
-    row = page.locator("#lease-board tbody tr", has_text="crm_contact:1")
+    row = page.locator("#lease-board .board-row", has_text="crm_contact:1")
     expect(row).to_have_count(1)
     expect(row).to_contain_text("worker-7")
     expect(page.get_by_text("globex-worker")).to_have_count(0)

@@ -29,7 +29,7 @@ from runs.models import Run, RunStatus, SandboxCall
 from runs.sandbox import seed_sandbox
 from runs.services import run_start
 from tests.conftest import make_member
-from tests.runs.cluster import Cluster, wait_for
+from tests.runs.cluster import Cluster
 
 RUNS = int(os.environ.get("RUNWARDEN_SOAK_RUNS", "300"))
 REPORT = os.environ.get("RUNWARDEN_SOAK_REPORT", "")
