@@ -9,7 +9,7 @@ class ApprovalsConfig(AppConfig):
     def ready(self) -> None:
         # Plug humans into execution through the small interface runs defines.
         from approvals import selectors, services
-        from core import metrics
+        from core import metrics, overview
         from runs import explain, gates, invariants
 
         metrics.gauge_register(
@@ -25,5 +25,8 @@ class ApprovalsConfig(AppConfig):
         )
 
         explain.human_waits_register(selectors.human_waits)
+        overview.overview_section_register(
+            "approvals", "approvals/_overview.html", selectors.approvals_overview
+        )
         gates.register_gate(services.ApprovalGate())
         gates.register_conflict_hook(services.conflict_hook)

@@ -213,3 +213,22 @@ def human_waits(steps: Sequence[Step]) -> dict[int, Wait]:
             link=f"{reverse('approvals:conflict-queue')}#conflict-{conflict.pk}",
         )
     return waits
+
+
+def approvals_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetime) -> dict[str, Any]:
+    """The overview's human section: pending approvals (count, oldest age) and open conflicts
+    by kind."""
+    pending = ApprovalRequest.objects.filter(tenant_id__in=tenant_ids, status=ApprovalStatus.PENDING)
+    oldest = pending.order_by("created_at").values_list("created_at", flat=True).first()
+    conflicts = list(
+        ConflictArtifact.objects.filter(tenant_id__in=tenant_ids, status=ConflictStatus.OPEN)
+        .values("kind")
+        .annotate(n=Count("id"))
+        .order_by("-n", "kind")
+    )
+    return {
+        "pending": pending.count(),
+        "oldest_seconds": round((now - oldest).total_seconds()) if oldest else None,
+        "conflicts": conflicts,
+        "conflicts_total": sum(c["n"] for c in conflicts),
+    }

@@ -10,8 +10,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from core import connections, health, metrics, selectors, services
+from core import overview as core_overview
 from core.forms import ConnectionForm, MemberAddForm, QuotaForm, TokenForm
-from core.http import authenticated_user
+from core.http import HtmxHttpRequest, authenticated_user
 from core.models import Connection, Role
 
 
@@ -44,9 +45,13 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @login_required
-def overview(request: HttpRequest) -> HttpResponse:
+def overview(request: HtmxHttpRequest) -> HttpResponse:
+    """The tenants' live figures and the last hour; htmx refreshes fetch only the fragment."""
     user = authenticated_user(request)
-    return render(request, "core/overview.html", {"memberships": selectors.memberships_for_user(user)})
+    memberships = list(selectors.memberships_for_user(user))
+    sections = core_overview.overview_sections({m.tenant_id: m.tenant.slug for m in memberships})
+    template = "core/overview.html#overview" if request.htmx else "core/overview.html"
+    return render(request, template, {"memberships": memberships, "sections": sections})
 
 
 @require_http_methods(["GET", "POST"])

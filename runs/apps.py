@@ -17,9 +17,12 @@ class RunsConfig(AppConfig):
         for module in settings.RUNWARDEN_WORKFLOW_MODULES:
             import_module(module)
 
-        from core import metrics
+        from core import metrics, overview
         from core import services as core_services
         from runs import definitions, selectors, services
+        from runs.overview import runs_overview
+
+        overview.overview_section_register("runs", "runs/_overview.html", runs_overview, order=20)
 
         core_services.event_enricher_register(services.event_with_run_contract)
         core_services.quota_cap_names_register(definitions.cap_names)

@@ -248,3 +248,37 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
             }
         )
     return rows
+
+
+def board_caps(user: User, *, tenant: str = "") -> list[dict[str, Any]]:
+    """The caps of the user's tenants as admission counts them now: each tenant's own cap and
+    its caps per workflow, lane and tool, with the live holders; a full one stands out."""
+    from core.models import Tenant
+    from runs.dispatch import load_room
+
+    tenants = Tenant.objects.filter(memberships__user=user)
+    if tenant:
+        tenants = tenants.filter(slug=tenant)
+    slugs = dict(tenants.values_list("pk", "slug"))
+    room = load_room(timezone.now())
+    rows = []
+    for scope in sorted(room.caps):
+        kind, _, rest = scope.partition(":")
+        if kind == "tenant" and int(rest) in slugs:
+            tenant_id, label = int(rest), "all steps"
+        elif kind.startswith("tenant_") and int(rest.split(":", 1)[0]) in slugs:
+            tenant_id, name = int(rest.split(":", 1)[0]), rest.split(":", 1)[1]
+            label = f"{kind.removeprefix('tenant_')} {name}"
+        else:
+            continue
+        cap = room.cap(scope) or 0
+        rows.append(
+            {
+                "tenant": slugs[tenant_id],
+                "scope": label,
+                "held": room.held[scope],
+                "cap": cap,
+                "full": room.held[scope] >= cap,
+            }
+        )
+    return rows

@@ -240,6 +240,7 @@ def lease_board(request: HtmxHttpRequest) -> HttpResponse:
     template = "runs/leases.html#lease-board" if request.htmx else "runs/leases.html"
     context = {
         "rows": selectors.ownership_board(user, **filters),
+        "caps": selectors.board_caps(user, tenant=filters["tenant"]),
         "filters": filters,
         "tenants": list(tenants_for_user(user).values_list("slug", flat=True)),
     }

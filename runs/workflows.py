@@ -7,6 +7,7 @@ written the way an integrator writes theirs: plain functions, one per step, effe
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
@@ -163,6 +164,76 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
         ) from None
     # A reviewer who confirmed an ambiguous effect records only its reference (``external_ref``).
     return {"contact_id": contact_id, "version": result.get("version"), "stage": result.get("stage")}
+
+
+# demo.account_review: a slow review of one contact under its lock, then a notification.
+# Input: {"contact_id": 1, "review_seconds": 8, "notify_seconds": 0}. The review reads the
+# contact, takes its time (holding crm_contact:<id>: other runs of that contact queue behind
+# it), then writes what it read; if the contact changed meanwhile, that is a conflict. A
+# notification slower than its step's 5 s timeout is ambiguous (was it sent?): a conflict.
+# `demo_traffic --scenario contention` uses it to show lock waits and conflicts.
+
+
+class AccountReviewInput(WorkflowInput):
+    contact_id: RecordId
+    review_seconds: float = Field(default=8, ge=0, le=60, allow_inf_nan=False)
+    notify_seconds: float = Field(default=0, ge=0, le=60, allow_inf_nan=False)
+
+
+account_review = workflow(
+    "demo.account_review",
+    description="Review one contact slowly under its lock, then notify the owner",
+    input=AccountReviewInput,
+    connections=["crm", "messaging"],
+)
+
+
+@account_review.step(lane="external", tool="crm", locks=["crm_contact:{contact_id}"], timeout_seconds=90)
+def review_contact(ctx: StepContext) -> dict[str, Any]:
+    contact_id = int(ctx.input["contact_id"])
+    contact = sandbox.crm_get_contact(
+        tenant_id=ctx.tenant_id, contact_id=contact_id, connection=ctx.connection("crm")
+    )
+    deadline = time.monotonic() + float(ctx.input.get("review_seconds", 8))
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        ctx.heartbeat()
+    changes = {"stage": "reviewed"}
+    try:
+        result = ctx.effect(
+            "crm.update_contact",
+            lambda: sandbox.crm_update_contact(
+                tenant_id=ctx.tenant_id,
+                contact_id=contact_id,
+                changes=changes,
+                expected_version=contact["version"],
+                key=f"{ctx.run_id}:review_contact",
+                connection=ctx.connection("crm"),
+            ),
+            request={"contact_id": contact_id, "changes": changes},
+        )
+    except sandbox.SandboxVersionMismatch as changed:
+        raise EntityChanged(
+            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
+        ) from None
+    return {"contact_id": contact_id, "version": result.get("version")}
+
+
+@account_review.step(lane="external", tool="messaging", timeout_seconds=5, max_attempts=2)
+def notify_owner(ctx: StepContext) -> dict[str, Any]:
+    def send() -> dict[str, Any]:
+        time.sleep(float(ctx.input.get("notify_seconds", 0)))  # a slow provider
+        return sandbox.messaging_send(
+            tenant_id=ctx.tenant_id,
+            to="owner@example.com",
+            subject=f"Contact {ctx.input['contact_id']} reviewed",
+            body=ctx.run_id,
+            key=f"{ctx.run_id}:notify_owner",
+            connection=ctx.connection("messaging"),
+        )
+
+    sent = ctx.effect("messaging.send", send, request={"run": ctx.run_id})
+    return {"message_id": sent.get("message_id") or sent.get("external_ref")}
 
 
 # demo.lead_followup: enrich -> draft a message (the artifact) -> send it after approval.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,7 +82,13 @@ def login(page: Page, base_url: str, username: str, password: str = "runwarden")
 
 
 def screenshot(page: Page, name: str) -> Path:
+    """Into test-results/; with RUNWARDEN_SCREENSHOTS set (a folder, e.g. docs/screenshots),
+    there too: the README's screenshots are taken by these tests."""
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
+    keep = os.environ.get("RUNWARDEN_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(keep) / f"{name}.png"), full_page=True)
     return path

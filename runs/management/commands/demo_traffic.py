@@ -46,11 +46,22 @@ class Command(BaseCommand):
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--tenant", default="acme")
         parser.add_argument("--runs", type=int, default=50)
+        parser.add_argument(
+            "--scenario",
+            choices=["mix", "contention"],
+            default="mix",
+            help="mix: a realistic mix of runs; contention: lock waits, conflicts, an edited approval",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         tenant = Tenant.objects.filter(slug=options["tenant"]).first()
         if tenant is None:
             raise CommandError(f"no tenant {options['tenant']!r}")
+        if options["scenario"] == "contention":
+            from approvals.scenarios import contention  # the scenario needs people too
+
+            contention(tenant, self.stdout.write)
+            return
         weights = [w for w, _, _ in MIX]
         started = 0
         for _ in range(options["runs"]):

@@ -1,0 +1,96 @@
+"""Demo scenarios that need the whole system: runs and the people around them.
+
+``contention`` (``demo_traffic --scenario contention``) makes every console page show real
+content, against the live workers: a queue of runs waiting for one contact's lock, a record
+changed by "a human" while a run held it (a version conflict), a notification slower than its
+step's timeout (an ambiguous effect: was it sent?), a trigger delivered twice with different
+payloads, and an approval whose draft an agent edited (the earlier approval is invalidated).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.db.models import F
+from django.utils import timezone
+
+from approvals import services
+from approvals.models import ApprovalRequest, ApprovalStatus
+from core.models import Role, Tenant, User
+from runs.models import Run, SandboxContact, Step, StepStatus
+from runs.services import TriggerPayloadMismatch, run_start
+
+Say = Callable[[str], None]
+
+
+def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150) -> None:
+    stamp = timezone.now().strftime("%H%M%S")
+
+    def start(workflow: str, data: dict[str, Any], **kwargs: Any) -> Run:
+        return run_start(tenant=tenant, workflow=workflow, input=data, actor="demo_traffic", **kwargs).run
+
+    queue = [start("demo.account_review", {"contact_id": 1, "review_seconds": 15}) for _ in range(4)]
+    say(f"lock queue: {len(queue)} reviews of crm_contact:1, 15 s each (see /leases/ and {queue[-1].id})")
+
+    edited = start("demo.account_review", {"contact_id": 2, "review_seconds": 6})
+    ambiguous = start("demo.account_review", {"contact_id": 3, "review_seconds": 0, "notify_seconds": 12})
+
+    first = start("demo.enrich_lead", {"lead_id": 1}, trigger_event_id=f"contention-{stamp}")
+    try:
+        start("demo.enrich_lead", {"lead_id": 2}, trigger_event_id=f"contention-{stamp}")
+    except TriggerPayloadMismatch:
+        say(
+            f"duplicate trigger contention-{stamp} with another payload: refused, a conflict (run {first.id})"
+        )
+
+    gated = start("demo.lead_followup", {"lead_id": 3, "contact_id": 4})
+
+    review = Step.objects.get(run=edited, key="review_contact")
+    if _wait(lambda: Step.objects.get(pk=review.pk).status == StepStatus.RUNNING, wait_seconds):
+        time.sleep(1.0)  # it has read the contact; now a human edits it in the CRM
+        SandboxContact.objects.filter(tenant=tenant, number=2).update(
+            name="Renamed in the CRM by a human", version=F("version") + 1
+        )
+        say(f"crm_contact:2 changed while {edited.id} held it: a version conflict when it writes")
+    else:
+        say("no worker picked up the review of crm_contact:2 (is `make run` running?)")
+
+    if _wait(
+        lambda: ApprovalRequest.objects.filter(run=gated, status=ApprovalStatus.PENDING).exists(),
+        wait_seconds,
+    ):
+        request = ApprovalRequest.objects.select_related("artifact").get(
+            run=gated, status=ApprovalStatus.PENDING
+        )
+        agent = _agent(tenant)
+        latest = request.artifact.latest_version
+        content = dict(request.artifact_version.content or {})
+        content["body"] = str(content.get("body", "")) + "\n\nP.S. Rewritten by the drafting agent."
+        services.artifact_edit(
+            artifact=request.artifact, user=agent, expected_version=latest, content=content
+        )
+        say(
+            f"an agent edited the draft of {gated.id}: the earlier approval is invalidated, "
+            f"v{latest + 1} waits"
+        )
+    say(f"a notification slower than its timeout: {ambiguous.id} will wait in conflict (was it sent?)")
+
+
+def _agent(tenant: Tenant) -> User:
+    """The drafting agent's account: a reviewer of the tenant, so its edits are attributed."""
+    from core.models import Membership
+
+    agent, _ = User.objects.get_or_create(username="drafting-agent", defaults={"email": "agent@example.com"})
+    Membership.objects.get_or_create(user=agent, tenant=tenant, defaults={"role": Role.REVIEWER})
+    return agent
