@@ -9,7 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run test test-unit test-e2e lint format bench soak clean
+.PHONY: install run demo test test-unit test-e2e lint format bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,22 @@ run: $(STAMP)
 	$(BIN)/python manage.py collectstatic --noinput -v0 && \
 	$(BIN)/python manage.py seed_demo && \
 	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && \
-	echo "Start demo runs from another shell: $(BIN)/python manage.py demo_traffic --tenant acme --runs 50" && echo "" && \
+	echo "Start demo runs from another shell (same DATABASE_URL/REDIS_URL, if any): make demo" && \
+	echo "Or fill every page (lock waits, conflicts, an edited approval): make demo SCENARIO=contention" && echo "" && \
 	if [ -n "$$DATABASE_URL" ] && [ -n "$$REDIS_URL" ]; then \
+		rm -rf var/prometheus && mkdir -p var/prometheus && \
+		PROMETHEUS_MULTIPROC_DIR="$(CURDIR)/var/prometheus" \
 		PATH="$(CURDIR)/$(BIN):$$PATH" PORT=$(PORT) $(BIN)/honcho -f Procfile start; \
 	else \
 		PORT=$(PORT) $(BIN)/python manage.py serve --port $(PORT); \
 	fi
+
+# Demo traffic against the console `make run` serves (run it with the same DATABASE_URL and
+# REDIS_URL, if any): SCENARIO=mix (RUNS runs of the demo workflows) or contention.
+SCENARIO ?= mix
+RUNS ?= 50
+demo: $(STAMP)
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py demo_traffic --tenant acme --scenario $(SCENARIO) --runs $(RUNS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

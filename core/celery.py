@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
 
@@ -18,6 +18,17 @@ app.autodiscover_tasks()
 # Workers keep their connections (WORKER_DB_CONN_MAX_AGE); Django's close_old_connections,
 # called by the step task, still drops a broken or obsolete one.
 app.conf["CELERY_DB_REUSE_MAX"] = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
+
+
+@setup_logging.connect
+def _django_logging(**kwargs: object) -> None:
+    """Workers and beat log as the web does (JSON lines in production, with the step's fields),
+    instead of Celery replacing the root logger's handlers with its own format."""
+    from logging.config import dictConfig
+
+    from django.conf import settings
+
+    dictConfig(settings.LOGGING)
 
 
 @worker_init.connect

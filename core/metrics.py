@@ -1,17 +1,33 @@
 """Prometheus metrics (names from DESIGN.md).
 
-Counters and histograms count what happens in this process; gauges are read from the
-database when /metrics is scraped, so they are right whichever process changed the state.
+Counters and histograms count what happens in each process. With PROMETHEUS_MULTIPROC_DIR set
+(a directory every process of the host shares; `make run` and the Procfile set it), each
+process writes them there and /metrics adds up every process's — the workers' lock waits,
+retries and effect latencies included. Gauges are read from the database when /metrics is
+scraped, so they are right whichever process changed the state.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import GaugeMetricFamily
 
-LOCK_WAIT_SECONDS = Histogram("runwarden_lock_wait_seconds", "Time spent acquiring entity locks")
+LOCK_WAIT_SECONDS = Histogram(
+    "runwarden_lock_wait_seconds",
+    "How long an admitted step with entity locks waited, from ready to admission",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 LOCK_CONFLICTS = Counter("runwarden_lock_conflicts_total", "Entity lock acquisitions refused because held")
 DUPLICATES_SUPPRESSED = Counter(
     "runwarden_duplicates_suppressed_total",
@@ -50,4 +66,9 @@ REGISTRY.register(_DatabaseGauges())
 
 
 def render() -> tuple[bytes, str]:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(_DatabaseGauges())
+        return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

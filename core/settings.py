@@ -19,6 +19,8 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
+from core.logs import logging_config
+
 # Lets ModelAdmin[...] and QuerySet[...] be subscripted at run time, as django-stubs types them.
 django_stubs_ext.monkeypatch()
 
@@ -228,14 +230,9 @@ RUNWARDEN_LOGIN_FAILURE_WINDOW = env_int("RUNWARDEN_LOGIN_FAILURE_WINDOW", 15 * 
 RUNWARDEN_TOKEN_DEFAULT_DAYS = env_int("RUNWARDEN_TOKEN_DEFAULT_DAYS", 90)
 RUNWARDEN_TOKEN_MAX_DAYS = env_int("RUNWARDEN_TOKEN_MAX_DAYS", 365)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
-}
+# JSON lines in production, readable text in development (LOG_FORMAT=json|text overrides).
+LOG_FORMAT = env_str("LOG_FORMAT", "text" if DEBUG else "json")
+LOGGING = logging_config(fmt=LOG_FORMAT, level=env_str("LOG_LEVEL", "INFO"))
 
 # Runwarden's own knobs.
 DEMO_PASSWORD = env_str("DEMO_PASSWORD", "runwarden")

@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -39,6 +39,7 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import Min, Q
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from core import metrics
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
@@ -77,6 +78,7 @@ class Candidate:
     lock_policy: str
     weight: int = 1
     workflow_version: str = ""
+    ready_since: datetime | None = None  # when it became ready: a lock wait is measured from it
 
     def scopes(self) -> list[str]:
         return [
@@ -262,7 +264,8 @@ def fair_candidates(
     # candidate only where it heads every key it needs.
     sql = f"""
         WITH ready AS (
-            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy,
+                   s.updated_at
             FROM runs_step s
             WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
         ), heads AS (
@@ -271,9 +274,9 @@ def fair_candidates(
             GROUP BY s.tenant_id, {key_col}
         )
         SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight,
-               workflow_version FROM (
+               workflow_version, updated_at FROM (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
-                   s.lock_policy, r.workflow_version,
+                   s.lock_policy, r.workflow_version, s.updated_at,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
                    COALESCE(q.weight, 1) AS weight
             FROM ready s
@@ -310,9 +313,17 @@ def fair_candidates(
             lock_policy=row[8],
             weight=row[9],
             workflow_version=row[10],
+            ready_since=_as_datetime(row[11]),
         )
         for row in rows
     ]
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if isinstance(value, str):  # SQLite returns datetimes as text
+        parsed = parse_datetime(value)
+        return parsed if parsed is None or parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return value if isinstance(value, datetime) else None
 
 
 def _json_list(value: Any) -> list[Any]:
@@ -461,6 +472,9 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
             )
         )
         admitted.append(Admission(step_id=c.step_id, token=step_lease.token, lane=c.lane))
+        if c.lock_keys and c.ready_since is not None:
+            # How long it waited for its entity locks (and its turn behind earlier waiters).
+            metrics.LOCK_WAIT_SECONDS.observe(max(0.0, (state.now - c.ready_since).total_seconds()))
     leases_release(give_back, now=state.now)
     fields = ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
     if len(updates) == 1:  # a worker pulling its next step: a plain UPDATE compiles far faster

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
+from core import logs
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
@@ -142,10 +143,23 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
 def _carry_out(
     ctx: StepContext, spec: StepSpec, lanes: frozenset[str]
 ) -> tuple[str, _Start | Admission | None]:
-    outcome = _run_body(ctx, spec)
-    if isinstance(outcome, str):
-        return outcome, None
-    return _finish_succeeded(ctx, outcome.output, lanes)
+    fields = {
+        "run_id": ctx.run_id,
+        "step_key": ctx.step_key,
+        "attempt": ctx.attempt,
+        "tenant": ctx.run.tenant_id,
+        "correlation_id": ctx.correlation_id,
+        "lease_token": ctx.lease.token,
+    }
+    with logs.step_context(**fields):
+        logger.debug("step started")
+        outcome = _run_body(ctx, spec)
+        if isinstance(outcome, str):
+            logger.info("step ended: %s", outcome, extra={"outcome": outcome})
+            return outcome, None
+        finished = _finish_succeeded(ctx, outcome.output, lanes)
+        logger.info("step ended: %s", finished[0], extra={"outcome": finished[0]})
+        return finished
 
 
 class _Output:

@@ -3,6 +3,7 @@ idempotency key, and a retry or replay gets the recorded result back."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from core.leases import LeaseGrant, lease_fence
 from core.models import Lease
 from runs.models import EffectStatus, Run, SideEffect, Step
 from runs.services import fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 class EffectError(Exception):
@@ -160,6 +163,11 @@ def effect_execute(
         effect.refresh_from_db()
         if claimed != 1:
             if effect.status == EffectStatus.COMMITTED:
+                logger.info(
+                    "effect %s answered from the ledger",
+                    kind,
+                    extra={"idempotency_key": key, "dedupe": "hit", "effect_kind": kind},
+                )
                 return EffectOutcome(effect=effect, result=effect.result, replayed=True)
             raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
 
@@ -184,6 +192,9 @@ def effect_execute(
         status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
     )
     effect.refresh_from_db()
+    logger.info(
+        "effect %s committed", kind, extra={"idempotency_key": key, "dedupe": "miss", "effect_kind": kind}
+    )
     return EffectOutcome(effect=effect, result=result, replayed=False)
 
 

@@ -1,0 +1,84 @@
+"""Logs: one JSON object per line in production (``LOG_FORMAT=json``, the default when DEBUG is
+off), readable text under ``make run``. While a step runs, every line any code logs carries
+the step's context — run_id, step_key, attempt, tenant, correlation_id, lease_token — from a
+context variable the executor sets; the ledger adds the idempotency key and whether it was a
+dedupe hit (answered from the record) or a miss (acted)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+_step_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "runwarden_step", default=None
+)
+
+# Attributes every LogRecord has; anything else on a record is an ``extra`` field to keep.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+@contextmanager
+def step_context(**fields: Any) -> Iterator[None]:
+    """Stamp ``fields`` on every log line of this thread (and the tasks it spawns) meanwhile."""
+    token = _step_context.set({**(_step_context.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _step_context.reset(token)
+
+
+class StepContextFilter(logging.Filter):
+    """Copies the running step's context onto each record (as attributes, unless set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in (_step_context.get() or {}).items():
+            if not hasattr(record, name):
+                setattr(record, name, value)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(
+            {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        )
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The plain format, with the step's fields appended as key=value."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        return text + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def logging_config(*, fmt: str, level: str) -> dict[str, Any]:
+    formatter = (
+        {"()": "core.logs.JsonFormatter"}
+        if fmt == "json"
+        else {"()": "core.logs.TextFormatter", "format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    )
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"step": {"()": "core.logs.StepContextFilter"}},
+        "formatters": {"main": formatter},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "main", "filters": ["step"]}},
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {"django.db.backends": {"level": "WARNING"}},
+    }
