@@ -78,7 +78,8 @@ bench: $(STAMP)
 		-c "CREATE DATABASE runwarden_bench"
 	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) \
 		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows; \
-		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS)
+		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS) && \
+		$(BIN)/python manage.py collectstatic --noinput -v0 && $(BIN)/python manage.py bench_pages
 
 # The long soak (docs/RELIABILITY.md): 2,000 mixed runs across two tenants on real workers, with
 # random worker kills and racing approvals; make test runs a short one (300 runs). Figures go

@@ -30,7 +30,7 @@ def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> 
             "tenant", "step", "artifact", "artifact_version", "decided_by", "run"
         ),
         user,
-    ).distinct()
+    )
     if status:
         requests = requests.filter(status=status)
     if run_id:
@@ -46,7 +46,7 @@ def conflicts_for_user(user: AnyUser, *, status: str = "", kind: str = "") -> Qu
         conflicts = conflicts.filter(status=status)
     if kind:
         conflicts = conflicts.filter(kind=kind)
-    return conflicts.distinct().order_by("-id")
+    return conflicts.order_by("-id")
 
 
 def _lines(content: Any) -> list[str]:

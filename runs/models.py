@@ -79,6 +79,9 @@ class Run(models.Model):
         indexes = [
             models.Index(fields=["tenant", "status", "id"], name="run_tenant_status"),
             models.Index(fields=["tenant", "correlation_id"], name="run_tenant_correlation"),
+            # The overview's last hour: runs started and finished per minute.
+            models.Index(fields=["tenant", "created_at"], name="run_tenant_created"),
+            models.Index(fields=["tenant", "finished_at"], name="run_tenant_finished"),
             models.Index(fields=["tenant", "session_key", "id"], name="run_tenant_session"),
             models.Index(
                 fields=["session_state"],

@@ -1,5 +1,6 @@
 """The runs section of the overview: work in flight, work waiting, and the last hour as
-per-minute series (runs finished, steps started), computed from Runwarden's own tables."""
+per-minute series (runs finished, runs started), computed from Runwarden's own tables with
+indexed range scans (runs by tenant and created_at / finished_at)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def runs_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetim
     for row in finished:
         per_minute[row["minute"]][row["status"]] += row["n"]
     started = dict(
-        steps.filter(started_at__gte=since)
-        .annotate(minute=TruncMinute("started_at"))
+        Run.objects.filter(tenant_id__in=tenant_ids, created_at__gte=since)
+        .annotate(minute=TruncMinute("created_at"))
         .values_list("minute")
         .annotate(n=Count("id"))
         .order_by()
@@ -100,8 +101,8 @@ def _minute(moment: datetime) -> datetime:
 
 
 def _chart(series: list[tuple[datetime, Counter[str], int]]) -> dict[str, Any]:
-    """Runs finished per minute as stacked bars (succeeded below, anything else above) and
-    steps started per minute as a line, scaled into CHART_WIDTH x CHART_HEIGHT."""
+    """Runs finished per minute as stacked bars (succeeded below, anything else above) and runs
+    started per minute as a line, scaled into CHART_WIDTH x CHART_HEIGHT."""
     peak = max([sum(c.values()) for _, c, _ in series] + [s for _, _, s in series] + [1])
     step = CHART_WIDTH / len(series)
     bars, points = [], []
@@ -119,7 +120,7 @@ def _chart(series: list[tuple[datetime, Counter[str], int]]) -> dict[str, Any]:
                 "ok_h": round(h_ok, 1),
                 "other_y": round(CHART_HEIGHT - h_ok - h_other, 1),
                 "other_h": round(h_other, 1),
-                "label": f"{minute:%H:%M} UTC: {ok} succeeded, {other} other, {started} steps started",
+                "label": f"{minute:%H:%M} UTC: {ok} succeeded, {other} other, {started} started",
             }
         )
         points.append(

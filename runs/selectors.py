@@ -25,7 +25,7 @@ def runs_for_user(
     tenant: str = "",
     session_key: str = "",
 ) -> QuerySet[Run]:
-    runs = scope_to_user(Run.objects.select_related("tenant"), user).distinct()
+    runs = scope_to_user(Run.objects.select_related("tenant"), user)
     if status:
         runs = runs.filter(status=status)
     if workflow:
@@ -148,7 +148,6 @@ def live_leases_for_user(user: User) -> QuerySet[Lease]:
     return (
         scope_to_user(Lease.objects.filter(live_leases_filter()), user)
         .select_related("tenant")
-        .distinct()
         .order_by("tenant__slug", "key")
     )
 
@@ -194,7 +193,7 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
         leases = leases.filter(tenant__slug=tenant)
     if prefix:
         leases = leases.filter(key__startswith=prefix)
-    leases_list = list(leases.select_related("tenant").distinct().order_by("tenant__slug", "key")[:500])
+    leases_list = list(leases.select_related("tenant").order_by("tenant__slug", "key")[:500])
     step_ids = {lease.metadata.get("step_id") for lease in leases_list}
     holders = {s.pk: s for s in Step.objects.filter(pk__in=[i for i in step_ids if isinstance(i, int)])}
     held_keys = {(lease.tenant_id, lease.key) for lease in leases_list if not lease.key.startswith("step:")}
