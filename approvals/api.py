@@ -101,7 +101,7 @@ def if_match(request: HttpRequest) -> int:
     if raw is None:
         raise ApiError(428, "precondition_required", 'Send If-Match: "<version>" (the ETag you read).')
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ApiError(400, "invalid_request", f'If-Match must be a version such as "3", got {raw!r}')
     return int(value)
 

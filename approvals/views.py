@@ -60,7 +60,7 @@ def _get_conflict_for_user(request: HtmxHttpRequest, conflict_id: int) -> Confli
 
 
 def _shown_ids(request: HtmxHttpRequest) -> list[int]:
-    return [int(v) for v in request.GET.getlist("shown")[:MAX_SHOWN] if v.isdigit()]
+    return [int(v) for v in request.GET.getlist("shown")[:MAX_SHOWN] if (v.isascii() and v.isdigit())]
 
 
 def _is_text_fields(content: Any) -> bool:
@@ -160,7 +160,7 @@ def approval_decide(request: HtmxHttpRequest, approval_id: int) -> HttpResponse:
     approval = _get_approval_for_user(request, approval_id)
     decision = request.POST.get("decision", "")
     expected = request.POST.get("expected_version", "")
-    if decision not in DECISIONS or not expected.isdigit():
+    if decision not in DECISIONS or not (expected.isascii() and expected.isdigit()):
         return _reply(request, approval, "Send a decision and the version you saw.", "error", 400)
     try:
         decided = services.approval_decide(
@@ -195,7 +195,7 @@ def approval_edit(request: HtmxHttpRequest, approval_id: int) -> HttpResponse:
         content = _edited_content(request)
     except ValueError as exc:
         return _reply(request, approval, f"Not saved: {exc}", "error", 400)
-    if not expected.isdigit():
+    if not (expected.isascii() and expected.isdigit()):
         return _reply(request, approval, "Not saved: send the version you edited.", "error", 400)
     try:
         version = services.artifact_edit(
@@ -332,7 +332,7 @@ def conflict_resolve(request: HtmxHttpRequest, conflict_id: int) -> HttpResponse
     except PermissionDenied as exc:
         return _conflict_reply(request, conflict, f"Not resolved: {exc}", "error", 403)
     expected = request.POST.get("expected_version", "")
-    if not expected.isdigit():
+    if not (expected.isascii() and expected.isdigit()):
         return _conflict_reply(request, conflict, "Not resolved: send the version you saw.", "error", 400)
     resolution = request.POST.get("resolution", "")
     try:

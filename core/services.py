@@ -9,7 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -271,33 +271,45 @@ def _check_role(role: str) -> None:
 def membership_add(
     *, tenant: Tenant, actor: User, username: str, role: str, email: str = "", password: str = ""
 ) -> Membership:
-    """Give ``username`` a role in ``tenant``. An unknown username is a new account, which needs
-    a password that passes the password validators. Audited."""
+    """Give a role in ``tenant`` to a new account (``username`` with a password that passes the
+    password validators), or back to an account of this platform that belongs to no tenant
+    now. An account that is a member of another tenant is not a tenant admin's to take (409,
+    the same answer as any taken username: nothing about it is told). Audited."""
     from django.contrib.auth.password_validation import validate_password
     from django.core.exceptions import ValidationError
 
     _check_role(role)
-    username = username.strip()
+    username = User.normalize_username(username.strip())
     if not username or len(username) > 150 or "\x00" in username:
         raise MembershipInvalid("a username of 1 to 150 characters is required", code="invalid_username")
+    try:
+        User._meta.get_field("username").run_validators(username)
+    except ValidationError as bad:
+        raise MembershipInvalid(" ".join(bad.messages), code="invalid_username") from bad
     _lock_tenant(tenant)
     user = User.objects.filter(username=username).first()
     created = user is None
-    if user is None:
+    if user is not None:
+        if Membership.objects.filter(tenant=tenant, user=user).exists():
+            raise MembershipInvalid(
+                f"{username} is already a member: change the role instead", code="already_member", status=409
+            )
+        if Membership.objects.filter(user=user).exists():
+            raise MembershipInvalid(f"the username {username} is taken", code="username_taken", status=409)
+    else:
         if not password:
             raise MembershipInvalid(f"{username!r} has no account yet: give a password to create it")
-        candidate = User(username=username, email=email)
         try:
-            validate_password(password, candidate)
+            validate_password(password, User(username=username, email=email))
         except ValidationError as weak:
             raise MembershipInvalid(" ".join(weak.messages), code="weak_password") from weak
-        candidate.set_password(password)
-        candidate.save()
-        user = candidate
-    elif Membership.objects.filter(tenant=tenant, user=user).exists():
-        raise MembershipInvalid(
-            f"{username} is already a member: change the role instead", code="already_member", status=409
-        )
+        try:
+            with transaction.atomic():  # two tenants creating one username at once: one wins
+                user = User.objects.create_user(username=username, email=email, password=password)
+        except IntegrityError:
+            raise MembershipInvalid(
+                f"the username {username} is taken", code="username_taken", status=409
+            ) from None
     membership = Membership.objects.create(tenant=tenant, user=user, role=role)
     event_record(
         tenant=tenant,

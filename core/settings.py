@@ -226,6 +226,9 @@ CSRF_COOKIE_SAMESITE = "Lax"
 # Accounts: failed logins per username (and 4x per address) within the window, then 429.
 RUNWARDEN_LOGIN_FAILURE_LIMIT = env_int("RUNWARDEN_LOGIN_FAILURE_LIMIT", 5)
 RUNWARDEN_LOGIN_FAILURE_WINDOW = env_int("RUNWARDEN_LOGIN_FAILURE_WINDOW", 15 * 60)
+# Behind a proxy, the META key of the header carrying the client's address (its first one),
+# e.g. HTTP_X_FORWARDED_FOR; empty: REMOTE_ADDR.
+RUNWARDEN_CLIENT_IP_HEADER = env_str("RUNWARDEN_CLIENT_IP_HEADER", "")
 # API tokens expire; a token may live at most this long (days).
 RUNWARDEN_TOKEN_DEFAULT_DAYS = env_int("RUNWARDEN_TOKEN_DEFAULT_DAYS", 90)
 RUNWARDEN_TOKEN_MAX_DAYS = env_int("RUNWARDEN_TOKEN_MAX_DAYS", 365)

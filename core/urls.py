@@ -7,7 +7,7 @@ from approvals.api import router as approvals_router
 from core import views
 from core.api import api
 from core.connections_api import router as connections_router
-from core.security import ThrottledLoginView
+from core.security import ThrottledLoginView, throttled
 from runs.api import router as runs_router
 
 api.add_router("/", runs_router)
@@ -31,6 +31,7 @@ urlpatterns = [
     path("readyz", views.readyz, name="readyz"),
     path("metrics", views.metrics_view, name="metrics"),
     path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
+    path("admin/login/", throttled(admin.site.login)),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),

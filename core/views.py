@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -115,7 +116,7 @@ def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
                 chosen = request.POST.get("connection", "")
                 target = (
                     Connection.objects.filter(tenant=tenant, pk=int(chosen)).first()
-                    if chosen.isdigit() and len(chosen) < 18
+                    if re.fullmatch(r"[0-9]{1,17}", chosen)
                     else None
                 )
                 if target is None:
@@ -195,7 +196,7 @@ def tenant_audit(request: HttpRequest, slug: str) -> HttpResponse:
         actor=filters["actor"],
         verb=filters["verb"],
         subject=filters["subject"],
-        before=int(before) if before.isdigit() and len(before) < 19 else None,
+        before=int(before) if re.fullmatch(r"[0-9]{1,18}", before) else None,
     )
     query = urlencode({name: value for name, value in filters.items() if value})
     context = {
@@ -229,7 +230,7 @@ def account_tokens(request: HttpRequest) -> HttpResponse:
     elif action == "revoke":
         chosen = request.POST.get("token", "")
         if (
-            chosen.isdigit()
+            (chosen.isascii() and chosen.isdigit())
             and len(chosen) < 18
             and services.api_token_revoke(user=user, token_id=int(chosen))
         ):

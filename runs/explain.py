@@ -114,7 +114,11 @@ def explain_ready(
                 until=step.available_at,
             )
             continue
-        held = [holders[(step.tenant_id, key)] for key in step.lock_keys if (step.tenant_id, key) in holders]
+        held = [
+            holders[(step.tenant_id, key)]
+            for key in step.lock_keys
+            if isinstance(key, str) and (step.tenant_id, key) in holders
+        ]
         mine = [lease for lease in held if lease.metadata.get("run_id") != step.run_id]
         if mine and step.lock_policy == "wait":
             lease = mine[0]
@@ -145,12 +149,17 @@ def explain_ready(
             scope = full[0]
             if scope not in cap_holders:
                 cap_holders[scope] = _scope_holders(scope, candidate)
-            waits[step.pk] = Wait(
-                "cap",
-                f"the cap of {_scope_label(scope)} is full: {room.held[scope]} of {room.cap(scope)} admitted",
-                key=scope,
-                holders=cap_holders[scope],
-            )
+            if scope.startswith(("tenant:", "tenant_")):
+                used = f"{room.held[scope]} of {room.cap(scope)} admitted"
+                text = f"the cap of {_scope_label(scope)} is full: {used}"
+            else:
+                # A platform-wide scope is shared: how much of it other tenants hold is theirs.
+                yours = len(cap_holders[scope])
+                text = (
+                    f"the platform's cap of {_scope_label(scope)} is full (shared by every tenant; "
+                    f"{yours}{'+' if yours >= 5 else ''} of the admitted steps are yours)"
+                )
+            waits[step.pk] = Wait("cap", text, key=scope, holders=cap_holders[scope])
             continue
         if not room.worker_room(step.lane):
             waits[step.pk] = Wait("workers", f"no free worker slot serves lane {step.lane}")

@@ -206,7 +206,7 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
     queued: dict[tuple[int, str], list[Step]] = {}
     for candidate in candidates:
         for key in candidate.lock_keys:
-            if (candidate.tenant_id, key) in held_keys:
+            if isinstance(key, str) and (candidate.tenant_id, key) in held_keys:
                 queued.setdefault((candidate.tenant_id, key), []).append(candidate)
     waiting = [s for steps in queued.values() for s in steps]
     reasons = explain_ready(waiting, run_workflows={s.run_id: s.run.workflow for s in waiting}, now=now)

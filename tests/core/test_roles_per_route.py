@@ -151,10 +151,30 @@ def test_every_console_form_refuses_bad_input_with_a_4xx_and_changes_nothing(san
             response = console.post(path, dict.fromkeys(fields, value))
             assert 400 <= response.status_code < 500, (path, value[:20], response.status_code)
             assert b"<script>alert(1)</script>" not in response.content, "echoed unescaped"
-    for path in (
+    refused = [
         "/runs/?cursor=%00",
         "/runs/?cursor=" + "z" * 3000,
+        "/runs/?cursor=run_'--",
+        "/runs/?workflow=%00",
         "/tenants/acme/audit/?before=-1&verb=%00",
+        "/sessions/acme/?key=%00",
+    ]
+    for path in refused:
+        assert console.get(path).status_code == 400, path
+    for path in ("/tenants/acme/audit/?before=%C2%B2", "/tenants/acme/audit/?before=99999999999999999999999"):
+        assert console.get(path).status_code == 200, path  # a cursor it cannot read is ignored
+    assert console.get("/runs/%00/").status_code == 404
+    api = bearer_client(admin)
+    for path in (
+        "/api/v1/runs?cursor=%00",
+        "/api/v1/runs?cursor=nope",
+        "/api/v1/runs?workflow=%00",
+        "/api/v1/tenants/acme/members/%00",
+        "/api/v1/tenants/%00/quota",
     ):
-        assert console.get(path).status_code < 500, path
+        response = api.get(path)
+        assert response.status_code in (400, 404, 422) and "error" in response.json(), path
+    assert api.delete("/api/v1/tenants/acme/members/%00").status_code == 404
+    multipart = api.post("/api/v1/tenants/acme/environments", data={"name": "qa"})  # a form, not JSON
+    assert 400 <= multipart.status_code < 500, multipart.content
     assert snapshot() == before, "a refused form changed something"

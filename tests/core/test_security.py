@@ -70,6 +70,58 @@ def test_a_successful_login_clears_the_count(acme_operator: User) -> None:
         assert _login(Client(REMOTE_ADDR="10.0.0.9"), "operator", "pw-operator") == 302
 
 
+def test_a_lookalike_username_counts_against_the_same_account(acme_operator: User) -> None:
+    with override_settings(RUNWARDEN_LOGIN_FAILURE_LIMIT=2):
+        client = Client(REMOTE_ADDR="10.0.1.1")
+        # Django's login normalizes (NFKC) the username: full-width letters are the same user.
+        assert _login(client, "ｏｐｅｒａｔｏｒ", "guess") == 200
+        assert _login(client, "OPERATOR", "guess") == 200
+        assert _login(Client(REMOTE_ADDR="10.0.1.2"), "operator", "pw-operator") == 429
+
+
+def test_django_admins_login_is_throttled_too(acme_operator: User) -> None:
+    with override_settings(RUNWARDEN_LOGIN_FAILURE_LIMIT=2):
+        client = Client(REMOTE_ADDR="10.0.2.1")
+        for _ in range(2):
+            assert client.post("/admin/login/", {"username": "root", "password": "guess"}).status_code == 200
+        refused = client.post("/admin/login/", {"username": "root", "password": "guess"})
+        assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+
+
+def test_racing_guesses_never_get_more_tries_than_the_limit(acme_operator: User) -> None:
+    from tests.concurrency import run_concurrently
+
+    with override_settings(RUNWARDEN_LOGIN_FAILURE_LIMIT=3):
+        statuses = run_concurrently(
+            lambda i: _login(Client(REMOTE_ADDR=f"10.0.3.{i}"), "operator", "guess"), 12
+        )
+    assert statuses.count(200) == 3, statuses  # three were checked, the rest refused unchecked
+    assert statuses.count(429) == 9
+
+
+def test_logins_go_on_when_redis_is_down(acme_operator: User) -> None:
+    from core import redis_client
+
+    with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
+        redis_client._client = None  # a client for the unreachable Redis
+        try:
+            assert _login(Client(REMOTE_ADDR="10.0.4.1"), "operator", "pw-operator") == 302
+        finally:
+            redis_client._client = None
+
+
+def test_behind_a_proxy_the_forwarded_address_is_counted(acme_operator: User) -> None:
+    with override_settings(
+        RUNWARDEN_LOGIN_FAILURE_LIMIT=1, RUNWARDEN_CLIENT_IP_HEADER="HTTP_X_FORWARDED_FOR"
+    ):
+        for n in range(5):  # five guessers behind one proxy, each at its own username
+            proxy = Client(REMOTE_ADDR="10.9.9.9", HTTP_X_FORWARDED_FOR=f"198.51.100.{n}, 10.9.9.9")
+            assert _login(proxy, f"nobody{n}", "guess") == 200
+        # The proxy's own address was not what counted: an honest user behind it logs in.
+        honest = Client(REMOTE_ADDR="10.9.9.9", HTTP_X_FORWARDED_FOR="198.51.100.77")
+        assert _login(honest, "operator", "pw-operator") == 302
+
+
 def make_user(username: str) -> User:
     return User.objects.create_user(username=username, password="pw-" + username)
 

@@ -134,15 +134,18 @@ def test_a_tenant_workflow_cap_holds_back_that_workflow_only_and_a_lowered_cap_d
     assert held[f"tenant_workflow:{acme.pk}:bench.noop"] == 2
     assert held[f"tenant_workflow:{globex.pk}:bench.noop"] == 5, "another tenant is not held back"
     assert held[f"tenant_workflow:{acme.pk}:test.busy_crm"] == 5, "another workflow is not held back"
-    # Lowered below what is admitted: nothing new is admitted until the holders finish.
+    # Lowered below what is admitted: nothing new until the holders are under the new cap.
     services.tenant_quota_update(
         tenant=acme, actor=acme_admin, changes={"caps": {"workflow": {"bench.noop": 1}}}
     )
-    assert not [a for a in dispatch_round() if a.step_id in _acme_noop_steps(acme)]
-    for admission in admitted:
-        step_execute(step_id=admission.step_id, token=admission.token)
-    next_round = dispatch_round()
-    assert len([a for a in next_round if a.step_id in _acme_noop_steps(acme)]) == 1
+    acme_noop = _acme_noop_steps(acme)
+    holders = [a for a in admitted if a.step_id in acme_noop]
+    assert len(holders) == 2
+    step_execute(step_id=holders[0].step_id, token=holders[0].token)
+    # One of the two still runs: 1 of a cap of 1 (with the old cap of 2 a waiter would go now).
+    assert not [a for a in dispatch_round() if a.step_id in acme_noop]
+    step_execute(step_id=holders[1].step_id, token=holders[1].token)
+    assert len([a for a in dispatch_round() if a.step_id in acme_noop]) == 1
 
 
 def _acme_noop_steps(acme: Tenant) -> set[int]:
@@ -240,12 +243,24 @@ def test_adding_members_refuses_what_does_not_fit_and_changes_nothing(
         assert response.status_code == status, (body, response.content)
         assert response.json()["error"]["code"] == code, (body, response.content)
     assert (User.objects.count(), Membership.objects.count()) == (users, members)
-    # An existing account of another tenant can be added without a password.
-    response = api.post(
+    # Another tenant's member is not this admin's to take, and nothing about them is told.
+    taken = api.post(
         url, data={"username": "globex-operator", "role": "operator"}, content_type="application/json"
     )
-    assert response.status_code == 201
-    assert Membership.objects.filter(user=globex_operator).count() == 2
+    assert taken.status_code == 409 and taken.json()["error"]["code"] == "username_taken"
+    assert "email" not in taken.content.decode()
+    assert Membership.objects.filter(user=globex_operator).count() == 1
+    # A username Django would refuse is refused here too.
+    bad = api.post(
+        url,
+        data={"username": "a/b", "role": "operator", "password": "long-enough-pass-1"},
+        content_type="application/json",
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_username"
+    # An account that belongs to no tenant (removed earlier) can be given a role again.
+    orphan = User.objects.create_user(username="former", password="x-long-enough-pass")
+    back = api.post(url, data={"username": "former", "role": "reviewer"}, content_type="application/json")
+    assert back.status_code == 201 and Membership.objects.get(user=orphan).role == "reviewer"
 
 
 def test_role_changes_apply_at_once_and_the_last_admin_stays(

@@ -79,6 +79,8 @@ def test_a_platform_cap_never_names_another_tenants_runs(acme: Tenant, globex: T
     waiting = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run
     wait = waits_of(waiting)["noop"]
     assert wait is not None and wait.kind == "cap" and wait.holders == []
+    # How much of a shared scope other tenants hold is theirs: no count of it is shown.
+    assert "1 of 1" not in wait.text and "0 of the admitted steps are yours" in wait.text, wait.text
 
 
 def test_backoff_predecessor_and_admissible_are_told_apart(acme: Tenant) -> None:

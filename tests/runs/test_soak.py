@@ -144,6 +144,7 @@ def test_soak_mixed_runs_with_worker_kills_and_racing_approvals(
     )
     assert not list(doubled), f"an effect reached the provider twice: {list(doubled)[:5]}"
     assert all(wins == 1 for wins in decisions.values()), "an approval was decided twice"
+    assert not [k for k in figures if k.startswith("race_error_")], dict(figures)
     figures["effects"] = SandboxCall.objects.count()
     figures["approvals_decided"] = len(decisions)
     figures["conflicts"] = ConflictArtifact.objects.count()
@@ -190,6 +191,8 @@ def _race(
             won.append(1)
         except (approvals_services.DecisionConflict, approvals_services.DecisionForbidden):
             figures["approval_races_lost"] += 1
+        except Exception as unexpected:  # noqa: BLE001  (reported, then the soak fails)
+            figures[f"race_error_{type(unexpected).__name__}"] += 1
         finally:
             connections.close_all()
 
