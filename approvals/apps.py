@@ -26,7 +26,7 @@ class ApprovalsConfig(AppConfig):
 
         explain.human_waits_register(selectors.human_waits)
         overview.overview_section_register(
-            "approvals", "approvals/_overview.html", selectors.approvals_overview
+            "approvals", "approvals/_overview.html", selectors.approvals_overview, order=10
         )
         gates.register_gate(services.ApprovalGate())
         gates.register_conflict_hook(services.conflict_hook)
