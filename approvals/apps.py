@@ -8,8 +8,8 @@ class ApprovalsConfig(AppConfig):
 
     def ready(self) -> None:
         # Plug humans into execution through the small interface runs defines.
-        from approvals import selectors, services
-        from core import metrics, overview
+        from approvals import notifications, selectors, services
+        from core import metrics, outbox, overview
         from runs import explain, gates, invariants
 
         metrics.gauge_register(
@@ -28,5 +28,10 @@ class ApprovalsConfig(AppConfig):
         overview.overview_section_register(
             "approvals", "approvals/_overview.html", selectors.approvals_overview, order=10
         )
+        from core.context_processors import NAV_COUNTERS
+
+        NAV_COUNTERS.append(selectors.pending_count_for_user)
+        for kind in notifications.KINDS:
+            outbox.DELIVERERS[kind] = notifications.deliver
         gates.register_gate(services.ApprovalGate())
         gates.register_conflict_hook(services.conflict_hook)

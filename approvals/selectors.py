@@ -18,7 +18,7 @@ from approvals.models import (
     ConflictArtifact,
     ConflictStatus,
 )
-from core.models import Membership, Role
+from core.models import Membership, Notification, Role
 from core.selectors import AnyUser, scope_to_user
 from runs.explain import Wait
 from runs.models import Step, StepStatus
@@ -232,3 +232,15 @@ def approvals_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: da
         "conflicts": conflicts,
         "conflicts_total": sum(c["n"] for c in conflicts),
     }
+
+
+def pending_count_for_user(user: AnyUser) -> int:
+    """The inbox badge: pending requests in the user's tenants."""
+    return scope_to_user(ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING), user).count()
+
+
+def notifications_for_user(user: AnyUser, limit: int = 10) -> list[Notification]:
+    """The newest in-app notifications of the user's tenants."""
+    return list(
+        scope_to_user(Notification.objects.all(), user).select_related("tenant").order_by("-id")[:limit]
+    )

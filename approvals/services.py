@@ -16,6 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from approvals import notifications
 from approvals.models import (
     ApprovalRequest,
     ApprovalStatus,
@@ -78,7 +79,7 @@ def _open_request(
 ) -> ApprovalRequest:
     policy = spec.approval if spec else None
     timeout = policy.timeout_seconds if policy else None
-    return ApprovalRequest.objects.create(
+    request = ApprovalRequest.objects.create(
         tenant_id=step.tenant_id,
         run_id=step.run_id,
         step=step,
@@ -88,6 +89,8 @@ def _open_request(
         eligible_roles=list(policy.roles) if policy else [Role.OPERATOR],
         expires_at=timezone.now() + timedelta(seconds=timeout) if timeout else None,
     )
+    notifications.notify(request, "approval_requested")  # in this transaction, through the outbox
+    return request
 
 
 def _new_version(
@@ -581,6 +584,9 @@ def approvals_expire(*, now: Any = None) -> int:
             if fallback == "escalate":
                 won = claim.update(escalated=True, expires_at=None, version=F("version") + 1, updated_at=now)
                 verb = "approval_escalated"
+                if won == 1:
+                    request.refresh_from_db()
+                    notifications.notify(request, "approval_escalated")
             elif fallback == "auto_approve":
                 won = claim.update(
                     status=ApprovalStatus.APPROVED,

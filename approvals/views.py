@@ -149,9 +149,18 @@ def approval_inbox(request: HtmxHttpRequest) -> HttpResponse:
         "cards": [_approval_card(a) for a in _approvals(user, status=status, shown=shown)],
         "filters": {"status": status},
         "statuses": ApprovalStatus.choices,
+        "notifications": [] if request.htmx else selectors.notifications_for_user(user),
     }
     template = "approvals/inbox.html#approvals-list" if request.htmx else "approvals/inbox.html"
     return render(request, template, context)
+
+
+@require_GET
+@login_required
+def inbox_badge(request: HtmxHttpRequest) -> HttpResponse:
+    """The nav's count of pending approvals, refreshed live by every page."""
+    count = selectors.pending_count_for_user(authenticated_user(request))
+    return render(request, "approvals/_badge.html", {"nav_pending_approvals": count})
 
 
 @require_POST

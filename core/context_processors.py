@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.http import HttpRequest
@@ -18,7 +19,17 @@ def tenancy(request: HttpRequest) -> dict[str, Any]:
         "nav_memberships": memberships,
         "nav_admin_tenants": [m.tenant for m in memberships if m.role == Role.ADMIN],
         "tenant_pages": TENANT_PAGES,
+        "nav_pending_approvals": _pending_approvals(user),
     }
+
+
+def _pending_approvals(user: User) -> int:
+    """The nav's inbox badge, from whichever app registered a counter (approvals does)."""
+    return sum(counter(user) for counter in NAV_COUNTERS)
+
+
+# Apps register what the nav counts (AppConfig.ready): core knows nothing of them.
+NAV_COUNTERS: list[Callable[[User], int]] = []
 
 
 # The tenant administration pages, in the order of their tabs.

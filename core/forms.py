@@ -68,6 +68,12 @@ class ConnectionForm(forms.Form):
         help_text="stored encrypted",
     )
     secret_ref = forms.CharField(required=False, max_length=140, help_text="or env:NAME, read by the workers")
+    url = forms.URLField(
+        required=False,
+        max_length=500,
+        assume_scheme="https",
+        help_text="the provider's address (for a webhook: where notifications are POSTed)",
+    )
     is_default = forms.BooleanField(required=False, label="Default for its provider in that environment")
 
     def __init__(self, *args: Any, environments: list[str], **kwargs: Any) -> None:

@@ -107,6 +107,7 @@ def tenant_connections(request: HttpRequest, slug: str) -> HttpResponse:
                     is_default=data["is_default"],
                     secret=data["secret"] or None,
                     secret_ref=data["secret_ref"].strip() or None,
+                    config={"url": data["url"]} if data["url"] else None,
                 )
                 messages.success(request, f"Connection {data['name']} added.")
                 return redirect("core:tenant-connections", slug=tenant.slug)

@@ -96,3 +96,24 @@ def test_a_quota_change_shows_on_the_board(live_console: str, page: Page) -> Non
     expect(page.get_by_text("Quota of acme saved")).to_be_visible()
     go_live(page, live_console, "/leases/")
     expect(seat).to_have_text("acme · tool crm: 1 of 3", timeout=BOARD_TIMEOUT)
+
+
+def _gated() -> Run:
+    from tests.approvals.helpers import pump
+
+    tenant = Tenant.objects.get(slug="acme")
+    run = run_start(
+        tenant=tenant, workflow="demo.lead_followup", input={"lead_id": 5, "contact_id": 5}, actor="bot"
+    ).run
+    pump()
+    return run
+
+
+def test_a_new_approval_lights_the_inbox_badge_without_reload(live_console: str, page: Page) -> None:
+    login(page, live_console, "operator")
+    go_live(page, live_console, "/runs/")
+    page.evaluate("window.__sameDocument = true")
+    expect(page.locator("#inbox-badge")).to_have_text("0")
+    elsewhere(_gated)
+    expect(page.locator("#inbox-badge")).to_have_text("1", timeout=LIVE_TIMEOUT)
+    assert page.evaluate("window.__sameDocument") is True
