@@ -1,6 +1,7 @@
 """The soak (issue 11): mixed demo runs across two tenants on real worker processes, with random
-worker kills and approvals decided by racing clients; at the end no run is lost, no effect
-reached the provider twice, every approval was decided once, and ``check_invariants`` is clean.
+worker kills, approvals decided by racing clients and the conflicts the kills leave settled by a
+reviewer who checks the provider's log; at the end no run is lost, no effect reached the
+provider twice, every approval was decided once, and ``check_invariants`` is clean.
 
 ``make test`` runs a short variant (RUNWARDEN_SOAK_RUNS, default 300); ``make soak`` the long
 one (2,000 runs) and writes its figures to bench/soak.json (docs/RELIABILITY.md)."""
@@ -70,6 +71,9 @@ def test_soak_mixed_runs_with_worker_kills_and_racing_approvals(
         tenant.pk: [make_member(f"{tenant.slug}-approver{i}", tenant, Role.OPERATOR) for i in range(3)]
         for tenant in (acme, globex)
     }
+    reviewers = {
+        tenant.pk: make_member(f"{tenant.slug}-reviewer", tenant, Role.REVIEWER) for tenant in (acme, globex)
+    }
     cluster = Cluster(tmp_path, RUNWARDEN_SANDBOX_LATENCY_MS="10", RUNWARDEN_DEFAULT_LEASE_SECONDS="3")
     stop = threading.Event()
     figures: Counter[str] = Counter()
@@ -107,9 +111,22 @@ def test_soak_mixed_runs_with_worker_kills_and_racing_approvals(
             finally:
                 connections.close_all()
 
+        def review() -> None:
+            # A reviewer settles what the kills left ambiguous, as a careful one would: by
+            # checking the provider's log. (A session waits behind its run in conflict.)
+            try:
+                while not stop.wait(1.0):
+                    for conflict in ConflictArtifact.objects.filter(status="open").select_related("effect")[
+                        :20
+                    ]:
+                        _settle(conflict, reviewers[conflict.tenant_id], figures)
+            finally:
+                connections.close_all()
+
         helpers = [
             threading.Thread(target=chaos, daemon=True),
             threading.Thread(target=approve_racing, daemon=True),
+            threading.Thread(target=review, daemon=True),
         ]
         for helper in helpers:
             helper.start()
@@ -170,6 +187,32 @@ def _unsettled(ids: list[str]) -> str:
         ]
         lines.append(f"{run.id} {run.workflow} {run.status} session={run.session_state} steps={steps}")
     return "\n".join(lines) + "\n"
+
+
+def _settle(conflict: ConflictArtifact, reviewer: User, figures: Counter[str]) -> None:
+    allowed = approvals_services.resolutions_for(conflict)
+    kwargs: dict[str, str] = {}
+    if conflict.kind == "lease_expired_with_pending_effect" and conflict.effect is not None:
+        connector, _, operation = conflict.effect.kind.partition(".")
+        call = SandboxCall.objects.filter(
+            run_id=conflict.run_id or "", connector=connector, operation=operation, ok=True
+        ).first()
+        resolution = "mark_effect_committed" if call else "mark_effect_not_sent"
+        if call:
+            kwargs["external_ref"] = f"sandbox-call:{call.pk}"
+    else:
+        resolution = "acknowledge" if "acknowledge" in allowed else sorted(allowed)[0]
+    try:
+        approvals_services.conflict_resolve(
+            conflict=conflict,
+            user=reviewer,
+            expected_version=conflict.version,
+            resolution=resolution,
+            **kwargs,
+        )
+        figures[f"conflicts_resolved_{resolution}"] += 1
+    except approvals_services.ResolutionConflict:
+        pass  # settled meanwhile
 
 
 def _race(
