@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from django.db.models import F
 from django.utils import timezone
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus
 from core.models import Role, Tenant, User
-from runs.models import Run, SandboxContact, Step, StepStatus
+from runs import sandbox
+from runs.models import Run, Step, StepStatus
 from runs.services import TriggerPayloadMismatch, run_start
 
 Say = Callable[[str], None]
@@ -34,14 +34,18 @@ def _wait(predicate: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
-def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150) -> None:
+def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seconds: float = 15) -> None:
     stamp = timezone.now().strftime("%H%M%S")
 
     def start(workflow: str, data: dict[str, Any], **kwargs: Any) -> Run:
         return run_start(tenant=tenant, workflow=workflow, input=data, actor="demo_traffic", **kwargs).run
 
-    queue = [start("demo.account_review", {"contact_id": 1, "review_seconds": 15}) for _ in range(4)]
-    say(f"lock queue: {len(queue)} reviews of crm_contact:1, 15 s each (see /leases/ and {queue[-1].id})")
+    review = {"contact_id": 1, "review_seconds": hold_seconds}
+    queue = [start("demo.account_review", review) for _ in range(4)]
+    say(
+        f"lock queue: {len(queue)} reviews of crm_contact:1, {hold_seconds:g} s each "
+        f"(see /leases/ and {queue[-1].id})"
+    )
 
     edited = start("demo.account_review", {"contact_id": 2, "review_seconds": 6})
     ambiguous = start("demo.account_review", {"contact_id": 3, "review_seconds": 0, "notify_seconds": 12})
@@ -59,9 +63,7 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150) -> None:
     review = Step.objects.get(run=edited, key="review_contact")
     if _wait(lambda: Step.objects.get(pk=review.pk).status == StepStatus.RUNNING, wait_seconds):
         time.sleep(1.0)  # it has read the contact; now a human edits it in the CRM
-        SandboxContact.objects.filter(tenant=tenant, number=2).update(
-            name="Renamed in the CRM by a human", version=F("version") + 1
-        )
+        sandbox.crm_edit_by_hand(tenant_id=tenant.pk, contact_id=2, name="Renamed in the CRM by a human")
         say(f"crm_contact:2 changed while {edited.id} held it: a version conflict when it writes")
     else:
         say("no worker picked up the review of crm_contact:2 (is `make run` running?)")

@@ -250,3 +250,13 @@ def seed_sandbox(tenant_id: int, count: int = 20) -> None:
             number=n,
             defaults={"customer": f"Customer {n}", "amount_due": Decimal(100 + n * 10)},
         )
+
+
+def crm_edit_by_hand(*, tenant_id: int, contact_id: int, name: str) -> None:
+    """Someone edits a contact in the CRM directly, outside Runwarden (the demo's contention
+    scenario): its version moves on, so a run that read the old one finds out when it writes."""
+    from django.db.models import F
+
+    SandboxContact.objects.filter(tenant_id=tenant_id, number=contact_id).update(
+        name=name, version=F("version") + 1
+    )

@@ -38,6 +38,32 @@
       e.preventDefault();
     }
   });
+  // Moments are sent in UTC (<time datetime>); show them in the reader's timezone, with how
+  // long ago for recent ones, and keep UTC in the tooltip. Re-run after every swap.
+  function ago(seconds) {
+    if (seconds < 60) { return Math.max(0, Math.round(seconds)) + " s ago"; }
+    if (seconds < 3600) { return Math.round(seconds / 60) + " min ago"; }
+    return Math.round(seconds / 3600) + " h ago";
+  }
+  function localize(root) {
+    (root || document).querySelectorAll("time[datetime]:not([data-expires]):not([data-localized])").forEach(function (el) {
+      var moment = new Date(el.getAttribute("datetime"));
+      if (isNaN(moment.getTime())) { return; }
+      var timeOnly = el.dataset.local === "time" || (!el.dataset.local && el.textContent.indexOf("-") < 0);
+      var text = timeOnly
+        ? moment.toLocaleTimeString([], { hour12: false })
+        : moment.toLocaleString([], { year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+      var seconds = (Date.now() - moment.getTime()) / 1000;
+      if (!timeOnly && seconds >= 0 && seconds < 86400) { text += " · " + ago(seconds); }
+      el.title = el.getAttribute("datetime") + " (UTC " + el.textContent.trim() + ")";
+      el.textContent = text;
+      el.dataset.localized = "1";
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { localize(document); });
+  document.addEventListener("htmx:afterSettle", function (e) { localize(e.target); });
+  document.addEventListener("htmx:oobAfterSwap", function () { localize(document); });
+
   // Expiry counts down in the browser between refreshes ([data-expires]: a Unix time).
   setInterval(function () {
     var now = Date.now() / 1000;

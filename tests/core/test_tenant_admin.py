@@ -284,7 +284,11 @@ def test_role_changes_apply_at_once_and_the_last_admin_stays(
     assert api.delete("/api/v1/tenants/acme/members/admin").status_code == 409
     assert Membership.objects.get(tenant=acme, user=acme_admin).role == Role.ADMIN
     assert api.delete("/api/v1/tenants/acme/members/nobody").status_code == 404
-    verbs = list(Event.objects.filter(tenant=acme, subject="user:operator").values_list("verb", flat=True))
+    verbs = list(
+        Event.objects.filter(tenant=acme, subject="user:operator")
+        .order_by("pk")
+        .values_list("verb", flat=True)
+    )
     assert verbs == ["membership_role_changed", "membership_revoked"]
 
 

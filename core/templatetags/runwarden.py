@@ -1,0 +1,24 @@
+"""Template helpers of the console."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django import template
+from django.utils.dateformat import format as date_format
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+register = template.Library()
+
+
+@register.filter
+def when(value: datetime | None, fmt: str = "Y-m-d H:i:s") -> SafeString | str:
+    """A moment as ``<time>``: UTC in the page, shown in the reader's timezone (with how long
+    ago) by static/js/live.js; "—" for none."""
+    if value is None or value == "":
+        return "—"
+    kind = "time" if fmt in ("H:i:s", "H:i") else "datetime"
+    return format_html(
+        '<time datetime="{}" data-local="{}">{}</time>', value.isoformat(), kind, date_format(value, fmt)
+    )

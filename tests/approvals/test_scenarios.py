@@ -1,0 +1,41 @@
+"""`demo_traffic --scenario contention` against real worker processes: every page gets real
+content — a lock queue, a version conflict, an ambiguous effect, a duplicate trigger, an
+approval invalidated by an agent's edit."""
+
+from __future__ import annotations
+
+import pytest
+
+from approvals.models import ApprovalRequest, ConflictArtifact
+from approvals.scenarios import contention
+from core.models import Tenant
+from runs.models import Run, Step
+from tests.runs.cluster import Cluster, wait_for
+
+
+@pytest.mark.timeout(240)
+def test_the_contention_scenario_produces_waits_and_every_kind_of_conflict_it_promises(
+    sandbox_acme: Tenant, cluster: Cluster
+) -> None:
+    cluster.worker("w1", concurrency=2)
+    cluster.beat()
+    said: list[str] = []
+    contention(sandbox_acme, said.append, wait_seconds=90, hold_seconds=3)
+    queue = Run.objects.filter(workflow="demo.account_review", input__contact_id=1)
+    assert queue.count() == 4
+    wait_for(
+        lambda: (
+            {"entity_version_mismatch", "duplicate_trigger_payload", "lease_expired_with_pending_effect"}
+            <= set(ConflictArtifact.objects.values_list("kind", flat=True))
+        ),
+        120,
+        cluster.logs() + "\n".join(said),
+    )
+    assert ApprovalRequest.objects.filter(status="invalidated").exists(), "the agent's edit invalidated it"
+    assert ApprovalRequest.objects.filter(status="pending").exists(), "its new version waits"
+    wait_for(lambda: queue.filter(status="succeeded").count() == 4, 90, cluster.logs())
+    # They queued for crm_contact:1: one review after another (two worker slots were free).
+    reviews = list(Step.objects.filter(run__in=queue, key="review_contact").order_by("started_at"))
+    for earlier, later in zip(reviews, reviews[1:], strict=False):
+        assert earlier.finished_at is not None and later.started_at is not None
+        assert later.started_at >= earlier.finished_at, "two reviews held crm_contact:1 at once"
