@@ -40,8 +40,8 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
     def start(workflow: str, data: dict[str, Any], **kwargs: Any) -> Run:
         return run_start(tenant=tenant, workflow=workflow, input=data, actor="demo_traffic", **kwargs).run
 
-    review = {"contact_id": 1, "review_seconds": hold_seconds}
-    queue = [start("demo.account_review", review) for _ in range(4)]
+    slow_review = {"contact_id": 1, "review_seconds": hold_seconds}
+    queue = [start("demo.account_review", slow_review) for _ in range(4)]
     say(
         f"lock queue: {len(queue)} reviews of crm_contact:1, {hold_seconds:g} s each "
         f"(see /leases/ and {queue[-1].id})"
