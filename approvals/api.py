@@ -9,11 +9,9 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
 
-from approvals import selectors, services
+from approvals import access, selectors, services
 from approvals.models import ApprovalStatus, ConflictKind, ConflictStatus
 from core.api import ApiError, request_user
-from core.models import Role
-from core.selectors import get_tenant_for_user
 
 router = Router(tags=["approvals"])
 
@@ -188,7 +186,7 @@ def approval_edit_artifact(
 ) -> Status[dict[str, Any]]:
     approval = _approval(request, approval_id)
     user = request_user(request)
-    get_tenant_for_user(user, approval.tenant.slug, role=Role.OPERATOR)
+    access.access_edit_artifact(user, approval.tenant.slug)  # before If-Match: 403 over 428
     expected = if_match(request)
     try:
         version = services.artifact_edit(
@@ -238,7 +236,7 @@ def conflict_resolve(
 ) -> dict[str, Any]:
     user = request_user(request)
     conflict = get_object_or_404(selectors.conflicts_for_user(user), pk=conflict_id)
-    get_tenant_for_user(user, conflict.tenant.slug, role=Role.REVIEWER)
+    access.access_resolve_conflict(user, conflict.tenant.slug)  # before If-Match: 403 over 428
     expected = if_match(request)
     try:
         resolved = services.conflict_resolve(

@@ -90,9 +90,10 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
 
 
 def _agent(tenant: Tenant) -> User:
-    """The drafting agent's account: a reviewer of the tenant, so its edits are attributed."""
+    """The drafting agent's account: an operator of the tenant (editing a draft is an operator's
+    act), so its edits are attributed; it cannot approve the version it wrote."""
     from core.models import Membership
 
     agent, _ = User.objects.get_or_create(username="drafting-agent", defaults={"email": "agent@example.com"})
-    Membership.objects.get_or_create(user=agent, tenant=tenant, defaults={"role": Role.REVIEWER})
+    Membership.objects.get_or_create(user=agent, tenant=tenant, defaults={"role": Role.OPERATOR})
     return agent

@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from approvals import notifications
+from approvals import access, notifications
 from approvals.models import (
     ApprovalRequest,
     ApprovalStatus,
@@ -314,8 +314,15 @@ def artifact_edit(*, artifact: Artifact, user: User, expected_version: int, cont
 
     Invalidates every earlier approval of the step and opens a new request for the new version.
     Two edits based on the same version: the second raises EditConflict with a
-    ``concurrent_edit`` conflict artifact holding both contents.
+    ``concurrent_edit`` conflict artifact holding both contents. PermissionDenied for a user
+    without the operator role in the artifact's tenant.
     """
+    access.access_edit_artifact(user, artifact.tenant.slug)
+    return _artifact_edit(artifact=artifact, user=user, expected_version=expected_version, content=content)
+
+
+def _artifact_edit(*, artifact: Artifact, user: User, expected_version: int, content: Any) -> ArtifactVersion:
+    """The edit itself; a reviewer applying a lost edit (a resolution) writes through here."""
     with transaction.atomic():
         locked = Artifact.objects.select_for_update().select_related("step__run").get(pk=artifact.pk)
         if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
@@ -477,7 +484,9 @@ def conflict_resolve(
     note: str = "",
     external_ref: str = "",
 ) -> ConflictArtifact:
-    """Resolve a conflict (compare-and-set on its version) and move the affected step on, once."""
+    """Resolve a conflict (compare-and-set on its version) and move the affected step on, once.
+    PermissionDenied for a user without the reviewer role in the conflict's tenant."""
+    access.access_resolve_conflict(user, conflict.tenant.slug)
     allowed = resolutions_for(conflict)
     if resolution not in allowed:
         raise InvalidResolution(f"{conflict.kind} can be resolved with: {', '.join(sorted(allowed))}")
@@ -538,7 +547,7 @@ def _apply_resolution(
     ):
         artifact = Artifact.objects.get(step=step)
         user = User.objects.get(username=actor)
-        artifact_edit(
+        _artifact_edit(  # the reviewer's resolution, not an operator's edit
             artifact=artifact,
             user=user,
             expected_version=artifact.latest_version,

@@ -21,7 +21,7 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from approvals import selectors, services
+from approvals import access, selectors, services
 from approvals.models import (
     ApprovalRequest,
     ApprovalStatus,
@@ -32,7 +32,7 @@ from approvals.models import (
 )
 from core.http import HtmxHttpRequest, authenticated_user
 from core.models import Role, User
-from core.selectors import ROLE_GRANTS, get_tenant_for_user, memberships_for_user
+from core.selectors import ROLE_GRANTS, memberships_for_user
 
 PAGE_SIZE = 50
 # Cards already on the screen stay there across live refreshes (showing their new state), so a
@@ -196,7 +196,7 @@ def approval_edit(request: HtmxHttpRequest, approval_id: int) -> HttpResponse:
     approval = _get_approval_for_user(request, approval_id)
     user = authenticated_user(request)
     try:
-        get_tenant_for_user(user, approval.tenant.slug, role=Role.OPERATOR)
+        access.access_edit_artifact(user, approval.tenant.slug)
     except PermissionDenied as exc:
         return _reply(request, approval, f"Not saved: {exc}", "error", 403)
     expected = request.POST.get("expected_version", "")
@@ -337,7 +337,7 @@ def conflict_resolve(request: HtmxHttpRequest, conflict_id: int) -> HttpResponse
     conflict = _get_conflict_for_user(request, conflict_id)
     user = authenticated_user(request)
     try:
-        get_tenant_for_user(user, conflict.tenant.slug, role=Role.REVIEWER)
+        access.access_resolve_conflict(user, conflict.tenant.slug)
     except PermissionDenied as exc:
         return _conflict_reply(request, conflict, f"Not resolved: {exc}", "error", 403)
     expected = request.POST.get("expected_version", "")
