@@ -180,3 +180,24 @@ def test_the_walk_covers_every_parameterized_api_route(acme: Tenant, acme_operat
         if (method, re.sub(r"\{[^}]+\}", "{}", path.removeprefix("/api/v1"))) not in walked
     }
     assert not missing, f"add these routes to the isolation walk: {sorted(missing)}"
+
+
+def test_a_step_task_never_acts_on_another_tenants_step(acme: Tenant, globex: Tenant) -> None:
+    """A step task carries a step id and the fencing token of that step's admission: a task
+    naming another tenant's step with a token of its own tenant's admission does nothing."""
+    from runs.dispatch import dispatch_round
+    from runs.executor import step_execute
+    from runs.models import Step
+
+    mine = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run
+    theirs = run_start(tenant=globex, workflow="bench.noop", input={}, actor="t").run
+    admissions = {a.step_id: a for a in dispatch_round()}
+    my_step = Step.objects.get(run=mine)
+    their_step = Step.objects.get(run=theirs)
+    assert {my_step.pk, their_step.pk} <= set(admissions)
+    before = Step.objects.filter(pk=their_step.pk).values_list("status", "attempt", "lease_token").get()
+    assert step_execute(step_id=their_step.pk, token=admissions[my_step.pk].token) == "not-ours"
+    assert (
+        Step.objects.filter(pk=their_step.pk).values_list("status", "attempt", "lease_token").get() == before
+    )
+    assert step_execute(step_id=my_step.pk, token=admissions[my_step.pk].token) == "succeeded"
