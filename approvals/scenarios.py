@@ -40,16 +40,10 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
     def start(workflow: str, data: dict[str, Any], **kwargs: Any) -> Run:
         return run_start(tenant=tenant, workflow=workflow, input=data, actor="demo_traffic", **kwargs).run
 
-    slow_review = {"contact_id": 1, "review_seconds": hold_seconds}
-    queue = [start("demo.account_review", slow_review) for _ in range(4)]
-    say(
-        f"lock queue: {len(queue)} reviews of crm_contact:1, {hold_seconds:g} s each "
-        f"(see /leases/ and {queue[-1].id})"
-    )
-
+    # First what a worker must pick up soon (the review "a human" interferes with, the draft an
+    # agent edits), then what only waits: the lock queue, behind one holder at a time.
     edited = start("demo.account_review", {"contact_id": 2, "review_seconds": 6})
-    ambiguous = start("demo.account_review", {"contact_id": 3, "review_seconds": 0, "notify_seconds": 12})
-
+    gated = start("demo.lead_followup", {"lead_id": 3, "contact_id": 4})
     first = start("demo.enrich_lead", {"lead_id": 1}, trigger_event_id=f"contention-{stamp}")
     try:
         start("demo.enrich_lead", {"lead_id": 2}, trigger_event_id=f"contention-{stamp}")
@@ -57,8 +51,13 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
         say(
             f"duplicate trigger contention-{stamp} with another payload: refused, a conflict (run {first.id})"
         )
-
-    gated = start("demo.lead_followup", {"lead_id": 3, "contact_id": 4})
+    ambiguous = start("demo.account_review", {"contact_id": 3, "review_seconds": 0, "notify_seconds": 12})
+    slow_review = {"contact_id": 1, "review_seconds": hold_seconds}
+    queue = [start("demo.account_review", slow_review) for _ in range(4)]
+    say(
+        f"lock queue: {len(queue)} reviews of crm_contact:1, {hold_seconds:g} s each "
+        f"(see /leases/ and {queue[-1].id})"
+    )
 
     review = Step.objects.get(run=edited, key="review_contact")
     if _wait(lambda: Step.objects.get(pk=review.pk).status == StepStatus.RUNNING, wait_seconds):

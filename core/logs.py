@@ -58,12 +58,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# What the readable format appends (other libraries' extras, e.g. Celery's, stay in JSON only).
+TEXT_FIELDS = (
+    "run_id", "step_key", "attempt", "tenant", "correlation_id", "lease_token",
+    "idempotency_key", "dedupe", "outcome",
+)  # fmt: skip
+
+
 class TextFormatter(logging.Formatter):
     """The plain format, with the step's fields appended as key=value."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        extra = {k: getattr(record, k) for k in TEXT_FIELDS if hasattr(record, k)}
         return text + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
 
 

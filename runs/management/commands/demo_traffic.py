@@ -60,7 +60,11 @@ class Command(BaseCommand):
         if options["scenario"] == "contention":
             from approvals.scenarios import contention  # the scenario needs people too
 
-            contention(tenant, self.stdout.write)
+            def say(line: str) -> None:
+                self.stdout.write(line)
+                self.stdout.flush()  # each line as it happens: the scenario waits for workers
+
+            contention(tenant, say)
             return
         weights = [w for w, _, _ in MIX]
         started = 0
