@@ -320,10 +320,12 @@ def fair_candidates(
 
 
 def _as_datetime(value: Any) -> datetime | None:
-    if isinstance(value, str):  # SQLite returns datetimes as text
-        parsed = parse_datetime(value)
-        return parsed if parsed is None or parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return value if isinstance(value, datetime) else None
+    """A timestamp from a raw query, aware: SQLite hands back text or naive datetimes (UTC)."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _json_list(value: Any) -> list[Any]:

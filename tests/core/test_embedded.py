@@ -21,6 +21,16 @@ COUNT_DELIVERED = (
 )
 
 
+START_LOCKED_RUN = (
+    "from core.models import Tenant; from runs.services import run_start; "
+    "run_start(tenant=Tenant.objects.get(slug='acme'), workflow='demo.crm_update', "
+    "input={'contact_id': 1, 'changes': {'stage': 'won'}}, actor='t', trigger_event_id='embedded-lock')"
+)
+LOCKED_RUN_STATUS = (
+    "from runs.models import Run; print(Run.objects.get(trigger_event_id='embedded-lock').status)"
+)
+
+
 def embedded_env(tmp_path: Path) -> dict[str, str]:
     env = base_env(DEBUG="1", SQLITE_PATH=str(tmp_path / "embedded.sqlite3"))
     env.pop("DATABASE_URL", None)
@@ -59,6 +69,15 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
         deadline = time.monotonic() + 30
         while manage("shell", "-c", COUNT_DELIVERED, env=env).stdout.strip().splitlines()[-1:] != ["1"]:
             assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+
+        # And a run started by another process, whose step takes an entity lock, runs to the end.
+        manage("shell", "-c", START_LOCKED_RUN, env=env)
+        deadline = time.monotonic() + 60
+        while manage("shell", "-c", LOCKED_RUN_STATUS, env=env).stdout.strip().splitlines()[-1:] != [
+            "succeeded"
+        ]:
+            assert time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.5)
 
     output = log.read_text()

@@ -58,6 +58,13 @@ def test_a_worker_process_logs_json_lines_with_the_step_and_effect_fields(
             correlation_id="deal-7",
         ).run
         wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs())
+        # The line is written just after the commit the test saw: wait for it before stopping.
+        log = tmp_path / "w1.log"
+        wait_for(
+            lambda: f'"run_id": "{run.id}"' in log.read_text() and "step ended" in log.read_text(),
+            30,
+            "no line",
+        )
     finally:
         cluster.stop()
     lines = [line for line in (tmp_path / "w1.log").read_text().splitlines() if line.startswith("{")]

@@ -206,3 +206,16 @@ def test_racing_dispatchers_never_exceed_any_cap(acme: Tenant, globex: Tenant) -
     assert peaks["global"] <= 5, peaks
     assert peaks[f"tenant:{acme.pk}"] <= 3 and peaks[f"tenant:{globex.pk}"] <= 3, peaks
     assert peaks["global"] >= 4, "the race must actually press against the cap"
+
+
+def test_raw_timestamps_are_made_aware_whatever_the_database_hands_back() -> None:
+    from datetime import UTC, datetime
+
+    from runs.dispatch import _as_datetime
+
+    aware = datetime(2026, 11, 24, 7, 0, tzinfo=UTC)
+    assert _as_datetime(aware) == aware
+    naive = aware.replace(tzinfo=None)  # SQLite hands back naive datetimes, in UTC
+    assert _as_datetime(naive) == aware
+    assert _as_datetime("2026-11-24 07:00:00") == aware
+    assert _as_datetime(None) is None
