@@ -311,15 +311,26 @@ def membership_add(
                 f"the username {username} is taken", code="username_taken", status=409
             ) from None
     membership = Membership.objects.create(tenant=tenant, user=user, role=role)
+    _membership_changed(tenant, user, actor, "membership_added", {"role": role, "account_created": created})
+    return membership
+
+
+def _membership_changed(tenant: Tenant, user: User, actor: User, verb: str, payload: dict[str, Any]) -> None:
+    """Audit a membership change and close the member's open sockets once it commits."""
     event_record(
         tenant=tenant,
-        subject=f"user:{username}",
-        verb="membership_added",
+        subject=f"user:{user.get_username()}",
+        verb=verb,
         actor=actor.get_username(),
-        payload={"role": role, "account_created": created},
+        payload=payload,
     )
     _close_member_sockets(tenant, user)
-    return membership
+
+
+def _locked_membership(tenant: Tenant, user: User) -> Membership | None:
+    """``user``'s membership of ``tenant``, read under the tenant's lock (see _lock_tenant)."""
+    _lock_tenant(tenant)
+    return Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
 
 
 def _ensure_an_admin_remains(tenant: Tenant, leaving: Membership) -> None:
@@ -339,8 +350,7 @@ def _ensure_an_admin_remains(tenant: Tenant, leaving: Membership) -> None:
 def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -> Membership:
     """Change a member's role; it applies at once (their open sockets close and reconnect)."""
     _check_role(role)
-    _lock_tenant(tenant)
-    membership = Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
+    membership = _locked_membership(tenant, user)
     if membership is None:
         raise MembershipInvalid(
             f"{user.get_username()} is not a member of {tenant.slug}", code="not_found", status=404
@@ -352,14 +362,7 @@ def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -
     before = membership.role
     membership.role = role
     membership.save(update_fields=["role", "updated_at"])
-    event_record(
-        tenant=tenant,
-        subject=f"user:{user.get_username()}",
-        verb="membership_role_changed",
-        actor=actor.get_username(),
-        payload={"before": before, "after": role},
-    )
-    _close_member_sockets(tenant, user)
+    _membership_changed(tenant, user, actor, "membership_role_changed", {"before": before, "after": role})
     return membership
 
 
@@ -367,18 +370,10 @@ def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -
 def membership_revoke(*, tenant: Tenant, user: User, actor: User) -> bool:
     """Remove ``user``'s role in ``tenant``; their open live sockets for it are closed on commit.
     Returns False when there was no membership to remove; refuses to remove the last admin."""
-    _lock_tenant(tenant)
-    membership = Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
+    membership = _locked_membership(tenant, user)
     if membership is None:
         return False
     _ensure_an_admin_remains(tenant, membership)
     membership.delete()
-    event_record(
-        tenant=tenant,
-        subject=f"user:{user.get_username()}",
-        verb="membership_revoked",
-        actor=actor.get_username(),
-        payload={"role": membership.role},
-    )
-    _close_member_sockets(tenant, user)
+    _membership_changed(tenant, user, actor, "membership_revoked", {"role": membership.role})
     return True

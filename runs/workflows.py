@@ -135,6 +135,33 @@ crm_update = workflow(
 )
 
 
+def _write_contact(
+    ctx: StepContext, contact_id: int, changes: dict[str, Any], *, expected_version: int
+) -> dict[str, Any]:
+    """Write ``changes`` to a CRM contact through the ledger, if it is still at the version the
+    step read. Someone outside Runwarden changed it between the read and the write: a reviewer
+    decides whether the change still applies (EntityChanged puts the step in conflict)."""
+    try:
+        result: dict[str, Any] = ctx.effect(
+            "crm.update_contact",
+            lambda: sandbox.crm_update_contact(
+                tenant_id=ctx.tenant_id,
+                contact_id=contact_id,
+                changes=changes,
+                expected_version=expected_version,
+                key=f"{ctx.run_id}:{ctx.step_key}",
+                connection=ctx.connection("crm"),
+            ),
+            request={"contact_id": contact_id, "changes": changes},
+            external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
+        )
+    except sandbox.SandboxVersionMismatch as changed:
+        raise EntityChanged(
+            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
+        ) from None
+    return result
+
+
 @crm_update.step(lane="external", tool="crm", locks=["crm_contact:{contact_id}"])
 def apply_changes(ctx: StepContext) -> dict[str, Any]:
     contact_id = int(ctx.input["contact_id"])
@@ -142,26 +169,7 @@ def apply_changes(ctx: StepContext) -> dict[str, Any]:
     contact = sandbox.crm_get_contact(
         tenant_id=ctx.tenant_id, contact_id=contact_id, connection=ctx.connection("crm")
     )
-    try:
-        result = ctx.effect(
-            "crm.update_contact",
-            lambda: sandbox.crm_update_contact(
-                tenant_id=ctx.tenant_id,
-                contact_id=contact_id,
-                changes=changes,
-                expected_version=contact["version"],
-                key=f"{ctx.run_id}:apply_changes",
-                connection=ctx.connection("crm"),
-            ),
-            request={"contact_id": contact_id, "changes": changes},
-            external_ref=lambda r: f"contact:{r['id']}@v{r['version']}",
-        )
-    except sandbox.SandboxVersionMismatch as changed:
-        # Someone outside Runwarden changed the contact between our read and our write:
-        # a reviewer decides whether our change still applies.
-        raise EntityChanged(
-            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
-        ) from None
+    result = _write_contact(ctx, contact_id, changes, expected_version=contact["version"])
     # A reviewer who confirmed an ambiguous effect records only its reference (``external_ref``).
     return {"contact_id": contact_id, "version": result.get("version"), "stage": result.get("stage")}
 
@@ -198,24 +206,7 @@ def review_contact(ctx: StepContext) -> dict[str, Any]:
     while time.monotonic() < deadline:
         time.sleep(0.2)
         ctx.heartbeat()
-    changes = {"stage": "reviewed"}
-    try:
-        result = ctx.effect(
-            "crm.update_contact",
-            lambda: sandbox.crm_update_contact(
-                tenant_id=ctx.tenant_id,
-                contact_id=contact_id,
-                changes=changes,
-                expected_version=contact["version"],
-                key=f"{ctx.run_id}:review_contact",
-                connection=ctx.connection("crm"),
-            ),
-            request={"contact_id": contact_id, "changes": changes},
-        )
-    except sandbox.SandboxVersionMismatch as changed:
-        raise EntityChanged(
-            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
-        ) from None
+    result = _write_contact(ctx, contact_id, {"stage": "reviewed"}, expected_version=contact["version"])
     return {"contact_id": contact_id, "version": result.get("version")}
 
 
