@@ -1,0 +1,87 @@
+"""Human edits of a draft: version n+1 by compare-and-set on the latest version number. An edit
+invalidates every earlier approval of the step and opens a request for the new version; a
+lost edit becomes a ``concurrent_edit`` conflict holding both contents."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from approvals import access
+from approvals.models import (
+    ApprovalRequest,
+    ApprovalStatus,
+    Artifact,
+    ArtifactVersion,
+    ConflictArtifact,
+    ConflictKind,
+)
+from approvals.services.conflicts import record_conflict
+from approvals.services.gate import new_version, open_request, spec_of
+from core import services as core_services
+from core.models import User
+from runs.models import StepStatus
+
+
+class EditConflict(Exception):
+    def __init__(self, artifact: Artifact, conflict: ConflictArtifact | None) -> None:
+        super().__init__(f"artifact {artifact.pk} is at version {artifact.latest_version}")
+        self.artifact = artifact
+        self.conflict = conflict
+
+
+def artifact_edit(*, artifact: Artifact, user: User, expected_version: int, content: Any) -> ArtifactVersion:
+    """Write version n+1 of an artifact (compare-and-set on its latest version number).
+
+    Invalidates every earlier approval of the step and opens a new request for the new version.
+    Two edits based on the same version: the second raises EditConflict with a
+    ``concurrent_edit`` conflict artifact holding both contents. PermissionDenied for a user
+    without the operator role in the artifact's tenant.
+    """
+    access.access_edit_artifact(user, artifact.tenant.slug)
+    return artifact_write(artifact=artifact, user=user, expected_version=expected_version, content=content)
+
+
+def artifact_write(*, artifact: Artifact, user: User, expected_version: int, content: Any) -> ArtifactVersion:
+    """The edit itself; a reviewer applying a lost edit (a resolution) writes through here."""
+    with transaction.atomic():
+        locked = Artifact.objects.select_for_update().select_related("step__run").get(pk=artifact.pk)
+        if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
+            raise EditConflict(locked, None)
+        if locked.latest_version != expected_version:
+            # Recorded and committed, then refused: the loser's content is kept for a reviewer.
+            current = locked.versions.get(number=locked.latest_version)
+            lost = record_conflict(
+                ConflictKind.CONCURRENT_EDIT,
+                step=locked.step,
+                target_key=f"artifact:{locked.pk}",
+                current={"version": current.number, "author": current.author, "content": current.content},
+                proposed={"based_on": expected_version, "author": user.get_username(), "content": content},
+            )
+        else:
+            return _write_version(locked, user, expected_version, content)
+    raise EditConflict(locked, lost)
+
+
+def _write_version(artifact: Artifact, user: User, based_on: int, content: Any) -> ArtifactVersion:
+    version = new_version(artifact, content, author=user.get_username(), source="human", based_on=based_on)
+    invalidated = list(
+        ApprovalRequest.objects.filter(
+            step=artifact.step, status__in=[ApprovalStatus.PENDING, ApprovalStatus.APPROVED]
+        ).values_list("pk", flat=True)
+    )
+    ApprovalRequest.objects.filter(pk__in=invalidated).update(
+        status=ApprovalStatus.INVALIDATED, version=F("version") + 1, updated_at=timezone.now()
+    )
+    open_request(artifact.step, artifact, version, spec_of(artifact.step))
+    core_services.event_record(
+        tenant=artifact.tenant_id,
+        subject=f"run:{artifact.run_id}",
+        verb="artifact_edited",
+        actor=user.get_username(),
+        payload={"artifact": artifact.pk, "version": version.number, "invalidated": invalidated},
+    )
+    return version

@@ -1,0 +1,226 @@
+"""Decisions on approval requests, by people and by timeouts.
+
+Every decision is a compare-and-set on ``ApprovalRequest.version`` (one conditional UPDATE):
+of two tabs, two operators, or a timeout racing a human, exactly one wins and the step
+resumes exactly once; the loser changes nothing and gets the current state back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from approvals import notifications
+from approvals.models import (
+    ApprovalRequest,
+    ApprovalStatus,
+    ApprovalVote,
+    ConflictKind,
+)
+from approvals.services.conflicts import settle_conflicts
+from approvals.services.gate import spec_of
+from core import metrics
+from core import services as core_services
+from core.models import Membership, Role, User
+from core.selectors import ROLE_GRANTS
+from runs import services as run_services
+from runs.models import Step, StepStatus
+
+
+class DecisionConflict(Exception):
+    """The caller's version is stale or the request is no longer pending: nothing changed."""
+
+    def __init__(self, current: ApprovalRequest) -> None:
+        super().__init__(f"approval {current.pk} is {current.status} at version {current.version}")
+        self.current = current
+
+
+class DecisionForbidden(Exception):
+    """The user may not decide this request (role, self-approval, already voted)."""
+
+
+def _can_decide(user: User, request: ApprovalRequest) -> None:
+    membership = Membership.objects.filter(user=user, tenant_id=request.tenant_id).first()
+    if membership is None:
+        raise DecisionForbidden("not a member of this tenant")
+    roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
+    if not any(role in ROLE_GRANTS[membership.role] for role in roles):
+        raise DecisionForbidden(f"this approval needs one of the roles: {', '.join(roles)}")
+
+
+def _blocks_self_approval(user: User, request: ApprovalRequest) -> bool:
+    spec = spec_of(request.step)
+    if spec and spec.approval and spec.approval.allow_self_approval:
+        return False
+    return user.get_username() in {request.run.actor, request.artifact_version.author}
+
+
+def approval_decide(
+    *, request: ApprovalRequest, user: User, decision: str, expected_version: int, comment: str = ""
+) -> ApprovalRequest:
+    """Approve, reject or request changes, as a compare-and-set on ``expected_version``.
+
+    Raises DecisionConflict (stale version or already decided; nothing changed) or
+    DecisionForbidden. An approval that reaches the quorum resumes the step, exactly once.
+    """
+    if decision not in ("approve", "reject", "request_changes"):
+        raise ValueError(f"unknown decision {decision!r}")
+    _can_decide(user, request)
+    if decision == "approve" and _blocks_self_approval(user, request):
+        raise DecisionForbidden("you started this run or wrote this version: someone else must approve it")
+    now = timezone.now()
+    with transaction.atomic():
+        pending = ApprovalRequest.objects.filter(
+            pk=request.pk, version=expected_version, status=ApprovalStatus.PENDING
+        )
+        if decision == "approve":
+            won = pending.update(
+                approvals=F("approvals") + 1,
+                version=F("version") + 1,
+                decided_by=user,
+                decided_at=now,
+                comment=comment,
+                updated_at=now,
+            )
+            if won == 1:
+                try:
+                    with transaction.atomic():
+                        ApprovalVote.objects.create(request_id=request.pk, user=user)
+                except IntegrityError:
+                    transaction.set_rollback(True)
+                    raise DecisionForbidden(
+                        "you already approved this request; it needs another approver"
+                    ) from None
+                # The quorum is reached when the approvals counted so far cover the requirement.
+                ApprovalRequest.objects.filter(
+                    pk=request.pk, status=ApprovalStatus.PENDING, approvals__gte=F("required")
+                ).update(status=ApprovalStatus.APPROVED)
+        else:
+            status = ApprovalStatus.REJECTED if decision == "reject" else ApprovalStatus.CHANGES_REQUESTED
+            won = pending.update(
+                status=status,
+                version=F("version") + 1,
+                decided_by=user,
+                decided_at=now,
+                comment=comment,
+                updated_at=now,
+            )
+        if won == 1:
+            current = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(
+                pk=request.pk
+            )
+            _after_decision(current, user.get_username(), decision, comment)
+    if won != 1:
+        # Lost the compare-and-set: nothing was written; show who won, when, on which version.
+        raise DecisionConflict(
+            ApprovalRequest.objects.select_related("decided_by", "artifact_version").get(pk=request.pk)
+        )
+    metrics.APPROVAL_DECISIONS.labels(
+        outcome=decision if current.status != ApprovalStatus.PENDING else "vote"
+    ).inc()
+    return current
+
+
+def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment: str) -> None:
+    step = request.step
+    core_services.event_record(
+        tenant=request.tenant_id,
+        subject=f"run:{request.run_id}",
+        verb=f"approval_{request.status}" if request.status != ApprovalStatus.PENDING else "approval_vote",
+        actor=actor,
+        payload={
+            "approval_id": request.pk,
+            "version": request.version,
+            "artifact_version": request.artifact_version.number,
+            "approvals": request.approvals,
+            "required": request.required,
+            "comment": comment,
+        },
+    )
+    if request.status == ApprovalStatus.APPROVED:
+        # Resumes a waiting step; also a step held in conflict because an edit made its
+        # earlier approval stale — approving the new version settles that conflict.
+        resumed = run_services.step_resume(
+            step=step, actor=actor, from_statuses=(StepStatus.WAITING_APPROVAL, StepStatus.CONFLICT)
+        )
+        if resumed:
+            settle_conflicts(step, ConflictKind.STALE_APPROVAL, actor, "approved_new_version")
+    elif request.status == ApprovalStatus.REJECTED:
+        run_services.step_fail(
+            step=step,
+            actor=actor,
+            reason=f"rejected by {actor}: {comment}".strip(": "),
+            from_statuses=(StepStatus.WAITING_APPROVAL,),
+        )
+    elif request.status == ApprovalStatus.CHANGES_REQUESTED:
+        spec = spec_of(step)
+        redraft = spec.approval.redraft_step if spec and spec.approval else ""
+        if not redraft:
+            prior = (
+                Step.objects.filter(run_id=step.run_id, position__lt=step.position)
+                .order_by("-position")
+                .first()
+            )
+            redraft = prior.key if prior else ""
+        if not redraft:
+            raise DecisionForbidden("this step has no drafting step to send back to")
+        run_services.run_rewind(step=step, to_step_key=redraft, actor=actor, note=comment)
+
+
+def approvals_expire(*, now: Any = None) -> int:
+    """Apply the timeout fallback of pending requests past their deadline, each exactly once
+    (a conditional UPDATE on the version, so a human deciding at the same moment wins or loses
+    cleanly). Returns how many fired."""
+    now = now or timezone.now()
+    fired = 0
+    for request in ApprovalRequest.objects.filter(
+        status=ApprovalStatus.PENDING, expires_at__lte=now
+    ).select_related("step__run"):
+        spec = spec_of(request.step)
+        fallback = spec.approval.on_timeout if spec and spec.approval else "reject"
+        with transaction.atomic():
+            claim = ApprovalRequest.objects.filter(
+                pk=request.pk, version=request.version, status=ApprovalStatus.PENDING
+            )
+            if fallback == "escalate":
+                won = claim.update(escalated=True, expires_at=None, version=F("version") + 1, updated_at=now)
+                verb = "approval_escalated"
+                if won == 1:
+                    request.refresh_from_db()
+                    notifications.notify(request, "approval_escalated")
+            elif fallback == "auto_approve":
+                won = claim.update(
+                    status=ApprovalStatus.APPROVED,
+                    decided_at=now,
+                    comment="auto-approved on timeout",
+                    version=F("version") + 1,
+                    updated_at=now,
+                )
+                verb = "approval_auto_approved"
+            else:
+                won = claim.update(
+                    status=ApprovalStatus.EXPIRED,
+                    decided_at=now,
+                    comment="timed out",
+                    version=F("version") + 1,
+                    updated_at=now,
+                )
+                verb = "approval_expired"
+            if won != 1:
+                continue
+            fired += 1
+            core_services.event_record(
+                tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
+                payload={"approval_id": request.pk},
+            )  # fmt: skip
+            if fallback == "auto_approve":
+                run_services.step_resume(step=request.step, actor="timeout")
+            elif fallback == "reject":
+                run_services.step_fail(
+                    step=request.step, actor="timeout", reason="approval timed out",
+                    from_statuses=(StepStatus.WAITING_APPROVAL,),
+                )  # fmt: skip
+            metrics.APPROVAL_DECISIONS.labels(outcome=f"timeout_{fallback}").inc()
+    return fired

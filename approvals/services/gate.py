@@ -1,0 +1,122 @@
+"""The gate the executor asks before a step's effect: it keeps the step's artifact, writes its
+versions and opens an approval request for each version that needs a decision. The executor
+asks again in the transaction that proposes the effect (``guard_effect``)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.utils import timezone
+
+from approvals import notifications
+from approvals.models import (
+    ApprovalRequest,
+    ApprovalStatus,
+    Artifact,
+    ArtifactVersion,
+)
+from core import services as core_services
+from core.models import Role
+from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
+from runs.gates import ApprovalNoLongerValid, GateVerdict
+from runs.models import Run, Step
+
+
+def spec_of(step: Step) -> StepSpec | None:
+    try:
+        return get_workflow(step.run.workflow, step.run.workflow_version).spec(step.key)
+    except UnknownWorkflow:
+        return None
+
+
+def open_request(
+    step: Step, artifact: Artifact, version: ArtifactVersion, spec: StepSpec | None
+) -> ApprovalRequest:
+    policy = spec.approval if spec else None
+    timeout = policy.timeout_seconds if policy else None
+    request = ApprovalRequest.objects.create(
+        tenant_id=step.tenant_id,
+        run_id=step.run_id,
+        step=step,
+        artifact=artifact,
+        artifact_version=version,
+        required=policy.required if policy else 1,
+        eligible_roles=list(policy.roles) if policy else [Role.OPERATOR],
+        expires_at=timezone.now() + timedelta(seconds=timeout) if timeout else None,
+    )
+    notifications.notify(request, "approval_requested")  # in this transaction, through the outbox
+    return request
+
+
+def new_version(
+    artifact: Artifact, content: Any, author: str, source: str, based_on: int | None
+) -> ArtifactVersion:
+    number = (artifact.versions.order_by("-number").values_list("number", flat=True).first() or 0) + 1
+    Artifact.objects.filter(pk=artifact.pk).update(latest_version=number, updated_at=timezone.now())
+    artifact.latest_version = number
+    return ArtifactVersion.objects.create(
+        artifact=artifact, number=number, content=content, author=author, source=source, based_on=based_on
+    )
+
+
+class ApprovalGate:
+    """The approvals app's implementation of runs.gates.ApprovalGate."""
+
+    def check(self, *, run: Run, step: Step, spec: StepSpec, draft: Any) -> GateVerdict:
+        artifact = Artifact.objects.select_for_update().filter(step=step).first()
+        if artifact is None:
+            artifact = Artifact.objects.create(
+                tenant_id=step.tenant_id, run=run, step=step, kind=spec.tool or spec.lane, latest_version=0
+            )
+            version = new_version(artifact, draft, author=run.actor, source="agent", based_on=None)
+            request = open_request(step, artifact, version, spec)
+            core_services.event_record(
+                tenant=step.tenant_id,
+                subject=f"run:{run.id}",
+                verb="approval_requested",
+                actor="executor",
+                payload={"step": step.key, "approval_id": request.pk, "artifact_version": version.number},
+            )
+            return GateVerdict("waiting", approval_id=request.pk)
+        latest = artifact.versions.get(number=artifact.latest_version)
+        newest = ApprovalRequest.objects.filter(step=step).order_by("-id").first()
+        assert newest is not None
+        request = newest
+        if request.status == ApprovalStatus.APPROVED and request.artifact_version_id == latest.pk:
+            return GateVerdict(
+                "approved", content=latest.content, approval_id=request.pk, artifact_version_id=latest.pk
+            )
+        if request.status == ApprovalStatus.PENDING:
+            return GateVerdict("waiting", approval_id=request.pk)
+        decided_before_retry = step.retried_at is not None and request.created_at < step.retried_at
+        if request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED) and not decided_before_retry:
+            return GateVerdict("rejected", reason=request.comment or request.status, approval_id=request.pk)
+        # Below: changes were requested, the approval was invalidated, or an operator retried the
+        # run after a rejection or expiry — a new request for the latest version.
+        if draft is not None and draft != latest.content:
+            latest = new_version(artifact, draft, author=run.actor, source="agent", based_on=latest.number)
+        request = open_request(step, artifact, latest, spec)
+        return GateVerdict("waiting", approval_id=request.pk)
+
+    def guard_effect(self, *, step: Step, verdict: GateVerdict) -> None:
+        # Locks the artifact row: an edit either committed before (then we refuse) or waits
+        # until this proposal commits (then the approved version is what is sent).
+        artifact = Artifact.objects.select_for_update().get(step=step)
+        request = (
+            ApprovalRequest.objects.filter(pk=verdict.approval_id).first()
+            if verdict.approval_id is not None
+            else None
+        )
+        latest_id = (
+            artifact.versions.filter(number=artifact.latest_version).values_list("pk", flat=True).first()
+        )
+        if (
+            request is None
+            or request.status != ApprovalStatus.APPROVED
+            or verdict.artifact_version_id != latest_id
+        ):
+            raise ApprovalNoLongerValid(
+                f"the approval of step {step.key} no longer holds: the artifact is at version "
+                f"{artifact.latest_version} and the approval is {request.status if request else 'gone'}"
+            )
