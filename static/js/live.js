@@ -4,7 +4,7 @@
   var lastEventId = null;
   function setStatus(ok) {
     var el = document.getElementById("live-status");
-    if (el) { el.classList.toggle("on", ok); el.title = ok ? "live updates on" : "live updates off"; }
+    if (el) { el.classList.toggle("on", ok); el.title = ok ? "live updates on" : "live updates off"; el.setAttribute("aria-label", el.title); }
   }
   document.addEventListener("htmx:wsOpen", function () {
     setStatus(true);
@@ -57,12 +57,37 @@
       if (!timeOnly && seconds >= 0 && seconds < 86400) { text += " · " + ago(seconds); }
       el.title = el.getAttribute("datetime") + " (UTC " + el.textContent.trim() + ")";
       el.textContent = text;
-      el.dataset.localized = "1";
+      el.dataset.localized = timeOnly ? "time" : "1";
+      if (!timeOnly) { el.dataset.absolute = text.split(" · ")[0]; }
     });
   }
-  document.addEventListener("DOMContentLoaded", function () { localize(document); });
-  document.addEventListener("htmx:afterSettle", function (e) { localize(e.target); });
+  // "· 3 min ago" keeps counting while the page stays open.
+  setInterval(function () {
+    document.querySelectorAll("time[data-localized='1'][data-absolute]").forEach(function (el) {
+      var seconds = (Date.now() - new Date(el.getAttribute("datetime")).getTime()) / 1000;
+      el.textContent = el.dataset.absolute + (seconds >= 0 && seconds < 86400 ? " · " + ago(seconds) : "");
+    });
+  }, 15000);
+  // A table wider than the screen scrolls inside its frame; give that frame a name and a
+  // place in the Tab order so it can be scrolled from the keyboard too.
+  function reachableScrolling(root) {
+    (root || document).querySelectorAll(".table-wrap").forEach(function (el) {
+      if (el.scrollWidth > el.clientWidth + 1) {
+        if (!el.hasAttribute("tabindex")) {
+          var heading = el.previousElementSibling;
+          el.setAttribute("tabindex", "0");
+          el.setAttribute("role", "region");
+          el.setAttribute("aria-label", (heading && /^H[1-6]$/.test(heading.tagName) ? heading.textContent.trim() : "table") + " (scrolls sideways)");
+        }
+      } else if (el.getAttribute("role") === "region") {
+        el.removeAttribute("tabindex"); el.removeAttribute("role"); el.removeAttribute("aria-label");
+      }
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { localize(document); reachableScrolling(document); });
+  document.addEventListener("htmx:afterSettle", function () { localize(document); reachableScrolling(document); });
   document.addEventListener("htmx:oobAfterSwap", function () { localize(document); });
+  window.addEventListener("resize", function () { reachableScrolling(document); });
 
   // Expiry counts down in the browser between refreshes ([data-expires]: a Unix time).
   setInterval(function () {

@@ -1,0 +1,172 @@
+"""Every page of the console at a phone's width (390 px) and a laptop's (1280 px), and the
+console by keyboard alone: nothing sticks out of the screen, every control has a name, a wide
+table scrolls inside its frame and that frame can be reached with Tab; an operator logs in and
+approves with the keyboard, seeing where the focus is at each step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+from approvals import services
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
+from core.models import User
+from tests.e2e.conftest import login, screenshot
+from tests.e2e.test_approvals_pages import elsewhere, waiting_for_approval
+
+# Elements that end right of the viewport, outside any frame that scrolls or clips them.
+STICKING_OUT = """() => {
+  const width = document.documentElement.clientWidth;
+  const out = [];
+  if (document.documentElement.scrollWidth > width + 1) {  // also text running out of its box
+    out.push('the page scrolls sideways to ' + document.documentElement.scrollWidth);
+  }
+  for (const el of document.querySelectorAll('body *')) {
+    const box = el.getBoundingClientRect();
+    if (box.width === 0 || box.right <= width + 1) continue;
+    let frame = el.parentElement, framed = false;
+    while (frame && !framed) {
+      framed = ['auto', 'scroll', 'hidden'].includes(getComputedStyle(frame).overflowX);
+      frame = frame.parentElement;
+    }
+    const name = el.tagName.toLowerCase() + (el.id ? '#' + el.id : '');
+    if (!framed) out.push(name + ' ends at ' + Math.round(box.right));
+  }
+  return out.slice(0, 5);
+}"""
+
+# Controls a screen reader or a keyboard user could not name.
+NAMELESS = """() => {
+  const out = [];
+  for (const el of document.querySelectorAll('a[href], button, input:not([type=hidden]), select, textarea')) {
+    if (el.closest('[hidden]') || el.getClientRects().length === 0) continue;
+    const labelled = el.labels && Array.from(el.labels).some(l => l.textContent.trim());
+    const name = el.getAttribute('aria-label') || el.getAttribute('title') || el.textContent.trim()
+      || (el.getAttribute('aria-labelledby') && document.getElementById(el.getAttribute('aria-labelledby')))
+      || el.getAttribute('placeholder') || el.value && el.type === 'submit';
+    if (!name && !labelled) out.push(el.outerHTML.slice(0, 120));
+  }
+  return out;
+}"""
+
+# Frames that scroll sideways but cannot be reached (or are not named) for the keyboard.
+UNREACHABLE_SCROLLING = """() => Array.from(document.querySelectorAll('.table-wrap'))
+  .filter(el => el.scrollWidth > el.clientWidth + 1)
+  .filter(el => el.tabIndex < 0 || !el.getAttribute('aria-label'))
+  .map(el => (el.previousElementSibling || {}).textContent || el.className)"""
+
+
+def _content_everywhere() -> dict[str, Any]:
+    """A run waiting for approval, and a concurrent-edit conflict on another, so the inbox,
+    the conflicts queue, the board and the run page all have rows."""
+    waiting = waiting_for_approval()
+    other = waiting_for_approval()
+    artifact = Artifact.objects.get(step=other.step)
+    operator = User.objects.get(username="operator")
+    services.artifact_edit(artifact=artifact, user=operator, expected_version=1, content={"body": "first"})
+    with pytest.raises(services.EditConflict):
+        services.artifact_edit(
+            artifact=artifact, user=operator, expected_version=1, content={"body": "second"}
+        )
+    return {"run_id": waiting.run_id, "approval_id": waiting.pk}
+
+
+@pytest.mark.parametrize("width,height", [(390, 844), (1280, 800)])
+def test_every_page_fits_the_screen_and_names_its_controls(
+    live_console: str, browser: Browser, width: int, height: int
+) -> None:
+    seeded = elsewhere(_content_everywhere)
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    try:
+        page.goto(live_console + "/accounts/login/")
+        assert page.evaluate(STICKING_OUT) == [], "login page"
+        login(page, live_console, "admin")
+        expect(page).to_have_url(live_console + "/")
+        paths = [
+            "/",
+            "/runs/",
+            f"/runs/{seeded['run_id']}/",
+            "/leases/",
+            "/approvals/",
+            "/conflicts/",
+            "/sessions/acme/",
+            "/tenants/acme/members/",
+            "/tenants/acme/quotas/",
+            "/tenants/acme/audit/",
+            "/tenants/acme/connections/",
+            "/account/tokens/",
+        ]
+        for path in paths:
+            response = page.goto(live_console + path)
+            assert response is not None and response.status == 200, path
+            # Live pages re-fetch their fragments when the socket opens: check what settles.
+            expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+            page.wait_for_load_state("networkidle")
+            page.wait_for_selector(".htmx-settling, .htmx-swapping", state="detached")
+            assert page.evaluate(STICKING_OUT) == [], f"{path} at {width} px"
+            assert page.evaluate(NAMELESS) == [], f"{path}: controls without a name"
+            assert page.evaluate(UNREACHABLE_SCROLLING) == [], f"{path}: a table frame Tab cannot reach"
+        if width == 390:
+            for path, name in (
+                (f"/runs/{seeded['run_id']}/", "run-detail-phone"),
+                ("/approvals/", "inbox-phone"),
+            ):
+                page.goto(live_console + path)
+                expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+                page.wait_for_load_state("networkidle")
+                screenshot(page, name)
+    finally:
+        context.close()
+
+
+def _tab_to(page: Page, selector: str, limit: int = 80) -> None:
+    """Press Tab until the focus is on ``selector``, checking the focus ring on the way."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        if page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
+            ring = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+            assert ring != "none", f"{selector} has focus but no visible focus ring"
+            return
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def test_an_operator_logs_in_and_approves_with_the_keyboard_alone(live_console: str, page: Page) -> None:
+    request = elsewhere(waiting_for_approval)
+    page.goto(live_console + "/accounts/login/")
+    _tab_to(page, "input[name=username]")
+    page.keyboard.type("operator")
+    _tab_to(page, "input[name=password]")
+    page.keyboard.type("runwarden")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(live_console + "/")
+
+    # The first Tab offers to skip the navigation; Enter puts the focus on the page's content.
+    page.keyboard.press("Tab")
+    skip = page.get_by_role("link", name="Skip to content")
+    expect(skip).to_be_focused()
+    expect(skip).to_be_in_viewport()
+    page.keyboard.press("Enter")
+    expect(page.locator("#content")).to_be_focused()
+
+    page.keyboard.press("Shift+Tab")  # back into the navigation, from the content
+    _tab_to(page, "nav[aria-label=Main] a[href='/approvals/']")
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(live_console + "/approvals/")
+    expect(
+        page.get_by_role("navigation", name="Main").get_by_role("link", name="Approvals")
+    ).to_have_attribute("aria-current", "page")
+
+    card = page.locator(f"#approval-{request.pk}")
+    _tab_to(page, f"#approval-{request.pk} button[value=approve]")
+    page.keyboard.press("Enter")
+    expect(card.locator(".badge")).to_have_text("approved")
+    screenshot(page, "approved-by-keyboard")
+    request.refresh_from_db()
+    assert (request.status, request.decided_by) == (
+        ApprovalStatus.APPROVED,
+        User.objects.get(username="operator"),
+    )
+    assert ApprovalRequest.objects.filter(step=request.step, status=ApprovalStatus.APPROVED).count() == 1
