@@ -24,6 +24,7 @@ install: $(STAMP)
 # beat as separate processes (Procfile), run from the project's virtualenv.
 run: $(STAMP)
 	@export DEBUG=$${DEBUG:-1}; \
+	$(BIN)/python manage.py ensure_database && \
 	$(BIN)/python manage.py migrate --noinput && \
 	$(BIN)/python manage.py collectstatic --noinput -v0 && \
 	$(BIN)/python manage.py seed_demo && \
