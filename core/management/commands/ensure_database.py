@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg2
+import psycopg2  # type: ignore[import-untyped]
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 from psycopg2 import errorcodes, sql
