@@ -1,0 +1,115 @@
+"""``manage.py bench_step_cost``: where one step's time goes, in one process, on one connection.
+
+Starts ``--runs`` one-step ``bench.noop`` runs, admits the first, then runs the step chain
+exactly as a busy worker does (``step_execute`` with the worker's lanes: each finish admits
+and starts the next ready step), and reports per step: wall time, statements and the time
+spent inside them, the rest being Python (ORM, Runwarden) and commits. ``--cprofile`` adds
+the functions that took the most time. No broker round trip or Celery overhead is included:
+this is the engine's own cost per step, the part ``make bench``'s ratio is made of.
+
+Run it on the bench database (``make bench`` creates it), e.g.::
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/runwarden_bench REDIS_URL=redis://127.0.0.1:6379/2 \\
+    RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows DEBUG=1 .venv/bin/python manage.py bench_step_cost
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import pstats
+import time
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection
+
+from core.models import Tenant, TenantQuota
+from runs.dispatch import dispatch_round
+from runs.executor import step_execute
+from runs.models import Run, RunStatus, Step, StepStatus
+from runs.services import run_start
+
+TENANT_SLUG = "bench"
+ACTOR = "bench_step_cost"
+UNFINISHED_RUNS = [RunStatus.PENDING, RunStatus.RUNNING]
+
+
+class Command(BaseCommand):
+    help = "Measure the engine's own cost per step in one process (statements, time in them, the rest)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--runs", type=int, default=300, help="one-step runs to start and run")
+        parser.add_argument("--cprofile", type=int, default=0, help="also print the N costliest functions")
+        parser.add_argument("--any-database", action="store_true", help="run on a database not named *bench*")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        previously = logging.root.manager.disable
+        logging.disable(logging.INFO)  # a line per step would be measured too
+        try:
+            self._measure(options)
+        finally:
+            logging.disable(previously)
+
+    def _measure(self, options: dict[str, Any]) -> None:
+        if "bench" not in str(connection.settings_dict["NAME"]) and not options["any_database"]:
+            raise CommandError(
+                "run this on a database named *bench* (it cancels the bench tenant's runs), "
+                "or pass --any-database"
+            )
+        tenant, _ = Tenant.objects.get_or_create(slug=TENANT_SLUG, defaults={"name": "Bench"})
+        TenantQuota.objects.update_or_create(
+            tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
+        )
+        Step.objects.filter(tenant=tenant, status__in=[StepStatus.READY, StepStatus.PENDING]).update(
+            status=StepStatus.CANCELLED
+        )
+        Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUNS).update(status=RunStatus.CANCELLED)
+
+        runs = options["runs"]
+        began = time.perf_counter()
+        for _ in range(runs):
+            run_start(tenant=tenant, workflow="bench.noop", input={}, actor=ACTOR)
+        start_ms = (time.perf_counter() - began) * 1000 / runs
+
+        admitted = dispatch_round(limit=1)
+        if not admitted:
+            raise CommandError("nothing was admitted: is a step of the bench tenant still leased?")
+        first = admitted[0]
+        lanes = frozenset(Step.objects.filter(tenant=tenant).values_list("lane", flat=True).distinct())
+        spent = {"statements": 0, "seconds": 0.0}
+
+        def timed(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return execute(sql, params, many, context)
+            finally:
+                spent["statements"] += 1
+                spent["seconds"] += time.perf_counter() - t
+
+        profile = cProfile.Profile() if options["cprofile"] else None
+        before = Step.objects.filter(tenant=tenant, status=StepStatus.SUCCEEDED).count()
+        began = time.perf_counter()
+        with connection.execute_wrapper(timed):
+            if profile:
+                profile.enable()
+            step_execute(step_id=first.step_id, token=first.token, lanes=lanes)
+            if profile:
+                profile.disable()
+        wall = time.perf_counter() - began
+        steps = Step.objects.filter(tenant=tenant, status=StepStatus.SUCCEEDED).count() - before
+        if steps == 0:
+            raise CommandError("no step finished")
+        per = 1000 / steps
+        self.stdout.write(
+            f"run_start: {start_ms:.2f} ms per run\n"
+            f"steps run in one chain: {steps} of {runs}\n"
+            f"per step: {wall * per:.2f} ms wall, {spent['statements'] / steps:.1f} statements, "
+            f"{spent['seconds'] * per:.2f} ms inside them, {(wall - spent['seconds']) * per:.2f} ms the rest "
+            f"(Python, commits){' — under cProfile, so slower' if profile else ''}"
+        )
+        if profile:
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(options["cprofile"])
+            self.stdout.write(out.getvalue())

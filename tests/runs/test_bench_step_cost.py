@@ -1,0 +1,30 @@
+"""``manage.py bench_step_cost`` runs the step chain a busy worker runs and accounts for it."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from runs.models import Run, RunStatus
+
+
+@pytest.mark.django_db(transaction=True)
+def test_it_runs_every_step_of_the_chain_and_reports_its_cost() -> None:
+    out = io.StringIO()
+    call_command("bench_step_cost", runs=6, any_database=True, stdout=out)
+    report = out.getvalue()
+    assert "steps run in one chain: 6 of 6" in report
+    per_step = re.search(r"per step: ([\d.]+) ms wall, ([\d.]+) statements, ([\d.]+) ms inside them", report)
+    assert per_step is not None, report
+    wall, statements, inside = (float(x) for x in per_step.groups())
+    assert statements > 0 and 0 < inside < wall
+    assert Run.objects.filter(actor="bench_step_cost", status=RunStatus.SUCCEEDED).count() == 6
+
+
+@pytest.mark.django_db
+def test_it_refuses_a_database_not_meant_for_benches() -> None:
+    with pytest.raises(CommandError, match="named \\*bench\\*"):
+        call_command("bench_step_cost", runs=1)
