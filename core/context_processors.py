@@ -20,6 +20,7 @@ def tenancy(request: HttpRequest) -> dict[str, Any]:
         "nav_admin_tenants": [m.tenant for m in memberships if m.role == Role.ADMIN],
         "tenant_pages": TENANT_PAGES,
         "nav_pending_approvals": _pending_approvals(user),
+        "nav_current": _nav_current(request),
     }
 
 
@@ -39,3 +40,27 @@ TENANT_PAGES = [
     ("core:tenant-connections", "Connections"),
     ("core:tenant-audit", "Audit log"),
 ]
+
+
+# Which navigation link holds the current page: aria-current="page" on the section's own page
+# (its link's target), "true" on a page inside it (a run of the runs list).
+NAV_SECTIONS = {
+    "overview": ("overview", True),
+    "run-list": ("runs", True),
+    "run-detail": ("runs", False),
+    "session-detail": ("runs", False),
+    "lease-board": ("leases", True),
+    "approval-inbox": ("approvals", True),
+    "conflict-queue": ("conflicts", True),
+}
+
+
+def _nav_current(request: HttpRequest) -> dict[str, str]:
+    match = request.resolver_match
+    if match is None or not match.url_name:
+        return {}
+    if match.url_name.startswith("tenant-") and "slug" in match.kwargs:
+        own_page = match.url_name == "tenant-members"
+        return {f"admin:{match.kwargs['slug']}": "page" if own_page else "true"}
+    section, own_page = NAV_SECTIONS.get(match.url_name, ("", False))
+    return {section: "page" if own_page else "true"} if section else {}

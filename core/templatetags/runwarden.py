@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django import template
 from django.utils.dateformat import format as date_format
@@ -22,3 +23,11 @@ def when(value: datetime | None, fmt: str = "Y-m-d H:i:s") -> SafeString | str:
     return format_html(
         '<time datetime="{}" data-local="{}">{}</time>', value.isoformat(), kind, date_format(value, fmt)
     )
+
+
+@register.simple_tag(takes_context=True)
+def nav_mark(context: dict[str, Any], section: str) -> SafeString | str:
+    """` aria-current="page"` (or "true" inside the section) on the link of the current
+    page's section (core.context_processors: nav_current), else nothing."""
+    current = context.get("nav_current", {}).get(section)
+    return format_html(' aria-current="{}"', current) if current else ""

@@ -4,7 +4,11 @@
   var lastEventId = null;
   function setStatus(ok) {
     var el = document.getElementById("live-status");
-    if (el) { el.classList.toggle("on", ok); el.title = ok ? "live updates on" : "live updates off"; el.setAttribute("aria-label", el.title); }
+    if (!el) { return; }
+    el.classList.toggle("on", ok);
+    el.title = ok ? "live updates on" : "live updates off";
+    var said = el.querySelector(".sr-only");  // read out by screen readers (role=status)
+    if (said && said.textContent !== el.title) { said.textContent = el.title; }
   }
   document.addEventListener("htmx:wsOpen", function () {
     setStatus(true);
@@ -67,17 +71,28 @@
       var seconds = (Date.now() - new Date(el.getAttribute("datetime")).getTime()) / 1000;
       el.textContent = el.dataset.absolute + (seconds >= 0 && seconds < 86400 ? " · " + ago(seconds) : "");
     });
+    reachableScrolling(document);  // longer texts may have made a table wider than its frame
   }, 15000);
   // A table wider than the screen scrolls inside its frame; give that frame a name and a
   // place in the Tab order so it can be scrolled from the keyboard too.
+  // The nearest heading before an element (its section's, else the page's): a frame's name.
+  function headingBefore(el) {
+    for (var node = el; node && node !== document.body; node = node.parentElement) {
+      for (var prev = node.previousElementSibling; prev; prev = prev.previousElementSibling) {
+        if (/^H[1-6]$/.test(prev.tagName)) { return prev.textContent.trim(); }
+        var inner = prev.querySelectorAll("h1, h2, h3");
+        if (inner.length) { return inner[inner.length - 1].textContent.trim(); }
+      }
+    }
+    return "table";
+  }
   function reachableScrolling(root) {
     (root || document).querySelectorAll(".table-wrap").forEach(function (el) {
       if (el.scrollWidth > el.clientWidth + 1) {
         if (!el.hasAttribute("tabindex")) {
-          var heading = el.previousElementSibling;
           el.setAttribute("tabindex", "0");
           el.setAttribute("role", "region");
-          el.setAttribute("aria-label", (heading && /^H[1-6]$/.test(heading.tagName) ? heading.textContent.trim() : "table") + " (scrolls sideways)");
+          el.setAttribute("aria-label", headingBefore(el) + " (scrolls sideways)");
         }
       } else if (el.getAttribute("role") === "region") {
         el.removeAttribute("tabindex"); el.removeAttribute("role"); el.removeAttribute("aria-label");
@@ -85,7 +100,24 @@
     });
   }
   document.addEventListener("DOMContentLoaded", function () { localize(document); reachableScrolling(document); });
-  document.addEventListener("htmx:afterSettle", function () { localize(document); reachableScrolling(document); });
+  // A live refresh replaces the fragment a keyboard user may be scrolling: keep their place.
+  var keptFrame = null;
+  document.addEventListener("htmx:beforeSwap", function () {
+    var active = document.activeElement;
+    keptFrame = null;
+    if (active && active.classList && active.classList.contains("table-wrap")) {
+      keptFrame = { index: Array.prototype.indexOf.call(document.querySelectorAll(".table-wrap"), active), left: active.scrollLeft };
+    }
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    localize(document);
+    reachableScrolling(document);
+    if (keptFrame && !(document.activeElement && document.activeElement.classList.contains("table-wrap"))) {
+      var frame = document.querySelectorAll(".table-wrap")[keptFrame.index];
+      if (frame && frame.tabIndex >= 0) { frame.scrollLeft = keptFrame.left; frame.focus({ preventScroll: true }); }
+    }
+    keptFrame = null;
+  });
   document.addEventListener("htmx:oobAfterSwap", function () { localize(document); });
   window.addEventListener("resize", function () { reachableScrolling(document); });
 

@@ -62,6 +62,14 @@ def browser() -> Iterator[Browser]:
 def page(browser: Browser) -> Iterator[Page]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
+    violations = watch_csp(page)
+    yield page
+    context.close()
+    assert not violations, f"the page broke its Content-Security-Policy: {violations}"
+
+
+def watch_csp(page: Page) -> list[str]:
+    """Collect the page's Content-Security-Policy violations (assert the list is empty)."""
     violations: list[str] = []
     page.on(
         "console",
@@ -69,9 +77,7 @@ def page(browser: Browser) -> Iterator[Page]:
             violations.append(message.text) if "Content Security Policy" in message.text else None
         ),
     )
-    yield page
-    context.close()
-    assert not violations, f"the page broke its Content-Security-Policy: {violations}"
+    return violations
 
 
 def login(page: Page, base_url: str, username: str, password: str = "runwarden") -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
 from core.models import User
-from tests.e2e.conftest import login, screenshot
+from tests.e2e.conftest import login, screenshot, watch_csp
 from tests.e2e.test_approvals_pages import elsewhere, waiting_for_approval
 
 # Elements that end right of the viewport, outside any frame that scrolls or clips them.
@@ -80,6 +80,7 @@ def test_every_page_fits_the_screen_and_names_its_controls(
     seeded = elsewhere(_content_everywhere)
     context = browser.new_context(viewport={"width": width, "height": height})
     page = context.new_page()
+    violations = watch_csp(page)
     try:
         page.goto(live_console + "/accounts/login/")
         assert page.evaluate(STICKING_OUT) == [], "login page"
@@ -109,6 +110,10 @@ def test_every_page_fits_the_screen_and_names_its_controls(
             assert page.evaluate(STICKING_OUT) == [], f"{path} at {width} px"
             assert page.evaluate(NAMELESS) == [], f"{path}: controls without a name"
             assert page.evaluate(UNREACHABLE_SCROLLING) == [], f"{path}: a table frame Tab cannot reach"
+            current = page.locator("nav[aria-label=Main] a[aria-current]")
+            expect(current).to_have_count(0 if path == "/account/tokens/" else 1)
+            if path.startswith("/tenants/acme/"):
+                expect(current).to_have_text("Admin · acme")
         if width == 390:
             for path, name in (
                 (f"/runs/{seeded['run_id']}/", "run-detail-phone"),
@@ -120,23 +125,29 @@ def test_every_page_fits_the_screen_and_names_its_controls(
                 screenshot(page, name)
     finally:
         context.close()
+    assert not violations, f"a page broke its Content-Security-Policy: {violations}"
 
 
-def _tab_to(page: Page, selector: str, limit: int = 80) -> None:
-    """Press Tab until the focus is on ``selector``, checking the focus ring on the way."""
+def _tab_to(page: Page, selector: str, *, key: str = "Tab", limit: int = 80) -> None:
+    """Press Tab (or Shift+Tab) until the focus is on ``selector``; each control passed on the
+    way shows the console's own focus ring."""
     for _ in range(limit):
-        page.keyboard.press("Tab")
+        page.keyboard.press(key)
+        ring = page.evaluate(
+            """() => { const el = document.activeElement; if (!el || el === document.body) return null;
+                       const s = getComputedStyle(el); return [s.outlineStyle, s.outlineWidth]; }"""
+        )
+        if ring is not None:
+            assert ring == ["solid", "2px"], f"a focused control shows no focus ring: {ring}"
         if page.evaluate("(s) => document.activeElement && document.activeElement.matches(s)", selector):
-            ring = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
-            assert ring != "none", f"{selector} has focus but no visible focus ring"
             return
-    raise AssertionError(f"Tab never reached {selector}")
+    raise AssertionError(f"{key} never reached {selector}")
 
 
 def test_an_operator_logs_in_and_approves_with_the_keyboard_alone(live_console: str, page: Page) -> None:
     request = elsewhere(waiting_for_approval)
     page.goto(live_console + "/accounts/login/")
-    _tab_to(page, "input[name=username]")
+    expect(page.locator("input[name=username]")).to_be_focused()  # autofocus
     page.keyboard.type("operator")
     _tab_to(page, "input[name=password]")
     page.keyboard.type("runwarden")
@@ -151,10 +162,12 @@ def test_an_operator_logs_in_and_approves_with_the_keyboard_alone(live_console: 
     page.keyboard.press("Enter")
     expect(page.locator("#content")).to_be_focused()
 
-    page.keyboard.press("Shift+Tab")  # back into the navigation, from the content
-    _tab_to(page, "nav[aria-label=Main] a[href='/approvals/']")
+    _tab_to(page, "nav[aria-label=Main] a[href='/approvals/']", key="Shift+Tab")  # back up to the nav
     page.keyboard.press("Enter")
     expect(page).to_have_url(live_console + "/approvals/")
+    # The live socket re-fetches the list when it opens: decide on what has settled.
+    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+    page.wait_for_load_state("networkidle")
     expect(
         page.get_by_role("navigation", name="Main").get_by_role("link", name="Approvals")
     ).to_have_attribute("aria-current", "page")
@@ -170,3 +183,52 @@ def test_an_operator_logs_in_and_approves_with_the_keyboard_alone(live_console: 
         User.objects.get(username="operator"),
     )
     assert ApprovalRequest.objects.filter(step=request.step, status=ApprovalStatus.APPROVED).count() == 1
+
+
+def _settled_scroll(page: Page, frame: Locator) -> int:
+    """The frame's scroll position once a smooth scroll has come to rest."""
+    last = -1
+    for _ in range(50):
+        now = int(frame.evaluate("el => el.scrollLeft"))
+        if now == last:
+            return now
+        last = now
+        page.wait_for_timeout(100)
+    return last
+
+
+def test_a_live_refresh_keeps_a_keyboard_users_place_in_a_wide_table(
+    live_console: str, browser: Browser
+) -> None:
+    request = elsewhere(waiting_for_approval)
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    try:
+        login(page, live_console, "admin")
+        expect(page).to_have_url(live_console + "/")
+        page.goto(live_console + f"/runs/{request.run_id}/")
+        expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+        page.wait_for_load_state("networkidle")
+        steps = page.get_by_role("region", name="Steps (scrolls sideways)")
+        expect(steps).to_have_attribute("tabindex", "0")
+        steps.focus()
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        left = _settled_scroll(page, steps)
+        assert left > 0, "the arrow keys scroll the focused frame"
+
+        # Someone else approves: the run's page refreshes itself over the socket.
+        operator = User.objects.get(username="operator")
+        elsewhere(
+            services.approval_decide,
+            request=request,
+            user=operator,
+            decision="approve",
+            expected_version=request.version,
+        )
+        expect(page.locator("#run-detail")).to_contain_text("approval_approved", timeout=10_000)
+        steps = page.get_by_role("region", name="Steps (scrolls sideways)")
+        expect(steps).to_be_focused()
+        assert _settled_scroll(page, steps) == left
+    finally:
+        context.close()
