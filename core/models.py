@@ -284,3 +284,23 @@ class Notification(models.Model):
 
     def __str__(self) -> str:
         return self.key
+
+
+class Tally(models.Model):
+    """How often something happened to a tenant in one minute (lock conflicts, duplicates
+    suppressed, lock waits per bucket, ...): the overview's coordination figures, kept in the
+    database so every process adds to the same count and a tenant sees only its own.
+    Written by core.tallies with an upsert (never read-then-write)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    minute = models.DateTimeField()
+    name = models.CharField(max_length=64)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "minute", "name"], name="tally_tenant_minute_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.minute:%H:%M} {self.name}={self.count}"

@@ -258,6 +258,7 @@ for _scope, _value in json.loads(env_str("RUNWARDEN_CAPS", "{}")).items():
 
 CELERY_BEAT_SCHEDULE = {
     "outbox-drain": {"task": "core.outbox_drain", "schedule": 5.0, "options": {"queue": "maintenance"}},
+    "tallies-prune": {"task": "core.tallies_prune", "schedule": 3600.0, "options": {"queue": "maintenance"}},
     "approvals-expire": {
         "task": "approvals.expire",
         "schedule": 5.0,

@@ -41,7 +41,7 @@ from django.db.models import Min, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from core import metrics
+from core import metrics, tallies
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
 from core.models import Lease, TenantQuota
 from core.wakeups import mark_unsaturated, mark_waiting, wake_now
@@ -405,6 +405,7 @@ def _plan(candidates: list[Candidate], room: Room, state: _Round) -> list[Candid
             held = _held_keys(candidate, state.now)
             if held:
                 metrics.LOCK_CONFLICTS.inc()
+                tallies.tally_add([(candidate.tenant_id, tallies.LOCK_CONFLICTS)], now=state.now)
                 if candidate.lock_policy == "cancel_in_progress":
                     _preempt(candidate, held, state)
                 else:
@@ -454,12 +455,14 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     admitted: list[Admission] = []
     updates: list[Step] = []
     give_back: list[LeaseGrant] = []
+    counted: Counter[tuple[int, str]] = Counter()  # the tenants' overview tallies
     for c in chosen:
         mine = [grants.get((c.tenant_id, key)) for key in (f"step:{c.step_id}", *c.lock_keys)]
         if any(grant is None for grant in mine):
             give_back += [grant for grant in mine if grant is not None]
             if mine[0] is None:
                 metrics.RETRIES_BLOCKED_BY_LEASE.inc()  # a live lease still owns the step
+                counted[(c.tenant_id, tallies.RETRIES_BLOCKED_BY_LEASE)] += 1
             continue
         step_lease, *locks = [grant for grant in mine if grant is not None]
         updates.append(
@@ -476,8 +479,11 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
         admitted.append(Admission(step_id=c.step_id, token=step_lease.token, lane=c.lane))
         if c.lock_keys and c.ready_since is not None:
             # How long it waited for its entity locks (and its turn behind earlier waiters).
-            metrics.LOCK_WAIT_SECONDS.observe(max(0.0, (state.now - c.ready_since).total_seconds()))
+            waited = max(0.0, (state.now - c.ready_since).total_seconds())
+            metrics.LOCK_WAIT_SECONDS.observe(waited)
+            counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
     leases_release(give_back, now=state.now)
+    tallies.tally_add(counted, now=state.now)
     fields = ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
     if len(updates) == 1:  # a worker pulling its next step: a plain UPDATE compiles far faster
         Step.objects.filter(pk=updates[0].pk).update(**{name: getattr(updates[0], name) for name in fields})

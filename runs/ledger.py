@@ -13,7 +13,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core import metrics
+from core import metrics, tallies
 from core.leases import LeaseGrant, lease_fence
 from core.models import Lease
 from runs.models import EffectStatus, Run, SideEffect, Step
@@ -145,6 +145,7 @@ def effect_execute(
             raise EffectRequestMismatch(f"idempotency key {key} was used for a different request")
         if effect.status == EffectStatus.COMMITTED:
             metrics.DUPLICATES_SUPPRESSED.labels(kind="effect").inc()
+            tallies.tally_add([(effect.tenant_id, tallies.DUPLICATES_SUPPRESSED)])
             return EffectOutcome(effect=effect, result=effect.result, replayed=True)
         if effect.status == EffectStatus.PROPOSED:
             raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))

@@ -12,6 +12,7 @@ from typing import Any
 from django.db.models import Count, F
 from django.db.models.functions import TruncMinute
 
+from core import tallies
 from core.models import Event
 from core.overview import percentile
 from runs.models import Run, SessionState, SideEffect, Step, StepStatus
@@ -72,6 +73,7 @@ def runs_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetim
         .annotate(n=Count("id"))
         .order_by()
     )
+    counted = tallies.tallies_since(tenant_ids, since)
     minutes = [_minute(now) - timedelta(minutes=MINUTES - 1 - i) for i in range(MINUTES)]
     series = [(m, per_minute.get(m, Counter()), started.get(m, 0)) for m in minutes]
     return {
@@ -92,6 +94,10 @@ def runs_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetim
         "stale_writes": events.get("stale_token_write", 0),
         "preemptions": events.get("locks_preempted", 0),
         "duplicate_triggers": events.get("duplicate_trigger_payload", 0),
+        "lock_wait": tallies.lock_wait_summary(counted),
+        "lock_conflicts": counted.get(tallies.LOCK_CONFLICTS, 0),
+        "duplicates_suppressed": counted.get(tallies.DUPLICATES_SUPPRESSED, 0),
+        "retries_blocked": counted.get(tallies.RETRIES_BLOCKED_BY_LEASE, 0),
         "chart": _chart(series),
     }
 

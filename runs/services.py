@@ -15,7 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core import metrics
+from core import metrics, tallies
 from core import services as core_services
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
@@ -220,6 +220,7 @@ def _replay(
             )
         raise TriggerPayloadMismatch(trigger_event_id, existing.run_id)
     metrics.DUPLICATES_SUPPRESSED.labels(kind="trigger").inc()
+    tallies.tally_add([(tenant.pk, tallies.DUPLICATES_SUPPRESSED)])
     return RunStart(run=existing.run, created=False)
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
+from core import tallies
 from core.models import Tenant
 from runs.models import Run, RunStatus
 from runs.services import run_start
@@ -72,3 +75,7 @@ def test_a_workers_counters_appear_on_the_webs_metrics(
     # Three updates of one contact queued behind each other: some waited measurably.
     assert _value(text, "runwarden_lock_wait_seconds_sum") > 0
     assert "runwarden_queue_depth" in text, "the database gauges are still there"
+    # The same waits, per tenant, in the database the overview reads.
+    last_hour = tallies.tallies_since([sandbox_acme.pk], timezone.now() - timedelta(hours=1))
+    waits = tallies.lock_wait_summary(last_hour)
+    assert waits["n"] == _value(text, "runwarden_lock_wait_seconds_count")

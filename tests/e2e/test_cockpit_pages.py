@@ -41,6 +41,8 @@ def test_the_overview_figures_and_chart_change_without_reload(live_console: str,
         elsewhere(step_execute, step_id=admission.step_id, token=admission.token)
     expect(page.locator("#fig-ready")).to_have_text("0", timeout=LIVE_TIMEOUT)
     expect(page.locator("#fig-finished-hour")).to_have_text("3", timeout=LIVE_TIMEOUT)
+    # Each update took its contact's lock at admission: three lock waits, in this tenant's tally.
+    expect(page.locator("#fig-lock-wait")).to_contain_text("Lock waits: 3, p50 ≤ ", timeout=LIVE_TIMEOUT)
     assert page.locator("#chart-finished rect").count() > bars_before, "the chart drew the finished runs"
     assert page.evaluate("window.__sameDocument") is True
     assert all(Run.objects.get(pk=r.id).status == "succeeded" for r in runs)

@@ -8,8 +8,9 @@ import time
 import pytest
 from django.conf import settings
 
+from core import tallies
 from core.leases import lease_acquire, lease_release
-from core.models import Tenant
+from core.models import Tally, Tenant
 from runs.ledger import (
     EffectOutcome,
     EffectRequestMismatch,
@@ -43,6 +44,8 @@ def test_a_committed_effect_returns_its_recorded_result_without_running_again(ac
     assert calls == [1]
     assert (first.replayed, again.replayed) == (False, True)
     assert again.result == {"id": "m-1"}
+    # The overview counts the duplicate suppressed, for this tenant.
+    assert Tally.objects.get(tenant=acme, name=tallies.DUPLICATES_SUPPRESSED).count == 1
     effect = SideEffect.objects.get()
     assert (effect.status, effect.external_ref, effect.idempotency_key) == (
         "committed",

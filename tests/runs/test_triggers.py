@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.models import Event, Tenant
+from core import tallies
+from core.models import Event, Tally, Tenant
 from runs.models import Run, TriggerEvent
 from runs.services import RunStart, TriggerPayloadMismatch, run_create
 from tests.concurrency import run_concurrently
@@ -30,6 +31,9 @@ def test_fifty_concurrent_deliveries_of_one_trigger_make_one_run(acme: Tenant) -
         assert len({r.run.id for r in results}) == 1
         assert Run.objects.filter(trigger_event_id=trigger).count() == 1
     assert TriggerEvent.objects.count() == 5
+    # 49 duplicates per trigger answered from the record, each counted once in the tally.
+    suppressed = Tally.objects.filter(tenant=acme, name=tallies.DUPLICATES_SUPPRESSED)
+    assert sum(t.count for t in suppressed) == 5 * 49
 
 
 @pytest.mark.django_db(transaction=True)

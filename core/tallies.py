@@ -1,0 +1,92 @@
+"""Per-tenant, per-minute tallies of coordination events, for the live overview.
+
+Prometheus counters (core.metrics) are per process and platform-wide; the overview needs each
+tenant's own figures for the last hour, summed over every process. Each call site that bumps
+a counter also adds to a ``Tally`` row here, in the caller's transaction (a rolled-back
+attempt counts nothing), with one ``INSERT ... ON CONFLICT DO UPDATE SET count = count + n``
+per batch: concurrent writers add up exactly, without reading first. Rows within a batch are
+written in one sorted order, so two batches never wait on each other crosswise.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from core.models import Tally
+
+LOCK_CONFLICTS = "lock_conflicts"
+DUPLICATES_SUPPRESSED = "duplicates_suppressed"
+RETRIES_BLOCKED_BY_LEASE = "retries_blocked_by_lease"
+# Lock waits are kept as a histogram: one tally per bucket (upper bound in seconds).
+LOCK_WAIT_BUCKETS: tuple[float, ...] = (0.1, 0.5, 1, 2.5, 5, 15, 30, 60, 300, 900, 3600)
+LOCK_WAIT_PREFIX = "lock_wait_le_"
+KEEP_FOR = timedelta(days=2)
+
+
+def lock_wait_bucket(seconds: float) -> str:
+    index = bisect.bisect_left(LOCK_WAIT_BUCKETS, seconds)
+    return LOCK_WAIT_PREFIX + (f"{LOCK_WAIT_BUCKETS[index]:g}" if index < len(LOCK_WAIT_BUCKETS) else "inf")
+
+
+def tally_add(
+    counts: Iterable[tuple[int, str]] | Counter[tuple[int, str]], *, now: datetime | None = None
+) -> None:
+    """Add one (or, for a Counter, n) to each (tenant_id, name) for the current minute, in the
+    caller's transaction."""
+    totals = counts if isinstance(counts, Counter) else Counter(counts)
+    if not totals:
+        return
+    minute = (now or timezone.now()).replace(second=0, microsecond=0)
+    rows = sorted(totals.items())
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(rows))
+    params: list[Any] = []
+    for (tenant_id, name), n in rows:
+        params += [tenant_id, connection.ops.adapt_datetimefield_value(minute), name, n]
+    table = Tally._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (tenant_id, minute, name, count) VALUES {values} "
+            f"ON CONFLICT (tenant_id, minute, name) DO UPDATE SET count = {table}.count + EXCLUDED.count",
+            params,
+        )
+
+
+def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:
+    """Every tally of these tenants since ``since``, summed by name."""
+    rows = Tally.objects.filter(
+        tenant_id__in=tenant_ids, minute__gte=since.replace(second=0, microsecond=0)
+    ).values_list("name", "count")
+    totals: Counter[str] = Counter()
+    for name, count in rows:
+        totals[name] += count
+    return totals
+
+
+def lock_wait_summary(totals: Counter[str]) -> dict[str, object]:
+    """How many lock waits and the bucket bounds their p50 and p95 fall under ("≤ 0.5 s")."""
+    counts = [totals.get(LOCK_WAIT_PREFIX + f"{b:g}", 0) for b in LOCK_WAIT_BUCKETS]
+    counts.append(totals.get(LOCK_WAIT_PREFIX + "inf", 0))
+    n = sum(counts)
+
+    def bound(q: float) -> str:
+        seen = 0
+        for upper, count in zip([*LOCK_WAIT_BUCKETS, None], counts, strict=True):
+            seen += count
+            if seen >= q * n:
+                return f"≤ {upper:g} s" if upper is not None else f"> {LOCK_WAIT_BUCKETS[-1]:g} s"
+        return "—"
+
+    return {"n": n, "p50": bound(0.5) if n else "—", "p95": bound(0.95) if n else "—"}
+
+
+def tallies_prune(*, now: datetime | None = None) -> int:
+    """Drop tallies older than KEEP_FOR (the overview reads the last hour)."""
+    deleted, _ = Tally.objects.filter(minute__lt=(now or timezone.now()) - KEEP_FOR).delete()
+    return deleted

@@ -1,0 +1,81 @@
+"""Tallies: the overview's per-tenant coordination counts, added up exactly by concurrent
+writers on the real PostgreSQL, counted only when the writer's transaction commits."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection, transaction
+from django.utils import timezone
+
+from core import tallies
+from core.models import Tally, Tenant
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_add_up_exactly_and_never_deadlock(acme: Tenant, globex: Tenant) -> None:
+    threads, rounds = 8, 40
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def writer(n: int) -> None:
+        try:
+            start.wait()
+            for _ in range(rounds):
+                # Batches that name the same rows in opposite orders: sorted inside, no deadlock.
+                names = [tallies.LOCK_CONFLICTS, tallies.DUPLICATES_SUPPRESSED]
+                if n % 2:
+                    names.reverse()
+                with transaction.atomic():
+                    tallies.tally_add([(acme.pk, name) for name in names] + [(globex.pk, names[0])])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert errors == []
+    since = timezone.now() - timedelta(hours=1)
+    acme_totals = tallies.tallies_since([acme.pk], since)
+    assert acme_totals[tallies.LOCK_CONFLICTS] == threads * rounds
+    assert acme_totals[tallies.DUPLICATES_SUPPRESSED] == threads * rounds
+    globex_totals = tallies.tallies_since([globex.pk], since)
+    assert sum(globex_totals.values()) == threads * rounds  # and none of it shows as acme's
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_attempt_counts_nothing(acme: Tenant) -> None:
+    with pytest.raises(RuntimeError), transaction.atomic():
+        tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)])
+        raise RuntimeError("the admission failed")
+    assert not Tally.objects.exists()
+
+
+def test_lock_waits_are_bucketed_and_summarised() -> None:
+    assert tallies.lock_wait_bucket(0.05) == "lock_wait_le_0.1"
+    assert tallies.lock_wait_bucket(0.1) == "lock_wait_le_0.1"
+    assert tallies.lock_wait_bucket(3) == "lock_wait_le_5"
+    assert tallies.lock_wait_bucket(10_000) == "lock_wait_le_inf"
+    from collections import Counter
+
+    totals = Counter({"lock_wait_le_0.1": 10, "lock_wait_le_300": 1})
+    assert tallies.lock_wait_summary(totals) == {"n": 11, "p50": "≤ 0.1 s", "p95": "≤ 300 s"}
+    assert tallies.lock_wait_summary(Counter()) == {"n": 0, "p50": "—", "p95": "—"}
+    assert tallies.lock_wait_summary(Counter({"lock_wait_le_inf": 2}))["p95"] == "> 3600 s"
+
+
+@pytest.mark.django_db
+def test_old_tallies_are_pruned_and_the_last_hour_is_read(acme: Tenant) -> None:
+    now = timezone.now()
+    tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)], now=now - timedelta(days=3))
+    tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)], now=now - timedelta(minutes=90))
+    tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)], now=now)
+    assert tallies.tallies_since([acme.pk], now - timedelta(hours=1))[tallies.LOCK_CONFLICTS] == 1
+    assert tallies.tallies_prune(now=now) == 1
+    assert Tally.objects.count() == 2
