@@ -301,6 +301,7 @@ class Tally(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["tenant", "minute", "name"], name="tally_tenant_minute_name")
         ]
+        indexes = [models.Index(fields=["minute"], name="tally_minute")]  # the hourly prune
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.minute:%H:%M} {self.name}={self.count}"

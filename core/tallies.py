@@ -4,8 +4,12 @@ Prometheus counters (core.metrics) are per process and platform-wide; the overvi
 tenant's own figures for the last hour, summed over every process. Each call site that bumps
 a counter also adds to a ``Tally`` row here, in the caller's transaction (a rolled-back
 attempt counts nothing), with one ``INSERT ... ON CONFLICT DO UPDATE SET count = count + n``
-per batch: concurrent writers add up exactly, without reading first. Rows within a batch are
-written in one sorted order, so two batches never wait on each other crosswise.
+per batch: concurrent writers add up exactly, without reading first.
+
+Lock order: a row stays locked until its writer commits. The admission tallies (lock waits,
+lock conflicts, retries blocked) are written only under the admission lock, once per round
+or admission; the duplicate tallies are single statements that hold nothing else. So no two
+writers can wait on each other's tally rows crosswise.
 """
 
 from __future__ import annotations
@@ -59,10 +63,8 @@ def tally_add(
 
 
 def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:
-    """Every tally of these tenants since ``since``, summed by name."""
-    rows = Tally.objects.filter(
-        tenant_id__in=tenant_ids, minute__gte=since.replace(second=0, microsecond=0)
-    ).values_list("name", "count")
+    """Every tally of these tenants in the whole minutes since ``since``, summed by name."""
+    rows = Tally.objects.filter(tenant_id__in=tenant_ids, minute__gte=since).values_list("name", "count")
     totals: Counter[str] = Counter()
     for name, count in rows:
         totals[name] += count

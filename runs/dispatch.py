@@ -150,6 +150,7 @@ class _Round:
     now: datetime
     admitted: list[Admission] = field(default_factory=list)
     cancel: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason) after commit
+    conflicts: Counter[tuple[int, str]] = field(default_factory=Counter)  # tallied once per round
 
 
 def wait_for_round_lock() -> None:
@@ -405,7 +406,7 @@ def _plan(candidates: list[Candidate], room: Room, state: _Round) -> list[Candid
             held = _held_keys(candidate, state.now)
             if held:
                 metrics.LOCK_CONFLICTS.inc()
-                tallies.tally_add([(candidate.tenant_id, tallies.LOCK_CONFLICTS)], now=state.now)
+                state.conflicts[(candidate.tenant_id, tallies.LOCK_CONFLICTS)] += 1
                 if candidate.lock_policy == "cancel_in_progress":
                     _preempt(candidate, held, state)
                 else:
@@ -527,6 +528,7 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
         room = load_room(state.now)
         candidates = [] if room.full("global") else fair_candidates(limit=limit, now=state.now, room=room)
         chosen = _plan(candidates, room, state)
+        tallies.tally_add(state.conflicts, now=state.now)
         try:
             with transaction.atomic():
                 state.admitted = _grant(chosen, state)

@@ -163,7 +163,9 @@ def effect_execute(
             )
         effect.refresh_from_db()
         if claimed != 1:
-            if effect.status == EffectStatus.COMMITTED:
+            if effect.status == EffectStatus.COMMITTED:  # another retrier committed it meanwhile
+                metrics.DUPLICATES_SUPPRESSED.labels(kind="effect").inc()
+                tallies.tally_add([(effect.tenant_id, tallies.DUPLICATES_SUPPRESSED)])
                 logger.info(
                     "effect %s answered from the ledger",
                     kind,

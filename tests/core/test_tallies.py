@@ -11,7 +11,11 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from core import tallies
+from core.leases import locks_acquire, locks_release
 from core.models import Tally, Tenant
+from runs.dispatch import admit_round
+from runs.models import RunStatus, Step, StepStatus
+from runs.services import run_start
 
 
 @pytest.mark.django_db(transaction=True)
@@ -51,10 +55,41 @@ def test_concurrent_writers_add_up_exactly_and_never_deadlock(acme: Tenant, glob
 
 @pytest.mark.django_db(transaction=True)
 def test_a_rolled_back_attempt_counts_nothing(acme: Tenant) -> None:
+    with transaction.atomic():
+        tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)])
     with pytest.raises(RuntimeError), transaction.atomic():
         tallies.tally_add([(acme.pk, tallies.LOCK_CONFLICTS)])
         raise RuntimeError("the admission failed")
-    assert not Tally.objects.exists()
+    assert Tally.objects.get(tenant=acme, name=tallies.LOCK_CONFLICTS).count == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_tallies_a_lock_conflict_for_the_tenant_whose_step_gave_way(
+    acme: Tenant, globex: Tenant
+) -> None:
+    held = locks_acquire(tenant_id=acme.pk, keys=["thing:1"], holder="another run", ttl=30)
+    run = run_start(tenant=acme, workflow="test.gives_way", input={"thing_id": 1}, actor="t").run
+    admit_round()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED  # it gave way (lock policy "skip")
+    since = timezone.now() - timedelta(hours=1)
+    assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == 1
+    assert tallies.tallies_since([globex.pk], since)[tallies.LOCK_CONFLICTS] == 0
+    locks_release(held)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_admission_refused_by_a_live_step_lease_is_tallied(acme: Tenant) -> None:
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    [admission] = admit_round().admitted
+    # Ready again while the lease of its admission still lives (a retry readied too early):
+    # no round may admit it twice, and each refusal is counted.
+    Step.objects.filter(pk=admission.step_id).update(status=StepStatus.READY)
+    assert admit_round().admitted == []
+    assert admit_round().admitted == []
+    since = timezone.now() - timedelta(hours=1)
+    assert tallies.tallies_since([acme.pk], since)[tallies.RETRIES_BLOCKED_BY_LEASE] == 2
+    assert Step.objects.get(pk=admission.step_id).lease_token == admission.token
 
 
 def test_lock_waits_are_bucketed_and_summarised() -> None:

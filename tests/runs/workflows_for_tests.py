@@ -393,3 +393,17 @@ failing_order.step(
 @failing_order.step(lane="read", max_attempts=1)
 def confirm_fails(ctx: StepContext) -> dict[str, Any]:
     raise RuntimeError("the order service refused the confirmation")
+
+
+class ThingInput(WorkflowInput):
+    thing_id: int = 1
+
+
+gives_way = workflow(
+    "test.gives_way", description="skips its run when its thing is locked by another", input=ThingInput
+)
+
+
+@gives_way.step(lane="read", locks=["thing:{thing_id}"], lock_policy="skip")
+def touch_thing(ctx: StepContext) -> dict[str, Any]:
+    return {"touched": ctx.input["thing_id"]}
