@@ -23,6 +23,10 @@ STICKING_OUT = """() => {
   if (document.documentElement.scrollWidth > width + 1) {  // also text running out of its box
     out.push('the page scrolls sideways to ' + document.documentElement.scrollWidth);
   }
+  for (const card of document.querySelectorAll('.card')) {  // text running out of a card
+    const text = card.textContent.trim().slice(0, 60);
+    if (card.scrollWidth > card.clientWidth + 1) out.push('a card overflows: ' + text);
+  }
   for (const el of document.querySelectorAll('body *')) {
     const box = el.getBoundingClientRect();
     if (box.width === 0 || box.right <= width + 1) continue;
