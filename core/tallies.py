@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
+from django.db.models import Sum
 from django.utils import timezone
 
 from core.models import Tally
@@ -64,11 +65,13 @@ def tally_add(
 
 def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:
     """Every tally of these tenants in the whole minutes since ``since``, summed by name."""
-    rows = Tally.objects.filter(tenant_id__in=tenant_ids, minute__gte=since).values_list("name", "count")
-    totals: Counter[str] = Counter()
-    for name, count in rows:
-        totals[name] += count
-    return totals
+    rows = (
+        Tally.objects.filter(tenant_id__in=tenant_ids, minute__gte=since)
+        .values_list("name")
+        .annotate(total=Sum("count"))
+        .order_by()
+    )
+    return Counter(dict(rows))
 
 
 def lock_wait_summary(totals: Counter[str]) -> dict[str, object]:

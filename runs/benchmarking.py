@@ -21,11 +21,25 @@ from django.conf import settings
 from django.core.management import get_commands
 from django.db import connection
 
+from core.models import Tenant, TenantQuota
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 # The queues the step workers consume: the lanes the bench workflows use, plus Celery's default.
 STEP_QUEUES = "celery,read,draft"
 WORKER_FLAGS = ["--pool", "solo", "--without-heartbeat", "--without-mingle", "--without-gossip"]
+
+
+BENCH_TENANT_SLUG = "bench"
+
+
+def bench_tenant() -> Tenant:
+    """The tenant every bench runs in, with caps that never hold a measurement back."""
+    tenant, _ = Tenant.objects.get_or_create(slug=BENCH_TENANT_SLUG, defaults={"name": "Bench"})
+    TenantQuota.objects.update_or_create(
+        tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
+    )
+    return tenant
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -29,7 +29,7 @@ class ResolutionConflict(Exception):
 
 
 class InvalidResolution(ValueError):
-    pass
+    """The resolution does not fit this conflict (or lacks what it needs): nothing changed."""
 
 
 RESOLUTIONS = {

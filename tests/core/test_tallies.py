@@ -4,6 +4,7 @@ writers on the real PostgreSQL, counted only when the writer's transaction commi
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from datetime import timedelta
 
 import pytest
@@ -97,8 +98,6 @@ def test_lock_waits_are_bucketed_and_summarised() -> None:
     assert tallies.lock_wait_bucket(0.1) == "lock_wait_le_0.1"
     assert tallies.lock_wait_bucket(3) == "lock_wait_le_5"
     assert tallies.lock_wait_bucket(10_000) == "lock_wait_le_inf"
-    from collections import Counter
-
     totals = Counter({"lock_wait_le_0.1": 10, "lock_wait_le_300": 1})
     assert tallies.lock_wait_summary(totals) == {"n": 11, "p50": "≤ 0.1 s", "p95": "≤ 300 s"}
     assert tallies.lock_wait_summary(Counter()) == {"n": 0, "p50": "—", "p95": "—"}

@@ -33,11 +33,12 @@ from django.test import Client
 from django.utils import timezone
 
 from core import statement_counter
-from core.models import Membership, Role, Tenant, TenantQuota, User
+from core.models import Membership, Role, Tenant, User
 from core.services import api_token_issue
 from runs.benchmarking import (
     Monitor,
     ProcessSet,
+    bench_tenant,
     cpu_snapshot,
     cpu_usage,
     log_tail,
@@ -54,7 +55,6 @@ from runs.services import run_start
 BENCH_WORKFLOWS_MODULE = "runs.bench_workflows"
 COUNTER_PREFIX = "runwarden:bench:"
 STATEMENTS_KEY = COUNTER_PREFIX + "statements"
-TENANT_SLUG = "bench"
 OPERATOR = "bench-operator"
 ACTOR = "bench"
 WARMUP_RUNS = 5
@@ -879,10 +879,7 @@ class Command(BaseCommand):
         workdir = Path(settings.BASE_DIR) / "bench" / "logs"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        tenant, _ = Tenant.objects.get_or_create(slug=TENANT_SLUG, defaults={"name": "Bench"})
-        TenantQuota.objects.update_or_create(
-            tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
-        )
+        tenant = bench_tenant()
         monitor = Monitor()
         bench = Bench(
             out=self.stdout.write,

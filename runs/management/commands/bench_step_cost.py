@@ -25,13 +25,12 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from core.models import Tenant, TenantQuota
+from runs.benchmarking import bench_tenant
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 
-TENANT_SLUG = "bench"
 ACTOR = "bench_step_cost"
 UNFINISHED_RUNS = [RunStatus.PENDING, RunStatus.RUNNING]
 
@@ -58,10 +57,7 @@ class Command(BaseCommand):
                 "run this on a database named *bench* (it cancels the bench tenant's runs), "
                 "or pass --any-database"
             )
-        tenant, _ = Tenant.objects.get_or_create(slug=TENANT_SLUG, defaults={"name": "Bench"})
-        TenantQuota.objects.update_or_create(
-            tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
-        )
+        tenant = bench_tenant()
         Step.objects.filter(tenant=tenant, status__in=[StepStatus.READY, StepStatus.PENDING]).update(
             status=StepStatus.CANCELLED
         )
