@@ -229,10 +229,19 @@ def leases_release(grants: Sequence[LeaseGrant], now: datetime | None = None) ->
     """Release several leases in one statement; only those the given tokens still hold."""
     if not grants:
         return 0
-    owned = Q()
-    for grant in grants:
-        owned |= Q(pk=grant.id, token=grant.token)
-    return Lease.objects.filter(owned, released_at__isnull=True).update(released_at=_now(now))
+    owned, params = _owned(grants)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE core_lease SET released_at = %s WHERE {owned} AND released_at IS NULL",
+            [_adapt(_now(now)), *params],
+        )
+        return int(cursor.rowcount)
+
+
+def _owned(grants: Sequence[LeaseGrant]) -> tuple[str, list[Any]]:
+    """A WHERE fragment for "these leases, while these tokens hold them", and its parameters."""
+    pairs = ", ".join(["(%s, %s)"] * len(grants))
+    return f"(id, token) IN (VALUES {pairs})", [v for grant in grants for v in (grant.id, grant.token)]
 
 
 def leases_revoke(grants: Sequence[LeaseGrant], now: datetime | None = None) -> int:
@@ -270,25 +279,31 @@ def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = 
     if not connection.in_atomic_block:
         raise RuntimeError("lease_fence must run inside the transaction of the write it protects")
     now = _now(now)
-    live = (
-        Lease.objects.select_for_update(no_key=True)
-        .filter(tenant_id=tenant_id, key=key, token=token, released_at__isnull=True, expires_at__gt=now)
-        .values_list("pk", flat=True)
-    )
-    if not list(live):
-        raise StaleToken(key, token)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
+            f" AND released_at IS NULL AND expires_at > %s{_no_key_update()}",
+            [tenant_id, key, token, _adapt(now)],
+        )
+        if cursor.fetchone() is None:
+            raise StaleToken(key, token)
+
+
+def _no_key_update() -> str:
+    """Row locks: PostgreSQL's. SQLite has none (it serialises writers instead)."""
+    return " FOR NO KEY UPDATE" if connection.vendor == "postgresql" else ""
 
 
 def _fence_all(grants: Sequence[LeaseGrant]) -> None:
     """Every grant still holds its lease (rows locked until the caller commits), or StaleToken."""
-    owned = Q()
-    for grant in grants:
-        owned |= Q(pk=grant.id, token=grant.token)
-    held = set(
-        Lease.objects.select_for_update(no_key=True)
-        .filter(owned, released_at__isnull=True, expires_at__gt=timezone.now())
-        .values_list("pk", flat=True)
-    )
+    owned, params = _owned(grants)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM core_lease WHERE {owned}"
+            f" AND released_at IS NULL AND expires_at > %s ORDER BY id{_no_key_update()}",
+            [*params, _adapt(timezone.now())],
+        )
+        held = {row[0] for row in cursor.fetchall()}
     lost = next((grant for grant in grants if grant.id not in held), None)
     if lost is not None:
         raise StaleToken(lost.key, lost.token)

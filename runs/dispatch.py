@@ -41,9 +41,9 @@ from django.db.models import Min, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from core import metrics, tallies
+from core import metrics, rawsql, tallies
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
-from core.models import Lease, TenantQuota
+from core.models import Lease
 from core.wakeups import mark_unsaturated, mark_waiting, wake_now
 from core.workers import Pool, live_pools
 from runs import transitions
@@ -173,12 +173,18 @@ def load_room(now: datetime) -> Room:
         JOIN core_lease l ON l.id = s.lease_id AND l.token = s.lease_token
         WHERE s.status IN ('leased', 'running') AND l.released_at IS NULL AND l.expires_at > %s
         GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
+        UNION ALL
+        SELECT tenant_id, NULL, NULL, CAST(caps AS text), max_concurrent_steps FROM core_tenantquota
     """
     held: Counter[str] = Counter()
     lane_held: Counter[str] = Counter()
+    quotas: list[tuple[int, int, Any]] = []
     with connection.cursor() as cursor:
         cursor.execute(sql, [_adapt(now)])
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
+            if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
+                quotas.append((tenant_id, n, _json_dict(tool)))
+                continue
             scopes = ["global", f"tenant:{tenant_id}", f"workflow:{workflow}", f"lane:{lane}"]
             scopes += [f"tool:{tool}"] if tool else []
             for scope in [*scopes, *tenant_scopes(tenant_id, workflow, lane, tool)]:
@@ -188,7 +194,7 @@ def load_room(now: datetime) -> Room:
     caps = {"global": configured["global"]}
     for kind in ("workflow", "lane", "tool"):
         caps.update({f"{kind}:{name}": cap for name, cap in configured.get(kind, {}).items()})
-    for tenant_id, cap, own in TenantQuota.objects.values_list("tenant_id", "max_concurrent_steps", "caps"):
+    for tenant_id, cap, own in quotas:
         caps[f"tenant:{tenant_id}"] = cap
         for kind in TENANT_SCOPE_KINDS:
             for name, value in ((own or {}).get(kind) or {}).items():
@@ -335,6 +341,11 @@ def _json_list(value: Any) -> list[Any]:
     return list(value or [])
 
 
+def _json_dict(value: Any) -> dict[str, Any]:
+    value = json.loads(value) if isinstance(value, str) else value
+    return value if isinstance(value, dict) else {}
+
+
 def _unadmittable_reason(candidate: Candidate) -> str:
     """Why a step can never be admitted as it is (its own data or definition), or ''."""
     if candidate.workflow not in REGISTRY:
@@ -438,11 +449,15 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     gives back what it got and stays ready."""
     if not chosen:
         return []
-    locked = set(
-        Step.objects.select_for_update(skip_locked=True, of=("self",))
-        .filter(pk__in=[c.step_id for c in chosen], status=StepStatus.READY)
-        .values_list("pk", flat=True)
-    )
+    ids = [c.step_id for c in chosen]
+    skip_locked = " FOR UPDATE SKIP LOCKED" if rawsql.on_postgresql() else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM runs_step WHERE id IN ({', '.join(['%s'] * len(ids))}) AND status = %s"
+            f" ORDER BY id{skip_locked}",
+            [*ids, StepStatus.READY.value],
+        )
+        locked = {row[0] for row in cursor.fetchall()}
     chosen = [c for c in chosen if c.step_id in locked]
     ttl = float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS)
     requests = []
@@ -486,11 +501,29 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     leases_release(give_back, now=state.now)
     tallies.tally_add(counted, now=state.now)
     fields = ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
-    if len(updates) == 1:  # a worker pulling its next step: a plain UPDATE compiles far faster
-        Step.objects.filter(pk=updates[0].pk).update(**{name: getattr(updates[0], name) for name in fields})
+    if len(updates) == 1:  # a worker pulling its next step: one hand-written UPDATE
+        _mark_leased(updates[0])
     elif updates:
         Step.objects.bulk_update(updates, fields)
     return admitted
+
+
+def _mark_leased(step: Step) -> None:
+    at = rawsql.adapt_datetime(step.updated_at)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE runs_step SET status = %s, lease_id = %s, lease_token = %s, lock_leases = %s,"
+            " enqueued_at = %s, updated_at = %s WHERE id = %s",
+            [
+                StepStatus.LEASED.value,
+                step.lease_id,
+                step.lease_token,
+                rawsql.adapt_json(Step, "lock_leases", step.lock_leases),
+                at,
+                at,
+                step.pk,
+            ],
+        )
 
 
 def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:

@@ -23,15 +23,15 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core import logs
+from core import logs, rawsql
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import Admission, admit_here, wait_for_round_lock, worker_idle
+from runs.dispatch import ROUND_LOCK_ID, admit_here, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
-from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
+from runs.models import EffectStatus, SideEffect, StepStatus
 from runs.services import contract_remember, step_outputs
 
 logger = logging.getLogger(__name__)
@@ -62,12 +62,13 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
     to the step's own length (StaleToken if they ran out), a gated step parked or let through.
     ``outputs``: the earlier steps' outputs when the caller already has them."""
     now = timezone.now()
-    if not transitions.step_attempt_started(step_id=step_id, token=token, now=now):
+    default_ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
+    # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
+    started = transitions.step_attempt_start(step_id=step_id, token=token, now=now, ttl=default_ttl)
+    if started is None:
         return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
-    step = Step.objects.select_related("run").get(pk=step_id)
-    run = step.run
+    step, run, grants = started
     contract_remember(run)  # its events carry it without reading it again
-    grants = transitions.admission_grants(step)
 
     def fail(reason: str, outcome: str = "failed") -> _Start:
         transitions.step_fail(
@@ -79,13 +80,9 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         spec = get_workflow(run.workflow, run.workflow_version).spec(step.key)
     except UnknownWorkflow as exc:
         return fail(str(exc))
-    lease_seconds = spec.lease_seconds or settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-    # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
-    grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
-    if run.status == RunStatus.PENDING:
-        Run.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
-            status=RunStatus.RUNNING, started_at=now, updated_at=now
-        )
+    lease_seconds = spec.lease_seconds or default_ttl
+    if lease_seconds != default_ttl:  # a step with a lease length of its own
+        grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
     if outputs is None:
         outputs = step_outputs(run, before_position=step.position) if step.position else {}
     verdict = None
@@ -133,16 +130,14 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
         outcome, following = _carry_out(start.ctx, start.spec, pull)
         if following is None:
             break
-        start = following if isinstance(following, _Start) else _start(following.step_id, following.token)
+        start = following
         outcome = start.outcome
     if lanes:
         worker_idle(lanes)  # nothing more to pull here: new work in these lanes needs a round
     return outcome
 
 
-def _carry_out(
-    ctx: StepContext, spec: StepSpec, lanes: frozenset[str]
-) -> tuple[str, _Start | Admission | None]:
+def _carry_out(ctx: StepContext, spec: StepSpec, lanes: frozenset[str]) -> tuple[str, _Start | None]:
     fields = {
         "run_id": ctx.run_id,
         "step_key": ctx.step_key,
@@ -214,9 +209,14 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     round never waits on this transaction while it waits on them."""
 
     def prelude() -> None:
-        if admitting:
-            wait_for_round_lock()
-        list(Step.objects.select_for_update(of=("self",)).filter(pk=ctx.step.pk).values_list("pk"))
+        if not rawsql.on_postgresql():  # SQLite serialises writers: nothing to lock
+            return
+        # One round trip for both locks, in this order.
+        admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting else ""
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"{admission_lock}SELECT id FROM runs_step WHERE id = %s FOR UPDATE", [ctx.step.pk]
+            )
 
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
@@ -228,9 +228,7 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     )
 
 
-def _finish_succeeded(
-    ctx: StepContext, output: Any, lanes: frozenset[str]
-) -> tuple[str, _Start | Admission | None]:
+def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> tuple[str, _Start | None]:
     """One fenced transaction: the output, the leases released, the next step readied — and,
     in a worker (``lanes``: the queues it consumes), the worker's own next step admitted to
     it directly: the run's next step when it may run here, else the fairest ready step of
@@ -248,18 +246,15 @@ def _finish_succeeded(
                 wake_for_next=not go_on,
             )
             follow = admit_here(lanes=lanes, prefer=next_id) if go_on else None
-            if follow is None or follow.step_id != next_id:
-                if go_on and next_id:
-                    wake_on_commit()  # the run's next step needs another worker
-                return outcome, follow
-            # The run's next step is ours: start it in this same transaction too.
-            try:
-                with transaction.atomic():
-                    return outcome, _begin(
-                        follow.step_id, follow.token, {**ctx.outputs, ctx.step.key: output}
-                    )
-            except StaleToken:
-                return outcome, follow
+            if go_on and next_id and (follow is None or follow.step_id != next_id):
+                wake_on_commit()  # the run's next step needs another worker
+            if follow is None:
+                return outcome, None
+            # The step this worker admitted to itself starts in this same transaction: one
+            # commit for the end of one step and the start of the next. It cannot be stale here
+            # (its lease was granted a moment ago in this transaction), so no savepoint.
+            mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
+            return outcome, _begin(follow.step_id, follow.token, mine)
     except StaleToken:
         if ctx.timed_out.is_set():
             return "timed-out", None

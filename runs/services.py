@@ -11,11 +11,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from core import metrics, tallies
+from core import metrics, rawsql, tallies
 from core import services as core_services
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
@@ -237,9 +237,20 @@ class QuotaExceeded(Exception):
 def _check_queue_depth(tenant: Tenant) -> None:
     """Refuse a new run when the tenant is at its queue depth. The quota row is locked for the
     rest of the transaction, so racing triggers of one tenant are counted one after another."""
-    quota = TenantQuota.objects.select_for_update().filter(tenant=tenant).first()
-    limit = quota.max_queue_depth if quota else TenantQuota._meta.get_field("max_queue_depth").get_default()
-    depth = Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES).count()
+    default = TenantQuota._meta.get_field("max_queue_depth").get_default()
+    # Two statements in one round trip: the count's snapshot is taken after the lock is held.
+    lock = (
+        "SELECT id FROM core_tenantquota WHERE tenant_id = %s FOR UPDATE; " if rawsql.on_postgresql() else ""
+    )
+    unfinished = ", ".join(["%s"] * len(UNFINISHED_RUN_STATUSES))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"{lock}SELECT (SELECT max_queue_depth FROM core_tenantquota WHERE tenant_id = %s),"
+            f" (SELECT COUNT(*) FROM runs_run WHERE tenant_id = %s AND status IN ({unfinished}))",
+            [*([tenant.pk] if lock else []), tenant.pk, tenant.pk, *UNFINISHED_RUN_STATUSES],
+        )
+        quota_limit, depth = cursor.fetchone()
+    limit = default if quota_limit is None else quota_limit
     if depth >= limit:
         raise QuotaExceeded(tenant, depth, limit)
 

@@ -19,11 +19,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.db import connection
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
+from core import rawsql
 from core import services as core_services
-from core.leases import LeaseGrant, StaleToken, leases_release, live_leases_filter
+from core.leases import LeaseGrant, StaleToken, leases_release, leases_renew, live_leases_filter
 from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
@@ -125,6 +127,13 @@ def session_release() -> Case:
         When(session_state=SessionState.WAITING, then=Value(SessionState.DROPPED)),
         default=F("session_state"),
     )
+
+
+# The same rule for hand-written SQL.
+SESSION_RELEASE_SQL = (
+    f"CASE session_state WHEN '{SessionState.ACTIVE.value}' THEN '{SessionState.DONE.value}'"
+    f" WHEN '{SessionState.WAITING.value}' THEN '{SessionState.DROPPED.value}' ELSE session_state END"
+)
 
 
 def run_fail(*, run_id: str, now: datetime) -> bool:
@@ -277,22 +286,14 @@ def step_succeed(
     does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
     itself (or wakes the dispatcher when it cannot)."""
     now = timezone.now()
-    recorded = Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
-        status=StepStatus.SUCCEEDED, output=output, error="", finished_at=now, updated_at=now
-    )
-    if recorded != 1:  # cancelled, timed out or reaped while it ran: its result is refused
+    recorded, following = _step_record_success(step, output, grants, now)
+    if not recorded:  # cancelled, timed out or reaped while it ran: its result is refused
         raise StaleToken(f"step:{step.pk}", step.lease_token or 0)
-    leases_release(grants, now=now)
     if step.compensates:
         _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
         return "succeeded", _compensation_next(step, now)
-    following = (
-        Step.objects.filter(run_id=run.pk, position=step.position + 1).values_list("pk", "key").first()
-    )
     if following is None:
-        Run.objects.filter(pk=run.pk, status=RunStatus.RUNNING).update(
-            status=RunStatus.SUCCEEDED, session_state=session_release(), finished_at=now, updated_at=now
-        )
+        _run_succeed(run.pk, now)
         _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
         wake_on_commit(only_if_waiting=True)
         return "succeeded", None
@@ -317,6 +318,68 @@ def step_succeed(
     elif len(grants) > 1:  # its entity locks were released: a run waiting for one may go now
         wake_on_commit(only_if_waiting=True)
     return "succeeded", next_id
+
+
+# A step's success as one statement: its output recorded (only while it is running), its
+# leases released (only when it was), and the run's next step looked up.
+_SUCCESS_SQL = """
+    WITH done AS (
+        UPDATE runs_step SET status = 'succeeded', output = %s, error = '', finished_at = %s, updated_at = %s
+        WHERE id = %s AND status = 'running'
+        RETURNING id
+    ), released AS (
+        UPDATE core_lease SET released_at = %s
+        WHERE {owned} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
+        RETURNING id
+    )
+    SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM released), nxt.id, nxt.key
+    FROM (SELECT 1) AS one
+    LEFT JOIN (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s) AS nxt ON true
+"""
+
+
+def _step_record_success(
+    step: Step, output: Any, grants: Sequence[LeaseGrant], now: datetime
+) -> tuple[bool, tuple[int, str] | None]:
+    """running → succeeded with its output, its leases released; whether it was recorded, and
+    the run's next step (id, key) if it has one."""
+    if not rawsql.on_postgresql() or not grants:
+        recorded = Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
+            status=StepStatus.SUCCEEDED, output=output, error="", finished_at=now, updated_at=now
+        )
+        if recorded != 1:
+            return False, None
+        leases_release(grants, now=now)
+        return True, (
+            Step.objects.filter(run_id=step.run_id, position=step.position + 1)
+            .values_list("pk", "key")
+            .first()
+        )
+    owned = "(id, token) IN (VALUES " + ", ".join(["(%s, %s)"] * len(grants)) + ")"
+    at = rawsql.adapt_datetime(now)
+    params = [rawsql.adapt_json(Step, "output", output), at, at, step.pk, at]
+    params += [value for grant in grants for value in (grant.id, grant.token)]
+    params += [step.run_id, step.position + 1]
+    with connection.cursor() as cursor:
+        cursor.execute(_SUCCESS_SQL.format(owned=owned), params)
+        recorded, _, next_id, next_key = cursor.fetchone()
+    if not recorded:
+        return False, None
+    return True, (None if next_id is None else (next_id, next_key))
+
+
+def _run_succeed(run_id: str, now: datetime) -> None:
+    """running → succeeded, its session place freed (as ``session_release`` says)."""
+    at = rawsql.adapt_datetime(now)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE runs_run SET status = 'succeeded', finished_at = %s, updated_at = %s,
+                   session_state = {SESSION_RELEASE_SQL}
+            WHERE id = %s AND status = 'running'
+            """,
+            [at, at, run_id],
+        )
 
 
 def compensation_conflict(
@@ -564,6 +627,87 @@ def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
         )
         == 1
     )
+
+
+# The start of an attempt as one statement: the step (leased → running, its attempt counted),
+# its run (pending → running), its step lease and entity locks renewed, all or none (the counts
+# tell), and the step and run read back. The CTEs run in the order the outer query reads them:
+# step row, leases, run row, the order every writer takes them in.
+_START_SQL = """
+    WITH s AS (
+        UPDATE runs_step SET status = 'running', attempt = attempt + 1, started_at = %(now)s,
+               updated_at = %(now)s, worker = %(worker)s
+        WHERE id = %(step_id)s AND status = 'leased' AND lease_token = %(token)s
+        RETURNING *
+    ), held AS (
+        SELECT s.lease_id AS id, s.lease_token AS token FROM s
+        UNION ALL
+        SELECT (g ->> 'id')::bigint, (g ->> 'token')::bigint FROM s, jsonb_array_elements(s.lock_leases) g
+    ), renewed AS (
+        UPDATE core_lease l SET renewed_at = %(now)s, expires_at = %(expires)s
+        WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
+        AND (l.id, l.token) IN (SELECT id, token FROM held)
+        AND l.released_at IS NULL AND l.expires_at > %(now)s
+        RETURNING l.id
+    ), started AS (
+        UPDATE runs_run SET status = 'running', started_at = %(now)s, updated_at = %(now)s
+        FROM s WHERE runs_run.id = s.run_id AND runs_run.status = 'pending'
+        RETURNING runs_run.id
+    )
+    SELECT {step}, {run}, (SELECT count(*) FROM held), (SELECT count(*) FROM renewed),
+           EXISTS (SELECT 1 FROM started)
+    FROM s JOIN runs_run r ON r.id = s.run_id
+"""
+
+
+def step_attempt_start(
+    *, step_id: int, token: int, now: datetime, ttl: float
+) -> tuple[Step, Run, list[LeaseGrant]] | None:
+    """leased → running for the worker holding ``token``, in the caller's transaction: the
+    attempt counted (here, when a worker really starts it, not at admission), the run running,
+    the step lease and entity locks renewed to ``ttl`` seconds from ``now``. Returns the step,
+    its run and its grants; None when ``token`` holds no leased step (a duplicate delivery, a
+    cancelled run, a reaped admission). Raises StaleToken when a lease ran out before pickup
+    (the caller rolls back: the step is admitted anew)."""
+    expires = now + timedelta(seconds=ttl)
+    if not rawsql.on_postgresql():
+        if not step_attempt_started(step_id=step_id, token=token, now=now):
+            return None
+        step = Step.objects.select_related("run").get(pk=step_id)
+        grants = leases_renew(grants=admission_grants(step), ttl=ttl, now=now)
+        run = step.run
+        if run.status == RunStatus.PENDING:
+            Run.objects.filter(pk=run.pk, status=RunStatus.PENDING).update(
+                status=RunStatus.RUNNING, started_at=now, updated_at=now
+            )
+            run.status, run.started_at, run.updated_at = RunStatus.RUNNING, now, now
+        return step, run, grants
+    sql = _START_SQL.format(step=rawsql.select_list(Step, "s"), run=rawsql.select_list(Run, "r"))
+    at = rawsql.adapt_datetime(now)
+    params = {
+        "now": at,
+        "expires": rawsql.adapt_datetime(expires),
+        "worker": worker_id(),
+        "step_id": step_id,
+        "token": token,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    step = rawsql.from_row(Step, row)
+    run = rawsql.from_row(Run, row, rawsql.width(Step))
+    held, renewed, started = row[-3:]
+    if renewed != held:
+        raise StaleToken(f"step:{step_id}", token)
+    if started:
+        run.status, run.started_at, run.updated_at = RunStatus.RUNNING, now, now
+    step._state.fields_cache["run"] = run
+    grants = [
+        LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expires) for g in admission_grants(step)
+    ]
+    return step, run, grants
 
 
 def step_await_approval(*, step: Step, actor: str) -> bool:

@@ -1,0 +1,63 @@
+"""Small helpers for the hand-written SQL of the hot path (a step's start and finish, an
+admission, an event): model rows read without the ORM's query building, which costs more than
+the statement itself when a worker runs hundreds of steps a second.
+
+Only the statement is hand-written: the rows come back as the same model instances the ORM
+builds, with the same field conversions (JSON decoded), so everything downstream is unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+from typing import Any, TypeVar
+
+from django.db import connection, models
+
+M = TypeVar("M", bound=models.Model)
+
+
+def on_postgresql() -> bool:
+    """Multi-statement CTEs, row locks and jsonb functions: PostgreSQL only. The embedded mode's
+    SQLite takes the portable path (a few plain statements) instead."""
+    return connection.vendor == "postgresql"
+
+
+@cache
+def _fields(model: type[models.Model]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    fields = model._meta.concrete_fields
+    return (
+        tuple(field.attname for field in fields),
+        tuple(getattr(field, "from_db_value", None) for field in fields),
+    )
+
+
+@cache
+def select_list(model: type[models.Model], alias: str) -> str:
+    """``alias.col1, alias.col2, …`` for every concrete field, in the order ``from_row`` reads."""
+    return ", ".join(f"{alias}.{field.column}" for field in model._meta.concrete_fields)
+
+
+def width(model: type[models.Model]) -> int:
+    return len(_fields(model)[0])
+
+
+def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -> M:
+    """The instance the ORM would build from ``row[start:start + width(model)]``."""
+    names, converters = _fields(model)
+    values = [
+        convert(value, None, connection) if convert is not None and value is not None else value
+        for value, convert in zip(row[start : start + len(names)], converters, strict=True)
+    ]
+    return model.from_db(connection.alias, list(names), values)
+
+
+def adapt_datetime(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def adapt_json(model: type[models.Model], field: str, value: Any) -> Any:
+    """A value for a JSON column, adapted as the ORM adapts it for this backend."""
+    column = model._meta.get_field(field)
+    assert isinstance(column, models.Field)
+    return column.get_db_prep_value(value, connection, prepared=False)
