@@ -8,10 +8,13 @@ builds, with the same field conversions (JSON decoded), so everything downstream
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import connection, models
 
 M = TypeVar("M", bound=models.Model)
@@ -61,3 +64,49 @@ def adapt_json(model: type[models.Model], field: str, value: Any) -> Any:
     column = model._meta.get_field(field)
     assert isinstance(column, models.Field)
     return column.get_db_prep_value(value, connection, prepared=False)
+
+
+MAX_PREPARED = 64  # per connection
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s")
+
+
+def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """``sql`` with psycopg2's ``%s`` / ``%(name)s`` placeholders as PostgreSQL's ``$n``, and
+    the parameters in that order."""
+    if isinstance(params, Mapping):
+        order: dict[str, int] = {}
+
+        def named(match: re.Match[str]) -> str:
+            return f"${order.setdefault(match.group(1), len(order) + 1)}"
+
+        text = _PLACEHOLDER.sub(named, sql)
+        return text, [params[name] for name in order]
+    count = iter(range(1, len(params) + 1))
+    return _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql), list(params)
+
+
+def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
+    """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
+    then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
+    than to run. Elsewhere (SQLite, or RUNWARDEN_PREPARED_STATEMENTS off, e.g. behind a
+    transaction-pooling pgbouncer) a plain execute."""
+    if not on_postgresql() or not settings.RUNWARDEN_PREPARED_STATEMENTS:
+        cursor.execute(sql, params)
+        return
+    raw = connection.connection
+    state = getattr(connection, "_runwarden_prepared", None)
+    if state is None or state[0] is not raw:  # a new connection: nothing prepared on it yet
+        state = (raw, {})
+        connection._runwarden_prepared = state  # type: ignore[attr-defined]
+    prepared: dict[str, str] = state[1]
+    name = prepared.get(sql)
+    text, values = _numbered(sql, params)
+    if name is None:
+        if len(prepared) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
+            cursor.execute(sql, params)
+            return
+        name = f"rw_{len(prepared) + 1}"
+        cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
+        prepared[sql] = name
+    arguments = ", ".join(["%s"] * len(values))
+    cursor.execute(f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}", values)

@@ -240,6 +240,9 @@ LOGGING = logging_config(fmt=LOG_FORMAT, level=env_str("LOG_LEVEL", "INFO"))
 # Runwarden's own knobs.
 DEMO_PASSWORD = env_str("DEMO_PASSWORD", "runwarden")
 RUNWARDEN_DEFAULT_LEASE_SECONDS = env_int("RUNWARDEN_DEFAULT_LEASE_SECONDS", 30)
+# The hot path's longer statements run as server-side prepared statements (PREPARE once per
+# connection). Set to 0 behind a pooler that does not keep them (pgbouncer in transaction mode).
+RUNWARDEN_PREPARED_STATEMENTS = env_bool("RUNWARDEN_PREPARED_STATEMENTS", True)
 
 # Concurrency caps per scope (the tenant cap comes from TenantQuota.max_concurrent_steps).
 # JSON in RUNWARDEN_CAPS overrides any part, e.g. '{"tool": {"crm": 2}}'.

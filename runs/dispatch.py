@@ -180,7 +180,7 @@ def load_room(now: datetime) -> Room:
     lane_held: Counter[str] = Counter()
     quotas: list[tuple[int, int, Any]] = []
     with connection.cursor() as cursor:
-        cursor.execute(sql, [_adapt(now)])
+        rawsql.execute_prepared(cursor, sql, [_adapt(now)])
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))
@@ -305,7 +305,7 @@ def fair_candidates(
         LIMIT %s
     """
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        rawsql.execute_prepared(cursor, sql, params)
         rows = cursor.fetchall()
     return [
         Candidate(

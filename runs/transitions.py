@@ -692,7 +692,7 @@ def step_attempt_start(
         "token": token,
     }
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        rawsql.execute_prepared(cursor, sql, params)
         row = cursor.fetchone()
     if row is None:
         return None
