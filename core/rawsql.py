@@ -8,8 +8,11 @@ builds, with the same field conversions (JSON decoded), so everything downstream
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
 from typing import Any, TypeVar
@@ -63,11 +66,26 @@ def adapt_json(model: type[models.Model], field: str, value: Any) -> Any:
     """A value for a JSON column, adapted as the ORM adapts it for this backend."""
     column = model._meta.get_field(field)
     assert isinstance(column, models.Field)
-    return column.get_db_prep_value(value, connection, prepared=False)
+    return column.get_db_prep_save(value, connection)
 
 
 MAX_PREPARED = 64  # per connection
-_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s")
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s|%s|%%")
+_preparing = threading.local()
+
+
+@contextmanager
+def prepared_statements() -> Iterator[None]:
+    """Within this block, on this thread, ``execute_prepared`` prepares its statements: the
+    step chain of a worker and the dispatcher's rounds, which run the same statements hundreds
+    of times on one connection. Web requests (a new connection each, perhaps through a
+    transaction-pooling pgbouncer) plan them each time instead."""
+    before = getattr(_preparing, "on", False)
+    _preparing.on = True
+    try:
+        yield
+    finally:
+        _preparing.on = before
 
 
 def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str, list[Any]]:
@@ -77,12 +95,14 @@ def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str,
         order: dict[str, int] = {}
 
         def named(match: re.Match[str]) -> str:
+            if match.group(0) == "%%":
+                return "%"
             return f"${order.setdefault(match.group(1), len(order) + 1)}"
 
         text = _PLACEHOLDER.sub(named, sql)
         return text, [params[name] for name in order]
     count = iter(range(1, len(params) + 1))
-    return _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql), list(params)
+    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(count)}", sql), list(params)
 
 
 def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
@@ -90,7 +110,7 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
     than to run. Elsewhere (SQLite, or RUNWARDEN_PREPARED_STATEMENTS off, e.g. behind a
     transaction-pooling pgbouncer) a plain execute."""
-    if not on_postgresql() or not settings.RUNWARDEN_PREPARED_STATEMENTS:
+    if not (on_postgresql() and settings.RUNWARDEN_PREPARED_STATEMENTS and getattr(_preparing, "on", False)):
         cursor.execute(sql, params)
         return
     raw = connection.connection
@@ -105,7 +125,8 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
         if len(prepared) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
             cursor.execute(sql, params)
             return
-        name = f"rw_{len(prepared) + 1}"
+        # Named after the text: a connection can never run one statement under another's name.
+        name = "rw_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
         cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
         prepared[sql] = name
     arguments = ", ".join(["%s"] * len(values))

@@ -26,6 +26,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from core import rawsql
 from core.wakeups import wait_for_wake
 from runs.dispatch import dispatch_until_idle
 from runs.reaper import reap_expired_steps, resend_unstarted
@@ -82,6 +83,12 @@ def run_dispatcher(stop: threading.Event, *, name: str = "") -> None:
     """Dispatch until ``stop`` is set: stand by, or admit, reap and re-send while active."""
     name = name or f"{socket.gethostname()}:{os.getpid()}"
     role = ActiveRole()
+    with rawsql.prepared_statements():  # one connection, the same statements every round
+        _dispatch_until_stopped(stop, name, role)
+    role.drop()
+
+
+def _dispatch_until_stopped(stop: threading.Event, name: str, role: ActiveRole) -> None:
     sweep = float(settings.RUNWARDEN_DISPATCH_SWEEP_SECONDS)
     reap_every = float(settings.RUNWARDEN_REAP_EVERY_SECONDS)
     active = False
@@ -116,7 +123,6 @@ def run_dispatcher(stop: threading.Event, *, name: str = "") -> None:
         if result.next_due is not None:  # a backoff ends before the next sweep: be there
             timeout = min(timeout, max((result.next_due - timezone.now()).total_seconds(), 0.005))
         wait_for_wake(timeout)
-    role.drop()
 
 
 def start_embedded() -> threading.Thread:

@@ -29,7 +29,7 @@ from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import ROUND_LOCK_ID, admit_here, worker_idle
+from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.models import EffectStatus, SideEffect, StepStatus
 from runs.services import contract_remember, step_outputs
@@ -120,6 +120,11 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     go straight on with the next step it is handed as it finishes (the run's next step, its
     start folded into that same transaction, or another ready step of its lanes). Returns
     what happened to the last step run (for logs and tests)."""
+    with rawsql.prepared_statements():  # a chain runs the same statements step after step
+        return _execute_chain(step_id, token, lanes)
+
+
+def _execute_chain(step_id: int, token: int, lanes: frozenset[str]) -> str:
     start = _start(step_id, token)
     outcome = start.outcome
     # A worker goes on for a while, not forever: the task ends well inside Celery's time
@@ -130,14 +135,16 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
         outcome, following = _carry_out(start.ctx, start.spec, pull)
         if following is None:
             break
-        start = following
+        start = following if isinstance(following, _Start) else _start(following.step_id, following.token)
         outcome = start.outcome
     if lanes:
         worker_idle(lanes)  # nothing more to pull here: new work in these lanes needs a round
     return outcome
 
 
-def _carry_out(ctx: StepContext, spec: StepSpec, lanes: frozenset[str]) -> tuple[str, _Start | None]:
+def _carry_out(
+    ctx: StepContext, spec: StepSpec, lanes: frozenset[str]
+) -> tuple[str, _Start | Admission | None]:
     fields = {
         "run_id": ctx.run_id,
         "step_key": ctx.step_key,
@@ -228,7 +235,9 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     )
 
 
-def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> tuple[str, _Start | None]:
+def _finish_succeeded(
+    ctx: StepContext, output: Any, lanes: frozenset[str]
+) -> tuple[str, _Start | Admission | None]:
     """One fenced transaction: the output, the leases released, the next step readied — and,
     in a worker (``lanes``: the queues it consumes), the worker's own next step admitted to
     it directly: the run's next step when it may run here, else the fairest ready step of
@@ -251,10 +260,18 @@ def _finish_succeeded(ctx: StepContext, output: Any, lanes: frozenset[str]) -> t
             if follow is None:
                 return outcome, None
             # The step this worker admitted to itself starts in this same transaction: one
-            # commit for the end of one step and the start of the next. It cannot be stale here
-            # (its lease was granted a moment ago in this transaction), so no savepoint.
+            # commit for the end of one step and the start of the next. In a savepoint: whatever
+            # goes wrong with that start (its own gate, a lease run out) never undoes this
+            # step's success; it is then started in a transaction of its own.
             mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
-            return outcome, _begin(follow.step_id, follow.token, mine)
+            try:
+                with transaction.atomic():
+                    return outcome, _begin(follow.step_id, follow.token, mine)
+            except Exception:
+                logger.warning(
+                    "starting step %s with the last one's end failed", follow.step_id, exc_info=True
+                )
+                return outcome, follow
     except StaleToken:
         if ctx.timed_out.is_set():
             return "timed-out", None

@@ -237,6 +237,8 @@ class QuotaExceeded(Exception):
 def _check_queue_depth(tenant: Tenant) -> None:
     """Refuse a new run when the tenant is at its queue depth. The quota row is locked for the
     rest of the transaction, so racing triggers of one tenant are counted one after another."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("the queue-depth check must run in the transaction that creates the run")
     default = TenantQuota._meta.get_field("max_queue_depth").get_default()
     # Two statements in one round trip: the count's snapshot is taken after the lock is held.
     lock = (

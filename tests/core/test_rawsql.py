@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from core import rawsql
+from core.models import Event, Tenant
+from core.services import event_record
+from runs.models import Run, Step
+
+
+def test_placeholders_become_numbered_parameters_in_order() -> None:
+    assert rawsql._numbered("a = %s AND b = %s AND c LIKE 'x%%'", [1, 2]) == (
+        "a = $1 AND b = $2 AND c LIKE 'x%'",
+        [1, 2],
+    )
+    text, values = rawsql._numbered("a = %(x)s AND b = %(y)s AND c = %(x)s", {"y": 2, "x": 1})
+    assert (text, values) == ("a = $1 AND b = $2 AND c = $1", [1, 2])
+
+
+def _prepared_names() -> set[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name FROM pg_prepared_statements")
+        return {row[0] for row in cursor.fetchall()}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_is_prepared_once_per_connection_only_where_asked_and_answers_as_a_plain_one(
+    acme: Tenant,
+) -> None:
+    sql = "SELECT slug FROM core_tenant WHERE id = %(id)s AND slug LIKE %(pattern)s"
+    params = {"id": acme.pk, "pattern": "ac%"}
+
+    def run() -> list[tuple[str]]:
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(cursor, sql, params)
+            return cursor.fetchall()
+
+    run()  # outside prepared_statements(): planned each time, nothing prepared
+    assert not any(name.startswith("rw_") for name in _prepared_names())
+    with rawsql.prepared_statements():
+        first, second = run(), run()
+    assert first == second == [("acme",)]
+    assert len([name for name in _prepared_names() if name.startswith("rw_")]) == 1
+
+    connection.close()  # a new connection has nothing prepared: it prepares again
+    with rawsql.prepared_statements():
+        assert run() == [("acme",)]
+
+
+@pytest.mark.django_db
+def test_a_row_read_by_hand_is_the_instance_the_orm_builds(acme: Tenant) -> None:
+    event = event_record(tenant=acme, subject="run:x", verb="created", actor="t", payload={"a": [1, None]})
+    assert Event.objects.get(pk=event.pk).payload == event.payload == {"a": [1, None]}
+    run = Run.objects.create(tenant=acme, workflow="w", actor="t", input={"k": "v"})
+    step = Step.objects.create(
+        run=run, tenant=acme, key="s", position=0, lane="read", lock_leases=[{"id": 1}]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {rawsql.select_list(Step, 's')}, {rawsql.select_list(Run, 'r')}"
+            " FROM runs_step s JOIN runs_run r ON r.id = s.run_id WHERE s.id = %s",
+            [step.pk],
+        )
+        row = cursor.fetchone()
+    by_hand_step = rawsql.from_row(Step, row)
+    by_hand_run = rawsql.from_row(Run, row, rawsql.width(Step))
+    fetched = Step.objects.get(pk=step.pk)
+    for field in Step._meta.concrete_fields:
+        assert getattr(by_hand_step, field.attname) == getattr(fetched, field.attname), field.name
+    assert by_hand_run.input == {"k": "v"} and by_hand_run.created_at == Run.objects.get(pk=run.pk).created_at
