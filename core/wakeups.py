@@ -24,11 +24,18 @@ WAKE_KEY = "runwarden:dispatcher:wake"
 # room need a round. Set before a round starts and cleared after it when nothing waits, so a
 # release that lands during a round still wakes the next one.
 WAITING_KEY = "runwarden:dispatcher:waiting"
+# What the last round left behind, written inside its transaction (WAITING is also set for the
+# whole of a round). A release made under the admission lock cannot commit while a round runs,
+# so only this tells it whether a round is needed: checking WAITING, it would find every round
+# in progress and wake the next one, and a dispatcher and a busy worker would take turns at
+# the admission lock for ever.
+LEFT_WAITING_KEY = "runwarden:dispatcher:left_waiting"
 # Lanes whose workers are all busy (every slot admitted): their workers take the next ready
 # step themselves when they finish one, so new work in them needs no round.
 SATURATED_KEY = "runwarden:dispatcher:saturated"
 _local_wake = threading.Event()
 _local_waiting = threading.Event()
+_local_left_waiting = threading.Event()
 _local_saturated: set[str] = set()
 
 
@@ -47,14 +54,18 @@ def wake_now() -> None:
         logger.warning("could not wake the dispatcher; its sweep will find the work", exc_info=True)
 
 
-def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "") -> None:
+def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_locked: bool = False) -> None:
     """Wake the dispatcher once the current transaction commits (never for a rolled-back one).
 
     ``only_if_waiting``: the change only freed room (a finished step's capacity or locks), so
-    a round is useful only if some ready step is waiting for room. ``lane``: the change made
-    a step of that lane ready; no round is needed while that lane's workers are all busy.
+    a round is useful only if some ready step is waiting for room; ``admission_locked``: the
+    transaction holds the admission lock, so no round runs while it commits and the last
+    round's verdict is the one to go by. ``lane``: the change made a step of that lane ready;
+    no round is needed while that lane's workers are all busy.
     """
-    if only_if_waiting:
+    if only_if_waiting and admission_locked:
+        transaction.on_commit(_wake_if_left_waiting)
+    elif only_if_waiting:
         transaction.on_commit(_wake_if_waiting)
     elif lane:
         transaction.on_commit(lambda: _wake_unless_saturated(lane))
@@ -83,6 +94,35 @@ def _wake_if_waiting() -> None:
         waiting = True
     if waiting:
         wake_now()
+
+
+def _wake_if_left_waiting() -> None:
+    client = get_redis()
+    try:
+        waiting = _local_left_waiting.is_set() if client is None else bool(client.exists(LEFT_WAITING_KEY))
+    except Exception:
+        waiting = True
+    if waiting:
+        wake_now()
+
+
+def mark_left_waiting(waiting: bool) -> None:
+    """A round says, inside its transaction (before any release under the admission lock can
+    commit after it), whether it left ready steps waiting for room."""
+    if waiting:
+        _local_left_waiting.set()
+    else:
+        _local_left_waiting.clear()
+    client = get_redis()
+    if client is None:
+        return
+    try:
+        if waiting:
+            client.set(LEFT_WAITING_KEY, 1)
+        else:
+            client.delete(LEFT_WAITING_KEY)
+    except Exception:
+        logger.warning("could not record what a round left waiting", exc_info=True)
 
 
 def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:

@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -44,7 +44,7 @@ from django.utils.dateparse import parse_datetime
 from core import metrics, rawsql, tallies
 from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
 from core.models import Lease
-from core.wakeups import mark_unsaturated, mark_waiting, wake_now
+from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake_now
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
@@ -570,6 +570,7 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
             state.admitted = _grant_isolated(chosen, state)
         waiting, saturated, next_due = _left_behind(state, room)
         waiting = waiting or sessions_waiting  # a run finishing in a session frees a turn
+        mark_left_waiting(waiting)  # before the commit: see core.wakeups.LEFT_WAITING_KEY
         if session_due is not None:
             next_due = session_due if next_due is None else min(next_due, session_due)
         for admission in state.admitted:
@@ -637,8 +638,91 @@ def _fitting(candidates: list[Candidate], room: Room, lanes: frozenset[str]) -> 
 
 
 def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
-    admitted = _grant([candidate], _Round(now=now))
-    return admitted[0] if admitted else None
+    if not rawsql.on_postgresql():
+        admitted = _grant([candidate], _Round(now=now))
+        return admitted[0] if admitted else None
+    return _grant_one(candidate, now)
+
+
+# One step's admission as one statement (a worker pulling its next step): its row locked
+# (SKIP LOCKED: a round or another worker has it), its step lease and entity locks granted in
+# the canonical order every writer uses (by key, bytewise, as Python sorts), and the step
+# marked leased only when every one was granted. A partial grant is given back after.
+_GRANT_ONE_SQL = """
+    WITH locked AS (
+        SELECT id FROM runs_step WHERE id = %(step)s AND status = 'ready' FOR UPDATE SKIP LOCKED
+    ), wanted AS (
+        SELECT k.key, k.n FROM locked, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n)
+    ), granted AS (
+        INSERT INTO core_lease AS l
+            (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
+        SELECT %(tenant)s::bigint, key, nextval('core_fencing_token_seq'), %(holder)s::text,
+               %(metadata)s::jsonb, %(now)s::timestamptz, %(now)s::timestamptz,
+               %(expires)s::timestamptz, NULL
+        FROM wanted ORDER BY key COLLATE "C"
+        ON CONFLICT (tenant_id, key) DO UPDATE SET
+            token = nextval('core_fencing_token_seq'), holder = EXCLUDED.holder,
+            metadata = EXCLUDED.metadata, acquired_at = EXCLUDED.acquired_at,
+            renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at, released_at = NULL
+        WHERE l.released_at IS NOT NULL OR l.expires_at <= %(now)s
+        RETURNING l.id, l.key, l.token
+    ), marked AS (
+        UPDATE runs_step SET status = 'leased', lease_id = g.id, lease_token = g.token,
+               lock_leases = COALESCE((
+                   SELECT jsonb_agg(
+                       jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
+                   FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> %(step_key)s
+               ), '[]'::jsonb),
+               enqueued_at = %(now)s, updated_at = %(now)s
+        FROM granted g
+        WHERE runs_step.id = %(step)s AND g.key = %(step_key)s
+        AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
+        RETURNING runs_step.id
+    )
+    SELECT (SELECT count(*) FROM locked), EXISTS (SELECT 1 FROM marked), g.id, g.key, g.token
+    FROM (SELECT 1) AS one LEFT JOIN granted g ON true
+"""
+
+
+def _grant_one(c: Candidate, now: datetime) -> Admission | None:
+    """``_grant`` for one step, in one statement (see ``_GRANT_ONE_SQL``)."""
+    step_key = f"step:{c.step_id}"
+    ttl = float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS)
+    params = {
+        "step": c.step_id,
+        "step_key": step_key,
+        "keys": [step_key, *c.lock_keys],
+        "tenant": c.tenant_id,
+        "holder": f"{c.run_id}:{c.key}",
+        "metadata": json.dumps({"run_id": c.run_id, "step_id": c.step_id, "step_key": c.key}),
+        "now": rawsql.adapt_datetime(now),
+        "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
+    }
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, _GRANT_ONE_SQL, params)
+        rows = cursor.fetchall()
+    locked, marked = rows[0][0], rows[0][1]
+    granted = {
+        key: LeaseGrant(lease_id, c.tenant_id, key, token, now, now)
+        for _, _, lease_id, key, token in rows
+        if key
+    }
+    if not locked:
+        return None  # a round or another worker is admitting it, or it is no longer ready
+    counted: Counter[tuple[int, str]] = Counter()
+    if not marked:  # a key is held by someone outside the round: give back what it got
+        leases_release(list(granted.values()), now=now)
+        if step_key not in granted:
+            metrics.RETRIES_BLOCKED_BY_LEASE.inc()  # a live lease still owns the step
+            counted[(c.tenant_id, tallies.RETRIES_BLOCKED_BY_LEASE)] += 1
+        tallies.tally_add(counted, now=now)
+        return None
+    if c.lock_keys and c.ready_since is not None:
+        waited = max(0.0, (now - c.ready_since).total_seconds())
+        metrics.LOCK_WAIT_SECONDS.observe(waited)
+        counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
+        tallies.tally_add(counted, now=now)
+    return Admission(step_id=c.step_id, token=granted[step_key].token, lane=c.lane)
 
 
 def dispatch_until_idle(*, max_rounds: int = 50) -> RoundResult:

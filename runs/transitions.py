@@ -284,7 +284,7 @@ def step_succeed(
     the run. Returns (``succeeded``, the readied next step's id or None), or (``failed``,
     None) when the next step cannot be readied (its workflow is gone, or its lock template
     does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
-    itself (or wakes the dispatcher when it cannot)."""
+    itself (or wakes the dispatcher when it cannot), holding the admission lock."""
     now = timezone.now()
     recorded, following = _step_record_success(step, output, grants, now)
     if not recorded:  # cancelled, timed out or reaped while it ran: its result is refused
@@ -295,7 +295,7 @@ def step_succeed(
     if following is None:
         _run_succeed(run.pk, now)
         _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
-        wake_on_commit(only_if_waiting=True)
+        wake_on_commit(only_if_waiting=True, admission_locked=not wake_for_next)
         return "succeeded", None
     next_id, next_key = following
     _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
@@ -316,7 +316,7 @@ def step_succeed(
     if wake_for_next:
         wake_on_commit()
     elif len(grants) > 1:  # its entity locks were released: a run waiting for one may go now
-        wake_on_commit(only_if_waiting=True)
+        wake_on_commit(only_if_waiting=True, admission_locked=True)
     return "succeeded", next_id
 
 

@@ -2,19 +2,22 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core.leases import lease_acquire, lease_release
-from core.models import Event, Tenant, TenantQuota
+from core import tallies
+from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
+from core.models import Event, Lease, Tenant, TenantQuota
+from runs import dispatch
 from runs.context import StepContext
 from runs.definitions import workflow
-from runs.dispatch import dispatch_round, load_room
+from runs.dispatch import admit_here, dispatch_round, fair_candidates, load_room
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
@@ -219,3 +222,58 @@ def test_raw_timestamps_are_made_aware_whatever_the_database_hands_back() -> Non
     assert _as_datetime(naive) == aware
     assert _as_datetime("2026-11-24 07:00:00") == aware
     assert _as_datetime(None) is None
+
+
+# A worker pulling its next step admits it alone, in one statement (dispatch._grant_one).
+CRM_INPUT = {"contact_id": 7, "changes": {"stage": "won"}}
+
+
+def _live_leases(tenant: Tenant) -> set[tuple[str, int]]:
+    live = Lease.objects.filter(tenant=tenant, released_at__isnull=True, expires_at__gt=timezone.now())
+    return set(live.values_list("key", "token"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_pulling_its_next_step_gets_its_lease_and_entity_lock_together(acme: Tenant) -> None:
+    run = run_start(tenant=acme, workflow="demo.crm_update", input=CRM_INPUT, actor="t").run
+    with transaction.atomic():
+        admission = admit_here(lanes=frozenset({"external"}))
+    step = Step.objects.get(run=run)
+    assert admission is not None and admission.step_id == step.pk
+    assert step.status == StepStatus.LEASED and step.lease_token == admission.token
+    [lock] = step.lock_leases
+    assert lock["key"] == "crm_contact:7"
+    assert _live_leases(acme) == {(f"step:{step.pk}", admission.token), ("crm_contact:7", lock["token"])}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_key_taken_between_choosing_and_granting_is_given_back_and_the_step_stays_ready(
+    acme: Tenant,
+) -> None:
+    run = run_start(tenant=acme, workflow="demo.crm_update", input=CRM_INPUT, actor="t").run
+    now = timezone.now()
+    [candidate] = fair_candidates(limit=5, now=now, lanes=["external"])
+    held = locks_acquire(tenant_id=acme.pk, keys=["crm_contact:7"], holder="a step body", ttl=30)
+    with transaction.atomic():
+        assert dispatch._admit_one(candidate, now) is None
+    step = Step.objects.get(run=run)
+    assert step.status == StepStatus.READY and step.lease_id is None
+    assert _live_leases(acme) == {("crm_contact:7", held[0].token)}  # only the other holder's
+    locks_release(held)
+    with transaction.atomic():  # once the key is free, the same worker gets it
+        admission = admit_here(lanes=frozenset({"external"}))
+    assert admission is not None and admission.step_id == step.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_never_admits_a_step_whose_last_lease_still_lives(acme: Tenant) -> None:
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    with transaction.atomic():
+        first = admit_here(lanes=frozenset({"read"}))
+    assert first is not None
+    Step.objects.filter(pk=first.step_id).update(status=StepStatus.READY)  # readied too early
+    with transaction.atomic():
+        assert admit_here(lanes=frozenset({"read"})) is None
+    since = timezone.now() - timedelta(hours=1)
+    assert tallies.tallies_since([acme.pk], since)[tallies.RETRIES_BLOCKED_BY_LEASE] == 1
+    assert Step.objects.get(pk=first.step_id).lease_token == first.token
