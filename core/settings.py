@@ -279,8 +279,9 @@ RUNWARDEN_REAP_EVERY_SECONDS = float(env_str("RUNWARDEN_REAP_EVERY_SECONDS", "1.
 # length applies); a task still unstarted after RESEND_AFTER seconds is sent again.
 RUNWARDEN_PICKUP_TIMEOUT_SECONDS = env_int("RUNWARDEN_PICKUP_TIMEOUT_SECONDS", 120)
 RUNWARDEN_RESEND_AFTER_SECONDS = env_int("RUNWARDEN_RESEND_AFTER_SECONDS", 10)
-# Admissions per announced worker slot: the step running and the next one waiting in the broker.
-RUNWARDEN_WORKER_PREFETCH = env_int("RUNWARDEN_WORKER_PREFETCH", 2)
+# Admissions per announced worker slot. 1: a busy worker pulls its next step itself as it
+# finishes one, so a step admitted ahead would only wait in the broker behind that chain.
+RUNWARDEN_WORKER_PREFETCH = env_int("RUNWARDEN_WORKER_PREFETCH", 1)
 # How long one task may go on pulling the next step as it finishes one (then the task ends).
 RUNWARDEN_WORKER_CHAIN_SECONDS = float(env_str("RUNWARDEN_WORKER_CHAIN_SECONDS", "10"))
 # What the embedded default runs beside its in-process Celery worker (dotted callables).

@@ -125,8 +125,9 @@ class Room:
     def worker_room(self, lane: str) -> bool:
         """Room in the workers of ``lane``: the pools consuming it, minus what is admitted on
         every lane those pools also consume. Each slot takes ``RUNWARDEN_WORKER_PREFETCH``
-        admissions (2: the one running and the next, already in the broker, so a worker never
-        idles for a dispatch round trip). With no pool announced at all, caps alone apply."""
+        admissions (1 by default: a busy worker pulls its next step itself as it finishes one;
+        a step admitted ahead of it would wait in the broker). With no pool announced at all,
+        caps alone apply."""
         if not self.pools:
             return True
         serving = [pool for pool in self.pools if lane in pool.queues]

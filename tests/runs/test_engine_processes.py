@@ -145,7 +145,7 @@ def test_a_backlog_on_one_worker_process_runs_every_step_on_its_first_attempt(
     assert set(Step.objects.filter(run_id__in=ids).values_list("attempt", flat=True)) == {1}
     assert _reaped_events(ids) == 0, "an admission expired while its task waited"
     assert peak["samples"] > 50
-    # One slot holds the step running and, prefetched, the next one (RUNWARDEN_WORKER_PREFETCH).
+    # One slot holds RUNWARDEN_WORKER_PREFETCH admissions (the step running, by default).
     limit = settings.RUNWARDEN_WORKER_PREFETCH
     assert peak["admitted"] <= limit, f"admission outran the one worker slot: {peak}"
     assert peak["admitted"] >= 1, "the sampler must actually see the step admitted"
