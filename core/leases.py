@@ -269,21 +269,30 @@ def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = 
         return Lease.objects.filter(pk__in=ids).update(expires_at=now, released_at=now)
 
 
-def lease_fence(*, tenant_id: int, key: str, token: int, now: datetime | None = None) -> None:
+def lease_fence(
+    *,
+    tenant_id: int,
+    key: str,
+    token: int,
+    now: datetime | None = None,
+    before: tuple[str, Sequence[Any]] = ("", ()),
+) -> None:
     """Check, inside the caller's transaction, that ``token`` still owns ``key``.
 
     Must be called inside ``transaction.atomic()``: the lease row stays locked until the
     caller's write commits, so no take-over can slip between this check and that write.
-    Raises StaleToken otherwise.
+    Raises StaleToken otherwise. ``before``: statements (SQL ending in ``;``, parameters) to
+    run first, in the same round trip (row locks a caller must take before this one).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("lease_fence must run inside the transaction of the write it protects")
     now = _now(now)
+    first, first_params = before
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
+            f"{first}SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
             f" AND released_at IS NULL AND expires_at > %s{_no_key_update()}",
-            [tenant_id, key, token, _adapt(now)],
+            [*first_params, tenant_id, key, token, _adapt(now)],
         )
         if cursor.fetchone() is None:
             raise StaleToken(key, token)
@@ -317,6 +326,7 @@ def fenced_write(
     token: int,
     actor: str,
     prelude: Callable[[], None] | None = None,
+    prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
     also: Sequence[LeaseGrant] = (),
 ) -> Iterator[None]:
     """A transaction whose writes commit only while ``token`` owns ``key``.
@@ -324,6 +334,7 @@ def fenced_write(
     ``prelude`` runs first in the transaction, before the fence's row lock (e.g. a lock that
     must always be taken before row locks, so two lock orders never meet). ``also``: more
     leases (a step's entity locks) that must still be held for the write to commit.
+    ``prelude_sql``: the same as statements sent in the fence's own round trip, before it.
 
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
@@ -333,7 +344,7 @@ def fenced_write(
         with transaction.atomic(durable=True):
             if prelude is not None:
                 prelude()
-            lease_fence(tenant_id=tenant_id, key=key, token=token)
+            lease_fence(tenant_id=tenant_id, key=key, token=token, before=prelude_sql)
             if also:
                 _fence_all(also)
             yield

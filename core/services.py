@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -60,9 +60,17 @@ _EVENT_FIELDS = ["id", "tenant_id", "subject", "verb", "actor", "payload", "crea
 
 
 def event_record(
-    *, tenant: Tenant | int, subject: str, verb: str, actor: str, payload: dict[str, Any] | None = None
+    *,
+    tenant: Tenant | int,
+    subject: str,
+    verb: str,
+    actor: str,
+    payload: dict[str, Any] | None = None,
+    before_sql: tuple[str, Sequence[Any]] = ("", ()),
 ) -> Event:
-    """Append an event in the caller's transaction; listeners run only once it commits."""
+    """Append an event in the caller's transaction; listeners run only once it commits.
+    ``before_sql``: a statement (ending in ``;``) and its parameters to run first in the same
+    round trip: the change the event records."""
     tenant_id = tenant if isinstance(tenant, int) else tenant.pk
     payload = payload or {}
     now = timezone.now()
@@ -71,10 +79,14 @@ def event_record(
     # A hand-written INSERT: events are written on every step, and the ORM's save costs more
     # than the statement. The instance is the one ``Event.objects.create`` would return.
     with connection.cursor() as cursor:
+        if before_sql[0] and not rawsql.on_postgresql():  # SQLite runs one statement per call
+            cursor.execute(before_sql[0].strip().rstrip(";"), before_sql[1])
+            before_sql = ("", ())
         cursor.execute(
-            "INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
+            f"{before_sql[0]}INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
             [
+                *before_sql[1],
                 tenant_id,
                 subject,
                 verb,

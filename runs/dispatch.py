@@ -63,6 +63,10 @@ class Admission:
     step_id: int
     token: int
     lane: str
+    # Known to a worker's own admission (``admit_here``): what it will start.
+    workflow: str = ""
+    workflow_version: str = ""
+    key: str = ""
 
 
 @dataclass(frozen=True)
@@ -723,7 +727,14 @@ def _grant_one(c: Candidate, now: datetime) -> Admission | None:
         metrics.LOCK_WAIT_SECONDS.observe(waited)
         counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
         tallies.tally_add(counted, now=now)
-    return Admission(step_id=c.step_id, token=granted[step_key].token, lane=c.lane)
+    return Admission(
+        step_id=c.step_id,
+        token=granted[step_key].token,
+        lane=c.lane,
+        workflow=c.workflow,
+        workflow_version=c.workflow_version,
+        key=c.key,
+    )
 
 
 def dispatch_until_idle(*, max_rounds: int = 50) -> RoundResult:

@@ -215,22 +215,17 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     writer uses — admission lock, step row, leases, run row — so a cancel, the reaper or a
     round never waits on this transaction while it waits on them."""
 
-    def prelude() -> None:
-        if not rawsql.on_postgresql():  # SQLite serialises writers: nothing to lock
-            return
-        # One round trip for both locks, in this order.
+    locks = ""
+    if rawsql.on_postgresql():  # SQLite serialises writers: nothing to lock
+        # Sent in the fence's own round trip, in this order, before the lease's row lock.
         admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting else ""
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"{admission_lock}SELECT id FROM runs_step WHERE id = %s FOR UPDATE", [ctx.step.pk]
-            )
-
+        locks = f"{admission_lock}SELECT id FROM runs_step WHERE id = %s FOR UPDATE; "
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
         key=ctx.lease.key,
         token=ctx.lease.token,
         actor=f"step:{ctx.step.pk}",
-        prelude=prelude,
+        prelude_sql=(locks, [ctx.step.pk] if locks else []),
         also=ctx.locks,
     )
 
@@ -264,13 +259,20 @@ def _finish_succeeded(
             # goes wrong with that start (its own gate, a lease run out) never undoes this
             # step's success; it is then started in a transaction of its own.
             mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
+            if _gated(follow):  # its gate may raise: in a savepoint
+                try:
+                    with transaction.atomic():
+                        return outcome, _begin(follow.step_id, follow.token, mine)
+                except Exception:
+                    logger.warning(
+                        "starting step %s with the last one's end failed", follow.step_id, exc_info=True
+                    )
+                    return outcome, follow
             try:
-                with transaction.atomic():
-                    return outcome, _begin(follow.step_id, follow.token, mine)
-            except Exception:
-                logger.warning(
-                    "starting step %s with the last one's end failed", follow.step_id, exc_info=True
-                )
+                # No savepoint needed: the start writes nothing unless every lease is live, and
+                # these leases were granted, and are row-locked, by this very transaction.
+                return outcome, _begin(follow.step_id, follow.token, mine)
+            except StaleToken:
                 return outcome, follow
     except StaleToken:
         if ctx.timed_out.is_set():
@@ -280,6 +282,15 @@ def _finish_succeeded(
         with transaction.atomic():
             gates.report_conflict("stale_token_write", step=ctx.step, token=ctx.lease.token, proposed=output)
         return "stale", None
+
+
+def _gated(admission: Admission) -> bool:
+    """Whether the step an admission hands over waits on an approval gate (or is unknown)."""
+    try:
+        spec = get_workflow(admission.workflow, admission.workflow_version).spec(admission.key)
+    except UnknownWorkflow:
+        return True
+    return spec.approval is not None
 
 
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:

@@ -56,13 +56,16 @@ LIVE_STEP_STATUSES = (
 MAX_LOCK_KEY_LENGTH = 200
 
 
-def _event(step: Step, verb: str, actor: str, **payload: Any) -> None:
+def _event(
+    step: Step, verb: str, actor: str, *, before_sql: tuple[str, Sequence[Any]] = ("", ()), **payload: Any
+) -> None:
     core_services.event_record(
         tenant=step.tenant_id,
         subject=f"run:{step.run_id}",
         verb=verb,
         actor=actor,
         payload={"step": step.key, **payload},
+        before_sql=before_sql,
     )
 
 
@@ -292,9 +295,14 @@ def step_succeed(
     if step.compensates:
         _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
         return "succeeded", _compensation_next(step, now)
-    if following is None:
-        _run_succeed(run.pk, now)
-        _event(step, "run_succeeded", f"step:{step.key}", attempt=step.attempt)
+    if following is None:  # the run's end and its event in one round trip
+        _event(
+            step,
+            "run_succeeded",
+            f"step:{step.key}",
+            attempt=step.attempt,
+            before_sql=_run_succeed(run.pk, now),
+        )
         wake_on_commit(only_if_waiting=True, admission_locked=not wake_for_next)
         return "succeeded", None
     next_id, next_key = following
@@ -368,18 +376,15 @@ def _step_record_success(
     return True, (None if next_id is None else (next_id, next_key))
 
 
-def _run_succeed(run_id: str, now: datetime) -> None:
-    """running → succeeded, its session place freed (as ``session_release`` says)."""
+def _run_succeed(run_id: str, now: datetime) -> tuple[str, list[Any]]:
+    """The statement that moves a run running → succeeded and frees its session place (as
+    ``session_release`` says), to send before its event."""
     at = rawsql.adapt_datetime(now)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            UPDATE runs_run SET status = 'succeeded', finished_at = %s, updated_at = %s,
-                   session_state = {SESSION_RELEASE_SQL}
-            WHERE id = %s AND status = 'running'
-            """,
-            [at, at, run_id],
-        )
+    return (
+        "UPDATE runs_run SET status = 'succeeded', finished_at = %s, updated_at = %s,"
+        f" session_state = {SESSION_RELEASE_SQL} WHERE id = %s AND status = 'running'; ",
+        [at, at, run_id],
+    )
 
 
 def compensation_conflict(
@@ -630,33 +635,44 @@ def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
 
 
 # The start of an attempt as one statement: the step (leased → running, its attempt counted),
-# its run (pending → running), its step lease and entity locks renewed, all or none (the counts
-# tell), and the step and run read back. The CTEs run in the order the outer query reads them:
-# step row, leases, run row, the order every writer takes them in.
+# its run (pending → running), its step lease and entity locks renewed, and the step and run
+# read back. Nothing is written unless every lease of the admission is still live (``alive``
+# is read first); the counts tell the caller which. The writes take their row locks in the
+# order every writer uses: step row, leases, run row.
 _START_SQL = """
-    WITH s AS (
+    WITH cur AS (
+        SELECT lease_id, lease_token, lock_leases FROM runs_step
+        WHERE id = %(step_id)s AND status = 'leased' AND lease_token = %(token)s
+    ), held AS (
+        SELECT lease_id AS id, lease_token AS token FROM cur
+        UNION ALL
+        SELECT (g ->> 'id')::bigint, (g ->> 'token')::bigint FROM cur, jsonb_array_elements(cur.lock_leases) g
+    ), alive AS (
+        SELECT count(*) AS n FROM core_lease l
+        WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
+        AND (l.id, l.token) IN (SELECT id, token FROM held)
+        AND l.released_at IS NULL AND l.expires_at > %(now)s
+    ), s AS (
         UPDATE runs_step SET status = 'running', attempt = attempt + 1, started_at = %(now)s,
                updated_at = %(now)s, worker = %(worker)s
         WHERE id = %(step_id)s AND status = 'leased' AND lease_token = %(token)s
+        AND (SELECT n FROM alive) = (SELECT count(*) FROM held)
         RETURNING *
-    ), held AS (
-        SELECT s.lease_id AS id, s.lease_token AS token FROM s
-        UNION ALL
-        SELECT (g ->> 'id')::bigint, (g ->> 'token')::bigint FROM s, jsonb_array_elements(s.lock_leases) g
     ), renewed AS (
         UPDATE core_lease l SET renewed_at = %(now)s, expires_at = %(expires)s
         WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
         AND (l.id, l.token) IN (SELECT id, token FROM held)
         AND l.released_at IS NULL AND l.expires_at > %(now)s
+        AND EXISTS (SELECT 1 FROM s)
         RETURNING l.id
     ), started AS (
         UPDATE runs_run SET status = 'running', started_at = %(now)s, updated_at = %(now)s
         FROM s WHERE runs_run.id = s.run_id AND runs_run.status = 'pending'
         RETURNING runs_run.id
     )
-    SELECT {step}, {run}, (SELECT count(*) FROM held), (SELECT count(*) FROM renewed),
-           EXISTS (SELECT 1 FROM started)
-    FROM s JOIN runs_run r ON r.id = s.run_id
+    SELECT {step}, {run}, (SELECT count(*) FROM held), (SELECT n FROM alive),
+           (SELECT count(*) FROM renewed), EXISTS (SELECT 1 FROM started)
+    FROM (SELECT 1) AS one LEFT JOIN s ON true LEFT JOIN runs_run r ON r.id = s.run_id
 """
 
 
@@ -668,7 +684,9 @@ def step_attempt_start(
     the step lease and entity locks renewed to ``ttl`` seconds from ``now``. Returns the step,
     its run and its grants; None when ``token`` holds no leased step (a duplicate delivery, a
     cancelled run, a reaped admission). Raises StaleToken when a lease ran out before pickup
-    (the caller rolls back: the step is admitted anew)."""
+    (the step is admitted anew); on PostgreSQL nothing has been written then, unless a lease
+    was taken over in the instant between the check and the renewal (then the caller rolls
+    back)."""
     expires = now + timedelta(seconds=ttl)
     if not rawsql.on_postgresql():
         if not step_attempt_started(step_id=step_id, token=token, now=now):
@@ -694,11 +712,13 @@ def step_attempt_start(
     with connection.cursor() as cursor:
         rawsql.execute_prepared(cursor, sql, params)
         row = cursor.fetchone()
-    if row is None:
+    held, alive, renewed, started = row[-4:]
+    if row[0] is None:  # no step of that token is leased, or one of its leases ran out
+        if held and alive < held:
+            raise StaleToken(f"step:{step_id}", token)
         return None
     step = rawsql.from_row(Step, row)
     run = rawsql.from_row(Run, row, rawsql.width(Step))
-    held, renewed, started = row[-3:]
     if renewed != held:
         raise StaleToken(f"step:{step_id}", token)
     if started:
