@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -229,7 +229,7 @@ def leases_release(grants: Sequence[LeaseGrant], now: datetime | None = None) ->
     """Release several leases in one statement; only those the given tokens still hold."""
     if not grants:
         return 0
-    owned, params = _owned(grants)
+    owned, params = owned_sql(grants)
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE core_lease SET released_at = %s WHERE {owned} AND released_at IS NULL",
@@ -238,7 +238,7 @@ def leases_release(grants: Sequence[LeaseGrant], now: datetime | None = None) ->
         return int(cursor.rowcount)
 
 
-def _owned(grants: Sequence[LeaseGrant]) -> tuple[str, list[Any]]:
+def owned_sql(grants: Sequence[LeaseGrant]) -> tuple[str, list[Any]]:
     """A WHERE fragment for "these leases, while these tokens hold them", and its parameters."""
     pairs = ", ".join(["(%s, %s)"] * len(grants))
     return f"(id, token) IN (VALUES {pairs})", [v for grant in grants for v in (grant.id, grant.token)]
@@ -305,7 +305,7 @@ def _no_key_update() -> str:
 
 def _fence_all(grants: Sequence[LeaseGrant]) -> None:
     """Every grant still holds its lease (rows locked until the caller commits), or StaleToken."""
-    owned, params = _owned(grants)
+    owned, params = owned_sql(grants)
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT id FROM core_lease WHERE {owned}"
@@ -325,16 +325,15 @@ def fenced_write(
     key: str,
     token: int,
     actor: str,
-    prelude: Callable[[], None] | None = None,
     prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
     also: Sequence[LeaseGrant] = (),
 ) -> Iterator[None]:
     """A transaction whose writes commit only while ``token`` owns ``key``.
 
-    ``prelude`` runs first in the transaction, before the fence's row lock (e.g. a lock that
-    must always be taken before row locks, so two lock orders never meet). ``also``: more
-    leases (a step's entity locks) that must still be held for the write to commit.
-    ``prelude_sql``: the same as statements sent in the fence's own round trip, before it.
+    ``prelude_sql`` (statements ending in ``;``, and their parameters) runs first, in the
+    fence's own round trip, before the fence's row lock (e.g. locks that must always be taken
+    before it, so two lock orders never meet). ``also``: more leases (a step's entity locks)
+    that must still be held for the write to commit.
 
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
@@ -342,8 +341,6 @@ def fenced_write(
     """
     try:
         with transaction.atomic(durable=True):
-            if prelude is not None:
-                prelude()
             lease_fence(tenant_id=tenant_id, key=key, token=token, before=prelude_sql)
             if also:
                 _fence_all(also)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
+from functools import partial
 
 from django.db import transaction
 
@@ -64,9 +65,9 @@ def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_l
     no round is needed while that lane's workers are all busy.
     """
     if only_if_waiting and admission_locked:
-        transaction.on_commit(_wake_if_left_waiting)
+        transaction.on_commit(partial(_wake_if_marked, LEFT_WAITING_KEY, _local_left_waiting))
     elif only_if_waiting:
-        transaction.on_commit(_wake_if_waiting)
+        transaction.on_commit(partial(_wake_if_marked, WAITING_KEY, _local_waiting))
     elif lane:
         transaction.on_commit(lambda: _wake_unless_saturated(lane))
     else:
@@ -86,23 +87,14 @@ def _wake_unless_saturated(lane: str) -> None:
         wake_now()
 
 
-def _wake_if_waiting() -> None:
+def _wake_if_marked(key: str, local: threading.Event) -> None:
+    """Wake the dispatcher if the mark ``key`` (``local`` without Redis) is set, or unknown."""
     client = get_redis()
     try:
-        waiting = _local_waiting.is_set() if client is None else bool(client.exists(WAITING_KEY))
+        marked = local.is_set() if client is None else bool(client.exists(key))
     except Exception:
-        waiting = True
-    if waiting:
-        wake_now()
-
-
-def _wake_if_left_waiting() -> None:
-    client = get_redis()
-    try:
-        waiting = _local_left_waiting.is_set() if client is None else bool(client.exists(LEFT_WAITING_KEY))
-    except Exception:
-        waiting = True
-    if waiting:
+        marked = True
+    if marked:
         wake_now()
 
 

@@ -506,29 +506,9 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     leases_release(give_back, now=state.now)
     tallies.tally_add(counted, now=state.now)
     fields = ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
-    if len(updates) == 1:  # a worker pulling its next step: one hand-written UPDATE
-        _mark_leased(updates[0])
-    elif updates:
+    if updates:
         Step.objects.bulk_update(updates, fields)
     return admitted
-
-
-def _mark_leased(step: Step) -> None:
-    at = rawsql.adapt_datetime(step.updated_at)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "UPDATE runs_step SET status = %s, lease_id = %s, lease_token = %s, lock_leases = %s,"
-            " enqueued_at = %s, updated_at = %s WHERE id = %s",
-            [
-                StepStatus.LEASED.value,
-                step.lease_id,
-                step.lease_token,
-                rawsql.adapt_json(Step, "lock_leases", step.lock_leases),
-                at,
-                at,
-                step.pk,
-            ],
-        )
 
 
 def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:

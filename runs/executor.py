@@ -63,7 +63,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
     ``outputs``: the earlier steps' outputs when the caller already has them."""
     now = timezone.now()
     default_ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-    # Raises StaleToken (rolling the start back) if the admission's lease already ran out.
+    # Raises StaleToken if the admission's lease already ran out (the step is admitted anew).
     started = transitions.step_attempt_start(step_id=step_id, token=token, now=now, ttl=default_ttl)
     if started is None:
         return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
@@ -255,9 +255,9 @@ def _finish_succeeded(
             if follow is None:
                 return outcome, None
             # The step this worker admitted to itself starts in this same transaction: one
-            # commit for the end of one step and the start of the next. In a savepoint: whatever
-            # goes wrong with that start (its own gate, a lease run out) never undoes this
-            # step's success; it is then started in a transaction of its own.
+            # commit for the end of one step and the start of the next. Whatever goes wrong
+            # with that start never undoes this step's success: the step is then started in a
+            # transaction of its own.
             mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
             if _gated(follow):  # its gate may raise: in a savepoint
                 try:

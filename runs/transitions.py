@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from core import rawsql
 from core import services as core_services
-from core.leases import LeaseGrant, StaleToken, leases_release, leases_renew, live_leases_filter
+from core.leases import LeaseGrant, StaleToken, leases_release, leases_renew, live_leases_filter, owned_sql
 from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
@@ -340,7 +340,7 @@ _SUCCESS_SQL = """
         WHERE {owned} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
         RETURNING id
     )
-    SELECT (SELECT count(*) FROM done), (SELECT count(*) FROM released), nxt.id, nxt.key
+    SELECT (SELECT count(*) FROM done), nxt.id, nxt.key
     FROM (SELECT 1) AS one
     LEFT JOIN (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s) AS nxt ON true
 """
@@ -363,14 +363,13 @@ def _step_record_success(
             .values_list("pk", "key")
             .first()
         )
-    owned = "(id, token) IN (VALUES " + ", ".join(["(%s, %s)"] * len(grants)) + ")"
+    owned, owned_params = owned_sql(grants)
     at = rawsql.adapt_datetime(now)
-    params = [rawsql.adapt_json(Step, "output", output), at, at, step.pk, at]
-    params += [value for grant in grants for value in (grant.id, grant.token)]
+    params = [rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1]
     with connection.cursor() as cursor:
         cursor.execute(_SUCCESS_SQL.format(owned=owned), params)
-        recorded, _, next_id, next_key = cursor.fetchone()
+        recorded, next_id, next_key = cursor.fetchone()
     if not recorded:
         return False, None
     return True, (None if next_id is None else (next_id, next_key))
