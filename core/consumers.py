@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.template.loader import get_template
@@ -45,6 +46,13 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def event_push(self, message: dict[str, Any]) -> None:
         await self.send(text_data=LIVE_EVENT_TMPL.render({"event": message}))
+
+    async def live_batch(self, message: dict[str, Any]) -> None:
+        """Pushes that came within one interval (core.live.PUSH_INTERVAL_SECONDS), in order."""
+        for each in message["messages"]:
+            handler = getattr(self, get_handler_name(each), None)
+            if handler is not None:
+                await handler(each)
 
     async def membership_changed(self, message: dict[str, Any]) -> None:
         """The user's role in a tenant was added, changed or removed: close, so that nothing of

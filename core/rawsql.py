@@ -12,13 +12,13 @@ import hashlib
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection, models
+from django.db import DatabaseError, connection, models
 
 M = TypeVar("M", bound=models.Model)
 
@@ -81,6 +81,11 @@ def prepared_statements() -> Iterator[None]:
     of times on one connection. Web requests (a new connection each, perhaps through a
     transaction-pooling pgbouncer) plan them each time instead."""
     before = getattr(_preparing, "on", False)
+    if not before and _preparing_here() and not connection.in_atomic_block:
+        # A new connection's session settings, before any transaction. On an error only a plan
+        # setting is missed: the caller's own statements meet the outage.
+        with suppress(DatabaseError):
+            _prepared_on_this_connection()
     _preparing.on = True
     try:
         yield
@@ -105,29 +110,65 @@ def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str,
     return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(count)}", sql), list(params)
 
 
+class _Prepared:
+    """What this process prepared on one database connection."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.names: dict[str, str] = {}
+        self.generic = False  # plan_cache_mode set for this session
+
+
+def _preparing_here() -> bool:
+    return on_postgresql() and bool(settings.RUNWARDEN_PREPARED_STATEMENTS)
+
+
+def _prepared_on_this_connection() -> _Prepared:
+    connection.ensure_connection()
+    state = getattr(connection, "_runwarden_prepared", None)
+    if state is None or state.raw is not connection.connection:  # a new connection
+        state = _Prepared(connection.connection)
+        connection._runwarden_prepared = state  # type: ignore[attr-defined]
+    if not state.generic and not connection.in_atomic_block:
+        # Generic plans: these statements' plans do not depend on their values, but with a
+        # timestamp among them PostgreSQL's default keeps re-planning every execution (about
+        # 1 ms each for the admission query). Set outside a transaction, so no rollback undoes
+        # it; it applies only to prepared statements, and only this code prepares any.
+        with connection.cursor() as cursor:
+            cursor.execute("SET plan_cache_mode = force_generic_plan")
+        state.generic = True
+    return state
+
+
+@lru_cache(maxsize=MAX_PREPARED * 4)
+def _ordered_names(sql: str) -> tuple[str, ...]:
+    """The named placeholders of ``sql`` in the order ``_numbered`` numbers them."""
+    order: dict[str, None] = {}
+    for match in _PLACEHOLDER.finditer(sql):
+        if match.group(1):
+            order.setdefault(match.group(1))
+    return tuple(order)
+
+
 def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
     """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
     than to run. Elsewhere (SQLite, or RUNWARDEN_PREPARED_STATEMENTS off, e.g. behind a
     transaction-pooling pgbouncer) a plain execute."""
-    if not (on_postgresql() and settings.RUNWARDEN_PREPARED_STATEMENTS and getattr(_preparing, "on", False)):
+    if not (_preparing_here() and getattr(_preparing, "on", False)):
         cursor.execute(sql, params)
         return
-    raw = connection.connection
-    state = getattr(connection, "_runwarden_prepared", None)
-    if state is None or state[0] is not raw:  # a new connection: nothing prepared on it yet
-        state = (raw, {})
-        connection._runwarden_prepared = state  # type: ignore[attr-defined]
-    prepared: dict[str, str] = state[1]
-    name = prepared.get(sql)
-    text, values = _numbered(sql, params)
+    state = _prepared_on_this_connection()
+    name = state.names.get(sql)
     if name is None:
-        if len(prepared) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
+        if len(state.names) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
             cursor.execute(sql, params)
             return
+        text, _ = _numbered(sql, params)
         # Named after the text: a connection can never run one statement under another's name.
         name = "rw_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
         cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
-        prepared[sql] = name
+        state.names[sql] = name
+    values = [params[key] for key in _ordered_names(sql)] if isinstance(params, Mapping) else list(params)
     arguments = ", ".join(["%s"] * len(values))
     cursor.execute(f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}", values)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import random
 import string
 from collections.abc import Callable, Mapping
@@ -244,6 +245,10 @@ class Workflow:
     session: SessionPolicy = field(default_factory=SessionPolicy)
     declared_version: int | None = None
     connections: tuple[str, ...] = ()  # providers a run binds a connection for at start
+    # The digest and the steps it was computed from (a worker asks for it on every step).
+    _digest: tuple[tuple[StepSpec, ...], str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def version(self) -> str:
@@ -251,12 +256,17 @@ class Workflow:
         lanes, tools, locks and policies), so any change to the steps is a new version."""
         if self.declared_version is not None:
             return str(self.declared_version)
+        steps = tuple(self.steps)
+        digest = self._digest
+        if digest is not None and len(digest[0]) == len(steps) and all(map(operator.is_, digest[0], steps)):
+            return digest[1]
         shape = [
             [s.key, s.lane, s.tool, list(s.locks), s.lock_policy, bool(s.approval), s.retry.max_attempts]
             + ([True] if s.compensate else [])
             for s in self.steps
         ]
-        return "h" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:11]
+        self._digest = (steps, "h" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:11])
+        return self._digest[1]
 
     def validate_input(self, raw: Mapping[str, Any]) -> dict[str, Any]:
         """The run input, validated against the workflow's input model and normalized to what is

@@ -207,17 +207,6 @@ def load_room(now: datetime) -> Room:
     return Room(caps, held, lane_held, live_pools(), configured["tenant_default"])
 
 
-def _key_fragments() -> tuple[str, str, str]:
-    """SQL pieces: unnest a step's lock keys as rows, the key column, "the step has no keys"."""
-    if connection.vendor == "postgresql":
-        return (
-            "jsonb_array_elements_text({t}.lock_keys) AS k(key)",
-            "k.key",
-            "jsonb_array_length({t}.lock_keys) = 0",
-        )
-    return ("json_each({t}.lock_keys) AS k", "k.value", "json_array_length({t}.lock_keys) = 0")
-
-
 def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
     values = list(values)
     if not values:
@@ -241,13 +230,17 @@ def fair_candidates(
     run are created when it starts, so id order is start order).
     """
     now = now or timezone.now()
-    unnest, key_col, keyless = _key_fragments()
+    on_postgresql = rawsql.on_postgresql()
     params: list[Any] = [_adapt(now)]
     exclusions = ""
     if room is not None:
         full = [scope for scope in {*room.held, *room.caps} if room.full(scope)]
         exclusions += _in_clause(
-            "s.tenant_id", [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")], params
+            # On PostgreSQL, against the lateral's tenant: a tenant at its cap is then skipped
+            # whole (a one-time filter), not step by step.
+            "t.tenant_id" if on_postgresql else "s.tenant_id",
+            [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")],
+            params,
         )
         exclusions += _in_clause(
             "r.workflow", [s.split(":", 1)[1] for s in full if s.startswith("workflow:")], params
@@ -272,43 +265,13 @@ def fair_candidates(
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
         params.extend(lanes)
     params += [_adapt(now), limit]
-    # FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
-    # candidate only where it heads every key it needs.
-    sql = f"""
-        WITH ready AS (
-            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy,
-                   s.updated_at
-            FROM runs_step s
-            WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
-        ), heads AS (
-            SELECT s.tenant_id, {key_col} AS lock_key, MIN(s.id) AS head
-            FROM ready s, {unnest.format(t="s")}
-            GROUP BY s.tenant_id, {key_col}
-        )
-        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight,
-               workflow_version, updated_at FROM (
-            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
-                   s.lock_policy, r.workflow_version, s.updated_at,
-                   ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
-                   COALESCE(q.weight, 1) AS weight
-            FROM ready s
-            JOIN runs_run r ON r.id = s.run_id
-            LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
-            WHERE 1 = 1 {exclusions}
-            AND ({keyless.format(t="s")} OR NOT EXISTS (
-                SELECT 1 FROM {unnest.format(t="s")}
-                JOIN heads h ON h.tenant_id = s.tenant_id AND h.lock_key = {key_col}
-                WHERE h.head <> s.id))
-            AND ({keyless.format(t="s")} OR s.lock_policy <> 'wait' OR NOT EXISTS (
-                SELECT 1 FROM {unnest.format(t="s")}
-                WHERE EXISTS (
-                    SELECT 1 FROM core_lease l
-                    WHERE l.tenant_id = s.tenant_id AND l.key = {key_col}
-                    AND l.released_at IS NULL AND l.expires_at > %s)))
-        ) ranked
-        ORDER BY (rn - 1) / weight, tenant_id, id
-        LIMIT %s
-    """
+    if on_postgresql:
+        # The same rule, found per tenant: each tenant's oldest ready steps by index, so a
+        # round or a worker's pull costs what it takes, not a pass over every ready step.
+        params = [_adapt(now), *params, limit]
+        sql = _FAIR_CANDIDATES_SQL.format(exclusions=exclusions)
+    else:
+        sql = _fair_candidates_portable(exclusions)
     with connection.cursor() as cursor:
         rawsql.execute_prepared(cursor, sql, params)
         rows = cursor.fetchall()
@@ -329,6 +292,102 @@ def fair_candidates(
         )
         for row in rows
     ]
+
+
+# FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
+# candidate only where it heads every key it needs. A step with ``wait`` locks is left out
+# while any of its keys is held.
+_FIFO_AND_FREE = """
+    AND ({keyless} OR NOT EXISTS (
+        SELECT 1 FROM {unnest} JOIN heads h ON h.tenant_id = s.tenant_id AND h.lock_key = {key_col}
+        WHERE h.head <> s.id))
+    AND ({keyless} OR s.lock_policy <> 'wait' OR NOT EXISTS (
+        SELECT 1 FROM {unnest}
+        WHERE EXISTS (
+            SELECT 1 FROM core_lease l
+            WHERE l.tenant_id = s.tenant_id AND l.key = {key_col}
+            AND l.released_at IS NULL AND l.expires_at > %s)))
+"""
+
+# PostgreSQL: the tenants with ready steps by a skip scan of the (status, tenant, id) index,
+# then each tenant's first ``limit`` candidates in id order (a lateral index scan that stops
+# there), interleaved by weight. Heads come from the keyed ready steps alone (a partial index).
+_FAIR_CANDIDATES_SQL = (
+    """
+    WITH RECURSIVE tenants AS (
+        (SELECT tenant_id FROM runs_step WHERE status = 'ready' ORDER BY tenant_id LIMIT 1)
+        UNION ALL
+        SELECT (SELECT s.tenant_id FROM runs_step s WHERE s.status = 'ready' AND s.tenant_id > t.tenant_id
+                ORDER BY s.tenant_id LIMIT 1)
+        FROM tenants t WHERE t.tenant_id IS NOT NULL
+    ), heads AS MATERIALIZED (
+        SELECT s.tenant_id, k.key AS lock_key, MIN(s.id) AS head
+        FROM runs_step s, jsonb_array_elements_text(s.lock_keys) AS k(key)
+        WHERE s.status = 'ready' AND NOT (s.lock_keys = '[]'::jsonb)
+        AND (s.available_at IS NULL OR s.available_at <= %s)
+        GROUP BY s.tenant_id, k.key
+    )
+    SELECT c.id, c.tenant_id, c.run_id, c.key, c.lane, c.tool, c.workflow, c.lock_keys, c.lock_policy,
+           COALESCE(q.weight, 1) AS weight, c.workflow_version, c.updated_at
+    FROM (
+        SELECT c.*, ROW_NUMBER() OVER (PARTITION BY c.tenant_id ORDER BY c.id) AS rn
+        FROM tenants t CROSS JOIN LATERAL (
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
+                   s.lock_policy, r.workflow_version, s.updated_at
+            FROM runs_step s
+            JOIN runs_run r ON r.id = s.run_id
+            WHERE s.status = 'ready' AND s.tenant_id = t.tenant_id
+            AND (s.available_at IS NULL OR s.available_at <= %s) {exclusions}
+    """
+    + _FIFO_AND_FREE.format(
+        keyless="jsonb_array_length(s.lock_keys) = 0",
+        unnest="jsonb_array_elements_text(s.lock_keys) AS k(key)",
+        key_col="k.key",
+    )
+    + """
+            ORDER BY s.id
+            LIMIT %s
+        ) c
+    ) c
+    LEFT JOIN core_tenantquota q ON q.tenant_id = c.tenant_id
+    ORDER BY (c.rn - 1) / COALESCE(q.weight, 1), c.tenant_id, c.id
+    LIMIT %s
+"""
+)
+
+
+def _fair_candidates_portable(exclusions: str) -> str:
+    """``_FAIR_CANDIDATES_SQL`` for SQLite (the embedded mode): no lateral joins, so one pass
+    over the ready steps with a window per tenant."""
+    fifo_and_free = _FIFO_AND_FREE.format(
+        keyless="json_array_length(s.lock_keys) = 0", unnest="json_each(s.lock_keys) AS k", key_col="k.value"
+    )
+    return f"""
+        WITH ready AS (
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy,
+                   s.updated_at
+            FROM runs_step s
+            WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
+        ), heads AS (
+            SELECT s.tenant_id, k.value AS lock_key, MIN(s.id) AS head
+            FROM ready s, json_each(s.lock_keys) AS k
+            GROUP BY s.tenant_id, k.value
+        )
+        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight,
+               workflow_version, updated_at FROM (
+            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
+                   s.lock_policy, r.workflow_version, s.updated_at,
+                   ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
+                   COALESCE(q.weight, 1) AS weight
+            FROM ready s
+            JOIN runs_run r ON r.id = s.run_id
+            LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
+            WHERE 1 = 1 {exclusions}
+            {fifo_and_free}
+        ) ranked
+        ORDER BY (rn - 1) / weight, tenant_id, id
+        LIMIT %s
+    """
 
 
 def _as_datetime(value: Any) -> datetime | None:
@@ -597,12 +656,14 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission
         picked = _fitting(fair_candidates(limit=1, now=now, room=room, only_step=prefer), room, lanes)
         if picked:
             return _admit_one(picked[0], now)
-    candidates = _fitting(fair_candidates(limit=20, now=now, room=room, lanes=lanes), room, lanes)
-    if not candidates:
-        return None
-    # Round-robin by weight, one admission at a time: the tenant with the least admitted work.
-    fairest = min(candidates, key=lambda c: room.held[f"tenant:{c.tenant_id}"] / max(c.weight, 1))
-    return _admit_one(fairest, now)
+    candidates = fair_candidates(limit=20, now=now, room=room, lanes=lanes)
+    # Round-robin by weight, one admission at a time: the tenant with the least admitted work
+    # first (a stable sort keeps the fair order within a tenant); the first that fits wins.
+    candidates.sort(key=lambda c: room.held[f"tenant:{c.tenant_id}"] / max(c.weight, 1))
+    for candidate in candidates:
+        if _fitting([candidate], room, lanes):
+            return _admit_one(candidate, now)
+    return None
 
 
 def worker_idle(lanes: frozenset[str]) -> None:

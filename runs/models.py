@@ -162,7 +162,16 @@ class Step(models.Model):
             models.UniqueConstraint(fields=["run", "key"], name="step_key_unique_in_run"),
             models.UniqueConstraint(fields=["run", "position"], name="step_position_unique_in_run"),
         ]
-        indexes = [models.Index(fields=["status", "tenant", "id"], name="step_status_tenant")]
+        indexes = [
+            models.Index(fields=["status", "tenant", "id"], name="step_status_tenant"),
+            # The ready steps that wait in line for entity keys: admission finds the head of
+            # every key's line from these alone (runs.dispatch.fair_candidates).
+            models.Index(
+                fields=["tenant", "id"],
+                name="step_ready_keyed",
+                condition=models.Q(status="ready") & ~models.Q(lock_keys=[]),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.run_id}:{self.key}"

@@ -18,8 +18,10 @@ from __future__ import annotations
 import cProfile
 import io
 import logging
+import os
 import pstats
 import time
+from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -33,6 +35,21 @@ from runs.services import run_start
 
 ACTOR = "bench_step_cost"
 UNFINISHED_RUNS = [RunStatus.PENDING, RunStatus.RUNNING]
+
+
+def _backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a local process (the PostgreSQL backend: the database runs here)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Command(BaseCommand):
@@ -84,9 +101,10 @@ class Command(BaseCommand):
                 spent["statements"] += 1
                 spent["seconds"] += time.perf_counter() - t
 
-        profile = cProfile.Profile() if options["cprofile"] else None
+        backend = _backend_pid()
+        profile = cProfile.Profile(time.process_time) if options["cprofile"] else None
         before = Step.objects.filter(tenant=tenant, status=StepStatus.SUCCEEDED).count()
-        began = time.perf_counter()
+        began, cpu_began, backend_began = time.perf_counter(), time.process_time(), _cpu_seconds(backend)
         with connection.execute_wrapper(timed):
             if profile:
                 profile.enable()
@@ -94,6 +112,7 @@ class Command(BaseCommand):
             if profile:
                 profile.disable()
         wall = time.perf_counter() - began
+        cpu, backend_cpu = time.process_time() - cpu_began, _cpu_seconds(backend) - backend_began
         steps = Step.objects.filter(tenant=tenant, status=StepStatus.SUCCEEDED).count() - before
         if steps == 0:
             raise CommandError("no step finished")
@@ -103,7 +122,9 @@ class Command(BaseCommand):
             f"steps run in one chain: {steps} of {runs}\n"
             f"per step: {wall * per:.2f} ms wall, {spent['statements'] / steps:.1f} statements, "
             f"{spent['seconds'] * per:.2f} ms inside them, {(wall - spent['seconds']) * per:.2f} ms the rest "
-            f"(Python, commits){' — under cProfile, so slower' if profile else ''}"
+            f"(Python, commits){' — under cProfile, so slower' if profile else ''}\n"
+            f"CPU per step: {cpu * per:.2f} ms in this process, {backend_cpu * per:.2f} ms in its PostgreSQL "
+            "backend (steadier than wall time on a machine whose speed drifts)"
         )
         if profile:
             out = io.StringIO()
