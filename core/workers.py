@@ -28,6 +28,7 @@ STALE_AFTER = 10.0
 
 _local_pools: dict[str, tuple[frozenset[str], int, float]] = {}
 _local_lock = threading.Lock()
+_last_read: tuple[float, list[Pool]] | None = None  # (time.monotonic() of the read, pools)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Pool:
 
 
 def pool_announce(*, name: str, queues: Iterable[str], slots: int) -> None:
+    global _last_read
+    _last_read = None
     record = (frozenset(queues), slots, time.time())
     client = get_redis()
     if client is None:
@@ -49,6 +52,8 @@ def pool_announce(*, name: str, queues: Iterable[str], slots: int) -> None:
 
 
 def pool_withdraw(name: str) -> None:
+    global _last_read
+    _last_read = None
     client = get_redis()
     if client is None:
         with _local_lock:
@@ -57,8 +62,20 @@ def pool_withdraw(name: str) -> None:
     client.hdel(POOLS_KEY, name)
 
 
-def live_pools(now: float | None = None) -> list[Pool]:
-    """Pools that announced themselves recently."""
+def live_pools(now: float | None = None, *, max_age: float = 0.0) -> list[Pool]:
+    """Pools that announced themselves recently. ``max_age``: a read of this process that
+    recent will do (a busy worker pulls a step every few milliseconds; pools announce every
+    few seconds)."""
+    global _last_read
+    last = _last_read
+    if max_age > 0 and last is not None and time.monotonic() - last[0] < max_age:
+        return last[1]
+    pools = _read_pools(now)
+    _last_read = (time.monotonic(), pools)
+    return pools
+
+
+def _read_pools(now: float | None) -> list[Pool]:
     now = now or time.time()
     client = get_redis()
     if client is None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -207,33 +209,103 @@ class Heartbeat:
     def __init__(self, ctx: StepContext, on_timeout: Callable[[StepContext], None] | None = None) -> None:
         self.ctx = ctx
         self.on_timeout = on_timeout
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{ctx.step.pk}", daemon=True)
+        self.interval = max(ctx.lease_seconds / 3, 0.05)
+        now = time.monotonic()
+        self.deadline = now + ctx.deadline_seconds
+        self.next_beat = now + self.interval
 
-    def _beat(self) -> None:
-        interval = max(self.ctx.lease_seconds / 3, 0.05)
-        deadline = time.monotonic() + self.ctx.deadline_seconds
-        try:
-            while not self.stop.wait(max(min(interval, deadline - time.monotonic()), 0)):
-                if time.monotonic() >= deadline:
-                    logger.warning("step %s ran past its timeout; stopping it", self.ctx.step.pk)
-                    if self.on_timeout is not None:
-                        self.on_timeout(self.ctx)
-                    return
-                try:
-                    self.ctx.renew()
-                except StaleToken:
-                    logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
-                    return
-        except Exception:
-            logger.exception("heartbeat of step %s failed", self.ctx.step.pk)
-        finally:
-            connections.close_all()
+    @property
+    def due(self) -> float:
+        return min(self.next_beat, self.deadline)
 
     def __enter__(self) -> Heartbeat:
-        self.thread.start()
+        _watcher.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
+        _watcher.unwatch(self)
+
+    def beat(self) -> bool:
+        """One turn of the watcher: renew, or stop the step past its timeout. False: watch no more."""
+        if time.monotonic() >= self.deadline:
+            logger.warning("step %s ran past its timeout; stopping it", self.ctx.step.pk)
+            if self.on_timeout is not None:
+                # A thread of its own: stopping a step takes its row locks, which a hung body may
+                # hold, and the other steps of this process must still be renewed meanwhile.
+                threading.Thread(
+                    target=self._time_out, name=f"timeout-{self.ctx.step.pk}", daemon=True
+                ).start()
+            return False
+        try:
+            self.ctx.renew()
+        except StaleToken:
+            logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
+            return False
+        except Exception:
+            logger.exception("heartbeat of step %s failed; trying again", self.ctx.step.pk)
+        self.next_beat = time.monotonic() + self.interval
+        return True
+
+    def _time_out(self) -> None:
+        try:
+            assert self.on_timeout is not None
+            self.on_timeout(self.ctx)
+        except Exception:
+            logger.exception("stopping step %s past its timeout failed", self.ctx.step.pk)
+        finally:
+            connections.close_all()
+
+
+class _Watcher:
+    """One thread per process renews the leases of every step running in it and stops those
+    past their timeout. (A thread per step cost a start and a join on every step.) Watching a
+    step wakes the thread only when the step is due before the thread's next wake-up."""
+
+    IDLE_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.watched: dict[int, Heartbeat] = {}
+        self.wake_at = math.inf  # -inf while the thread is busy: it looks again before it sleeps
+        self.thread: threading.Thread | None = None
+
+    def watch(self, heartbeat: Heartbeat) -> None:
+        with self.cond:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+                self.thread.start()
+            self.watched[id(heartbeat)] = heartbeat
+            if heartbeat.due < self.wake_at:
+                self.cond.notify()
+
+    def unwatch(self, heartbeat: Heartbeat) -> None:
+        with self.cond:
+            self.watched.pop(id(heartbeat), None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                due = [h for h in self.watched.values() if h.due <= now]
+                if not due:
+                    self.wake_at = min(
+                        (h.due for h in self.watched.values()), default=now + self.IDLE_SECONDS
+                    )
+                    self.cond.wait(self.wake_at - now)
+                    self.wake_at = -math.inf
+                    continue
+            for heartbeat in due:  # outside the lock: a renewal is a round trip to the database
+                if not heartbeat.beat():
+                    self.unwatch(heartbeat)
+            connections.close_all()  # this thread's connection is idle until the next beat
+
+
+_watcher = _Watcher()
+
+
+def _new_watcher_after_fork() -> None:
+    global _watcher
+    _watcher = _Watcher()  # the parent's thread and lock do not come along into a child
+
+
+os.register_at_fork(after_in_child=_new_watcher_after_fork)

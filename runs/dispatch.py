@@ -169,8 +169,9 @@ def _adapt(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
-def load_room(now: datetime) -> Room:
-    """Count live holders (admitted steps whose lease is live) per scope in one query."""
+def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
+    """Count live holders (admitted steps whose lease is live) per scope in one query.
+    ``pools_max_age``: how old this process's last read of the worker pools may be."""
     sql = """
         SELECT s.tenant_id, r.workflow, s.lane, s.tool, COUNT(*)
         FROM runs_step s
@@ -204,7 +205,7 @@ def load_room(now: datetime) -> Room:
         for kind in TENANT_SCOPE_KINDS:
             for name, value in ((own or {}).get(kind) or {}).items():
                 caps[f"tenant_{kind}:{tenant_id}:{name}"] = int(value)
-    return Room(caps, held, lane_held, live_pools(), configured["tenant_default"])
+    return Room(caps, held, lane_held, live_pools(max_age=pools_max_age), configured["tenant_default"])
 
 
 def _in_clause(column: str, values: Iterable[Any], params: list[Any]) -> str:
@@ -223,7 +224,9 @@ def fair_candidates(
     only_step: int | None = None,
     lanes: Iterable[str] = (),
 ) -> list[Candidate]:
-    """Ready steps that could be admitted now, interleaved across tenants by weight.
+    """Ready steps that could be admitted now, in weighted fair-share order: by (what the
+    tenant holds now + its place among its own candidates) / its weight, so tenants take turns
+    by weight whatever their number or ids.
 
     Left out: steps in a scope that is full, steps with ``wait`` locks someone holds, and
     every waiter for an entity key but the oldest (FIFO per key, by step id: the steps of a
@@ -264,11 +267,19 @@ def fair_candidates(
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
         params.extend(lanes)
-    params += [_adapt(now), limit]
+    # Weighted fair shares: a tenant's n-th candidate would be its (held + n)-th step at once.
+    held = json.dumps(
+        [
+            [int(scope[7:]), n]
+            for scope, n in (room.held.items() if room else ())
+            if scope.startswith("tenant:") and n
+        ]
+    )
+    params += [_adapt(now), held, limit]
     if on_postgresql:
         # The same rule, found per tenant: each tenant's oldest ready steps by index, so a
         # round or a worker's pull costs what it takes, not a pass over every ready step.
-        params = [_adapt(now), *params, limit]
+        params = [_adapt(now), *params[:-2], limit, held, limit]
         sql = _FAIR_CANDIDATES_SQL.format(exclusions=exclusions)
     else:
         sql = _fair_candidates_portable(exclusions)
@@ -350,7 +361,10 @@ _FAIR_CANDIDATES_SQL = (
         ) c
     ) c
     LEFT JOIN core_tenantquota q ON q.tenant_id = c.tenant_id
-    ORDER BY (c.rn - 1) / COALESCE(q.weight, 1), c.tenant_id, c.id
+    LEFT JOIN (
+        SELECT (e->>0)::bigint AS tenant_id, (e->>1)::bigint AS held FROM jsonb_array_elements(%s::jsonb) AS e
+    ) h ON h.tenant_id = c.tenant_id
+    ORDER BY (COALESCE(h.held, 0) + c.rn - 1) * 1.0 / COALESCE(q.weight, 1), c.tenant_id, c.id
     LIMIT %s
 """
 )
@@ -373,8 +387,8 @@ def _fair_candidates_portable(exclusions: str) -> str:
             FROM ready s, json_each(s.lock_keys) AS k
             GROUP BY s.tenant_id, k.value
         )
-        SELECT id, tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy, weight,
-               workflow_version, updated_at FROM (
+        SELECT ranked.id, ranked.tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy,
+               weight, workflow_version, updated_at FROM (
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
                    s.lock_policy, r.workflow_version, s.updated_at,
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
@@ -385,7 +399,11 @@ def _fair_candidates_portable(exclusions: str) -> str:
             WHERE 1 = 1 {exclusions}
             {fifo_and_free}
         ) ranked
-        ORDER BY (rn - 1) / weight, tenant_id, id
+        LEFT JOIN (
+            SELECT json_extract(value, '$[0]') AS tenant_id, json_extract(value, '$[1]') AS held
+            FROM json_each(%s)
+        ) h ON h.tenant_id = ranked.tenant_id
+        ORDER BY (COALESCE(h.held, 0) + rn - 1) * 1.0 / weight, ranked.tenant_id, ranked.id
         LIMIT %s
     """
 
@@ -651,15 +669,14 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission
     one at a time. A busy worker thus pulls its next step without a dispatch round trip.
     """
     now = timezone.now()
-    room = load_room(now)
+    # The calling worker is one of the pools, alive: a second-old view of them will do.
+    room = load_room(now, pools_max_age=1.0)
     if prefer is not None:
         picked = _fitting(fair_candidates(limit=1, now=now, room=room, only_step=prefer), room, lanes)
         if picked:
             return _admit_one(picked[0], now)
-    candidates = fair_candidates(limit=20, now=now, room=room, lanes=lanes)
-    # Round-robin by weight, one admission at a time: the tenant with the least admitted work
-    # first (a stable sort keeps the fair order within a tenant); the first that fits wins.
-    candidates.sort(key=lambda c: room.held[f"tenant:{c.tenant_id}"] / max(c.weight, 1))
+    candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes)
+    # In fair-share order already (what each tenant holds counted): the first that fits wins.
     for candidate in candidates:
         if _fitting([candidate], room, lanes):
             return _admit_one(candidate, now)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pump
 from tests.concurrency import run_concurrently
+from tests.conftest import make_tenant
 
 # Workflows whose steps fail in ways that belong to their own run.
 raising = workflow("test.poison_raises", description="its only step always raises")
@@ -277,3 +279,27 @@ def test_a_worker_never_admits_a_step_whose_last_lease_still_lives(acme: Tenant)
     since = timezone.now() - timedelta(hours=1)
     assert tallies.tallies_since([acme.pk], since)[tallies.RETRIES_BLOCKED_BY_LEASE] == 1
     assert Step.objects.get(pk=first.step_id).lease_token == first.token
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_pulling_one_step_at_a_time_serve_every_tenant_by_weight(acme: Tenant) -> None:
+    """More tenants than a pull looks at, one of them of weight 2: pulls go by what each tenant
+    holds now, so none is starved whatever its id, and the heavier tenant gets twice the turns."""
+    tenants = [acme, *(make_tenant(f"fair{n}", f"Fair {n}") for n in range(11))]
+    TenantQuota.objects.filter(tenant__in=tenants).update(max_concurrent_steps=100)
+    TenantQuota.objects.filter(tenant=tenants[-1]).update(weight=2)
+    for tenant in tenants:
+        for _ in range(6):
+            run_start(tenant=tenant, workflow="bench.noop", input={}, actor="t")
+    pulled: Counter[int] = Counter()
+    caps = {"global": 1000, "tenant_default": 100, "workflow": {}, "lane": {}, "tool": {}}
+    with override_settings(RUNWARDEN_CAPS=caps):
+        for _ in range(13 * 3):  # each admitted step stays leased: it counts as held
+            with transaction.atomic():
+                admission = admit_here(lanes=frozenset({"read"}))
+            assert admission is not None
+            pulled[Step.objects.get(pk=admission.step_id).tenant_id] += 1
+    assert {t.pk: pulled[t.pk] for t in tenants} == {
+        **{t.pk: 3 for t in tenants[:-1]},
+        tenants[-1].pk: 6,
+    }
