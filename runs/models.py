@@ -44,7 +44,8 @@ class SessionState(models.TextChoices):
 
 class Run(models.Model):
     id = models.CharField(primary_key=True, max_length=40, default=new_run_id, editable=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="runs")
+    # Indexed as the first column of run_tenant_status (and the other tenant indexes).
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="runs", db_index=False)
     workflow = models.CharField(max_length=200)
     actor = models.CharField(max_length=200)
     correlation_id = models.CharField(max_length=200, blank=True)
@@ -122,7 +123,8 @@ class StepStatus(models.TextChoices):
 
 
 class Step(models.Model):
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    # Indexed as the first column of step_key_unique_in_run.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
     key = models.CharField(max_length=120)
     position = models.PositiveIntegerField()

@@ -21,6 +21,8 @@ def test_it_runs_every_step_of_the_chain_and_reports_its_cost() -> None:
     assert per_step is not None, report
     wall, statements, inside = (float(x) for x in per_step.groups())
     assert statements > 0 and 0 < inside < wall
+    cpu = re.search(r"CPU per step: ([\d.]+) ms in this process, ([\d.]+|nan) ms in its PostgreSQL", report)
+    assert cpu is not None and float(cpu.group(1)) > 0, report
     assert Run.objects.filter(actor="bench_step_cost", status=RunStatus.SUCCEEDED).count() == 6
 
 
