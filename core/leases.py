@@ -240,7 +240,8 @@ def leases_release(grants: Sequence[LeaseGrant], now: datetime | None = None) ->
 
 def owned_sql(grants: Sequence[LeaseGrant]) -> tuple[str, list[Any]]:
     """A WHERE fragment for "these leases, while these tokens hold them", and its parameters."""
-    pairs = ", ".join(["(%s, %s)"] * len(grants))
+    # Typed, so that the statement can also be prepared (its parameters' types unknown then).
+    pairs = ", ".join(["(CAST(%s AS bigint), CAST(%s AS bigint))"] * len(grants))
     return f"(id, token) IN (VALUES {pairs})", [v for grant in grants for v in (grant.id, grant.token)]
 
 

@@ -33,6 +33,7 @@ def user_group(user_id: int) -> str:
 # records an event per step) travel together in one ``live.batch``. An idle console still
 # gets each push at once.
 PUSH_INTERVAL_SECONDS = 0.05
+SEND_TIMEOUT_SECONDS = 5.0
 
 
 class _PushLoop:

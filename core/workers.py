@@ -71,11 +71,13 @@ def live_pools(now: float | None = None, *, max_age: float = 0.0) -> list[Pool]:
     if max_age > 0 and last is not None and time.monotonic() - last[0] < max_age:
         return last[1]
     pools = _read_pools(now)
+    if pools is None:
+        return []  # Redis is down: admit by caps alone, and ask again next time
     _last_read = (time.monotonic(), pools)
     return pools
 
 
-def _read_pools(now: float | None) -> list[Pool]:
+def _read_pools(now: float | None) -> list[Pool] | None:
     now = now or time.time()
     client = get_redis()
     if client is None:
@@ -86,7 +88,7 @@ def _read_pools(now: float | None) -> list[Pool]:
             raw = client.hgetall(POOLS_KEY)
         except Exception:
             logger.warning("cannot read worker pools from Redis; admitting by caps only", exc_info=True)
-            return []
+            return None
         records = {}
         for name, value in raw.items():
             data = json.loads(value)

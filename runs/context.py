@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from django.db import connections
+from django.db import connection, connections, transaction
 
 from core.connections import BoundConnection, connection_for_run
 from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
@@ -213,36 +213,60 @@ class Heartbeat:
         now = time.monotonic()
         self.deadline = now + ctx.deadline_seconds
         self.next_beat = now + self.interval
+        self.finished = False  # the body returned: a renewal in flight may find the leases released
+        self.stopping: threading.Thread | None = None
+        self.lock = threading.Lock()  # between the body's return and the step's stop
 
     @property
     def due(self) -> float:
         return min(self.next_beat, self.deadline)
+
+    @property
+    def overdue(self) -> bool:
+        return time.monotonic() >= self.deadline
 
     def __enter__(self) -> Heartbeat:
         _watcher.watch(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.finished = True
+            stopping = self.stopping
         _watcher.unwatch(self)
+        if stopping is not None:
+            # The step was being stopped as its body returned: let that commit first, so the
+            # caller sees the step as the stop left it.
+            stopping.join(5)
 
-    def beat(self) -> bool:
-        """One turn of the watcher: renew, or stop the step past its timeout. False: watch no more."""
-        if time.monotonic() >= self.deadline:
+    def time_out(self) -> None:
+        """Stop the step past its timeout, on a thread of its own: that takes the step's row
+        locks, which a hung body may hold, and the other steps here must still be renewed."""
+        with self.lock:
+            if self.finished or self.on_timeout is None:
+                return  # it returned in time after all: its own end records it
             logger.warning("step %s ran past its timeout; stopping it", self.ctx.step.pk)
-            if self.on_timeout is not None:
-                # A thread of its own: stopping a step takes its row locks, which a hung body may
-                # hold, and the other steps of this process must still be renewed meanwhile.
-                threading.Thread(
-                    target=self._time_out, name=f"timeout-{self.ctx.step.pk}", daemon=True
-                ).start()
-            return False
+            self.stopping = threading.Thread(
+                target=self._time_out, name=f"timeout-{self.ctx.step.pk}", daemon=True
+            )
+            self.stopping.start()
+
+    def renew(self) -> bool:
+        """Renew the step's leases (False: they are lost; watch it no more). A renewal that
+        waits for a row lock gives up after a while and is tried again at the next beat, so
+        one stuck renewal cannot hold up the others of this process for long."""
         try:
-            self.ctx.renew()
+            with transaction.atomic():
+                if connection.vendor == "postgresql":
+                    with connection.cursor() as cursor:
+                        cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
+                self.ctx.renew()
         except StaleToken:
-            logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
+            if not self.finished:
+                logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
             return False
         except Exception:
-            logger.exception("heartbeat of step %s failed; trying again", self.ctx.step.pk)
+            logger.warning("heartbeat of step %s failed; trying again", self.ctx.step.pk, exc_info=True)
         self.next_beat = time.monotonic() + self.interval
         return True
 
@@ -254,6 +278,9 @@ class Heartbeat:
             logger.exception("stopping step %s past its timeout failed", self.ctx.step.pk)
         finally:
             connections.close_all()
+
+
+RENEWAL_LOCK_TIMEOUT_MS = 2000
 
 
 class _Watcher:
@@ -294,9 +321,17 @@ class _Watcher:
                     self.cond.wait(self.wake_at - now)
                     self.wake_at = -math.inf
                     continue
-            for heartbeat in due:  # outside the lock: a renewal is a round trip to the database
-                if not heartbeat.beat():
-                    self.unwatch(heartbeat)
+            # Outside the lock: a renewal is a round trip to the database. Timeouts first, so a
+            # slow renewal never delays stopping a step.
+            for heartbeat in sorted(due, key=lambda h: not h.overdue):
+                try:
+                    if heartbeat.overdue:
+                        heartbeat.time_out()
+                        self.unwatch(heartbeat)
+                    elif not heartbeat.renew():
+                        self.unwatch(heartbeat)
+                except Exception:  # this thread must outlive any one step's trouble
+                    logger.exception("heartbeat of step %s failed", heartbeat.ctx.step.pk)
             connections.close_all()  # this thread's connection is idle until the next beat
 
 

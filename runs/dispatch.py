@@ -223,6 +223,7 @@ def fair_candidates(
     room: Room | None = None,
     only_step: int | None = None,
     lanes: Iterable[str] = (),
+    wait_policy_only: bool = False,
 ) -> list[Candidate]:
     """Ready steps that could be admitted now, in weighted fair-share order: by (what the
     tenant holds now + its place among its own candidates) / its weight, so tenants take turns
@@ -263,6 +264,8 @@ def fair_candidates(
     if only_step is not None:
         exclusions += " AND s.id = %s"
         params.append(only_step)
+    if wait_policy_only:  # a worker's own pull: other lock policies are the dispatcher's to apply
+        exclusions += " AND s.lock_policy = 'wait'"
     lanes = sorted(lanes)
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
@@ -672,10 +675,12 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
     if prefer is not None:
-        picked = _fitting(fair_candidates(limit=1, now=now, room=room, only_step=prefer), room, lanes)
+        picked = _fitting(
+            fair_candidates(limit=1, now=now, room=room, only_step=prefer, wait_policy_only=True), room, lanes
+        )
         if picked:
             return _admit_one(picked[0], now)
-    candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes)
+    candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes, wait_policy_only=True)
     # In fair-share order already (what each tenant holds counted): the first that fits wins.
     for candidate in candidates:
         if _fitting([candidate], room, lanes):

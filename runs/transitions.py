@@ -368,7 +368,7 @@ def _step_record_success(
     params = [rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1]
     with connection.cursor() as cursor:
-        cursor.execute(_SUCCESS_SQL.format(owned=owned), params)
+        rawsql.execute_prepared(cursor, _SUCCESS_SQL.format(owned=owned), params)
         recorded, next_id, next_key = cursor.fetchone()
     if not recorded:
         return False, None

@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import sqlite3
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.servers import base_env, console_server, manage
 
@@ -83,3 +86,22 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
     output = log.read_text()
     assert "Embedded mode" in output
     assert "Connected to memory://" in output
+
+
+def test_events_stay_append_only_in_the_embedded_database_after_every_migration(tmp_path: Path) -> None:
+    """SQLite rebuilds a table to alter a column, and a rebuild drops its triggers."""
+    env = embedded_env(tmp_path)
+    manage("migrate", "--noinput", env=env)
+    with sqlite3.connect(tmp_path / "embedded.sqlite3") as db:
+        triggers = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        assert {"core_event_no_update", "core_event_no_delete"} <= triggers
+        db.execute(
+            "INSERT INTO core_tenant (slug, name, created_at) VALUES ('t', 'T', '2026-01-01 00:00:00')"
+        )
+        db.execute(
+            "INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
+            " VALUES (1, 's', 'v', 'a', '{}', '2026-01-01 00:00:00')"
+        )
+        for statement in ("UPDATE core_event SET verb = 'changed'", "DELETE FROM core_event"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(statement)

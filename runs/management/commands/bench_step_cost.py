@@ -38,6 +38,8 @@ UNFINISHED_RUNS = [RunStatus.PENDING, RunStatus.RUNNING]
 
 
 def _backend_pid() -> int:
+    if connection.vendor != "postgresql":
+        return -1  # SQLite runs in this process: no backend of its own
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         return int(cursor.fetchone()[0])
@@ -45,6 +47,8 @@ def _backend_pid() -> int:
 
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU of a local process (the PostgreSQL backend: the database runs here)."""
+    if pid < 0:
+        return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
