@@ -58,6 +58,36 @@ def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -
     return model.from_db(connection.alias, list(names), values)
 
 
+@cache
+def _insert_fields(model: type[models.Model]) -> tuple[models.Field[Any, Any], ...]:
+    """The columns an INSERT writes: every concrete field but a database-generated id."""
+    return tuple(
+        field
+        for field in model._meta.concrete_fields
+        if not isinstance(field, models.AutoField | models.BigAutoField | models.SmallAutoField)
+    )
+
+
+def insert_sql(instances: Sequence[models.Model]) -> tuple[str, list[Any]]:
+    """One INSERT (ending in ``;``) of these instances of one model, with the values the ORM
+    would write (each field's ``pre_save``: defaults, ``auto_now_add``), to send in a round
+    trip with other statements. The instances are marked saved. A database-generated id is
+    not read back: for rows nothing refers to by id in the same breath (a new run's steps)."""
+    model = type(instances[0])
+    fields = _insert_fields(model)
+    params: list[Any] = []
+    for instance in instances:
+        params += [field.get_db_prep_save(field.pre_save(instance, True), connection) for field in fields]
+        instance._state.adding = False
+        instance._state.db = connection.alias
+    row = f"({', '.join(['%s'] * len(fields))})"
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    return (
+        f"INSERT INTO {model._meta.db_table} ({columns}) VALUES {', '.join([row] * len(instances))}; ",
+        params,
+    )
+
+
 def adapt_datetime(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 

@@ -130,7 +130,7 @@ def run_create(
             if session_key:
                 session_admit(tenant_id=tenant.pk, session_key=session_key, policy=session, actor=actor)
             run_id = new_run_id()
-            run = Run.objects.create(
+            run = Run(
                 id=run_id,
                 tenant=tenant,
                 workflow=workflow,
@@ -149,13 +149,24 @@ def run_create(
                 replay_of=replay_of,
                 connections=connections or {},
             )
+            steps = build_steps(run) if build_steps is not None else []
+            rows, row_params = "", list[Any]()
+            if rawsql.on_postgresql():
+                # The run and its steps are written with the run's event, in one round trip (the
+                # foreign keys are checked at commit).
+                rows, row_params = rawsql.insert_sql([run])
+                if steps:
+                    step_rows, step_params = rawsql.insert_sql(steps)
+                    rows, row_params = rows + step_rows, row_params + step_params
+            else:  # SQLite runs one statement per call
+                run.save(force_insert=True)
+                Step.objects.bulk_create(steps)
             contract_remember(run)
             if trigger_event_id:
                 TriggerEvent.objects.create(
                     tenant=tenant, trigger_event_id=trigger_event_id, fingerprint=payload_fingerprint, run=run
                 )
-            if build_steps is not None:
-                steps = Step.objects.bulk_create(build_steps(run))
+            if steps:
                 if session_key:
                     wake_on_commit()  # the dispatcher gives it its turn
                 else:
@@ -175,6 +186,7 @@ def run_create(
                     **({"session_key": session_key, "sequence": sequence} if session_key else {}),
                     **({"replay_of": replay_of.pk} if replay_of else {}),
                 },
+                before_sql=(rows, row_params),
             )
             return RunStart(run=run, created=True)
     except IntegrityError:
