@@ -69,3 +69,26 @@ def test_a_row_read_by_hand_is_the_instance_the_orm_builds(acme: Tenant) -> None
     for field in Step._meta.concrete_fields:
         assert getattr(by_hand_step, field.attname) == getattr(fetched, field.attname), field.name
     assert by_hand_run.input == {"k": "v"} and by_hand_run.created_at == Run.objects.get(pk=run.pk).created_at
+
+
+@pytest.mark.django_db
+def test_an_insert_writes_what_the_orm_would_write(acme: Tenant) -> None:
+    """A run and its steps written by ``insert_sql`` read back exactly as built (defaults,
+    auto_now_add, JSON), and the steps get their ids from the database."""
+    run = Run(id="run_insert_sql", tenant=acme, workflow="bench.five", input={"k": ["v", 1]}, actor="t")
+    steps = [
+        Step(run=run, tenant=acme, key=f"s{n}", position=n, lane="read", lock_keys=["a:1"] if n else [])
+        for n in range(3)
+    ]
+    sql, params = rawsql.insert_sql([run])
+    more, more_params = rawsql.insert_sql(steps)
+    with connection.cursor() as cursor:
+        cursor.execute(sql + more, params + more_params)
+    stored = Run.objects.get(pk=run.pk)
+    assert stored.created_at == run.created_at is not None
+    assert (stored.input, stored.status, stored.connections) == ({"k": ["v", 1]}, run.status, {})
+    assert list(stored.steps.order_by("position").values_list("key", "lock_keys", "status", "attempt")) == [
+        (s.key, s.lock_keys, s.status, s.attempt) for s in steps
+    ]
+    assert all(pk is not None for pk in stored.steps.values_list("pk", flat=True))
+    assert not run._state.adding
