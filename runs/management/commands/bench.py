@@ -803,7 +803,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--pairs",
             type=int,
-            default=3,
+            default=5,
             help="raw Celery / Runwarden measurements taken in turn for the headline ratio (its median)",
         )
         parser.add_argument("--five-runs", type=int, default=60, help="five-step runs")
