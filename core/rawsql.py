@@ -126,18 +126,27 @@ def prepared_statements() -> Iterator[None]:
 def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str, list[Any]]:
     """``sql`` with psycopg2's ``%s`` / ``%(name)s`` placeholders as PostgreSQL's ``$n``, and
     the parameters in that order."""
-    if isinstance(params, Mapping):
-        order: dict[str, int] = {}
+    text, names = _numbering(sql)
+    return text, [params[name] for name in names] if isinstance(params, Mapping) else list(params)
 
-        def named(match: re.Match[str]) -> str:
-            if match.group(0) == "%%":
-                return "%"
-            return f"${order.setdefault(match.group(1), len(order) + 1)}"
 
-        text = _PLACEHOLDER.sub(named, sql)
-        return text, [params[name] for name in order]
-    count = iter(range(1, len(params) + 1))
-    return _PLACEHOLDER.sub(lambda m: "%" if m.group(0) == "%%" else f"${next(count)}", sql), list(params)
+@lru_cache(maxsize=MAX_PREPARED * 4)
+def _numbering(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` numbered, and its named placeholders in the order of their numbers (none when
+    its placeholders are positional)."""
+    order: dict[str, int] = {}
+    count = 0
+
+    def number(match: re.Match[str]) -> str:
+        nonlocal count
+        if match.group(0) == "%%":
+            return "%"
+        if match.group(1) is None:
+            count += 1
+            return f"${count}"
+        return f"${order.setdefault(match.group(1), len(order) + 1)}"
+
+    return _PLACEHOLDER.sub(number, sql), tuple(order)
 
 
 class _Prepared:
@@ -170,16 +179,6 @@ def _prepared_on_this_connection() -> _Prepared:
     return state
 
 
-@lru_cache(maxsize=MAX_PREPARED * 4)
-def _ordered_names(sql: str) -> tuple[str, ...]:
-    """The named placeholders of ``sql`` in the order ``_numbered`` numbers them."""
-    order: dict[str, None] = {}
-    for match in _PLACEHOLDER.finditer(sql):
-        if match.group(1):
-            order.setdefault(match.group(1))
-    return tuple(order)
-
-
 def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
     """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
@@ -194,11 +193,11 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
         if len(state.names) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
             cursor.execute(sql, params)
             return
-        text, _ = _numbered(sql, params)
+        text, _ = _numbering(sql)
         # Named after the text: a connection can never run one statement under another's name.
         name = "rw_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
         cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
         state.names[sql] = name
-    values = [params[key] for key in _ordered_names(sql)] if isinstance(params, Mapping) else list(params)
+    _, values = _numbered(sql, params)
     arguments = ", ".join(["%s"] * len(values))
     cursor.execute(f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}", values)
