@@ -36,6 +36,7 @@ def test_a_statement_is_prepared_once_per_connection_only_where_asked_and_answer
             rawsql.execute_prepared(cursor, sql, params)
             return cursor.fetchall()
 
+    connection.close()  # a connection of its own: earlier tests may have prepared on theirs
     run()  # outside prepared_statements(): planned each time, nothing prepared
     assert not any(name.startswith("rw_") for name in _prepared_names())
     with rawsql.prepared_statements():
