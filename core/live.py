@@ -89,10 +89,11 @@ class _PushLoop:
 async def _deliver(
     layer: Any, group: str, message: dict[str, object], before: asyncio.Task[None] | None
 ) -> None:
-    """Send after the group's previous send is done, so a group's pushes keep their order."""
+    """Send after the group's previous send is done, so a group's pushes keep their order; a
+    send that hangs is given up after a while, so it cannot hold back the group's next ones."""
     if before is not None:
         await asyncio.wait([before])
-    await layer.group_send(group, message)
+    await asyncio.wait_for(layer.group_send(group, message), SEND_TIMEOUT_SECONDS)
 
 
 _push_loop: _PushLoop | None = None
