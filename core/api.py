@@ -3,28 +3,44 @@
 Every error answers ``{"error": {"code", "message", "details"}}`` with a fitting status:
 a body that is not JSON is a 400 ``malformed_json``, one over DATA_UPLOAD_MAX_MEMORY_SIZE a 413
 ``payload_too_large``, a request that does not fit its schema a 422 ``invalid_input`` with
-``details.fields`` ({dotted path: message}). Never a 500 for input.
+``details.fields`` ({dotted path: message}). Never a 500 for input. A deadlock or serialization
+failure that escapes a service is a 409 ``concurrent_update`` (re-read and retry); anything else
+unexpected is a 500 ``internal_error`` whose ``details.request_id`` names the log line with the
+traceback (and the ``X-Request-ID`` header).
+
+Authentication: a request with an ``Authorization`` header is judged by its Bearer token alone
+(401 for a missing, bad, expired or revoked one, or another scheme), never by the session and so
+never by the CSRF check; a request without one by its browser session, CSRF-checked for writes.
 Routers of the other apps are added to ``api`` in ``core/urls.py`` (a wiring file).
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 from django.conf import settings
+from django.core import signals
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse
+from django.utils.log import log_response
 from ninja import NinjaAPI, Path, Query, Router, Schema, Status
 from ninja.errors import AuthenticationError, HttpError, ValidationErrorContext
 from ninja.errors import ValidationError as NinjaValidationError
-from ninja.security import HttpBearer, django_auth
+from ninja.security import HttpBearer
+from ninja.security import SessionAuth as NinjaSessionAuth
 from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from core import selectors, services
+from core.db_errors import is_transient_conflict
+from core.logs import current_request_id
+from core.middleware import INTERNAL_ERROR_MESSAGE
 from core.models import Membership, Role, User
 from core.validation import NON_FIELD, NUL_MESSAGE, dotted_path
+
+request_logger = logging.getLogger("django.request")
 
 
 class ApiError(Exception):
@@ -47,13 +63,45 @@ class ApiError(Exception):
 
 
 class BearerTokenAuth(HttpBearer):
-    def authenticate(self, request: HttpRequest, token: str) -> User | None:
-        found = services.api_token_find(token)
+    """``Authorization: Bearer <token>``. A request that sends an Authorization header is
+    judged here and only here: a missing, bad, expired or revoked token, or another scheme, is
+    a 401 at once. Returning None instead would hand the request to session auth, whose CSRF
+    check refuses a token client's write with a 403 about CSRF (and would let a browser's
+    session answer for a token that was refused)."""
+
+    def __call__(self, request: HttpRequest) -> User | None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None  # not a token request: the session decides
+        scheme, _, token = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthenticationError()
+        return self.authenticate(request, token.strip())
+
+    def authenticate(self, request: HttpRequest, token: str) -> User:
+        found = services.api_token_find(token) if token else None
         if found is None:
-            return None
+            raise AuthenticationError()
         request.user = found.user
         request.api_token_environment = found.environment  # type: ignore[attr-defined]
         return found.user
+
+
+class SessionAuth(NinjaSessionAuth):
+    """The browser's Django session, CSRF-checked for writes (ninja's). A request with an
+    Authorization header is no session request: refused with 401 before any CSRF check, on a
+    route that takes no token (behind ``BearerTokenAuth``, such a request never gets here).
+    Named as ninja's, so the OpenAPI document names one session scheme."""
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if "Authorization" in request.headers:
+            raise ApiError(
+                401,
+                "unauthenticated",
+                "This route takes a browser session, not an API token.",
+                headers={"WWW-Authenticate": 'Bearer realm="runwarden"'},
+            )
+        return super().__call__(request)
 
 
 class RunwardenAPI(NinjaAPI):
@@ -77,7 +125,7 @@ api = RunwardenAPI(
     title="Runwarden API",
     version="1",
     urls_namespace="api-v1",
-    auth=[BearerTokenAuth(), django_auth],
+    auth=[BearerTokenAuth(), SessionAuth()],
     docs_url="/docs",
     openapi_url="/openapi.json",
 )
@@ -91,8 +139,11 @@ def error_response(
     details: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
 ) -> HttpResponse:
+    details = details or {}
+    if status >= 500:
+        details = {**details, "request_id": current_request_id()}
     response = api.create_response(
-        request, {"error": {"code": code, "message": message, "details": details or {}}}, status=status
+        request, {"error": {"code": code, "message": message, "details": details}}, status=status
     )
     for name, value in (headers or {}).items():
         response[name] = value
@@ -102,6 +153,47 @@ def error_response(
 @api.exception_handler(ApiError)
 def _api_error(request: HttpRequest, exc: ApiError) -> HttpResponse:
     return error_response(request, exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+@api.exception_handler(Exception)
+def _unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """Any exception no more specific handler takes (ninja picks by class). Logged here with
+    its traceback and the request's id, as Django would log it (so Django does not log the
+    answer a second time)."""
+    if is_transient_conflict(exc):
+        # The service's transaction was rolled back whole: nothing changed, and the same request
+        # sent again meets the data as it is now. A warning: the lock order (DESIGN.md) should
+        # make this rare, and the traceback says which statements met.
+        response = error_response(
+            request,
+            409,
+            "concurrent_update",
+            "Another request changed the same data at the same moment and nothing was changed; "
+            "re-read it and retry.",
+        )
+        log_response(
+            "Concurrent update: %s",
+            request.path,
+            response=response,
+            request=request,
+            logger=request_logger,
+            level="warning",
+            exception=exc,
+        )
+        return response
+    # As Django's own handler does: listeners such as the test client hear of the exception.
+    signals.got_request_exception.send(sender=None, request=request)
+    response = error_response(request, 500, "internal_error", INTERNAL_ERROR_MESSAGE)
+    log_response(
+        "%s: %s",
+        response.reason_phrase,
+        request.path,
+        response=response,
+        request=request,
+        logger=request_logger,
+        exception=exc,
+    )
+    return response
 
 
 @api.exception_handler(AuthenticationError)
@@ -452,7 +544,7 @@ def tokens_list(request: HttpRequest) -> list[dict[str, Any]]:
     return [_token_out(t) for t in selectors.tokens_of_user(request_user(request))]
 
 
-@core_router.post("/tokens", response={201: TokenCreated}, auth=django_auth)
+@core_router.post("/tokens", response={201: TokenCreated}, auth=SessionAuth())
 def tokens_create(request: HttpRequest, payload: TokenIn) -> Status:
     """Issue a token; its secret is in this answer only. Browser sessions only: a token cannot
     mint tokens, so a leaked one dies when it expires or is revoked."""

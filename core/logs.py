@@ -2,7 +2,8 @@
 off), readable text under ``make run``. While a step runs, every line any code logs carries
 the step's context — run_id, step_key, attempt, tenant, correlation_id, lease_token — from a
 context variable the executor sets; the ledger adds the idempotency key and whether it was a
-dedupe hit (answered from the record) or a miss (acted)."""
+dedupe hit (answered from the record) or a miss (acted). While a web request is answered, every
+line carries its ``request_id`` (the one ``core.middleware`` puts in the X-Request-ID header)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ _step_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Conte
     "runwarden_step", default=None
 )
 
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("runwarden_request_id", default=None)
+
 # Attributes every LogRecord has; anything else on a record is an ``extra`` field to keep.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -32,13 +35,34 @@ def step_context(**fields: Any) -> Iterator[None]:
         _step_context.reset(token)
 
 
+def request_id_bind(request_id: str) -> contextvars.Token[str | None]:
+    """Stamp ``request_id`` on every log line of this request until ``request_id_unbind``."""
+    return _request_id.set(request_id)
+
+
+def request_id_unbind(token: contextvars.Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+def current_request_id() -> str | None:
+    """The id of the request being answered in this context, or None outside a request."""
+    return _request_id.get()
+
+
 class StepContextFilter(logging.Filter):
-    """Copies the running step's context onto each record (as attributes, unless set)."""
+    """Copies the running step's context and the request's id onto each record (as attributes,
+    unless set)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         for name, value in (_step_context.get() or {}).items():
             if not hasattr(record, name):
                 setattr(record, name, value)
+        if not hasattr(record, "request_id"):
+            # Django logs a 4xx/5xx answer ("Unauthorized: /api/v1/me") after the middleware
+            # has returned; that record carries the request, and the request its id.
+            request_id = _request_id.get() or getattr(getattr(record, "request", None), "request_id", None)
+            if request_id is not None:
+                record.request_id = request_id
         return True
 
 
@@ -61,7 +85,7 @@ class JsonFormatter(logging.Formatter):
 # What the readable format appends (other libraries' extras, e.g. Celery's, stay in JSON only).
 TEXT_FIELDS = (
     "run_id", "step_key", "attempt", "tenant", "correlation_id", "lease_token",
-    "idempotency_key", "dedupe", "outcome",
+    "idempotency_key", "dedupe", "outcome", "request_id",
 )  # fmt: skip
 
 

@@ -96,6 +96,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every answer (redirects and refusals of the others too) names the request's id.
+    "core.middleware.request_id_middleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -107,6 +109,7 @@ MIDDLEWARE = [
     "core.security.security_headers_middleware",
     "core.security.refuse_nul_characters_middleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "core.middleware.ConcurrentUpdateMiddleware",
 ]
 
 ROOT_URLCONF = "core.urls"
