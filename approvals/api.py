@@ -248,7 +248,7 @@ def conflict_resolve(
             external_ref=payload.external_ref,
         )
     except services.InvalidResolution as exc:
-        raise ApiError(400, "invalid_resolution", str(exc)) from None
+        raise ApiError(exc.status, "invalid_resolution", str(exc)) from None
     except services.ResolutionConflict as lost:
         current = selectors.conflict_detail(lost.current)
         raise ApiError(

@@ -46,6 +46,7 @@ class ApprovalStatus(models.TextChoices):
     CHANGES_REQUESTED = "changes_requested"
     INVALIDATED = "invalidated"
     EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"  # its run was cancelled before anyone decided
 
 
 class ApprovalRequest(models.Model):

@@ -47,6 +47,7 @@ DECIDED_VERBS = {
     ApprovalStatus.CHANGES_REQUESTED: "sent back for changes",
     ApprovalStatus.INVALIDATED: "invalidated by an edit",
     ApprovalStatus.EXPIRED: "expired",
+    ApprovalStatus.WITHDRAWN: "withdrawn (its run was cancelled)",
 }
 
 
@@ -210,6 +211,8 @@ def approval_edit(request: HtmxHttpRequest, approval_id: int) -> HttpResponse:
         version = services.artifact_edit(
             artifact=approval.artifact, user=user, expected_version=int(expected), content=content
         )
+    except PermissionDenied as exc:  # the role was taken away while editing
+        return _reply(request, approval, f"Not saved: {exc}", "error", 403)
     except services.EditConflict as lost:
         if lost.conflict is None:
             notice = "Not saved: the step already finished; its artifact can no longer change."
@@ -354,7 +357,9 @@ def conflict_resolve(request: HtmxHttpRequest, conflict_id: int) -> HttpResponse
             external_ref=request.POST.get("external_ref", "").strip()[:300],
         )
     except services.InvalidResolution as exc:
-        return _conflict_reply(request, conflict, f"Not resolved: {exc}.", "error", 400)
+        return _conflict_reply(request, conflict, f"Not resolved: {exc}.", "error", exc.status)
+    except PermissionDenied as exc:  # the role was taken away while resolving
+        return _conflict_reply(request, conflict, f"Not resolved: {exc}", "error", 403)
     except services.ResolutionConflict as lost:
         current = lost.current
         who = f" by {current.resolved_by.get_username()}" if current.resolved_by else ""

@@ -278,8 +278,11 @@ class MembershipInvalid(ValueError):
 
 def _lock_tenant(tenant: Tenant) -> None:
     """Membership changes of one tenant take turns on its row: "at least one admin remains"
-    is then a check under the lock, never a race between two admins demoting each other."""
-    Tenant.objects.select_for_update().filter(pk=tenant.pk).first()
+    is then a check under the lock, never a race between two admins demoting each other.
+    ``FOR NO KEY UPDATE``: rows that refer to the tenant (events, decisions) are still written
+    meanwhile — ``FOR UPDATE`` would block their foreign-key checks and deadlock a decision
+    that holds its decider's membership row."""
+    Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).first()
 
 
 def _close_member_sockets(tenant: Tenant, user: User) -> None:

@@ -38,9 +38,21 @@ class ApprovalGate(Protocol):
         no longer valid (the artifact was edited since, or the approval was invalidated)."""
         ...
 
+    def withdraw(self, *, run_id: str, actor: str, reason: str) -> None:
+        """Called in the transaction that cancels a run: its undecided approvals (and the
+        conflicts about its drafts) close, so a decision that comes later is told the run is
+        gone instead of approving nothing."""
+        ...
+
 
 class NoGate(Exception):
     pass
+
+
+def withdraw_decisions(*, run_id: str, actor: str, reason: str) -> None:
+    """A cancelled run's undecided approvals close (nothing to close without a gate)."""
+    if _gate is not None:
+        _gate.withdraw(run_id=run_id, actor=actor, reason=reason)
 
 
 _gate: ApprovalGate | None = None

@@ -9,6 +9,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
@@ -20,15 +21,18 @@ from core import services as core_services
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
 from core.models import Tenant, TenantQuota
+from core.transactions import transaction_retried_once
 from core.wakeups import wake_on_commit
 from runs import transitions
 from runs.definitions import (
     InvalidInput,
     SessionPolicy,
     UnknownWorkflow,
+    Workflow,
     WorkflowDefinitionError,
     get_workflow,
 )
+from runs.locking import run_steps_lock
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
@@ -372,8 +376,7 @@ def _session_fields(session_key: str, sequence: int | None) -> dict[str, str]:
 
 def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
     """Cancel an unfinished run (see ``transitions.run_cancel``). False when already finished."""
-    with transaction.atomic():
-        return transitions.run_cancel(run=run, actor=actor, reason=reason)
+    return transaction_retried_once(lambda: transitions.run_cancel(run=run, actor=actor, reason=reason))
 
 
 def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
@@ -427,64 +430,69 @@ def run_retry(*, run: Run, actor: str) -> Run:
     except UnknownWorkflow as exc:
         raise RunNotRetryable(str(exc)) from None
     now = timezone.now()
-    with transaction.atomic():
-        # Step rows first, then the run: the order every writer uses.
-        steps = list(Step.objects.select_for_update().filter(run=run).order_by("position"))
-        target = next((s for s in steps if s.status != StepStatus.SUCCEEDED), None)
-        if target is None:
-            raise RunNotRetryable(f"run {run.id} has no unfinished step to retry")
-        outputs = {s.key: s.output for s in steps if s.status == StepStatus.SUCCEEDED}
-        try:
-            keys = step_lock_keys(
-                workflow=run.workflow,
-                version=run.workflow_version,
-                step_key=target.key,
-                context=transitions.lock_context(run, outputs),
-            )
-            budget = definition.spec(target.key).retry.max_attempts
-        except (UnknownWorkflow, WorkflowDefinitionError) as exc:
-            raise RunNotRetryable(str(exc)) from None
-        moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES, compensation="").update(
-            status=RunStatus.PENDING,
-            session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
-            queue_deadline=queue_deadline(definition.session, now) if run.session_key else None,
-            retries=F("retries") + 1,
-            finished_at=None,
-            updated_at=now,
-        )
-        if moved != 1:
-            run.refresh_from_db(fields=["status"])
-            raise RunNotRetryable(
-                f"run {run.id} is {run.status}: only a failed, cancelled or expired run is retried"
-            )
-        fresh: dict[str, Any] = {
-            "error": "",
-            "finished_at": None,
-            "lease_id": None,
-            "lease_token": None,
-            "lock_leases": [],
-        }
-        Step.objects.filter(run=run, position__gt=target.position).update(
-            status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
-        )
-        Step.objects.filter(pk=target.pk).update(
-            retried_at=now,
-            status=StepStatus.PENDING if run.session_key else StepStatus.READY,
-            lock_keys=keys,
-            max_attempts=target.attempt + budget,
-            available_at=None,
-            updated_at=now,
-            **fresh,
-        )
-        core_services.event_record(
-            tenant=run.tenant_id,
-            subject=f"run:{run.id}",
-            verb="run_retried",
-            actor=actor,
-            payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
-        )
-        wake_on_commit()
+    retried = transaction_retried_once(lambda: _retry(run, definition, actor, now))
     run.refresh_from_db()
+    return retried
+
+
+def _retry(run: Run, definition: Workflow, actor: str, now: datetime) -> Run:
+    """The retry itself, in the caller's transaction."""
+    run_steps_lock(run.pk)  # the anchor (runs/locking.py): step rows, then the run
+    steps = list(Step.objects.filter(run=run).order_by("position"))
+    target = next((s for s in steps if s.status != StepStatus.SUCCEEDED), None)
+    if target is None:
+        raise RunNotRetryable(f"run {run.id} has no unfinished step to retry")
+    outputs = {s.key: s.output for s in steps if s.status == StepStatus.SUCCEEDED}
+    try:
+        keys = step_lock_keys(
+            workflow=run.workflow,
+            version=run.workflow_version,
+            step_key=target.key,
+            context=transitions.lock_context(run, outputs),
+        )
+        budget = definition.spec(target.key).retry.max_attempts
+    except (UnknownWorkflow, WorkflowDefinitionError) as exc:
+        raise RunNotRetryable(str(exc)) from None
+    moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES, compensation="").update(
+        status=RunStatus.PENDING,
+        session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
+        queue_deadline=queue_deadline(definition.session, now) if run.session_key else None,
+        retries=F("retries") + 1,
+        finished_at=None,
+        updated_at=now,
+    )
+    if moved != 1:
+        run.refresh_from_db(fields=["status"])
+        raise RunNotRetryable(
+            f"run {run.id} is {run.status}: only a failed, cancelled or expired run is retried"
+        )
+    fresh: dict[str, Any] = {
+        "error": "",
+        "finished_at": None,
+        "lease_id": None,
+        "lease_token": None,
+        "lock_leases": [],
+    }
+    Step.objects.filter(run=run, position__gt=target.position).update(
+        status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
+    )
+    Step.objects.filter(pk=target.pk).update(
+        retried_at=now,
+        status=StepStatus.PENDING if run.session_key else StepStatus.READY,
+        lock_keys=keys,
+        max_attempts=target.attempt + budget,
+        available_at=None,
+        updated_at=now,
+        **fresh,
+    )
+    core_services.event_record(
+        tenant=run.tenant_id,
+        subject=f"run:{run.id}",
+        verb="run_retried",
+        actor=actor,
+        payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
+    )
+    wake_on_commit()
     return run
 
 

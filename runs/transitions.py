@@ -36,6 +36,7 @@ from runs.definitions import (
     WorkflowDefinitionError,
     get_workflow,
 )
+from runs.locking import run_steps_lock
 from runs.models import EffectStatus, Run, RunStatus, SessionState, SideEffect, Step, StepStatus
 
 UNFINISHED_RUN_STATUSES = (
@@ -571,10 +572,8 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting:
     had already finished — or, with ``only_waiting``, when it is no longer waiting for its
     session turn. Call inside a transaction."""
     now = timezone.now()
-    # Step rows first, then leases, then the run: the order every writer uses.
-    live_steps = list(
-        Step.objects.select_for_update().filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk")
-    )
+    run_steps_lock(run.pk)  # the anchor (runs/locking.py): step rows, then leases, then the run
+    live_steps = list(Step.objects.filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk"))
     still = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES)
     if only_waiting:
         still = still.filter(session_state=SessionState.WAITING)
@@ -604,6 +603,7 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting:
         actor=actor,
         payload={"reason": reason},
     )
+    gates.withdraw_decisions(run_id=run.id, actor=actor, reason=reason)
     compensation_start(run_id=run.id, now=now)
     wake_on_commit(only_if_waiting=True)
     return True

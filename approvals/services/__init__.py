@@ -2,8 +2,9 @@
 
 Layered, each module importing only those above it:
 
-- ``gate``: the executor's gate; the step's artifact, its versions and approval requests.
 - ``conflicts``: conflict artifacts recorded in the reporter's transaction.
+- ``gate``: the executor's gate; the step's artifact, its versions and approval requests
+  (withdrawn when their run is cancelled).
 - ``artifacts``: human edits of a draft (version n+1, earlier approvals invalidated).
 - ``resolutions``: a reviewer's resolution of a conflict, applied exactly once.
 - ``decisions``: approve / reject / request changes, and timeouts.

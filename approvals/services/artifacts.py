@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -22,11 +21,16 @@ from approvals.models import (
 from approvals.services.conflicts import record_conflict
 from approvals.services.gate import new_version, open_request, spec_of
 from core import services as core_services
-from core.models import User
+from core.models import Role, User
+from core.transactions import transaction_retried_once
+from runs.locking import run_steps_lock
 from runs.models import StepStatus
 
 
 class EditConflict(Exception):
+    """The edit lost: the artifact moved on (``conflict`` keeps the lost content for a reviewer)
+    or its step has finished. No version was written."""
+
     def __init__(self, artifact: Artifact, conflict: ConflictArtifact | None) -> None:
         super().__init__(f"artifact {artifact.pk} is at version {artifact.latest_version}")
         self.artifact = artifact
@@ -39,31 +43,52 @@ def artifact_edit(*, artifact: Artifact, user: User, expected_version: int, cont
     Invalidates every earlier approval of the step and opens a new request for the new version.
     Two edits based on the same version: the second raises EditConflict with a
     ``concurrent_edit`` conflict artifact holding both contents. PermissionDenied for a user
-    without the operator role in the artifact's tenant.
+    without the operator role in the artifact's tenant (checked again, locked, in the edit's
+    transaction).
     """
     access.access_edit_artifact(user, artifact.tenant.slug)
-    return artifact_write(artifact=artifact, user=user, expected_version=expected_version, content=content)
+    written = transaction_retried_once(
+        lambda: _artifact_write(
+            artifact=artifact, user=user, expected_version=expected_version, content=content, as_member=True
+        )
+    )
+    if isinstance(written, EditConflict):
+        raise written  # after the commit: the conflict it recorded is kept
+    return written
 
 
 def artifact_write(*, artifact: Artifact, user: User, expected_version: int, content: Any) -> ArtifactVersion:
-    """The edit itself; a reviewer applying a lost edit (a resolution) writes through here."""
-    with transaction.atomic():
-        locked = Artifact.objects.select_for_update().select_related("step__run").get(pk=artifact.pk)
-        if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
-            raise EditConflict(locked, None)
-        if locked.latest_version != expected_version:
-            # Recorded and committed, then refused: the loser's content is kept for a reviewer.
-            current = locked.versions.get(number=locked.latest_version)
-            lost = record_conflict(
-                ConflictKind.CONCURRENT_EDIT,
-                step=locked.step,
-                target_key=f"artifact:{locked.pk}",
-                current={"version": current.number, "author": current.author, "content": current.content},
-                proposed={"based_on": expected_version, "author": user.get_username(), "content": content},
-            )
-        else:
-            return _write_version(locked, user, expected_version, content)
-    raise EditConflict(locked, lost)
+    """The edit itself, in the caller's transaction (a reviewer applying a lost edit as a
+    resolution writes through here, holding the run's anchor already)."""
+    written = _artifact_write(
+        artifact=artifact, user=user, expected_version=expected_version, content=content, as_member=False
+    )
+    if isinstance(written, EditConflict):
+        raise written
+    return written
+
+
+def _artifact_write(
+    *, artifact: Artifact, user: User, expected_version: int, content: Any, as_member: bool
+) -> ArtifactVersion | EditConflict:
+    run_steps_lock(artifact.run_id)  # the anchor: see runs/locking.py
+    if as_member:
+        access.member_role_locked(user, artifact.tenant_id, [Role.OPERATOR], "edit this draft")
+    locked = Artifact.objects.select_for_update(of=("self",)).select_related("step__run").get(pk=artifact.pk)
+    if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
+        return EditConflict(locked, None)
+    if locked.latest_version == expected_version:
+        return _write_version(locked, user, expected_version, content)
+    # Recorded and committed, then refused: the loser's content is kept for a reviewer.
+    current = locked.versions.get(number=locked.latest_version)
+    lost = record_conflict(
+        ConflictKind.CONCURRENT_EDIT,
+        step=locked.step,
+        target_key=f"artifact:{locked.pk}",
+        current={"version": current.number, "author": current.author, "content": current.content},
+        proposed={"based_on": expected_version, "author": user.get_username(), "content": content},
+    )
+    return EditConflict(locked, lost)
 
 
 def _write_version(artifact: Artifact, user: User, based_on: int, content: Any) -> ArtifactVersion:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from approvals.models import (
@@ -101,14 +101,26 @@ def audit_conflict(conflict: ConflictArtifact, verb: str, actor: str, payload: d
 
 
 def settle_conflicts(step: Step, kind: str, actor: str, resolution: str) -> None:
+    """Open conflicts of ``kind`` about ``step`` are resolved by what just happened."""
+    _settle(
+        ConflictArtifact.objects.filter(step=step, kind=kind), actor, resolution, "settled by a new approval"
+    )
+
+
+def settle_run_conflicts(run_id: str, kinds: tuple[str, ...], actor: str, resolution: str, note: str) -> None:
+    """Open conflicts of ``kinds`` about the run are resolved by what just happened to it."""
+    _settle(ConflictArtifact.objects.filter(run_id=run_id, kind__in=kinds), actor, resolution, note)
+
+
+def _settle(conflicts: QuerySet[ConflictArtifact], actor: str, resolution: str, note: str) -> None:
     now = timezone.now()
-    for conflict in ConflictArtifact.objects.filter(step=step, kind=kind, status=ConflictStatus.OPEN):
+    for conflict in conflicts.filter(status=ConflictStatus.OPEN):
         settled = ConflictArtifact.objects.filter(pk=conflict.pk, status=ConflictStatus.OPEN).update(
             status=ConflictStatus.RESOLVED,
             resolution=resolution,
             resolved_at=now,
             version=F("version") + 1,
-            note="settled by a new approval",
+            note=note[:2000],
             updated_at=now,
         )
         if settled:

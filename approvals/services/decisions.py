@@ -6,13 +6,15 @@ resumes exactly once; the loser changes nothing and gets the current state back.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from approvals import notifications
+from approvals import access, notifications
 from approvals.models import (
     ApprovalRequest,
     ApprovalStatus,
@@ -25,7 +27,9 @@ from core import metrics
 from core import services as core_services
 from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS
+from core.transactions import transaction_retried_once
 from runs import services as run_services
+from runs.locking import run_steps_lock
 from runs.models import Step, StepStatus
 
 
@@ -41,11 +45,19 @@ class DecisionForbidden(Exception):
     """The user may not decide this request (role, self-approval, already voted)."""
 
 
-def _can_decide(user: User, request: ApprovalRequest) -> None:
+def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -> None:
+    """The decider's role fits the request; ``locked``: read in the deciding transaction with the
+    member's row locked (see approvals/access.py), so a role change racing the decision is seen."""
+    roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
+    if locked:
+        try:
+            access.member_role_locked(user, request.tenant_id, roles, "decide this approval")
+        except PermissionDenied as refused:
+            raise DecisionForbidden(str(refused)) from None
+        return
     membership = Membership.objects.filter(user=user, tenant_id=request.tenant_id).first()
     if membership is None:
         raise DecisionForbidden("not a member of this tenant")
-    roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
     if not any(role in ROLE_GRANTS[membership.role] for role in roles):
         raise DecisionForbidden(f"this approval needs one of the roles: {', '.join(roles)}")
 
@@ -71,7 +83,10 @@ def approval_decide(
     if decision == "approve" and _blocks_self_approval(user, request):
         raise DecisionForbidden("you started this run or wrote this version: someone else must approve it")
     now = timezone.now()
-    with transaction.atomic():
+
+    def decide() -> ApprovalRequest | None:
+        run_steps_lock(request.run_id)  # the anchor: see runs/locking.py
+        _can_decide(user, request, locked=True)
         pending = ApprovalRequest.objects.filter(
             pk=request.pk, version=expected_version, status=ApprovalStatus.PENDING
         )
@@ -89,7 +104,6 @@ def approval_decide(
                     with transaction.atomic():
                         ApprovalVote.objects.create(request_id=request.pk, user=user)
                 except IntegrityError:
-                    transaction.set_rollback(True)
                     raise DecisionForbidden(
                         "you already approved this request; it needs another approver"
                     ) from None
@@ -107,12 +121,14 @@ def approval_decide(
                 comment=comment,
                 updated_at=now,
             )
-        if won == 1:
-            current = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(
-                pk=request.pk
-            )
-            _after_decision(current, user.get_username(), decision, comment)
-    if won != 1:
+        if won != 1:
+            return None
+        decided = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(pk=request.pk)
+        _after_decision(decided, user.get_username(), decision, comment)
+        return decided
+
+    current = transaction_retried_once(decide)
+    if current is None:
         # Lost the compare-and-set: nothing was written; show who won, when, on which version.
         raise DecisionConflict(
             ApprovalRequest.objects.select_related("decided_by", "artifact_version").get(pk=request.pk)
@@ -180,47 +196,53 @@ def approvals_expire(*, now: Any = None) -> int:
     ).select_related("step__run"):
         spec = spec_of(request.step)
         fallback = spec.approval.on_timeout if spec and spec.approval else "reject"
-        with transaction.atomic():
-            claim = ApprovalRequest.objects.filter(
-                pk=request.pk, version=request.version, status=ApprovalStatus.PENDING
-            )
-            if fallback == "escalate":
-                won = claim.update(escalated=True, expires_at=None, version=F("version") + 1, updated_at=now)
-                verb = "approval_escalated"
-                if won == 1:
-                    request.refresh_from_db()
-                    notifications.notify(request, "approval_escalated")
-            elif fallback == "auto_approve":
-                won = claim.update(
-                    status=ApprovalStatus.APPROVED,
-                    decided_at=now,
-                    comment="auto-approved on timeout",
-                    version=F("version") + 1,
-                    updated_at=now,
-                )
-                verb = "approval_auto_approved"
-            else:
-                won = claim.update(
-                    status=ApprovalStatus.EXPIRED,
-                    decided_at=now,
-                    comment="timed out",
-                    version=F("version") + 1,
-                    updated_at=now,
-                )
-                verb = "approval_expired"
-            if won != 1:
-                continue
+        if transaction_retried_once(partial(_expire, request, fallback, now)):
             fired += 1
-            core_services.event_record(
-                tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
-                payload={"approval_id": request.pk},
-            )  # fmt: skip
-            if fallback == "auto_approve":
-                run_services.step_resume(step=request.step, actor="timeout")
-            elif fallback == "reject":
-                run_services.step_fail(
-                    step=request.step, actor="timeout", reason="approval timed out",
-                    from_statuses=(StepStatus.WAITING_APPROVAL,),
-                )  # fmt: skip
             metrics.APPROVAL_DECISIONS.labels(outcome=f"timeout_{fallback}").inc()
     return fired
+
+
+def _expire(request: ApprovalRequest, fallback: str, now: Any) -> bool:
+    """One request's timeout fallback, in the caller's transaction; whether it fired."""
+    run_steps_lock(request.run_id)  # the anchor: see runs/locking.py
+    claim = ApprovalRequest.objects.filter(
+        pk=request.pk, version=request.version, status=ApprovalStatus.PENDING
+    )
+    if fallback == "escalate":
+        won = claim.update(escalated=True, expires_at=None, version=F("version") + 1, updated_at=now)
+        verb = "approval_escalated"
+        if won == 1:
+            request.refresh_from_db()
+            notifications.notify(request, "approval_escalated")
+    elif fallback == "auto_approve":
+        won = claim.update(
+            status=ApprovalStatus.APPROVED,
+            decided_at=now,
+            comment="auto-approved on timeout",
+            version=F("version") + 1,
+            updated_at=now,
+        )
+        verb = "approval_auto_approved"
+    else:
+        won = claim.update(
+            status=ApprovalStatus.EXPIRED,
+            decided_at=now,
+            comment="timed out",
+            version=F("version") + 1,
+            updated_at=now,
+        )
+        verb = "approval_expired"
+    if won != 1:
+        return False
+    core_services.event_record(
+        tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
+        payload={"approval_id": request.pk},
+    )  # fmt: skip
+    if fallback == "auto_approve":
+        run_services.step_resume(step=request.step, actor="timeout")
+    elif fallback == "reject":
+        run_services.step_fail(
+            step=request.step, actor="timeout", reason="approval timed out",
+            from_statuses=(StepStatus.WAITING_APPROVAL,),
+        )  # fmt: skip
+    return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.db.models import F
 from django.utils import timezone
 
 from approvals import notifications
@@ -15,12 +16,17 @@ from approvals.models import (
     ApprovalStatus,
     Artifact,
     ArtifactVersion,
+    ConflictKind,
 )
+from approvals.services.conflicts import settle_run_conflicts
 from core import services as core_services
 from core.models import Role
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.gates import ApprovalNoLongerValid, GateVerdict
 from runs.models import Run, Step
+
+# Conflicts about a run's drafts: a cancelled run leaves nothing to keep or apply.
+DRAFT_CONFLICT_KINDS = (ConflictKind.STALE_APPROVAL, ConflictKind.CONCURRENT_EDIT)
 
 
 def spec_of(step: Step) -> StepSpec | None:
@@ -98,6 +104,34 @@ class ApprovalGate:
             latest = new_version(artifact, draft, author=run.actor, source="agent", based_on=latest.number)
         request = open_request(step, artifact, latest, spec)
         return GateVerdict("waiting", approval_id=request.pk)
+
+    def withdraw(self, *, run_id: str, actor: str, reason: str) -> None:
+        """In the cancel's transaction (which holds the run's anchor): pending requests become
+        ``withdrawn`` (version bumped, so a decision racing the cancel loses its compare-and-set
+        with 412), and open conflicts about the run's drafts are settled — there is nothing
+        left to keep or apply. Conflicts about effects stay open: a compensation waits on them."""
+        now = timezone.now()
+        withdrawn = list(
+            ApprovalRequest.objects.filter(run_id=run_id, status=ApprovalStatus.PENDING).values_list(
+                "pk", "tenant_id"
+            )
+        )
+        ApprovalRequest.objects.filter(pk__in=[pk for pk, _ in withdrawn]).update(
+            status=ApprovalStatus.WITHDRAWN,
+            version=F("version") + 1,
+            decided_at=now,
+            comment=reason[:2000],
+            updated_at=now,
+        )
+        for approval_id, tenant_id in withdrawn:
+            core_services.event_record(
+                tenant=tenant_id,
+                subject=f"run:{run_id}",
+                verb="approval_withdrawn",
+                actor=actor,
+                payload={"approval_id": approval_id, "reason": reason[:500]},
+            )
+        settle_run_conflicts(run_id, DRAFT_CONFLICT_KINDS, actor, "run_cancelled", note=reason)
 
     def guard_effect(self, *, step: Step, verdict: GateVerdict) -> None:
         # Locks the artifact row: an edit either committed before (then we refuse) or waits

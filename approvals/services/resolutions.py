@@ -3,7 +3,6 @@ moves the affected step or run on, exactly once."""
 
 from __future__ import annotations
 
-from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -14,11 +13,13 @@ from approvals.models import (
     ConflictKind,
     ConflictStatus,
 )
-from approvals.services.artifacts import artifact_write
+from approvals.services.artifacts import EditConflict, artifact_write
 from approvals.services.conflicts import audit_conflict
-from core.models import User
+from core.models import Role, User
+from core.transactions import transaction_retried_once
 from runs import ledger
 from runs import services as run_services
+from runs.locking import run_steps_lock
 from runs.models import StepStatus
 
 
@@ -29,7 +30,12 @@ class ResolutionConflict(Exception):
 
 
 class InvalidResolution(ValueError):
-    """The resolution does not fit this conflict (or lacks what it needs): nothing changed."""
+    """The resolution does not fit this conflict (or lacks what it needs, 400), or no longer
+    fits its run (409): nothing changed."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 RESOLUTIONS = {
@@ -81,7 +87,11 @@ def conflict_resolve(
         raise InvalidResolution("mark_effect_committed needs the external_ref you verified with the provider")
     now = timezone.now()
     actor = user.get_username()
-    with transaction.atomic():
+
+    def resolve() -> ConflictArtifact | None:
+        if conflict.run_id is not None:
+            run_steps_lock(conflict.run_id)  # the anchor: see runs/locking.py
+        access.member_role_locked(user, conflict.tenant_id, [Role.REVIEWER], "resolve this conflict")
         won = ConflictArtifact.objects.filter(
             pk=conflict.pk, version=expected_version, status=ConflictStatus.OPEN
         ).update(
@@ -93,15 +103,17 @@ def conflict_resolve(
             version=F("version") + 1,
             updated_at=now,
         )
-        if won == 1:
-            current = ConflictArtifact.objects.select_related("step__run", "run", "effect").get(
-                pk=conflict.pk
-            )
-            _apply_resolution(current, resolution, actor, note, external_ref)
-            audit_conflict(current, "conflict_resolved", actor, {"resolution": resolution, "note": note})
-    if won != 1:
+        if won != 1:
+            return None
+        current = ConflictArtifact.objects.select_related("step__run", "run", "effect").get(pk=conflict.pk)
+        _apply_resolution(current, resolution, actor, note, external_ref)
+        audit_conflict(current, "conflict_resolved", actor, {"resolution": resolution, "note": note})
+        return current
+
+    resolved = transaction_retried_once(resolve)
+    if resolved is None:
         raise ResolutionConflict(ConflictArtifact.objects.get(pk=conflict.pk))
-    return current
+    return resolved
 
 
 def _apply_resolution(
@@ -134,12 +146,18 @@ def _apply_resolution(
     ):
         artifact = Artifact.objects.get(step=step)
         user = User.objects.get(username=actor)
-        artifact_write(  # the reviewer's resolution, not an operator's edit
-            artifact=artifact,
-            user=user,
-            expected_version=artifact.latest_version,
-            content=(conflict.proposed or {}).get("content"),
-        )
+        try:
+            artifact_write(  # the reviewer's resolution, not an operator's edit
+                artifact=artifact,
+                user=user,
+                expected_version=artifact.latest_version,
+                content=(conflict.proposed or {}).get("content"),
+            )
+        except EditConflict:
+            raise InvalidResolution(
+                "the step already finished, so its draft can no longer change: keep_current instead",
+                status=409,
+            ) from None
     elif resolution == "retry_compensation" and step is not None:
         run_services.compensation_retry(step=step, actor=actor)
     elif resolution == "mark_compensated" and step is not None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from approvals.models import ApprovalRequest
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
@@ -17,6 +20,15 @@ def pump(rounds: int = 8) -> list[str]:
             break
         outcomes += [step_execute(step_id=a.step_id, token=a.token) for a in admitted]
     return outcomes
+
+
+def pump_until(predicate: Callable[[], object], rounds: int = 40) -> None:
+    """Pump, also across short retry backoffs, until ``predicate()`` holds."""
+    for _ in range(rounds):
+        pump()
+        if predicate():
+            return
+        time.sleep(0.05)
 
 
 def pending_request(run: Run) -> ApprovalRequest:

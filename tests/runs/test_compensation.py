@@ -5,7 +5,6 @@ worker dies in the middle of one — and a compensation that keeps failing waits
 from __future__ import annotations
 
 import threading
-import time
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +21,7 @@ from runs.definitions import workflow
 from runs.invariants import check_invariants
 from runs.models import Run, SandboxCall, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
-from tests.approvals.helpers import pump
+from tests.approvals.helpers import pump, pump_until
 from tests.conftest import bearer_client
 from tests.runs.cluster import Cluster, wait_for
 
@@ -30,15 +29,6 @@ from tests.runs.cluster import Cluster, wait_for
 def calls(operation: str) -> list[SandboxCall]:
     rows = SandboxCall.objects.filter(operation=operation, ok=True)
     return list(rows.order_by("started_at", "id"))
-
-
-def pump_until(predicate: object, rounds: int = 40) -> None:
-    """Pump, also across short retry backoffs, until ``predicate()`` holds."""
-    for _ in range(rounds):
-        pump()
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,0 +1,37 @@
+"""The product's one lock order, and the anchor every cold-path action takes first.
+
+A transaction that locks or changes more than one of these rows takes them in this order:
+
+1. the admission lock (an advisory lock: a dispatch round, a worker admitting its next step);
+2. **the run's step rows, by id** — the anchor (see below);
+3. lease rows (by id; entity keys are granted in their canonical order);
+4. the run row;
+5. the step's artifact, approval requests and conflicts;
+6. notifications, events and the outbox (inserts only).
+
+Tenant-wide settings (members, quotas) take the tenant's row, or its quota row, first and
+no step row.
+
+The anchor: every action a person or a timer takes on a run — a decision, an edit of the
+artifact, a timeout, a conflict's resolution, a cancel, a retry — starts by locking *all* the
+run's step rows (``run_steps_lock``), ordered by id, with ``FOR NO KEY UPDATE``. Two such
+actions on one run therefore queue on the same first row and can never hold each other's
+locks; rows of step 5 (the artifact, approval requests, conflicts) are only ever changed by a
+transaction that holds the anchor, so their order among themselves cannot deadlock. A worker
+locks only the one step it runs (its fence), then its leases and the run, which is the same
+order from row 2 on. ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) lets a worker's insert that
+refers to a step (a ledger proposal, a conflict) go on while a person's action holds it: the
+foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
+"""
+
+from __future__ import annotations
+
+from runs.models import Step
+
+
+def run_steps_lock(run_id: str) -> list[int]:
+    """Lock every step row of the run, by id, until the caller's transaction ends (the
+    anchor above); the ids, in that order. Call inside ``transaction.atomic()`` before any
+    other write of the action. SQLite serialises writers: there it locks nothing."""
+    anchor = Step.objects.filter(run_id=run_id).order_by("pk").select_for_update(no_key=True)
+    return list(anchor.values_list("pk", flat=True))

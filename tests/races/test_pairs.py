@@ -1,0 +1,480 @@
+"""Two people act on one object at the same instant: every pair of different actions ends with
+no 5xx, one clear outcome, the loser told who won (409/412 with the current state, or 403/404
+when its right to act was taken away first), the run where the winner sent it, no effect
+twice, and the invariants clean.
+
+Each pair races over HTTP against two real web processes (DEBUG off), many trials, the two
+requests released together behind a barrier with a little jitter so either may land first.
+Approval timeouts race from a thread calling the maintenance task's service, as beat does.
+After each trial the test process runs whatever became ready (dispatch and execute, as a
+worker would) and checks where the run ended.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.db.models import Count
+from django.test import Client
+from django.utils import timezone
+
+from approvals import services as approval_services
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
+from core.models import Event, Membership, TenantQuota
+from runs import transitions
+from runs.invariants import check_invariants
+from runs.models import Run, RunStatus, SandboxCall, Step, StepStatus
+from runs.services import run_start
+from runs.transitions import UNFINISHED_RUN_STATUSES
+from tests.approvals.helpers import pump, pump_until
+from tests.concurrency import run_concurrently
+from tests.races.conftest import Answer, World
+
+TRIALS = int(os.environ.get("RUNWARDEN_RACE_TRIALS", "6"))
+FINISHED = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+@dataclass
+class Target:
+    """What a trial races on: a run parked at its gated step, its pending approval, and (for
+    conflict pairs) an open conflict."""
+
+    run: Run
+    approval: ApprovalRequest | None
+    conflict: ConflictArtifact | None = None
+
+
+# --- setting up the object -------------------------------------------------------------------
+
+_contacts = iter(range(1, 10**6))
+
+
+def parked(world: World) -> Target:
+    """A demo.lead_followup run whose send step waits for its approval (version 1 pending)."""
+    run = run_start(
+        tenant=world.tenant,
+        workflow="demo.lead_followup",
+        input={"lead_id": 7, "contact_id": next(_contacts) % 50 + 1},
+        actor="api-bot",
+    ).run
+    pump()
+    approval = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    return Target(run, approval)
+
+
+def failed(world: World) -> Target:
+    """A run that failed at its gated step (its approval rejected)."""
+    target = parked(world)
+    approval_services.approval_decide(
+        request=target.approval, user=world["op2"].user, decision="reject", expected_version=1
+    )
+    target.run.refresh_from_db()
+    assert target.run.status == RunStatus.FAILED
+    return target
+
+
+def expiring(world: World) -> Target:
+    """A parked run whose approval is past its deadline (the timeout fires on the next sweep)."""
+    target = parked(world)
+    ApprovalRequest.objects.filter(pk=target.approval.pk).update(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    return target
+
+
+def edit_conflict(world: World) -> Target:
+    """A parked run with an open ``concurrent_edit`` conflict: two edits from version 1, the
+    second lost. Version 2's approval is pending."""
+    target = parked(world)
+    artifact = Artifact.objects.get(step=target.approval.step)
+    approval_services.artifact_edit(
+        artifact=artifact, user=world["admin"].user, expected_version=1, content={"subject": "kept"}
+    )
+    with pytest.raises(approval_services.EditConflict) as lost:
+        approval_services.artifact_edit(
+            artifact=artifact, user=world["op2"].user, expected_version=1, content={"subject": "lost"}
+        )
+    assert lost.value.conflict is not None
+    target.conflict = lost.value.conflict
+    target.approval = ApprovalRequest.objects.get(run=target.run, status=ApprovalStatus.PENDING)
+    return target
+
+
+def stale_approval(world: World) -> Target:
+    """Approved, then edited while the send was starting: the guard refused the send, so the
+    step waits in ``conflict`` (stale_approval) and version 2's approval is pending. (The
+    engine's own transition puts it there, as the executor does when its guard fails.)"""
+    target = parked(world)
+    artifact = Artifact.objects.get(step=target.approval.step)
+    approval_services.artifact_edit(
+        artifact=artifact, user=world["admin"].user, expected_version=1, content={"subject": "edited"}
+    )
+    step = Step.objects.get(pk=target.approval.step_id)
+    with transaction.atomic():
+        assert transitions.step_conflict(
+            step=step,
+            kind="stale_approval",
+            error="the artifact changed after it was approved",
+            from_statuses=(StepStatus.WAITING_APPROVAL,),
+        )
+    target.conflict = ConflictArtifact.objects.get(run=target.run, kind="stale_approval")
+    target.approval = ApprovalRequest.objects.get(run=target.run, status=ApprovalStatus.PENDING)
+    return target
+
+
+def compensation_stuck(world: World) -> Target:
+    """A failed run whose refund kept failing: its compensation waits in ``conflict``
+    (compensation_failed) for a reviewer."""
+    run = run_start(
+        tenant=world.tenant,
+        workflow="test.failing_order",
+        input={"refund_always_fails": True},
+        actor="api-bot",
+    ).run
+    pump_until(lambda: Run.objects.get(pk=run.pk).compensation == "failed", rounds=80)
+    conflict = ConflictArtifact.objects.get(run=run, kind="compensation_failed", status="open")
+    return Target(run, approval=None, conflict=conflict)
+
+
+# --- the actions -----------------------------------------------------------------------------
+
+Action = Callable[[World, Target], Answer]
+
+
+def decide(actor: str, decision: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        return world[actor].call(
+            "POST", f"/api/v1/approvals/{t.approval.pk}/{decision}", {"comment": actor}, t.approval.version
+        )
+
+    act.__name__ = f"{decision}({actor})"
+    return act
+
+
+def edit(actor: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        version = t.approval.artifact_version.number
+        return world[actor].call(
+            "POST",
+            f"/api/v1/approvals/{t.approval.pk}/artifact",
+            {"content": {"subject": f"edited by {actor}", "body": "new"}},
+            version,
+        )
+
+    act.__name__ = "redraft(agent)" if actor == "api-bot" else f"edit({actor})"
+    return act
+
+
+def run_action(actor: str, verb: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        return world[actor].call("POST", f"/api/v1/runs/{t.run.pk}/{verb}", {} if verb == "replay" else None)
+
+    act.__name__ = f"{verb}({actor})"
+    return act
+
+
+def resolve(actor: str, resolution: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        assert t.conflict is not None
+        return world[actor].call(
+            "POST",
+            f"/api/v1/conflicts/{t.conflict.pk}/resolve",
+            {"resolution": resolution, "note": actor},
+            t.conflict.version,
+        )
+
+    act.__name__ = f"resolve:{resolution}({actor})"
+    return act
+
+
+def member(actor: str, verb: str, who: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        path = f"/api/v1/tenants/acme/members/{who}"
+        if verb == "remove":
+            return world[actor].call("DELETE", path)
+        return world[actor].call("PATCH", path, {"role": verb})
+
+    act.__name__ = f"{verb}:{who}({actor})"
+    return act
+
+
+def timeout(world: World, t: Target) -> Answer:
+    """The approval-timeout sweep (what beat runs), as an answer: 200 when it fired."""
+    fired = approval_services.approvals_expire()
+    return Answer(200 if fired else 204, {"fired": fired}, "application/json")
+
+
+# --- what each pair may end with -------------------------------------------------------------
+
+OK = (200, 201, 204)
+
+
+def one_wins(a: Answer, b: Answer, lost: tuple[int, ...] = (412,)) -> None:
+    """Exactly one succeeded; the other lost with one of ``lost``."""
+    statuses = sorted([a.status in OK, b.status in OK])
+    assert statuses == [False, True], (a, b)
+    loser = a if a.status not in OK else b
+    assert loser.status in lost, (a, b)
+
+
+def both_or_one(a: Answer, b: Answer, lost: tuple[int, ...]) -> None:
+    """Both succeed (they serialize either way), or one loses with one of ``lost``."""
+    assert a.status in OK or a.status in lost, (a, b)
+    assert b.status in OK or b.status in lost, (a, b)
+    assert a.status in OK or b.status in OK, (a, b)
+
+
+def decision_vs_edit(a: Answer, b: Answer) -> None:
+    """The edit lands unless a rejection ended the run first (then 409 step_finished); an
+    approval that came first is invalidated by it; a decision that came second loses with 412
+    and the current state (invalidated)."""
+    if a.status == 412:
+        assert a.body["error"]["details"]["current"]["status"] == "invalidated", (a, b)
+        assert b.status == 201, (a, b)
+    else:
+        assert a.status == 200, (a, b)
+        assert b.status == 201 or (b.status == 409 and b.code == "step_finished"), (a, b)
+
+
+def decision_vs_cancel(a: Answer, b: Answer) -> None:
+    """A cancel that comes first withdraws the approval: the decision then loses with 412 and
+    the current state (withdrawn). A decision that comes first lands; the cancel after it
+    lands too, unless a rejection already ended the run (409 run_finished)."""
+    if a.status == 412:
+        assert a.body["error"]["details"]["current"]["status"] == "withdrawn", (a, b)
+        assert b.status == 200, (a, b)
+    else:
+        assert a.status == 200, (a, b)
+        assert b.status == 200 or (b.status == 409 and b.code == "run_finished"), (a, b)
+
+
+def retry_after_reject(a: Answer, b: Answer) -> None:
+    """Reject, then retry (both land), or retry first: 409 run_not_retryable (still waiting)."""
+    assert a.status == 200, (a, b)
+    assert b.status == 200 or (b.status == 409 and b.code == "run_not_retryable"), (a, b)
+
+
+def decision_vs_timeout(a: Answer, b: Answer) -> None:
+    """Exactly one decides: the person (then the sweep finds nothing due) or the timeout (then
+    the person gets 412)."""
+    assert (a.status == 200) != (b.status == 200), (a, b)
+    assert a.status in (200, 412) and b.status in (200, 204), (a, b)
+
+
+def edit_vs_timeout(a: Answer, b: Answer) -> None:
+    """The edit invalidates the due request (the sweep then finds nothing), or the timeout
+    rejects the run first (then the edit finds its step finished: 409)."""
+    assert (a.status == 201) != (b.status == 200), (a, b)
+    assert a.status in (201, 409) and b.status in (200, 204), (a, b)
+
+
+def decision_vs_demotion(a: Answer, b: Answer) -> None:
+    """The role change always lands; the decision either landed first or is refused (403, or
+    404 when the member can no longer see the tenant)."""
+    assert b.status in (200, 204), (a, b)
+    assert a.status in (200, 201, 403, 404), (a, b)
+
+
+def last_admin(a: Answer, b: Answer) -> None:
+    """Two admins demote each other: one lands, the other is refused — the tenant keeps an
+    admin (409 last_admin, or 403 because the loser is no longer an admin)."""
+    one_wins(a, b, lost=(403, 409))
+
+
+@dataclass(frozen=True)
+class Pair:
+    setup: Callable[[World], Target]
+    a: Action
+    b: Action
+    outcome: Callable[[Answer, Answer], None]
+
+    @property
+    def name(self) -> str:
+        return f"{self.a.__name__} vs {self.b.__name__}"
+
+
+def serial_or_refused(a: Answer, b: Answer) -> None:
+    """Both land, one after the other, or the second is refused with 409/412."""
+    both_or_one(a, b, lost=(409, 412))
+
+
+PAIRS = [
+    # On a pending approval.
+    Pair(parked, decide("op1", "approve"), edit("admin"), decision_vs_edit),
+    Pair(parked, decide("op1", "reject"), edit("admin"), decision_vs_edit),
+    Pair(parked, decide("op1", "request_changes"), edit("admin"), decision_vs_edit),
+    Pair(parked, decide("op1", "approve"), edit("api-bot"), decision_vs_edit),
+    Pair(parked, decide("op1", "approve"), decide("op2", "reject"), one_wins),
+    Pair(parked, decide("op1", "approve"), decide("op2", "request_changes"), one_wins),
+    Pair(parked, edit("admin"), edit("api-bot"), one_wins),
+    Pair(parked, decide("op1", "approve"), run_action("op2", "cancel"), decision_vs_cancel),
+    Pair(parked, decide("op1", "reject"), run_action("op2", "cancel"), decision_vs_cancel),
+    Pair(parked, edit("admin"), run_action("op2", "cancel"), serial_or_refused),
+    Pair(parked, decide("op1", "approve"), run_action("op2", "replay"), serial_or_refused),
+    Pair(parked, decide("op1", "reject"), run_action("op2", "retry"), retry_after_reject),
+    Pair(expiring, decide("op1", "approve"), timeout, decision_vs_timeout),
+    Pair(expiring, edit("admin"), timeout, edit_vs_timeout),
+    # On a failed run.
+    Pair(failed, run_action("op1", "retry"), run_action("op2", "cancel"), serial_or_refused),
+    Pair(failed, run_action("op1", "retry"), run_action("op2", "retry"), serial_or_refused),
+    # On an open conflict.
+    Pair(edit_conflict, resolve("rev1", "keep_current"), resolve("rev2", "apply_proposed"), one_wins),
+    Pair(edit_conflict, resolve("rev1", "apply_proposed"), decide("op1", "approve"), serial_or_refused),
+    Pair(edit_conflict, resolve("rev1", "apply_proposed"), run_action("op1", "cancel"), serial_or_refused),
+    Pair(stale_approval, resolve("rev1", "keep_current"), decide("op1", "approve"), serial_or_refused),
+    Pair(stale_approval, resolve("rev1", "cancel_run"), decide("op1", "approve"), serial_or_refused),
+    Pair(
+        compensation_stuck,
+        resolve("rev1", "retry_compensation"),
+        resolve("rev2", "mark_compensated"),
+        one_wins,
+    ),
+    Pair(
+        compensation_stuck,
+        resolve("rev1", "mark_compensated"),
+        run_action("op1", "cancel"),
+        serial_or_refused,
+    ),
+    # A member's right to act, changed while they act.
+    Pair(parked, decide("op1", "approve"), member("admin", "reviewer", "op1"), decision_vs_demotion),
+    Pair(parked, decide("op1", "approve"), member("admin", "remove", "op1"), decision_vs_demotion),
+    Pair(parked, edit("op2"), member("admin", "remove", "op2"), decision_vs_demotion),
+    Pair(parked, member("admin", "operator", "admin2"), member("admin2", "operator", "admin"), last_admin),
+]
+
+
+# --- the checks after every trial ------------------------------------------------------------
+
+
+def assert_clear_answer(answer: Answer) -> None:
+    """Never a 5xx; an error always in the API's JSON shape."""
+    assert answer.status < 500, answer
+    if answer.status >= 400:
+        assert answer.content_type.startswith("application/json"), answer
+        assert set(answer.body["error"]) >= {"code", "message"}, answer
+
+
+def assert_run_settled(target: Target) -> None:
+    """After the winner's action ran its course: the run rests where a serial order of the
+    two actions sends it, the approved version (and only that) was sent, never twice."""
+    run = Run.objects.get(pk=target.run.pk)
+    sends = SandboxCall.objects.filter(connector="messaging", idempotency_key__startswith=f"{run.pk}:")
+    assert not sends.values("idempotency_key").annotate(n=Count("id")).filter(n__gt=1).exists()
+    if run.status == RunStatus.SUCCEEDED:
+        [sent] = sends
+        approved = ApprovalRequest.objects.filter(run=run, status=ApprovalStatus.APPROVED).latest("pk")
+        assert approved.artifact_version.number == approved.artifact.latest_version
+        assert sent.request["subject"] == approved.artifact_version.content["subject"]
+    else:
+        assert not sends.exists(), run.status
+        waiting = ApprovalRequest.objects.filter(run=run, status=ApprovalStatus.PENDING).count()
+        if run.status == RunStatus.WAITING_APPROVAL:
+            assert waiting == 1, "a waiting run has exactly one pending approval"
+        elif run.status in FINISHED:
+            assert waiting == 0 or run.status == RunStatus.CANCELLED
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: pair.name)
+def test_two_actions_on_one_object_end_with_one_outcome_and_a_clear_answer(world: World, pair: Pair) -> None:
+    rng = random.Random(pair.name)
+    actions = [pair.a, pair.b]
+    for trial in range(TRIALS):
+        target = pair.setup(world)
+        delays = [rng.random() * 0.004, rng.random() * 0.004]
+
+        def race(i: int, target: Target = target, delays: list[float] = delays) -> Answer:
+            time.sleep(delays[i])  # either may land first
+            return actions[i](world, target)
+
+        a, b = run_concurrently(race, 2)
+        for answer in (a, b):
+            if isinstance(answer, BaseException):
+                raise answer
+            assert_clear_answer(answer)
+        pair.outcome(a, b)
+        pump()
+        assert_run_settled(target)
+        assert check_invariants() == [], f"trial {trial}"
+        _restore_members(world)
+    assert ConflictArtifact.objects.filter(status=ConflictStatus.OPEN, kind="concurrent_edit").count() <= (
+        TRIALS * 2
+    )
+
+
+def _restore_members(world: World) -> None:
+    """Give back the roles a pair took away, for the next trial."""
+    roles = {"op1": "operator", "op2": "operator", "admin": "admin", "admin2": "admin"}
+    for name, role in roles.items():
+        Membership.objects.update_or_create(
+            user=world[name].user, tenant=world.tenant, defaults={"role": role}
+        )
+
+
+def test_a_quota_change_racing_admissions_applies_in_one_order(world: World) -> None:
+    """An admin lowers the queue depth to what is already queued while two operators start
+    runs. The quota row orders them: every run accepted was admitted before the change (its
+    event comes first), every start after it is refused with 429 — never a run admitted past a
+    cap already in force."""
+    body = {"workflow": "demo.lead_followup", "input": {"lead_id": 7, "contact_id": 3}}
+    for trial in range(TRIALS):
+        if trial == 0:  # something queued, so the cap can fall to it
+            run_start(tenant=world.tenant, workflow=body["workflow"], input=body["input"], actor="api-bot")
+        queued = Run.objects.filter(tenant=world.tenant, status__in=UNFINISHED_RUN_STATUSES).count()
+        TenantQuota.objects.filter(tenant=world.tenant).update(max_queue_depth=queued + 2)
+        calls = [
+            ("admin", "PUT", "/api/v1/tenants/acme/quota", {"max_queue_depth": queued}),
+            ("op1", "POST", "/api/v1/runs", body),
+            ("op2", "POST", "/api/v1/runs", body),
+        ]
+        answers = run_concurrently(lambda i, calls=calls: world[calls[i][0]].call(*calls[i][1:]), 3)
+        for answer in answers:
+            assert isinstance(answer, Answer), answer
+            assert_clear_answer(answer)
+        change, *starts = answers
+        assert change.status == 200, change
+        assert all(start.status in (201, 429) for start in starts), starts
+        changed_at = Event.objects.filter(tenant=world.tenant, verb="quota_updated").latest("pk").pk
+        for start in starts:
+            if start.status == 201:
+                created = Event.objects.get(subject=f"run:{start.body['id']}", verb="created")
+                assert created.pk < changed_at, f"trial {trial}: a run was admitted after the cap fell"
+        assert check_invariants() == [], f"trial {trial}"
+
+
+def test_in_the_console_a_decision_racing_an_edit_gets_a_clear_notice_and_the_fresh_card(
+    world: World,
+) -> None:
+    """The console's own forms (htmx, session login), an operator approving while an admin
+    saves an edit: never a 500; the loser's answer is the card as it is now with a notice
+    saying what happened."""
+    operator, admin = Client(), Client()
+    operator.force_login(world["op1"].user)
+    admin.force_login(world["admin"].user)
+    for trial in range(TRIALS):
+        target = parked(world)
+        posts = [
+            (operator, "decide", {"decision": "approve", "expected_version": target.approval.version}),
+            (admin, "edit", {"expected_version": 1, "field:subject": "edited", "field:body": "new"}),
+        ]
+        approve, edit = run_concurrently(
+            lambda i, posts=posts, pk=target.approval.pk: posts[i][0].post(
+                f"/approvals/{pk}/{posts[i][1]}/", posts[i][2], HTTP_HX_REQUEST="true"
+            ),
+            2,
+        )
+        assert edit.status_code == 200, f"trial {trial}: {edit.status_code}"
+        if approve.status_code == 409:  # the edit came first
+            assert "Already invalidated by an edit" in approve.content.decode(), approve.content[:500]
+        else:
+            assert approve.status_code == 200, f"trial {trial}: {approve.status_code}"
+        assert "Saved version 2" in edit.content.decode()
+        pump()
+        assert_run_settled(target)
+        assert check_invariants() == [], f"trial {trial}"
