@@ -50,6 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -78,11 +79,11 @@ bench: $(STAMP)
 	psql -q "$(BENCH_DATABASE_URL:/runwarden_bench=/postgres)" -c "DROP DATABASE IF EXISTS runwarden_bench WITH (FORCE)" \
 		-c "CREATE DATABASE runwarden_bench"
 	export DATABASE_URL=$(BENCH_DATABASE_URL) REDIS_URL=$(BENCH_REDIS_URL) \
-		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows; \
+		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=bench.workloads; \
 		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS) && \
 		$(BIN)/python manage.py collectstatic --noinput -v0 && $(BIN)/python manage.py bench_pages
 
-# The long soak (docs/RELIABILITY.md): 2,000 mixed runs across two tenants on real workers, with
+# The long soak (docs/guarantees.md): 2,000 mixed runs across two tenants on real workers, with
 # random worker kills and racing approvals; make test runs a short one (300 runs). Figures go
 # to bench/soak.json.
 SOAK_RUNS ?= 2000

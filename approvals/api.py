@@ -193,7 +193,12 @@ def approval_edit_artifact(
             artifact=approval.artifact, user=user, expected_version=expected, content=payload.content
         )
     except services.EditConflict as lost:
-        details: dict[str, Any] = {"latest_version": lost.artifact.latest_version}
+        # What stands now: the step's newest approval request, with the version that won.
+        newest = selectors.approvals_for_user(user).filter(step=approval.step).order_by("-pk").first()
+        details: dict[str, Any] = {
+            "latest_version": lost.artifact.latest_version,
+            "current": selectors.approval_detail(newest or approval),
+        }
         if lost.conflict is not None:
             details["conflict_id"] = lost.conflict.pk
         raise ApiError(

@@ -68,7 +68,7 @@ def approved_version(artifact: Artifact) -> ArtifactVersion | None:
     """The newest version that was ever approved (what an edit may have changed)."""
     request = (
         ApprovalRequest.objects.filter(artifact=artifact, decided_at__isnull=False, approvals__gt=0)
-        .exclude(status=ApprovalStatus.PENDING)
+        .exclude(status__in=[ApprovalStatus.PENDING, ApprovalStatus.WITHDRAWN])  # votes short of a quorum
         .select_related("artifact_version")
         .order_by("-id")
         .first()

@@ -8,7 +8,6 @@ class CoreConfig(AppConfig):
     verbose_name = "Runwarden core"
 
     def ready(self) -> None:
-        from core import live, services, statement_counter
+        from core import live, services
 
         services.event_listener_register(live.publish_event)
-        statement_counter.install_if_enabled()  # off unless RUNWARDEN_COUNT_STATEMENTS (make bench)

@@ -354,23 +354,3 @@ def connection_for_run(
         _secret_ref=connection.secret_ref,
         _secret_encrypted=connection.secret_encrypted,
     )
-
-
-def sandbox_connections_create(tenant: Tenant, *, actor: str = "system") -> None:
-    """Give a tenant a default sandbox connection per demo provider in each built-in
-    environment (the demo's, and the tests'), unless it already has one."""
-    for environment in BUILTIN_ENVIRONMENTS:
-        for provider in ("crm", "messaging", "payments", "inventory"):
-            exists = Connection.objects.filter(
-                tenant=tenant, environment=environment, provider=provider, is_default=True
-            ).exists()
-            if not exists:
-                connection_add(
-                    tenant=tenant,
-                    environment=environment,
-                    provider=provider,
-                    name=f"sandbox-{provider}",
-                    actor=actor,
-                    is_default=True,
-                    config={"sandbox": True},
-                )

@@ -265,7 +265,7 @@ def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = 
         live = Lease.objects.filter(
             tenant_id=tenant_id, key__in=list(keys), released_at__isnull=True, expires_at__gt=now
         )
-        ids = list(live.select_for_update(no_key=True).values_list("pk", flat=True))
+        ids = list(live.order_by("pk").select_for_update(no_key=True).values_list("pk", flat=True))
         # released_at too: a renewal judged by a clock a moment behind can never revive it.
         return Lease.objects.filter(pk__in=ids).update(expires_at=now, released_at=now)
 

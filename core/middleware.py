@@ -7,7 +7,9 @@ import re
 import uuid
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.utils.http import url_has_allowed_host_and_scheme
 
 from core.db_errors import is_transient_conflict
 from core.logs import request_id_bind, request_id_unbind
@@ -18,7 +20,8 @@ logger = logging.getLogger(__name__)
 # to write into a log line. Anything else is replaced, not cleaned up.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 CONCURRENT_UPDATE_MESSAGE = (
-    "Someone else changed this at the same moment, so nothing was saved. Reload the page and try again."
+    "Someone else changed this at the same moment, so nothing was saved: here is the page as it is "
+    "now; try again if it still applies."
 )
 INTERNAL_ERROR_MESSAGE = "The server failed to answer this request. Quote the request_id when reporting it."
 
@@ -69,8 +72,10 @@ def server_error_response(request_id: str, status: int = 500) -> JsonResponse:
 
 class ConcurrentUpdateMiddleware:
     """The console's answer when PostgreSQL aborts a page's write as a deadlock or serialization
-    failure even after the service's one retry (``core.transactions``): 409 and a sentence to
-    act on, not a 500 page. Nothing was saved. The API answers its own (``core.api``)."""
+    failure even after the service's one retry (``core.transactions``): nothing was saved, and
+    the person sees the page as it is now with a sentence to act on — an htmx request reloads
+    it (409 with ``HX-Refresh``), a plain form goes back to where it came from (303) — never a
+    500 page. The API answers its own (``core.api``)."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -82,4 +87,12 @@ class ConcurrentUpdateMiddleware:
         if not is_transient_conflict(exception):
             return None
         logger.warning("concurrent update on %s; nothing was saved", request.path, exc_info=exception)
-        return HttpResponse(CONCURRENT_UPDATE_MESSAGE, status=409, content_type="text/plain; charset=utf-8")
+        messages.warning(request, CONCURRENT_UPDATE_MESSAGE)
+        if request.headers.get("HX-Request"):
+            response = HttpResponse(CONCURRENT_UPDATE_MESSAGE, status=409, content_type="text/plain")
+            response["HX-Refresh"] = "true"
+            return response
+        back = request.headers.get("Referer", "")
+        if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}):
+            back = "/"
+        return HttpResponseRedirect(back, status=303)

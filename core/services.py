@@ -14,6 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from core import rawsql
+from core.access import member_role_locked
 from core.models import (
     BUILTIN_ENVIRONMENTS,
     ApiToken,
@@ -248,6 +249,7 @@ def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any])
     if errors:
         raise QuotaInvalid(errors)
     quota, _ = TenantQuota.objects.select_for_update().get_or_create(tenant=tenant)
+    member_role_locked(actor, tenant.pk, [Role.ADMIN], f"change the quotas of {tenant.slug}")
     if "caps" in changes:
         changes = {**changes, "caps": _merged_caps(quota.caps, changes["caps"])}
     before = {field: getattr(quota, field) for field in changes}
@@ -276,13 +278,14 @@ class MembershipInvalid(ValueError):
         self.status = status
 
 
-def _lock_tenant(tenant: Tenant) -> None:
+def _lock_tenant(tenant: Tenant, actor: User) -> None:
     """Membership changes of one tenant take turns on its row: "at least one admin remains"
     is then a check under the lock, never a race between two admins demoting each other.
     ``FOR NO KEY UPDATE``: rows that refer to the tenant (events, decisions) are still written
     meanwhile — ``FOR UPDATE`` would block their foreign-key checks and deadlock a decision
     that holds its decider's membership row."""
     Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).first()
+    member_role_locked(actor, tenant.pk, [Role.ADMIN], f"manage the members of {tenant.slug}")
 
 
 def _close_member_sockets(tenant: Tenant, user: User) -> None:
@@ -323,7 +326,7 @@ def membership_add(
         User._meta.get_field("username").run_validators(username)
     except ValidationError as bad:
         raise MembershipInvalid(" ".join(bad.messages), code="invalid_username") from bad
-    _lock_tenant(tenant)
+    _lock_tenant(tenant, actor)
     user = User.objects.filter(username=username).first()
     created = user is None
     if user is not None:
@@ -364,9 +367,9 @@ def _membership_changed(tenant: Tenant, user: User, actor: User, verb: str, payl
     _close_member_sockets(tenant, user)
 
 
-def _locked_membership(tenant: Tenant, user: User) -> Membership | None:
+def _locked_membership(tenant: Tenant, user: User, actor: User) -> Membership | None:
     """``user``'s membership of ``tenant``, read under the tenant's lock (see _lock_tenant)."""
-    _lock_tenant(tenant)
+    _lock_tenant(tenant, actor)
     return Membership.objects.select_related("user").filter(tenant=tenant, user=user).first()
 
 
@@ -387,7 +390,7 @@ def _ensure_an_admin_remains(tenant: Tenant, leaving: Membership) -> None:
 def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -> Membership:
     """Change a member's role; it applies at once (their open sockets close and reconnect)."""
     _check_role(role)
-    membership = _locked_membership(tenant, user)
+    membership = _locked_membership(tenant, user, actor)
     if membership is None:
         raise MembershipInvalid(
             f"{user.get_username()} is not a member of {tenant.slug}", code="not_found", status=404
@@ -407,7 +410,7 @@ def membership_set_role(*, tenant: Tenant, actor: User, user: User, role: str) -
 def membership_revoke(*, tenant: Tenant, user: User, actor: User) -> bool:
     """Remove ``user``'s role in ``tenant``; their open live sockets for it are closed on commit.
     Returns False when there was no membership to remove; refuses to remove the last admin."""
-    membership = _locked_membership(tenant, user)
+    membership = _locked_membership(tenant, user, actor)
     if membership is None:
         return False
     _ensure_an_admin_remains(tenant, membership)

@@ -93,6 +93,10 @@ INSTALLED_APPS = [
     "core",
     "runs",
     "approvals",
+    # The demo (its workflows, the sandbox outside world, seeding, scenarios) and the benchmarks'
+    # commands: apps of their own that the product's apps never import.
+    "demo",
+    "bench",
 ]
 
 MIDDLEWARE = [

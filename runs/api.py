@@ -255,7 +255,7 @@ def run_cancel(request: HttpRequest, run_id: str) -> dict[str, Any]:
     run = _get_run_for_user(user, run_id)
     get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
     if not services.run_cancel(
-        run=run, actor=user.get_username(), reason=f"cancelled by {user.get_username()}"
+        run=run, actor=user.get_username(), reason=f"cancelled by {user.get_username()}", by=user
     ):
         run.refresh_from_db()
         raise ApiError(
@@ -282,7 +282,7 @@ def run_retry(request: HttpRequest, run_id: str) -> dict[str, Any]:
     run = _get_run_for_user(user, run_id)
     get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
     try:
-        run = services.run_retry(run=run, actor=user.get_username())
+        run = services.run_retry(run=run, actor=user.get_username(), by=user)
     except services.RunNotRetryable as exc:
         raise ApiError(409, "run_not_retryable", str(exc), {"status": run.status}) from None
     return selectors.run_detail(run)

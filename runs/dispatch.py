@@ -535,7 +535,7 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     if not chosen:
         return []
     ids = [c.step_id for c in chosen]
-    skip_locked = " FOR UPDATE SKIP LOCKED" if rawsql.on_postgresql() else ""
+    skip_locked = " FOR NO KEY UPDATE SKIP LOCKED" if rawsql.on_postgresql() else ""
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT id FROM runs_step WHERE id IN ({', '.join(['%s'] * len(ids))}) AND status = %s"
@@ -718,7 +718,7 @@ def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
 # marked leased only when every one was granted. A partial grant is given back after.
 _GRANT_ONE_SQL = """
     WITH locked AS (
-        SELECT id FROM runs_step WHERE id = %(step)s AND status = 'ready' FOR UPDATE SKIP LOCKED
+        SELECT id FROM runs_step WHERE id = %(step)s AND status = 'ready' FOR NO KEY UPDATE SKIP LOCKED
     ), wanted AS (
         SELECT k.key, k.n FROM locked, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n)
     ), granted AS (

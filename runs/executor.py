@@ -31,6 +31,7 @@ from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTi
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
+from runs.locking import STEP_ROW_LOCK_SQL
 from runs.models import EffectStatus, SideEffect, StepStatus
 from runs.services import contract_remember, step_outputs
 
@@ -219,7 +220,7 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     if rawsql.on_postgresql():  # SQLite serialises writers: nothing to lock
         # Sent in the fence's own round trip, in this order, before the lease's row lock.
         admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting else ""
-        locks = f"{admission_lock}SELECT id FROM runs_step WHERE id = %s FOR UPDATE; "
+        locks = f"{admission_lock}{STEP_ROW_LOCK_SQL}"
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
         key=ctx.lease.key,

@@ -21,7 +21,7 @@ from django.utils import timezone
 from core.leases import live_leases_filter
 from core.models import Event, Lease
 from runs.dispatch import load_room
-from runs.models import EffectStatus, Run, RunStatus, SandboxCall, SessionState, SideEffect, Step, StepStatus
+from runs.models import Run, RunStatus, SessionState, Step, StepStatus
 from runs.transitions import ADMITTED, UNFINISHED_RUN_STATUSES
 
 MAX_FINDINGS_PER_CHECK = 50
@@ -115,30 +115,6 @@ def _lease_without_step(now: datetime) -> list[str]:
     return findings
 
 
-def _effects_once(now: datetime) -> list[str]:
-    """No effect happened twice: the sandbox provider saw each idempotency key at most once."""
-    doubled = (
-        SandboxCall.objects.filter(ok=True)
-        .exclude(idempotency_key="")
-        .values("idempotency_key")
-        .annotate(n=Count("id"))
-        .filter(n__gt=1)
-    )
-    findings = [
-        f"idempotency key {row['idempotency_key']} reached the provider {row['n']} times" for row in doubled
-    ]
-    committed_twice = (
-        SideEffect.objects.filter(status=EffectStatus.COMMITTED)
-        .values("idempotency_key")
-        .annotate(n=Count("id"))
-        .filter(n__gt=1)
-    )
-    findings += [
-        f"idempotency key {row['idempotency_key']} is committed {row['n']} times" for row in committed_twice
-    ]
-    return findings
-
-
 def _sessions(now: datetime) -> list[str]:
     """No session has more runs active than its workflows allow."""
     busy = (
@@ -220,7 +196,6 @@ for _name, _check in {
     "caps": _caps,
     "admitted_without_lease": _admitted_without_lease,
     "lease_without_step": _lease_without_step,
-    "effects_once": _effects_once,
     "sessions": _sessions,
     "runs_explained": _runs_explained,
     "events_match_states": _events_match_states,

@@ -4,13 +4,14 @@ A transaction that locks or changes more than one of these rows takes them in th
 
 1. the admission lock (an advisory lock: a dispatch round, a worker admitting its next step);
 2. **the run's step rows, by id** — the anchor (see below);
-3. lease rows (by id; entity keys are granted in their canonical order);
-4. the run row;
-5. the step's artifact, approval requests and conflicts;
+3. lease rows (entity keys in their canonical order) and the run row — every transaction that
+   locks both already holds a step row of the run, so their order between them cannot meet;
+4. the step's artifact, approval requests and conflicts;
+5. the acting member's row (a role checked at the instant of the write, ``core.access``);
 6. notifications, events and the outbox (inserts only).
 
-Tenant-wide settings (members, quotas) take the tenant's row, or its quota row, first and
-no step row.
+Tenant-wide settings take the tenant's row (members, ``FOR NO KEY UPDATE``) or its quota row
+(``FOR UPDATE``: no row refers to it), then the acting admin's member row, and no step row.
 
 The anchor: every action a person or a timer takes on a run — a decision, an edit of the
 artifact, a timeout, a conflict's resolution, a cancel, a retry — starts by locking *all* the
@@ -27,6 +28,10 @@ foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
 from __future__ import annotations
 
 from runs.models import Step
+
+# One step's row, in the prelude of a worker's fenced write (its end, a checkpoint): before the
+# lease's row, as a cancel takes them. PostgreSQL only (SQLite serialises writers).
+STEP_ROW_LOCK_SQL = "SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE; "
 
 
 def run_steps_lock(run_id: str) -> list[int]:

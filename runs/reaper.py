@@ -51,7 +51,7 @@ def reap_expired_steps(*, now: datetime | None = None, limit: int = 200) -> dict
 def _reap_one(step_id: int, now: datetime) -> str | None:
     with transaction.atomic():
         step = (
-            Step.objects.select_for_update(skip_locked=True, of=("self",))
+            Step.objects.select_for_update(skip_locked=True, no_key=True, of=("self",))
             .filter(pk=step_id, status__in=transitions.ADMITTED)
             .first()
         )

@@ -18,9 +18,10 @@ from django.utils import timezone
 
 from core import metrics, rawsql, tallies
 from core import services as core_services
+from core.access import member_role_locked
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
-from core.models import Tenant, TenantQuota
+from core.models import Role, Tenant, TenantQuota, User
 from core.transactions import transaction_retried_once
 from core.wakeups import wake_on_commit
 from runs import transitions
@@ -32,7 +33,7 @@ from runs.definitions import (
     WorkflowDefinitionError,
     get_workflow,
 )
-from runs.locking import run_steps_lock
+from runs.locking import STEP_ROW_LOCK_SQL, run_steps_lock
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
@@ -374,9 +375,18 @@ def _session_fields(session_key: str, sequence: int | None) -> dict[str, str]:
     return fields
 
 
-def run_cancel(*, run: Run, actor: str, reason: str = "cancelled") -> bool:
-    """Cancel an unfinished run (see ``transitions.run_cancel``). False when already finished."""
-    return transaction_retried_once(lambda: transitions.run_cancel(run=run, actor=actor, reason=reason))
+def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", by: User | None = None) -> bool:
+    """Cancel an unfinished run (see ``transitions.run_cancel``). False when already finished.
+    ``by``: the person cancelling; PermissionDenied unless an operator of the run's tenant at
+    that instant (checked under the run's anchor, runs/locking.py)."""
+
+    def cancel() -> bool:
+        if by is not None:
+            run_steps_lock(run.pk)
+            member_role_locked(by, run.tenant_id, [Role.OPERATOR], "cancel this run")
+        return transitions.run_cancel(run=run, actor=actor, reason=reason)
+
+    return transaction_retried_once(cancel)
 
 
 def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
@@ -402,8 +412,16 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
 
 
 def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
-    """Save a step's progress, only while its lease is live (a fenced write)."""
-    with fenced_write(tenant_id=step.tenant_id, key=lease.key, token=lease.token, actor=f"step:{step.pk}"):
+    """Save a step's progress, only while its lease is live (a fenced write). The step's row is
+    locked before its lease (runs/locking.py), as a cancel takes them."""
+    step_first = STEP_ROW_LOCK_SQL if rawsql.on_postgresql() else ""
+    with fenced_write(
+        tenant_id=step.tenant_id,
+        key=lease.key,
+        token=lease.token,
+        actor=f"step:{step.pk}",
+        prelude_sql=(step_first, [step.pk] if step_first else []),
+    ):
         Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())
 
 
@@ -414,7 +432,7 @@ class RunNotRetryable(Exception):
     """The run cannot be retried: it has not failed, or its pinned version is gone."""
 
 
-def run_retry(*, run: Run, actor: str) -> Run:
+def run_retry(*, run: Run, actor: str, by: User | None = None) -> Run:
     """Retry a failed, cancelled or expired run from its first unfinished step: the same run,
     its next attempt, the same idempotency keys, so an effect that committed is answered from
     the ledger and never happens again. Its steps from there on start over (the retried step
@@ -422,6 +440,8 @@ def run_retry(*, run: Run, actor: str) -> Run:
 
     A compare-and-set on the run's status: of two racing retries, one wins, the other raises
     RunNotRetryable, as does a run whose pinned workflow version is no longer registered.
+    ``by``: the person retrying; PermissionDenied unless an operator of the run's tenant at that
+    instant.
     """
     if run.compensation:
         raise RunNotRetryable(f"run {run.id} was compensated (its effects were undone): replay it instead")
@@ -430,14 +450,16 @@ def run_retry(*, run: Run, actor: str) -> Run:
     except UnknownWorkflow as exc:
         raise RunNotRetryable(str(exc)) from None
     now = timezone.now()
-    retried = transaction_retried_once(lambda: _retry(run, definition, actor, now))
+    retried = transaction_retried_once(lambda: _retry(run, definition, actor, now, by))
     run.refresh_from_db()
     return retried
 
 
-def _retry(run: Run, definition: Workflow, actor: str, now: datetime) -> Run:
+def _retry(run: Run, definition: Workflow, actor: str, now: datetime, by: User | None) -> Run:
     """The retry itself, in the caller's transaction."""
     run_steps_lock(run.pk)  # the anchor (runs/locking.py): step rows, then the run
+    if by is not None:
+        member_role_locked(by, run.tenant_id, [Role.OPERATOR], "retry this run")
     steps = list(Step.objects.filter(run=run).order_by("position"))
     target = next((s for s in steps if s.status != StepStatus.SUCCEEDED), None)
     if target is None:

@@ -572,7 +572,7 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting:
     had already finished — or, with ``only_waiting``, when it is no longer waiting for its
     session turn. Call inside a transaction."""
     now = timezone.now()
-    run_steps_lock(run.pk)  # the anchor (runs/locking.py): step rows, then leases, then the run
+    run_steps_lock(run.pk)  # the anchor (runs/locking.py): every step row first
     live_steps = list(Step.objects.filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk"))
     still = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES)
     if only_waiting:

@@ -160,7 +160,8 @@ def run_detail(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
 @login_required
 def run_cancel(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
     run, username = _run_for_operator(request, run_id)
-    cancelled = services.run_cancel(run=run, actor=username, reason=f"cancelled by {username}")
+    by = authenticated_user(request)
+    cancelled = services.run_cancel(run=run, actor=username, reason=f"cancelled by {username}", by=by)
     # Another operator or the run itself may have finished it first; say so, change nothing.
     notice = f"Run {run.id} cancelled." if cancelled else f"Run {run.id} had already finished."
     return _notice(request, run, notice, ok=cancelled, status=200 if cancelled else 409)
@@ -191,7 +192,7 @@ def _notice(request: HtmxHttpRequest, run: Run, notice: str, ok: bool, status: i
 def run_retry(request: HtmxHttpRequest, run_id: str) -> HttpResponse:
     run, username = _run_for_operator(request, run_id)
     try:
-        services.run_retry(run=run, actor=username)
+        services.run_retry(run=run, actor=username, by=authenticated_user(request))
     except services.RunNotRetryable as exc:
         return _notice(request, run, f"Not retried: {exc}", ok=False, status=409)
     return _notice(request, run, f"Run {run.id} retried from its first unfinished step.", ok=True)

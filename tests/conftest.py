@@ -8,9 +8,9 @@ from django.test import Client
 
 import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows too)
 from core import services
-from core.connections import sandbox_connections_create
 from core.models import Membership, Role, Tenant, TenantQuota, User
-from runs.sandbox import seed_sandbox
+from demo.sandbox import seed_sandbox
+from demo.seeding import sandbox_connections_create
 from tests.runs.cluster import Cluster
 
 

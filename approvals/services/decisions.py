@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from approvals import access, notifications
+from approvals import notifications
 from approvals.models import (
     ApprovalRequest,
     ApprovalStatus,
@@ -25,6 +25,7 @@ from approvals.services.conflicts import settle_conflicts
 from approvals.services.gate import spec_of
 from core import metrics
 from core import services as core_services
+from core.access import member_role_locked
 from core.models import Membership, Role, User
 from core.selectors import ROLE_GRANTS
 from core.transactions import transaction_retried_once
@@ -51,7 +52,7 @@ def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -
     roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
     if locked:
         try:
-            access.member_role_locked(user, request.tenant_id, roles, "decide this approval")
+            member_role_locked(user, request.tenant_id, roles, "decide this approval")
         except PermissionDenied as refused:
             raise DecisionForbidden(str(refused)) from None
         return
@@ -211,9 +212,8 @@ def _expire(request: ApprovalRequest, fallback: str, now: Any) -> bool:
     if fallback == "escalate":
         won = claim.update(escalated=True, expires_at=None, version=F("version") + 1, updated_at=now)
         verb = "approval_escalated"
-        if won == 1:
-            request.refresh_from_db()
-            notifications.notify(request, "approval_escalated")
+        if won == 1:  # read afresh: ``request`` is the caller's, kept as it was for a retry
+            notifications.notify(ApprovalRequest.objects.get(pk=request.pk), "approval_escalated")
     elif fallback == "auto_approve":
         won = claim.update(
             status=ApprovalStatus.APPROVED,

@@ -20,7 +20,7 @@ from approvals.models import (
 )
 from approvals.services.conflicts import settle_run_conflicts
 from core import services as core_services
-from core.models import Role
+from core.models import Role, User
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.gates import ApprovalNoLongerValid, GateVerdict
 from runs.models import Run, Step
@@ -119,6 +119,7 @@ class ApprovalGate:
         ApprovalRequest.objects.filter(pk__in=[pk for pk, _ in withdrawn]).update(
             status=ApprovalStatus.WITHDRAWN,
             version=F("version") + 1,
+            decided_by=User.objects.filter(username=actor).first(),  # who cancelled, when a person did
             decided_at=now,
             comment=reason[:2000],
             updated_at=now,

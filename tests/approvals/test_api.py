@@ -13,7 +13,8 @@ from django.test import Client
 from approvals.models import ApprovalRequest, ConflictArtifact
 from core import services as core_services
 from core.models import Role, Tenant, User
-from runs.models import Run, RunStatus, SandboxCall
+from demo.models import SandboxCall
+from runs.models import Run, RunStatus
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently
@@ -238,7 +239,8 @@ def test_the_gated_demo_workflows_complete_on_real_workers_after_approval(
     sandbox_acme: Tenant, acme_operator: User, cluster: Cluster
 ) -> None:
     from approvals.services import approval_decide
-    from runs.models import SandboxInvoice, Step
+    from demo.models import SandboxInvoice
+    from runs.models import Step
 
     cluster.worker("w1")
     cluster.beat()

@@ -7,16 +7,8 @@ import pytest
 from approvals import services
 from approvals.models import ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
 from core.models import Role, Tenant, User
-from runs.models import (
-    EffectStatus,
-    Run,
-    RunStatus,
-    SandboxCall,
-    SandboxContact,
-    SideEffect,
-    Step,
-    StepStatus,
-)
+from demo.models import SandboxCall, SandboxContact
+from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import TriggerPayloadMismatch, run_create, run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently

@@ -8,7 +8,8 @@ from django.utils import timezone
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, ApprovalVote
 from core.models import Event, Role, Tenant, User
-from runs.models import Run, RunStatus, SandboxCall, Step, StepStatus
+from demo.models import SandboxCall
+from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently

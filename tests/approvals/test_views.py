@@ -16,8 +16,8 @@ from approvals.models import (
     ConflictStatus,
 )
 from core.models import Role, Tenant, User
+from demo.sandbox import seed_sandbox
 from runs.models import Run, Step, StepStatus
-from runs.sandbox import seed_sandbox
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.conftest import make_member

@@ -9,7 +9,8 @@ from django.test import Client
 from core import services
 from core.connections import ConnectionInvalid, connection_add, connection_for_run, connection_update
 from core.models import Connection, Event, Tenant, User
-from runs.models import Run, SandboxCall, SideEffect
+from demo.models import SandboxCall
+from runs.models import Run, SideEffect
 from runs.services import run_start
 from tests.approvals.helpers import pump
 from tests.conftest import bearer_client
@@ -147,7 +148,7 @@ def test_a_run_can_never_reach_another_tenants_or_environments_connection(
 def test_two_tenants_interleaved_on_one_worker_use_their_own_connections(
     sandbox_acme: Tenant, globex: Tenant
 ) -> None:
-    from runs.models import SandboxContact
+    from demo.models import SandboxContact
 
     for number in range(1, 4):
         SandboxContact.objects.get_or_create(

@@ -369,7 +369,7 @@ def test_the_members_page_adds_changes_and_removes(
 
 
 def test_the_demo_admin_is_a_tenant_admin_not_a_django_superuser(db: None) -> None:
-    from core.demo import seed_demo_tenants_and_users
+    from demo.seeding import seed_demo_tenants_and_users
 
     seed_demo_tenants_and_users(password="pw")
     admin = User.objects.get(username="admin")

@@ -66,9 +66,13 @@ def test_a_console_write_aborted_twice_is_a_409_with_a_sentence_and_changes_noth
     browser = Client(raise_request_exception=False)
     browser.force_login(acme_operator)
     with connection.execute_wrapper(failing_on("runs_step", error)):
-        response = browser.post(f"/runs/{run.pk}/cancel/", HTTP_HX_REQUEST="true")
-    assert response.status_code == 409
-    assert "nothing was saved" in response.content.decode()
+        htmx = browser.post(f"/runs/{run.pk}/cancel/", HTTP_HX_REQUEST="true")
+        form = browser.post(f"/runs/{run.pk}/cancel/", HTTP_REFERER=f"http://testserver/runs/{run.pk}/")
     assert Run.objects.get(pk=run.pk).status == RunStatus.PENDING
+    # htmx reloads the page, a plain form goes back to it; either way the page says what happened.
+    assert (htmx.status_code, htmx["HX-Refresh"]) == (409, "true")
+    assert (form.status_code, form["Location"]) == (303, f"http://testserver/runs/{run.pk}/")
+    page = browser.get(f"/runs/{run.pk}/").content.decode()
+    assert "nothing was saved" in page
     assert browser.post(f"/runs/{run.pk}/cancel/", HTTP_HX_REQUEST="true").status_code == 200
     assert Run.objects.get(pk=run.pk).status == RunStatus.CANCELLED

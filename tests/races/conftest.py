@@ -15,7 +15,7 @@ from django.conf import settings
 
 from core import services
 from core.models import Role, Tenant, User
-from runs.sandbox import seed_sandbox
+from demo.sandbox import seed_sandbox
 from tests.conftest import make_member, make_tenant
 from tests.servers import base_env, console_server
 

@@ -28,9 +28,10 @@ from django.utils import timezone
 from approvals import services as approval_services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
 from core.models import Event, Membership, TenantQuota
+from demo.models import SandboxCall
 from runs import transitions
 from runs.invariants import check_invariants
-from runs.models import Run, RunStatus, SandboxCall, Step, StepStatus
+from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from runs.transitions import UNFINISHED_RUN_STATUSES
 from tests.approvals.helpers import pump, pump_until
@@ -205,6 +206,14 @@ def member(actor: str, verb: str, who: str) -> Action:
     return act
 
 
+def quota_change(actor: str) -> Action:
+    def act(world: World, t: Target) -> Answer:
+        return world[actor].call("PUT", "/api/v1/tenants/acme/quota", {"weight": random.randint(1, 9)})
+
+    act.__name__ = f"quota({actor})"
+    return act
+
+
 def timeout(world: World, t: Target) -> Answer:
     """The approval-timeout sweep (what beat runs), as an answer: 200 when it fired."""
     fired = approval_services.approvals_expire()
@@ -214,24 +223,49 @@ def timeout(world: World, t: Target) -> Answer:
 # --- what each pair may end with -------------------------------------------------------------
 
 OK = (200, 201, 204)
+Outcome = Callable[[Answer, Answer, Target], None]
 
 
-def one_wins(a: Answer, b: Answer, lost: tuple[int, ...] = (412,)) -> None:
-    """Exactly one succeeded; the other lost with one of ``lost``."""
-    statuses = sorted([a.status in OK, b.status in OK])
-    assert statuses == [False, True], (a, b)
-    loser = a if a.status not in OK else b
-    assert loser.status in lost, (a, b)
+def assert_loser_told(loser: Answer) -> None:
+    """The loser's answer says what won: a 412 carries the current state, a 409 its reason."""
+    if loser.status == 412:
+        assert "current" in loser.body["error"]["details"], loser
+    assert loser.code, loser
 
 
-def both_or_one(a: Answer, b: Answer, lost: tuple[int, ...]) -> None:
-    """Both succeed (they serialize either way), or one loses with one of ``lost``."""
-    assert a.status in OK or a.status in lost, (a, b)
-    assert b.status in OK or b.status in lost, (a, b)
+def one_wins(lost: tuple[int, ...] = (412,), code: str = "") -> Outcome:
+    """Exactly one succeeded; the other lost with one of ``lost`` (and ``code``, if given)."""
+
+    def outcome(a: Answer, b: Answer, t: Target) -> None:
+        assert sorted([a.status in OK, b.status in OK]) == [False, True], (a, b)
+        loser = a if a.status not in OK else b
+        assert loser.status in lost and (not code or loser.code == code), (a, b)
+        assert_loser_told(loser)
+
+    return outcome
+
+
+def serial_or_refused(a: Answer, b: Answer, t: Target) -> None:
+    """Both land, one after the other, or one is refused with 409/412 saying why."""
     assert a.status in OK or b.status in OK, (a, b)
+    for answer in (a, b):
+        if answer.status not in OK:
+            assert answer.status in (409, 412), (a, b)
+            assert_loser_told(answer)
 
 
-def decision_vs_edit(a: Answer, b: Answer) -> None:
+def event_id(t: Target, verbs: tuple[str, ...], subject: str = "") -> int:
+    """The id of the (first) event of ``verbs`` about the trial's run, or another ``subject``:
+    ids come from a sequence taken under the same row locks, so they give the serial order."""
+    return Event.objects.filter(subject=subject or f"run:{t.run.pk}", verb__in=verbs).earliest("pk").pk
+
+
+DECIDED = ("approval_approved", "approval_rejected", "approval_changes_requested", "approval_vote")
+EDITED = ("artifact_edited",)
+NOT_RETRYABLE = one_wins((409,), "run_not_retryable")
+
+
+def decision_vs_edit(a: Answer, b: Answer, t: Target) -> None:
     """The edit lands unless a rejection ended the run first (then 409 step_finished); an
     approval that came first is invalidated by it; a decision that came second loses with 412
     and the current state (invalidated)."""
@@ -241,9 +275,11 @@ def decision_vs_edit(a: Answer, b: Answer) -> None:
     else:
         assert a.status == 200, (a, b)
         assert b.status == 201 or (b.status == 409 and b.code == "step_finished"), (a, b)
+        if b.status == 201:
+            assert event_id(t, DECIDED) < event_id(t, ("artifact_edited",)), "the edit came second"
 
 
-def decision_vs_cancel(a: Answer, b: Answer) -> None:
+def decision_vs_cancel(a: Answer, b: Answer, t: Target) -> None:
     """A cancel that comes first withdraws the approval: the decision then loses with 412 and
     the current state (withdrawn). A decision that comes first lands; the cancel after it
     lands too, unless a rejection already ended the run (409 run_finished)."""
@@ -253,39 +289,71 @@ def decision_vs_cancel(a: Answer, b: Answer) -> None:
     else:
         assert a.status == 200, (a, b)
         assert b.status == 200 or (b.status == 409 and b.code == "run_finished"), (a, b)
+        if b.status == 200:
+            assert event_id(t, DECIDED) < event_id(t, ("cancelled",)), "a decision landed after the cancel"
 
 
-def retry_after_reject(a: Answer, b: Answer) -> None:
+def edit_vs_cancel(a: Answer, b: Answer, t: Target) -> None:
+    """An edit that comes first lands and the cancel after it too; after a cancel the edit
+    finds its step finished (409 step_finished)."""
+    assert b.status == 200, (a, b)
+    if a.status == 201:
+        assert event_id(t, ("artifact_edited",)) < event_id(t, ("cancelled",)), (
+            "an edit landed after the cancel"
+        )
+    else:
+        assert (a.status, a.code) == (409, "step_finished"), (a, b)
+
+
+def retry_after_reject(a: Answer, b: Answer, t: Target) -> None:
     """Reject, then retry (both land), or retry first: 409 run_not_retryable (still waiting)."""
     assert a.status == 200, (a, b)
     assert b.status == 200 or (b.status == 409 and b.code == "run_not_retryable"), (a, b)
 
 
-def decision_vs_timeout(a: Answer, b: Answer) -> None:
+def decision_vs_timeout(a: Answer, b: Answer, t: Target) -> None:
     """Exactly one decides: the person (then the sweep finds nothing due) or the timeout (then
     the person gets 412)."""
     assert (a.status == 200) != (b.status == 200), (a, b)
     assert a.status in (200, 412) and b.status in (200, 204), (a, b)
+    if a.status == 412:
+        assert a.body["error"]["details"]["current"]["status"] == "expired", (a, b)
 
 
-def edit_vs_timeout(a: Answer, b: Answer) -> None:
+def edit_vs_timeout(a: Answer, b: Answer, t: Target) -> None:
     """The edit invalidates the due request (the sweep then finds nothing), or the timeout
     rejects the run first (then the edit finds its step finished: 409)."""
     assert (a.status == 201) != (b.status == 200), (a, b)
     assert a.status in (201, 409) and b.status in (200, 204), (a, b)
 
 
-def decision_vs_demotion(a: Answer, b: Answer) -> None:
-    """The role change always lands; the decision either landed first or is refused (403, or
-    404 when the member can no longer see the tenant)."""
-    assert b.status in (200, 204), (a, b)
-    assert a.status in (200, 201, 403, 404), (a, b)
+def timeout_vs_cancel(a: Answer, b: Answer, t: Target) -> None:
+    """The timeout fails the run first (the cancel then finds it finished: 409), or the cancel
+    withdraws the request first (the sweep then finds nothing due)."""
+    if a.status == 200:
+        assert (b.status, b.code) == (409, "run_finished"), (a, b)
+    else:
+        assert (a.status, b.status) == (204, 200), (a, b)
 
 
-def last_admin(a: Answer, b: Answer) -> None:
+def acted_before_losing_the_role(act_verbs: tuple[str, ...], subject: str = "") -> Outcome:
+    """The role change (or removal) always lands; the act either landed before it — its event
+    comes first — or is refused (403, or 404 once the member cannot see the tenant at all)."""
+
+    def outcome(a: Answer, b: Answer, t: Target) -> None:
+        assert b.status in (200, 204), (a, b)
+        assert a.status in (200, 201, 403, 404), (a, b)
+        if a.status in OK:
+            changed = Event.objects.filter(verb__in=("membership_role_changed", "membership_revoked"))
+            assert event_id(t, act_verbs, subject) < changed.latest("pk").pk, "it acted after losing the role"
+
+    return outcome
+
+
+def last_admin(a: Answer, b: Answer, t: Target) -> None:
     """Two admins demote each other: one lands, the other is refused — the tenant keeps an
     admin (409 last_admin, or 403 because the loser is no longer an admin)."""
-    one_wins(a, b, lost=(403, 409))
+    one_wins(lost=(403, 409))(a, b, t)
 
 
 @dataclass(frozen=True)
@@ -293,16 +361,11 @@ class Pair:
     setup: Callable[[World], Target]
     a: Action
     b: Action
-    outcome: Callable[[Answer, Answer], None]
+    outcome: Outcome
 
     @property
     def name(self) -> str:
         return f"{self.a.__name__} vs {self.b.__name__}"
-
-
-def serial_or_refused(a: Answer, b: Answer) -> None:
-    """Both land, one after the other, or the second is refused with 409/412."""
-    both_or_one(a, b, lost=(409, 412))
 
 
 PAIRS = [
@@ -311,41 +374,73 @@ PAIRS = [
     Pair(parked, decide("op1", "reject"), edit("admin"), decision_vs_edit),
     Pair(parked, decide("op1", "request_changes"), edit("admin"), decision_vs_edit),
     Pair(parked, decide("op1", "approve"), edit("api-bot"), decision_vs_edit),
-    Pair(parked, decide("op1", "approve"), decide("op2", "reject"), one_wins),
-    Pair(parked, decide("op1", "approve"), decide("op2", "request_changes"), one_wins),
-    Pair(parked, edit("admin"), edit("api-bot"), one_wins),
+    Pair(parked, decide("op1", "approve"), decide("op2", "reject"), one_wins()),
+    Pair(parked, decide("op1", "approve"), decide("op2", "request_changes"), one_wins()),
+    Pair(parked, edit("admin"), edit("api-bot"), one_wins()),
     Pair(parked, decide("op1", "approve"), run_action("op2", "cancel"), decision_vs_cancel),
     Pair(parked, decide("op1", "reject"), run_action("op2", "cancel"), decision_vs_cancel),
-    Pair(parked, edit("admin"), run_action("op2", "cancel"), serial_or_refused),
+    Pair(parked, decide("op1", "request_changes"), run_action("op2", "cancel"), decision_vs_cancel),
+    Pair(parked, edit("admin"), run_action("op2", "cancel"), edit_vs_cancel),
+    Pair(parked, edit("api-bot"), run_action("op2", "cancel"), edit_vs_cancel),
     Pair(parked, decide("op1", "approve"), run_action("op2", "replay"), serial_or_refused),
     Pair(parked, decide("op1", "reject"), run_action("op2", "retry"), retry_after_reject),
     Pair(expiring, decide("op1", "approve"), timeout, decision_vs_timeout),
     Pair(expiring, edit("admin"), timeout, edit_vs_timeout),
+    Pair(expiring, timeout, run_action("op2", "cancel"), timeout_vs_cancel),
     # On a failed run.
     Pair(failed, run_action("op1", "retry"), run_action("op2", "cancel"), serial_or_refused),
-    Pair(failed, run_action("op1", "retry"), run_action("op2", "retry"), serial_or_refused),
+    Pair(
+        failed, run_action("op1", "retry"), run_action("op2", "retry"), one_wins((409,), "run_not_retryable")
+    ),
     # On an open conflict.
-    Pair(edit_conflict, resolve("rev1", "keep_current"), resolve("rev2", "apply_proposed"), one_wins),
+    Pair(edit_conflict, resolve("rev1", "keep_current"), resolve("rev2", "apply_proposed"), one_wins()),
     Pair(edit_conflict, resolve("rev1", "apply_proposed"), decide("op1", "approve"), serial_or_refused),
     Pair(edit_conflict, resolve("rev1", "apply_proposed"), run_action("op1", "cancel"), serial_or_refused),
     Pair(stale_approval, resolve("rev1", "keep_current"), decide("op1", "approve"), serial_or_refused),
-    Pair(stale_approval, resolve("rev1", "cancel_run"), decide("op1", "approve"), serial_or_refused),
+    Pair(stale_approval, resolve("rev1", "cancel_run"), decide("op1", "approve"), one_wins()),
     Pair(
         compensation_stuck,
         resolve("rev1", "retry_compensation"),
         resolve("rev2", "mark_compensated"),
-        one_wins,
+        one_wins(),
     ),
     Pair(
         compensation_stuck,
         resolve("rev1", "mark_compensated"),
         run_action("op1", "cancel"),
-        serial_or_refused,
+        one_wins((409,), "run_finished"),
     ),
     # A member's right to act, changed while they act.
-    Pair(parked, decide("op1", "approve"), member("admin", "reviewer", "op1"), decision_vs_demotion),
-    Pair(parked, decide("op1", "approve"), member("admin", "remove", "op1"), decision_vs_demotion),
-    Pair(parked, edit("op2"), member("admin", "remove", "op2"), decision_vs_demotion),
+    Pair(
+        parked,
+        decide("op1", "approve"),
+        member("admin", "reviewer", "op1"),
+        acted_before_losing_the_role(DECIDED),
+    ),
+    Pair(
+        parked,
+        decide("op1", "approve"),
+        member("admin", "remove", "op1"),
+        acted_before_losing_the_role(DECIDED),
+    ),
+    Pair(
+        parked,
+        edit("op2"),
+        member("admin", "remove", "op2"),
+        acted_before_losing_the_role(("artifact_edited",)),
+    ),
+    Pair(
+        parked,
+        run_action("op1", "cancel"),
+        member("admin", "remove", "op1"),
+        acted_before_losing_the_role(("cancelled",)),
+    ),
+    Pair(
+        parked,
+        quota_change("admin"),
+        member("admin2", "operator", "admin"),
+        acted_before_losing_the_role(("quota_updated",), subject="tenant:acme"),
+    ),
     Pair(parked, member("admin", "operator", "admin2"), member("admin2", "operator", "admin"), last_admin),
 ]
 
@@ -378,7 +473,7 @@ def assert_run_settled(target: Target) -> None:
         if run.status == RunStatus.WAITING_APPROVAL:
             assert waiting == 1, "a waiting run has exactly one pending approval"
         elif run.status in FINISHED:
-            assert waiting == 0 or run.status == RunStatus.CANCELLED
+            assert waiting == 0, f"a {run.status} run still has a pending approval"
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: pair.name)
@@ -398,7 +493,7 @@ def test_two_actions_on_one_object_end_with_one_outcome_and_a_clear_answer(world
             if isinstance(answer, BaseException):
                 raise answer
             assert_clear_answer(answer)
-        pair.outcome(a, b)
+        pair.outcome(a, b, target)
         pump()
         assert_run_settled(target)
         assert check_invariants() == [], f"trial {trial}"

@@ -40,7 +40,7 @@ def calls_per_key(operation: str) -> list[int]:
     """How often the sandbox was called for each idempotency key of ``operation``."""
     from django.db.models import Count
 
-    from runs.models import SandboxCall
+    from demo.models import SandboxCall
 
     rows = SandboxCall.objects.filter(operation=operation).values("idempotency_key").annotate(n=Count("id"))
     return [row["n"] for row in rows]

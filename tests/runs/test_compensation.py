@@ -15,11 +15,12 @@ from django.test import Client
 from approvals.models import ConflictArtifact
 from approvals.services import conflict_resolve
 from core.models import Event, Tenant, User
-from runs import sandbox
+from demo import sandbox
+from demo.models import SandboxCall
 from runs.context import StepContext
 from runs.definitions import workflow
 from runs.invariants import check_invariants
-from runs.models import Run, SandboxCall, SideEffect, Step
+from runs.models import Run, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump, pump_until
 from tests.conftest import bearer_client

@@ -22,8 +22,9 @@ from django.db.models import Count
 from approvals.models import ConflictArtifact
 from core.models import Event, Tenant
 from core.workers import live_pools
+from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
-from runs.models import Run, SandboxCall, SandboxContact, SideEffect, Step, StepStatus
+from runs.models import Run, SideEffect, Step, StepStatus
 from runs.services import run_start
 from tests.runs.cluster import Cluster, calls_per_key, wait_for
 from tests.runs.test_execution import finished

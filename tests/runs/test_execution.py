@@ -11,8 +11,9 @@ from django.db import connections
 from django.test import override_settings
 
 from core.models import Event, Tenant, TenantQuota
+from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
-from runs.models import Run, RunStatus, SandboxCall, SandboxContact, SideEffect, Step, StepStatus
+from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import run_start
 from tests.runs.cluster import Cluster, calls_per_key, wait_for
 

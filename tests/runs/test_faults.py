@@ -27,8 +27,9 @@ from django.db import connection
 
 from approvals.models import ApprovalRequest
 from core.models import Event, Tenant
+from demo.models import SandboxCall
 from runs.invariants import check_invariants
-from runs.models import EffectStatus, Run, RunStatus, SandboxCall, SideEffect
+from runs.models import EffectStatus, Run, RunStatus, SideEffect
 from runs.services import run_start
 from tests.runs.cluster import Cluster, calls_per_key, wait_for
 from tests.runs.test_execution import finished

@@ -12,9 +12,10 @@ from django.test import Client
 from django.utils import timezone
 
 from core.models import Lease, Tenant, TenantQuota
+from demo.models import SandboxCall
 from runs.dispatch import dispatch_round
 from runs.invariants import check_invariants
-from runs.models import Run, SandboxCall, Step, StepStatus
+from runs.models import Run, Step, StepStatus
 from runs.services import run_cancel, run_start
 from tests.approvals.helpers import pump
 

@@ -4,7 +4,7 @@ reviewer who checks the provider's log; at the end no run is lost, no effect rea
 provider twice, every approval was decided once, and ``check_invariants`` is clean.
 
 ``make test`` runs a short variant (RUNWARDEN_SOAK_RUNS, default 300); ``make soak`` the long
-one (2,000 runs) and writes its figures to bench/soak.json (docs/RELIABILITY.md)."""
+one (2,000 runs) and writes its figures to bench/soak.json (docs/guarantees.md)."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from django.db.models import Count
 from approvals import services as approvals_services
 from approvals.models import ApprovalRequest, ConflictArtifact
 from core.models import Role, Tenant, User
+from demo.models import SandboxCall
+from demo.sandbox import seed_sandbox
 from runs.invariants import check_invariants
-from runs.models import Run, RunStatus, SandboxCall
-from runs.sandbox import seed_sandbox
+from runs.models import Run, RunStatus
 from runs.services import run_start
 from tests.conftest import make_member
 from tests.runs.cluster import Cluster

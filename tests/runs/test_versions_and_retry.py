@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from core.models import Event, Tenant, User
-from runs import sandbox
+from demo import sandbox
+from demo.models import SandboxCall
 from runs.context import StepContext
 from runs.definitions import WorkflowInput, get_workflow, unregister, workflow
-from runs.models import Run, SandboxCall, Step
+from runs.models import Run, Step
 from runs.services import RunNotRetryable, run_retry, run_start
 from tests.approvals.helpers import pump
 from tests.concurrency import run_concurrently

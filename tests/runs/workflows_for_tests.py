@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from runs import sandbox
+from demo import sandbox
 from runs.context import StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 

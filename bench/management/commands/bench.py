@@ -32,10 +32,8 @@ from django.db.models import Max
 from django.test import Client
 from django.utils import timezone
 
-from core import statement_counter
-from core.models import Membership, Role, Tenant, User
-from core.services import api_token_issue
-from runs.benchmarking import (
+from bench import statement_counter
+from bench.harness import (
     Monitor,
     ProcessSet,
     bench_tenant,
@@ -49,10 +47,12 @@ from runs.benchmarking import (
     stop_all_started,
     wait_for_workers,
 )
+from core.models import Membership, Role, Tenant, User
+from core.services import api_token_issue
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 
-BENCH_WORKFLOWS_MODULE = "runs.bench_workflows"
+BENCH_WORKFLOWS_MODULE = "bench.workloads"
 COUNTER_PREFIX = "runwarden:bench:"
 STATEMENTS_KEY = COUNTER_PREFIX + "statements"
 OPERATOR = "bench-operator"
@@ -249,7 +249,7 @@ class Bench:
 
     def raw_celery(self, workers: int, tasks: int) -> dict[str, Any]:
         """Raw Celery: the same step workers, a no-op task that counts itself in Redis."""
-        from runs.tasks import bench_noop_task
+        from bench.tasks import bench_noop_task
 
         self.need(30, "raw Celery")
         self.prepare()

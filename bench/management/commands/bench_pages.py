@@ -17,9 +17,9 @@ from django.db import connection, transaction
 from django.test import Client
 from django.utils import timezone
 
+from bench.harness import percentile
 from core.leases import lease_acquire
 from core.models import Membership, Role, Tenant, TenantQuota, User
-from runs.benchmarking import percentile
 from runs.models import Run, RunStatus, Step, StepStatus, new_run_id
 
 BATCH = 5000

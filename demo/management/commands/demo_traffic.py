@@ -58,7 +58,7 @@ class Command(BaseCommand):
         if tenant is None:
             raise CommandError(f"no tenant {options['tenant']!r}")
         if options["scenario"] == "contention":
-            from approvals.scenarios import contention  # the scenario needs people too
+            from demo.scenarios import contention  # the scenario needs people too
 
             def say(line: str) -> None:
                 self.stdout.write(line)

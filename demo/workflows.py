@@ -1,4 +1,4 @@
-"""The demo workflows, on the in-repo sandbox connectors (runs.sandbox).
+"""The demo workflows, on the in-repo sandbox connectors (demo.sandbox).
 
 They are what ``make run``, ``demo_traffic``, the README and the tests use, and they are
 written the way an integrator writes theirs: plain functions, one per step, effects through
@@ -16,7 +16,7 @@ from django.core.validators import validate_email
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
-from runs import sandbox
+from demo import sandbox
 from runs.context import StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 from runs.gates import EntityChanged

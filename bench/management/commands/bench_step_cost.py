@@ -10,7 +10,7 @@ this is the engine's own cost per step, the part ``make bench``'s ratio is made 
 Run it on the bench database (``make bench`` creates it), e.g.::
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/runwarden_bench REDIS_URL=redis://127.0.0.1:6379/2 \\
-    RUNWARDEN_WORKFLOW_MODULES=runs.bench_workflows DEBUG=1 .venv/bin/python manage.py bench_step_cost
+    RUNWARDEN_WORKFLOW_MODULES=bench.workloads DEBUG=1 .venv/bin/python manage.py bench_step_cost
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
-from runs.benchmarking import bench_tenant
+from bench.harness import bench_tenant
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from approvals.models import ApprovalRequest, ConflictArtifact
-from approvals.scenarios import contention
 from core.models import Tenant
+from demo.scenarios import contention
 from runs.models import Run, Step
 from tests.runs.cluster import Cluster, wait_for
 

@@ -1,9 +1,9 @@
 """Workflows of ``manage.py bench`` (not the demo's): no-op steps that measure the engine's own cost.
 
-Imported at start-up only where ``RUNWARDEN_WORKFLOW_MODULES`` names ``runs.bench_workflows``:
+Imported at start-up only where ``RUNWARDEN_WORKFLOW_MODULES`` names ``bench.workloads``:
 ``manage.py bench`` sets it for every process it starts and imports this module itself.
 
-- ``bench.noop``: one no-op step on lane read (declared here unless ``runs.workflows`` has it);
+- ``bench.noop``: one no-op step on lane read (declared here unless ``demo.workflows`` has it);
 - ``bench.five``: five no-op steps on lane read;
 - ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft).
 """

@@ -18,7 +18,7 @@ from django.utils import timezone
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus
 from core.models import Role, Tenant, User
-from runs import sandbox
+from demo import sandbox
 from runs.models import Run, Step, StepStatus
 from runs.services import TriggerPayloadMismatch, run_start
 

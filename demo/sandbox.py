@@ -18,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from core.connections import BoundConnection
-from runs.models import SandboxCall, SandboxContact, SandboxInvoice, SandboxLead
+from demo.models import SandboxCall, SandboxContact, SandboxInvoice, SandboxLead
 
 
 class SandboxUnavailable(ConnectionError):

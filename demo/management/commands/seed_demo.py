@@ -5,7 +5,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from core.demo import seed_demo_tenants_and_users
+from demo.seeding import seed_demo_tenants_and_users
 
 
 class Command(BaseCommand):

@@ -1,0 +1,26 @@
+"""Who may act, judged at the instant of the write: inside the acting transaction the member's
+row is read locked (``FOR NO KEY UPDATE``), so a role change or a removal racing the act either
+committed before it (and the act is refused) or waits until the act has committed — never an
+act by someone whose role was already taken away. Views and API handlers may check earlier
+too, for a quick answer; this is the check that holds."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from django.core.exceptions import PermissionDenied
+
+from core.models import Membership, User
+from core.selectors import ROLE_GRANTS
+
+
+def member_role_locked(user: User, tenant_id: int, roles: Sequence[str], act: str) -> None:
+    """In the acting transaction: ``user`` holds one of ``roles`` in the tenant, its membership
+    row locked until the transaction ends; else PermissionDenied saying why."""
+    membership = (
+        Membership.objects.select_for_update(no_key=True).filter(user=user, tenant_id=tenant_id).first()
+    )
+    if membership is None:
+        raise PermissionDenied(f"you are no longer a member of this tenant, so you cannot {act}")
+    if not any(role in ROLE_GRANTS[membership.role] for role in roles):
+        raise PermissionDenied(f"to {act} you need one of the roles: {', '.join(roles)}")
