@@ -183,9 +183,9 @@ def lease_renew(*, grant: LeaseGrant, ttl: float, now: datetime | None = None) -
     """
     now = _now(now)
     expires_at = now + timedelta(seconds=ttl)
-    renewed = Lease.objects.filter(
-        pk=grant.id, token=grant.token, released_at__isnull=True, expires_at__gt=now
-    ).update(renewed_at=now, expires_at=expires_at)
+    renewed = Lease.objects.filter(live_leases_filter(now), pk=grant.id, token=grant.token).update(
+        renewed_at=now, expires_at=expires_at
+    )
     if renewed != 1:
         raise StaleToken(grant.key, grant.token)
     return LeaseGrant(grant.id, grant.tenant_id, grant.key, grant.token, grant.acquired_at, expires_at)
@@ -206,15 +206,11 @@ def leases_renew(
     for grant in grants:
         owned |= Q(pk=grant.id, token=grant.token)
     with transaction.atomic(savepoint=False):
-        renewed = Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(
+        renewed = Lease.objects.filter(owned, live_leases_filter(now)).update(
             renewed_at=now, expires_at=expires_at
         )
         if renewed != len(grants):
-            alive = set(
-                Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).values_list(
-                    "pk", flat=True
-                )
-            )
+            alive = set(Lease.objects.filter(owned, live_leases_filter(now)).values_list("pk", flat=True))
             lost = next(grant for grant in grants if grant.id not in alive)
             raise StaleToken(lost.key, lost.token)
     return [LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expires_at) for g in grants]
@@ -245,26 +241,11 @@ def owned_sql(grants: Sequence[LeaseGrant]) -> tuple[str, list[Any]]:
     return f"(id, token) IN (VALUES {pairs})", [v for grant in grants for v in (grant.id, grant.token)]
 
 
-def leases_revoke(grants: Sequence[LeaseGrant], now: datetime | None = None) -> int:
-    """Expire these leases now if their tokens still hold them: the holders are fenced out."""
-    if not grants:
-        return 0
-    now = _now(now)
-    owned = Q()
-    for grant in grants:
-        owned |= Q(pk=grant.id, token=grant.token)
-    return Lease.objects.filter(owned, released_at__isnull=True, expires_at__gt=now).update(
-        expires_at=now, released_at=now
-    )
-
-
 def lease_revoke(*, tenant_id: int, keys: Iterable[str], now: datetime | None = None) -> int:
     """Expire the live leases on ``keys`` at once; their holders are fenced out from now on."""
     now = _now(now)
     with transaction.atomic():
-        live = Lease.objects.filter(
-            tenant_id=tenant_id, key__in=list(keys), released_at__isnull=True, expires_at__gt=now
-        )
+        live = Lease.objects.filter(live_leases_filter(now), tenant_id=tenant_id, key__in=list(keys))
         ids = list(live.order_by("pk").select_for_update(no_key=True).values_list("pk", flat=True))
         # released_at too: a renewal judged by a clock a moment behind can never revive it.
         return Lease.objects.filter(pk__in=ids).update(expires_at=now, released_at=now)
@@ -276,23 +257,23 @@ def lease_fence(
     key: str,
     token: int,
     now: datetime | None = None,
-    before: tuple[str, Sequence[Any]] = ("", ()),
+    prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
 ) -> None:
     """Check, inside the caller's transaction, that ``token`` still owns ``key``.
 
     Must be called inside ``transaction.atomic()``: the lease row stays locked until the
     caller's write commits, so no take-over can slip between this check and that write.
-    Raises StaleToken otherwise. ``before``: statements (SQL ending in ``;``, parameters) to
+    Raises StaleToken otherwise. ``prelude_sql``: statements (SQL ending in ``;``, parameters) to
     run first, in the same round trip (row locks a caller must take before this one).
     """
     if not connection.in_atomic_block:
         raise RuntimeError("lease_fence must run inside the transaction of the write it protects")
     now = _now(now)
-    first, first_params = before
+    first, first_params = prelude_sql
     with connection.cursor() as cursor:
         cursor.execute(
             f"{first}SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
-            f" AND released_at IS NULL AND expires_at > %s{_no_key_update()}",
+            f" AND {live_lease_sql()}{_no_key_update()}",
             [*first_params, tenant_id, key, token, _adapt(now)],
         )
         if cursor.fetchone() is None:
@@ -309,8 +290,7 @@ def _fence_all(grants: Sequence[LeaseGrant]) -> None:
     owned, params = owned_sql(grants)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT id FROM core_lease WHERE {owned}"
-            f" AND released_at IS NULL AND expires_at > %s ORDER BY id{_no_key_update()}",
+            f"SELECT id FROM core_lease WHERE {owned} AND {live_lease_sql()} ORDER BY id{_no_key_update()}",
             [*params, _adapt(timezone.now())],
         )
         held = {row[0] for row in cursor.fetchall()}
@@ -342,7 +322,7 @@ def fenced_write(
     """
     try:
         with transaction.atomic(durable=True):
-            lease_fence(tenant_id=tenant_id, key=key, token=token, before=prelude_sql)
+            lease_fence(tenant_id=tenant_id, key=key, token=token, prelude_sql=prelude_sql)
             if also:
                 _fence_all(also)
             yield
@@ -446,4 +426,12 @@ def locks_release(grants: Iterable[LeaseGrant]) -> None:
 
 
 def live_leases_filter(now: datetime | None = None) -> Q:
+    """ "A lease is live": not released, not past its expiry. The one rule, for the ORM."""
     return Q(released_at__isnull=True, expires_at__gt=_now(now))
+
+
+def live_lease_sql(alias: str = "", now: str = "%s") -> str:
+    """The same rule for hand-written SQL: ``alias`` the lease table's alias, ``now`` the
+    placeholder of the instant it is judged at."""
+    column = f"{alias}." if alias else ""
+    return f"{column}released_at IS NULL AND {column}expires_at > {now}"

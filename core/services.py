@@ -67,10 +67,10 @@ def event_record(
     verb: str,
     actor: str,
     payload: dict[str, Any] | None = None,
-    before_sql: tuple[str, Sequence[Any]] = ("", ()),
+    prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
 ) -> Event:
     """Append an event in the caller's transaction; listeners run only once it commits.
-    ``before_sql``: a statement (ending in ``;``) and its parameters to run first in the same
+    ``prelude_sql``: a statement (ending in ``;``) and its parameters to run first in the same
     round trip: the change the event records."""
     tenant_id = tenant if isinstance(tenant, int) else tenant.pk
     payload = payload or {}
@@ -80,14 +80,14 @@ def event_record(
     # A hand-written INSERT: events are written on every step, and the ORM's save costs more
     # than the statement. The instance is the one ``Event.objects.create`` would return.
     with connection.cursor() as cursor:
-        if before_sql[0] and not rawsql.on_postgresql():  # SQLite runs one statement per call
-            cursor.execute(before_sql[0].strip().rstrip(";"), before_sql[1])
-            before_sql = ("", ())
+        if prelude_sql[0] and not rawsql.on_postgresql():  # SQLite runs one statement per call
+            cursor.execute(prelude_sql[0].strip().rstrip(";"), prelude_sql[1])
+            prelude_sql = ("", ())
         cursor.execute(
-            f"{before_sql[0]}INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
+            f"{prelude_sql[0]}INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
             " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
             [
-                *before_sql[1],
+                *prelude_sql[1],
                 tenant_id,
                 subject,
                 verb,
@@ -150,12 +150,6 @@ def api_token_revoke(*, user: User, token_id: int) -> bool:
             revoked_at=timezone.now()
         )
     )
-
-
-def api_token_authenticate(raw: str) -> User | None:
-    """The active user a token belongs to, or None for an unknown, revoked or inactive one."""
-    token = api_token_find(raw)
-    return token.user if token is not None else None
 
 
 def api_token_find(raw: str) -> ApiToken | None:

@@ -13,8 +13,8 @@ from ninja import Field, Query, Router, Schema, Status
 
 from core.api import ApiError, InputSchema, request_environment, request_user
 from core.models import Membership, Role, User
-from core.selectors import ROLE_GRANTS, get_tenant_for_user
-from runs import selectors, services
+from core.selectors import ROLE_GRANTS
+from runs import access, selectors, services
 from runs.definitions import InvalidInput, UnknownWorkflow, pydantic_fields
 from runs.models import Run, RunStatus
 from runs.sessions import SessionOverflow
@@ -154,7 +154,7 @@ def _over_quota(exc: services.QuotaExceeded) -> ApiError:
 def _tenant_for_start(request: HttpRequest, slug: str) -> Any:
     user = request_user(request)
     if slug:
-        return get_tenant_for_user(user, slug, role=Role.OPERATOR)
+        return access.access_start_runs(user, slug)
     memberships = [
         m
         for m in Membership.objects.filter(user=user).select_related("tenant")
@@ -253,7 +253,7 @@ def run_get(request: HttpRequest, run_id: str) -> dict[str, Any]:
 def run_cancel(request: HttpRequest, run_id: str) -> dict[str, Any]:
     user = request_user(request)
     run = _get_run_for_user(user, run_id)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    access.access_operate_run(user, run)
     if not services.run_cancel(
         run=run, actor=user.get_username(), reason=f"cancelled by {user.get_username()}", by=user
     ):
@@ -280,7 +280,7 @@ def run_retry(request: HttpRequest, run_id: str) -> dict[str, Any]:
     idempotency keys, so nothing that committed happens again."""
     user = request_user(request)
     run = _get_run_for_user(user, run_id)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    access.access_operate_run(user, run)
     try:
         run = services.run_retry(run=run, actor=user.get_username(), by=user)
     except services.RunNotRetryable as exc:
@@ -319,7 +319,7 @@ def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
     may be left out)."""
     user = request_user(request)
     run = _get_run_for_user(user, run_id)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    access.access_operate_run(user, run)
     body = _replay_body(request)
     try:
         replay = services.run_replay(

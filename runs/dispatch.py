@@ -42,7 +42,15 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from core import metrics, rawsql, tallies
-from core.leases import LeaseGrant, LeaseRequest, lease_revoke, leases_acquire_many, leases_release
+from core.leases import (
+    LeaseGrant,
+    LeaseRequest,
+    lease_revoke,
+    leases_acquire_many,
+    leases_release,
+    live_lease_sql,
+    live_leases_filter,
+)
 from core.models import Lease
 from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake_now
 from core.workers import Pool, live_pools
@@ -172,12 +180,12 @@ def _adapt(value: datetime) -> Any:
 def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
     """Count live holders (admitted steps whose lease is live) per scope in one query.
     ``pools_max_age``: how old this process's last read of the worker pools may be."""
-    sql = """
+    sql = f"""
         SELECT s.tenant_id, r.workflow, s.lane, s.tool, COUNT(*)
         FROM runs_step s
         JOIN runs_run r ON r.id = s.run_id
         JOIN core_lease l ON l.id = s.lease_id AND l.token = s.lease_token
-        WHERE s.status IN ('leased', 'running') AND l.released_at IS NULL AND l.expires_at > %s
+        WHERE s.status IN ('leased', 'running') AND {live_lease_sql("l")}
         GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
         UNION ALL
         SELECT tenant_id, NULL, NULL, CAST(caps AS text), max_concurrent_steps FROM core_tenantquota
@@ -320,7 +328,7 @@ _FIFO_AND_FREE = """
         WHERE EXISTS (
             SELECT 1 FROM core_lease l
             WHERE l.tenant_id = s.tenant_id AND l.key = {key_col}
-            AND l.released_at IS NULL AND l.expires_at > %s)))
+            AND {live})))
 """
 
 # PostgreSQL: the tenants with ready steps by a skip scan of the (status, tenant, id) index,
@@ -355,6 +363,7 @@ _FAIR_CANDIDATES_SQL = (
     """
     + _FIFO_AND_FREE.format(
         keyless="jsonb_array_length(s.lock_keys) = 0",
+        live=live_lease_sql("l"),
         unnest="jsonb_array_elements_text(s.lock_keys) AS k(key)",
         key_col="k.key",
     )
@@ -377,7 +386,10 @@ def _fair_candidates_portable(exclusions: str) -> str:
     """``_FAIR_CANDIDATES_SQL`` for SQLite (the embedded mode): no lateral joins, so one pass
     over the ready steps with a window per tenant."""
     fifo_and_free = _FIFO_AND_FREE.format(
-        keyless="json_array_length(s.lock_keys) = 0", unnest="json_each(s.lock_keys) AS k", key_col="k.value"
+        keyless="json_array_length(s.lock_keys) = 0",
+        unnest="json_each(s.lock_keys) AS k",
+        key_col="k.value",
+        live=live_lease_sql("l"),
     )
     return f"""
         WITH ready AS (
@@ -467,10 +479,7 @@ def _fail_unadmittable(candidate: Candidate, reason: str, state: _Round) -> None
 
 def _held_keys(candidate: Candidate, now: datetime) -> list[str]:
     live = Lease.objects.filter(
-        tenant_id=candidate.tenant_id,
-        key__in=list(candidate.lock_keys),
-        released_at__isnull=True,
-        expires_at__gt=now,
+        live_leases_filter(now), tenant_id=candidate.tenant_id, key__in=list(candidate.lock_keys)
     )
     return list(live.values_list("key", flat=True))
 

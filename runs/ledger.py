@@ -14,7 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from core import metrics, tallies
-from core.leases import LeaseGrant, lease_fence
+from core.leases import LeaseGrant, lease_fence, live_leases_filter
 from core.models import Lease
 from runs.models import EffectStatus, Run, SideEffect, Step
 from runs.services import fingerprint
@@ -57,10 +57,7 @@ def _proposer_is_live(effect: SideEffect) -> bool:
         return False
     now = timezone.now()
     return Lease.objects.filter(
-        pk=effect.proposer_lease_id,
-        token=effect.proposer_token,
-        released_at__isnull=True,
-        expires_at__gt=now,
+        live_leases_filter(now), pk=effect.proposer_lease_id, token=effect.proposer_token
     ).exists()
 
 

@@ -191,7 +191,7 @@ def run_create(
                     **({"session_key": session_key, "sequence": sequence} if session_key else {}),
                     **({"replay_of": replay_of.pk} if replay_of else {}),
                 },
-                before_sql=(rows, row_params),
+                prelude_sql=(rows, row_params),
             )
             return RunStart(run=run, created=True)
     except IntegrityError:

@@ -25,7 +25,15 @@ from django.utils import timezone
 
 from core import rawsql
 from core import services as core_services
-from core.leases import LeaseGrant, StaleToken, leases_release, leases_renew, live_leases_filter, owned_sql
+from core.leases import (
+    LeaseGrant,
+    StaleToken,
+    leases_release,
+    leases_renew,
+    live_lease_sql,
+    live_leases_filter,
+    owned_sql,
+)
 from core.models import Lease
 from core.wakeups import wake_on_commit
 from runs import gates
@@ -58,7 +66,7 @@ MAX_LOCK_KEY_LENGTH = 200
 
 
 def _event(
-    step: Step, verb: str, actor: str, *, before_sql: tuple[str, Sequence[Any]] = ("", ()), **payload: Any
+    step: Step, verb: str, actor: str, *, prelude_sql: tuple[str, Sequence[Any]] = ("", ()), **payload: Any
 ) -> None:
     core_services.event_record(
         tenant=step.tenant_id,
@@ -66,7 +74,7 @@ def _event(
         verb=verb,
         actor=actor,
         payload={"step": step.key, **payload},
-        before_sql=before_sql,
+        prelude_sql=prelude_sql,
     )
 
 
@@ -302,7 +310,7 @@ def step_succeed(
             "run_succeeded",
             f"step:{step.key}",
             attempt=step.attempt,
-            before_sql=_run_succeed(run.pk, now),
+            prelude_sql=_run_succeed(run.pk, now),
         )
         wake_on_commit(only_if_waiting=True, admission_locked=not wake_for_next)
         return "succeeded", None
@@ -650,7 +658,7 @@ _START_SQL = """
         SELECT count(*) AS n FROM core_lease l
         WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
         AND (l.id, l.token) IN (SELECT id, token FROM held)
-        AND l.released_at IS NULL AND l.expires_at > %(now)s
+        AND {live}
     ), s AS (
         UPDATE runs_step SET status = 'running', attempt = attempt + 1, started_at = %(now)s,
                updated_at = %(now)s, worker = %(worker)s
@@ -661,7 +669,7 @@ _START_SQL = """
         UPDATE core_lease l SET renewed_at = %(now)s, expires_at = %(expires)s
         WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
         AND (l.id, l.token) IN (SELECT id, token FROM held)
-        AND l.released_at IS NULL AND l.expires_at > %(now)s
+        AND {live}
         AND EXISTS (SELECT 1 FROM s)
         RETURNING l.id
     ), started AS (
@@ -699,7 +707,11 @@ def step_attempt_start(
             )
             run.status, run.started_at, run.updated_at = RunStatus.RUNNING, now, now
         return step, run, grants
-    sql = _START_SQL.format(step=rawsql.select_list(Step, "s"), run=rawsql.select_list(Run, "r"))
+    sql = _START_SQL.format(
+        step=rawsql.select_list(Step, "s"),
+        run=rawsql.select_list(Run, "r"),
+        live=live_lease_sql("l", "%(now)s"),
+    )
     at = rawsql.adapt_datetime(now)
     params = {
         "now": at,

@@ -20,7 +20,7 @@ from django.views.decorators.http import require_GET, require_POST
 from core.http import HtmxHttpRequest, authenticated_user
 from core.models import Event, Role
 from core.selectors import get_tenant_for_user, tenants_for_user, user_can
-from runs import explain, selectors, services
+from runs import access, explain, selectors, services
 from runs.definitions import REGISTRY, UnknownWorkflow
 from runs.models import Run, RunStatus, SessionState, Step
 from runs.sessions import SessionOverflow, session_runs
@@ -172,7 +172,7 @@ def _run_for_operator(request: HtmxHttpRequest, run_id: str) -> tuple[Run, str]:
     runs of its tenant (operators and admins; else 403)."""
     run = _get_run_for_user(request, run_id)
     user = authenticated_user(request)
-    get_tenant_for_user(user, run.tenant.slug, role=Role.OPERATOR)
+    access.access_operate_run(user, run)
     return run, user.get_username()
 
 

@@ -64,6 +64,13 @@ def globex_admin(globex: Tenant) -> User:
     return make_member("globex-admin", globex, Role.ADMIN)
 
 
+def client_for(user: User) -> Client:
+    """A test client logged in as ``user`` (a browser session)."""
+    client = Client()
+    client.force_login(user)
+    return client
+
+
 def bearer_client(user: User) -> Client:
     """A test client that authenticates with a freshly issued API token."""
     token = services.api_token_issue(user=user, name="test")

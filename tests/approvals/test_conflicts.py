@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from approvals import services
@@ -205,7 +203,10 @@ def test_a_record_changed_between_read_and_write_becomes_a_conflict(
         ).run
         step = Step.objects.get(run=run)
         wait_for(lambda: Step.objects.get(pk=step.pk).status == StepStatus.RUNNING, 30, cluster.logs())
-        time.sleep(1.3)  # the step has read version 1 and is writing; someone edits the CRM directly
+        # The step has read version 1 (the provider recorded the read) and its write is on its
+        # way (1 s of provider latency): someone edits the CRM directly now.
+        read = SandboxCall.objects.filter(tenant=sandbox_acme, operation="get_contact", target="contact:4")
+        wait_for(read.exists, 30, cluster.logs())
         SandboxContact.objects.filter(tenant=sandbox_acme, number=4).update(
             name="Renamed by a human", version=2
         )

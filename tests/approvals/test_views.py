@@ -20,7 +20,7 @@ from demo.sandbox import seed_sandbox
 from runs.models import Run, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
-from tests.conftest import make_member
+from tests.conftest import client_for, make_member
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -37,12 +37,6 @@ def waiting(tenant: Tenant, actor: str = "bot") -> ApprovalRequest:
     run = followup(tenant, actor)
     pump()
     return pending_request(run)
-
-
-def client_for(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def cards(body: bytes) -> list[int]:

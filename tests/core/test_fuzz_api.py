@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -120,11 +119,19 @@ def test_the_fuzzer_finds_no_server_error_and_a_normal_run_finishes_afterwards(
             120,
             cluster.logs() + (tmp_path / "serve.log").read_text()[-3000:],
         )
-    time.sleep(0.5)
-    invariants = subprocess.run(
-        [sys.executable, "manage.py", "check_invariants"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert invariants.returncode == 0, invariants.stdout + invariants.stderr
+
+    command = [sys.executable, "manage.py", "check_invariants"]
+    findings = [""]
+
+    def invariants_hold() -> bool:  # once the finished run's last writes have settled
+        checked = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        findings[0] = checked.stdout + checked.stderr
+        return checked.returncode == 0
+
+    try:
+        wait_for(invariants_hold, 30, "check_invariants kept finding violations", interval=0.5)
+    except AssertionError:
+        raise AssertionError(findings[0]) from None
 
 
 def _real_objects_config(url: str, token: str) -> str:

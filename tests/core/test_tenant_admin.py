@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from django.core.exceptions import PermissionDenied
 from django.db import connections
 from django.test import Client, override_settings
 from django.test.utils import CaptureQueriesContext
@@ -331,11 +332,13 @@ def test_two_admins_demoting_each_other_at_once_leave_exactly_one_admin(acme: Te
                 return "demoted"
             except services.MembershipInvalid as refused:
                 return refused.code
+            except PermissionDenied:  # demoted first: no longer an admin, so not theirs to do
+                return "forbidden"
             finally:
                 connections.close_all()
 
         outcomes = run_concurrently(demote, 2)
-        assert sorted(outcomes) == ["demoted", "last_admin"], (trial, outcomes)
+        assert sorted(outcomes) in (["demoted", "last_admin"], ["demoted", "forbidden"]), (trial, outcomes)
         assert Membership.objects.filter(tenant=acme, role=Role.ADMIN).count() == 1
 
 

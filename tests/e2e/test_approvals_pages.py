@@ -1,10 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
-
-from django.db import connection
 from playwright.sync_api import Browser, Page, WebSocketRoute, expect
 
 from approvals import services
@@ -14,24 +9,7 @@ from runs.models import Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.e2e.conftest import login, screenshot
-
-LIVE_TIMEOUT = 5_000  # ms
-
-T = TypeVar("T")
-
-
-def elsewhere(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call ``fn`` in another thread, as another process would: sync Playwright runs an event
-    loop in the test's thread, where the on-commit live push (async_to_sync) cannot run."""
-
-    def call() -> T:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connection.close()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(call).result()
+from tests.e2e.helpers import LIVE_TIMEOUT, elsewhere, go_live
 
 
 def waiting_for_approval(slug: str = "acme") -> ApprovalRequest:
@@ -42,11 +20,6 @@ def waiting_for_approval(slug: str = "acme") -> ApprovalRequest:
     ).run
     pump()
     return pending_request(run)
-
-
-def go_live(page: Page, base_url: str, path: str) -> None:
-    page.goto(base_url + path)
-    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
 
 
 def test_an_operator_approves_from_the_inbox(live_console: str, page: Page) -> None:

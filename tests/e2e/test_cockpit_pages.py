@@ -18,7 +18,7 @@ from runs.executor import step_execute
 from runs.models import Run
 from runs.services import run_start
 from tests.e2e.conftest import login, screenshot
-from tests.e2e.test_runs_pages import LIVE_TIMEOUT, elsewhere, go_live
+from tests.e2e.helpers import LIVE_TIMEOUT, elsewhere, go_live
 
 BOARD_TIMEOUT = 6_000  # ms: the board refreshes on pushes and every 2 s
 

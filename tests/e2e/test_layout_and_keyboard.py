@@ -14,7 +14,8 @@ from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
 from core.models import User
 from tests.e2e.conftest import login, screenshot, watch_csp
-from tests.e2e.test_approvals_pages import elsewhere, waiting_for_approval
+from tests.e2e.helpers import elsewhere
+from tests.e2e.test_approvals_pages import waiting_for_approval
 
 # Elements that end right of the viewport, outside any frame that scrolls or clips them.
 STICKING_OUT = """() => {

@@ -14,7 +14,8 @@ from django.conf import settings
 from playwright.sync_api import Page, expect
 
 from tests.e2e.conftest import login
-from tests.e2e.test_runs_pages import elsewhere, start
+from tests.e2e.helpers import elsewhere
+from tests.e2e.test_runs_pages import start
 from tests.runs.test_faults import private_redis
 from tests.servers import base_env, console_server, manage
 

@@ -1,10 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
-from django.db import connection
 from playwright.sync_api import Page, Response, expect
 
 from core.leases import lease_acquire
@@ -12,35 +9,13 @@ from core.models import Tenant
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import run_cancel, run_start
 from tests.e2e.conftest import login, screenshot
-
-LIVE_TIMEOUT = 5_000  # ms: a pushed change must show up without a reload within this
-
-T = TypeVar("T")
-
-
-def elsewhere(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Call ``fn`` in another thread, as another process would: sync Playwright runs an event
-    loop in the test's thread, where the on-commit live push (async_to_sync) cannot run."""
-
-    def call() -> T:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connection.close()
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(call).result()
+from tests.e2e.helpers import LIVE_TIMEOUT, elsewhere, go_live
 
 
 def start(slug: str, **kwargs: Any) -> Run:
     tenant = Tenant.objects.get(slug=slug)
     kwargs.setdefault("input", {"lead_id": 7})
     return run_start(tenant=tenant, workflow="demo.enrich_lead", actor="e2e", **kwargs).run
-
-
-def go_live(page: Page, base_url: str, path: str) -> None:
-    page.goto(base_url + path)
-    expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
 
 
 def test_an_operator_lists_filters_opens_and_cancels_a_run(live_console: str, page: Page) -> None:

@@ -10,7 +10,7 @@ from runs import transitions
 from runs.models import Run, Step, StepStatus
 from runs.services import run_start
 from tests.e2e.conftest import login, screenshot
-from tests.e2e.test_runs_pages import elsewhere, go_live
+from tests.e2e.helpers import elsewhere, go_live
 
 
 def failed_crm_run() -> Run:

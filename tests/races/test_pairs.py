@@ -12,9 +12,11 @@ worker would) and checks where the run ended.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +28,7 @@ from django.test import Client
 from django.utils import timezone
 
 from approvals import services as approval_services
-from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact
 from core.models import Event, Membership, TenantQuota
 from demo.models import SandboxCall
 from runs import transitions
@@ -480,6 +482,7 @@ def assert_run_settled(target: Target) -> None:
 def test_two_actions_on_one_object_end_with_one_outcome_and_a_clear_answer(world: World, pair: Pair) -> None:
     rng = random.Random(pair.name)
     actions = [pair.a, pair.b]
+    seen: Counter[str] = Counter()  # what the two got, trial by trial
     for trial in range(TRIALS):
         target = pair.setup(world)
         delays = [rng.random() * 0.004, rng.random() * 0.004]
@@ -494,13 +497,20 @@ def test_two_actions_on_one_object_end_with_one_outcome_and_a_clear_answer(world
                 raise answer
             assert_clear_answer(answer)
         pair.outcome(a, b, target)
+        seen[f"{a.status} {a.code or 'ok'} / {b.status} {b.code or 'ok'}"] += 1
         pump()
         assert_run_settled(target)
         assert check_invariants() == [], f"trial {trial}"
         _restore_members(world)
-    assert ConflictArtifact.objects.filter(status=ConflictStatus.OPEN, kind="concurrent_edit").count() <= (
-        TRIALS * 2
-    )
+    report(pair.name, seen)
+
+
+def report(name: str, seen: Counter[str]) -> None:
+    """With RUNWARDEN_RACE_REPORT set, append what each pair's two actors got (a JSON line)."""
+    path = os.environ.get("RUNWARDEN_RACE_REPORT")
+    if path:
+        with open(path, "a") as out:
+            out.write(json.dumps({"pair": name, "answers": dict(seen)}) + "\n")
 
 
 def _restore_members(world: World) -> None:
@@ -518,6 +528,7 @@ def test_a_quota_change_racing_admissions_applies_in_one_order(world: World) -> 
     event comes first), every start after it is refused with 429 — never a run admitted past a
     cap already in force."""
     body = {"workflow": "demo.lead_followup", "input": {"lead_id": 7, "contact_id": 3}}
+    seen: Counter[str] = Counter()
     for trial in range(TRIALS):
         if trial == 0:  # something queued, so the cap can fall to it
             run_start(tenant=world.tenant, workflow=body["workflow"], input=body["input"], actor="api-bot")
@@ -535,12 +546,14 @@ def test_a_quota_change_racing_admissions_applies_in_one_order(world: World) -> 
         change, *starts = answers
         assert change.status == 200, change
         assert all(start.status in (201, 429) for start in starts), starts
+        seen[" / ".join(f"{answer.status} {answer.code or 'ok'}" for answer in answers)] += 1
         changed_at = Event.objects.filter(tenant=world.tenant, verb="quota_updated").latest("pk").pk
         for start in starts:
             if start.status == 201:
                 created = Event.objects.get(subject=f"run:{start.body['id']}", verb="created")
                 assert created.pk < changed_at, f"trial {trial}: a run was admitted after the cap fell"
         assert check_invariants() == [], f"trial {trial}"
+    report("quota(admin) vs start(op1) vs start(op2)", seen)
 
 
 def test_in_the_console_a_decision_racing_an_edit_gets_a_clear_notice_and_the_fresh_card(
@@ -550,6 +563,7 @@ def test_in_the_console_a_decision_racing_an_edit_gets_a_clear_notice_and_the_fr
     saves an edit: never a 500; the loser's answer is the card as it is now with a notice
     saying what happened."""
     operator, admin = Client(), Client()
+    seen: Counter[str] = Counter()
     operator.force_login(world["op1"].user)
     admin.force_login(world["admin"].user)
     for trial in range(TRIALS):
@@ -570,6 +584,8 @@ def test_in_the_console_a_decision_racing_an_edit_gets_a_clear_notice_and_the_fr
         else:
             assert approve.status_code == 200, f"trial {trial}: {approve.status_code}"
         assert "Saved version 2" in edit.content.decode()
+        seen[f"{approve.status_code} / {edit.status_code}"] += 1
         pump()
         assert_run_settled(target)
         assert check_invariants() == [], f"trial {trial}"
+    report("console: approve(op1) vs edit(admin)", seen)

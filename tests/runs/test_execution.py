@@ -281,7 +281,7 @@ def test_runs_finish_exactly_once_across_a_redis_restart(
         server.terminate()  # Redis goes away with whatever it held: queued tasks are lost
         in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
         server.wait(10)
-        time.sleep(1)
+        time.sleep(1)  # the outage (not a wait for anything): Redis is down for a second
         server = start_redis()
         wait_for(lambda: finished(ids), 200, cluster.logs())
     finally:

@@ -161,6 +161,7 @@ def test_soak_mixed_runs_with_worker_kills_and_racing_approvals(
         .filter(n__gt=1)
     )
     assert not list(doubled), f"an effect reached the provider twice: {list(doubled)[:5]}"
+    assert decisions, "no approval was raced: the soak proved nothing about decisions"
     assert all(wins == 1 for wins in decisions.values()), "an approval was decided twice"
     assert not [k for k in figures if k.startswith("race_error_")], dict(figures)
     figures["effects"] = SandboxCall.objects.count()

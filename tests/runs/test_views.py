@@ -11,6 +11,7 @@ from core.leases import lease_acquire
 from core.models import Event, Tenant, User
 from runs.models import Run, RunStatus, StepStatus
 from runs.services import run_start
+from tests.conftest import client_for
 
 pytestmark = pytest.mark.django_db
 
@@ -25,12 +26,6 @@ def start(tenant: Tenant, **kwargs: Any) -> Run:
 def rows(body: bytes) -> list[str]:
     """The run ids of the table rows, in page order."""
     return re.findall(r'<tr id="run-(run_\w+)"', body.decode())
-
-
-def client_for(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
 
 
 def test_it_lists_the_runs_of_the_users_tenants_only(
