@@ -210,10 +210,7 @@ def approval_edit_artifact(
             details,
             headers={"ETag": f'"{lost.artifact.latest_version}"'},
         ) from None
-    new_request = (
-        selectors.approvals_for_user(user).filter(step=approval.step, artifact_version=version).first()
-    )
-    assert new_request is not None
+    new_request = selectors.request_for_version(version)
     _etag(response, version.number)
     return Status(201, selectors.approval_detail(new_request))
 

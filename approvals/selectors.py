@@ -76,6 +76,15 @@ def approved_version(artifact: Artifact) -> ArtifactVersion | None:
     return request.artifact_version if request else None
 
 
+def request_for_version(version: ArtifactVersion) -> ApprovalRequest:
+    """The approval request an edit opened for the version it wrote (in the same transaction),
+    read without the editor's scope: their role may be gone by the time they read it back."""
+    opened = ApprovalRequest.objects.filter(artifact_version=version).select_related(
+        "step__run", "artifact_version"
+    )
+    return opened.earliest("pk")
+
+
 def approval_detail(request: ApprovalRequest) -> dict[str, Any]:
     artifact = request.artifact
     versions = {v.number: v for v in artifact.versions.all()}

@@ -224,10 +224,7 @@ def approval_edit(request: HtmxHttpRequest, approval_id: int) -> HttpResponse:
             )
         current = selectors.approvals_for_user(user).filter(step=approval.step).first() or approval
         return _reply(request, current, notice, "warning", 409)
-    new_request = (
-        selectors.approvals_for_user(user).filter(step=approval.step, artifact_version=version).first()
-    )
-    assert new_request is not None
+    new_request = selectors.request_for_version(version)
     notice = f"Saved version {version.number}; earlier approvals are invalidated. It needs a new approval."
     return _reply(request, new_request, notice, "success", 200)
 

@@ -4,7 +4,8 @@ when its right to act was taken away first), the run where the winner sent it, n
 twice, and the invariants clean.
 
 Each pair races over HTTP against two real web processes (DEBUG off), many trials, the two
-requests released together behind a barrier with a little jitter so either may land first.
+requests released together behind a barrier, in turn with a head start of up to 30 ms for
+one side or the other, so both orders and the truly simultaneous case all happen.
 Approval timeouts race from a thread calling the maintenance task's service, as beat does.
 After each trial the test process runs whatever became ready (dispatch and execute, as a
 worker would) and checks where the run ended.
@@ -210,7 +211,9 @@ def member(actor: str, verb: str, who: str) -> Action:
 
 def quota_change(actor: str) -> Action:
     def act(world: World, t: Target) -> Answer:
-        return world[actor].call("PUT", "/api/v1/tenants/acme/quota", {"weight": random.randint(1, 9)})
+        # Always a change (an unchanged quota records no event, and there would be no order to check).
+        weight = TenantQuota.objects.get(tenant=world.tenant).weight % 9 + 1
+        return world[actor].call("PUT", "/api/v1/tenants/acme/quota", {"weight": weight})
 
     act.__name__ = f"quota({actor})"
     return act
@@ -485,9 +488,12 @@ def test_two_actions_on_one_object_end_with_one_outcome_and_a_clear_answer(world
     seen: Counter[str] = Counter()  # what the two got, trial by trial
     for trial in range(TRIALS):
         target = pair.setup(world)
-        delays = [rng.random() * 0.004, rng.random() * 0.004]
+        # Released together; then each in turn given a head start of up to 30 ms, so both
+        # orders, and the truly simultaneous case, all happen.
+        head_start = rng.random() * 0.03
+        delays = [(0.0, 0.0), (head_start, 0.0), (0.0, head_start)][trial % 3]
 
-        def race(i: int, target: Target = target, delays: list[float] = delays) -> Answer:
+        def race(i: int, target: Target = target, delays: tuple[float, float] = delays) -> Answer:
             time.sleep(delays[i])  # either may land first
             return actions[i](world, target)
 
