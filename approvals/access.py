@@ -2,7 +2,7 @@
 console, the API and any other caller get the same answer). Raise PermissionDenied (a 403);
 an object of another tenant never gets here (it is a 404 before).
 
-The services check again inside their transaction with ``core.access.member_role_locked``."""
+The services check again inside their transaction with ``core.access.member_role_check``."""
 
 from __future__ import annotations
 

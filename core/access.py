@@ -14,13 +14,15 @@ from core.models import Membership, User
 from core.selectors import ROLE_GRANTS
 
 
-def member_role_locked(user: User, tenant_id: int, roles: Sequence[str], act: str) -> None:
-    """In the acting transaction: ``user`` holds one of ``roles`` in the tenant, its membership
-    row locked until the transaction ends; else PermissionDenied saying why."""
-    membership = (
-        Membership.objects.select_for_update(no_key=True).filter(user=user, tenant_id=tenant_id).first()
-    )
+def member_role_check(
+    user: User, tenant_id: int, roles: Sequence[str], act: str, *, lock: bool = True
+) -> None:
+    """``user`` holds one of ``roles`` in the tenant, else PermissionDenied saying why (``act``
+    names what needs the role). ``lock``: read the membership row locked until the acting
+    transaction ends — the check that holds; without it, a quick answer before acting."""
+    members = Membership.objects.filter(user=user, tenant_id=tenant_id)
+    membership = (members.select_for_update(no_key=True) if lock else members).first()
     if membership is None:
-        raise PermissionDenied(f"you are no longer a member of this tenant, so you cannot {act}")
+        raise PermissionDenied("not a member of this tenant")
     if not any(role in ROLE_GRANTS[membership.role] for role in roles):
-        raise PermissionDenied(f"to {act} you need one of the roles: {', '.join(roles)}")
+        raise PermissionDenied(f"{act} needs one of the roles: {', '.join(roles)}")

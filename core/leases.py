@@ -426,7 +426,7 @@ def locks_release(grants: Iterable[LeaseGrant]) -> None:
 
 
 def live_leases_filter(now: datetime | None = None) -> Q:
-    """ "A lease is live": not released, not past its expiry. The one rule, for the ORM."""
+    """The one rule of a live lease, for the ORM: not released, not past its expiry."""
     return Q(released_at__isnull=True, expires_at__gt=_now(now))
 
 

@@ -14,7 +14,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from core import rawsql
-from core.access import member_role_locked
+from core.access import member_role_check
 from core.models import (
     BUILTIN_ENVIRONMENTS,
     ApiToken,
@@ -243,7 +243,7 @@ def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any])
     if errors:
         raise QuotaInvalid(errors)
     quota, _ = TenantQuota.objects.select_for_update().get_or_create(tenant=tenant)
-    member_role_locked(actor, tenant.pk, [Role.ADMIN], f"change the quotas of {tenant.slug}")
+    member_role_check(actor, tenant.pk, [Role.ADMIN], f"changing the quotas of {tenant.slug}")
     if "caps" in changes:
         changes = {**changes, "caps": _merged_caps(quota.caps, changes["caps"])}
     before = {field: getattr(quota, field) for field in changes}
@@ -279,7 +279,7 @@ def _lock_tenant(tenant: Tenant, actor: User) -> None:
     meanwhile — ``FOR UPDATE`` would block their foreign-key checks and deadlock a decision
     that holds its decider's membership row."""
     Tenant.objects.select_for_update(no_key=True).filter(pk=tenant.pk).first()
-    member_role_locked(actor, tenant.pk, [Role.ADMIN], f"manage the members of {tenant.slug}")
+    member_role_check(actor, tenant.pk, [Role.ADMIN], f"managing the members of {tenant.slug}")
 
 
 def _close_member_sockets(tenant: Tenant, user: User) -> None:

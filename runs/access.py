@@ -1,6 +1,6 @@
 """Who may do what to runs: one place, called by the views and the API handlers before they
 act (PermissionDenied is their 403; another tenant's run is a 404 before it gets here). The
-services check again at the instant of the write (``core.access.member_role_locked``)."""
+services check again at the instant of the write (``core.access.member_role_check``)."""
 
 from __future__ import annotations
 

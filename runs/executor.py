@@ -31,7 +31,7 @@ from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTi
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
-from runs.locking import STEP_ROW_LOCK_SQL
+from runs.locking import step_row_lock
 from runs.models import EffectStatus, SideEffect, StepStatus
 from runs.services import contract_remember, step_outputs
 
@@ -216,17 +216,15 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     writer uses — admission lock, step row, leases, run row — so a cancel, the reaper or a
     round never waits on this transaction while it waits on them."""
 
-    locks = ""
-    if rawsql.on_postgresql():  # SQLite serialises writers: nothing to lock
-        # Sent in the fence's own round trip, in this order, before the lease's row lock.
-        admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting else ""
-        locks = f"{admission_lock}{STEP_ROW_LOCK_SQL}"
+    # Sent in the fence's own round trip, in this order, before the lease's row lock.
+    step_lock, params = step_row_lock(ctx.step.pk)
+    admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting and step_lock else ""
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
         key=ctx.lease.key,
         token=ctx.lease.token,
         actor=f"step:{ctx.step.pk}",
-        prelude_sql=(locks, [ctx.step.pk] if locks else []),
+        prelude_sql=(f"{admission_lock}{step_lock}", params),
         also=ctx.locks,
     )
 

@@ -27,11 +27,19 @@ foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
 
 from __future__ import annotations
 
+from typing import Any
+
+from core import rawsql
 from runs.models import Step
 
-# One step's row, in the prelude of a worker's fenced write (its end, a checkpoint): before the
-# lease's row, as a cancel takes them. PostgreSQL only (SQLite serialises writers).
-STEP_ROW_LOCK_SQL = "SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE; "
+
+def step_row_lock(step_id: int) -> tuple[str, list[Any]]:
+    """One step's row lock, as a prelude of a worker's fenced write (its end, a checkpoint), so
+    it is taken before the lease's row, as a cancel takes them. Nothing on SQLite, which
+    serialises writers."""
+    if not rawsql.on_postgresql():
+        return "", []
+    return "SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE; ", [step_id]
 
 
 def run_steps_lock(run_id: str) -> list[int]:

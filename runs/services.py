@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from core import metrics, rawsql, tallies
 from core import services as core_services
-from core.access import member_role_locked
+from core.access import member_role_check
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.leases import LeaseGrant, fenced_write
 from core.models import Role, Tenant, TenantQuota, User
@@ -33,7 +33,7 @@ from runs.definitions import (
     WorkflowDefinitionError,
     get_workflow,
 )
-from runs.locking import STEP_ROW_LOCK_SQL, run_steps_lock
+from runs.locking import run_steps_lock, step_row_lock
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
@@ -380,13 +380,9 @@ def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", by: User | No
     ``by``: the person cancelling; PermissionDenied unless an operator of the run's tenant at
     that instant (checked under the run's anchor, runs/locking.py)."""
 
-    def cancel() -> bool:
-        if by is not None:
-            run_steps_lock(run.pk)
-            member_role_locked(by, run.tenant_id, [Role.OPERATOR], "cancel this run")
-        return transitions.run_cancel(run=run, actor=actor, reason=reason)
-
-    return transaction_retried_once(cancel)
+    return transaction_retried_once(
+        lambda: transitions.run_cancel(run=run, actor=actor, reason=reason, by=by)
+    )
 
 
 def run_cancel_by_id(*, run_id: str, actor: str, reason: str) -> bool:
@@ -414,13 +410,12 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
 def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
     """Save a step's progress, only while its lease is live (a fenced write). The step's row is
     locked before its lease (runs/locking.py), as a cancel takes them."""
-    step_first = STEP_ROW_LOCK_SQL if rawsql.on_postgresql() else ""
     with fenced_write(
         tenant_id=step.tenant_id,
         key=lease.key,
         token=lease.token,
         actor=f"step:{step.pk}",
-        prelude_sql=(step_first, [step.pk] if step_first else []),
+        prelude_sql=step_row_lock(step.pk),
     ):
         Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())
 
@@ -450,16 +445,16 @@ def run_retry(*, run: Run, actor: str, by: User | None = None) -> Run:
     except UnknownWorkflow as exc:
         raise RunNotRetryable(str(exc)) from None
     now = timezone.now()
-    retried = transaction_retried_once(lambda: _retry(run, definition, actor, now, by))
+    transaction_retried_once(lambda: _retry(run, definition, actor, now, by))
     run.refresh_from_db()
-    return retried
+    return run
 
 
-def _retry(run: Run, definition: Workflow, actor: str, now: datetime, by: User | None) -> Run:
+def _retry(run: Run, definition: Workflow, actor: str, now: datetime, by: User | None) -> None:
     """The retry itself, in the caller's transaction."""
     run_steps_lock(run.pk)  # the anchor (runs/locking.py): step rows, then the run
     if by is not None:
-        member_role_locked(by, run.tenant_id, [Role.OPERATOR], "retry this run")
+        member_role_check(by, run.tenant_id, [Role.OPERATOR], "retrying this run")
     steps = list(Step.objects.filter(run=run).order_by("position"))
     target = next((s for s in steps if s.status != StepStatus.SUCCEEDED), None)
     if target is None:
@@ -515,7 +510,6 @@ def _retry(run: Run, definition: Workflow, actor: str, now: datetime, by: User |
         payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
     )
     wake_on_commit()
-    return run
 
 
 def run_replay(

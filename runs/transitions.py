@@ -25,6 +25,7 @@ from django.utils import timezone
 
 from core import rawsql
 from core import services as core_services
+from core.access import member_role_check
 from core.leases import (
     LeaseGrant,
     StaleToken,
@@ -34,7 +35,7 @@ from core.leases import (
     live_leases_filter,
     owned_sql,
 )
-from core.models import Lease
+from core.models import Lease, Role, User
 from core.wakeups import wake_on_commit
 from runs import gates
 from runs.definitions import (
@@ -574,13 +575,18 @@ def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> b
     return True
 
 
-def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", only_waiting: bool = False) -> bool:
+def run_cancel(
+    *, run: Run, actor: str, reason: str = "cancelled", only_waiting: bool = False, by: User | None = None
+) -> bool:
     """Cancel an unfinished run: waiting steps are cancelled, admitted ones are fenced out (their
     leases and locks are revoked now; they notice at their next heartbeat). False when the run
     had already finished — or, with ``only_waiting``, when it is no longer waiting for its
-    session turn. Call inside a transaction."""
+    session turn. ``by``: the person cancelling; PermissionDenied unless an operator of the run's
+    tenant at that instant. Call inside a transaction."""
     now = timezone.now()
     run_steps_lock(run.pk)  # the anchor (runs/locking.py): every step row first
+    if by is not None:
+        member_role_check(by, run.tenant_id, [Role.OPERATOR], "cancelling this run")
     live_steps = list(Step.objects.filter(run=run, status__in=LIVE_STEP_STATUSES).order_by("pk"))
     still = Run.objects.filter(pk=run.pk, status__in=UNFINISHED_RUN_STATUSES)
     if only_waiting:

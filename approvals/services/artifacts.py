@@ -21,7 +21,7 @@ from approvals.models import (
 from approvals.services.conflicts import record_conflict
 from approvals.services.gate import new_version, open_request, spec_of
 from core import services as core_services
-from core.access import member_role_locked
+from core.access import member_role_check
 from core.models import Role, User
 from core.transactions import transaction_retried_once
 from runs.locking import run_steps_lock
@@ -74,7 +74,7 @@ def _artifact_write(
 ) -> ArtifactVersion | EditConflict:
     run_steps_lock(artifact.run_id)  # the anchor: see runs/locking.py
     if as_member:
-        member_role_locked(user, artifact.tenant_id, [Role.OPERATOR], "edit this draft")
+        member_role_check(user, artifact.tenant_id, [Role.OPERATOR], "editing this draft")
     locked = Artifact.objects.select_for_update(of=("self",)).select_related("step__run").get(pk=artifact.pk)
     if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
         return EditConflict(locked, None)

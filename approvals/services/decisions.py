@@ -25,9 +25,8 @@ from approvals.services.conflicts import settle_conflicts
 from approvals.services.gate import spec_of
 from core import metrics
 from core import services as core_services
-from core.access import member_role_locked
-from core.models import Membership, Role, User
-from core.selectors import ROLE_GRANTS
+from core.access import member_role_check
+from core.models import Role, User
 from core.transactions import transaction_retried_once
 from runs import services as run_services
 from runs.locking import run_steps_lock
@@ -48,19 +47,12 @@ class DecisionForbidden(Exception):
 
 def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -> None:
     """The decider's role fits the request; ``locked``: read in the deciding transaction with the
-    member's row locked (see approvals/access.py), so a role change racing the decision is seen."""
+    member's row locked (``core.access``), so a role change racing the decision is seen."""
     roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
-    if locked:
-        try:
-            member_role_locked(user, request.tenant_id, roles, "decide this approval")
-        except PermissionDenied as refused:
-            raise DecisionForbidden(str(refused)) from None
-        return
-    membership = Membership.objects.filter(user=user, tenant_id=request.tenant_id).first()
-    if membership is None:
-        raise DecisionForbidden("not a member of this tenant")
-    if not any(role in ROLE_GRANTS[membership.role] for role in roles):
-        raise DecisionForbidden(f"this approval needs one of the roles: {', '.join(roles)}")
+    try:
+        member_role_check(user, request.tenant_id, roles, "this approval", lock=locked)
+    except PermissionDenied as refused:
+        raise DecisionForbidden(str(refused)) from None
 
 
 def _blocks_self_approval(user: User, request: ApprovalRequest) -> bool:

@@ -15,7 +15,7 @@ from approvals.models import (
 )
 from approvals.services.artifacts import EditConflict, artifact_write
 from approvals.services.conflicts import audit_conflict
-from core.access import member_role_locked
+from core.access import member_role_check
 from core.models import Role, User
 from core.transactions import transaction_retried_once
 from runs import ledger
@@ -92,7 +92,7 @@ def conflict_resolve(
     def resolve() -> ConflictArtifact | None:
         if conflict.run_id is not None:
             run_steps_lock(conflict.run_id)  # the anchor: see runs/locking.py
-        member_role_locked(user, conflict.tenant_id, [Role.REVIEWER], "resolve this conflict")
+        member_role_check(user, conflict.tenant_id, [Role.REVIEWER], "resolving this conflict")
         won = ConflictArtifact.objects.filter(
             pk=conflict.pk, version=expected_version, status=ConflictStatus.OPEN
         ).update(
