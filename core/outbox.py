@@ -22,6 +22,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from core.celery import app
 from core.models import Notification, OutboxMessage, OutboxStatus
 
 logger = logging.getLogger(__name__)
@@ -51,20 +52,22 @@ def outbox_enqueue(*, tenant_id: int, key: str, kind: str, payload: dict[str, An
     The drainer is kicked when the transaction commits; beat drains too, so a lost kick only
     delays delivery.
     """
-    from core.tasks import outbox_drain_task
-
     _, created = OutboxMessage.objects.get_or_create(
         key=key,
         defaults={"tenant_id": tenant_id, "kind": kind, "payload": payload, "available_at": timezone.now()},
     )
     if created:
-        transaction.on_commit(lambda: _kick(outbox_drain_task))
+        transaction.on_commit(_kick)
     return created
 
 
-def _kick(task: Any) -> None:
+# By name, as runs.queueing sends steps: core.tasks imports this module, not the other way.
+DRAIN_TASK = "core.outbox_drain"
+
+
+def _kick() -> None:
     try:
-        task.apply_async(queue="maintenance")
+        app.send_task(DRAIN_TASK, queue="maintenance")
     except Exception:  # the broker is down: beat will drain it
         logger.warning("could not kick the outbox drainer; beat will", exc_info=True)
 

@@ -5,7 +5,7 @@ from celery import shared_task
 from core import outbox, tallies
 
 
-@shared_task(name="core.outbox_drain", ignore_result=True)
+@shared_task(name=outbox.DRAIN_TASK, ignore_result=True)
 def outbox_drain_task() -> int:
     return outbox.outbox_drain()
 

@@ -3,6 +3,8 @@ schemas (core.api) and workflow input validation (runs.definitions)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,3 +42,9 @@ def unstorable_values(value: Any, path: tuple[str | int, ...] = ()) -> dict[str,
         for index, item in enumerate(value):
             found.update(unstorable_values(item, (*path, index)))
     return found
+
+
+def fingerprint(value: Any) -> str:
+    """A stable hash of a JSON-able value (key order and spacing do not matter)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()

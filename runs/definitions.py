@@ -43,22 +43,20 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pydantic
 
 from core.validation import dotted_path, unstorable_values
-
-if TYPE_CHECKING:
-    from runs.context import StepContext
+from runs.context import StepContext
 
 LANES = ("read", "draft", "external", "high_risk")
 LOCK_POLICIES = ("wait", "skip", "cancel_newest", "cancel_in_progress")
 OVERFLOW_POLICIES = ("queue", "reject", "cancel_oldest_waiting")
 
-StepBody = Callable[["StepContext"], Any]
+StepBody = Callable[[StepContext], Any]
 # A compensation: given the step's context and its committed effects' results by kind.
-Compensation = Callable[["StepContext", dict[str, Any]], Any]
+Compensation = Callable[[StepContext, dict[str, Any]], Any]
 COMPENSATE_PREFIX = "compensate:"
 COMPENSATION_ATTEMPTS = 5
 

@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -27,12 +28,13 @@ from core import logs, rawsql
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
-from runs.context import Heartbeat, LeaseLost, RunCancelled, StepContext, StepTimedOut
+from runs.context import GateVerdict, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
+from runs.heartbeat import Heartbeat
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.locking import step_row_lock
-from runs.models import EffectStatus, SideEffect, StepStatus
+from runs.models import EffectStatus, SideEffect, Step, StepStatus
 from runs.services import contract_remember, step_outputs
 
 logger = logging.getLogger(__name__)
@@ -110,10 +112,17 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         checkpoint_data=step.checkpoint,
         locks=grants[1:],
         approval=verdict,
+        approval_guard=_approval_guard(step, verdict) if verdict is not None else None,
         deadline_seconds=spec.timeout_seconds,
         backend_pid=connection.connection.get_backend_pid() if connection.vendor == "postgresql" else None,
     )
     return _Start(ctx=ctx, spec=spec)
+
+
+def _approval_guard(step: Step, verdict: GateVerdict) -> Callable[[], None]:
+    """Run as an approved step's effect is proposed: raises if the approval no longer holds for
+    the artifact's latest version (it was edited or invalidated since)."""
+    return lambda: gates.get_gate().guard_effect(step=step, verdict=verdict)
 
 
 def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset()) -> str:

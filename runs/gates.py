@@ -8,24 +8,11 @@ than running unapproved.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from runs.definitions import StepSpec
-    from runs.models import Run, Step
-
-
-@dataclass(frozen=True)
-class GateVerdict:
-    """``approved``: run the body with ``content`` (the approved artifact version's content).
-    ``waiting``: park the step until a decision resumes it. ``rejected``: fail the step."""
-
-    state: str  # approved | waiting | rejected
-    content: Any = None
-    reason: str = ""
-    approval_id: int | None = None
-    artifact_version_id: int | None = None
+from runs.context import GateVerdict
+from runs.definitions import StepSpec
+from runs.models import Run, Step
 
 
 class ApprovalGate(Protocol):

@@ -1,5 +1,6 @@
 """The side-effect ledger: a step's effect on the outside world happens at most once per
-idempotency key, and a retry or replay gets the recorded result back."""
+idempotency key, and a retry or replay gets the recorded result back. A step's checkpoint
+(the progress a take-over resumes from) is recorded here too, fenced the same way."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from django.db.models import F
 from django.utils import timezone
 
 from core import metrics, tallies
-from core.leases import LeaseGrant, lease_fence, live_leases_filter
+from core.leases import LeaseGrant, fenced_write, lease_fence, live_leases_filter
 from core.models import Lease
+from core.validation import fingerprint
+from runs.locking import step_row_lock
 from runs.models import EffectStatus, Run, SideEffect, Step
-from runs.services import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +225,16 @@ def effect_mark_not_sent(*, effect_id: int, actor: str, note: str = "") -> bool:
         status=EffectStatus.FAILED, error=f"marked not sent by {actor}: {note}", failed_at=now, updated_at=now
     )
     return marked == 1
+
+
+def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
+    """Save a step's progress, only while its lease is live (a fenced write). The step's row is
+    locked before its lease (runs/locking.py), as a cancel takes them."""
+    with fenced_write(
+        tenant_id=step.tenant_id,
+        key=lease.key,
+        token=lease.token,
+        actor=f"step:{step.pk}",
+        prelude_sql=step_row_lock(step.pk),
+    ):
+        Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())

@@ -10,8 +10,10 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from core.leases import live_leases_filter
-from core.models import Lease, User
+from core.models import Lease, Tenant, User
 from core.selectors import AnyUser, scope_to_user
+from runs.dispatch import load_room
+from runs.explain import explain_ready
 from runs.models import Run, SideEffect, Step, StepStatus
 from runs.sessions import session_summary
 
@@ -183,8 +185,6 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
     expiry) and the queue of waiters in admission order (FIFO per key: step id), each with how
     long it has waited and why it is not admitted. Leases past expiry that nobody released
     (their holder died; anyone may take them over) are listed too, marked stale."""
-    from runs.explain import explain_ready
-
     now = timezone.now()
     leases = scope_to_user(
         Lease.objects.filter(released_at__isnull=True, expires_at__gt=now - STALE_WINDOW), user
@@ -252,9 +252,6 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
 def board_caps(user: User, *, tenant: str = "") -> list[dict[str, Any]]:
     """The caps of the user's tenants as admission counts them now: each tenant's own cap and
     its caps per workflow, lane and tool, with the live holders; a full one stands out."""
-    from core.models import Tenant
-    from runs.dispatch import load_room
-
     tenants = Tenant.objects.filter(memberships__user=user)
     if tenant:
         tenants = tenants.filter(slug=tenant)

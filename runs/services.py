@@ -4,8 +4,6 @@ them, and checkpoints. State transitions live in ``runs.transitions``, the ledge
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,9 +18,9 @@ from core import metrics, rawsql, tallies
 from core import services as core_services
 from core.access import member_role_check
 from core.connections import ConnectionInvalid, connections_bind, environment_check
-from core.leases import LeaseGrant, fenced_write
 from core.models import Role, Tenant, TenantQuota, User
 from core.transactions import transaction_retried_once
+from core.validation import fingerprint
 from core.wakeups import wake_on_commit
 from runs import transitions
 from runs.definitions import (
@@ -33,7 +31,8 @@ from runs.definitions import (
     WorkflowDefinitionError,
     get_workflow,
 )
-from runs.locking import run_steps_lock, step_row_lock
+from runs.gates import report_conflict
+from runs.locking import run_steps_lock
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
@@ -66,12 +65,6 @@ def event_with_run_contract(subject: str, payload: dict[str, Any]) -> dict[str, 
             return payload
         contract = contract_remember(run)
     return {**payload, "contract": contract}
-
-
-def fingerprint(value: Any) -> str:
-    """A stable hash of a JSON-able value (key order and spacing do not matter)."""
-    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class TriggerPayloadMismatch(Exception):
@@ -212,8 +205,6 @@ def _replay(
     proposed_payload: dict[str, Any],
 ) -> RunStart:
     if existing.fingerprint != payload_fingerprint:
-        from runs.gates import report_conflict
-
         with transaction.atomic():
             core_services.event_record(
                 tenant=tenant,
@@ -405,19 +396,6 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
     if before_position is not None:
         steps = steps.filter(position__lt=before_position)
     return dict(steps.order_by("position").values_list("key", "output"))
-
-
-def step_checkpoint(*, step: Step, lease: LeaseGrant, data: Any) -> None:
-    """Save a step's progress, only while its lease is live (a fenced write). The step's row is
-    locked before its lease (runs/locking.py), as a cancel takes them."""
-    with fenced_write(
-        tenant_id=step.tenant_id,
-        key=lease.key,
-        token=lease.token,
-        actor=f"step:{step.pk}",
-        prelude_sql=step_row_lock(step.pk),
-    ):
-        Step.objects.filter(pk=step.pk).update(checkpoint=data, updated_at=timezone.now())
 
 
 RETRYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.EXPIRED)

@@ -30,6 +30,7 @@ from core import services as core_services
 from core.wakeups import wake_on_commit
 from runs.definitions import SessionPolicy
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus
+from runs.transitions import run_cancel
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, ac
         return
     if policy.overflow == "reject":
         raise SessionOverflow(session_key, len(waiting), limit)
-    from runs.transitions import run_cancel
-
     for oldest in waiting[: len(waiting) - limit + 1]:
         # Conditional on still waiting: a run the dispatcher promoted meanwhile keeps running.
         run_cancel(

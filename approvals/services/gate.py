@@ -21,8 +21,9 @@ from approvals.models import (
 from approvals.services.conflicts import settle_run_conflicts
 from core import services as core_services
 from core.models import Role, User
+from runs.context import GateVerdict
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.gates import ApprovalNoLongerValid, GateVerdict
+from runs.gates import ApprovalNoLongerValid
 from runs.models import Run, Step
 
 # Conflicts about a run's drafts: a cancelled run leaves nothing to keep or apply.

@@ -1,0 +1,163 @@
+"""The engine's watch over running steps: one thread per process renews the leases of every
+step running in it and stops those past their timeout. A step body never sees this module;
+it sees ``runs.context.StepContext``."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from django.db import connection, connections, transaction
+
+from core.leases import StaleToken
+from runs.context import StepContext
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Renews a step's leases in the background while its body runs, until the step's timeout:
+    then it stops renewing and calls ``on_timeout`` (which releases what the step holds)."""
+
+    def __init__(self, ctx: StepContext, on_timeout: Callable[[StepContext], None] | None = None) -> None:
+        self.ctx = ctx
+        self.on_timeout = on_timeout
+        self.interval = max(ctx.lease_seconds / 3, 0.05)
+        now = time.monotonic()
+        self.deadline = now + ctx.deadline_seconds
+        self.next_beat = now + self.interval
+        self.finished = False  # the body returned: a renewal in flight may find the leases released
+        self.stopping: threading.Thread | None = None
+        self.lock = threading.Lock()  # between the body's return and the step's stop
+
+    @property
+    def due(self) -> float:
+        return min(self.next_beat, self.deadline)
+
+    @property
+    def overdue(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def __enter__(self) -> Heartbeat:
+        _watcher.watch(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.lock:
+            self.finished = True
+            stopping = self.stopping
+        _watcher.unwatch(self)
+        if stopping is not None:
+            # The step was being stopped as its body returned: let that commit first, so the
+            # caller sees the step as the stop left it.
+            stopping.join(5)
+
+    def time_out(self) -> None:
+        """Stop the step past its timeout, on a thread of its own: that takes the step's row
+        locks, which a hung body may hold, and the other steps here must still be renewed."""
+        with self.lock:
+            if self.finished or self.on_timeout is None:
+                return  # it returned in time after all: its own end records it
+            logger.warning("step %s ran past its timeout; stopping it", self.ctx.step.pk)
+            self.stopping = threading.Thread(
+                target=self._time_out, name=f"timeout-{self.ctx.step.pk}", daemon=True
+            )
+            self.stopping.start()
+
+    def renew(self) -> bool:
+        """Renew the step's leases (False: they are lost; watch it no more). A renewal that
+        waits for a row lock gives up after a while and is tried again at the next beat, so
+        one stuck renewal cannot hold up the others of this process for long."""
+        try:
+            with transaction.atomic():
+                if connection.vendor == "postgresql":
+                    with connection.cursor() as cursor:
+                        cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
+                self.ctx.renew()
+        except StaleToken:
+            if not self.finished:
+                logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
+            return False
+        except Exception:
+            logger.warning("heartbeat of step %s failed; trying again", self.ctx.step.pk, exc_info=True)
+        self.next_beat = time.monotonic() + self.interval
+        return True
+
+    def _time_out(self) -> None:
+        try:
+            assert self.on_timeout is not None
+            self.on_timeout(self.ctx)
+        except Exception:
+            logger.exception("stopping step %s past its timeout failed", self.ctx.step.pk)
+        finally:
+            connections.close_all()
+
+
+RENEWAL_LOCK_TIMEOUT_MS = 2000
+
+
+class _Watcher:
+    """One thread per process renews the leases of every step running in it and stops those
+    past their timeout. (A thread per step cost a start and a join on every step.) Watching a
+    step wakes the thread only when the step is due before the thread's next wake-up."""
+
+    IDLE_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.watched: dict[int, Heartbeat] = {}
+        self.wake_at = math.inf  # -inf while the thread is busy: it looks again before it sleeps
+        self.thread: threading.Thread | None = None
+
+    def watch(self, heartbeat: Heartbeat) -> None:
+        with self.cond:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="heartbeats", daemon=True)
+                self.thread.start()
+            self.watched[id(heartbeat)] = heartbeat
+            if heartbeat.due < self.wake_at:
+                self.cond.notify()
+
+    def unwatch(self, heartbeat: Heartbeat) -> None:
+        with self.cond:
+            self.watched.pop(id(heartbeat), None)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                now = time.monotonic()
+                due = [h for h in self.watched.values() if h.due <= now]
+                if not due:
+                    self.wake_at = min(
+                        (h.due for h in self.watched.values()), default=now + self.IDLE_SECONDS
+                    )
+                    self.cond.wait(self.wake_at - now)
+                    self.wake_at = -math.inf
+                    continue
+            # Outside the lock: a renewal is a round trip to the database. Timeouts first, so a
+            # slow renewal never delays stopping a step.
+            for heartbeat in sorted(due, key=lambda h: not h.overdue):
+                try:
+                    if heartbeat.overdue:
+                        heartbeat.time_out()
+                        self.unwatch(heartbeat)
+                    elif not heartbeat.renew():
+                        self.unwatch(heartbeat)
+                except Exception:  # this thread must outlive any one step's trouble
+                    logger.exception("heartbeat of step %s failed", heartbeat.ctx.step.pk)
+            connections.close_all()  # this thread's connection is idle until the next beat
+
+
+_watcher = _Watcher()
+
+
+def _new_watcher_after_fork() -> None:
+    global _watcher
+    _watcher = _Watcher()  # the parent's thread and lock do not come along into a child
+
+
+os.register_at_fork(after_in_child=_new_watcher_after_fork)
