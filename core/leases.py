@@ -142,18 +142,9 @@ def _acquire_many(requests: Sequence[LeaseRequest], now: datetime) -> dict[tuple
             _adapt(now + timedelta(seconds=request.ttl)),
         ]
     sql = f"""
-        INSERT INTO core_lease
-            (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
+        INSERT INTO core_lease {LEASE_GRANT_COLUMNS}
         VALUES {", ".join(rows)}
-        ON CONFLICT (tenant_id, key) DO UPDATE SET
-            token = {update_token_sql},
-            holder = EXCLUDED.holder,
-            metadata = EXCLUDED.metadata,
-            acquired_at = EXCLUDED.acquired_at,
-            renewed_at = EXCLUDED.renewed_at,
-            expires_at = EXCLUDED.expires_at,
-            released_at = NULL
-        WHERE core_lease.released_at IS NOT NULL OR core_lease.expires_at <= %s
+        {lease_take_over_sql("core_lease", token_sql=update_token_sql, now="%s")}
         RETURNING id, tenant_id, key, token, expires_at
     """
     params.append(_adapt(now))
@@ -428,6 +419,23 @@ def locks_release(grants: Iterable[LeaseGrant]) -> None:
 def live_leases_filter(now: datetime | None = None) -> Q:
     """The one rule of a live lease, for the ORM: not released, not past its expiry."""
     return Q(released_at__isnull=True, expires_at__gt=_now(now))
+
+
+# The columns every grant writes (a new lease row, or a free one taken over), in this order.
+LEASE_GRANT_COLUMNS = (
+    "(tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)"
+)
+
+
+def lease_take_over_sql(alias: str, *, token_sql: str, now: str) -> str:
+    """The ``ON CONFLICT`` clause of every grant (an ``INSERT INTO core_lease AS alias``): a
+    key's row is taken over, with a new token, only when its lease is no longer live; a live
+    lease leaves the row untouched and the key ungranted."""
+    return f"""ON CONFLICT (tenant_id, key) DO UPDATE SET
+            token = {token_sql}, holder = EXCLUDED.holder, metadata = EXCLUDED.metadata,
+            acquired_at = EXCLUDED.acquired_at, renewed_at = EXCLUDED.renewed_at,
+            expires_at = EXCLUDED.expires_at, released_at = NULL
+        WHERE NOT ({live_lease_sql(alias, now)})"""
 
 
 def live_lease_sql(alias: str = "", now: str = "%s") -> str:

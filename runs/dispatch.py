@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -56,6 +56,7 @@ from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
+from runs.locking import ready_steps_lock
 from runs.models import Step, StepStatus
 from runs.queueing import enqueue_step
 from runs.services import run_cancel_by_id
@@ -543,15 +544,7 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     gives back what it got and stays ready."""
     if not chosen:
         return []
-    ids = [c.step_id for c in chosen]
-    skip_locked = " FOR NO KEY UPDATE SKIP LOCKED" if rawsql.on_postgresql() else ""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT id FROM runs_step WHERE id IN ({', '.join(['%s'] * len(ids))}) AND status = %s"
-            f" ORDER BY id{skip_locked}",
-            [*ids, StepStatus.READY.value],
-        )
-        locked = {row[0] for row in cursor.fetchall()}
+    locked = ready_steps_lock([c.step_id for c in chosen])
     chosen = [c for c in chosen if c.step_id in locked]
     ttl = float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS)
     requests = []
@@ -563,7 +556,7 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
     # In one canonical order, as locks_acquire takes them: no two writers cross.
     grants = leases_acquire_many(sorted(requests, key=lambda r: (r.tenant_id, r.key)), now=state.now)
     admitted: list[Admission] = []
-    updates: list[Step] = []
+    leased: list[transitions.LeasedStep] = []
     give_back: list[LeaseGrant] = []
     counted: Counter[tuple[int, str]] = Counter()  # the tenants' overview tallies
     for c in chosen:
@@ -575,17 +568,7 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
                 counted[(c.tenant_id, tallies.RETRIES_BLOCKED_BY_LEASE)] += 1
             continue
         step_lease, *locks = [grant for grant in mine if grant is not None]
-        updates.append(
-            Step(
-                pk=c.step_id,
-                status=StepStatus.LEASED,
-                lease_id=step_lease.id,
-                lease_token=step_lease.token,
-                lock_leases=[{"id": g.id, "key": g.key, "token": g.token} for g in locks],
-                enqueued_at=state.now,
-                updated_at=state.now,
-            )
-        )
+        leased.append(transitions.LeasedStep(step_id=c.step_id, lease=step_lease, locks=locks))
         admitted.append(Admission(step_id=c.step_id, token=step_lease.token, lane=c.lane))
         if c.lock_keys and c.ready_since is not None:
             # How long it waited for its entity locks (and its turn behind earlier waiters).
@@ -594,9 +577,7 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
             counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
     leases_release(give_back, now=state.now)
     tallies.tally_add(counted, now=state.now)
-    fields = ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
-    if updates:
-        Step.objects.bulk_update(updates, fields)
+    transitions.steps_lease(leased, now=state.now)
     return admitted
 
 
@@ -721,69 +702,18 @@ def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
     return _grant_one(candidate, now)
 
 
-# One step's admission as one statement (a worker pulling its next step): its row locked
-# (SKIP LOCKED: a round or another worker has it), its step lease and entity locks granted in
-# the canonical order every writer uses (by key, bytewise, as Python sorts), and the step
-# marked leased only when every one was granted. A partial grant is given back after.
-_GRANT_ONE_SQL = """
-    WITH locked AS (
-        SELECT id FROM runs_step WHERE id = %(step)s AND status = 'ready' FOR NO KEY UPDATE SKIP LOCKED
-    ), wanted AS (
-        SELECT k.key, k.n FROM locked, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n)
-    ), granted AS (
-        INSERT INTO core_lease AS l
-            (tenant_id, key, token, holder, metadata, acquired_at, renewed_at, expires_at, released_at)
-        SELECT %(tenant)s::bigint, key, nextval('core_fencing_token_seq'), %(holder)s::text,
-               %(metadata)s::jsonb, %(now)s::timestamptz, %(now)s::timestamptz,
-               %(expires)s::timestamptz, NULL
-        FROM wanted ORDER BY key COLLATE "C"
-        ON CONFLICT (tenant_id, key) DO UPDATE SET
-            token = nextval('core_fencing_token_seq'), holder = EXCLUDED.holder,
-            metadata = EXCLUDED.metadata, acquired_at = EXCLUDED.acquired_at,
-            renewed_at = EXCLUDED.renewed_at, expires_at = EXCLUDED.expires_at, released_at = NULL
-        WHERE l.released_at IS NOT NULL OR l.expires_at <= %(now)s
-        RETURNING l.id, l.key, l.token
-    ), marked AS (
-        UPDATE runs_step SET status = 'leased', lease_id = g.id, lease_token = g.token,
-               lock_leases = COALESCE((
-                   SELECT jsonb_agg(
-                       jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
-                   FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> %(step_key)s
-               ), '[]'::jsonb),
-               enqueued_at = %(now)s, updated_at = %(now)s
-        FROM granted g
-        WHERE runs_step.id = %(step)s AND g.key = %(step_key)s
-        AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
-        RETURNING runs_step.id
-    )
-    SELECT (SELECT count(*) FROM locked), EXISTS (SELECT 1 FROM marked), g.id, g.key, g.token
-    FROM (SELECT 1) AS one LEFT JOIN granted g ON true
-"""
-
-
 def _grant_one(c: Candidate, now: datetime) -> Admission | None:
-    """``_grant`` for one step, in one statement (see ``_GRANT_ONE_SQL``)."""
+    """``_grant`` for one step, in one statement (``transitions.step_lease_alone``)."""
     step_key = f"step:{c.step_id}"
-    ttl = float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS)
-    params = {
-        "step": c.step_id,
-        "step_key": step_key,
-        "keys": [step_key, *c.lock_keys],
-        "tenant": c.tenant_id,
-        "holder": f"{c.run_id}:{c.key}",
-        "metadata": json.dumps({"run_id": c.run_id, "step_id": c.step_id, "step_key": c.key}),
-        "now": rawsql.adapt_datetime(now),
-        "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
-    }
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _GRANT_ONE_SQL, params)
-        rows = cursor.fetchall()
-    locked, marked = rows[0][0], rows[0][1]
-    granted = {
-        key: LeaseGrant(lease_id, c.tenant_id, key, token, now, now)
-        for _, _, lease_id, key, token in rows
-        if key
-    }
+    locked, marked, granted = transitions.step_lease_alone(
+        step_id=c.step_id,
+        tenant_id=c.tenant_id,
+        holder=f"{c.run_id}:{c.key}",
+        metadata={"run_id": c.run_id, "step_id": c.step_id, "step_key": c.key},
+        lock_keys=list(c.lock_keys),
+        ttl=float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS),
+        now=now,
+    )
     if not locked:
         return None  # a round or another worker is admitting it, or it is no longer ready
     counted: Counter[tuple[int, str]] = Counter()

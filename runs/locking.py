@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from core import rawsql
-from runs.models import Step
+from runs.models import Step, StepStatus
 
 
 def step_row_lock(step_id: int) -> tuple[str, list[Any]]:
@@ -48,3 +48,13 @@ def run_steps_lock(run_id: str) -> list[int]:
     other write of the action. SQLite serialises writers: there it locks nothing."""
     anchor = Step.objects.filter(run_id=run_id).order_by("pk").select_for_update(no_key=True)
     return list(anchor.values_list("pk", flat=True))
+
+
+def ready_steps_lock(step_ids: list[int]) -> set[int]:
+    """Of these steps, the ones still ready, their rows locked until the caller's transaction
+    ends, by id; a row another admission (a round, a worker's pull) holds is skipped, not
+    waited for. SQLite serialises writers: there it only reads."""
+    ready = Step.objects.filter(pk__in=step_ids, status=StepStatus.READY).order_by("pk")
+    if rawsql.on_postgresql():
+        ready = ready.select_for_update(no_key=True, skip_locked=True)
+    return set(ready.values_list("pk", flat=True))

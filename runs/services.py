@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from core import metrics, rawsql, tallies
@@ -33,7 +32,7 @@ from runs.definitions import (
 )
 from runs.gates import report_conflict
 from runs.locking import run_steps_lock
-from runs.models import Run, RunStatus, SessionState, Step, StepStatus, TriggerEvent, new_run_id
+from runs.models import Run, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
 
@@ -398,9 +397,6 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
     return dict(steps.order_by("position").values_list("key", "output"))
 
 
-RETRYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.EXPIRED)
-
-
 class RunNotRetryable(Exception):
     """The run cannot be retried: it has not failed, or its pinned version is gone."""
 
@@ -448,46 +444,14 @@ def _retry(run: Run, definition: Workflow, actor: str, now: datetime, by: User |
         budget = definition.spec(target.key).retry.max_attempts
     except (UnknownWorkflow, WorkflowDefinitionError) as exc:
         raise RunNotRetryable(str(exc)) from None
-    moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES, compensation="").update(
-        status=RunStatus.PENDING,
-        session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
-        queue_deadline=queue_deadline(definition.session, now) if run.session_key else None,
-        retries=F("retries") + 1,
-        finished_at=None,
-        updated_at=now,
-    )
-    if moved != 1:
+    deadline = queue_deadline(definition.session, now) if run.session_key else None
+    if not transitions.run_retry_from(
+        run=run, target=target, lock_keys=keys, budget=budget, queue_deadline=deadline, actor=actor, now=now
+    ):
         run.refresh_from_db(fields=["status"])
         raise RunNotRetryable(
             f"run {run.id} is {run.status}: only a failed, cancelled or expired run is retried"
         )
-    fresh: dict[str, Any] = {
-        "error": "",
-        "finished_at": None,
-        "lease_id": None,
-        "lease_token": None,
-        "lock_leases": [],
-    }
-    Step.objects.filter(run=run, position__gt=target.position).update(
-        status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
-    )
-    Step.objects.filter(pk=target.pk).update(
-        retried_at=now,
-        status=StepStatus.PENDING if run.session_key else StepStatus.READY,
-        lock_keys=keys,
-        max_attempts=target.attempt + budget,
-        available_at=None,
-        updated_at=now,
-        **fresh,
-    )
-    core_services.event_record(
-        tenant=run.tenant_id,
-        subject=f"run:{run.id}",
-        verb="run_retried",
-        actor=actor,
-        payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
-    )
-    wake_on_commit()
 
 
 def run_replay(

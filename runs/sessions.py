@@ -23,13 +23,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from core import services as core_services
-from core.wakeups import wake_on_commit
+from runs import transitions
 from runs.definitions import SessionPolicy
-from runs.models import Run, RunStatus, SessionState, Step, StepStatus
+from runs.models import Run, SessionState
 from runs.transitions import run_cancel
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def session_round(now: datetime) -> tuple[bool, datetime | None]:
         if row.sequence is not None:
             expected[session] = max(row.sequence, want) + 1
         promote.append(row.run_id)
-    _promote(promote, now)
+    transitions.session_runs_promote(promote, now)
     still_waiting = Run.objects.filter(session_state=SessionState.WAITING).exclude(pk__in=promote).exists()
     deadline = (
         Run.objects.filter(session_state=SessionState.WAITING, queue_deadline__isnull=False)
@@ -192,34 +192,6 @@ def _waiting_with_room() -> list[_Waiting]:
         return [_Waiting(*row) for row in cursor.fetchall()]
 
 
-def _promote(run_ids: list[str], now: datetime) -> None:
-    """Ready the first unfinished step of each run, then mark the runs active (step rows
-    before run rows; both conditional, so a run cancelled meanwhile stays cancelled)."""
-    if not run_ids:
-        return
-    earlier_open = Step.objects.filter(run_id=OuterRef("run_id"), position__lt=OuterRef("position")).exclude(
-        status=StepStatus.SUCCEEDED
-    )
-    Step.objects.filter(run_id__in=run_ids, status=StepStatus.PENDING).filter(~Exists(earlier_open)).update(
-        status=StepStatus.READY, available_at=None, updated_at=now
-    )
-    Run.objects.filter(pk__in=run_ids, session_state=SessionState.WAITING).update(
-        session_state=SessionState.ACTIVE, updated_at=now
-    )
-    # Only the runs this statement promoted (a cancel may have taken one meanwhile).
-    promoted = Run.objects.filter(
-        pk__in=run_ids, session_state=SessionState.ACTIVE, updated_at=now
-    ).values_list("pk", "tenant_id", "session_key")
-    for run_id, tenant_id, session_key in promoted:
-        core_services.event_record(
-            tenant=tenant_id,
-            subject=f"run:{run_id}",
-            verb="session_turn",
-            actor="dispatcher",
-            payload={"session_key": session_key},
-        )
-
-
 def _expire(now: datetime) -> None:
     """Waiting runs past their queue deadline end ``expired`` with the reason."""
     due = list(
@@ -229,32 +201,7 @@ def _expire(now: datetime) -> None:
     )
     if not due:
         return
-    ids = [row[0] for row in due]
-    reason = "expired: waited longer than its session's queue timeout"
-    Step.objects.filter(
-        run_id__in=ids, status=StepStatus.PENDING, run__session_state=SessionState.WAITING
-    ).update(status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now)
-    Run.objects.filter(pk__in=ids, session_state=SessionState.WAITING).update(
-        status=RunStatus.EXPIRED, session_state=SessionState.DROPPED, finished_at=now, updated_at=now
-    )
-    # Only the runs this statement expired (a cancel may have taken one meanwhile).
-    expired = set(
-        Run.objects.filter(pk__in=ids, status=RunStatus.EXPIRED, finished_at=now).values_list("pk", flat=True)
-    )
-    if expired:
-        for run_id, tenant_id, session_key, created_at in (row for row in due if row[0] in expired):
-            core_services.event_record(
-                tenant=tenant_id,
-                subject=f"run:{run_id}",
-                verb="run_expired",
-                actor="dispatcher",
-                payload={
-                    "session_key": session_key,
-                    "reason": reason,
-                    "waited_seconds": round((now - created_at).total_seconds(), 3),
-                },
-            )
-        wake_on_commit()
+    transitions.session_runs_expire(due, now)
 
 
 def session_place(run: Run) -> int | None:

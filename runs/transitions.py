@@ -13,22 +13,26 @@ its lease can never move the step; they release the admission's leases in that t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.utils import timezone
 
 from core import rawsql
 from core import services as core_services
 from core.access import member_role_check
 from core.leases import (
+    LEASE_GRANT_COLUMNS,
     LeaseGrant,
     StaleToken,
+    lease_take_over_sql,
     leases_release,
     leases_renew,
     live_lease_sql,
@@ -763,3 +767,225 @@ def step_await_approval(*, step: Step, actor: str) -> bool:
     )
     _event(step, "step_waiting_approval", actor)
     return True
+
+
+def session_runs_promote(run_ids: list[str], now: datetime) -> None:
+    """Waiting session runs whose turn it is (runs.sessions decides) go: ready the first
+    unfinished step of each run, then mark the runs active (step rows
+    before run rows; both conditional, so a run cancelled meanwhile stays cancelled)."""
+    if not run_ids:
+        return
+    earlier_open = Step.objects.filter(run_id=OuterRef("run_id"), position__lt=OuterRef("position")).exclude(
+        status=StepStatus.SUCCEEDED
+    )
+    Step.objects.filter(run_id__in=run_ids, status=StepStatus.PENDING).filter(~Exists(earlier_open)).update(
+        status=StepStatus.READY, available_at=None, updated_at=now
+    )
+    Run.objects.filter(pk__in=run_ids, session_state=SessionState.WAITING).update(
+        session_state=SessionState.ACTIVE, updated_at=now
+    )
+    # Only the runs this statement promoted (a cancel may have taken one meanwhile).
+    promoted = Run.objects.filter(
+        pk__in=run_ids, session_state=SessionState.ACTIVE, updated_at=now
+    ).values_list("pk", "tenant_id", "session_key")
+    for run_id, tenant_id, session_key in promoted:
+        core_services.event_record(
+            tenant=tenant_id,
+            subject=f"run:{run_id}",
+            verb="session_turn",
+            actor="dispatcher",
+            payload={"session_key": session_key},
+        )
+
+
+def session_runs_expire(due: list[tuple[str, int, str, datetime]], now: datetime) -> None:
+    """Waiting session runs past their queue deadline (``(run_id, tenant_id, session_key,
+    created_at)`` rows, found by runs.sessions) end ``expired``, their steps cancelled; a run a
+    cancel took meanwhile stays cancelled."""
+    ids = [row[0] for row in due]
+    reason = "expired: waited longer than its session's queue timeout"
+    Step.objects.filter(
+        run_id__in=ids, status=StepStatus.PENDING, run__session_state=SessionState.WAITING
+    ).update(status=StepStatus.CANCELLED, error=reason, finished_at=now, updated_at=now)
+    Run.objects.filter(pk__in=ids, session_state=SessionState.WAITING).update(
+        status=RunStatus.EXPIRED, session_state=SessionState.DROPPED, finished_at=now, updated_at=now
+    )
+    # Only the runs this statement expired (a cancel may have taken one meanwhile).
+    expired = set(
+        Run.objects.filter(pk__in=ids, status=RunStatus.EXPIRED, finished_at=now).values_list("pk", flat=True)
+    )
+    if expired:
+        for run_id, tenant_id, session_key, created_at in (row for row in due if row[0] in expired):
+            core_services.event_record(
+                tenant=tenant_id,
+                subject=f"run:{run_id}",
+                verb="run_expired",
+                actor="dispatcher",
+                payload={
+                    "session_key": session_key,
+                    "reason": reason,
+                    "waited_seconds": round((now - created_at).total_seconds(), 3),
+                },
+            )
+        wake_on_commit()
+
+
+RETRYABLE_RUN_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.EXPIRED)
+
+
+def run_retry_from(
+    *,
+    run: Run,
+    target: Step,
+    lock_keys: list[str],
+    budget: int,
+    queue_deadline: datetime | None,
+    actor: str,
+    now: datetime,
+) -> bool:
+    """A failed, cancelled or expired run (not compensating) starts again from ``target``, its
+    first unfinished step: the run pending (waiting its session's turn, if it has a session),
+    ``target`` ready with ``budget`` more attempts and the steps after it pending. False when
+    the run was in no state to retry. Call after the run's anchor (runs/locking.py)."""
+    moved = Run.objects.filter(pk=run.pk, status__in=RETRYABLE_RUN_STATUSES, compensation="").update(
+        status=RunStatus.PENDING,
+        session_state=SessionState.WAITING if run.session_key else SessionState.NONE,
+        queue_deadline=queue_deadline,
+        retries=F("retries") + 1,
+        finished_at=None,
+        updated_at=now,
+    )
+    if moved != 1:
+        return False
+    fresh: dict[str, Any] = {
+        "error": "",
+        "finished_at": None,
+        "lease_id": None,
+        "lease_token": None,
+        "lock_leases": [],
+    }
+    Step.objects.filter(run=run, position__gt=target.position).update(
+        status=StepStatus.PENDING, lock_keys=[], updated_at=now, **fresh
+    )
+    Step.objects.filter(pk=target.pk).update(
+        retried_at=now,
+        status=StepStatus.PENDING if run.session_key else StepStatus.READY,
+        lock_keys=lock_keys,
+        max_attempts=target.attempt + budget,
+        available_at=None,
+        updated_at=now,
+        **fresh,
+    )
+    core_services.event_record(
+        tenant=run.tenant_id,
+        subject=f"run:{run.id}",
+        verb="run_retried",
+        actor=actor,
+        payload={"from_step": target.key, "was": run.status, "attempt": target.attempt + 1},
+    )
+    wake_on_commit()
+    return True
+
+
+@dataclass(frozen=True)
+class LeasedStep:
+    """An admitted step's grants: its own lease and its entity locks' leases."""
+
+    step_id: int
+    lease: LeaseGrant
+    locks: list[LeaseGrant]
+
+
+def steps_lease(leased: Sequence[LeasedStep], *, now: datetime) -> None:
+    """ready → leased for an admission round's steps, in one statement. The round locked their
+    rows while they were ready (``runs.locking.ready_steps_lock``, in this transaction) and
+    granted their leases; a step records its grants so its worker can renew and release them."""
+    rows = [
+        Step(
+            pk=step.step_id,
+            status=StepStatus.LEASED,
+            lease_id=step.lease.id,
+            lease_token=step.lease.token,
+            lock_leases=[{"id": g.id, "key": g.key, "token": g.token} for g in step.locks],
+            enqueued_at=now,
+            updated_at=now,
+        )
+        for step in leased
+    ]
+    if rows:
+        Step.objects.bulk_update(
+            rows, ["status", "lease_id", "lease_token", "lock_leases", "enqueued_at", "updated_at"]
+        )
+
+
+# ready → leased for one step, as one statement (a worker pulling its next step): its row
+# locked (SKIP LOCKED: a round or another worker has it), its step lease and entity locks
+# granted in the canonical order every writer uses (by key, bytewise, as Python sorts), and
+# the step marked leased only when every one was granted.
+_LEASE_ALONE_SQL = f"""
+    WITH locked AS (
+        SELECT id FROM runs_step WHERE id = %(step)s AND status = '{StepStatus.READY.value}'
+        FOR NO KEY UPDATE SKIP LOCKED
+    ), wanted AS (
+        SELECT k.key, k.n FROM locked, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n)
+    ), granted AS (
+        INSERT INTO core_lease AS l {LEASE_GRANT_COLUMNS}
+        SELECT %(tenant)s::bigint, key, nextval('core_fencing_token_seq'), %(holder)s::text,
+               %(metadata)s::jsonb, %(now)s::timestamptz, %(now)s::timestamptz,
+               %(expires)s::timestamptz, NULL
+        FROM wanted ORDER BY key COLLATE "C"
+        {lease_take_over_sql("l", token_sql="nextval('core_fencing_token_seq')", now="%(now)s")}
+        RETURNING l.id, l.key, l.token
+    ), marked AS (
+        UPDATE runs_step SET status = '{StepStatus.LEASED.value}', lease_id = g.id, lease_token = g.token,
+               lock_leases = COALESCE((
+                   SELECT jsonb_agg(
+                       jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
+                   FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> %(step_key)s
+               ), '[]'::jsonb),
+               enqueued_at = %(now)s, updated_at = %(now)s
+        FROM granted g
+        WHERE runs_step.id = %(step)s AND g.key = %(step_key)s
+        AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
+        RETURNING runs_step.id
+    )
+    SELECT (SELECT count(*) FROM locked), EXISTS (SELECT 1 FROM marked), g.id, g.key, g.token
+    FROM (SELECT 1) AS one LEFT JOIN granted g ON true
+"""
+
+
+def step_lease_alone(
+    *,
+    step_id: int,
+    tenant_id: int,
+    holder: str,
+    metadata: dict[str, Any],
+    lock_keys: list[str],
+    ttl: float,
+    now: datetime,
+) -> tuple[bool, bool, dict[str, LeaseGrant]]:
+    """ready → leased for one step, in one statement (PostgreSQL; see ``_LEASE_ALONE_SQL``).
+    Returns whether its row was locked here (False: another admission has it, or it is not
+    ready), whether it was marked leased (False: a key is held; the caller gives back the
+    grants), and the grants by key."""
+    step_key = f"step:{step_id}"
+    params = {
+        "step": step_id,
+        "step_key": step_key,
+        "keys": [step_key, *lock_keys],
+        "tenant": tenant_id,
+        "holder": holder,
+        "metadata": json.dumps(metadata),
+        "now": rawsql.adapt_datetime(now),
+        "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
+    }
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, _LEASE_ALONE_SQL, params)
+        rows = cursor.fetchall()
+    locked, marked = bool(rows[0][0]), bool(rows[0][1])
+    granted = {
+        key: LeaseGrant(lease_id, tenant_id, key, token, now, now)
+        for _, _, lease_id, key, token in rows
+        if key
+    }
+    return locked, marked, granted

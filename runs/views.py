@@ -24,6 +24,7 @@ from runs import access, explain, selectors, services
 from runs.definitions import REGISTRY, UnknownWorkflow
 from runs.models import Run, RunStatus, SessionState, Step
 from runs.sessions import SessionOverflow, session_runs
+from runs.transitions import RETRYABLE_RUN_STATUSES
 
 RUN_FILTERS = ("status", "workflow", "correlation_id", "tenant")
 PAGE_SIZE = 50
@@ -76,7 +77,7 @@ def _detail_context(
         "can_cancel": run.status in services.UNFINISHED_RUN_STATUSES
         and user_can(user, run.tenant, Role.OPERATOR),
         # A compensated run's effects were undone: it is replayed, not retried.
-        "can_retry": run.status in services.RETRYABLE_RUN_STATUSES
+        "can_retry": run.status in RETRYABLE_RUN_STATUSES
         and not run.compensation
         and user_can(user, run.tenant, Role.OPERATOR),
         "can_replay": user_can(user, run.tenant, Role.OPERATOR),
