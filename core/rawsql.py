@@ -29,6 +29,15 @@ def on_postgresql() -> bool:
     return connection.vendor == "postgresql"
 
 
+def sql_strings(*values: str) -> str:
+    """``'a', 'b'``: choice values (a status, a policy) written into a statement's text, so a
+    statement names them from their enum rather than spelling them again."""
+    for value in values:
+        if not re.fullmatch(r"[a-z_]+", value):
+            raise ValueError(f"not a choice value: {value!r}")
+    return ", ".join(f"'{value}'" for value in values)
+
+
 @cache
 def _fields(model: type[models.Model]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
     fields = model._meta.concrete_fields

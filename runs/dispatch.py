@@ -186,7 +186,7 @@ def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
         FROM runs_step s
         JOIN runs_run r ON r.id = s.run_id
         JOIN core_lease l ON l.id = s.lease_id AND l.token = s.lease_token
-        WHERE s.status IN ('leased', 'running') AND {live_lease_sql("l")}
+        WHERE s.status IN ({rawsql.sql_strings(*transitions.ADMITTED)}) AND {live_lease_sql("l")}
         GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
         UNION ALL
         SELECT tenant_id, NULL, NULL, CAST(caps AS text), max_concurrent_steps FROM core_tenantquota
@@ -274,7 +274,8 @@ def fair_candidates(
         exclusions += " AND s.id = %s"
         params.append(only_step)
     if wait_policy_only:  # a worker's own pull: other lock policies are the dispatcher's to apply
-        exclusions += " AND s.lock_policy = 'wait'"
+        exclusions += " AND s.lock_policy = %s"
+        params.append("wait")
     lanes = sorted(lanes)
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
@@ -297,24 +298,43 @@ def fair_candidates(
         sql = _fair_candidates_portable(exclusions)
     with connection.cursor() as cursor:
         rawsql.execute_prepared(cursor, sql, params)
-        rows = cursor.fetchall()
+        names = [column[0] for column in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     return [
         Candidate(
-            step_id=row[0],
-            tenant_id=row[1],
-            run_id=row[2],
-            key=row[3],
-            lane=row[4],
-            tool=row[5],
-            workflow=row[6],
-            lock_keys=tuple(_json_list(row[7])),
-            lock_policy=row[8],
-            weight=row[9],
-            workflow_version=row[10],
-            ready_since=_as_datetime(row[11]),
+            **{name: row[name] for name in _CANDIDATE_COLUMNS if name not in ("lock_keys", "ready_since")},
+            lock_keys=tuple(_json_list(row["lock_keys"])),
+            ready_since=_as_datetime(row["ready_since"]),
+            weight=row["weight"],
         )
         for row in rows
     ]
+
+
+# A candidate's fields and the columns they come from: both statements below select these
+# under these names, and fair_candidates builds each Candidate from them by name.
+_CANDIDATE_COLUMNS = {
+    "step_id": "s.id",
+    "tenant_id": "s.tenant_id",
+    "run_id": "s.run_id",
+    "key": "s.key",
+    "lane": "s.lane",
+    "tool": "s.tool",
+    "workflow": "r.workflow",
+    "lock_keys": "s.lock_keys",
+    "lock_policy": "s.lock_policy",
+    "workflow_version": "r.workflow_version",
+    # Nothing writes a ready step's row but its admission: its last write is when it became ready.
+    "ready_since": "s.updated_at",
+}
+_CANDIDATE_SELECT = ", ".join(f"{column} AS {name}" for name, column in _CANDIDATE_COLUMNS.items())
+
+
+def _candidate_names(alias: str) -> str:
+    return ", ".join(f"{alias}.{name}" for name in _CANDIDATE_COLUMNS)
+
+
+_READY = rawsql.sql_strings(StepStatus.READY)
 
 
 # FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
@@ -336,31 +356,29 @@ _FIFO_AND_FREE = """
 # then each tenant's first ``limit`` candidates in id order (a lateral index scan that stops
 # there), interleaved by weight. Heads come from the keyed ready steps alone (a partial index).
 _FAIR_CANDIDATES_SQL = (
-    """
+    f"""
     WITH RECURSIVE tenants AS (
-        (SELECT tenant_id FROM runs_step WHERE status = 'ready' ORDER BY tenant_id LIMIT 1)
+        (SELECT tenant_id FROM runs_step WHERE status = {_READY} ORDER BY tenant_id LIMIT 1)
         UNION ALL
-        SELECT (SELECT s.tenant_id FROM runs_step s WHERE s.status = 'ready' AND s.tenant_id > t.tenant_id
+        SELECT (SELECT s.tenant_id FROM runs_step s WHERE s.status = {_READY} AND s.tenant_id > t.tenant_id
                 ORDER BY s.tenant_id LIMIT 1)
         FROM tenants t WHERE t.tenant_id IS NOT NULL
     ), heads AS MATERIALIZED (
         SELECT s.tenant_id, k.key AS lock_key, MIN(s.id) AS head
         FROM runs_step s, jsonb_array_elements_text(s.lock_keys) AS k(key)
-        WHERE s.status = 'ready' AND NOT (s.lock_keys = '[]'::jsonb)
+        WHERE s.status = {_READY} AND NOT (s.lock_keys = '[]'::jsonb)
         AND (s.available_at IS NULL OR s.available_at <= %s)
         GROUP BY s.tenant_id, k.key
     )
-    SELECT c.id, c.tenant_id, c.run_id, c.key, c.lane, c.tool, c.workflow, c.lock_keys, c.lock_policy,
-           COALESCE(q.weight, 1) AS weight, c.workflow_version, c.updated_at
+    SELECT {_candidate_names("c")}, COALESCE(q.weight, 1) AS weight
     FROM (
-        SELECT c.*, ROW_NUMBER() OVER (PARTITION BY c.tenant_id ORDER BY c.id) AS rn
+        SELECT c.*, ROW_NUMBER() OVER (PARTITION BY c.tenant_id ORDER BY c.step_id) AS rn
         FROM tenants t CROSS JOIN LATERAL (
-            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
-                   s.lock_policy, r.workflow_version, s.updated_at
+            SELECT {_CANDIDATE_SELECT}
             FROM runs_step s
             JOIN runs_run r ON r.id = s.run_id
-            WHERE s.status = 'ready' AND s.tenant_id = t.tenant_id
-            AND (s.available_at IS NULL OR s.available_at <= %s) {exclusions}
+            WHERE s.status = {_READY} AND s.tenant_id = t.tenant_id
+            AND (s.available_at IS NULL OR s.available_at <= %s) {{exclusions}}
     """
     + _FIFO_AND_FREE.format(
         keyless="jsonb_array_length(s.lock_keys) = 0",
@@ -377,7 +395,7 @@ _FAIR_CANDIDATES_SQL = (
     LEFT JOIN (
         SELECT (e->>0)::bigint AS tenant_id, (e->>1)::bigint AS held FROM jsonb_array_elements(%s::jsonb) AS e
     ) h ON h.tenant_id = c.tenant_id
-    ORDER BY (COALESCE(h.held, 0) + c.rn - 1) * 1.0 / COALESCE(q.weight, 1), c.tenant_id, c.id
+    ORDER BY (COALESCE(h.held, 0) + c.rn - 1) * 1.0 / COALESCE(q.weight, 1), c.tenant_id, c.step_id
     LIMIT %s
 """
 )
@@ -397,16 +415,14 @@ def _fair_candidates_portable(exclusions: str) -> str:
             SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, s.lock_keys, s.lock_policy,
                    s.updated_at
             FROM runs_step s
-            WHERE s.status = 'ready' AND (s.available_at IS NULL OR s.available_at <= %s)
+            WHERE s.status = {_READY} AND (s.available_at IS NULL OR s.available_at <= %s)
         ), heads AS (
             SELECT s.tenant_id, k.value AS lock_key, MIN(s.id) AS head
             FROM ready s, json_each(s.lock_keys) AS k
             GROUP BY s.tenant_id, k.value
         )
-        SELECT ranked.id, ranked.tenant_id, run_id, key, lane, tool, workflow, lock_keys, lock_policy,
-               weight, workflow_version, updated_at FROM (
-            SELECT s.id, s.tenant_id, s.run_id, s.key, s.lane, s.tool, r.workflow, s.lock_keys,
-                   s.lock_policy, r.workflow_version, s.updated_at,
+        SELECT {_candidate_names("ranked")}, weight FROM (
+            SELECT {_CANDIDATE_SELECT},
                    ROW_NUMBER() OVER (PARTITION BY s.tenant_id ORDER BY s.id) AS rn,
                    COALESCE(q.weight, 1) AS weight
             FROM ready s
@@ -419,7 +435,7 @@ def _fair_candidates_portable(exclusions: str) -> str:
             SELECT json_extract(value, '$[0]') AS tenant_id, json_extract(value, '$[1]') AS held
             FROM json_each(%s)
         ) h ON h.tenant_id = ranked.tenant_id
-        ORDER BY (COALESCE(h.held, 0) + rn - 1) * 1.0 / weight, ranked.tenant_id, ranked.id
+        ORDER BY (COALESCE(h.held, 0) + rn - 1) * 1.0 / weight, ranked.tenant_id, ranked.step_id
         LIMIT %s
     """
 

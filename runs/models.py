@@ -157,6 +157,9 @@ class Step(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The row's last write. Every status move writes it, and nothing else writes a ready step,
+    # so for a ready step it is when the step became ready: admission measures a lock wait
+    # from it (runs.dispatch's ``ready_since``).
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -26,6 +26,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
+from core import rawsql
 from core import services as core_services
 from runs import transitions
 from runs.definitions import SessionPolicy
@@ -153,33 +154,37 @@ def session_round(now: datetime) -> tuple[bool, datetime | None]:
     return still_waiting, next_due
 
 
+# A session's runs that took their turn (running now, or finished).
+_PASSED_STATES = rawsql.sql_strings(SessionState.ACTIVE, SessionState.DONE, SessionState.DROPPED)
+
+
 def _waiting_with_room() -> list[_Waiting]:
     """Waiting runs in session order, with their place, their session's free room and the
     last sequence number the session passed (started, or left the queue)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            """
+            f"""
             WITH waiting AS (
                 SELECT id, tenant_id, session_key, sequence, created_at, session_gap_seconds,
                        session_max,
                        row_number() OVER (
                            PARTITION BY tenant_id, session_key ORDER BY sequence NULLS LAST, id
                        ) AS place
-                FROM runs_run WHERE session_state = 'waiting'
+                FROM runs_run WHERE session_state = '{SessionState.WAITING.value}'
             ),
             sessions AS (SELECT DISTINCT tenant_id, session_key FROM waiting),
             passed AS (
                 SELECT r.tenant_id, r.session_key,
-                       count(*) FILTER (WHERE r.session_state = 'active') AS active,
+                       count(*) FILTER (WHERE r.session_state = '{SessionState.ACTIVE.value}') AS active,
                        max(r.sequence) AS last_sequence,
                        max(r.finished_at) AS last_finished
                 FROM runs_run r JOIN sessions s USING (tenant_id, session_key)
-                WHERE r.session_state IN ('active', 'done', 'dropped')
+                WHERE r.session_state IN ({_PASSED_STATES})
                 GROUP BY r.tenant_id, r.session_key
             )
-            SELECT w.id, w.tenant_id, w.session_key, w.sequence, w.created_at,
-                   w.session_gap_seconds, w.place,
-                   w.session_max - coalesce(p.active, 0), p.last_sequence, p.last_finished
+            SELECT w.id AS run_id, w.tenant_id, w.session_key, w.sequence, w.created_at,
+                   w.session_gap_seconds AS gap_seconds, w.place,
+                   w.session_max - coalesce(p.active, 0) AS room, p.last_sequence, p.last_finished
             FROM waiting w LEFT JOIN passed p USING (tenant_id, session_key)
             WHERE w.place <= w.session_max - coalesce(p.active, 0)
             -- Every session's next run first, then the ones after: a session that cannot go on
@@ -189,7 +194,8 @@ def _waiting_with_room() -> list[_Waiting]:
             """,
             [MAX_PROMOTIONS_PER_ROUND],
         )
-        return [_Waiting(*row) for row in cursor.fetchall()]
+        names = [column[0] for column in cursor.description]
+        return [_Waiting(**dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
 
 
 def _expire(now: datetime) -> None:

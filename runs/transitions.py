@@ -344,14 +344,15 @@ def step_succeed(
 
 # A step's success as one statement: its output recorded (only while it is running), its
 # leases released (only when it was), and the run's next step looked up.
-_SUCCESS_SQL = """
+_SUCCESS_SQL = f"""
     WITH done AS (
-        UPDATE runs_step SET status = 'succeeded', output = %s, error = '', finished_at = %s, updated_at = %s
-        WHERE id = %s AND status = 'running'
+        UPDATE runs_step SET status = '{StepStatus.SUCCEEDED.value}', output = %s, error = '',
+               finished_at = %s, updated_at = %s
+        WHERE id = %s AND status = '{StepStatus.RUNNING.value}'
         RETURNING id
     ), released AS (
         UPDATE core_lease SET released_at = %s
-        WHERE {owned} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
+        WHERE {{owned}} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
         RETURNING id
     )
     SELECT (SELECT count(*) FROM done), nxt.id, nxt.key
@@ -394,8 +395,8 @@ def _run_succeed(run_id: str, now: datetime) -> tuple[str, list[Any]]:
     ``session_release`` says), to send before its event."""
     at = rawsql.adapt_datetime(now)
     return (
-        "UPDATE runs_run SET status = 'succeeded', finished_at = %s, updated_at = %s,"
-        f" session_state = {SESSION_RELEASE_SQL} WHERE id = %s AND status = 'running'; ",
+        f"UPDATE runs_run SET status = '{RunStatus.SUCCEEDED.value}', finished_at = %s, updated_at = %s,"
+        f" session_state = {SESSION_RELEASE_SQL} WHERE id = %s AND status = '{RunStatus.RUNNING.value}'; ",
         [at, at, run_id],
     )
 
@@ -656,10 +657,10 @@ def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
 # read back. Nothing is written unless every lease of the admission is still live (``alive``
 # is read first); the counts tell the caller which. The writes take their row locks in the
 # order every writer uses: step row, leases, run row.
-_START_SQL = """
+_START_SQL = f"""
     WITH cur AS (
         SELECT lease_id, lease_token, lock_leases FROM runs_step
-        WHERE id = %(step_id)s AND status = 'leased' AND lease_token = %(token)s
+        WHERE id = %(step_id)s AND status = '{StepStatus.LEASED.value}' AND lease_token = %(token)s
     ), held AS (
         SELECT lease_id AS id, lease_token AS token FROM cur
         UNION ALL
@@ -668,26 +669,26 @@ _START_SQL = """
         SELECT count(*) AS n FROM core_lease l
         WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
         AND (l.id, l.token) IN (SELECT id, token FROM held)
-        AND {live}
+        AND {{live}}
     ), s AS (
-        UPDATE runs_step SET status = 'running', attempt = attempt + 1, started_at = %(now)s,
-               updated_at = %(now)s, worker = %(worker)s
-        WHERE id = %(step_id)s AND status = 'leased' AND lease_token = %(token)s
+        UPDATE runs_step SET status = '{StepStatus.RUNNING.value}', attempt = attempt + 1,
+               started_at = %(now)s, updated_at = %(now)s, worker = %(worker)s
+        WHERE id = %(step_id)s AND status = '{StepStatus.LEASED.value}' AND lease_token = %(token)s
         AND (SELECT n FROM alive) = (SELECT count(*) FROM held)
         RETURNING *
     ), renewed AS (
         UPDATE core_lease l SET renewed_at = %(now)s, expires_at = %(expires)s
         WHERE l.id = ANY ((SELECT array_agg(id) FROM held)::bigint[])
         AND (l.id, l.token) IN (SELECT id, token FROM held)
-        AND {live}
+        AND {{live}}
         AND EXISTS (SELECT 1 FROM s)
         RETURNING l.id
     ), started AS (
-        UPDATE runs_run SET status = 'running', started_at = %(now)s, updated_at = %(now)s
-        FROM s WHERE runs_run.id = s.run_id AND runs_run.status = 'pending'
+        UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', started_at = %(now)s, updated_at = %(now)s
+        FROM s WHERE runs_run.id = s.run_id AND runs_run.status = '{RunStatus.PENDING.value}'
         RETURNING runs_run.id
     )
-    SELECT {step}, {run}, (SELECT count(*) FROM held), (SELECT n FROM alive),
+    SELECT {{step}}, {{run}}, (SELECT count(*) FROM held), (SELECT n FROM alive),
            (SELECT count(*) FROM renewed), EXISTS (SELECT 1 FROM started)
     FROM (SELECT 1) AS one LEFT JOIN s ON true LEFT JOIN runs_run r ON r.id = s.run_id
 """
