@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from core import services
+from core import rawsql, services
 from core.models import Lease
 
 
@@ -117,7 +117,7 @@ def leases_acquire_many(
 def _acquire_many(requests: Sequence[LeaseRequest], now: datetime) -> dict[tuple[int, str], LeaseGrant]:
     params: list[Any] = []
     rows = []
-    if connection.vendor == "postgresql":
+    if rawsql.on_postgresql():
         token_sql, update_token_sql = "nextval('core_fencing_token_seq')", "nextval('core_fencing_token_seq')"
         first_token = 0
     else:
@@ -132,7 +132,7 @@ def _acquire_many(requests: Sequence[LeaseRequest], now: datetime) -> dict[tuple
     for n, request in enumerate(requests):
         rows.append(f"(%s, %s, {token_sql}, %s, %s, %s, %s, %s, NULL)")
         params += [request.tenant_id, request.key]
-        if connection.vendor != "postgresql":
+        if not rawsql.on_postgresql():
             params.append(first_token + n)
         params += [
             request.holder,
@@ -273,7 +273,7 @@ def lease_fence(
 
 def _no_key_update() -> str:
     """Row locks: PostgreSQL's. SQLite has none (it serialises writers instead)."""
-    return " FOR NO KEY UPDATE" if connection.vendor == "postgresql" else ""
+    return " FOR NO KEY UPDATE" if rawsql.on_postgresql() else ""
 
 
 def _fence_all(grants: Sequence[LeaseGrant]) -> None:

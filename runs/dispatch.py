@@ -169,7 +169,7 @@ class _Round:
 
 def wait_for_round_lock() -> None:
     """Take the admission lock for the rest of the transaction, waiting for a running round."""
-    if connection.vendor == "postgresql":
+    if rawsql.on_postgresql():
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ROUND_LOCK_ID])
 

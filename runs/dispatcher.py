@@ -44,7 +44,7 @@ class ActiveRole:
         self._conn: Any = None
 
     def try_take(self) -> bool:
-        if connection.vendor != "postgresql":
+        if not rawsql.on_postgresql():
             return True  # the embedded default runs one dispatcher
         try:
             if self._conn is None:
@@ -61,7 +61,7 @@ class ActiveRole:
 
     def still_held(self) -> bool:
         """The lock lives as long as its connection: check that the connection answers."""
-        if connection.vendor != "postgresql":
+        if not rawsql.on_postgresql():
             return True
         try:
             with self._conn.connection.cursor() as cursor:

@@ -114,7 +114,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         approval=verdict,
         approval_guard=_approval_guard(step, verdict) if verdict is not None else None,
         deadline_seconds=spec.timeout_seconds,
-        backend_pid=connection.connection.get_backend_pid() if connection.vendor == "postgresql" else None,
+        backend_pid=connection.connection.get_backend_pid() if rawsql.on_postgresql() else None,
     )
     return _Start(ctx=ctx, spec=spec)
 

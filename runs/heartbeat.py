@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from django.db import connection, connections, transaction
 
+from core import rawsql
 from core.leases import StaleToken
 from runs.context import StepContext
 
@@ -74,7 +75,7 @@ class Heartbeat:
         one stuck renewal cannot hold up the others of this process for long."""
         try:
             with transaction.atomic():
-                if connection.vendor == "postgresql":
+                if rawsql.on_postgresql():
                     with connection.cursor() as cursor:
                         cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
                 self.ctx.renew()

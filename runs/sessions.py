@@ -63,7 +63,7 @@ def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, ac
     limit = policy.waiting_limit
     if limit is None:
         return
-    if connection.vendor == "postgresql":
+    if rawsql.on_postgresql():
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7411003))", [f"{tenant_id}:{session_key}"]
