@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from django.conf import settings
 from django.test import Client
 
 import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows too)
@@ -12,6 +14,52 @@ from core.models import Membership, Role, Tenant, TenantQuota, User
 from demo.sandbox import seed_sandbox
 from demo.seeding import sandbox_connections_create
 from tests.runs.cluster import Cluster
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(
+    django_db_modify_db_settings_parallel_suffix: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On SQLite (``make test-sqlite``) the test database is a file, as the embedded default's
+    is: pytest-django's default, a shared in-memory database, gives threads a shared cache that
+    fails with "table is locked" instead of waiting for the writer as a file does."""
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database.setdefault("TEST", {})["NAME"] = str(tmp_path_factory.mktemp("sqlite") / "test.sqlite3")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sqlite_flush_like_postgresql() -> Iterator[None]:
+    """On SQLite, a transactional test's teardown empties the tables with DELETE where PostgreSQL
+    TRUNCATEs them. Two differences follow, both undone here: the append-only trigger on
+    ``core_event`` refuses the DELETE (TRUNCATE fires no row trigger), so the flush drops the
+    DELETE triggers for its own statements and puts them back; and the one-row fencing counter,
+    SQLite's stand-in for PostgreSQL's sequence (which a flush leaves alone), is kept."""
+    if settings.DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":
+        yield
+        return
+    from django.db.backends.sqlite3.operations import DatabaseOperations
+
+    flush = DatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self: DatabaseOperations, sql_list: list[str]) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND sql LIKE %s", ["% DELETE %"]
+            )
+            triggers: list[tuple[Any, ...]] = cursor.fetchall()
+            for name, _ in triggers:
+                cursor.execute(f'DROP TRIGGER "{name}"')
+        try:
+            flush(self, [sql for sql in sql_list if "core_fencingcounter" not in sql])
+        finally:
+            with self.connection.cursor() as cursor:
+                for _, sql in triggers:
+                    cursor.execute(sql)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DatabaseOperations, "execute_sql_flush", execute_sql_flush)
+        yield
 
 
 def make_tenant(slug: str, name: str) -> Tenant:

@@ -154,6 +154,7 @@ def test_the_check_leaves_reads_and_approvals_own_rows_alone(code: str) -> None:
     assert not runs_writes(code), code
 
 
+@pytest.mark.both_dialects
 @pytest.mark.django_db(transaction=True)
 def test_keeping_the_edit_that_staled_an_approval_waits_for_a_decision_again(
     sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User

@@ -11,9 +11,10 @@ from runs.services import TriggerPayloadMismatch, run_create, run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_member
+from tests.dialects import RACING_THREADS, REAL_WORKERS
 from tests.runs.cluster import Cluster, wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.both_dialects, pytest.mark.django_db(transaction=True)]
 
 
 def settled(run: Run, *statuses: str) -> bool:
@@ -27,6 +28,7 @@ def resolve(conflict: ConflictArtifact, user: User, resolution: str, **kwargs: s
     )
 
 
+@RACING_THREADS
 def test_racing_deliveries_with_two_payloads_make_one_run_and_conflicts_for_the_others(
     acme: Tenant, acme_reviewer: User
 ) -> None:
@@ -56,6 +58,7 @@ def test_racing_deliveries_with_two_payloads_make_one_run_and_conflicts_for_the_
     assert (done.status, done.resolved_by) == (ConflictStatus.RESOLVED, acme_reviewer)
 
 
+@RACING_THREADS
 def test_two_edits_from_the_same_version_keep_one_and_record_the_other(
     sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User
 ) -> None:
@@ -95,6 +98,7 @@ def test_two_edits_from_the_same_version_keep_one_and_record_the_other(
         )
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 def test_an_edit_after_approval_stops_the_send_and_approving_the_new_version_sends_it(
     sandbox_acme: Tenant, acme_operator: User, acme_admin: User, tmp_path
@@ -149,6 +153,7 @@ def ApprovalRequest_status(pk: int) -> str:  # noqa: N802
     return ApprovalRequest.objects.get(pk=pk).status
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("died_after_send", [True, False])
 def test_a_worker_dying_mid_send_leaves_an_ambiguous_effect_that_a_reviewer_settles(
@@ -186,6 +191,7 @@ def test_a_worker_dying_mid_send_leaves_an_ambiguous_effect_that_a_reviewer_sett
     assert effect.status == EffectStatus.COMMITTED
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("resolution", ["apply_proposed", "keep_current"])
 def test_a_record_changed_between_read_and_write_becomes_a_conflict(

@@ -14,8 +14,9 @@ from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_member
+from tests.dialects import RACING_THREADS
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.both_dialects, pytest.mark.django_db(transaction=True)]
 
 
 def followup(tenant: Tenant, actor: str = "api-bot") -> Run:
@@ -159,6 +160,7 @@ def test_requesting_changes_sends_the_run_back_to_its_drafting_step(
     assert Step.objects.get(run=run, key="draft_message").attempt == 2
 
 
+@RACING_THREADS
 @pytest.mark.timeout(240)
 def test_the_timeout_fallback_and_a_human_racing_it_decide_exactly_once(
     acme: Tenant, acme_operator: User

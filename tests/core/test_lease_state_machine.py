@@ -13,6 +13,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from core.leases import LeaseGrant, StaleToken, lease_acquire, lease_fence, lease_release, lease_renew
 from core.models import Lease, Tenant
 
+pytestmark = pytest.mark.both_dialects
+
 HOLDERS = st.sampled_from(["a", "b", "c"])
 TTL = 10.0
 

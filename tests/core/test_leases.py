@@ -22,6 +22,9 @@ from core.leases import (
 )
 from core.models import Event, Lease, Tenant
 from tests.concurrency import run_concurrently
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
 
 
 @pytest.mark.django_db
@@ -114,6 +117,7 @@ def test_a_stale_tokens_write_is_refused_and_recorded(acme: Tenant) -> None:
     assert Event.objects.filter(verb="fresh_wrote").count() == 1
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_racing_acquirers_get_exactly_one_grant_per_trial(acme: Tenant) -> None:
     threads, trials = 8, 150
@@ -129,6 +133,7 @@ def test_racing_acquirers_get_exactly_one_grant_per_trial(acme: Tenant) -> None:
     assert Lease.objects.filter(key__startswith="race:").count() == trials
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_under_churn_holders_never_overlap_tokens_rise_and_fenced_writes_stay_in_token_order(
     acme: Tenant,
@@ -180,6 +185,7 @@ def test_under_churn_holders_never_overlap_tokens_rise_and_fenced_writes_stay_in
     )
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_a_take_over_waits_for_a_fenced_write_already_in_progress(acme: Tenant) -> None:
     # The holder passes the fence, then outlives its lease inside the write's transaction.

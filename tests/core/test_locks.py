@@ -16,6 +16,9 @@ from core.leases import (
 )
 from core.models import Event, Lease, Tenant
 from tests.concurrency import run_concurrently
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
 
 
 @pytest.mark.django_db
@@ -66,6 +69,7 @@ def test_an_unknown_policy_is_refused(acme: Tenant) -> None:
         locks_acquire(tenant_id=acme.pk, keys=["A"], holder="x", ttl=30, policy="yolo")
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(180)
 def test_opposite_lock_orders_never_deadlock_and_never_overlap(acme: Tenant) -> None:

@@ -25,6 +25,9 @@ from runs.services import run_start
 from tests.approvals.helpers import pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_tenant
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
 
 # Workflows whose steps fail in ways that belong to their own run.
 raising = workflow("test.poison_raises", description="its only step always raises")
@@ -162,6 +165,7 @@ def test_starting_and_finishing_a_step_are_one_transaction_each(acme: Tenant) ->
     assert run.status == RunStatus.SUCCEEDED
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(240)
 def test_racing_dispatchers_never_exceed_any_cap(acme: Tenant, globex: Tenant) -> None:

@@ -24,7 +24,10 @@ from runs.models import Run, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump, pump_until
 from tests.conftest import bearer_client
+from tests.dialects import REAL_WORKERS
 from tests.runs.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.both_dialects
 
 
 def calls(operation: str) -> list[SandboxCall]:
@@ -125,6 +128,7 @@ def test_a_compensation_that_keeps_failing_opens_a_conflict_a_reviewer_settles(
     assert Run.objects.get(pk=run.pk).compensation == "done"
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(120)
 def test_a_worker_killed_in_the_middle_of_a_compensation_never_compensates_twice(
     sandbox_acme: Tenant, cluster: Cluster

@@ -15,7 +15,10 @@ from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
 from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import run_start
+from tests.dialects import REAL_WORKERS
 from tests.runs.cluster import Cluster, calls_per_key, wait_for
+
+pytestmark = pytest.mark.both_dialects
 
 
 def finished(run_ids: list[str]) -> bool:
@@ -26,6 +29,7 @@ def finished(run_ids: list[str]) -> bool:
     )
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 def test_demo_workflows_without_approval_run_end_to_end_on_real_workers(
     sandbox_acme: Tenant, cluster: Cluster
@@ -55,6 +59,7 @@ def test_demo_workflows_without_approval_run_end_to_end_on_real_workers(
     assert (effect.status, effect.external_ref) == ("committed", "contact:2@v2")
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(240)
 def test_concurrent_updates_of_the_same_contacts_never_overlap(
     sandbox_acme: Tenant, cluster: Cluster
@@ -112,6 +117,7 @@ def test_a_flooding_tenant_does_not_delay_another_tenants_first_step(acme: Tenan
 @override_settings(
     RUNWARDEN_CAPS={"global": 50, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {"crm": 1}}
 )
+@REAL_WORKERS
 def test_observed_concurrency_never_exceeds_the_tenant_and_tool_caps(
     transactional_db: None, sandbox_acme: Tenant, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -167,6 +173,7 @@ def _pid_of_attempt(run: Run, attempt: int) -> int | None:
     return data.get("pid") if data.get("attempt") == attempt and step.status == StepStatus.RUNNING else None
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 def test_a_worker_killed_mid_step_is_retried_elsewhere_and_the_effect_happens_once(
     sandbox_acme: Tenant, cluster: Cluster
@@ -189,6 +196,7 @@ def test_a_worker_killed_mid_step_is_retried_elsewhere_and_the_effect_happens_on
     assert Event.objects.filter(subject=f"run:{run.id}", verb="step_lease_expired").count() == 1
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(180)
 def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, cluster: Cluster) -> None:
     first, second = cluster.worker("w1", ["external"]), cluster.worker("w2", ["external"])
@@ -237,6 +245,7 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     assert resolved.status == "resolved"
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(240)
 def test_runs_finish_exactly_once_across_a_redis_restart(
     sandbox_acme: Tenant, transactional_db: None, tmp_path

@@ -18,6 +18,8 @@ from runs.models import Run, RunStatus, StepStatus
 from runs.services import run_start
 from tests.concurrency import run_concurrently
 
+pytestmark = pytest.mark.both_dialects
+
 outlives = workflow("test.outlives_its_lease", description="works three times as long as its lease")
 
 

@@ -19,6 +19,8 @@ from runs.models import Run, Step, StepStatus
 from runs.services import run_cancel, run_start
 from tests.approvals.helpers import pump
 
+pytestmark = pytest.mark.both_dialects
+
 LONG_AGO = timedelta(minutes=5)
 
 

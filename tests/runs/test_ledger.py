@@ -19,7 +19,10 @@ from runs.ledger import (
 )
 from runs.models import EffectStatus, Run, SideEffect
 from tests.concurrency import run_concurrently
+from tests.dialects import ON_SQLITE, RACING_THREADS
 from tests.servers import ROOT, base_env
+
+pytestmark = pytest.mark.both_dialects
 
 
 def make_run(tenant: Tenant) -> Run:
@@ -105,6 +108,7 @@ def test_a_proposal_with_a_live_proposer_is_in_flight_and_with_a_dead_one_ambigu
     worker.join(10)
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(240)
 def test_the_same_effect_raced_from_many_threads_runs_its_callable_once(acme: Tenant) -> None:
@@ -158,12 +162,13 @@ def test_a_crash_between_proposed_and_committed_leaves_an_ambiguous_record_not_a
     run = make_run(acme)
     calls_file = tmp_path / "calls.txt"
     db = settings.DATABASES["default"]
-    env = base_env(
-        DEBUG="1",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        RUN_ID=run.id,
-        CALLS_FILE=str(calls_file),
-    )
+    env = base_env(DEBUG="1", RUN_ID=run.id, CALLS_FILE=str(calls_file))
+    if ON_SQLITE:  # the crashing process opens the test database's file, as the embedded default
+        env.pop("DATABASE_URL", None)
+        env.pop("REDIS_URL", None)
+        env["SQLITE_PATH"] = str(db["NAME"])
+    else:
+        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
     crashed = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT], cwd=ROOT, env=env, capture_output=True, timeout=60
     )

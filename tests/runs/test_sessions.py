@@ -24,7 +24,10 @@ from runs.sessions import SessionOverflow, session_place
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client
+from tests.dialects import RACING_THREADS, REAL_WORKERS, sqlite_engine_bug
 from tests.runs.cluster import Cluster, wait_for
+
+pytestmark = pytest.mark.both_dialects
 
 UNFINISHED = ("pending", "running", "waiting_approval", "conflict")
 
@@ -106,6 +109,11 @@ def test_out_of_order_sequence_numbers_are_put_back_in_order(acme: Tenant) -> No
     assert_whole_runs_never_overlap(done)
 
 
+@sqlite_engine_bug(
+    "runs/sessions.py _waiting_with_room hands the raw row to _Waiting: SQLite returns "
+    "max(finished_at) as text and created_at naive, so _Waiting.gap_ends raises TypeError "
+    "(str vs datetime) and the whole admission round fails"
+)
 @pytest.mark.django_db(transaction=True)
 def test_a_sequence_gap_waits_then_the_run_goes_on_with_the_gap_recorded(acme: Tenant) -> None:
     first = turn(acme, "gappy", workflow="test.chat_impatient", sequence=1)
@@ -212,6 +220,7 @@ def test_cancel_oldest_waiting_keeps_only_the_newest_waiting_run(acme: Tenant) -
     assert Run.objects.get(pk=newer.id).status == "succeeded"
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_racing_starts_into_a_reject_session_admit_exactly_one(acme: Tenant) -> None:
     for trial in range(6):
@@ -231,6 +240,7 @@ def test_racing_starts_into_a_reject_session_admit_exactly_one(acme: Tenant) -> 
         assert Run.objects.filter(session_key=session).count() == 1
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_cancels_racing_promotions_never_leave_a_cancelled_run_with_work(acme: Tenant) -> None:
     for trial in range(5):
@@ -283,6 +293,7 @@ def test_session_fields_are_checked_at_the_door(acme_operator: User) -> None:
     assert not Run.objects.exists()
 
 
+@REAL_WORKERS
 @pytest.mark.timeout(120)
 def test_two_sessions_on_real_workers_never_interleave_and_keep_their_order(
     acme: Tenant, cluster: Cluster

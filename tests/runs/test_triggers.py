@@ -7,8 +7,12 @@ from core.models import Event, Tally, Tenant
 from runs.models import Run, TriggerEvent
 from runs.services import RunStart, TriggerPayloadMismatch, run_create
 from tests.concurrency import run_concurrently
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.timeout(240)
 def test_fifty_concurrent_deliveries_of_one_trigger_make_one_run(acme: Tenant) -> None:

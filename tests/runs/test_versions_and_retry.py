@@ -19,6 +19,9 @@ from runs.services import RunNotRetryable, run_retry, run_start
 from tests.approvals.helpers import pump
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
 
 
 class Note(WorkflowInput):
@@ -160,6 +163,7 @@ def test_retry_after_a_committed_effect_never_repeats_it(
     assert again.status_code == 409 and again.json()["error"]["code"] == "run_not_retryable"
 
 
+@RACING_THREADS
 @pytest.mark.django_db(transaction=True)
 def test_racing_retries_retry_once(sandbox_acme: Tenant) -> None:
     for _ in range(5):
