@@ -13,12 +13,13 @@ import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import DatabaseError, connection, models
+from django.utils.dateparse import parse_datetime
 
 M = TypeVar("M", bound=models.Model)
 
@@ -99,6 +100,16 @@ def insert_sql(instances: Sequence[models.Model]) -> tuple[str, list[Any]]:
 
 def adapt_datetime(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
+
+
+def read_datetime(value: Any) -> datetime | None:
+    """A timestamp a hand-written query returned, aware: PostgreSQL hands back aware datetimes,
+    SQLite text or naive ones (UTC) for a column or an aggregate of one."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def adapt_json(model: type[models.Model], field: str, value: Any) -> Any:

@@ -31,7 +31,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -39,7 +39,6 @@ from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
 from django.db.models import Min, Q
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
 
 from core import metrics, rawsql, tallies
 from core.leases import (
@@ -304,7 +303,7 @@ def fair_candidates(
         Candidate(
             **{name: row[name] for name in _CANDIDATE_COLUMNS if name not in ("lock_keys", "ready_since")},
             lock_keys=tuple(_json_list(row["lock_keys"])),
-            ready_since=_as_datetime(row["ready_since"]),
+            ready_since=rawsql.read_datetime(row["ready_since"]),
             weight=row["weight"],
         )
         for row in rows
@@ -438,15 +437,6 @@ def _fair_candidates_portable(exclusions: str) -> str:
         ORDER BY (COALESCE(h.held, 0) + rn - 1) * 1.0 / weight, ranked.tenant_id, ranked.step_id
         LIMIT %s
     """
-
-
-def _as_datetime(value: Any) -> datetime | None:
-    """A timestamp from a raw query, aware: SQLite hands back text or naive datetimes (UTC)."""
-    if isinstance(value, str):
-        value = parse_datetime(value)
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _json_list(value: Any) -> list[Any]:

@@ -195,7 +195,11 @@ def _waiting_with_room() -> list[_Waiting]:
             [MAX_PROMOTIONS_PER_ROUND],
         )
         names = [column[0] for column in cursor.description]
-        return [_Waiting(**dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    for row in rows:  # compared with aware datetimes; SQLite returns text or naive ones
+        row["created_at"] = rawsql.read_datetime(row["created_at"])
+        row["last_finished"] = rawsql.read_datetime(row["last_finished"])
+    return [_Waiting(**row) for row in rows]
 
 
 def _expire(now: datetime) -> None:

@@ -19,12 +19,6 @@ def postgresql_only(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(ON_SQLITE, reason=f"PostgreSQL only: {reason}")
 
 
-def sqlite_engine_bug(reason: str) -> pytest.MarkDecorator:
-    """A test that fails on SQLite because of a bug in the engine's SQLite path: expected to
-    fail there (strictly: once the bug is fixed, the mark must go), and to pass on PostgreSQL."""
-    return pytest.mark.xfail(ON_SQLITE, reason=f"engine bug on SQLite: {reason}", strict=True)
-
-
 # The reasons tests of ``both_dialects`` modules stay on PostgreSQL.
 REAL_WORKERS = postgresql_only(
     "starts worker, dispatcher or beat processes on PostgreSQL and Redis; the embedded default "

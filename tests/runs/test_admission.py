@@ -3,7 +3,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core import tallies
+from core import rawsql, tallies
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
 from runs import dispatch
@@ -218,16 +218,12 @@ def test_racing_dispatchers_never_exceed_any_cap(acme: Tenant, globex: Tenant) -
 
 
 def test_raw_timestamps_are_made_aware_whatever_the_database_hands_back() -> None:
-    from datetime import UTC, datetime
-
-    from runs.dispatch import _as_datetime
-
     aware = datetime(2026, 11, 24, 7, 0, tzinfo=UTC)
-    assert _as_datetime(aware) == aware
+    assert rawsql.read_datetime(aware) == aware
     naive = aware.replace(tzinfo=None)  # SQLite hands back naive datetimes, in UTC
-    assert _as_datetime(naive) == aware
-    assert _as_datetime("2026-11-24 07:00:00") == aware
-    assert _as_datetime(None) is None
+    assert rawsql.read_datetime(naive) == aware
+    assert rawsql.read_datetime("2026-11-24 07:00:00") == aware
+    assert rawsql.read_datetime(None) is None
 
 
 # A worker pulling its next step admits it alone, in one statement (dispatch._grant_one).

@@ -24,7 +24,7 @@ from runs.sessions import SessionOverflow, session_place
 from tests.approvals.helpers import pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client
-from tests.dialects import RACING_THREADS, REAL_WORKERS, sqlite_engine_bug
+from tests.dialects import RACING_THREADS, REAL_WORKERS
 from tests.runs.cluster import Cluster, wait_for
 
 pytestmark = pytest.mark.both_dialects
@@ -109,11 +109,6 @@ def test_out_of_order_sequence_numbers_are_put_back_in_order(acme: Tenant) -> No
     assert_whole_runs_never_overlap(done)
 
 
-@sqlite_engine_bug(
-    "runs/sessions.py _waiting_with_room hands the raw row to _Waiting: SQLite returns "
-    "max(finished_at) as text and created_at naive, so _Waiting.gap_ends raises TypeError "
-    "(str vs datetime) and the whole admission round fails"
-)
 @pytest.mark.django_db(transaction=True)
 def test_a_sequence_gap_waits_then_the_run_goes_on_with_the_gap_recorded(acme: Tenant) -> None:
     first = turn(acme, "gappy", workflow="test.chat_impatient", sequence=1)
