@@ -366,12 +366,12 @@ def _session_fields(session_key: str, sequence: int | None) -> dict[str, str]:
 
 
 def run_cancel(*, run: Run, actor: str, reason: str = "cancelled", by: User | None = None) -> bool:
-    """Cancel an unfinished run (see ``transitions.run_cancel``). False when already finished.
-    ``by``: the person cancelling; PermissionDenied unless an operator of the run's tenant at
-    that instant (checked under the run's anchor, runs/locking.py)."""
-
+    """Cancel an unfinished run: ``transitions.run_cancel_in_transaction`` in a transaction of
+    its own, tried once more on a deadlock. False when already finished. ``by``: the person
+    cancelling; PermissionDenied unless an operator of the run's tenant at that instant
+    (checked under the run's anchor, runs/locking.py)."""
     return transaction_retried_once(
-        lambda: transitions.run_cancel(run=run, actor=actor, reason=reason, by=by)
+        lambda: transitions.run_cancel_in_transaction(run=run, actor=actor, reason=reason, by=by)
     )
 
 

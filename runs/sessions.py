@@ -11,7 +11,7 @@ in the same statement that finishes it (``transitions.session_release``), which 
 dispatcher for the next one.
 
 Every write is conditional on the state it leaves (``session_state='waiting'``), and step
-rows are written before run rows, the order ``run_cancel`` uses, so a racing cancel and a
+rows are written before run rows, the order a cancel uses, so a racing cancel and a
 promotion never deadlock and never both win.
 """
 
@@ -31,7 +31,7 @@ from core import services as core_services
 from runs import transitions
 from runs.definitions import SessionPolicy
 from runs.models import Run, SessionState
-from runs.transitions import run_cancel
+from runs.transitions import run_cancel_in_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, ac
         raise SessionOverflow(session_key, len(waiting), limit)
     for oldest in waiting[: len(waiting) - limit + 1]:
         # Conditional on still waiting: a run the dispatcher promoted meanwhile keeps running.
-        run_cancel(
+        run_cancel_in_transaction(
             run=oldest,
             actor=actor,
             reason="replaced by a newer run of its session (cancel_oldest_waiting)",

@@ -580,7 +580,7 @@ def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> b
     return True
 
 
-def run_cancel(
+def run_cancel_in_transaction(
     *, run: Run, actor: str, reason: str = "cancelled", only_waiting: bool = False, by: User | None = None
 ) -> bool:
     """Cancel an unfinished run: waiting steps are cancelled, admitted ones are fenced out (their
