@@ -44,6 +44,20 @@ def unstorable_values(value: Any, path: tuple[str | int, ...] = ()) -> dict[str,
     return found
 
 
+def json_unstorable_reason(value: Any) -> str:
+    """Why PostgreSQL cannot store ``value`` as JSON ("" when it can): a value the json module
+    cannot write (a coroutine, a datetime, a set), or one PostgreSQL refuses (a NUL, a NaN)."""
+    found = unstorable_values(value)
+    if found:
+        path, message = next(iter(found.items()))
+        return f"{message} (at {path})"
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return ""
+
+
 def fingerprint(value: Any) -> str:
     """A stable hash of a JSON-able value (key order and spacing do not matter)."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

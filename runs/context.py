@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
+from core import metrics
 from core.connections import BoundConnection, connection_for_run
 from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
-from runs.ledger import effect_execute, step_checkpoint
+from runs.ledger import (
+    EffectOutcome,
+    effect_claim,
+    effect_execute,
+    effect_settle,
+    effect_settle_failed,
+    step_checkpoint,
+)
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step
+
+T = TypeVar("T")
 
 
 class StepInterrupted(Exception):
@@ -150,11 +164,12 @@ class StepContext:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""
         if self.timed_out.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
-        if self._lost.is_set():
-            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
+        # The run first: a cancel also revokes the leases, and says why they are gone.
         status = Run.objects.filter(pk=self.run.pk).values_list("status", flat=True).first()
         if status == RunStatus.CANCELLED and not self.step.compensates:  # compensations go on
             raise RunCancelled(f"run {self.run_id} was cancelled")
+        if self._lost.is_set():
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
         try:
             self.renew()
         except StaleToken:
@@ -202,3 +217,129 @@ class StepContext:
         self.heartbeat()
         step_checkpoint(step=self.step, lease=self.lease, data=data)
         self.checkpoint_data = data
+
+
+class AsyncStepContext:
+    """Handed to an ``async def`` step body: the same step as ``StepContext`` with the same
+    guarantees (ledger, fencing, leases), its calls awaitable. Its reads and writes of
+    Runwarden's own tables run on the step's coordination thread, never on the event loop, so
+    the body's awaits on models and tools interleave freely with them.
+
+    ``await ctx.effect(kind, fn)``: ``fn()`` may return a value or an awaitable (``lambda:
+    client.send(...)``); it is awaited between the ledger's proposal and its record, so a
+    retry gets the recorded result instead of acting twice. A body cancelled mid-effect (its
+    timeout, its run cancelled) leaves the effect proposed: ambiguous, for a reviewer.
+    """
+
+    def __init__(self, ctx: StepContext, coordinator: Executor) -> None:
+        self.sync = ctx  # the synchronous context: its plain attributes are the same
+        self._coordinator = coordinator
+
+    async def _coordinate(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._coordinator, partial(fn, *args, **kwargs))
+
+    @property
+    def run(self) -> Run:
+        return self.sync.run
+
+    @property
+    def step(self) -> Step:
+        return self.sync.step
+
+    @property
+    def run_id(self) -> str:
+        return self.sync.run_id
+
+    @property
+    def step_key(self) -> str:
+        return self.sync.step_key
+
+    @property
+    def attempt(self) -> int:
+        return self.sync.attempt
+
+    @property
+    def correlation_id(self) -> str:
+        return self.sync.correlation_id
+
+    @property
+    def environment(self) -> str:
+        return self.sync.environment
+
+    @property
+    def tenant_id(self) -> int:
+        return self.sync.tenant_id
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.sync.input
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return self.sync.outputs
+
+    @property
+    def checkpoint_data(self) -> Any:
+        return self.sync.checkpoint_data
+
+    @property
+    def approved_content(self) -> Any:
+        return self.sync.approved_content
+
+    @property
+    def token(self) -> int:
+        return self.sync.token
+
+    async def connection(self, provider: str) -> BoundConnection:
+        return await self._coordinate(self.sync.connection, provider)
+
+    async def committed_effects(self, step_key: str) -> dict[str, Any]:
+        return await self._coordinate(self.sync.committed_effects, step_key)
+
+    async def in_flight_effects(self, step_key: str) -> list[str]:
+        return await self._coordinate(self.sync.in_flight_effects, step_key)
+
+    async def heartbeat(self) -> None:
+        await self._coordinate(self.sync.heartbeat)
+
+    async def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
+        await self._coordinate(self.sync.lock, *keys, policy=policy, wait_timeout=wait_timeout)
+
+    async def checkpoint(self, data: Any) -> None:
+        await self._coordinate(self.sync.checkpoint, data)
+
+    async def effect(
+        self,
+        kind: str,
+        fn: Callable[[], Any],
+        *,
+        request: dict[str, Any] | None = None,
+        key: str = "",
+        external_ref: Callable[[Any], str] | None = None,
+    ) -> Any:
+        """Run a side effect through the ledger; a retry gets the recorded result back."""
+        await self.heartbeat()
+        claimed = await self._coordinate(
+            effect_claim,
+            run=self.run,
+            step=self.step,
+            kind=kind,
+            request=request,
+            idempotency_key=key,
+            lease=self.sync.lease,
+            external_ref=external_ref,
+            guard=self.sync.approval_guard,
+        )
+        if isinstance(claimed, EffectOutcome):
+            return claimed.result
+        try:
+            with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
+                result = fn()
+                if inspect.isawaitable(result):
+                    result = await result
+        except Exception as exc:  # not a cancellation: that may have happened, it stays proposed
+            await self._coordinate(effect_settle_failed, claimed, exc)
+            raise
+        outcome = await self._coordinate(effect_settle, claimed, result)
+        return outcome.result

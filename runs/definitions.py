@@ -2,7 +2,7 @@
 
     from pydantic import Field
 
-    from runs.context import StepContext
+    from runs.context import AsyncStepContext, StepContext
     from runs.definitions import WorkflowInput, workflow
 
     class CrmUpdateInput(WorkflowInput):
@@ -36,11 +36,12 @@ store are refused: a NUL character (U+0000) in any key or string, a NaN or infin
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import operator
 import random
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -48,15 +49,19 @@ from typing import Any
 import pydantic
 
 from core.validation import dotted_path, unstorable_values
-from runs.context import StepContext
+from runs.context import AsyncStepContext, StepContext
 
 LANES = ("read", "draft", "external", "high_risk")
 LOCK_POLICIES = ("wait", "skip", "cancel_newest", "cancel_in_progress")
 OVERFLOW_POLICIES = ("queue", "reject", "cancel_oldest_waiting")
 
-StepBody = Callable[[StepContext], Any]
+# A step body: a plain function of a StepContext, or an ``async def`` of an AsyncStepContext.
+StepBody = Callable[[StepContext], Any] | Callable[[AsyncStepContext], Awaitable[Any]]
 # A compensation: given the step's context and its committed effects' results by kind.
-Compensation = Callable[[StepContext, dict[str, Any]], Any]
+Compensation = (
+    Callable[[StepContext, dict[str, Any]], Any]
+    | Callable[[AsyncStepContext, dict[str, Any]], Awaitable[Any]]
+)
 COMPENSATE_PREFIX = "compensate:"
 COMPENSATION_ATTEMPTS = 5
 
@@ -185,7 +190,11 @@ class StepSpec:
         assert self.compensate is not None
         return StepSpec(
             key=COMPENSATE_PREFIX + self.key,
-            body=partial(_run_compensation, self),
+            body=(
+                partial(_run_compensation_async, self)
+                if inspect.iscoroutinefunction(self.compensate)
+                else partial(_run_compensation, self)
+            ),
             lane=self.lane,
             tool=self.tool,
             locks=self.locks,
@@ -217,16 +226,28 @@ class EffectStillInFlight(RuntimeError):
 
 def _run_compensation(original: StepSpec, ctx: StepContext) -> Any:
     assert original.compensate is not None
-    in_flight = ctx.in_flight_effects(original.key)
+    _refuse_in_flight(original, ctx.in_flight_effects(original.key))
+    results = ctx.committed_effects(original.key)
+    if not results:
+        return {"nothing_to_undo": True}
+    return original.compensate(ctx, results)  # type: ignore[arg-type]  # a plain compensation
+
+
+async def _run_compensation_async(original: StepSpec, ctx: AsyncStepContext) -> Any:
+    assert original.compensate is not None
+    _refuse_in_flight(original, await ctx.in_flight_effects(original.key))
+    results = await ctx.committed_effects(original.key)
+    if not results:
+        return {"nothing_to_undo": True}
+    return await original.compensate(ctx, results)  # type: ignore[arg-type]  # an async one
+
+
+def _refuse_in_flight(original: StepSpec, in_flight: list[str]) -> None:
     if in_flight:
         raise EffectStillInFlight(
             f"effect {', '.join(in_flight)} of step {original.key!r} has no outcome yet; "
             "undoing it waits until it has one"
         )
-    results = ctx.committed_effects(original.key)
-    if not results:
-        return {"nothing_to_undo": True}
-    return original.compensate(ctx, results)
 
 
 class _StrictMap(dict[str, Any]):
@@ -312,7 +333,16 @@ class Workflow:
         """
 
         def register(body: StepBody) -> StepBody:
-            step_key = key or body.__name__
+            step_key: str = key or getattr(body, "__name__", "")
+            if not step_key:
+                raise WorkflowDefinitionError("a step needs a key= when its body has no __name__")
+            for role, fn in (("body", body), ("compensation", compensate)):
+                if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+                    # Its output would be a generator object, which no step can store.
+                    raise WorkflowDefinitionError(
+                        f"step {step_key!r}: the {role} must return its result (a function or an "
+                        "async function), not yield it"
+                    )
             if lane not in LANES:
                 raise WorkflowDefinitionError(f"step {step_key!r}: lane must be one of {', '.join(LANES)}")
             if lock_policy not in LOCK_POLICIES:

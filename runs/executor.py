@@ -12,23 +12,27 @@ the outcome, releases the leases and readies the next step).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from core import logs, rawsql
 from core.leases import StaleToken, fenced_write, leases_renew
+from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
-from runs.context import GateVerdict, LeaseLost, RunCancelled, StepContext, StepTimedOut
+from runs.context import AsyncStepContext, GateVerdict, LeaseLost, RunCancelled, StepContext, StepTimedOut
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
 from runs.heartbeat import Heartbeat
@@ -182,8 +186,12 @@ class _Output:
 def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
     """Run the body; a string says how the step ended otherwise."""
     try:
-        with Heartbeat(ctx, on_timeout=_time_out), _interruptible(ctx):
-            output = spec.body(ctx)
+        if inspect.iscoroutinefunction(spec.body):
+            with Heartbeat(ctx, on_timeout=_time_out, on_lost=_interrupt_body):
+                output = _run_async_body(ctx, spec.body)  # type: ignore[arg-type]  # an async body
+        else:
+            with Heartbeat(ctx, on_timeout=_time_out), _interruptible(ctx):
+                output = spec.body(ctx)  # type: ignore[arg-type]  # a plain body
     except StepTimedOut:
         return "timed-out"
     except RunCancelled:
@@ -217,7 +225,43 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
         return _finish_failed(ctx, spec, detail, retryable=True)
     if ctx.timed_out.is_set():
         return "timed-out"
+    refusal = json_unstorable_reason(output)
+    if refusal:
+        if inspect.iscoroutine(output):
+            output.close()  # a plain body that returned a coroutine: it never runs
+        reason = f"the step's output cannot be stored as JSON: {refusal}"
+        return _finish_failed(ctx, spec, reason, retryable=False)  # every attempt would return it
     return _Output(output)
+
+
+def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitable[Any]]) -> Any:
+    """Run an ``async def`` body to its end on an event loop of its own. Its reads and writes of
+    Runwarden's tables go to one coordination thread (one database connection, closed after);
+    its timeout, or its leases lost, cancel it (``_interrupt_body``)."""
+    coordinator = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{ctx.step.pk}")
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        with _async_bodies_lock:
+            _async_bodies[id(ctx)] = (loop, task)
+        try:
+            return await body(AsyncStepContext(ctx, coordinator))
+        except asyncio.CancelledError:
+            if ctx.timed_out.is_set():
+                raise StepTimedOut(f"step {ctx.step_key} of {ctx.run_id} timed out") from None
+            await loop.run_in_executor(coordinator, ctx.heartbeat)  # RunCancelled, LeaseLost
+            raise RuntimeError("the step body was cancelled") from None
+        finally:
+            with _async_bodies_lock:
+                _async_bodies.pop(id(ctx), None)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        coordinator.submit(connections.close_all).result()
+        coordinator.shutdown()
 
 
 def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
@@ -410,7 +454,19 @@ class _interruptible:
             _armed = None
 
 
+# The async bodies running in this process, by their context: a timeout or a lost lease
+# cancels the body's task (on its own loop's thread) instead of signalling.
+_async_bodies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
+_async_bodies_lock = threading.Lock()
+
+
 def _interrupt_body(ctx: StepContext) -> None:
+    with _async_bodies_lock:
+        running = _async_bodies.get(id(ctx))
+    if running is not None:
+        loop, task = running
+        loop.call_soon_threadsafe(task.cancel)
+        return
     with _armed_lock:
         armed = _armed is ctx
     if armed:

@@ -22,11 +22,19 @@ logger = logging.getLogger(__name__)
 
 class Heartbeat:
     """Renews a step's leases in the background while its body runs, until the step's timeout:
-    then it stops renewing and calls ``on_timeout`` (which releases what the step holds)."""
+    then it stops renewing and calls ``on_timeout`` (which releases what the step holds). When
+    a renewal finds the leases gone (the run was cancelled, the step taken over), it calls
+    ``on_lost``, which may stop the body at once rather than at its next call."""
 
-    def __init__(self, ctx: StepContext, on_timeout: Callable[[StepContext], None] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: StepContext,
+        on_timeout: Callable[[StepContext], None] | None = None,
+        on_lost: Callable[[StepContext], None] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.on_timeout = on_timeout
+        self.on_lost = on_lost
         self.interval = max(ctx.lease_seconds / 3, 0.05)
         now = time.monotonic()
         self.deadline = now + ctx.deadline_seconds
@@ -82,6 +90,8 @@ class Heartbeat:
         except StaleToken:
             if not self.finished:
                 logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
+                if self.on_lost is not None:
+                    self.on_lost(self.ctx)
             return False
         except Exception:
             logger.warning("heartbeat of step %s failed; trying again", self.ctx.step.pk, exc_info=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from core import metrics, tallies
@@ -90,6 +90,17 @@ def _propose(
     )
 
 
+@dataclass(frozen=True)
+class EffectClaim:
+    """A proposal this caller owns: it runs the effect, then settles it (``effect_settle``)."""
+
+    effect: SideEffect
+    kind: str
+    key: str
+    proposer_token: int | None
+    external_ref: Callable[[Any], str] | None
+
+
 def effect_execute(
     *,
     run: Run,
@@ -115,7 +126,45 @@ def effect_execute(
     proposed and ``fn`` does not run (the approval gate checks the approved version there).
 
     Must not be called inside a transaction: the proposal has to be durable before ``fn``.
+    (An async step runs the same three parts with its awaited ``fn`` between them:
+    ``runs.context.AsyncStepContext.effect``.)
     """
+    claimed = effect_claim(
+        run=run,
+        step=step,
+        kind=kind,
+        request=request,
+        idempotency_key=idempotency_key,
+        lease=lease,
+        external_ref=external_ref,
+        guard=guard,
+    )
+    if isinstance(claimed, EffectOutcome):
+        return claimed
+    try:
+        with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
+            result = fn()
+    except SoftTimeLimitExceeded:
+        raise  # interrupted from outside: it may have happened, so it stays proposed (ambiguous)
+    except Exception as exc:
+        effect_settle_failed(claimed, exc)
+        raise
+    return effect_settle(claimed, result)
+
+
+def effect_claim(
+    *,
+    run: Run,
+    step: Step | None,
+    kind: str,
+    request: dict[str, Any] | None = None,
+    idempotency_key: str = "",
+    lease: LeaseGrant | None = None,
+    external_ref: Callable[[Any], str] | None = None,
+    guard: Callable[[], None] | None = None,
+) -> EffectOutcome | EffectClaim:
+    """Steps 1 and 2 of ``effect_execute``: the recorded outcome when there is one to replay,
+    else the claim this caller now owns and must settle. Raises as ``effect_execute`` does."""
     if transaction.get_connection().in_atomic_block:
         raise RuntimeError(
             "effect_execute must not run inside a transaction (the proposal must commit first)"
@@ -173,31 +222,46 @@ def effect_execute(
                 return EffectOutcome(effect=effect, result=effect.result, replayed=True)
             raise EffectUnresolved(effect, in_flight=_proposer_is_live(effect))
 
-    mine = SideEffect.objects.filter(
-        pk=effect.pk, status=EffectStatus.PROPOSED, proposer_token=lease.token if lease else None
+    return EffectClaim(
+        effect=effect,
+        kind=kind,
+        key=key,
+        proposer_token=lease.token if lease else None,
+        external_ref=external_ref,
     )
-    try:
-        with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
-            result = fn()
-    except SoftTimeLimitExceeded:
-        raise  # interrupted from outside: it may have happened, so it stays proposed (ambiguous)
-    except Exception as exc:
-        # Only this proposal's own outcome: a zombie whose effect a reviewer settled meanwhile
-        # (or that another proposer re-claimed) records nothing.
-        mine.update(
-            status=EffectStatus.FAILED, error=f"{type(exc).__name__}: {exc}", failed_at=timezone.now()
-        )
-        raise
+
+
+def _mine(claim: EffectClaim) -> QuerySet[SideEffect]:
+    # Only this proposal's own outcome: a zombie whose effect a reviewer settled meanwhile (or
+    # that another proposer re-claimed) records nothing.
+    return SideEffect.objects.filter(
+        pk=claim.effect.pk, status=EffectStatus.PROPOSED, proposer_token=claim.proposer_token
+    )
+
+
+def effect_settle(claim: EffectClaim, result: Any) -> EffectOutcome:
+    """Step 3 of ``effect_execute``: the claimed effect happened; record its result."""
     now = timezone.now()
-    ref = external_ref(result) if external_ref else ""
-    mine.update(
+    ref = claim.external_ref(result) if claim.external_ref else ""
+    _mine(claim).update(
         status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
     )
+    effect = claim.effect
     effect.refresh_from_db()
     logger.info(
-        "effect %s committed", kind, extra={"idempotency_key": key, "dedupe": "miss", "effect_kind": kind}
+        "effect %s committed",
+        claim.kind,
+        extra={"idempotency_key": claim.key, "dedupe": "miss", "effect_kind": claim.kind},
     )
     return EffectOutcome(effect=effect, result=result, replayed=False)
+
+
+def effect_settle_failed(claim: EffectClaim, exc: BaseException) -> None:
+    """Step 3 of ``effect_execute`` when the effect raised: it did not happen; a retry sends it
+    again under the same key."""
+    _mine(claim).update(
+        status=EffectStatus.FAILED, error=f"{type(exc).__name__}: {exc}", failed_at=timezone.now()
+    )
 
 
 def effect_confirm_committed(*, effect_id: int, external_ref: str, verified_by: str) -> bool:
