@@ -4,8 +4,6 @@ the audit log — in services, API and console, admins of that tenant only."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from typing import Any
 
 import pytest
@@ -19,9 +17,8 @@ from core import services
 from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 from runs.dispatch import dispatch_round, load_room
 from runs.executor import step_execute
-from runs.models import Run, RunStatus
 from runs.services import run_start
-from tests.concurrency import run_concurrently
+from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
 from tests.conftest import bearer_client, make_member
 
 
@@ -165,39 +162,10 @@ def test_racing_dispatchers_never_exceed_a_tenants_lane_cap(acme: Tenant, globex
         for _ in range(30)
         for tenant in (acme, globex)
     ]
-    peaks: dict[str, int] = {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            while not stop.is_set():
-                for scope, n in load_room(timezone.now()).held.items():
-                    peaks[scope] = max(peaks.get(scope, 0), n)
-                time.sleep(0.001)
-        finally:
-            connections.close_all()
-
-    def dispatch_and_run(i: int) -> int:
-        executed = 0
-        deadline = time.monotonic() + 200
-        while Run.objects.filter(pk__in=ids).exclude(status=RunStatus.SUCCEEDED).exists():
-            if time.monotonic() > deadline:
-                break
-            for admission in dispatch_round():
-                time.sleep(0.003)
-                assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
-                executed += 1
-        return executed
-
     caps = {"global": 20, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {}}
-    sampler = threading.Thread(target=sample, daemon=True)
-    with override_settings(RUNWARDEN_CAPS=caps):
-        sampler.start()
-        try:
-            results = run_concurrently(dispatch_and_run, 6, timeout=230)
-        finally:
-            stop.set()
-            sampler.join(10)
+    # Another connection watches what is held against each cap while the dispatchers race.
+    with override_settings(RUNWARDEN_CAPS=caps), sampled_peaks(held_per_scope, every=0.001) as peaks:
+        results = race_dispatchers(ids, 6, timeout=230)
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert sum(results) == len(ids), "every step ran exactly once"
     assert peaks[f"tenant_lane:{acme.pk}:read"] <= 2, peaks

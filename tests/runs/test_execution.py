@@ -2,12 +2,10 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import defaultdict
 
 import pytest
-from django.db import connections
 from django.test import override_settings
 
 from core.models import Event, Tenant, TenantQuota
@@ -15,6 +13,7 @@ from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
 from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import run_start
+from tests.concurrency import sampled_peaks
 from tests.runs.cluster import Cluster, calls_per_key, wait_for
 
 
@@ -133,26 +132,13 @@ def test_observed_concurrency_never_exceeds_the_tenant_and_tool_caps(
             for _ in range(6)
         ]
         ids = [run.id for run in crm + other]
-        peaks = {"tenant": 0, "crm": 0}
-        stop = threading.Event()
 
-        def sample() -> None:
-            try:
-                while not stop.is_set():
-                    active = Step.objects.filter(
-                        run_id__in=ids, status__in=[StepStatus.LEASED, StepStatus.RUNNING]
-                    )
-                    peaks["tenant"] = max(peaks["tenant"], active.count())
-                    peaks["crm"] = max(peaks["crm"], active.filter(tool="crm").count())
-                    time.sleep(0.01)
-            finally:
-                connections.close_all()
+        def active() -> dict[str, int]:
+            steps = Step.objects.filter(run_id__in=ids, status__in=[StepStatus.LEASED, StepStatus.RUNNING])
+            return {"tenant": steps.count(), "crm": steps.filter(tool="crm").count()}
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        wait_for(lambda: finished(ids), 200, cluster.logs())
-        stop.set()
-        sampler.join(5)
+        with sampled_peaks(active, every=0.01) as peaks:
+            wait_for(lambda: finished(ids), 200, cluster.logs())
     finally:
         cluster.stop()
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}
