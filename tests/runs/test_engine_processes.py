@@ -25,8 +25,7 @@ from runs.dispatch import dispatch_round
 from runs.models import Run, SideEffect, Step, StepStatus
 from runs.services import run_start
 from tests.concurrency import sampled_peaks
-from tests.runs.cluster import Cluster, calls_per_key, wait_for
-from tests.runs.test_execution import finished
+from tests.runs.cluster import Cluster, calls_per_key, finished, wait_for
 
 REAPED_VERBS = ("step_requeued", "step_lease_expired")
 
