@@ -33,11 +33,18 @@ def purge_queues(redis_url: str) -> None:
         client.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    message: str | Callable[[], str],
+    interval: float = 0.1,
+) -> None:
+    """Check ``predicate()`` every ``interval`` seconds until it holds; after ``timeout`` seconds,
+    fail with ``message`` (a callable is called only then, e.g. to read a log as it is by then)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
+            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
         time.sleep(interval)
 
 
