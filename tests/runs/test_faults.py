@@ -153,6 +153,7 @@ def test_every_database_connection_cut_mid_batch_loses_nothing_and_runs_nothing_
     # A connection cut between an update's call and its record is ambiguous: a conflict, not a retry.
     assert statuses <= {RunStatus.SUCCEEDED, RunStatus.CONFLICT}, statuses
     per_run = calls_per_key("update_contact")
+    assert per_run, "no update reached the provider"
     assert all(n == 1 for n in per_run), "an update ran twice"
     conflicts = Run.objects.filter(pk__in=ids, status=RunStatus.CONFLICT).count()
     assert len(per_run) + conflicts >= 30
