@@ -1,9 +1,11 @@
 """Workflows of ``manage.py bench`` (not the demo's): no-op steps that measure the engine's own cost.
 
 Imported at start-up only where ``RUNWARDEN_WORKFLOW_MODULES`` names ``bench.workloads``:
-``manage.py bench`` sets it for every process it starts and imports this module itself.
+``manage.py bench`` sets it for every process it starts and imports this module itself, as
+``manage.py bench_step_cost`` does; the tests' workflows (tests/runs/workflows_for_tests.py)
+import it too, since many tests start the cheapest run there is, ``bench.noop``.
 
-- ``bench.noop``: one no-op step on lane read (declared here unless ``demo.workflows`` has it);
+- ``bench.noop``: one no-op step on lane read;
 - ``bench.five``: five no-op steps on lane read;
 - ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft).
 """
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from runs.definitions import REGISTRY, ApprovalPolicy, workflow
+from runs.definitions import ApprovalPolicy, workflow
 
 if TYPE_CHECKING:
     from runs.context import StepContext
@@ -30,9 +32,8 @@ def _noop(ctx: StepContext) -> dict[str, Any]:
     return {}
 
 
-if "bench.noop" not in REGISTRY:
-    bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=BenchInput)
-    bench_noop.step(key="noop", lane="read")(_noop)
+bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=BenchInput)
+bench_noop.step(key="noop", lane="read")(_noop)
 
 bench_five = workflow("bench.five", description="Five no-op steps (for make bench)", input=BenchInput)
 for _position in range(1, FIVE_STEPS + 1):

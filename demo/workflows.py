@@ -69,10 +69,6 @@ def send_message_once(ctx: StepContext, *, to: str, message: dict[str, str]) -> 
     return str(sent.get("message_id") or sent["external_ref"])
 
 
-class NoInput(WorkflowInput):
-    """An empty input: ``{}``."""
-
-
 # demo.enrich_lead: read and draft steps only, no approval. Input: {"lead_id": 7}
 
 
@@ -488,12 +484,3 @@ def confirm_order(ctx: StepContext) -> dict[str, Any]:
         "body": f"Order for {ctx.input['quantity']} × {ctx.input['sku']} confirmed.",
     }
     return {"message_id": send_message_once(ctx, to=str(contact["email"]), message=confirmation)}
-
-
-# bench.noop: one no-op step, used by ``manage.py bench`` to measure the pipeline's own cost.
-bench_noop = workflow("bench.noop", description="One no-op step (for make bench)", input=NoInput)
-
-
-@bench_noop.step(lane="read")
-def noop(ctx: StepContext) -> dict[str, Any]:
-    return {}

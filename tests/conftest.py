@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -8,7 +9,7 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
-import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows too)
+import tests.runs.workflows_for_tests  # noqa: F401  (the test process knows the test workflows, and the bench's, too)
 from core import services
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from demo.sandbox import seed_sandbox
@@ -123,6 +124,12 @@ def bearer_client(user: User) -> Client:
     """A test client that authenticates with a freshly issued API token."""
     token = services.api_token_issue(user=user, name="test")
     return Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+def post_run(client: Client, body: Any, **headers: str) -> Any:
+    """POST /api/v1/runs with ``body`` as JSON (a str or bytes body is sent as it is)."""
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return client.post("/api/v1/runs", data=data, content_type="application/json", headers=headers)
 
 
 @pytest.fixture

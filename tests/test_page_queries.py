@@ -14,6 +14,7 @@ from core.models import Tenant, User
 from runs.dispatch import dispatch_round
 from runs.models import Run
 from runs.services import run_start
+from tests.conftest import client_for
 
 NO_CAPS = {"global": 500, "tenant_default": 500, "workflow": {}, "lane": {}, "tool": {}}
 
@@ -25,12 +26,6 @@ def queries(client: Client, path: str, headers: dict[str, str] | None = None) ->
     return len(captured)
 
 
-def logged_in(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
-
-
 def crm(tenant: Tenant, contact: int, stage: str = "won") -> Run:
     data = {"contact_id": contact, "changes": {"stage": stage}}
     return run_start(tenant=tenant, workflow="demo.crm_update", input=data, actor="t").run
@@ -40,13 +35,13 @@ def crm(tenant: Tenant, contact: int, stage: str = "won") -> Run:
 def test_the_run_page_is_flat_in_its_steps(sandbox_acme: Tenant, acme_operator: User) -> None:
     one = run_start(tenant=sandbox_acme, workflow="bench.noop", input={}, actor="t").run
     three = run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t").run
-    client = logged_in(acme_operator)
+    client = client_for(acme_operator)
     assert queries(client, f"/runs/{one.id}/") == queries(client, f"/runs/{three.id}/")
 
 
 @override_settings(RUNWARDEN_CAPS=NO_CAPS)
 def test_the_board_is_flat_in_keys_and_waiters(sandbox_acme: Tenant, acme_operator: User) -> None:
-    client = logged_in(acme_operator)
+    client = client_for(acme_operator)
 
     def board_with(contacts: int) -> Callable[[], int]:
         for contact in range(1, contacts + 1):
@@ -62,7 +57,7 @@ def test_the_board_is_flat_in_keys_and_waiters(sandbox_acme: Tenant, acme_operat
 
 
 def test_the_overview_is_flat_in_runs(acme: Tenant, acme_operator: User) -> None:
-    client = logged_in(acme_operator)
+    client = client_for(acme_operator)
     run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t")
     small = queries(client, "/")
     for n in range(40):

@@ -16,7 +16,7 @@ from core.models import Role, Tenant, User
 from demo.models import SandboxCall
 from runs.models import Run, RunStatus
 from runs.services import run_start
-from tests.approvals.helpers import pending_request, pump
+from tests.approvals.helpers import pending_request, waiting_followup
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client, make_member
 from tests.runs.cluster import Cluster, wait_for
@@ -25,27 +25,19 @@ from tests.servers import base_env, console_server
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def waiting_followup(tenant: Tenant) -> tuple[Run, ApprovalRequest]:
-    run = run_start(
-        tenant=tenant, workflow="demo.lead_followup", input={"lead_id": 7, "contact_id": 1}, actor="bot"
-    ).run
-    pump()
-    return run, pending_request(run)
-
-
 def post(client: Client, url: str, body: dict | None = None, **headers: str):  # type: ignore[no-untyped-def]
     return client.post(url, data=json.dumps(body or {}), content_type="application/json", headers=headers)
 
 
 def test_an_approval_carries_its_version_artifact_and_etag(sandbox_acme: Tenant, acme_operator: User) -> None:
-    run, request = waiting_followup(sandbox_acme)
+    request = waiting_followup(sandbox_acme)
     client = bearer_client(acme_operator)
     response = client.get(f"/api/v1/approvals/{request.pk}")
     assert response.status_code == 200
     assert response["ETag"] == '"1"'
     body = response.json()
     assert (body["run_id"], body["step_key"], body["status"], body["version"], body["artifact_version"]) == (
-        run.id, "send_message", "pending", 1, 1,
+        request.run_id, "send_message", "pending", 1, 1,
     )  # fmt: skip
     assert set(body["artifact"]["content"]) == {"subject", "body"}
     listed = client.get("/api/v1/approvals?status=pending").json()
@@ -56,7 +48,7 @@ def test_an_approval_carries_its_version_artifact_and_etag(sandbox_acme: Tenant,
 def test_a_decision_without_a_body_says_a_json_body_is_required_and_changes_nothing(
     sandbox_acme: Tenant, acme_operator: User
 ) -> None:
-    _, request = waiting_followup(sandbox_acme)
+    request = waiting_followup(sandbox_acme)
     response = bearer_client(acme_operator).generic(  # as `curl -X POST` sends it: no body at all
         "POST", f"/api/v1/approvals/{request.pk}/approve", headers={"If-Match": '"1"'}
     )
@@ -69,7 +61,7 @@ def test_a_decision_without_a_body_says_a_json_body_is_required_and_changes_noth
 def test_deciding_needs_if_match_and_a_stale_one_gets_412_with_the_current_state(
     sandbox_acme: Tenant, acme_operator: User, acme_admin: User
 ) -> None:
-    _, request = waiting_followup(sandbox_acme)
+    request = waiting_followup(sandbox_acme)
     url = f"/api/v1/approvals/{request.pk}/approve"
     operator = bearer_client(acme_operator)
     missing = post(operator, url)
@@ -89,7 +81,7 @@ def test_deciding_needs_if_match_and_a_stale_one_gets_412_with_the_current_state
 
 
 def test_another_tenants_approval_is_a_404(sandbox_acme: Tenant, globex_operator: User) -> None:
-    _, request = waiting_followup(sandbox_acme)
+    request = waiting_followup(sandbox_acme)
     client = bearer_client(globex_operator)
     assert client.get(f"/api/v1/approvals/{request.pk}").status_code == 404
     assert post(client, f"/api/v1/approvals/{request.pk}/approve", **{"If-Match": '"1"'}).status_code == 404
@@ -99,7 +91,7 @@ def test_another_tenants_approval_is_a_404(sandbox_acme: Tenant, globex_operator
 def test_editing_the_artifact_invalidates_the_approval_and_shows_a_diff(
     sandbox_acme: Tenant, acme_operator: User, acme_admin: User
 ) -> None:
-    _, request = waiting_followup(sandbox_acme)
+    request = waiting_followup(sandbox_acme)
     operator = bearer_client(acme_operator)
     post(operator, f"/api/v1/approvals/{request.pk}/approve", **{"If-Match": '"1"'})
     edit_url = f"/api/v1/approvals/{request.pk}/artifact"

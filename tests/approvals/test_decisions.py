@@ -11,18 +11,12 @@ from core.models import Event, Role, Tenant, User
 from demo.models import SandboxCall
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
-from tests.approvals.helpers import pending_request, pump
+from tests.approvals.helpers import followup, pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_member
 from tests.dialects import RACING_THREADS
 
 pytestmark = [pytest.mark.both_dialects, pytest.mark.django_db(transaction=True)]
-
-
-def followup(tenant: Tenant, actor: str = "api-bot") -> Run:
-    return run_start(
-        tenant=tenant, workflow="demo.lead_followup", input={"lead_id": 7, "contact_id": 1}, actor=actor
-    ).run
 
 
 def test_a_gated_step_waits_and_one_approval_resumes_it_once(

@@ -14,13 +14,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
-from django.test import Client
 
 from core.connections import connection_add
 from core.models import Notification, OutboxMessage, OutboxStatus, Tenant, User
 from core.outbox import outbox_drain
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, pump
+from tests.conftest import client_for
 
 
 class Receiver:
@@ -99,9 +99,7 @@ def test_the_badge_and_the_inbox_list_are_the_tenants_own(
 ) -> None:
     gated_run(sandbox_acme)
     outbox_drain()
-    acme_client, globex_client = Client(), Client()
-    acme_client.force_login(acme_operator)
-    globex_client.force_login(globex_operator)
+    acme_client, globex_client = client_for(acme_operator), client_for(globex_operator)
     assert b'aria-label="1 pending approvals">1<' in acme_client.get("/approvals/badge/").content
     assert b'aria-label="0 pending approvals">0<' in globex_client.get("/approvals/badge/").content
     assert b'id="notifications"' in acme_client.get("/approvals/").content

@@ -17,26 +17,13 @@ from approvals.models import (
 )
 from core.models import Role, Tenant, User
 from demo.sandbox import seed_sandbox
-from runs.models import Run, Step, StepStatus
-from runs.services import run_start
-from tests.approvals.helpers import pending_request, pump
+from runs.models import Step, StepStatus
+from tests.approvals.helpers import waiting_followup
 from tests.conftest import client_for, make_member
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 HTMX = {"HX-Request": "true"}
-
-
-def followup(tenant: Tenant, actor: str = "bot", lead_id: int = 7) -> Run:
-    return run_start(
-        tenant=tenant, workflow="demo.lead_followup", input={"lead_id": lead_id, "contact_id": 1}, actor=actor
-    ).run
-
-
-def waiting(tenant: Tenant, actor: str = "bot") -> ApprovalRequest:
-    run = followup(tenant, actor)
-    pump()
-    return pending_request(run)
 
 
 def cards(body: bytes) -> list[int]:
@@ -65,7 +52,7 @@ def test_it_lists_the_pending_requests_of_the_users_tenants_only(
     sandbox_acme: Tenant, globex: Tenant, acme_operator: User
 ) -> None:
     seed_sandbox(globex.pk)
-    mine, foreign = waiting(sandbox_acme), waiting(globex)
+    mine, foreign = waiting_followup(sandbox_acme), waiting_followup(globex)
     response = client_for(acme_operator).get("/approvals/")
     assert response.status_code == 200
     body = response.content.decode()
@@ -87,7 +74,7 @@ def test_it_lists_the_pending_requests_of_the_users_tenants_only(
 def test_it_filters_by_status_and_an_htmx_request_gets_only_the_list(
     sandbox_acme: Tenant, acme_operator: User
 ) -> None:
-    decided, pending = waiting(sandbox_acme), waiting(sandbox_acme)
+    decided, pending = waiting_followup(sandbox_acme), waiting_followup(sandbox_acme)
     services.approval_decide(request=decided, user=acme_operator, decision="reject", expected_version=1)
     client = client_for(acme_operator)
     assert cards(client.get("/approvals/").content) == [pending.pk]
@@ -103,7 +90,7 @@ def test_it_filters_by_status_and_an_htmx_request_gets_only_the_list(
 
 
 def test_it_answers_404_for_another_tenants_request(sandbox_acme: Tenant, globex_operator: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     client = client_for(globex_operator)
     assert decide(client, req, "approve", 1).status_code == 404
     edit = {"expected_version": 1, "field:subject": "x", "field:body": "y"}
@@ -113,7 +100,7 @@ def test_it_answers_404_for_another_tenants_request(sandbox_acme: Tenant, globex
 
 
 def test_it_approves_from_the_page_and_the_step_resumes(sandbox_acme: Tenant, acme_operator: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     response = decide(client_for(acme_operator), req, "approve", 1)
     assert response.status_code == 200
     body = response.content.decode()
@@ -129,7 +116,7 @@ def test_it_approves_from_the_page_and_the_step_resumes(sandbox_acme: Tenant, ac
 def test_a_stale_second_approve_shows_the_winner_and_changes_nothing(
     sandbox_acme: Tenant, acme_operator: User, acme_admin: User
 ) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     assert decide(client_for(acme_operator), req, "approve", 1).status_code == 200
     # It should be the second tab, still showing version 1 of the request.
     response = decide(client_for(acme_admin), req, "approve", 1)
@@ -142,7 +129,7 @@ def test_a_stale_second_approve_shows_the_winner_and_changes_nothing(
 
 
 def test_a_non_htmx_post_redirects_with_a_message(sandbox_acme: Tenant, acme_operator: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     client = client_for(acme_operator)
     response = client.post(f"/approvals/{req.pk}/decide/", {"decision": "approve", "expected_version": 1})
     assert response.status_code == 302 and response["Location"] == "/approvals/"
@@ -154,7 +141,7 @@ def test_a_non_htmx_post_redirects_with_a_message(sandbox_acme: Tenant, acme_ope
 
 
 def test_self_approval_is_refused_with_the_reason(sandbox_acme: Tenant, acme_operator: User) -> None:
-    req = waiting(sandbox_acme, actor="operator")
+    req = waiting_followup(sandbox_acme, actor="operator")
     response = decide(client_for(acme_operator), req, "approve", 1)
     assert response.status_code == 403
     assert "you started this run or wrote this version" in response.content.decode()
@@ -163,7 +150,7 @@ def test_self_approval_is_refused_with_the_reason(sandbox_acme: Tenant, acme_ope
 
 
 def test_a_role_without_the_right_is_refused(sandbox_acme: Tenant, acme_reviewer: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     response = decide(client_for(acme_reviewer), req, "approve", 1)
     assert response.status_code == 403
     assert "this approval needs one of the roles: operator" in response.content.decode()
@@ -173,7 +160,7 @@ def test_a_role_without_the_right_is_refused(sandbox_acme: Tenant, acme_reviewer
 def test_an_edit_writes_version_2_and_invalidates_the_request(
     sandbox_acme: Tenant, acme_operator: User
 ) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     response = client_for(acme_operator).post(
         f"/approvals/{req.pk}/edit/",
         {"expected_version": 1, "field:subject": "Hello again", "field:body": "Line one\r\nLine two"},
@@ -194,7 +181,7 @@ def test_an_edit_writes_version_2_and_invalidates_the_request(
 
 
 def test_a_stale_edit_is_refused_and_kept_for_a_reviewer(sandbox_acme: Tenant, acme_operator: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     client = client_for(acme_operator)
     first = {"expected_version": 1, "field:subject": "First", "field:body": "one"}
     second = {"expected_version": 1, "field:subject": "Second", "field:body": "two"}
@@ -206,8 +193,8 @@ def test_a_stale_edit_is_refused_and_kept_for_a_reviewer(sandbox_acme: Tenant, a
     assert ArtifactVersion.objects.filter(artifact=req.artifact).count() == 2
 
 
-def test_a_bad_json_edit_is_refused(acme: Tenant, acme_operator: User) -> None:
-    req = waiting(acme_sandbox(acme))
+def test_a_bad_json_edit_is_refused(sandbox_acme: Tenant, acme_operator: User) -> None:
+    req = waiting_followup(sandbox_acme)
     response = client_for(acme_operator).post(
         f"/approvals/{req.pk}/edit/", {"expected_version": 1, "content_json": "{nope"}, headers=HTMX
     )
@@ -216,13 +203,8 @@ def test_a_bad_json_edit_is_refused(acme: Tenant, acme_operator: User) -> None:
     assert ArtifactVersion.objects.filter(artifact=req.artifact).count() == 1
 
 
-def acme_sandbox(acme: Tenant) -> Tenant:
-    seed_sandbox(acme.pk)
-    return acme
-
-
 def test_csrf_is_enforced(sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     conflict = duplicate_payload_conflict(sandbox_acme)
     for user, url, data in (
         (acme_operator, f"/approvals/{req.pk}/decide/", {"decision": "approve", "expected_version": 1}),
@@ -249,7 +231,7 @@ def test_it_sends_anonymous_users_to_the_login_page(acme: Tenant) -> None:
 def test_the_inbox_makes_a_bounded_number_of_queries(
     sandbox_acme: Tenant, acme_operator: User, django_assert_max_num_queries: DjangoAssertNumQueries
 ) -> None:
-    requests = [waiting(sandbox_acme) for _ in range(6)]
+    requests = [waiting_followup(sandbox_acme) for _ in range(6)]
     client = client_for(acme_operator)
     client.get("/approvals/")  # warm the session
     # approval_detail looks up each artifact's approved baseline: one query per card, no more;
@@ -364,7 +346,7 @@ def test_an_invalid_resolution_is_a_400_with_the_reason(acme: Tenant, acme_revie
 def test_a_concurrent_edit_conflict_shows_the_diff_of_the_two_contents(
     sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User
 ) -> None:
-    req = waiting(sandbox_acme)
+    req = waiting_followup(sandbox_acme)
     client = client_for(acme_operator)
     for subject in ("First", "Second"):
         data = {"expected_version": 1, "field:subject": subject, "field:body": "same"}

@@ -13,7 +13,7 @@ from demo.models import SandboxCall
 from runs.models import Run, SideEffect
 from runs.services import run_start
 from tests.approvals.helpers import pump
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, client_for
 
 CRM_RUN = {"workflow": "demo.crm_update", "input": {"contact_id": 1, "changes": {"stage": "won"}}}
 
@@ -230,8 +230,7 @@ def test_bad_connection_input_is_refused_and_changes_nothing(acme: Tenant, acme_
         response = client.post("/api/v1/tenants/acme/connections", body, content_type="application/json")
         assert response.status_code == 422, (body, response.content)
     assert Connection.objects.count() == before
-    console = Client()
-    console.force_login(acme_admin)
+    console = client_for(acme_admin)
     for garbage in ("abc", "1\u0000", "9" * 40, ""):
         response = console.post("/tenants/acme/connections/", {"action": "archive", "connection": garbage})
         assert response.status_code == 400, garbage

@@ -3,13 +3,13 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import sqlite3
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.runs.cluster import wait_for
 from tests.servers import base_env, console_server, manage
 
 ENQUEUE = """
@@ -66,22 +66,22 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
         assert response.url == url + "/"
         assert "Acme Corp" in page
 
+        def printed(code: str) -> list[str]:  # the last line another process prints
+            return manage("shell", "-c", code, env=env).stdout.strip().splitlines()[-1:]
+
         # The in-process beat and Celery worker really execute tasks: a message written to the
         # outbox by another process is drained by them (the outbox drain runs every 5 s).
         manage("shell", "-c", ENQUEUE, env=env)
-        deadline = time.monotonic() + 30
-        while manage("shell", "-c", COUNT_DELIVERED, env=env).stdout.strip().splitlines()[-1:] != ["1"]:
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.5)
+        wait_for(lambda: printed(COUNT_DELIVERED) == ["1"], 30, log.read_text, interval=0.5)
 
         # And a run started by another process, whose step takes an entity lock, runs to the end.
         manage("shell", "-c", START_LOCKED_RUN, env=env)
-        deadline = time.monotonic() + 60
-        while manage("shell", "-c", LOCKED_RUN_STATUS, env=env).stdout.strip().splitlines()[-1:] != [
-            "succeeded"
-        ]:
-            assert time.monotonic() < deadline, log.read_text()[-4000:]
-            time.sleep(0.5)
+        wait_for(
+            lambda: printed(LOCKED_RUN_STATUS) == ["succeeded"],
+            60,
+            lambda: log.read_text()[-4000:],
+            interval=0.5,
+        )
 
     output = log.read_text()
     assert "Embedded mode" in output

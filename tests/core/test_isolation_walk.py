@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 import pytest
-from django.test import Client
 
 from approvals.models import ApprovalRequest, ConflictArtifact
 from core import services
@@ -17,7 +16,7 @@ from core.models import ApiToken, Connection, Event, Membership, Role, Tenant, U
 from runs.models import Run
 from runs.services import TriggerPayloadMismatch, run_start
 from tests.approvals.helpers import pending_request, pump
-from tests.conftest import bearer_client, make_member
+from tests.conftest import bearer_client, client_for, make_member
 
 JSON = "application/json"
 
@@ -147,8 +146,7 @@ def test_another_tenants_user_gets_404_everywhere_and_changes_nothing(
             response = getattr(api, method)(path, **kwargs)
             assert response.status_code == 404, (user.username, method, path, response.status_code)
             assert str(objects["run"].id) not in response.content.decode() or method != "get"
-        console = Client()
-        console.force_login(user)
+        console = client_for(user)
         for method, path, form in console_walk(objects):
             response = getattr(console, method)(path, form) if form else getattr(console, method)(path)
             assert response.status_code == 404, (user.username, method, path, response.status_code)

@@ -27,6 +27,19 @@ from tests.dialects import RACING_THREADS
 pytestmark = pytest.mark.both_dialects
 
 
+def take_over(expired: LeaseGrant, holder: str) -> LeaseGrant:
+    """Once ``expired`` has run out (waiting for its own expiry, not a guessed sleep), take its
+    key for ``holder``; a take-over blocked behind a fenced write waits for that write."""
+    while timezone.now() < expired.expires_at:
+        time.sleep(0.005)
+    deadline = time.monotonic() + 10
+    while True:
+        grant = lease_acquire(tenant_id=expired.tenant_id, key=expired.key, holder=holder, ttl=30)
+        if grant is not None:
+            return grant
+        assert time.monotonic() < deadline, f"{expired.key} was never free to take over"
+
+
 @pytest.mark.django_db
 def test_a_held_key_is_refused_and_a_released_one_is_granted_with_a_larger_token(acme: Tenant) -> None:
     first = lease_acquire(tenant_id=acme.pk, key="crm_contact:1", holder="a", ttl=30)
@@ -104,9 +117,7 @@ def test_keys_are_per_tenant(acme: Tenant, globex: Tenant) -> None:
 def test_a_stale_tokens_write_is_refused_and_recorded(acme: Tenant) -> None:
     old = lease_acquire(tenant_id=acme.pk, key="k", holder="zombie", ttl=0.05)
     assert old is not None
-    time.sleep(0.1)
-    new = lease_acquire(tenant_id=acme.pk, key="k", holder="fresh", ttl=30)
-    assert new is not None
+    new = take_over(old, holder="fresh")
     with pytest.raises(StaleToken), fenced_write(tenant_id=acme.pk, key="k", token=old.token, actor="zombie"):
         Event.objects.create(tenant=acme, subject="k", verb="zombie_wrote", actor="zombie")
     assert not Event.objects.filter(verb="zombie_wrote").exists()
@@ -206,10 +217,7 @@ def test_a_take_over_waits_for_a_fenced_write_already_in_progress(acme: Tenant) 
 
     def newcomer(_: int) -> None:
         assert fenced.wait(5)
-        time.sleep(0.15)  # the old lease has expired by now
-        new = None
-        while new is None:
-            new = lease_acquire(tenant_id=acme.pk, key=key, holder="new", ttl=30)
+        new = take_over(old, holder="new")
         with fenced_write(tenant_id=acme.pk, key=key, token=new.token, actor="new"):
             Event.objects.create(
                 tenant=acme, subject=key, verb="wrote", actor="new", payload={"t": new.token}

@@ -7,11 +7,11 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
-from django.test import Client
 
 from core import services
 from core.asgi import application
 from core.models import Tenant, User
+from tests.conftest import client_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -19,8 +19,7 @@ ORIGIN = (b"origin", b"http://127.0.0.1")
 
 
 def session_headers(user: User) -> list[tuple[bytes, bytes]]:
-    client = Client()
-    client.force_login(user)
+    client = client_for(user)
     cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
     return [ORIGIN, (b"cookie", cookie), (b"host", b"127.0.0.1")]
 

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import pytest
@@ -15,6 +14,7 @@ from core import outbox
 from core.celery import app as celery_app
 from core.models import Notification, OutboxMessage, OutboxStatus, Tenant
 from tests.concurrency import run_concurrently
+from tests.runs.cluster import wait_for
 from tests.servers import ROOT, base_env
 
 
@@ -127,8 +127,9 @@ def test_a_real_celery_worker_drains_the_outbox_when_the_transaction_commits(acm
     ):
         with transaction.atomic():
             outbox.outbox_enqueue(tenant_id=acme.pk, key="live:1", kind="step_done", payload={"run": "r"})
-        deadline = time.monotonic() + 30
-        while not Notification.objects.filter(key="live:1").exists():
-            assert time.monotonic() < deadline, "the worker did not drain the outbox"
-            time.sleep(0.1)
+        wait_for(
+            lambda: Notification.objects.filter(key="live:1").exists(),
+            30,
+            "the worker did not drain the outbox",
+        )
     assert OutboxMessage.objects.get(key="live:1").status == OutboxStatus.SENT

@@ -17,6 +17,7 @@ from django.utils import timezone
 from core import services
 from core.models import ApiToken, User
 from core.redis_client import get_redis
+from tests.conftest import client_for
 from tests.servers import ROOT, base_env
 
 pytestmark = pytest.mark.django_db
@@ -165,8 +166,7 @@ def test_a_token_cannot_mint_tokens_or_touch_anothers(acme_operator: User, acme_
 
 
 def test_a_browser_session_issues_a_token_shown_once(acme_operator: User) -> None:
-    browser = Client()
-    browser.force_login(acme_operator)
+    browser = client_for(acme_operator)
     created = browser.post(
         "/api/v1/tokens", data={"name": "laptop", "days": 7}, content_type="application/json"
     )

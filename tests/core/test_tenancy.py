@@ -6,14 +6,13 @@ import pytest
 from django.test import Client
 
 from core.models import Event, Tenant, TenantQuota, User
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, client_for
 
 pytestmark = pytest.mark.django_db
 
 
 def test_it_answers_404_for_another_tenants_quota_page(acme: Tenant, globex_admin: User) -> None:
-    client = Client()
-    client.force_login(globex_admin)
+    client = client_for(globex_admin)
     assert client.get("/tenants/acme/quotas/").status_code == 404
     assert client.get("/tenants/globex/quotas/").status_code == 200
 
@@ -29,8 +28,7 @@ def test_it_answers_404_for_an_unknown_tenant(globex_admin: User) -> None:
 
 
 def test_it_answers_403_to_a_member_without_the_admin_role(acme_operator: User) -> None:
-    client = Client()
-    client.force_login(acme_operator)
+    client = client_for(acme_operator)
     assert client.get("/tenants/acme/quotas/").status_code == 403
     response = bearer_client(acme_operator).get("/api/v1/tenants/acme/quota")
     assert response.status_code == 403
@@ -82,8 +80,7 @@ def test_it_refuses_bad_quota_input_and_changes_nothing(
 
 
 def test_the_quota_page_form_saves_and_rejects_bad_values(acme: Tenant, acme_admin: User) -> None:
-    client = Client()
-    client.force_login(acme_admin)
+    client = client_for(acme_admin)
     bad = client.post(
         "/tenants/acme/quotas/", {"max_concurrent_steps": 0, "max_queue_depth": 10, "weight": 1}
     )
@@ -118,8 +115,7 @@ def test_session_auth_on_the_api_needs_csrf_for_writes(acme: Tenant, acme_admin:
 
 
 def test_the_overview_lists_only_the_users_own_tenants(acme: Tenant, globex_operator: User) -> None:
-    client = Client()
-    client.force_login(globex_operator)
+    client = client_for(globex_operator)
     body = client.get("/").content.decode()
     assert "Globex Corporation" in body
     assert "Acme Corp" not in body

@@ -4,8 +4,6 @@ the audit log — in services, API and console, admins of that tenant only."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from typing import Any
 
 import pytest
@@ -19,16 +17,9 @@ from core import services
 from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 from runs.dispatch import dispatch_round, load_room
 from runs.executor import step_execute
-from runs.models import Run, RunStatus
 from runs.services import run_start
-from tests.concurrency import run_concurrently
-from tests.conftest import bearer_client, make_member
-
-
-def _client(user: User) -> Client:
-    client = Client()
-    client.force_login(user)
-    return client
+from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
+from tests.conftest import bearer_client, client_for, make_member
 
 
 def _put(client: Client, url: str, body: Any) -> Any:
@@ -98,12 +89,12 @@ def test_only_the_tenants_admins_see_or_change_its_quota(
         api = bearer_client(user)
         assert api.get("/api/v1/tenants/acme/quota").status_code == status
         assert _put(api, "/api/v1/tenants/acme/quota", {"weight": 9}).status_code == status
-        assert _client(user).get("/tenants/acme/quotas/").status_code == status
+        assert client_for(user).get("/tenants/acme/quotas/").status_code == status
     assert TenantQuota.objects.get(tenant=acme).weight == 1
 
 
 def test_the_quota_page_saves_a_workflow_cap_and_blank_removes_it(acme: Tenant, acme_admin: User) -> None:
-    client = _client(acme_admin)
+    client = client_for(acme_admin)
     page = client.get("/tenants/acme/quotas/")
     assert page.status_code == 200 and b"cap__tool__crm" in page.content
     form = {"max_concurrent_steps": 10, "max_queue_depth": 1000, "weight": 1, "cap__workflow__bench.noop": 2}
@@ -165,39 +156,10 @@ def test_racing_dispatchers_never_exceed_a_tenants_lane_cap(acme: Tenant, globex
         for _ in range(30)
         for tenant in (acme, globex)
     ]
-    peaks: dict[str, int] = {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            while not stop.is_set():
-                for scope, n in load_room(timezone.now()).held.items():
-                    peaks[scope] = max(peaks.get(scope, 0), n)
-                time.sleep(0.001)
-        finally:
-            connections.close_all()
-
-    def dispatch_and_run(i: int) -> int:
-        executed = 0
-        deadline = time.monotonic() + 200
-        while Run.objects.filter(pk__in=ids).exclude(status=RunStatus.SUCCEEDED).exists():
-            if time.monotonic() > deadline:
-                break
-            for admission in dispatch_round():
-                time.sleep(0.003)
-                assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
-                executed += 1
-        return executed
-
     caps = {"global": 20, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {}}
-    sampler = threading.Thread(target=sample, daemon=True)
-    with override_settings(RUNWARDEN_CAPS=caps):
-        sampler.start()
-        try:
-            results = run_concurrently(dispatch_and_run, 6, timeout=230)
-        finally:
-            stop.set()
-            sampler.join(10)
+    # Another connection watches what is held against each cap while the dispatchers race.
+    with override_settings(RUNWARDEN_CAPS=caps), sampled_peaks(held_per_scope, every=0.001) as peaks:
+        results = race_dispatchers(ids, 6, timeout=230)
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert sum(results) == len(ids), "every step ran exactly once"
     assert peaks[f"tenant_lane:{acme.pk}:read"] <= 2, peaks
@@ -268,7 +230,7 @@ def test_role_changes_apply_at_once_and_the_last_admin_stays(
     acme: Tenant, acme_admin: User, acme_operator: User
 ) -> None:
     api = bearer_client(acme_admin)
-    operator_client = _client(acme_operator)
+    operator_client = client_for(acme_operator)
     assert operator_client.get("/tenants/acme/members/").status_code == 403
     response = api.patch(
         "/api/v1/tenants/acme/members/operator", data={"role": "admin"}, content_type="application/json"
@@ -306,7 +268,7 @@ def test_members_of_another_tenant_are_404_and_operators_403(
         )
         assert api.delete("/api/v1/tenants/acme/members/operator").status_code == status
         assert (
-            _client(user)
+            client_for(user)
             .post("/tenants/acme/members/", {"action": "remove", "username": "operator"})
             .status_code
             == status
@@ -345,7 +307,7 @@ def test_two_admins_demoting_each_other_at_once_leave_exactly_one_admin(acme: Te
 def test_the_members_page_adds_changes_and_removes(
     acme: Tenant, acme_admin: User, acme_operator: User
 ) -> None:
-    client = _client(acme_admin)
+    client = client_for(acme_admin)
     page = client.get("/tenants/acme/members/")
     assert page.status_code == 200 and b'data-username="operator"' in page.content
     added = client.post(
@@ -377,8 +339,7 @@ def test_the_demo_admin_is_a_tenant_admin_not_a_django_superuser(db: None) -> No
     seed_demo_tenants_and_users(password="pw")
     admin = User.objects.get(username="admin")
     assert not admin.is_staff and not admin.is_superuser
-    client = Client()
-    client.force_login(admin)
+    client = client_for(admin)
     assert client.get("/admin/").status_code == 302, "Django's admin is for platform staff only"
     assert client.get("/admin/core/tenant/").status_code == 302
     assert client.get("/tenants/acme/members/").status_code == 200
@@ -395,7 +356,7 @@ def test_the_audit_log_filters_and_pages_in_a_flat_number_of_queries(
         services.event_record(tenant=acme, subject=f"run:r{n}", verb="noted", actor=f"bot{n % 2}")
     services.event_record(tenant=globex, subject="run:secret", verb="noted", actor="bot0")
     services.tenant_quota_update(tenant=acme, actor=acme_admin, changes={"weight": 2})
-    client = _client(acme_admin)
+    client = client_for(acme_admin)
     page = client.get("/tenants/acme/audit/?verb=quota_updated")
     assert page.status_code == 200 and b"quota_updated" in page.content and b"run:r1<" not in page.content
     api = bearer_client(acme_admin)
@@ -416,7 +377,7 @@ def test_the_audit_log_filters_and_pages_in_a_flat_number_of_queries(
             assert client.get(f"/tenants/acme/audit/{query}").status_code == 200
         counts.append(len(captured))
     assert len(set(counts)) == 1, counts
-    assert _client(acme_admin).get("/tenants/globex/audit/").status_code == 404
+    assert client_for(acme_admin).get("/tenants/globex/audit/").status_code == 404
 
 
 def test_quota_figures_must_be_whole_numbers(acme: Tenant, acme_admin: User) -> None:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
 from django.conf import settings
 
-from tests.servers import ROOT, base_env
+from core.models import Tenant
+from runs.models import Run, RunStatus
+from runs.services import run_start
+from tests.servers import ROOT, base_env, free_port
 
 QUEUES = ["celery", "read", "draft", "external", "high_risk", "maintenance"]
 # Also forget worker pools announced by an earlier test's (killed) workers, and wake-ups.
@@ -28,12 +33,70 @@ def purge_queues(redis_url: str) -> None:
         client.close()
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, message: str, interval: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    message: str | Callable[[], str],
+    interval: float = 0.1,
+) -> None:
+    """Check ``predicate()`` every ``interval`` seconds until it holds; after ``timeout`` seconds,
+    fail with ``message`` (a callable is called only then, e.g. to read a log as it is by then)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message}")
+            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
         time.sleep(interval)
+
+
+def finished(run_ids: list[str]) -> bool:
+    """Every run of ``run_ids`` has ended: succeeded, failed, cancelled or in conflict."""
+    return (
+        not Run.objects.filter(pk__in=run_ids)
+        .exclude(status__in=[RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CONFLICT])
+        .exists()
+    )
+
+
+def crm_runs(tenant: Tenant, n: int) -> list[str]:
+    """Start ``n`` CRM updates spread over contacts 1-10 (so some wait for a contact's lock)."""
+    return [
+        run_start(
+            tenant=tenant,
+            workflow="demo.crm_update",
+            input={"contact_id": 1 + i % 10, "changes": {"stage": f"s{i}"}},
+            actor="t",
+        ).run.id
+        for i in range(n)
+    ]
+
+
+@contextmanager
+def private_redis() -> Iterator[tuple[str, Callable[[bool], None]]]:
+    """A Redis of this test's own on a free loopback port, and a way to stop and start it."""
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "redis-server is needed for this test"
+    port = free_port()
+    args = [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    state: dict[str, subprocess.Popen[bytes]] = {}
+
+    def answers() -> bool:
+        return subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0
+
+    def set_running(running: bool) -> None:
+        if running:
+            state["server"] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for(answers, 10, "redis up")
+        else:
+            state["server"].terminate()
+            state["server"].wait(10)
+
+    set_running(True)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", set_running
+    finally:
+        if state["server"].poll() is None:
+            state["server"].terminate()
+            state["server"].wait(10)
 
 
 def calls_per_key(operation: str) -> list[int]:

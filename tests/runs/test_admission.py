@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import threading
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -18,12 +16,12 @@ from core.models import Event, Lease, Tenant, TenantQuota
 from runs import dispatch
 from runs.context import StepContext
 from runs.definitions import workflow
-from runs.dispatch import admit_here, dispatch_round, fair_candidates, load_room
+from runs.dispatch import admit_here, dispatch_round, fair_candidates
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pump
-from tests.concurrency import run_concurrently
+from tests.concurrency import held_per_scope, race_dispatchers, sampled_peaks
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS
 
@@ -176,39 +174,9 @@ def test_racing_dispatchers_never_exceed_any_cap(acme: Tenant, globex: Tenant) -
         for _ in range(40)
         for tenant in (acme, globex)
     ]
-    peaks: dict[str, int] = {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        # Another connection watches the live holders while the dispatchers race.
-        try:
-            while not stop.is_set():
-                for scope, n in load_room(timezone.now()).held.items():
-                    peaks[scope] = max(peaks.get(scope, 0), n)
-                time.sleep(0.001)
-        finally:
-            connections.close_all()
-
-    def dispatch_and_run(i: int) -> int:
-        executed = 0
-        deadline = time.monotonic() + 200
-        while Run.objects.filter(pk__in=ids).exclude(status=RunStatus.SUCCEEDED).exists():
-            if time.monotonic() > deadline:
-                break
-            for admission in dispatch_round():
-                time.sleep(0.003)  # hold the capacity for a moment
-                assert step_execute(step_id=admission.step_id, token=admission.token) == "succeeded"
-                executed += 1
-        return executed
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    with override_settings(RUNWARDEN_CAPS=caps):
-        sampler.start()
-        try:
-            results = run_concurrently(dispatch_and_run, 8, timeout=230)
-        finally:
-            stop.set()
-            sampler.join(10)
+    # Another connection watches what is held against each cap while the dispatchers race.
+    with override_settings(RUNWARDEN_CAPS=caps), sampled_peaks(held_per_scope, every=0.001) as peaks:
+        results = race_dispatchers(ids, 8, timeout=230)
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert sum(results) == len(ids), "every step ran exactly once"
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}

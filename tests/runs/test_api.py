@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from io import StringIO
 
 import pytest
@@ -11,15 +10,9 @@ from core.leases import lease_acquire
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, post_run
 
 pytestmark = pytest.mark.django_db
-
-
-def post_run(client: Client, body: dict, **headers: str):  # type: ignore[no-untyped-def]
-    return client.post(
-        "/api/v1/runs", data=json.dumps(body), content_type="application/json", headers=headers
-    )
 
 
 def test_starting_a_run_answers_201_with_its_steps(acme_operator: User) -> None:

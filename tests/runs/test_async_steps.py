@@ -85,7 +85,7 @@ def summarise(ctx: StepContext) -> dict[str, Any]:  # a plain step after async o
     return {"summary": f"sent {ctx.outputs['send_reply']['message_id']}"}
 
 
-def finished(run: Run) -> Run:
+def run_to_its_end(run: Run) -> Run:
     pump_until(lambda: Run.objects.get(pk=run.pk).status in (RunStatus.SUCCEEDED, RunStatus.FAILED))
     return Run.objects.get(pk=run.pk)
 
@@ -93,7 +93,7 @@ def finished(run: Run) -> Run:
 @pytest.mark.django_db(transaction=True)
 def test_an_async_step_awaits_a_model_and_a_plain_step_of_another_lane_follows(acme: Tenant) -> None:
     run = run_start(tenant=acme, workflow=answering.key, input={"question": "q-one"}, actor="t").run
-    done = finished(run)
+    done = run_to_its_end(run)
     assert done.status == RunStatus.SUCCEEDED, done.steps.values_list("key", "status", "error")
     outputs = dict(done.steps.values_list("key", "output"))
     assert outputs["draft_reply"] == {"reply": "reply to q-one"}
@@ -112,7 +112,7 @@ def test_an_async_effect_is_not_repeated_when_its_step_is_retried(acme: Tenant) 
     run = run_start(
         tenant=acme, workflow=answering.key, input={"question": question, "fail_after_send": True}, actor="t"
     ).run
-    done = finished(run)
+    done = run_to_its_end(run)
     assert done.status == RunStatus.SUCCEEDED
     send = Step.objects.get(run=done, key="send_reply")
     assert send.attempt == 2, "the first attempt failed after its effect and was retried"
@@ -249,7 +249,7 @@ def test_an_output_that_cannot_be_stored_fails_the_step_at_once_with_the_reason(
     assert Run.objects.get(pk=run.pk).status == RunStatus.FAILED
     # The engine still does its job.
     normal = run_start(tenant=acme, workflow=answering.key, input={"question": "after"}, actor="t").run
-    assert finished(normal).status == RunStatus.SUCCEEDED
+    assert run_to_its_end(normal).status == RunStatus.SUCCEEDED
 
 
 def test_a_body_that_yields_is_refused_when_it_is_declared() -> None:

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from django.db import connections
-from django.test import Client
 
 from approvals.models import ConflictArtifact
 from approvals.services import conflict_resolve
@@ -23,7 +22,7 @@ from runs.invariants import check_invariants
 from runs.models import Run, SideEffect, Step
 from runs.services import RunNotRetryable, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump, pump_until
-from tests.conftest import bearer_client
+from tests.conftest import bearer_client, client_for
 from tests.dialects import REAL_WORKERS
 from tests.runs.cluster import Cluster, wait_for
 
@@ -82,8 +81,7 @@ def test_a_run_cancelled_while_waiting_for_approval_undoes_what_it_committed(
     assert run.status == "cancelled" and run.compensation == "done"
     shown = bearer_client(acme_operator).get(f"/api/v1/runs/{run.id}").json()
     assert shown["compensation"] == "done" and shown["status"] == "cancelled"
-    page = Client()
-    page.force_login(acme_operator)
+    page = client_for(acme_operator)
     html = page.get(f"/runs/{run.id}/").content.decode()
     assert "Replay as a new run" in html and "Retry from failed step" not in html, "compensated: replay only"
     assert len(calls("refund")) == 1 and len(calls("release")) == 1

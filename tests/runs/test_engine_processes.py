@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +24,8 @@ from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
 from runs.models import Run, SideEffect, Step, StepStatus
 from runs.services import run_start
-from tests.runs.cluster import Cluster, calls_per_key, wait_for
-from tests.runs.test_execution import finished
+from tests.concurrency import sampled_peaks
+from tests.runs.cluster import Cluster, calls_per_key, finished, wait_for
 
 REAPED_VERBS = ("step_requeued", "step_lease_expired")
 
@@ -116,40 +114,25 @@ def test_a_backlog_on_one_worker_process_runs_every_step_on_its_first_attempt(
     wait_for(lambda: live_pools(), 60, cluster.logs())
     assert [pool.slots for pool in live_pools()] == [1]
 
-    peak = {"admitted": 0, "samples": 0}
-    stop = threading.Event()
+    def admitted() -> dict[str, int]:
+        return {"admitted": Step.objects.filter(status__in=[StepStatus.LEASED, StepStatus.RUNNING]).count()}
 
-    def sample() -> None:
-        try:
-            while not stop.is_set():
-                admitted = Step.objects.filter(status__in=[StepStatus.LEASED, StepStatus.RUNNING]).count()
-                peak["admitted"] = max(peak["admitted"], admitted)
-                peak["samples"] += 1
-                time.sleep(0.02)
-        finally:
-            connections.close_all()
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
+    with sampled_peaks(admitted, every=0.02) as peaks:
         ids = [
             run_start(tenant=acme, workflow="bench.noop", input={}, actor="bench").run.id for _ in range(300)
         ]
         wait_for(lambda: finished(ids), 150, cluster.logs())
-    finally:
-        stop.set()
-        sampler.join(5)
 
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
         cluster.logs()
     )
     assert set(Step.objects.filter(run_id__in=ids).values_list("attempt", flat=True)) == {1}
     assert _reaped_events(ids) == 0, "an admission expired while its task waited"
-    assert peak["samples"] > 50
+    assert peaks.samples > 50
     # One slot holds RUNWARDEN_WORKER_PREFETCH admissions (the step running, by default).
     limit = settings.RUNWARDEN_WORKER_PREFETCH
-    assert peak["admitted"] <= limit, f"admission outran the one worker slot: {peak}"
-    assert peak["admitted"] >= 1, "the sampler must actually see the step admitted"
+    assert peaks["admitted"] <= limit, f"admission outran the one worker slot: {peaks!r}"
+    assert peaks["admitted"] >= 1, "the sampler must actually see the step admitted"
 
 
 @pytest.mark.timeout(120)

@@ -2,31 +2,22 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import defaultdict
 
 import pytest
-from django.db import connections
 from django.test import override_settings
 
 from core.models import Event, Tenant, TenantQuota
 from demo.models import SandboxCall, SandboxContact
 from runs.dispatch import dispatch_round
-from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
+from runs.models import Run, SideEffect, Step, StepStatus
 from runs.services import run_start
+from tests.concurrency import sampled_peaks
 from tests.dialects import REAL_WORKERS
-from tests.runs.cluster import Cluster, calls_per_key, wait_for
+from tests.runs.cluster import Cluster, calls_per_key, crm_runs, finished, private_redis, wait_for
 
 pytestmark = pytest.mark.both_dialects
-
-
-def finished(run_ids: list[str]) -> bool:
-    return (
-        not Run.objects.filter(pk__in=run_ids)
-        .exclude(status__in=[RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CONFLICT])
-        .exists()
-    )
 
 
 @REAL_WORKERS
@@ -139,26 +130,13 @@ def test_observed_concurrency_never_exceeds_the_tenant_and_tool_caps(
             for _ in range(6)
         ]
         ids = [run.id for run in crm + other]
-        peaks = {"tenant": 0, "crm": 0}
-        stop = threading.Event()
 
-        def sample() -> None:
-            try:
-                while not stop.is_set():
-                    active = Step.objects.filter(
-                        run_id__in=ids, status__in=[StepStatus.LEASED, StepStatus.RUNNING]
-                    )
-                    peaks["tenant"] = max(peaks["tenant"], active.count())
-                    peaks["crm"] = max(peaks["crm"], active.filter(tool="crm").count())
-                    time.sleep(0.01)
-            finally:
-                connections.close_all()
+        def active() -> dict[str, int]:
+            steps = Step.objects.filter(run_id__in=ids, status__in=[StepStatus.LEASED, StepStatus.RUNNING])
+            return {"tenant": steps.count(), "crm": steps.filter(tool="crm").count()}
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        wait_for(lambda: finished(ids), 200, cluster.logs())
-        stop.set()
-        sampler.join(5)
+        with sampled_peaks(active, every=0.01) as peaks:
+            wait_for(lambda: finished(ids), 200, cluster.logs())
     finally:
         cluster.stop()
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}
@@ -250,53 +228,23 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
 def test_runs_finish_exactly_once_across_a_redis_restart(
     sandbox_acme: Tenant, transactional_db: None, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    import shutil
-    import subprocess
-
-    from tests.servers import free_port
-
-    redis_server = shutil.which("redis-server")
-    assert redis_server, "redis-server is needed for this test"
-    port = free_port()
-
-    def start_redis() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def redis_answers() -> bool:
-        return subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).returncode == 0
-
-    server = start_redis()
-    wait_for(redis_answers, 10, "redis up")
-    cluster = Cluster(tmp_path, redis_url=f"redis://127.0.0.1:{port}/0", RUNWARDEN_SANDBOX_LATENCY_MS="150")
-    try:
-        cluster.worker("w1")
-        cluster.worker("w2")
-        cluster.beat()
-        runs = [
-            run_start(
-                tenant=sandbox_acme,
-                workflow="demo.crm_update",
-                input={"contact_id": 1 + n % 10, "changes": {"stage": f"s{n}"}},
-                actor="t",
-            ).run
-            for n in range(30)
-        ]
-        ids = [run.id for run in runs]
-        wait_for(lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs())
-        server.terminate()  # Redis goes away with whatever it held: queued tasks are lost
-        in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
-        server.wait(10)
-        time.sleep(1)  # the outage (not a wait for anything): Redis is down for a second
-        server = start_redis()
-        wait_for(lambda: finished(ids), 200, cluster.logs())
-    finally:
-        cluster.stop()
-        server.terminate()
-        server.wait(10)
+    with private_redis() as (redis_url, set_running):
+        cluster = Cluster(tmp_path, redis_url=redis_url, RUNWARDEN_SANDBOX_LATENCY_MS="150")
+        try:
+            cluster.worker("w1")
+            cluster.worker("w2")
+            cluster.beat()
+            ids = crm_runs(sandbox_acme, 30)
+            wait_for(
+                lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs()
+            )
+            set_running(False)  # Redis goes away with whatever it held: queued tasks are lost
+            in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
+            time.sleep(1)  # the outage (not a wait for anything): Redis is down for a second
+            set_running(True)
+            wait_for(lambda: finished(ids), 200, cluster.logs())
+        finally:
+            cluster.stop()
     assert in_flight >= 10, "the restart must hit a batch in progress"
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
         cluster.logs()

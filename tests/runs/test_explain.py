@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.test import Client, override_settings
+from django.test import override_settings
 from django.utils import timezone
 
 from core import services as core_services
@@ -17,6 +17,7 @@ from runs.explain import explain_run
 from runs.models import Run, Step
 from runs.services import run_start
 from tests.approvals.helpers import pump
+from tests.conftest import client_for
 
 NO_CAPS = {"global": 50, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {}}
 
@@ -50,8 +51,7 @@ def test_a_step_waiting_for_a_lock_names_the_lock_and_its_holder(
     assert (
         wait.key == "crm_contact:1" and wait.holder_run == holder.id and wait.holder_step == "apply_changes"
     )
-    client = Client()
-    client.force_login(acme_operator)
+    client = client_for(acme_operator)
     page = client.get(f"/runs/{waiter.id}/").content.decode()
     assert "Why not running: waits for the lock crm_contact:1" in page
     assert f'href="/runs/{holder.id}/"' in page

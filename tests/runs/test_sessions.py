@@ -47,6 +47,7 @@ def turn(tenant: Tenant, session: str, workflow: str = "test.chat_turn", **field
 def assert_whole_runs_never_overlap(runs: list[Run], max_at_once: int = 1) -> None:
     """Within the session, at no instant did more than ``max_at_once`` runs hold it (from their
     first step's start to their end)."""
+    assert runs, "no runs to check"
     spans = sorted((r.started_at, r.finished_at) for r in runs)
     assert all(start and end for start, end in spans), "every run must have run and finished"
     for i, (start, _) in enumerate(spans):

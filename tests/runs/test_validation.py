@@ -14,6 +14,7 @@ from core.models import Event, Tenant, User
 from runs.definitions import InvalidInput, Workflow, get_workflow, unregister, workflow
 from runs.models import Run, Step, TriggerEvent
 from runs.services import run_start
+from tests.conftest import client_for, post_run
 
 pytestmark = pytest.mark.django_db
 
@@ -84,14 +85,7 @@ def counts() -> tuple[int, int, int, int]:
 
 @pytest.fixture
 def client(acme_operator: User) -> Client:
-    client = Client()
-    client.force_login(acme_operator)
-    return client
-
-
-def post_run(client: Client, body: Any, **headers: str):  # type: ignore[no-untyped-def]
-    data = body if isinstance(body, str | bytes) else json.dumps(body)
-    return client.post("/api/v1/runs", data=data, content_type="application/json", headers=headers)
+    return client_for(acme_operator)
 
 
 def assert_refused(response: Any, status: int, code: str) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""Workflows only the tests use; worker processes load them via RUNWARDEN_WORKFLOW_MODULES."""
+"""Workflows only the tests use; worker processes load them via RUNWARDEN_WORKFLOW_MODULES.
+
+Loading them also loads the bench's (bench.workloads): many tests start ``bench.noop``, the
+cheapest run there is, and it is declared there only."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+import bench.workloads  # noqa: F401  (bench.noop, bench.five, bench.gated)
 from demo import sandbox
 from runs.context import StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow

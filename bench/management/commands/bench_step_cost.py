@@ -27,6 +27,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+import bench.workloads  # noqa: F401  (declares bench.noop, whatever RUNWARDEN_WORKFLOW_MODULES names)
 from bench.harness import bench_tenant
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
