@@ -7,6 +7,7 @@ Each call sleeps for the configured latency, fails at the configured rate, and i
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -32,6 +33,14 @@ class SandboxVersionMismatch(Exception):
         super().__init__(f"contact version is {actual}, the write expected {expected}")
         self.expected = expected
         self.actual = actual
+
+
+async def model_draft_followup(*, name: str) -> str:
+    """A stand-in for a model API (an async client's completion): it answers after the sandbox
+    latency, records nothing (a model call changes nothing in the world) and always writes the
+    same note."""
+    await asyncio.sleep(settings.RUNWARDEN_SANDBOX_LATENCY_MS / 1000)
+    return f"Hi {name},\n\nThanks for your interest. Shall we set up a call this week?\n\nBest,\nAcme"
 
 
 def _latency_and_failure() -> tuple[Any, bool]:

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic_core import PydanticCustomError
 
 from demo import sandbox
-from runs.context import StepContext
+from runs.context import AsyncStepContext, StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 from runs.gates import EntityChanged
 
@@ -250,15 +250,10 @@ def enrich(ctx: StepContext) -> dict[str, Any]:
 
 
 @lead_followup.step(lane="draft")
-def draft_message(ctx: StepContext) -> dict[str, Any]:
+async def draft_message(ctx: AsyncStepContext) -> dict[str, Any]:
     lead = ctx.outputs["enrich"]["lead"]
-    return {
-        "subject": f"Next steps for {lead['company']}",
-        "body": (
-            f"Hi {lead['name']},\n\nThanks for your interest. "
-            "Shall we set up a call this week?\n\nBest,\nAcme"
-        ),
-    }
+    body = await sandbox.model_draft_followup(name=lead["name"])  # a model call, awaited
+    return {"subject": f"Next steps for {lead['company']}", "body": body}
 
 
 @lead_followup.step(

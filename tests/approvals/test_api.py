@@ -261,3 +261,12 @@ def test_the_gated_demo_workflows_complete_on_real_workers_after_approval(
     assert SandboxCall.objects.filter(connector="payments").count() == 1
     assert Step.objects.get(run=payment, key="charge").lock_keys == ["invoice:3"]
     assert SandboxCall.objects.filter(connector="messaging").count() == 1
+    # An async step (the draft, awaiting the model stand-in) between plain ones, on the worker.
+    steps = {step.key: step for step in Step.objects.filter(run=followup)}
+    assert [(steps[key].lane, steps[key].status) for key in ("enrich", "draft_message", "send_message")] == [
+        ("read", "succeeded"),
+        ("draft", "succeeded"),
+        ("external", "succeeded"),
+    ]
+    lead_name = steps["enrich"].output["lead"]["name"]
+    assert steps["draft_message"].output["body"].startswith(f"Hi {lead_name},")
