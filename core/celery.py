@@ -54,6 +54,14 @@ def _announce_pool(sender: object = None, **kwargs: object) -> None:
     consumer: Any = sender
     queues = [queue.name for queue in consumer.task_consumer.queues]
     slots = int(getattr(consumer.controller, "concurrency", 1) or 1)
+    if getattr(consumer.controller.pool_cls, "__module__", "") == "celery.concurrency.thread":
+        # Many steps at once on threads: their database work goes to a few coordination threads,
+        # so the connections this process holds do not grow with its slots.
+        from django.conf import settings
+
+        from core.coordination import coordinate_on_threads
+
+        coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
     _announcer = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
 
 

@@ -254,10 +254,11 @@ RUNWARDEN_PREPARED_STATEMENTS = env_bool("RUNWARDEN_PREPARED_STATEMENTS", True)
 # Concurrency caps per scope (the tenant cap comes from TenantQuota.max_concurrent_steps).
 # JSON in RUNWARDEN_CAPS overrides any part, e.g. '{"tool": {"crm": 2}}'.
 RUNWARDEN_CAPS: dict[str, Any] = {
-    "global": 50,
+    "global": 300,
     "tenant_default": 10,
     "workflow": {},
-    "lane": {"read": 20, "draft": 10, "external": 5, "high_risk": 2},
+    # The waiting lanes (model and tool calls) run many steps per worker process (Procfile).
+    "lane": {"read": 100, "draft": 100, "external": 5, "high_risk": 2},
     "tool": {"crm": 4, "messaging": 4, "payments": 1},
 }
 for _scope, _value in json.loads(env_str("RUNWARDEN_CAPS", "{}")).items():
@@ -295,3 +296,6 @@ RUNWARDEN_WORKER_CHAIN_SECONDS = float(env_str("RUNWARDEN_WORKER_CHAIN_SECONDS",
 EMBEDDED_BACKGROUND = ["runs.dispatcher.start_embedded"]
 # Extra modules that declare workflows (besides the ``workflows.py`` of installed apps).
 RUNWARDEN_WORKFLOW_MODULES = env_list("RUNWARDEN_WORKFLOW_MODULES", "")
+# A worker on Celery's threads pool (many steps per process) does its database work on this
+# many coordination threads, one connection each (core/coordination.py).
+RUNWARDEN_COORDINATION_THREADS = env_int("RUNWARDEN_COORDINATION_THREADS", 8)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
-from core import metrics
+from core import coordination, metrics
 from core.connections import BoundConnection, connection_for_run
 from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
 from runs.ledger import (
@@ -108,12 +108,12 @@ class StepContext:
         rows = SideEffect.objects.filter(
             run_id=self.run.id, step__key=step_key, status=EffectStatus.COMMITTED
         ).order_by("committed_at", "id")
-        return dict(rows.values_list("kind", "result"))
+        return coordination.run(lambda: dict(rows.values_list("kind", "result")))
 
     def in_flight_effects(self, step_key: str) -> list[str]:
         """Kinds of a step's effects proposed with no outcome yet."""
         rows = SideEffect.objects.filter(run_id=self.run.id, step__key=step_key, status=EffectStatus.PROPOSED)
-        return sorted(rows.values_list("kind", flat=True))
+        return sorted(coordination.run(lambda: list(rows.values_list("kind", flat=True))))
 
     @property
     def environment(self) -> str:
@@ -122,7 +122,8 @@ class StepContext:
     def connection(self, provider: str) -> BoundConnection:
         """The ``provider`` connection this run bound when it started (its tenant's and its
         environment's, never another's). Raises ConnectionNotBound when it bound none."""
-        bound = connection_for_run(
+        bound = coordination.run(
+            connection_for_run,
             tenant_id=self.run.tenant_id,
             environment=self.run.environment,
             binding=self.run.connections or {},
@@ -162,6 +163,9 @@ class StepContext:
 
     def heartbeat(self) -> None:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""
+        coordination.run(self._heartbeat)
+
+    def _heartbeat(self) -> None:
         if self.timed_out.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
         # The run first: a cancel also revokes the leases, and says why they are gone.
@@ -177,7 +181,8 @@ class StepContext:
 
     def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
         """Take entity locks for the rest of the step (released when it finishes)."""
-        grants = locks_acquire(
+        grants = coordination.run(
+            locks_acquire,
             tenant_id=self.tenant_id,
             keys=keys,
             holder=f"{self.run_id}:{self.step_key}",
@@ -215,7 +220,7 @@ class StepContext:
 
     def checkpoint(self, data: Any) -> None:
         self.heartbeat()
-        step_checkpoint(step=self.step, lease=self.lease, data=data)
+        coordination.run(step_checkpoint, step=self.step, lease=self.lease, data=data)
         self.checkpoint_data = data
 
 
@@ -231,13 +236,17 @@ class AsyncStepContext:
     timeout, its run cancelled) leaves the effect proposed: ambiguous, for a reviewer.
     """
 
-    def __init__(self, ctx: StepContext, coordinator: Executor) -> None:
+    def __init__(self, ctx: StepContext, coordinator: Executor | None) -> None:
         self.sync = ctx  # the synchronous context: its plain attributes are the same
-        self._coordinator = coordinator
+        self._own = coordinator  # the step's own thread, where the process has no shared ones
 
     async def _coordinate(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        shared = coordination.current()
+        if shared is not None:  # a worker running many steps: its few coordination threads
+            return await shared.call_async(fn, *args, **kwargs)
+        assert self._own is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._coordinator, partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._own, partial(fn, *args, **kwargs))
 
     @property
     def run(self) -> Run:

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
-from core import logs, rawsql
+from core import coordination, logs, rawsql
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
@@ -118,7 +118,13 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         approval=verdict,
         approval_guard=_approval_guard(step, verdict) if verdict is not None else None,
         deadline_seconds=spec.timeout_seconds,
-        backend_pid=connection.connection.get_backend_pid() if rawsql.on_postgresql() else None,
+        # The connection a plain body's own queries share (for cancelling one past the
+        # timeout); none on a coordination thread, which the body's queries never use.
+        backend_pid=(
+            connection.connection.get_backend_pid()
+            if rawsql.on_postgresql() and coordination.current() is None
+            else None
+        ),
     )
     return _Start(ctx=ctx, spec=spec)
 
@@ -134,12 +140,16 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     go straight on with the next step it is handed as it finishes (the run's next step, its
     start folded into that same transaction, or another ready step of its lanes). Returns
     what happened to the last step run (for logs and tests)."""
+    if coordination.current() is not None:  # the coordination threads prepare their own
+        return _execute_chain(step_id, token, lanes)
     with rawsql.prepared_statements():  # a chain runs the same statements step after step
         return _execute_chain(step_id, token, lanes)
 
 
 def _execute_chain(step_id: int, token: int, lanes: frozenset[str]) -> str:
-    start = _start(step_id, token)
+    # Every database transaction of the chain runs where this process does its database work
+    # (core.coordination: a coordination thread when steps run on threads); the bodies run here.
+    start = coordination.run(_start, step_id, token)
     outcome = start.outcome
     # A worker goes on for a while, not forever: the task ends well inside Celery's time
     # limits, and the broker's next message for this worker is not left waiting long.
@@ -149,10 +159,16 @@ def _execute_chain(step_id: int, token: int, lanes: frozenset[str]) -> str:
         outcome, following = _carry_out(start.ctx, start.spec, pull)
         if following is None:
             break
-        start = following if isinstance(following, _Start) else _start(following.step_id, following.token)
+        start = (
+            following
+            if isinstance(following, _Start)
+            else coordination.run(_start, following.step_id, following.token)
+        )
         outcome = start.outcome
     if lanes:
-        worker_idle(lanes)  # nothing more to pull here: new work in these lanes needs a round
+        coordination.run(
+            worker_idle, lanes
+        )  # nothing more to pull here: new work in these lanes needs a round
     return outcome
 
 
@@ -173,7 +189,7 @@ def _carry_out(
         if isinstance(outcome, str):
             logger.info("step ended: %s", outcome, extra={"outcome": outcome})
             return outcome, None
-        finished = _finish_succeeded(ctx, outcome.output, lanes)
+        finished = coordination.run(_finish_succeeded, ctx, outcome.output, lanes)
         logger.info("step ended: %s", finished[0], extra={"outcome": finished[0]})
         return finished
 
@@ -199,7 +215,8 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
     except LeaseLost:
         return "timed-out" if ctx.timed_out.is_set() else "lease-lost"
     except EffectUnresolved as exc:
-        return _finish_conflict(
+        return coordination.run(
+            _finish_conflict,
             ctx,
             "lease_expired_with_pending_effect",
             str(exc),
@@ -208,9 +225,10 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
         )
     except gates.ApprovalNoLongerValid as exc:
         approval_id = ctx.approval.approval_id if ctx.approval else None
-        return _finish_conflict(ctx, "stale_approval", str(exc), approval_id=approval_id)
+        return coordination.run(_finish_conflict, ctx, "stale_approval", str(exc), approval_id=approval_id)
     except gates.EntityChanged as exc:
-        return _finish_conflict(
+        return coordination.run(
+            _finish_conflict,
             ctx,
             "entity_version_mismatch",
             str(exc),
@@ -219,10 +237,10 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
             proposed={"expected_version": exc.expected, "changes": exc.proposed},
         )
     except EffectRequestMismatch as exc:
-        return _finish_failed(ctx, spec, str(exc), retryable=False)
+        return coordination.run(_finish_failed, ctx, spec, str(exc), retryable=False)
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return _finish_failed(ctx, spec, detail, retryable=True)
+        return coordination.run(_finish_failed, ctx, spec, detail, retryable=True)
     if ctx.timed_out.is_set():
         return "timed-out"
     refusal = json_unstorable_reason(output)
@@ -230,7 +248,8 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
         if inspect.iscoroutine(output):
             output.close()  # a plain body that returned a coroutine: it never runs
         reason = f"the step's output cannot be stored as JSON: {refusal}"
-        return _finish_failed(ctx, spec, reason, retryable=False)  # every attempt would return it
+        # Not retried: every attempt would return the same.
+        return coordination.run(_finish_failed, ctx, spec, reason, retryable=False)
     return _Output(output)
 
 
@@ -238,7 +257,10 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
     """Run an ``async def`` body to its end on an event loop of its own. Its reads and writes of
     Runwarden's tables go to one coordination thread (one database connection, closed after);
     its timeout, or its leases lost, cancel it (``_interrupt_body``)."""
-    coordinator = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{ctx.step.pk}")
+    # Without the process's coordination threads (core.coordination), one of the step's own.
+    own = None
+    if coordination.current() is None:
+        own = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"step-{ctx.step.pk}")
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
@@ -247,11 +269,11 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
         with _async_bodies_lock:
             _async_bodies[id(ctx)] = (loop, task)
         try:
-            return await body(AsyncStepContext(ctx, coordinator))
+            return await body(AsyncStepContext(ctx, own))
         except asyncio.CancelledError:
             if ctx.timed_out.is_set():
                 raise StepTimedOut(f"step {ctx.step_key} of {ctx.run_id} timed out") from None
-            await loop.run_in_executor(coordinator, ctx.heartbeat)  # RunCancelled, LeaseLost
+            await AsyncStepContext(ctx, own).heartbeat()  # RunCancelled, LeaseLost
             raise RuntimeError("the step body was cancelled") from None
         finally:
             with _async_bodies_lock:
@@ -260,8 +282,9 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
     try:
         return asyncio.run(main())
     finally:
-        coordinator.submit(connections.close_all).result()
-        coordinator.shutdown()
+        if own is not None:
+            own.submit(connections.close_all).result()
+            own.shutdown()
 
 
 def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:

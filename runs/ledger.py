@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from core import metrics, tallies
+from core import coordination, metrics, tallies
 from core.leases import LeaseGrant, fenced_write, lease_fence, live_leases_filter
 from core.models import Lease
 from core.validation import fingerprint
@@ -129,7 +129,10 @@ def effect_execute(
     (An async step runs the same three parts with its awaited ``fn`` between them:
     ``runs.context.AsyncStepContext.effect``.)
     """
-    claimed = effect_claim(
+    # The ledger's writes where this process does its database work (core.coordination); ``fn``
+    # runs here, on the caller's thread.
+    claimed = coordination.run(
+        effect_claim,
         run=run,
         step=step,
         kind=kind,
@@ -147,9 +150,9 @@ def effect_execute(
     except SoftTimeLimitExceeded:
         raise  # interrupted from outside: it may have happened, so it stays proposed (ambiguous)
     except Exception as exc:
-        effect_settle_failed(claimed, exc)
+        coordination.run(effect_settle_failed, claimed, exc)
         raise
-    return effect_settle(claimed, result)
+    return coordination.run(effect_settle, claimed, result)
 
 
 def effect_claim(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from celery import shared_task
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
+from core import coordination
 from core.workers import local_queues
 from runs import executor
 from runs.queueing import EXECUTE_STEP_TASK
@@ -13,5 +14,11 @@ from runs.queueing import EXECUTE_STEP_TASK
 @shared_task(name=EXECUTE_STEP_TASK, acks_late=True, ignore_result=True)
 def execute_step_task(*, step_id: int, token: int) -> str:
     close_old_connections()  # connections are kept across tasks: drop a broken one first
-    # Where caps and lanes allow, the worker goes straight on with the run's next step.
-    return executor.step_execute(step_id=step_id, token=token, lanes=local_queues())
+    try:
+        # Where caps and lanes allow, the worker goes straight on with the run's next step.
+        return executor.step_execute(step_id=step_id, token=token, lanes=local_queues())
+    finally:
+        if coordination.current() is not None:
+            # Many steps on threads: a body's own queries (the demo's sandbox) keep no
+            # connection open between steps; Runwarden's own went to the coordination threads.
+            connections.close_all()

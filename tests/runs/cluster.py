@@ -128,14 +128,16 @@ class Cluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         purge_queues(self.redis_url)
 
-    def _start(self, name: str, args: list[str], command: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, args: list[str], command: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         # A second process under one name would escape stop() and outlive the test.
         assert name not in self.processes, f"a process named {name!r} is already running"
         log = (self.tmp_path / f"{name}.log").open("wb")
         process = subprocess.Popen(
             [*(command or [sys.executable, "-m", "celery", "-A", "core"]), *args],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -144,19 +146,27 @@ class Cluster:
         return process
 
     def worker(
-        self, name: str, queues: list[str] | None = None, concurrency: int = 1
+        self,
+        name: str,
+        queues: list[str] | None = None,
+        concurrency: int = 1,
+        pool: str = "",
+        **env: str,
     ) -> subprocess.Popen[bytes]:
+        """A Celery worker: ``pool`` solo (one slot) or prefork by default, or threads (many
+        steps in one process); ``env`` on top of the cluster's, for this process only."""
         return self._start(
             name,
             [
                 "worker",
                 "--hostname", f"{name}@%h",
                 "--queues", ",".join(queues or QUEUES),
-                "--pool", "solo" if concurrency == 1 else "prefork",
+                "--pool", pool or ("solo" if concurrency == 1 else "prefork"),
                 "--concurrency", str(concurrency),
                 "--without-heartbeat", "--without-mingle", "--without-gossip",
                 "--loglevel", "INFO",
             ],
+            env=env,
         )  # fmt: skip
 
     def dispatcher(self, name: str = "dispatcher") -> subprocess.Popen[bytes]:

@@ -5,15 +5,18 @@ cheapest run there is, and it is declared there only."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Annotated, Any
 
+import redis.asyncio
+from django.conf import settings
 from pydantic import Field
 
 import bench.workloads  # noqa: F401  (bench.noop, bench.five, bench.gated)
 from demo import sandbox
-from runs.context import StepContext
+from runs.context import AsyncStepContext, StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -411,3 +414,28 @@ gives_way = workflow(
 @gives_way.step(lane="read", locks=["thing:{thing_id}"], lock_policy="skip")
 def touch_thing(ctx: StepContext) -> dict[str, Any]:
     return {"touched": ctx.input["thing_id"]}
+
+
+class AwaitInput(WorkflowInput):
+    wait_seconds: Seconds = 1.0
+
+
+awaits_a_model = workflow(
+    "test.awaits_a_model", description="awaits a stand-in model call, then notifies once", input=AwaitInput
+)
+
+
+async def notify(run_id: str) -> dict[str, Any]:
+    """The outside world: a notification service, here a Redis counter per run."""
+    client = redis.asyncio.from_url(settings.REDIS_URL)
+    try:
+        return {"count": await client.incr(f"test:notified:{run_id}")}
+    finally:
+        await client.aclose()
+
+
+@awaits_a_model.step(lane="draft", lease_seconds=3)
+async def await_then_notify(ctx: AsyncStepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(ctx.input["wait_seconds"]))  # a model call
+    await ctx.checkpoint({"answered": True})
+    return await ctx.effect("notify.send", lambda: notify(ctx.run_id), request={"run": ctx.run_id})

@@ -1,0 +1,92 @@
+"""Coordination threads: where a worker process that runs many steps at once does its reads and
+writes of Runwarden's tables.
+
+A worker on Celery's threads pool runs one step per thread, hundreds at once. If each thread
+opened its own database connection, a process would hold one per slot (and PostgreSQL allows
+100 by default). Instead its steps hand their short coordination work — a step's start and
+end, a heartbeat, a ledger proposal and record, a checkpoint, a lock — to a few coordination
+threads, each with one connection kept open: the connections a process holds are bounded by
+``RUNWARDEN_COORDINATION_THREADS`` whatever its slot count, and a step that waits on a model or
+a tool holds none. Elsewhere (a prefork or solo worker: one step per process at a time; the web
+process; the embedded default) nothing is handed off: ``run`` calls the function right there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from django.db import close_old_connections
+
+from core import rawsql
+
+T = TypeVar("T")
+
+_here = threading.local()
+
+
+def _coordinating() -> bool:
+    return bool(getattr(_here, "coordinating", False))
+
+
+def _enter_thread() -> None:
+    _here.coordinating = True
+
+
+def _in_context(context: contextvars.Context, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    close_old_connections()  # a connection broken by an outage is replaced, not reused
+    # Each thread keeps its connection for the worker's life: the step chain's statements are
+    # prepared on it once, as on a prefork worker's.
+    with rawsql.prepared_statements():
+        return context.run(fn, *args, **kwargs)
+
+
+class Coordinator:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="coordination", initializer=_enter_thread
+        )
+
+    def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on a coordination thread, with the caller's log context;
+        waits for it. Called from a coordination thread, it runs right there: a hand-off from
+        one to another could leave every thread waiting on another."""
+        if _coordinating():
+            return fn(*args, **kwargs)
+        context = contextvars.copy_context()
+        return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
+
+    async def call_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``call`` for a coroutine: the event loop goes on while the coordination thread works."""
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, partial(_in_context, context, fn, *args, **kwargs))
+
+
+_coordinator: Coordinator | None = None
+
+
+def coordinate_on_threads(threads: int) -> Coordinator:
+    """From now on this process hands its database work to ``threads`` coordination threads
+    (a worker on the threads pool calls it as it starts)."""
+    global _coordinator
+    _coordinator = Coordinator(threads)
+    return _coordinator
+
+
+def current() -> Coordinator | None:
+    """This process's coordination threads, or None when it does its database work in place."""
+    return _coordinator
+
+
+def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` where this process does its database work, and its result."""
+    if _coordinator is None:
+        return fn(*args, **kwargs)
+    return _coordinator.call(fn, *args, **kwargs)

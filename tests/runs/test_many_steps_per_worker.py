@@ -1,0 +1,133 @@
+"""One worker process on Celery's threads pool runs many awaiting steps at once, its database
+work on a few coordination threads: the connections it holds stay bounded whatever its slots,
+and every step's effect happens once (real worker and dispatcher processes, PostgreSQL, Redis)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+
+from core.models import Tenant, TenantQuota
+from runs.invariants import check_invariants
+from runs.models import EffectStatus, Run, SideEffect, StepStatus
+from runs.services import run_start
+from tests.concurrency import sampled_peaks
+from tests.runs.cluster import Cluster, finished, wait_for
+
+SLOTS = 60
+COORDINATION_THREADS = 4
+RUNS = 120
+APPLICATION_NAME = "rw-many-steps-worker"
+
+
+def worker_connections() -> int:
+    """The worker process's connections to this database (its DATABASE_URL names it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = %s",
+            [APPLICATION_NAME],
+        )
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.django_db(transaction=True)
+def test_one_worker_process_runs_many_awaiting_steps_at_once_on_few_connections(
+    acme: Tenant, tmp_path: Path
+) -> None:
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=500)
+    caps = {"global": 500, "tenant_default": 500, "lane": {"draft": 500}}
+    cluster = Cluster(tmp_path, RUNWARDEN_CAPS=json.dumps(caps))
+    db = settings.DATABASES["default"]
+    try:
+        cluster.worker(
+            "many",
+            ["draft"],
+            concurrency=SLOTS,
+            pool="threads",
+            DATABASE_URL=(
+                f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+                f"?application_name={APPLICATION_NAME}"
+            ),
+            RUNWARDEN_COORDINATION_THREADS=str(COORDINATION_THREADS),
+        )
+        cluster.dispatcher()
+        ids = [
+            run_start(
+                tenant=acme, workflow="test.awaits_a_model", input={"wait_seconds": 1.0}, actor="t"
+            ).run.pk
+            for _ in range(RUNS)
+        ]
+        began = time.monotonic()
+
+        def measure() -> dict[str, int]:
+            running = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING).count()
+            return {"running": running, "connections": worker_connections()}
+
+        with sampled_peaks(measure, every=0.05) as peaks:
+            wait_for(lambda: finished(ids), 180, cluster.logs())
+        took = time.monotonic() - began
+    finally:
+        cluster.stop()
+
+    print(f"{RUNS} runs of a 1 s await on {SLOTS} slots: {took:.1f} s; peaks {dict(peaks)}")
+    statuses = set(Run.objects.filter(pk__in=ids).values_list("status", flat=True))
+    assert statuses == {"succeeded"}, cluster.logs()
+    # Many steps awaited at once in the one process (each waits 1 s; alone, 120 would take 120 s).
+    assert peaks["running"] >= SLOTS // 2, (peaks, took)
+    # Its coordination threads, plus its heartbeat watcher's connection while it renews.
+    assert 1 <= peaks["connections"] <= COORDINATION_THREADS + 1, peaks
+    # Every effect happened once: the outside world's count, and the ledger's record.
+    outside = redis.Redis.from_url(settings.REDIS_URL)
+    counts = [int(outside.get(f"test:notified:{run_id}") or 0) for run_id in ids]
+    assert counts == [1] * RUNS
+    committed = SideEffect.objects.filter(run_id__in=ids, status=EffectStatus.COMMITTED)
+    assert committed.count() == RUNS
+    assert check_invariants() == []
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_killed_with_many_steps_in_flight_loses_none_and_repeats_no_effect(
+    acme: Tenant, tmp_path: Path
+) -> None:
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=500)
+    caps = {"global": 500, "tenant_default": 500, "lane": {"draft": 500}}
+    cluster = Cluster(tmp_path, RUNWARDEN_CAPS=json.dumps(caps))
+    try:
+        doomed = cluster.worker("doomed", ["draft"], concurrency=SLOTS, pool="threads")
+        cluster.dispatcher()
+        start = {"tenant": acme, "workflow": "test.awaits_a_model", "input": {"wait_seconds": 2.0}}
+        ids = [run_start(**start, actor="t").run.pk for _ in range(RUNS)]
+        in_flight = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING)
+        wait_for(lambda: in_flight.count() >= SLOTS // 2, 60, cluster.logs())
+        killed_with = in_flight.count()
+        os.killpg(doomed.pid, signal.SIGKILL)
+        cluster.worker("heir", ["draft"], concurrency=SLOTS, pool="threads")
+        wait_for(lambda: finished(ids), 180, cluster.logs())
+    finally:
+        cluster.stop()
+
+    runs = dict(Run.objects.filter(pk__in=ids).values_list("pk", "status"))
+    outside = redis.Redis.from_url(settings.REDIS_URL)
+    counts = {run_id: int(outside.get(f"test:notified:{run_id}") or 0) for run_id in ids}
+    # No effect twice; a run whose effect the kill cut off mid-call waits for a reviewer (it may
+    # have happened), every other run finished with its effect done once.
+    assert max(counts.values()) == 1, counts
+    for run_id, status in runs.items():
+        if status == "conflict":
+            assert SideEffect.objects.get(run_id=run_id).status == EffectStatus.PROPOSED
+        else:
+            assert (status, counts[run_id]) == ("succeeded", 1), cluster.logs()
+    retried = Run.objects.filter(pk__in=ids, steps__attempt__gt=1).count()
+    assert retried >= killed_with - 5, (retried, killed_with)  # those in flight ran again elsewhere
+    assert check_invariants() == []
