@@ -139,13 +139,19 @@ def _celery(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "core", *args, "--loglevel", "WARNING"]
 
 
-def start_step_workers(workdir: Path, step_workers: int, env: Mapping[str, str]) -> ProcessSet:
+def start_step_workers(
+    workdir: Path, step_workers: int, env: Mapping[str, str], threads: int = 0
+) -> ProcessSet:
     """N step-executing workers, one solo-pool process each, on the step queues. Both sides of
-    the comparison (raw Celery and Runwarden) run exactly these."""
+    the comparison (raw Celery and Runwarden) run exactly these. ``threads``: each runs that
+    many steps at once on Celery's threads pool instead (the waiting lanes' shape)."""
     processes = ProcessSet()
+    flags = WORKER_FLAGS
+    if threads:
+        flags = ["--pool", "threads", "--concurrency", str(threads), *WORKER_FLAGS[2:]]
     for number in range(1, step_workers + 1):
         node = f"bench-steps{number}@{platform.node()}"
-        argv = _celery("worker", "-n", node, "-Q", STEP_QUEUES, *WORKER_FLAGS)
+        argv = _celery("worker", "-n", node, "-Q", STEP_QUEUES, *flags)
         processes.add(_spawn(f"steps{number}", "steps", argv, workdir, env, hostname=node))
     return processes
 
@@ -154,14 +160,16 @@ def has_dispatcher_command() -> bool:
     return "dispatcher" in get_commands()
 
 
-def start_runwarden_processes(workdir: Path, step_workers: int, env: Mapping[str, str]) -> ProcessSet:
+def start_runwarden_processes(
+    workdir: Path, step_workers: int, env: Mapping[str, str], threads: int = 0
+) -> ProcessSet:
     """Runwarden's processes: N step workers, then the engine's own process(es).
 
     With a ``dispatcher`` management command: ``python manage.py dispatcher``. Without one (the
     engine before issue 8): a maintenance worker (dispatch, reap) and beat, which ticks them.
     The engine's own processes are Runwarden's cost, not step-executing workers.
     """
-    processes = start_step_workers(workdir, step_workers, env)
+    processes = start_step_workers(workdir, step_workers, env, threads)
     if has_dispatcher_command():
         processes.engine = "dispatcher process (manage.py dispatcher)"
         argv = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "dispatcher"]
@@ -393,3 +401,14 @@ def machine_info(monitor: Monitor, redis_client: Any) -> dict[str, Any]:
         "celery": celery.__version__,
         "commit": f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else "",
     }
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory, in MB (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None

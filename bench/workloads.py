@@ -7,19 +7,19 @@ import it too, since many tests start the cheapest run there is, ``bench.noop``.
 
 - ``bench.noop``: one no-op step on lane read;
 - ``bench.five``: five no-op steps on lane read;
-- ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft).
+- ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft);
+- ``bench.agent_io``: one async step awaiting a 1 s stand-in for a model call (lane draft).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+from typing import Any
 
 import pydantic
 
+from runs.context import AsyncStepContext, StepContext
 from runs.definitions import ApprovalPolicy, workflow
-
-if TYPE_CHECKING:
-    from runs.context import StepContext
 
 FIVE_STEPS = 5
 
@@ -51,4 +51,22 @@ def draft(ctx: StepContext) -> dict[str, Any]:
 
 @bench_gated.step(key="apply", lane="draft", approval=ApprovalPolicy(required=1, roles=("operator",)))
 def apply(ctx: StepContext) -> dict[str, Any]:
+    return {}
+
+
+class AgentInput(pydantic.BaseModel):
+    """How long the stand-in model call takes (1 s unless given)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    wait_seconds: float = pydantic.Field(default=1.0, ge=0, le=60)
+
+
+bench_agent_io = workflow(
+    "bench.agent_io", description="One step awaiting a stand-in model call (for make bench)", input=AgentInput
+)
+
+
+@bench_agent_io.step(key="await_model", lane="draft")
+async def _await_model(ctx: AsyncStepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(ctx.input.get("wait_seconds", 1.0)))
     return {}

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +43,7 @@ from bench.harness import (
     log_tail,
     machine_info,
     percentile,
+    rss_mb,
     start_runwarden_processes,
     start_step_workers,
     stop_all_started,
@@ -65,6 +67,7 @@ GOALS = {
     "pg_transactions_per_step": "≤ 4",
     "pg_transactions_per_further_step": "≤ 2",
     "approve_to_resume_ms": "p50 < 100",
+    "agent_io": "elapsed ≤ 4.5 s on 100 slots (ideal 3 s)",
 }
 
 
@@ -217,8 +220,8 @@ class Bench:
             self.problem(f"{label}: {retried} steps needed more than one attempt (up to {worst})")
 
     @contextlib.contextmanager
-    def runwarden(self, workers: int) -> Iterator[ProcessSet]:
-        processes = start_runwarden_processes(self.workdir, workers, self.env)
+    def runwarden(self, workers: int, threads: int = 0) -> Iterator[ProcessSet]:
+        processes = start_runwarden_processes(self.workdir, workers, self.env, threads)
         self.engine = processes.engine
         try:
             missing = wait_for_workers(processes, timeout=self.budget(60))
@@ -491,6 +494,59 @@ class Bench:
         user.api_tokens.all().delete()
         return api_token_issue(user=user, name="make bench")
 
+    def agent_io(self, workers: int, slots: int, runs: int) -> dict[str, Any]:
+        """``runs`` one-step runs whose step awaits a 1 s stand-in for a model call, on
+        ``workers`` threads-pool step workers with ``slots`` slots in all: how close to the ideal
+        (runs x 1 s / slots) they finish, on how many PostgreSQL connections, in how much memory."""
+        self.need(40, "agent_io")
+        self.prepare()
+        per_worker = max(slots // workers, 1)
+        peak = {"connections": 0}
+        stop = threading.Event()
+
+        def count_connections() -> None:  # on a connection of its own, counted with the rest
+            conn = connection.get_new_connection(connection.get_connection_params())
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cursor:
+                    while not stop.wait(0.05):
+                        cursor.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND backend_type = 'client backend'"
+                        )
+                        peak["connections"] = max(peak["connections"], cursor.fetchone()[0])
+            finally:
+                conn.close()
+
+        with self.runwarden(workers, threads=per_worker) as processes:
+            self.warm_up(processes, "bench.agent_io", count=2)
+            sampler = threading.Thread(target=count_connections, daemon=True)
+            sampler.start()
+            t0, began = timezone.now(), time.monotonic()
+            ids = self.start_runs("bench.agent_io", runs)
+            started_in = time.monotonic() - began
+            waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+            rss = [rss_mb(p.popen.pid) for p in processes.procs if p.kind == "steps"]
+            stop.set()
+            sampler.join(5)
+        self.check_runs("agent_io", waited, ids)
+        last = Run.objects.filter(pk__in=ids, status=RunStatus.SUCCEEDED).aggregate(m=Max("finished_at"))["m"]
+        elapsed = (last - t0).total_seconds() if last and waited.done else None
+        ideal = max(1.0, runs * 1.0 / (per_worker * workers))
+        return {
+            "runs": runs,
+            "workers": workers,
+            "slots": per_worker * workers,
+            "succeeded": waited.succeeded,
+            "elapsed_s": round(elapsed, 2) if elapsed else None,
+            "ideal_s": round(ideal, 2),
+            "efficiency": round(ideal / elapsed, 3) if elapsed else None,
+            "runs_per_s": round(runs / elapsed, 1) if elapsed else None,
+            "start_seconds": round(started_in, 2),
+            "max_pg_connections": peak["connections"],
+            "worker_rss_mb": max((r for r in rss if r is not None), default=None),
+        }
+
     def backlog(self, workers: int, factor: int) -> dict[str, Any]:
         """factor x the worker slots started at once: all succeed, first attempts only."""
         self.need(40, "backlog")
@@ -587,7 +643,21 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             GOALS["approve_to_resume_ms"],
         ),
         ("backlog", backlog_text, "all succeed, first attempts only"),
+        ("agent_io", _agent_io_text(r.get("agent_io") or {}), GOALS["agent_io"]),
     ]
+
+
+def _agent_io_text(agent: dict[str, Any]) -> str:
+    if not agent:
+        return "n/a"
+    return (
+        f"{agent.get('succeeded')} of {agent.get('runs')} runs awaiting 1 s on {agent.get('slots')} slots "
+        f"({agent.get('workers')} process(es)): {_fmt(agent.get('elapsed_s'), ' s')} "
+        f"(ideal {_fmt(agent.get('ideal_s'), ' s')}, efficiency {_fmt(agent.get('efficiency'))}; "
+        f"starting them took {_fmt(agent.get('start_seconds'), ' s')}), "
+        f"{agent.get('max_pg_connections')} PostgreSQL connections at most (all processes), "
+        f"{_fmt(agent.get('worker_rss_mb'), ' MB')} per worker"
+    )
 
 
 SCALING_HEADER = ("step workers", "raw Celery tasks/s", "Runwarden runs/s", "ratio", "CPU busy", "top CPU")
@@ -812,6 +882,11 @@ class Command(BaseCommand):
         parser.add_argument("--latency-seconds", type=float, default=10.0)
         parser.add_argument("--backlog-factor", type=int, default=20, help="backlog = factor x worker slots")
         parser.add_argument("--scaling", default="1,2,4", help="step worker counts to measure")
+        parser.add_argument("--agent-runs", type=int, default=300, help="agent_io: runs awaiting 1 s each")
+        parser.add_argument("--agent-slots", type=int, default=100, help="agent_io: slots in all")
+        parser.add_argument(
+            "--agent-workers", type=int, default=2, help="agent_io: threads-pool step workers"
+        )
         parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole bench")
         parser.add_argument(
             "--max-window", type=float, default=90.0, help="seconds a throughput measurement may last"
@@ -917,6 +992,9 @@ class Command(BaseCommand):
                     "approvals",
                     "latency_seconds",
                     "backlog_factor",
+                    "agent_runs",
+                    "agent_slots",
+                    "agent_workers",
                     "budget",
                     "max_window",
                 )
@@ -980,6 +1058,13 @@ class Command(BaseCommand):
                 f"approve to resume, {options['approvals']} approvals",
                 lambda: bench.approvals(workers, options["approvals"]),
             )
+            phases["agent_io"] = phase(
+                f"agent_io: {options['agent_runs']} runs awaiting 1 s, {options['agent_slots']} slots "
+                f"on {options['agent_workers']} threads-pool worker(s)",
+                lambda: bench.agent_io(
+                    options["agent_workers"], options["agent_slots"], options["agent_runs"]
+                ),
+            )
             phases["backlog"] = phase(
                 f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
                 lambda: bench.backlog(workers, options["backlog_factor"]),
@@ -1008,6 +1093,7 @@ class Command(BaseCommand):
             dispatch_latency_ms=phases.get("dispatch_latency"),
             approve_to_resume_ms=phases.get("approvals"),
             backlog=phases.get("backlog"),
+            agent_io=phases.get("agent_io"),
             scaling={
                 "runs_per_s": {str(n): v["runs_per_s"] for n, v in sorted(ours.items())},
                 "celery_tasks_per_s": {str(n): v["tasks_per_s"] for n, v in sorted(raw.items())},
