@@ -18,10 +18,11 @@ import contextvars
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar
 
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from core import rawsql
 
@@ -62,6 +63,19 @@ class Coordinator:
         context = contextvars.copy_context()
         return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
 
+    def close(self) -> None:
+        """Close each thread's connection and stop the threads (a test's end, a worker's)."""
+        barrier = threading.Barrier(self.threads)
+
+        def close_here() -> None:
+            with suppress(threading.BrokenBarrierError):
+                barrier.wait(timeout=5)  # one call per thread: each waits for the others
+            connections.close_all()
+
+        for closing in [self._pool.submit(close_here) for _ in range(self.threads)]:
+            closing.result()
+        self._pool.shutdown()
+
     async def call_async(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``call`` for a coroutine: the event loop goes on while the coordination thread works."""
         context = contextvars.copy_context()
@@ -78,6 +92,14 @@ def coordinate_on_threads(threads: int) -> Coordinator:
     global _coordinator
     _coordinator = Coordinator(threads)
     return _coordinator
+
+
+def coordinate_in_place() -> None:
+    """Back to doing database work right where it is asked for; the threads are closed."""
+    global _coordinator
+    coordinator, _coordinator = _coordinator, None
+    if coordinator is not None:
+        coordinator.close()
 
 
 def current() -> Coordinator | None:

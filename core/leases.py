@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from core import rawsql, services
+from core import coordination, rawsql, services
 from core.models import Lease
 
 
@@ -371,8 +371,52 @@ def locks_acquire(
     Keys are taken in one canonical (sorted) order inside one transaction, so two callers
     wanting {A, B} and {B, A} cannot deadlock: no transaction ever waits while holding a lock
     another one needs. Raises LeaseHeld (``skip``, ``cancel_newest``) or LockTimeout (``wait``)
-    when the locks cannot be had.
+    when the locks cannot be had. Each attempt runs where this process does its database work
+    (core.coordination); a ``wait`` waits between attempts here, holding no connection.
     """
+    wait = LockWait(keys, wait_timeout)
+    while True:
+        grants = coordination.run(
+            locks_try_acquire,
+            tenant_id=tenant_id,
+            keys=keys,
+            holder=holder,
+            ttl=ttl,
+            policy=policy,
+            metadata=metadata,
+        )
+        if grants is not None:
+            return grants
+        time.sleep(wait.next_delay())
+
+
+class LockWait:
+    """How long a ``wait`` lock waits before its next attempt: full jitter, doubling up to a
+    quarter second, so waiters do not retry in lockstep; LockTimeout past ``wait_timeout``."""
+
+    def __init__(self, keys: Iterable[str], wait_timeout: float) -> None:
+        self.keys = ", ".join(sorted(set(keys)))
+        self.deadline = time.monotonic() + wait_timeout
+        self.delay = 0.005
+
+    def next_delay(self) -> float:
+        if time.monotonic() >= self.deadline:
+            raise LockTimeout(self.keys)
+        delay, self.delay = random.uniform(0, self.delay), min(self.delay * 2, 0.25)
+        return delay
+
+
+def locks_try_acquire(
+    *,
+    tenant_id: int,
+    keys: Iterable[str],
+    holder: str,
+    ttl: float,
+    policy: str = LockPolicy.WAIT,
+    metadata: dict[str, Any] | None = None,
+) -> list[LeaseGrant] | None:
+    """One attempt of ``locks_acquire``: the grants, or None when a ``wait`` lock must wait
+    (LeaseHeld for the other policies)."""
     if policy not in LockPolicy.ALL:
         raise ValueError(f"unknown lock policy {policy!r}; use one of {', '.join(LockPolicy.ALL)}")
     ordered = sorted(set(keys))
@@ -395,21 +439,10 @@ def locks_acquire(
                     payload={"keys": ordered, "revoked": preempted},
                 )
             return grants
-    deadline = time.monotonic() + wait_timeout
-    delay = 0.005
-    while True:
-        grants = _try_acquire_all(
-            tenant_id=tenant_id, keys=ordered, holder=holder, ttl=ttl, metadata=metadata
-        )
-        if grants is not None:
-            return grants
-        if policy != LockPolicy.WAIT:
-            raise LeaseHeld(", ".join(ordered))
-        if time.monotonic() >= deadline:
-            raise LockTimeout(", ".join(ordered))
-        # Full jitter keeps waiters from retrying in lockstep.
-        time.sleep(random.uniform(0, delay))
-        delay = min(delay * 2, 0.25)
+    grants = _try_acquire_all(tenant_id=tenant_id, keys=ordered, holder=holder, ttl=ttl, metadata=metadata)
+    if grants is None and policy != LockPolicy.WAIT:
+        raise LeaseHeld(", ".join(ordered))
+    return grants
 
 
 def locks_release(grants: Iterable[LeaseGrant]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,9 @@ NON_FIELD = "__all__"  # the path of an error about the value as a whole, as in 
 NUL_MESSAGE = "NUL characters (\\u0000) are not allowed"
 NUL_KEY_MESSAGE = "NUL characters (\\u0000) are not allowed in keys"
 NOT_FINITE_MESSAGE = "Input should be a finite number"
+SURROGATE_MESSAGE = "unpaired surrogate characters (\\ud800-\\udfff) are not allowed"
+# jsonb (UTF-8) refuses a surrogate code point, which only UTF-16 pairs into a character.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def dotted_path(loc: Sequence[str | int]) -> str:
@@ -24,11 +28,14 @@ def dotted_path(loc: Sequence[str | int]) -> str:
 def unstorable_values(value: Any, path: tuple[str | int, ...] = ()) -> dict[str, str]:
     """{dotted path: message} for each place in a JSON-like value that PostgreSQL refuses: a NUL
     character in a key or string (text and jsonb both refuse it), a NaN or infinite number (not
-    JSON, though Python's json module reads and writes them). Empty when the value is storable."""
+    JSON, though Python's json module reads and writes them), an unpaired surrogate (a "\\ud800"
+    escape JSON lets through and UTF-8 cannot hold). Empty when the value is storable."""
     found: dict[str, str] = {}
     if isinstance(value, str):
         if "\x00" in value:
             found[dotted_path(path)] = NUL_MESSAGE
+        elif _SURROGATE.search(value):
+            found[dotted_path(path)] = SURROGATE_MESSAGE
     elif isinstance(value, float):
         if not math.isfinite(value):
             found[dotted_path(path)] = NOT_FINITE_MESSAGE

@@ -13,8 +13,12 @@ from typing import Any, TypeVar
 
 from core import coordination, metrics
 from core.connections import BoundConnection, connection_for_run
-from core.leases import LeaseGrant, StaleToken, leases_renew, locks_acquire
+from core.leases import LeaseGrant, LockWait, StaleToken, leases_renew, locks_acquire, locks_try_acquire
+from runs.interrupts import LeaseLost, RunCancelled
 from runs.ledger import (
+    INTERRUPTIONS,
+    EffectClaim,
+    EffectNotStarted,
     EffectOutcome,
     effect_claim,
     effect_execute,
@@ -25,23 +29,6 @@ from runs.ledger import (
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step
 
 T = TypeVar("T")
-
-
-class StepInterrupted(Exception):
-    """The step must stop: its lease was lost or its run was cancelled."""
-
-
-class LeaseLost(StepInterrupted):
-    pass
-
-
-class StepTimedOut(BaseException):  # noqa: N818 — a BaseException, so no ``except Exception`` swallows it
-    """Raised inside a step body that ran past its timeout. Not an ``Exception``: the ledger
-    must not record an effect interrupted by it as failed (it may have happened)."""
-
-
-class RunCancelled(StepInterrupted):
-    pass
 
 
 @dataclass(frozen=True)
@@ -85,6 +72,17 @@ class StepContext:
     timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)
     _grants_lock: threading.Lock = field(default_factory=threading.Lock)
+    # An async body's effect mid-call, and a stop (its leases lost) that waits for its record.
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    _effect_running: bool = False
+    _stop_deferred: bool = False
+
+    def stop_after_effect(self) -> bool:
+        """The engine found the step's leases lost: True when an effect is mid-call, so the body
+        is to stop once it is recorded (``AsyncStepContext.effect`` does), False to stop now."""
+        with self._stop_lock:
+            self._stop_deferred = self._effect_running
+            return self._stop_deferred
 
     @property
     def run_id(self) -> str:
@@ -181,8 +179,7 @@ class StepContext:
 
     def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
         """Take entity locks for the rest of the step (released when it finishes)."""
-        grants = coordination.run(
-            locks_acquire,
+        grants = locks_acquire(  # its attempts on a coordination thread, its waits here
             tenant_id=self.tenant_id,
             keys=keys,
             holder=f"{self.run_id}:{self.step_key}",
@@ -313,7 +310,23 @@ class AsyncStepContext:
         await self._coordinate(self.sync.heartbeat)
 
     async def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
-        await self._coordinate(self.sync.lock, *keys, policy=policy, wait_timeout=wait_timeout)
+        """Take entity locks for the rest of the step; a ``wait`` awaits between attempts."""
+        wait = LockWait(keys, wait_timeout)
+        while True:
+            grants = await self._coordinate(
+                locks_try_acquire,
+                tenant_id=self.tenant_id,
+                keys=keys,
+                holder=f"{self.run_id}:{self.step_key}",
+                ttl=self.sync.lease_seconds,
+                metadata={"run_id": self.run_id, "step_id": self.step.pk, "step_key": self.step_key},
+                policy=policy,
+            )
+            if grants is not None:
+                break
+            await asyncio.sleep(wait.next_delay())
+        with self.sync._grants_lock:
+            self.sync.locks.extend(grants)
 
     async def checkpoint(self, data: Any) -> None:
         await self._coordinate(self.sync.checkpoint, data)
@@ -327,19 +340,58 @@ class AsyncStepContext:
         key: str = "",
         external_ref: Callable[[Any], str] | None = None,
     ) -> Any:
-        """Run a side effect through the ledger; a retry gets the recorded result back."""
+        """Run a side effect through the ledger; a retry gets the recorded result back.
+
+        A cancel never leaves the ledger guessing about what it knows: a claim or a record in
+        progress finishes first; a claim whose call never started is recorded as not sent
+        (unless the step timed out: its timeout already took the proposal to review); a lost
+        lease (the run cancelled) stops the body only once the call in flight is recorded, as
+        a plain body's would be."""
         await self.heartbeat()
-        claimed = await self._coordinate(
-            effect_claim,
-            run=self.run,
-            step=self.step,
-            kind=kind,
-            request=request,
-            idempotency_key=key,
-            lease=self.sync.lease,
-            external_ref=external_ref,
-            guard=self.sync.approval_guard,
+        with self.sync._stop_lock:
+            self.sync._effect_running = True
+        try:
+            outcome = await self._effect(kind, fn, request=request, key=key, external_ref=external_ref)
+        finally:
+            with self.sync._stop_lock:
+                self.sync._effect_running = False
+                deferred, self.sync._stop_deferred = self.sync._stop_deferred, False
+        if deferred:
+            await self.heartbeat()  # raises RunCancelled or LeaseLost: the stop that waited
+        return outcome
+
+    async def _effect(
+        self,
+        kind: str,
+        fn: Callable[[], Any],
+        *,
+        request: dict[str, Any] | None,
+        key: str,
+        external_ref: Callable[[Any], str] | None,
+    ) -> Any:
+        claiming = asyncio.ensure_future(
+            self._coordinate(
+                effect_claim,
+                run=self.run,
+                step=self.step,
+                kind=kind,
+                request=request,
+                idempotency_key=key,
+                lease=self.sync.lease,
+                external_ref=external_ref,
+                guard=self.sync.approval_guard,
+            )
         )
+        try:
+            claimed = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            await asyncio.wait([claiming])
+            late = None if claiming.cancelled() or claiming.exception() else claiming.result()
+            if isinstance(late, EffectClaim) and not self.sync.timed_out.is_set():
+                await self._to_the_end(
+                    effect_settle_failed, late, EffectNotStarted("cancelled before it ran")
+                )
+            raise
         if isinstance(claimed, EffectOutcome):
             return claimed.result
         try:
@@ -347,8 +399,23 @@ class AsyncStepContext:
                 result = fn()
                 if inspect.isawaitable(result):
                     result = await result
-        except Exception as exc:  # not a cancellation: that may have happened, it stays proposed
-            await self._coordinate(effect_settle_failed, claimed, exc)
+        except INTERRUPTIONS:
+            raise  # it may have happened: it stays proposed
+        except Exception as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the call failed as it was being cancelled: it may have happened
+            await self._to_the_end(effect_settle_failed, claimed, exc)
             raise
-        outcome = await self._coordinate(effect_settle, claimed, result)
+        outcome = await self._to_the_end(effect_settle, claimed, result)
         return outcome.result
+
+    async def _to_the_end(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """A coordination call that a cancel does not cut short: it finishes (its outcome
+        recorded), and the cancel goes on after."""
+        call = asyncio.ensure_future(self._coordinate(fn, *args, **kwargs))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            await asyncio.wait([call])
+            raise

@@ -21,6 +21,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Any
 
 from django.conf import settings
@@ -32,10 +33,11 @@ from core.leases import StaleToken, fenced_write, leases_renew
 from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
-from runs.context import AsyncStepContext, GateVerdict, LeaseLost, RunCancelled, StepContext, StepTimedOut
+from runs.context import AsyncStepContext, GateVerdict, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
 from runs.heartbeat import Heartbeat
+from runs.interrupts import LeaseLost, RunCancelled, StepTimedOut
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.locking import step_row_lock
 from runs.models import EffectStatus, SideEffect, Step, StepStatus
@@ -203,7 +205,7 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
     """Run the body; a string says how the step ended otherwise."""
     try:
         if inspect.iscoroutinefunction(spec.body):
-            with Heartbeat(ctx, on_timeout=_time_out, on_lost=_interrupt_body):
+            with Heartbeat(ctx, on_timeout=_time_out, on_lost=_stop_on_lost):
                 output = _run_async_body(ctx, spec.body)  # type: ignore[arg-type]  # an async body
         else:
             with Heartbeat(ctx, on_timeout=_time_out), _interruptible(ctx):
@@ -268,6 +270,8 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
         assert task is not None
         with _async_bodies_lock:
             _async_bodies[id(ctx)] = (loop, task)
+        if ctx.timed_out.is_set() or ctx._lost.is_set():
+            task.cancel()  # stopped before it was registered: the stop found nothing to cancel
         try:
             return await body(AsyncStepContext(ctx, own))
         except asyncio.CancelledError:
@@ -477,6 +481,13 @@ class _interruptible:
             _armed = None
 
 
+def _stop_on_lost(ctx: StepContext) -> None:
+    """A heartbeat found the step's leases gone (its run cancelled, or taken over): an async
+    body stops now, or once the effect it is in the middle of is recorded."""
+    if not ctx.stop_after_effect():
+        _interrupt_body(ctx)
+
+
 # The async bodies running in this process, by their context: a timeout or a lost lease
 # cancels the body's task (on its own loop's thread) instead of signalling.
 _async_bodies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
@@ -488,7 +499,8 @@ def _interrupt_body(ctx: StepContext) -> None:
         running = _async_bodies.get(id(ctx))
     if running is not None:
         loop, task = running
-        loop.call_soon_threadsafe(task.cancel)
+        with suppress(RuntimeError):  # its loop closed as the body returned
+            loop.call_soon_threadsafe(task.cancel)
         return
     with _armed_lock:
         armed = _armed is ctx

@@ -18,6 +18,7 @@ from core import coordination, metrics, tallies
 from core.leases import LeaseGrant, fenced_write, lease_fence, live_leases_filter
 from core.models import Lease
 from core.validation import fingerprint
+from runs.interrupts import StepInterrupted
 from runs.locking import step_row_lock
 from runs.models import EffectStatus, Run, SideEffect, Step
 
@@ -30,6 +31,11 @@ class EffectError(Exception):
 
 class EffectRequestMismatch(EffectError):
     """The idempotency key was used before for a different request."""
+
+
+class EffectNotStarted(EffectError):
+    """Recorded as the failure of a claimed effect whose call never started (its step was
+    stopped in between): it did not happen, so a retry sends it."""
 
 
 class EffectUnresolved(EffectError):
@@ -90,6 +96,19 @@ def _propose(
     )
 
 
+# What stops an effect's call from outside (a soft time limit, a lost lease or a cancelled run
+# noticed by a heartbeat inside it): it may have happened, so it is never recorded as failed.
+INTERRUPTIONS = (SoftTimeLimitExceeded, StepInterrupted)
+
+
+def refuse_inside_transaction() -> None:
+    """An effect's proposal must commit before it runs: never inside the caller's transaction."""
+    if transaction.get_connection().in_atomic_block:
+        raise RuntimeError(
+            "effect_execute must not run inside a transaction (the proposal must commit first)"
+        )
+
+
 @dataclass(frozen=True)
 class EffectClaim:
     """A proposal this caller owns: it runs the effect, then settles it (``effect_settle``)."""
@@ -129,6 +148,7 @@ def effect_execute(
     (An async step runs the same three parts with its awaited ``fn`` between them:
     ``runs.context.AsyncStepContext.effect``.)
     """
+    refuse_inside_transaction()  # here: the caller's own connection is the one that matters
     # The ledger's writes where this process does its database work (core.coordination); ``fn``
     # runs here, on the caller's thread.
     claimed = coordination.run(
@@ -147,8 +167,8 @@ def effect_execute(
     try:
         with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
             result = fn()
-    except SoftTimeLimitExceeded:
-        raise  # interrupted from outside: it may have happened, so it stays proposed (ambiguous)
+    except INTERRUPTIONS:
+        raise  # interrupted, not refused: it may have happened, so it stays proposed (ambiguous)
     except Exception as exc:
         coordination.run(effect_settle_failed, claimed, exc)
         raise
@@ -168,10 +188,7 @@ def effect_claim(
 ) -> EffectOutcome | EffectClaim:
     """Steps 1 and 2 of ``effect_execute``: the recorded outcome when there is one to replay,
     else the claim this caller now owns and must settle. Raises as ``effect_execute`` does."""
-    if transaction.get_connection().in_atomic_block:
-        raise RuntimeError(
-            "effect_execute must not run inside a transaction (the proposal must commit first)"
-        )
+    refuse_inside_transaction()
     key = idempotency_key or f"{run.id}:{step.key if step else '-'}:{kind}"
     request = request or {}
     request_fingerprint = fingerprint(request)

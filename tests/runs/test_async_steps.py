@@ -8,22 +8,40 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
 from datetime import date
 from typing import Any
 
 import pytest
+from django.db import connections
 
-from core.models import Tenant
+from core import coordination
+from core.models import Lease, Tenant
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import WorkflowDefinitionError, WorkflowInput, workflow
-from runs.dispatch import dispatch_round
+from runs.dispatch import Admission, dispatch_round
 from runs.executor import step_execute
 from runs.invariants import check_invariants
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus
 from runs.services import run_cancel, run_start
 from tests.approvals.helpers import pump, pump_until
+from tests.runs.cluster import wait_for
 
 pytestmark = pytest.mark.both_dialects
+
+
+@pytest.fixture(autouse=True, params=["in place", "on coordination threads"])
+def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test twice: as a prefork or solo worker runs steps (its database work in place, an
+    async body's on a thread of the step's own), and as a threads-pool worker does (handed to
+    the process's few coordination threads)."""
+    MAILER.sent.clear()  # the outside world starts afresh
+    if request.param == "on coordination threads":
+        coordination.coordinate_on_threads(2)
+    try:
+        yield request.param
+    finally:
+        coordination.coordinate_in_place()
 
 
 class Question(WorkflowInput):
@@ -83,6 +101,21 @@ async def send_reply(ctx: AsyncStepContext) -> dict[str, Any]:
 @answering.step(lane="read")
 def summarise(ctx: StepContext) -> dict[str, Any]:  # a plain step after async ones, same run
     return {"summary": f"sent {ctx.outputs['send_reply']['message_id']}"}
+
+
+def executing(admission: Admission, outcome: list[str]) -> threading.Thread:
+    """The admitted step executing on a thread of its own, as a worker's slot runs it; its
+    outcome appended to ``outcome``."""
+
+    def execute() -> None:
+        try:
+            outcome.append(step_execute(step_id=admission.step_id, token=admission.token))
+        finally:
+            connections.close_all()  # this thread's own, if it opened one
+
+    thread = threading.Thread(target=execute)
+    thread.start()
+    return thread
 
 
 def run_to_its_end(run: Run) -> Run:
@@ -163,12 +196,8 @@ def test_a_cancelled_runs_async_step_stops_within_a_heartbeat(acme: Tenant) -> N
     run = run_start(tenant=acme, workflow=slow_thinking.key, input={"seconds": 5.0}, actor="t").run
     (admission,) = dispatch_round()
     outcome: list[str] = []
-    worker = threading.Thread(
-        target=lambda: outcome.append(step_execute(step_id=admission.step_id, token=admission.token))
-    )
-    worker.start()
-    while BODY_EVENTS.get(run.pk) != ["started"]:
-        time.sleep(0.01)
+    worker = executing(admission, outcome)
+    wait_for(lambda: BODY_EVENTS.get(run.pk) == ["started"], 10, "the body never started", interval=0.01)
     cancelled_at = time.monotonic()
     assert run_cancel(run=run, actor="t")
     worker.join(5)
@@ -252,8 +281,8 @@ def test_an_output_that_cannot_be_stored_fails_the_step_at_once_with_the_reason(
     assert run_to_its_end(normal).status == RunStatus.SUCCEEDED
 
 
-def test_a_body_that_yields_is_refused_when_it_is_declared() -> None:
-    refused = workflow("test.refused_generators", description="never registered whole")
+def test_a_body_that_yields_is_refused_when_it_is_declared(database_work: str) -> None:
+    refused = workflow(f"test.refused_generators.{database_work}", description="never registered whole")
 
     def yields(ctx: StepContext) -> Any:
         yield {"partial": True}
@@ -265,3 +294,100 @@ def test_a_body_that_yields_is_refused_when_it_is_declared() -> None:
         with pytest.raises(WorkflowDefinitionError, match="must return its result"):
             refused.step(lane="read")(body)
     assert refused.steps == []
+
+
+# A run cancelled while an effect's call is in flight: the call finishes and is recorded (as a
+# plain body's would), then the body stops; nothing is left for a reviewer to guess about.
+slow_tool = workflow("test.async_slow_tool", description="its tool call takes a second", input=Slow)
+
+
+@slow_tool.step(lane="external", lease_seconds=0.6, max_attempts=1)
+async def call_the_slow_tool(ctx: AsyncStepContext) -> dict[str, Any]:
+    events = BODY_EVENTS.setdefault(ctx.run_id, [])
+
+    async def slow_send() -> dict[str, Any]:
+        events.append("calling")
+        sent = await MAILER.send(f"slow {ctx.run_id}")
+        await asyncio.sleep(ctx.input["seconds"])
+        events.append("called")
+        return sent
+
+    sent = await ctx.effect("mail.send", slow_send)
+    events.append("after the effect")  # never reached: the cancel stops it once it is recorded
+    return sent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cancel_during_an_async_effect_lets_the_call_finish_and_be_recorded(acme: Tenant) -> None:
+    run = run_start(tenant=acme, workflow=slow_tool.key, input={"seconds": 1.0}, actor="t").run
+    (admission,) = dispatch_round()
+    outcome: list[str] = []
+    worker = executing(admission, outcome)
+    wait_for(lambda: BODY_EVENTS.get(run.pk) == ["calling"], 10, "the call never started", interval=0.01)
+    assert run_cancel(run=run, actor="t")
+    worker.join(10)
+    assert outcome == ["cancelled"]
+    assert BODY_EVENTS[run.pk] == ["calling", "called"]
+    effect = SideEffect.objects.get(run=run)
+    assert effect.status == EffectStatus.COMMITTED, "the call happened: the ledger says so"
+    assert MAILER.sent.count(f"slow {run.pk}") == 1
+    assert check_invariants() == []
+
+
+# A lock wait holds no coordination thread: with one, a step waiting for a key must not keep
+# the key's holder from finishing (and releasing it), nor another step from running.
+holding = workflow("test.async_holds_a_key", description="holds a key for a while", input=Slow)
+waiting = workflow("test.async_waits_for_a_key", description="waits for that key", input=Slow)
+quick = workflow("test.async_quick", description="needs nothing", input=Slow)
+FINISHED_AT: dict[str, float] = {}
+
+
+@holding.step(lane="read")
+async def hold_the_key(ctx: AsyncStepContext) -> dict[str, Any]:
+    await ctx.lock("contact:1")
+    await asyncio.sleep(ctx.input["seconds"])
+    FINISHED_AT["holder"] = time.monotonic()
+    return {}
+
+
+@waiting.step(lane="read")
+async def wait_for_the_key(ctx: AsyncStepContext) -> dict[str, Any]:
+    await ctx.lock("contact:1", wait_timeout=10)
+    FINISHED_AT["waiter"] = time.monotonic()
+    return {}
+
+
+@quick.step(lane="read")
+async def need_nothing(ctx: AsyncStepContext) -> dict[str, Any]:
+    FINISHED_AT["quick"] = time.monotonic()
+    return {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_waiting_for_a_lock_holds_back_neither_the_holder_nor_others(
+    acme: Tenant, database_work: str
+) -> None:
+    if database_work == "on coordination threads":
+        coordination.coordinate_in_place()
+        coordination.coordinate_on_threads(1)  # the tightest: one thread for every step
+    FINISHED_AT.clear()
+
+    def execute_next(workflow_key: str) -> threading.Thread:
+        run_start(tenant=acme, workflow=workflow_key, input={"seconds": 0.8}, actor="t")
+        (admission,) = dispatch_round()
+        thread = threading.Thread(
+            target=step_execute, kwargs={"step_id": admission.step_id, "token": admission.token}
+        )
+        thread.start()
+        return thread
+
+    holder = execute_next(holding.key)
+    wait_for(
+        lambda: Lease.objects.filter(key="contact:1", released_at__isnull=True).exists(), 10, "never held"
+    )
+    threads = [holder, execute_next(waiting.key), execute_next(quick.key)]
+    for thread in threads:
+        thread.join(15)
+    assert set(FINISHED_AT) == {"holder", "waiter", "quick"}, "the waiter got the key once it was free"
+    assert FINISHED_AT["quick"] < FINISHED_AT["holder"] < FINISHED_AT["waiter"]
+    assert check_invariants() == []

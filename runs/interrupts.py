@@ -1,0 +1,21 @@
+"""Why a running step must stop: raised inside its body (from ``ctx`` calls, or by the engine)
+so the body unwinds, and never recorded by the ledger as an effect that did not happen."""
+
+from __future__ import annotations
+
+
+class StepInterrupted(Exception):
+    """The step must stop: its lease was lost or its run was cancelled."""
+
+
+class LeaseLost(StepInterrupted):
+    pass
+
+
+class RunCancelled(StepInterrupted):
+    pass
+
+
+class StepTimedOut(BaseException):  # noqa: N818 — a BaseException, so no ``except Exception`` swallows it
+    """Raised inside a step body that ran past its timeout. Not an ``Exception``: the ledger
+    must not record an effect interrupted by it as failed (it may have happened)."""
