@@ -207,6 +207,35 @@ def leases_renew(
     return [LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expires_at) for g in grants]
 
 
+def leases_renew_many(
+    holders: Sequence[tuple[Sequence[LeaseGrant], float]], *, now: datetime | None = None
+) -> list[list[LeaseGrant] | None]:
+    """Renew the leases of many holders at once (a worker's running steps: each its grants and
+    its lease length) in ONE statement; per holder, its renewed grants, or None when one of
+    its leases was lost (that holder alone: the others are renewed)."""
+    grants = [grant for owned, _ in holders for grant in owned]
+    if not grants:
+        return [[] for _ in holders]
+    now = _now(now)
+    expiry = {grant.id: now + timedelta(seconds=ttl) for owned, ttl in holders for grant in owned}
+    owned, owned_params = owned_sql(grants)
+    cases = " ".join(["WHEN %s THEN %s"] * len(expiry))
+    case_params = [v for lease_id, expires in expiry.items() for v in (lease_id, _adapt(expires))]
+    sql = (
+        f"UPDATE core_lease SET renewed_at = %s, expires_at = CASE id {cases} END"
+        f" WHERE {owned} AND {live_lease_sql()} RETURNING id"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_adapt(now), *case_params, *owned_params, _adapt(now)])
+        alive = {row[0] for row in cursor.fetchall()}
+    return [
+        [LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expiry[g.id]) for g in owned]
+        if all(g.id in alive for g in owned)
+        else None
+        for owned, _ in holders
+    ]
+
+
 def lease_release(*, grant: LeaseGrant, now: datetime | None = None) -> bool:
     """Release a lease. False when the token no longer held it."""
     return leases_release([grant], now=now) == 1

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from django.db import connection, connections, transaction
 
 from core import rawsql
-from core.leases import StaleToken
+from core.leases import LeaseGrant, leases_renew_many
 from runs.context import StepContext
 
 logger = logging.getLogger(__name__)
@@ -77,24 +77,18 @@ class Heartbeat:
             )
             self.stopping.start()
 
-    def renew(self) -> bool:
-        """Renew the step's leases (False: they are lost; watch it no more). A renewal that
-        waits for a row lock gives up after a while and is tried again at the next beat, so
-        one stuck renewal cannot hold up the others of this process for long."""
-        try:
-            with transaction.atomic():
-                if rawsql.on_postgresql():
-                    with connection.cursor() as cursor:
-                        cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
-                self.ctx.renew()
-        except StaleToken:
+    def renewed(self, grants: list[LeaseGrant] | None) -> bool:
+        """Take a renewal's outcome: the step's grants renewed, or None when they are lost (then
+        the step is told, and False: watch it no more)."""
+        if grants is None:
+            self.ctx._lost.set()
             if not self.finished:
                 logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
                 if self.on_lost is not None:
                     self.on_lost(self.ctx)
             return False
-        except Exception:
-            logger.warning("heartbeat of step %s failed; trying again", self.ctx.step.pk, exc_info=True)
+        with self.ctx._grants_lock:
+            self.ctx.lease, self.ctx.locks = grants[0], grants[1:]
         self.next_beat = time.monotonic() + self.interval
         return True
 
@@ -149,18 +143,42 @@ class _Watcher:
                     self.cond.wait(self.wake_at - now)
                     self.wake_at = -math.inf
                     continue
+                # Renewed with them: the steps due within half a beat (early is harmless), so the
+                # steps of a busy process fall into step and share one statement per beat.
+                soon = [
+                    h for h in self.watched.values() if not h.overdue and h.next_beat - now <= h.interval / 2
+                ]
             # Outside the lock: a renewal is a round trip to the database. Timeouts first, so a
             # slow renewal never delays stopping a step.
-            for heartbeat in sorted(due, key=lambda h: not h.overdue):
+            for heartbeat in (h for h in due if h.overdue):
                 try:
-                    if heartbeat.overdue:
-                        heartbeat.time_out()
-                        self.unwatch(heartbeat)
-                    elif not heartbeat.renew():
-                        self.unwatch(heartbeat)
+                    heartbeat.time_out()
                 except Exception:  # this thread must outlive any one step's trouble
-                    logger.exception("heartbeat of step %s failed", heartbeat.ctx.step.pk)
+                    logger.exception("stopping step %s failed", heartbeat.ctx.step.pk)
+                self.unwatch(heartbeat)
+            self._renew_together([h for h in soon if not h.overdue])
             connections.close_all()  # this thread's connection is idle until the next beat
+
+    def _renew_together(self, heartbeats: list[Heartbeat]) -> None:
+        """Renew the leases of these steps in one statement. One that waits for a row lock gives
+        up after a while and is tried again at the next beat, so a stuck renewal cannot hold
+        up the steps of this process for long."""
+        if not heartbeats:
+            return
+        try:
+            with transaction.atomic():
+                if rawsql.on_postgresql():
+                    with connection.cursor() as cursor:
+                        cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
+                renewed = leases_renew_many([(h.ctx.grants(), h.ctx.lease_seconds) for h in heartbeats])
+        except Exception:
+            logger.warning(
+                "renewing the leases of %d steps failed; trying again", len(heartbeats), exc_info=True
+            )
+            return
+        for heartbeat, grants in zip(heartbeats, renewed, strict=True):
+            if not heartbeat.renewed(grants):
+                self.unwatch(heartbeat)
 
 
 _watcher = _Watcher()

@@ -6,7 +6,8 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core.leases import (
@@ -19,6 +20,7 @@ from core.leases import (
     lease_renew,
     lease_revoke,
     leases_renew,
+    leases_renew_many,
 )
 from core.models import Event, Lease, Tenant
 from tests.concurrency import run_concurrently
@@ -90,6 +92,32 @@ def test_renewing_extends_the_lease(acme: Tenant) -> None:
     assert (
         lease_acquire(tenant_id=acme.pk, key="k", holder="b", ttl=5, now=now + timedelta(seconds=7)) is None
     )
+
+
+@pytest.mark.django_db
+def test_many_holders_renew_in_one_statement_and_a_lost_one_is_told_alone(acme: Tenant) -> None:
+    now = timezone.now()
+
+    def held(key: str, ttl: float) -> LeaseGrant:
+        grant = lease_acquire(tenant_id=acme.pk, key=key, holder=key, ttl=ttl, now=now)
+        assert grant is not None
+        return grant
+
+    # Three steps: one with an entity lock too, one with a longer lease, one whose lock expired.
+    first = [held("step:1", 5), held("contact:1", 5)]
+    second = [held("step:2", 20)]
+    third = [held("step:3", 5), held("contact:3", 1)]
+    later = now + timedelta(seconds=4)
+    with CaptureQueriesContext(connection) as queries:
+        renewed = leases_renew_many([(first, 5), (second, 20), (third, 5)], now=later)
+    assert len(queries.captured_queries) == 1
+    assert renewed[2] is None, "its lock ran out: it is told, and only it"
+    assert [g.expires_at for g in renewed[0] or []] == [later + timedelta(seconds=5)] * 2
+    assert [g.expires_at for g in renewed[1] or []] == [later + timedelta(seconds=20)]
+    stored = dict(Lease.objects.values_list("key", "expires_at"))
+    assert stored["step:1"] == stored["contact:1"] == later + timedelta(seconds=5)
+    assert stored["step:2"] == later + timedelta(seconds=20)
+    assert leases_renew_many([], now=later) == []
 
 
 @pytest.mark.django_db
