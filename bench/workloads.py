@@ -8,7 +8,8 @@ import it too, since many tests start the cheapest run there is, ``bench.noop``.
 - ``bench.noop``: one no-op step on lane read;
 - ``bench.five``: five no-op steps on lane read;
 - ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft);
-- ``bench.agent_io``: one async step awaiting a 1 s stand-in for a model call (lane draft).
+- ``bench.agent_io``: one async step awaiting a 1 s stand-in for a model call (lane draft);
+- ``bench.keyed``: one async step holding its entity key's lock for 50 ms (lane draft).
 """
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ bench_agent_io = workflow(
 async def _await_model(ctx: AsyncStepContext) -> dict[str, Any]:
     await asyncio.sleep(float(ctx.input.get("wait_seconds", 1.0)))
     return {}
+
+
+class KeyedInput(pydantic.BaseModel):
+    """Which of the bench's entity keys the run's step locks."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    key: int = pydantic.Field(default=0, ge=0)
+
+
+bench_keyed = workflow(
+    "bench.keyed", description="One step holding an entity key for 50 ms (for make bench)", input=KeyedInput
+)
+
+
+@bench_keyed.step(key="hold_key", lane="draft", locks=["bench_key:{key}"])
+async def _hold_key(ctx: AsyncStepContext) -> dict[str, Any]:
+    await asyncio.sleep(KEY_HOLD_SECONDS)
+    return {}
+
+
+KEY_HOLD_SECONDS = 0.05

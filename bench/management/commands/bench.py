@@ -19,9 +19,12 @@ import signal
 import threading
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import import_module
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from bench.harness import (
     stop_all_started,
     wait_for_workers,
 )
+from bench.workloads import KEY_HOLD_SECONDS
 from core.models import Membership, Role, Tenant, User
 from core.services import api_token_issue
 from runs.models import Run, RunStatus, Step, StepStatus
@@ -68,6 +72,7 @@ GOALS = {
     "pg_transactions_per_further_step": "≤ 2",
     "approve_to_resume_ms": "p50 < 100",
     "agent_io": "elapsed ≤ 4.5 s on 100 slots (ideal 3 s)",
+    "keyed": "overlap 0; elapsed near the ideal",
 }
 
 
@@ -156,15 +161,27 @@ class Bench:
         statement_counter.flush_now()
         return statement_counter.read_totals(self.redis, STATEMENTS_KEY)
 
-    def start_runs(self, workflow: str, count: int, per_second: float | None = None) -> list[str]:
+    def start_runs(
+        self,
+        workflow: str,
+        count: int,
+        per_second: float | None = None,
+        inputs: Callable[[int], dict[str, Any]] | None = None,
+    ) -> list[str]:
+        """Start ``count`` runs one after the other, as an integrator's code would; how long each
+        ``run_start`` took is kept in ``start_seconds``."""
         ids = []
+        self.start_seconds: list[float] = []
         began = time.monotonic()
         for number in range(count):
             if per_second:
                 delay = began + number / per_second - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            start = run_start(tenant=self.tenant, workflow=workflow, input={}, actor=ACTOR)
+            called = time.monotonic()
+            given = inputs(number) if inputs else {}
+            start = run_start(tenant=self.tenant, workflow=workflow, input=given, actor=ACTOR)
+            self.start_seconds.append(time.monotonic() - called)
             ids.append(start.run.id)
         return ids
 
@@ -538,6 +555,7 @@ class Bench:
             "workers": workers,
             "slots": per_worker * workers,
             "succeeded": waited.succeeded,
+            "start_ms": _percentile_ms(self.start_seconds),
             "elapsed_s": round(elapsed, 2) if elapsed else None,
             "ideal_s": round(ideal, 2),
             "efficiency": round(ideal / elapsed, 3) if elapsed else None,
@@ -545,6 +563,48 @@ class Bench:
             "start_seconds": round(started_in, 2),
             "max_pg_connections": peak["connections"],
             "worker_rss_mb": max((r for r in rss if r is not None), default=None),
+        }
+
+    def keyed(self, workers: int, slots: int, runs: int, keys: int) -> dict[str, Any]:
+        """``runs`` runs over ``keys`` entity keys, each step holding its key's lock for 50 ms, on
+        ``workers`` threads-pool step workers with ``slots`` slots in all: how close to the ideal
+        (runs ÷ keys x 50 ms) they finish, the most steps of one key that ever overlapped (must be
+        0), and each key's hand-over: one holder's finish to the next one's start."""
+        self.need(40, "keyed")
+        self.prepare()
+        with self.runwarden(workers, threads=max(slots // workers, 1)) as processes:
+            self.warm_up(processes, "bench.keyed", count=2)
+            t0 = timezone.now()
+            ids = self.start_runs("bench.keyed", runs, inputs=lambda n: {"key": n % keys})
+            waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+        self.check_runs("keyed", waited, ids)
+        # Each key's holders, by when they started: [started_at, finished_at] of its steps.
+        held: defaultdict[int, list[tuple[datetime, datetime]]] = defaultdict(list)
+        done = Step.objects.filter(run_id__in=ids, status=StepStatus.SUCCEEDED)
+        for run_input, started, finished in done.values_list("run__input", "started_at", "finished_at"):
+            if started is not None and finished is not None:
+                held[run_input["key"]].append((started, finished))
+        overlaps, handoffs = 0, []
+        for spans in held.values():
+            spans.sort()
+            for (_, before_end), (after_start, _) in pairwise(spans):
+                if after_start < before_end:
+                    overlaps += 1
+                else:
+                    handoffs.append((after_start - before_end).total_seconds())
+        last = max((end for spans in held.values() for _, end in spans), default=None)
+        elapsed = (last - t0).total_seconds() if last and waited.done else None
+        ideal = runs / keys * KEY_HOLD_SECONDS
+        return {
+            "runs": runs,
+            "keys": keys,
+            "slots": slots,
+            "succeeded": waited.succeeded,
+            "elapsed_s": round(elapsed, 2) if elapsed else None,
+            "ideal_s": round(ideal, 2),
+            "elapsed_over_ideal": round(elapsed / ideal, 2) if elapsed else None,
+            "max_overlap": overlaps,
+            "key_handoff_ms": _percentile_ms(handoffs),
         }
 
     def backlog(self, workers: int, factor: int) -> dict[str, Any]:
@@ -573,6 +633,12 @@ class Bench:
             "start_seconds": round(started_in, 3),
             "drain_s": round((last - t0).total_seconds(), 3) if last and waited.done else None,
         }
+
+
+def _percentile_ms(seconds: Sequence[float]) -> dict[str, Any]:
+    """``{p50, p99, n}`` in ms of durations in seconds."""
+    in_ms = [value * 1000 for value in seconds]
+    return {"p50": _ms(percentile(in_ms, 50)), "p99": _ms(percentile(in_ms, 99)), "n": len(in_ms)}
 
 
 def _ms(value: float | None) -> float | None:
@@ -644,7 +710,29 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("backlog", backlog_text, "all succeed, first attempts only"),
         ("agent_io", _agent_io_text(r.get("agent_io") or {}), GOALS["agent_io"]),
+        ("keyed", _keyed_text(r.get("keyed") or {}), GOALS["keyed"]),
+        (
+            "start_ms",
+            f"{_percentiles(r.get('start_ms') or {})} (run_start in-process, as agent_io starts)",
+            "",
+        ),
+        (
+            "key_handoff_ms",
+            f"{_percentiles(r.get('key_handoff_ms') or {})} (a key's holder finished → its next one started)",
+            "",
+        ),
     ]
+
+
+def _keyed_text(keyed: dict[str, Any]) -> str:
+    if not keyed:
+        return "n/a"
+    return (
+        f"{keyed.get('succeeded')} of {keyed.get('runs')} runs over {keyed.get('keys')} keys on "
+        f"{keyed.get('slots')} slots: {_fmt(keyed.get('elapsed_s'), ' s')} "
+        f"(ideal {_fmt(keyed.get('ideal_s'), ' s')}, "
+        f"x{_fmt(keyed.get('elapsed_over_ideal'))}), largest overlap on one key {keyed.get('max_overlap')}"
+    )
 
 
 def _agent_io_text(agent: dict[str, Any]) -> str:
@@ -884,6 +972,7 @@ class Command(BaseCommand):
         parser.add_argument("--scaling", default="1,2,4", help="step worker counts to measure")
         parser.add_argument("--agent-runs", type=int, default=300, help="agent_io: runs awaiting 1 s each")
         parser.add_argument("--agent-slots", type=int, default=100, help="agent_io: slots in all")
+        parser.add_argument("--keyed-runs", type=int, default=200, help="keyed: runs over 10 entity keys")
         parser.add_argument(
             "--agent-workers", type=int, default=2, help="agent_io: threads-pool step workers"
         )
@@ -995,6 +1084,7 @@ class Command(BaseCommand):
                     "agent_runs",
                     "agent_slots",
                     "agent_workers",
+                    "keyed_runs",
                     "budget",
                     "max_window",
                 )
@@ -1065,6 +1155,10 @@ class Command(BaseCommand):
                     options["agent_workers"], options["agent_slots"], options["agent_runs"]
                 ),
             )
+            phases["keyed"] = phase(
+                f"keyed: {options['keyed_runs']} runs over 10 keys, 50 ms under the key's lock, 20 slots",
+                lambda: bench.keyed(options["agent_workers"], 20, options["keyed_runs"], 10),
+            )
             phases["backlog"] = phase(
                 f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
                 lambda: bench.backlog(workers, options["backlog_factor"]),
@@ -1094,6 +1188,9 @@ class Command(BaseCommand):
             approve_to_resume_ms=phases.get("approvals"),
             backlog=phases.get("backlog"),
             agent_io=phases.get("agent_io"),
+            keyed=phases.get("keyed"),
+            start_ms=(phases.get("agent_io") or {}).get("start_ms"),
+            key_handoff_ms=(phases.get("keyed") or {}).get("key_handoff_ms"),
             scaling={
                 "runs_per_s": {str(n): v["runs_per_s"] for n, v in sorted(ours.items())},
                 "celery_tasks_per_s": {str(n): v["tasks_per_s"] for n, v in sorted(raw.items())},
