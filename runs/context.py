@@ -154,10 +154,18 @@ class StepContext:
         try:
             renewed = leases_renew(grants=self.grants(), ttl=self.lease_seconds)
         except StaleToken:
-            self._lost.set()
+            self.renewed(None)
             raise
+        self.renewed(renewed)
+
+    def renewed(self, grants: list[LeaseGrant] | None) -> None:
+        """Take a renewal's outcome (this step's or its worker's heartbeat's): the step's grants
+        renewed, or None when one was lost (its next ``ctx`` call raises LeaseLost)."""
+        if grants is None:
+            self._lost.set()
+            return
         with self._grants_lock:
-            self.lease, self.locks = renewed[0], renewed[1:]
+            self.lease, self.locks = grants[0], grants[1:]
 
     def heartbeat(self) -> None:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""

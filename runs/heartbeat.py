@@ -80,15 +80,13 @@ class Heartbeat:
     def renewed(self, grants: list[LeaseGrant] | None) -> bool:
         """Take a renewal's outcome: the step's grants renewed, or None when they are lost (then
         the step is told, and False: watch it no more)."""
+        self.ctx.renewed(grants)
         if grants is None:
-            self.ctx._lost.set()
             if not self.finished:
                 logger.warning("step %s lost its lease; stopping heartbeats", self.ctx.step.pk)
                 if self.on_lost is not None:
                     self.on_lost(self.ctx)
             return False
-        with self.ctx._grants_lock:
-            self.ctx.lease, self.ctx.locks = grants[0], grants[1:]
         self.next_beat = time.monotonic() + self.interval
         return True
 

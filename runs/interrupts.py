@@ -9,11 +9,11 @@ class StepInterrupted(Exception):
 
 
 class LeaseLost(StepInterrupted):
-    pass
+    """The step's lease (or an entity lock's) ran out or was taken over: it no longer owns its work."""
 
 
 class RunCancelled(StepInterrupted):
-    pass
+    """The step's run was cancelled (a compensation goes on regardless)."""
 
 
 class StepTimedOut(BaseException):  # noqa: N818 — a BaseException, so no ``except Exception`` swallows it
