@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg2  # type: ignore[import-untyped]
+
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_DIR = ROOT / ".peers"  # the peers' own virtualenv and npm packages (ignored by git)
 LOG_DIR = ROOT / "bench" / "logs" / "peers"
@@ -208,8 +210,6 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
 
 def fresh_database(name: str) -> str:
     """Drop and create database ``name``; its URL."""
-    import psycopg2
-
     admin = psycopg2.connect(PG_ADMIN_URL)
     admin.autocommit = True
     with admin.cursor() as cursor:
@@ -238,8 +238,6 @@ class ConnectionSampler:
         self._thread.join(5)
 
     def _sample(self) -> None:
-        import psycopg2
-
         conn = psycopg2.connect(PG_ADMIN_URL)
         conn.autocommit = True
         with conn.cursor() as cursor:

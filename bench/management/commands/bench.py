@@ -311,9 +311,12 @@ class Bench:
             time.sleep(0.005)
         return done
 
-    def pipeline(self, workflow: str, steps_per_run: int, runs: int, workers: int) -> dict[str, Any]:
+    def pipeline(
+        self, workflow: str, steps_per_run: int, runs: int, workers: int, threads: int = 0
+    ) -> dict[str, Any]:
         """Runs of ``workflow`` started with run_start, timed until all succeeded; every
-        transaction (pg_stat_database) and statement (the counter) of every process counted."""
+        transaction (pg_stat_database) and statement (the counter) of every process counted.
+        ``threads``: each step worker runs that many steps at once (threads pool), not one."""
         self.need(40, f"{workflow} on {workers} workers")
         self.prepare()
         statements_before = self.statement_totals()
@@ -325,7 +328,7 @@ class Bench:
         all_ids: list[str] = []
         result: dict[str, Any] = {"workflow": workflow, "workers": workers, "runs": runs}
         t0 = timezone.now()
-        with self.runwarden(workers) as processes:
+        with self.runwarden(workers, threads) as processes:
             all_ids += self.warm_up(processes, workflow)
             cpu0 = cpu_snapshot(processes.pgids(), self.monitor.backend_pids())
             t0, began = timezone.now(), time.monotonic()
@@ -633,6 +636,36 @@ class Bench:
             "start_seconds": round(started_in, 3),
             "drain_s": round((last - t0).total_seconds(), 3) if last and waited.done else None,
         }
+
+
+def bench_session(out: Callable[[str], None], options: dict[str, Any]) -> Bench:
+    """A Bench on the database and Redis DB of the settings: the bench's workflows imported, its
+    statement counter installed, its tenant made, a fresh log folder; the time budget starts now."""
+    started = time.monotonic()
+    import_module(BENCH_WORKFLOWS_MODULE)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    statement_counter.install(settings.REDIS_URL, STATEMENTS_KEY, role="bench")
+    modules = [m for m in os.environ.get("RUNWARDEN_WORKFLOW_MODULES", "").split(",") if m.strip()]
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "core.settings"),
+        "RUNWARDEN_WORKFLOW_MODULES": ",".join(dict.fromkeys([*modules, BENCH_WORKFLOWS_MODULE])),
+        statement_counter.ENV_TARGET: f"{settings.REDIS_URL} {STATEMENTS_KEY}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    workdir = Path(settings.BASE_DIR) / "bench" / "logs"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    return Bench(
+        out=out,
+        options=options,
+        workdir=workdir,
+        redis=client,
+        monitor=Monitor(),
+        tenant=bench_tenant(),
+        env=env,
+        deadline=started + options["budget"],
+    )
 
 
 def _percentile_ms(seconds: Sequence[float]) -> dict[str, Any]:
@@ -1039,32 +1072,8 @@ class Command(BaseCommand):
 
     def _run(self, options: dict[str, Any], scaling: list[int]) -> dict[str, Any]:
         started = time.monotonic()
-        import_module(BENCH_WORKFLOWS_MODULE)
-        client = redis.Redis.from_url(settings.REDIS_URL)
-        statement_counter.install(settings.REDIS_URL, STATEMENTS_KEY, role="bench")
-        modules = [m for m in os.environ.get("RUNWARDEN_WORKFLOW_MODULES", "").split(",") if m.strip()]
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "core.settings"),
-            "RUNWARDEN_WORKFLOW_MODULES": ",".join(dict.fromkeys([*modules, BENCH_WORKFLOWS_MODULE])),
-            statement_counter.ENV_TARGET: f"{settings.REDIS_URL} {STATEMENTS_KEY}",
-            "PYTHONUNBUFFERED": "1",
-        }
-        workdir = Path(settings.BASE_DIR) / "bench" / "logs"
-        shutil.rmtree(workdir, ignore_errors=True)
-        workdir.mkdir(parents=True)
-        tenant = bench_tenant()
-        monitor = Monitor()
-        bench = Bench(
-            out=self.stdout.write,
-            options=options,
-            workdir=workdir,
-            redis=client,
-            monitor=monitor,
-            tenant=tenant,
-            env=env,
-            deadline=started + options["budget"],
-        )
+        bench = bench_session(self.stdout.write, options)
+        monitor, client = bench.monitor, bench.redis
         results: dict[str, Any] = {
             "schema": 1,
             "recorded_at": timezone.now().replace(microsecond=0).isoformat(),
