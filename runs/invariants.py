@@ -22,6 +22,7 @@ from core.leases import live_leases_filter
 from core.models import Event, Lease
 from runs.dispatch import load_room
 from runs.models import Run, RunStatus, SessionState, Step, StepStatus
+from runs.queue_depth import queue_depth_miscounts
 from runs.transitions import ADMITTED, UNFINISHED_RUN_STATUSES
 
 MAX_FINDINGS_PER_CHECK = 50
@@ -199,5 +200,6 @@ for _name, _check in {
     "sessions": _sessions,
     "runs_explained": _runs_explained,
     "events_match_states": _events_match_states,
+    "queue_depth_counted": lambda now: queue_depth_miscounts(),
 }.items():
     check_register(_name, _check)

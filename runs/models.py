@@ -71,6 +71,9 @@ class Run(models.Model):
     connections = models.JSONField(default=dict, blank=True)
     input = models.JSONField(default=dict)
     status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
+    # Which of its tenant's queue-depth counters counts the run while it is unfinished
+    # (runs/queue_depth.py; kept by a PostgreSQL trigger on status).
+    depth_shard = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -180,6 +183,23 @@ class Step(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_id}:{self.key}"
+
+
+class QueueDepth(models.Model):
+    """A tenant's unfinished runs, counted on ``runs.queue_depth.SHARDS`` rows so that starts of
+    one tenant need not queue on one row: each start locks one row (runs/queue_depth.py). The
+    counts are kept by a PostgreSQL trigger on runs_run (insert, status change, delete), so
+    every path that moves a run keeps them; ``check_invariants`` compares them with the runs."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+", db_index=False)
+    shard = models.PositiveSmallIntegerField()
+    unfinished = models.IntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "shard"], name="queue_depth_tenant_shard")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.shard}: {self.unfinished}"
 
 
 class TriggerEvent(models.Model):

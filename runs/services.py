@@ -10,14 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from core import metrics, rawsql, tallies
 from core import services as core_services
 from core.access import member_role_check
 from core.connections import ConnectionInvalid, connections_bind, environment_check
-from core.models import Role, Tenant, TenantQuota, User
+from core.models import Role, Tenant, User
 from core.transactions import transaction_retried_once
 from core.validation import fingerprint
 from core.wakeups import wake_on_commit
@@ -33,8 +33,12 @@ from runs.definitions import (
 from runs.gates import report_conflict
 from runs.locking import run_steps_lock
 from runs.models import Run, SessionState, Step, StepStatus, TriggerEvent, new_run_id
+from runs.queue_depth import QuotaExceeded, queue_place_take
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
+
+# Re-exported: what callers of run_start catch, and the statuses they count as unfinished.
+__all__ = ["QuotaExceeded", "UNFINISHED_RUN_STATUSES"]
 
 # The contract of recent runs, by id: it never changes once a run exists, so each process
 # reads it at most once per run (and not at all for runs it started or picked up).
@@ -122,10 +126,9 @@ def run_create(
             return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
     try:
         with transaction.atomic():
-            if enforce_quota:
-                _check_queue_depth(tenant)
-            if session_key:
+            if session_key:  # before the queue place: see runs/queue_depth.py on lock order
                 session_admit(tenant_id=tenant.pk, session_key=session_key, policy=session, actor=actor)
+            depth_shard = queue_place_take(tenant) if enforce_quota else 0
             run_id = new_run_id()
             run = Run(
                 id=run_id,
@@ -145,6 +148,7 @@ def run_create(
                 queue_deadline=queue_deadline(session) if session_key else None,
                 replay_of=replay_of,
                 connections=connections or {},
+                depth_shard=depth_shard,
             )
             steps = build_steps(run) if build_steps is not None else []
             rows, row_params = "", list[Any]()
@@ -229,39 +233,6 @@ def _replay(
     metrics.DUPLICATES_SUPPRESSED.labels(kind="trigger").inc()
     tallies.tally_add([(tenant.pk, tallies.DUPLICATES_SUPPRESSED)])
     return RunStart(run=existing.run, created=False)
-
-
-class QuotaExceeded(Exception):
-    def __init__(self, tenant: Tenant, depth: int, limit: int) -> None:
-        super().__init__(
-            f"tenant {tenant.slug} has {depth} unfinished runs; its queue-depth quota is {limit}"
-        )
-        self.depth = depth
-        self.limit = limit
-        self.retry_after = 5
-
-
-def _check_queue_depth(tenant: Tenant) -> None:
-    """Refuse a new run when the tenant is at its queue depth. The quota row is locked for the
-    rest of the transaction, so racing triggers of one tenant are counted one after another."""
-    if not connection.in_atomic_block:
-        raise RuntimeError("the queue-depth check must run in the transaction that creates the run")
-    default = TenantQuota._meta.get_field("max_queue_depth").get_default()
-    # Two statements in one round trip: the count's snapshot is taken after the lock is held.
-    lock = (
-        "SELECT id FROM core_tenantquota WHERE tenant_id = %s FOR UPDATE; " if rawsql.on_postgresql() else ""
-    )
-    unfinished = ", ".join(["%s"] * len(UNFINISHED_RUN_STATUSES))
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"{lock}SELECT (SELECT max_queue_depth FROM core_tenantquota WHERE tenant_id = %s),"
-            f" (SELECT COUNT(*) FROM runs_run WHERE tenant_id = %s AND status IN ({unfinished}))",
-            [*([tenant.pk] if lock else []), tenant.pk, tenant.pk, *UNFINISHED_RUN_STATUSES],
-        )
-        quota_limit, depth = cursor.fetchone()
-    limit = default if quota_limit is None else quota_limit
-    if depth >= limit:
-        raise QuotaExceeded(tenant, depth, limit)
 
 
 def run_start(

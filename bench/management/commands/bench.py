@@ -31,7 +31,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connection, connections
+from django.db import connection, connections, transaction
 from django.db.models import Max
 from django.test import Client
 from django.utils import timezone
@@ -53,10 +53,12 @@ from bench.harness import (
     wait_for_workers,
 )
 from bench.workloads import KEY_HOLD_SECONDS
-from core.models import Membership, Role, Tenant, User
+from core.models import Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
 from runs.models import Run, RunStatus, Step, StepStatus
+from runs.queue_depth import queue_place_take
 from runs.services import run_start
+from runs.transitions import UNFINISHED_RUN_STATUSES
 
 BENCH_WORKFLOWS_MODULE = "bench.workloads"
 COUNTER_PREFIX = "runwarden:bench:"
@@ -610,6 +612,58 @@ class Bench:
             "key_handoff_ms": _percentile_ms(handoffs),
         }
 
+    def start_by_depth(self, depths: Sequence[int], starts: int = 200) -> dict[str, Any]:
+        """What a start costs with ``depth`` unfinished runs of its tenant already queued (10 and
+        100,000): ``run_start`` in process with no worker running, and the queue-depth check
+        alone (a place taken in a transaction rolled back), in ms. A tenant of its own, whose
+        runs are cancelled afterwards in one statement."""
+        self.need(60, "start cost by queue depth")
+        self.prepare()
+        tenant, _ = Tenant.objects.get_or_create(slug="bench-depth", defaults={"name": "Bench depth"})
+        TenantQuota.objects.update_or_create(tenant=tenant, defaults={"max_queue_depth": 1_000_000})
+        figures: dict[str, Any] = {}
+        try:
+            for depth in sorted(depths):
+                queued = Run.objects.filter(tenant=tenant, status=RunStatus.PENDING).count()
+                for first in range(queued, depth, 10_000):
+                    Run.objects.bulk_create(
+                        Run(tenant=tenant, workflow="bench.noop", actor=ACTOR, input={})
+                        for _ in range(min(10_000, depth - first))
+                    )
+                checks: list[float] = []
+                for _ in range(starts):
+                    began = time.monotonic()
+                    with transaction.atomic():
+                        queue_place_take(tenant)
+                        checks.append(time.monotonic() - began)
+                        transaction.set_rollback(True)
+                counts: list[float] = []  # what the check counted before the counters
+                for _ in range(20):
+                    began = time.monotonic()
+                    Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES).count()
+                    counts.append(time.monotonic() - began)
+                began_all = time.monotonic()
+                ids = []
+                started: list[float] = []
+                for _ in range(starts):
+                    began = time.monotonic()
+                    ids.append(run_start(tenant=tenant, workflow="bench.noop", input={}, actor=ACTOR).run.pk)
+                    started.append(time.monotonic() - began)
+                figures[str(depth)] = {
+                    "run_start_ms": _percentile_ms(started),
+                    "depth_check_ms": _percentile_ms(checks),
+                    "counting_the_runs_ms": _percentile_ms(counts),
+                    "starts_per_s": round(starts / (time.monotonic() - began_all), 1),
+                }
+                Step.objects.filter(run_id__in=ids).update(status=StepStatus.CANCELLED)
+                Run.objects.filter(pk__in=ids).update(status=RunStatus.CANCELLED)
+        finally:
+            Step.objects.filter(tenant=tenant).exclude(status=StepStatus.CANCELLED).update(
+                status=StepStatus.CANCELLED
+            )
+            Run.objects.filter(tenant=tenant, status=RunStatus.PENDING).update(status=RunStatus.CANCELLED)
+        return figures
+
     def backlog(self, workers: int, factor: int) -> dict[str, Any]:
         """factor x the worker slots started at once: all succeed, first attempts only."""
         self.need(40, "backlog")
@@ -754,7 +808,20 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{_percentiles(r.get('key_handoff_ms') or {})} (a key's holder finished → its next one started)",
             "",
         ),
+        ("start_by_depth", _depth_text(r.get("start_by_depth") or {}), "flat from 10 to 100,000"),
     ]
+
+
+def _depth_text(by_depth: dict[str, Any]) -> str:
+    """run_start and the depth check alone, p50 ms, at each queue depth measured."""
+    if not by_depth:
+        return "n/a"
+    return "; ".join(
+        f"{int(depth):,} queued: run_start {_percentiles(got['run_start_ms'])}, "
+        f"depth check {_percentiles(got['depth_check_ms'])} "
+        f"(counting the runs instead: {_percentiles(got.get('counting_the_runs_ms') or {})})"
+        for depth, got in sorted(by_depth.items(), key=lambda item: int(item[0]))
+    )
 
 
 def _keyed_text(keyed: dict[str, Any]) -> str:
@@ -1007,6 +1074,9 @@ class Command(BaseCommand):
         parser.add_argument("--agent-slots", type=int, default=100, help="agent_io: slots in all")
         parser.add_argument("--keyed-runs", type=int, default=200, help="keyed: runs over 10 entity keys")
         parser.add_argument(
+            "--depth-runs", type=int, default=100_000, help="start_by_depth: the deep queue's unfinished runs"
+        )
+        parser.add_argument(
             "--agent-workers", type=int, default=2, help="agent_io: threads-pool step workers"
         )
         parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole bench")
@@ -1094,6 +1164,7 @@ class Command(BaseCommand):
                     "agent_slots",
                     "agent_workers",
                     "keyed_runs",
+                    "depth_runs",
                     "budget",
                     "max_window",
                 )
@@ -1168,6 +1239,10 @@ class Command(BaseCommand):
                 f"keyed: {options['keyed_runs']} runs over 10 keys, 50 ms under the key's lock, 20 slots",
                 lambda: bench.keyed(options["agent_workers"], 20, options["keyed_runs"], 10),
             )
+            phases["start_by_depth"] = phase(
+                "start cost with 10 and 100,000 unfinished runs queued",
+                lambda: bench.start_by_depth([10, options["depth_runs"]]),
+            )
             phases["backlog"] = phase(
                 f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
                 lambda: bench.backlog(workers, options["backlog_factor"]),
@@ -1200,6 +1275,7 @@ class Command(BaseCommand):
             keyed=phases.get("keyed"),
             start_ms=(phases.get("agent_io") or {}).get("start_ms"),
             key_handoff_ms=(phases.get("keyed") or {}).get("key_handoff_ms"),
+            start_by_depth=phases.get("start_by_depth"),
             scaling={
                 "runs_per_s": {str(n): v["runs_per_s"] for n, v in sorted(ours.items())},
                 "celery_tasks_per_s": {str(n): v["tasks_per_s"] for n, v in sorted(raw.items())},

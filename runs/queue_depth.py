@@ -1,0 +1,123 @@
+"""A tenant's queue depth (its unfinished runs), and the place a new run takes in it.
+
+A start must not pass the tenant's ``max_queue_depth``, and starts of one tenant must not queue
+on one row. On PostgreSQL the unfinished runs are counted on ``SHARDS`` rows per tenant
+(``QueueDepth``), kept by a trigger on runs_run, so the check reads 16 small rows whatever the
+backlog. A start holds one of those rows until it commits (its place):
+
+- **fast path**: lock any free row (``SKIP LOCKED``), then read the sum. Every start in flight
+  holds a distinct row, so at most ``SHARDS`` are in flight unseen by each other: when the sum
+  leaves room for all of them (``sum <= limit - SHARDS``), this one fits whatever they do;
+- **slow path** (near the limit, or every row busy): the fast attempt's savepoint is rolled back
+  (its row released), then every row is locked in shard order — no start is in flight unseen —
+  and the exact sum decides. Slow starts lock in one order and fast ones never wait, so starts
+  cannot deadlock on these rows; a run finishing waits only for a start's commit.
+
+On SQLite (the embedded default, one writer at a time) the unfinished runs are counted.
+"""
+
+from __future__ import annotations
+
+import random
+
+from django.db import connection
+
+from core import rawsql
+from core.models import Tenant, TenantQuota
+from runs.models import Run
+from runs.transitions import UNFINISHED_RUN_STATUSES
+
+SHARDS = 16
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, tenant: Tenant, depth: int, limit: int) -> None:
+        super().__init__(
+            f"tenant {tenant.slug} has {depth} unfinished runs; its queue-depth quota is {limit}"
+        )
+        self.depth = depth
+        self.limit = limit
+        self.retry_after = 5
+
+
+def _default_limit() -> int:
+    return int(TenantQuota._meta.get_field("max_queue_depth").get_default())
+
+
+# A savepoint (left open on success: it ends with the transaction), then: forget a place an
+# earlier start in this transaction noted, lock a free row, note it.
+_FAST_SQL = (
+    "SAVEPOINT runwarden_depth;"
+    " SELECT set_config('runwarden.depth_shard', '', true);"
+    " SELECT set_config('runwarden.depth_shard', shard::text, true) FROM ("
+    "  SELECT shard FROM runs_queuedepth WHERE tenant_id = %s"
+    f"  ORDER BY (shard + %s) %% {SHARDS} LIMIT 1 FOR UPDATE SKIP LOCKED) free;"
+    # A statement of its own: its snapshot is taken after the row is locked.
+    " SELECT nullif(current_setting('runwarden.depth_shard', true), ''),"
+    "  (SELECT coalesce(sum(unfinished), 0) FROM runs_queuedepth WHERE tenant_id = %s),"
+    "  (SELECT max_queue_depth FROM core_tenantquota WHERE tenant_id = %s)"
+)
+
+_SLOW_SQL = (
+    "ROLLBACK TO SAVEPOINT runwarden_depth;"  # releases the row the fast attempt locked, if any
+    " INSERT INTO runs_queuedepth (tenant_id, shard, unfinished)"
+    f"  SELECT %s, g, 0 FROM generate_series(0, {SHARDS - 1}) g ON CONFLICT (tenant_id, shard) DO NOTHING;"
+    " SELECT 1 FROM runs_queuedepth WHERE tenant_id = %s ORDER BY shard FOR UPDATE;"
+    " SELECT (SELECT coalesce(sum(unfinished), 0) FROM runs_queuedepth WHERE tenant_id = %s),"
+    "  (SELECT max_queue_depth FROM core_tenantquota WHERE tenant_id = %s)"
+)
+
+
+def queue_place_take(tenant: Tenant) -> int:
+    """Take a place for one more unfinished run of ``tenant`` in the current transaction, or
+    raise QuotaExceeded. Returns the counter row (``Run.depth_shard``) to count the run on; the
+    row stays locked until the transaction ends, and the trigger counts the run when inserted."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("a queue place is taken in the transaction that creates the run")
+    if not rawsql.on_postgresql():
+        _refuse_when_full(tenant, _count_unfinished(tenant), None)
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(_FAST_SQL, [tenant.pk, random.randrange(SHARDS), tenant.pk, tenant.pk])
+        shard, depth, limit = cursor.fetchone()
+    if shard is not None and depth <= (_default_limit() if limit is None else limit) - SHARDS:
+        return int(shard)
+    with connection.cursor() as cursor:
+        cursor.execute(_SLOW_SQL, [tenant.pk, tenant.pk, tenant.pk, tenant.pk])
+        depth, limit = cursor.fetchone()
+    _refuse_when_full(tenant, depth, limit)
+    return random.randrange(SHARDS)  # every row is held: any will do
+
+
+def _refuse_when_full(tenant: Tenant, depth: int, limit: int | None) -> None:
+    if limit is None:
+        limit = TenantQuota.objects.filter(tenant=tenant).values_list("max_queue_depth", flat=True).first()
+    limit = _default_limit() if limit is None else limit
+    if depth >= limit:
+        raise QuotaExceeded(tenant, depth, limit)
+
+
+def _count_unfinished(tenant: Tenant) -> int:
+    return Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES).count()
+
+
+def queue_depth_miscounts() -> list[str]:
+    """Counter rows that disagree with the runs they count (PostgreSQL), one line each. Both
+    sides are read in one statement, so one snapshot: a start or finish in flight cannot show."""
+    if not rawsql.on_postgresql():
+        return []
+    unfinished = ", ".join(["%s"] * len(UNFINISHED_RUN_STATUSES))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(c.tenant_id, r.tenant_id), coalesce(c.shard, r.depth_shard),"
+            "  coalesce(c.unfinished, 0), coalesce(r.n, 0)"
+            " FROM runs_queuedepth c FULL JOIN ("
+            f"  SELECT tenant_id, depth_shard, count(*) AS n FROM runs_run WHERE status IN ({unfinished})"
+            "  GROUP BY tenant_id, depth_shard) r ON r.tenant_id = c.tenant_id AND r.depth_shard = c.shard"
+            " WHERE coalesce(c.unfinished, 0) <> coalesce(r.n, 0) ORDER BY 1, 2",
+            list(UNFINISHED_RUN_STATUSES),
+        )
+        return [
+            f"tenant {tenant_id}'s queue-depth counter {shard} says {counted} unfinished runs; {actual} are"
+            for tenant_id, shard, counted, actual in cursor.fetchall()
+        ]
