@@ -208,7 +208,7 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
 
 def fresh_database(name: str) -> str:
     """Drop and create database ``name``; its URL."""
-    import psycopg2
+    import psycopg2  # type: ignore[import-untyped]
 
     admin = psycopg2.connect(PG_ADMIN_URL)
     admin.autocommit = True
