@@ -9,7 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/runwarden
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run demo test test-unit test-sqlite test-e2e lint format bench soak clean
+.PHONY: install run demo test test-unit test-sqlite test-e2e lint format bench bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +88,15 @@ bench: $(STAMP)
 		SECRET_KEY=$${SECRET_KEY:-bench-only-not-a-secret} RUNWARDEN_WORKFLOW_MODULES=bench.workloads; \
 		$(BIN)/python manage.py migrate -v0 && $(BIN)/python manage.py bench $(BENCH_ARGS) && \
 		$(BIN)/python manage.py collectstatic --noinput -v0 && $(BIN)/python manage.py bench_pages
+
+# Runwarden side by side with its peers (DBOS, procrastinate, Temporal, Restate) on the same four
+# workloads, interleaved over rounds (bench/peers/run.py): prints Runwarden's speed against each as
+# ratios and writes bench/peers.json. The peers are installed into .peers/ (never into .venv) by
+# bench/peers/install.sh. PEERS_ARGS passes options, e.g. PEERS_ARGS="--rounds 1 --markdown".
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	bash bench/peers/install.sh
+	.peers/venv/bin/python -m bench.peers.run $(PEERS_ARGS)
 
 # The long soak (docs/guarantees.md): 2,000 mixed runs across two tenants on real workers, with
 # random worker kills and racing approvals; make test runs a short one (300 runs). Figures go
