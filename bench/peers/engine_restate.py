@@ -3,8 +3,8 @@
 How Restate runs here:
 
 - the server is ``restate-server`` 1.7.12 (from npm, in ``.peers/node``), one node with every
-  role, its base dir a fresh temp dir (its own durable log and RocksDB state, defaults:
-  every write fsynced, 24 partitions); ingress, admin and node ports free ones on 127.0.0.1,
+  role, its base dir a fresh temp dir (its own durable log and RocksDB state, defaults: the
+  log's writes fsynced, 24 partitions); ingress, admin and node ports free ones on 127.0.0.1,
   TCP only, web UI and telemetry off; process kind "engine";
 - the services (``app`` below, restate-sdk 1.3) are served by hypercorn over HTTP/2 cleartext
   with two worker processes on one socket (``workers = 2``, the serving the SDK's docs show
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     load = common.workload_from(args)
     notes = [
         "storage: restate-server 1.7.12, one node, its own durable log (replicated loglet, one replica) and "
-        "RocksDB partition store in a temp dir, defaults (WAL fsynced, 24 partitions)",
+        "RocksDB partition store in a temp dir, defaults (the log's writes fsynced, 24 partitions)",
         f"services: restate-sdk 1.3 app under hypercorn, HTTP/2 cleartext, workers={common.STEP_PROCESSES} "
         "on one socket, one deployment registered (POST /deployments)",
         f"client: httpx, HTTP/2 (h2c) to the ingress, request-response calls, at most {load.slots} in flight "
