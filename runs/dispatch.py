@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -63,7 +64,13 @@ from runs.sessions import session_round
 
 logger = logging.getLogger(__name__)
 
-ROUND_LOCK_ID = 7_411_001  # pg advisory lock: one admission round at a time
+# The admission lock: ADMISSION_SHARDS pg advisory locks, (ROUND_LOCK_ID, 0..n-1) in the
+# two-key space (apart from the single-key ids elsewhere: the dispatcher's own). A round takes
+# them all, in order; a worker admitting its own next step as it finishes one takes any one
+# (admission_shard_sql), so up to that many workers admit at once, each only where every cap
+# it counts against leaves room for all of them (admit_here's headroom).
+ROUND_LOCK_ID = 7_411_001
+ADMISSION_SHARDS = 8
 
 
 @dataclass(frozen=True)
@@ -149,8 +156,14 @@ class Room:
         slots = sum(pool.slots for pool in serving) * settings.RUNWARDEN_WORKER_PREFETCH
         return sum(self.lane_held[name] for name in lanes) < slots
 
-    def fits(self, candidate: Candidate) -> bool:
-        return not any(self.full(scope) for scope in candidate.scopes()) and self.worker_room(candidate.lane)
+    def fits(self, candidate: Candidate, headroom: int = 1) -> bool:
+        """Room for ``candidate`` in every scope it counts against, and a worker slot. With
+        ``headroom`` n: room for n such admissions in every capped scope (n - 1 made unseen at
+        the same time, under the other shards of the admission lock)."""
+        return not any(
+            (cap := self.cap(scope)) is not None and self.held[scope] + headroom > cap
+            for scope in candidate.scopes()
+        ) and self.worker_room(candidate.lane)
 
     def take(self, candidate: Candidate) -> None:
         for scope in candidate.scopes():
@@ -167,10 +180,34 @@ class _Round:
 
 
 def wait_for_round_lock() -> None:
-    """Take the admission lock for the rest of the transaction, waiting for a running round."""
+    """Take the whole admission lock (every shard, in order) for the rest of the transaction,
+    waiting for a round or the workers' own admissions in progress."""
     if rawsql.on_postgresql():
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [ROUND_LOCK_ID])
+            cursor.execute(
+                "; ".join(
+                    f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}, {n})" for n in range(ADMISSION_SHARDS)
+                )
+            )
+
+
+def shard_headroom() -> int:
+    """How many workers' own admissions may be in flight at once, unseen by each other: one per
+    shard on PostgreSQL; SQLite lets one writer in at a time."""
+    return ADMISSION_SHARDS if rawsql.on_postgresql() else 1
+
+
+def admission_shard_sql() -> str:
+    """A statement taking one shard of the admission lock for the rest of the transaction: the
+    first free one from a random start, else (a round holds them all) waiting for that one.
+    Holding one shard only, a worker never waits on another while it holds one: no deadlock
+    with a round taking them all in order."""
+    start = random.randrange(ADMISSION_SHARDS)
+    return (
+        f"SELECT CASE WHEN EXISTS (SELECT 1 FROM generate_series(0, {ADMISSION_SHARDS - 1}) n"
+        f" WHERE pg_try_advisory_xact_lock({ROUND_LOCK_ID}, mod(n + {start}, {ADMISSION_SHARDS})))"
+        f" THEN 1 ELSE (SELECT 1 FROM (SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}, {start})) taken) END; "
+    )
 
 
 def _adapt(value: datetime) -> Any:
@@ -659,28 +696,35 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
     return admit_round(limit=limit).admitted
 
 
-def admit_here(*, lanes: frozenset[str], prefer: int | None = None) -> Admission | None:
+def admit_here(*, lanes: frozenset[str], prefer: int | None = None, headroom: int = 1) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
     step of its lanes whose tenant holds the least (by weight). None when nothing fits.
 
-    Call inside the finishing transaction after ``wait_for_round_lock``, so admissions stay
-    one at a time. A busy worker thus pulls its next step without a dispatch round trip.
+    Call inside the finishing transaction holding the admission lock: all of it
+    (``wait_for_round_lock``, ``headroom`` 1), or one shard (``admission_shard_sql``, headroom
+    ``shard_headroom()``: a step is admitted only where every cap leaves room for that many).
+    A busy worker thus pulls its next step without a dispatch round trip; near a cap, the
+    dispatcher's round (woken by the caller) admits exactly.
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
     if prefer is not None:
         picked = _fitting(
-            fair_candidates(limit=1, now=now, room=room, only_step=prefer, wait_policy_only=True), room, lanes
+            fair_candidates(limit=1, now=now, room=room, only_step=prefer, wait_policy_only=True),
+            room,
+            lanes,
+            headroom,
         )
-        if picked:
-            return _admit_one(picked[0], now)
+        if picked and (admitted := _admit_one(picked[0], now)):
+            return admitted
     candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes, wait_policy_only=True)
-    # In fair-share order already (what each tenant holds counted): the first that fits wins.
-    for candidate in candidates:
-        if _fitting([candidate], room, lanes):
-            return _admit_one(candidate, now)
+    # In fair-share order already (what each tenant holds counted): the first that fits and is
+    # still free (another worker may admit it meanwhile) wins.
+    for candidate in _fitting(candidates, room, lanes, headroom):
+        if admitted := _admit_one(candidate, now):
+            return admitted
     return None
 
 
@@ -693,11 +737,16 @@ def worker_idle(lanes: frozenset[str]) -> None:
         wake_now()
 
 
-def _fitting(candidates: list[Candidate], room: Room, lanes: frozenset[str]) -> list[Candidate]:
+def _fitting(
+    candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1
+) -> list[Candidate]:
     return [
         c
         for c in candidates
-        if c.lane in lanes and c.lock_policy == "wait" and not _unadmittable_reason(c) and room.fits(c)
+        if c.lane in lanes
+        and c.lock_policy == "wait"
+        and not _unadmittable_reason(c)
+        and room.fits(c, headroom)
     ]
 
 

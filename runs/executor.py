@@ -35,7 +35,7 @@ from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.context import AsyncStepContext, GateVerdict, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import ROUND_LOCK_ID, Admission, admit_here, worker_idle
+from runs.dispatch import Admission, admission_shard_sql, admit_here, shard_headroom, worker_idle
 from runs.heartbeat import Heartbeat
 from runs.interrupts import LeaseLost, RunCancelled, StepTimedOut
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
@@ -293,12 +293,12 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
 
 def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     """The fenced transaction that ends an attempt. Locks are taken in the one order every
-    writer uses — admission lock, step row, leases, run row — so a cancel, the reaper or a
-    round never waits on this transaction while it waits on them."""
+    writer uses — admission lock (one shard of it, ``admitting``), step row, leases, run row —
+    so a cancel, the reaper or a round never waits on this transaction while it waits on them."""
 
     # Sent in the fence's own round trip, in this order, before the lease's row lock.
     step_lock, params = step_row_lock(ctx.step.pk)
-    admission_lock = f"SELECT pg_advisory_xact_lock({ROUND_LOCK_ID}); " if admitting and step_lock else ""
+    admission_lock = admission_shard_sql() if admitting and step_lock else ""
     return fenced_write(
         tenant_id=ctx.step.tenant_id,
         key=ctx.lease.key,
@@ -328,7 +328,7 @@ def _finish_succeeded(
                 grants=ctx.grants(),
                 wake_for_next=not go_on,
             )
-            follow = admit_here(lanes=lanes, prefer=next_id) if go_on else None
+            follow = admit_here(lanes=lanes, prefer=next_id, headroom=shard_headroom()) if go_on else None
             if go_on and next_id and (follow is None or follow.step_id != next_id):
                 wake_on_commit()  # the run's next step needs another worker
             if follow is None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +22,7 @@ from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pump
-from tests.concurrency import held_per_scope, race_dispatchers, sampled_peaks
+from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS
 
@@ -271,3 +272,48 @@ def test_workers_pulling_one_step_at_a_time_serve_every_tenant_by_weight(acme: T
         **{t.pk: 3 for t in tenants[:-1]},
         tenants[-1].pk: 6,
     }
+
+
+# Workers admitting their own next steps side by side, each under one shard of the admission lock.
+SHARD_CAP = dispatch.ADMISSION_SHARDS + 2
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("already_held", [2, 3])
+def test_workers_holding_every_shard_at_once_admit_only_where_the_cap_has_room_for_all(
+    acme: Tenant, already_held: int
+) -> None:
+    """ADMISSION_SHARDS threads each take a shard, then all choose at the same instant, none
+    seeing the others' choice: with room for all of them under the cap they all admit (the cap
+    is reached exactly), with one less none does (the dispatcher's round, under every shard,
+    admits there); the cap is never passed."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    caps = {"global": 1000, "tenant_default": 1000, "workflow": {}, "lane": {}, "tool": {"crm": SHARD_CAP}}
+    start = {"tenant": acme, "workflow": "test.awaits_a_tool", "input": {"wait_seconds": 1}, "actor": "t"}
+    for _ in range(already_held + dispatch.ADMISSION_SHARDS):
+        run_start(**start)
+    with override_settings(RUNWARDEN_CAPS=caps):
+        for _ in range(already_held):
+            with transaction.atomic():
+                dispatch.wait_for_round_lock()
+                assert admit_here(lanes=frozenset({"draft"})) is not None
+        shards = dispatch.ADMISSION_SHARDS
+        chose = threading.Barrier(shards)
+
+        def admit_under_a_shard(_: int) -> dispatch.Admission | None:
+            with transaction.atomic():
+                with connections["default"].cursor() as cursor:
+                    cursor.execute(dispatch.admission_shard_sql())
+                chose.wait(10)  # every thread holds a shard of its own
+                admitted = admit_here(lanes=frozenset({"draft"}), headroom=dispatch.shard_headroom())
+                chose.wait(10)  # none commits before all have chosen
+                return admitted
+
+        results = run_concurrently(admit_under_a_shard, shards)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    admitted = sum(r is not None for r in results)
+    held = Step.objects.filter(run__tenant=acme, status=StepStatus.LEASED).count()
+    assert held == already_held + admitted <= SHARD_CAP
+    assert admitted == (shards if already_held + shards <= SHARD_CAP else 0)

@@ -17,8 +17,9 @@ from django.conf import settings
 from django.db import connection
 
 from core.models import Tenant, TenantQuota
+from core.workers import live_pools
 from runs.invariants import check_invariants
-from runs.models import EffectStatus, Run, SideEffect, StepStatus
+from runs.models import EffectStatus, Run, SideEffect, Step, StepStatus
 from runs.services import run_start
 from tests.concurrency import sampled_peaks
 from tests.runs.cluster import Cluster, finished, wait_for
@@ -131,4 +132,50 @@ def test_a_worker_killed_with_200_steps_in_flight_loses_none_and_repeats_no_effe
             assert (status, counts[run_id]) == ("succeeded", 1), cluster.logs()
     retried = Run.objects.filter(pk__in=ids, steps__attempt__gt=1).count()
     assert retried >= killed_with - 5, (retried, killed_with)  # those in flight ran again elsewhere
+    assert check_invariants() == []
+
+
+TOOL_CAP = 4
+CAPPED_RUNS = 400
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.django_db(transaction=True)
+def test_workers_admitting_their_own_next_steps_at_once_never_pass_a_cap(
+    acme: Tenant, tmp_path: Path
+) -> None:
+    """Two threads-pool workers of 30 slots each; half the runs call the crm tool, capped at 4.
+    Workers finishing an uncapped step admit their next one themselves under one shard of the
+    admission lock each, so a capped step is theirs to admit only where the cap leaves room
+    for every shard; near the cap the dispatcher admits under all of it. Sampled from another
+    connection, the tool never has more than its cap; every run succeeds, every effect once."""
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    caps = {"global": 1000, "tenant_default": 1000, "lane": {"draft": 1000}, "tool": {"crm": TOOL_CAP}}
+    cluster = Cluster(tmp_path, RUNWARDEN_CAPS=json.dumps(caps))
+    try:
+        for name in ("capped1", "capped2"):
+            cluster.worker(name, ["draft"], concurrency=30, pool="threads")
+        # Their slots announced: admission fills those, not the caps alone.
+        wait_for(lambda: sum(pool.slots for pool in live_pools()) == 60, 60, cluster.logs)
+        cluster.dispatcher()
+        ids = [
+            run_start(tenant=acme, workflow=workflow, input={"wait_seconds": 0.05}, actor="t").run.pk
+            for _ in range(CAPPED_RUNS // 2)
+            for workflow in ("test.awaits_a_model", "test.awaits_a_tool")
+        ]
+
+        def measure() -> dict[str, int]:
+            admitted = Step.objects.filter(run_id__in=ids, status__in=[StepStatus.LEASED, StepStatus.RUNNING])
+            return {"crm": admitted.filter(tool="crm").count(), "all": admitted.count()}
+
+        with sampled_peaks(measure, every=0.01) as peaks:
+            wait_for(lambda: finished(ids), 180, cluster.logs)
+    finally:
+        cluster.stop()
+    print(f"{CAPPED_RUNS} runs, half through a tool capped at {TOOL_CAP}: peaks {dict(peaks)}")
+    assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}
+    assert peaks["crm"] == TOOL_CAP, peaks  # reached, never passed
+    assert 2 * TOOL_CAP < peaks["all"] <= 60, peaks  # the uncapped half side by side, in the slots
+    outside = redis.Redis.from_url(settings.REDIS_URL)
+    assert [int(outside.get(f"test:notified:{run_id}") or 0) for run_id in ids] == [1] * CAPPED_RUNS
     assert check_invariants() == []

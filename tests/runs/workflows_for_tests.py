@@ -439,3 +439,9 @@ async def await_then_notify(ctx: AsyncStepContext) -> dict[str, Any]:
     await asyncio.sleep(float(ctx.input["wait_seconds"]))  # a model call
     await ctx.checkpoint({"answered": True})
     return await ctx.effect("notify.send", lambda: notify(ctx.run_id), request={"run": ctx.run_id})
+
+
+awaits_a_tool = workflow(
+    "test.awaits_a_tool", description="the same, through the capped crm tool", input=AwaitInput
+)
+awaits_a_tool.step(lane="draft", lease_seconds=3, tool="crm")(await_then_notify)
