@@ -198,6 +198,16 @@ def quota_cap_names() -> dict[str, list[str]]:
     return _cap_names()
 
 
+# What must wait for a queue-depth change: the runs app registers the holding of every start
+# in flight (runs.queue_depth), so a lowered depth applies after them and before any later one.
+_queue_depth_change_waits: Callable[[int], None] = lambda tenant_id: None  # noqa: E731
+
+
+def quota_queue_depth_change_register(wait: Callable[[int], None]) -> None:
+    global _queue_depth_change_waits
+    _queue_depth_change_waits = wait
+
+
 def _merged_caps(current: dict[str, Any], changes: Any) -> dict[str, dict[str, int]]:
     """``current`` with ``changes`` ({kind: {name: cap or None}}) applied; None removes a cap."""
     if not isinstance(changes, dict):
@@ -232,7 +242,8 @@ def _merged_caps(current: dict[str, Any], changes: Any) -> dict[str, dict[str, i
 def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any]) -> TenantQuota:
     """Set some of a tenant's quota: concurrent steps, queue depth, weight and ``caps``
     (merged: {kind: {name: cap}}, a null cap removes it). The row is locked, so two admins
-    take turns; the change is an event and the next admission round applies it."""
+    take turns; the change is an event and the next admission round applies it. A new queue
+    depth waits for the starts in flight and applies to every later one."""
     errors = dict.fromkeys(set(changes) - {*QUOTA_LIMITS, "caps"}, "unknown quota field")
     for field, limit in QUOTA_LIMITS.items():
         value = changes.get(field)
@@ -250,6 +261,8 @@ def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any])
     after = {field: value for field, value in changes.items() if before[field] != value}
     if not after:
         return quota
+    if "max_queue_depth" in after:
+        _queue_depth_change_waits(tenant.pk)
     for field, value in after.items():
         setattr(quota, field, value)
     quota.save(update_fields=[*after, "updated_at"])

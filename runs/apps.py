@@ -19,13 +19,14 @@ class RunsConfig(AppConfig):
 
         from core import metrics, overview
         from core import services as core_services
-        from runs import definitions, selectors, services
+        from runs import definitions, queue_depth, selectors, services
         from runs.overview import runs_overview
 
         overview.overview_section_register("runs", "runs/_overview.html", runs_overview, order=20)
 
         core_services.event_enricher_register(services.event_with_run_contract)
         core_services.quota_cap_names_register(definitions.cap_names)
+        core_services.quota_queue_depth_change_register(queue_depth.queue_places_hold_all)
 
         metrics.gauge_register(
             "runwarden_queue_depth",

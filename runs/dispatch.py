@@ -1,8 +1,9 @@
 """Admission: which ready steps may run now. One round admits a batch in a few set-based
 statements, inside one transaction:
 
-1. a transaction-scoped advisory lock: one round at a time, cluster-wide, so the holder
-   counts below cannot grow behind the round's back;
+1. the admission lock, transaction-scoped advisory locks: a round takes all 8 shards, so
+   the holder counts below cannot grow behind its back (a worker admitting its own next
+   step takes one shard, see ``admit_here``);
 2. one grouped query counts the live holders of every scope (global, tenant, workflow, lane,
    tool) and of every worker pool; scopes already at their cap are left out of step 3;
 3. one query picks candidates fairly: tenants round-robin by weight, and per entity key only

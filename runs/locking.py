@@ -2,7 +2,8 @@
 
 A transaction that locks or changes more than one of these rows takes them in this order:
 
-1. the admission lock (an advisory lock: a dispatch round, a worker admitting its next step);
+1. the admission lock (advisory locks: all 8 shards, in order, for a dispatch round; one for a
+   worker admitting its own next step — it never waits on a second while it holds one);
 2. **the run's step rows, by id** — the anchor (see below);
 3. lease rows (entity keys in their canonical order) and the run row — every transaction that
    locks both already holds a step row of the run, so their order between them cannot meet;

@@ -11,7 +11,9 @@ backlog. A start holds one of those rows until it commits (its place):
 - **slow path** (near the limit, or every row busy): the fast attempt's savepoint is rolled back
   (its row released), then every row is locked in shard order — no start is in flight unseen —
   and the exact sum decides. Slow starts lock in one order and fast ones never wait, so starts
-  cannot deadlock on these rows; a run finishing waits only for a start's commit.
+  cannot deadlock on these rows; a run finishing waits only for a start's commit;
+- **a changed max_queue_depth** locks every row too (``queue_places_hold_all``): the starts in
+  flight commit before it, every later one reads the new limit.
 
 On SQLite (the embedded default, one writer at a time) the unfinished runs are counted.
 """
@@ -83,10 +85,22 @@ def queue_place_take(tenant: Tenant) -> int:
     if shard is not None and depth <= (_default_limit() if limit is None else limit) - SHARDS:
         return int(shard)
     with connection.cursor() as cursor:
+        # Every row, in shard order (as queue_places_hold_all does), then the exact sum.
         cursor.execute(_SLOW_SQL, [tenant.pk, tenant.pk, tenant.pk, tenant.pk])
         depth, limit = cursor.fetchone()
     _refuse_when_full(tenant, depth, limit)
     return random.randrange(SHARDS)  # every row is held: any will do
+
+
+def queue_places_hold_all(tenant_id: int) -> None:
+    """Lock every counter row of a tenant, in shard order, to the end of the transaction: the
+    starts holding a place commit first, and the starts after this transaction read what it
+    wrote (a changed ``max_queue_depth``: core.services.tenant_quota_update)."""
+    if rawsql.on_postgresql():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT 1 FROM runs_queuedepth WHERE tenant_id = %s ORDER BY shard FOR UPDATE", [tenant_id]
+            )
 
 
 def _refuse_when_full(tenant: Tenant, depth: int, limit: int | None) -> None:
