@@ -64,6 +64,19 @@ def emit(result: Mapping[str, Any]) -> None:
     print("PEER_RESULT " + json.dumps(dict(result), sort_keys=True), flush=True)
 
 
+def failed_result(engine: str, workload: Workload, error: BaseException) -> dict[str, Any]:
+    """The result line of a driver whose measurement raised: it still comes, saying what."""
+    return {
+        "engine": engine,
+        "workload": workload.name,
+        "ok": False,
+        "runs": workload.runs,
+        "finished": 0,
+        "elapsed_s": None,
+        "notes": f"failed: {type(error).__name__}: {error}",
+    }
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None

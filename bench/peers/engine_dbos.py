@@ -356,16 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         result = measure(workload, args.polling_interval)
-    except Exception as error:  # the result line still comes, saying what went wrong
-        result = {
-            "engine": ENGINE,
-            "workload": workload.name,
-            "ok": False,
-            "runs": workload.runs,
-            "finished": 0,
-            "elapsed_s": None,
-            "notes": f"failed: {type(error).__name__}: {error}",
-        }
+    except Exception as error:
+        result = common.failed_result(ENGINE, workload, error)
     with contextlib.suppress(BrokenPipeError):
         common.emit(result)
 

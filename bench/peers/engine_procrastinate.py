@@ -303,16 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         try:
             result = measure(workload, args.polling_interval)
-        except Exception as error:  # the result line still comes, saying what went wrong
-            result = {
-                "engine": ENGINE,
-                "workload": workload.name,
-                "ok": False,
-                "runs": workload.runs,
-                "finished": 0,
-                "elapsed_s": None,
-                "notes": f"failed: {type(error).__name__}: {error}",
-            }
+        except Exception as error:
+            result = common.failed_result(ENGINE, workload, error)
     with contextlib.suppress(BrokenPipeError):
         common.emit(result)
 
@@ -320,6 +312,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run as the importable module, not __main__, so the App and its tasks live where
     # procrastinate expects them (it warns about an App made in the main module).
-    from bench.peers.engine_procrastinate import main as main_
+    import importlib
 
-    main_()
+    importlib.import_module("bench.peers.engine_procrastinate").main()

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import signal
 import socket
 import sys
@@ -145,7 +146,7 @@ async def run_worker(address: str, activity_slots: int) -> None:
     from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
     # The classes of this module as imported by its name, not as __main__, for the sandbox.
-    from bench.peers import engine_temporal as this
+    this = importlib.import_module("bench.peers.engine_temporal")
 
     client = await Client.connect(address)
     worker = Worker(

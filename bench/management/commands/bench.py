@@ -45,13 +45,13 @@ from bench.harness import (
     cpu_usage,
     log_tail,
     machine_info,
-    percentile,
     rss_mb,
     start_runwarden_processes,
     start_step_workers,
     stop_all_started,
     wait_for_workers,
 )
+from bench.peers.common import percentile
 from bench.workloads import KEY_HOLD_SECONDS
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue

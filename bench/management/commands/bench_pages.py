@@ -17,7 +17,7 @@ from django.db import connection, transaction
 from django.test import Client
 from django.utils import timezone
 
-from bench.harness import percentile
+from bench.peers.common import percentile
 from core.leases import lease_acquire
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from runs.models import Run, RunStatus, Step, StepStatus, new_run_id
