@@ -31,7 +31,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -53,7 +53,7 @@ from core.leases import (
     live_leases_filter,
 )
 from core.models import Lease
-from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake_now
+from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake_now, wake_on_commit
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
@@ -697,7 +697,14 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
     return admit_round(limit=limit).admitted
 
 
-def admit_here(*, lanes: frozenset[str], prefer: int | None = None, headroom: int = 1) -> Admission | None:
+def admit_here(
+    *,
+    lanes: frozenset[str],
+    prefer: int | None = None,
+    headroom: int = 1,
+    released: Sequence[str] = (),
+    tenant_id: int | None = None,
+) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
     step of its lanes whose tenant holds the least (by weight). None when nothing fits.
@@ -706,7 +713,9 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None, headroom: in
     (``wait_for_round_lock``, ``headroom`` 1), or one shard (``admission_shard_sql``, headroom
     ``shard_headroom()``: a step is admitted only where every cap leaves room for that many).
     A busy worker thus pulls its next step without a dispatch round trip; near a cap, the
-    dispatcher's round (woken by the caller) admits exactly.
+    dispatcher's round (woken by the caller) admits exactly. ``released``: the entity keys the
+    finishing step gave up (of ``tenant_id``): the oldest waiter of each comes next, handed the
+    key in the releasing transaction, or the dispatcher is woken for it.
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
@@ -720,6 +729,18 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None, headroom: in
         )
         if picked and (admitted := _admit_one(picked[0], now)):
             return admitted
+    waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
+    for waiter in waiters:
+        picked = _fitting(
+            fair_candidates(limit=1, now=now, room=room, only_step=waiter, wait_policy_only=True),
+            room,
+            lanes,
+            headroom,
+        )
+        if picked and (admitted := _admit_one(picked[0], now)):
+            return admitted
+    if waiters:
+        wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
     candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes, wait_policy_only=True)
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
@@ -727,6 +748,23 @@ def admit_here(*, lanes: frozenset[str], prefer: int | None = None, headroom: in
         if admitted := _admit_one(candidate, now):
             return admitted
     return None
+
+
+def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
+    """For each key, its oldest ready waiter of the tenant (FIFO per key, by step id)."""
+    if not keys:
+        return []
+    ready = (
+        Step.objects.filter(tenant_id=tenant_id, status=StepStatus.READY).exclude(lock_keys=[]).order_by("id")
+    )
+    if rawsql.on_postgresql():
+        holders = [
+            ready.filter(lock_keys__contains=[key]).values_list("id", flat=True).first() for key in keys
+        ]
+    else:  # SQLite has no JSON containment: its few waiters are read in order
+        waiting = list(ready.values_list("id", "lock_keys"))
+        holders = [next((pk for pk, held in waiting if key in held), None) for key in keys]
+    return list(dict.fromkeys(step_id for step_id in holders if step_id is not None))
 
 
 def worker_idle(lanes: frozenset[str]) -> None:

@@ -328,7 +328,17 @@ def _finish_succeeded(
                 grants=ctx.grants(),
                 wake_for_next=not go_on,
             )
-            follow = admit_here(lanes=lanes, prefer=next_id, headroom=shard_headroom()) if go_on else None
+            follow = (
+                admit_here(
+                    lanes=lanes,
+                    prefer=next_id,
+                    headroom=shard_headroom(),
+                    released=[grant.key for grant in ctx.locks],
+                    tenant_id=ctx.step.tenant_id,
+                )
+                if go_on
+                else None
+            )
             if go_on and next_id and (follow is None or follow.step_id != next_id):
                 wake_on_commit()  # the run's next step needs another worker
             if follow is None:

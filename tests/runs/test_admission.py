@@ -317,3 +317,23 @@ def test_workers_holding_every_shard_at_once_admit_only_where_the_cap_has_room_f
     held = Step.objects.filter(run__tenant=acme, status=StepStatus.LEASED).count()
     assert held == already_held + admitted <= SHARD_CAP
     assert admitted == (shards if already_held + shards <= SHARD_CAP else 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_released_key_goes_to_its_oldest_waiter_in_the_releasing_transaction(acme: Tenant) -> None:
+    """A worker finishing a step that held a key admits that key's oldest waiter next, ahead of
+    older ready steps of its lanes: the key is handed over as it is released."""
+    held = locks_acquire(tenant_id=acme.pk, keys=["crm_contact:7"], holder="the finishing step", ttl=30)
+    for _ in range(5):  # older, and first in fair-share order
+        run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    waiters = [
+        run_start(tenant=acme, workflow="demo.crm_update", input=CRM_INPUT, actor="t").run for _ in range(2)
+    ]
+    with transaction.atomic():
+        locks_release(held)
+        admission = admit_here(
+            lanes=frozenset({"read", "external"}), released=["crm_contact:7"], tenant_id=acme.pk
+        )
+    assert admission is not None
+    assert admission.step_id == Step.objects.get(run=waiters[0]).pk
+    assert Step.objects.get(run=waiters[1]).status == StepStatus.READY  # FIFO: the next one waits

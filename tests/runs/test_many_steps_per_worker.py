@@ -136,7 +136,7 @@ def test_a_worker_killed_with_200_steps_in_flight_loses_none_and_repeats_no_effe
 
 
 TOOL_CAP = 4
-CAPPED_RUNS = 400
+CAPPED_RUNS = 240
 
 
 @pytest.mark.timeout(240)
