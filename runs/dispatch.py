@@ -720,24 +720,11 @@ def admit_here(
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
-    if prefer is not None:
-        picked = _fitting(
-            fair_candidates(limit=1, now=now, room=room, only_step=prefer, wait_policy_only=True),
-            room,
-            lanes,
-            headroom,
-        )
-        if picked and (admitted := _admit_one(picked[0], now)):
-            return admitted
+    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom)):
+        return admitted
     waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
     for waiter in waiters:
-        picked = _fitting(
-            fair_candidates(limit=1, now=now, room=room, only_step=waiter, wait_policy_only=True),
-            room,
-            lanes,
-            headroom,
-        )
-        if picked and (admitted := _admit_one(picked[0], now)):
+        if admitted := _admit_named(waiter, now, room, lanes, headroom):
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
@@ -748,6 +735,15 @@ def admit_here(
         if admitted := _admit_one(candidate, now):
             return admitted
     return None
+
+
+def _admit_named(
+    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int
+) -> Admission | None:
+    """Admit that one step here, if every cap, FIFO rule and lock allows it now."""
+    named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
+    picked = _fitting(named, room, lanes, headroom)
+    return _admit_one(picked[0], now) if picked else None
 
 
 def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
