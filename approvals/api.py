@@ -109,7 +109,7 @@ def _etag(response: HttpResponse, version: int) -> None:
 
 
 def _approval(request: HttpRequest, approval_id: int) -> Any:
-    return get_object_or_404(selectors.approvals_for_user(request_user(request)), pk=approval_id)
+    return get_object_or_404(selectors.approval_lookup_for_user(request_user(request)), pk=approval_id)
 
 
 @router.get("/approvals", response=list[ApprovalOut])

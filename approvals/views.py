@@ -53,7 +53,7 @@ DECIDED_VERBS = {
 
 def _get_approval_for_user(request: HtmxHttpRequest, approval_id: int) -> ApprovalRequest:
     """The request if it belongs to one of the user's tenants; another tenant's is a 404."""
-    return get_object_or_404(selectors.approvals_for_user(authenticated_user(request)), pk=approval_id)
+    return get_object_or_404(selectors.approval_lookup_for_user(authenticated_user(request)), pk=approval_id)
 
 
 def _get_conflict_for_user(request: HtmxHttpRequest, conflict_id: int) -> ConflictArtifact:
