@@ -78,24 +78,54 @@ def _insert_fields(model: type[models.Model]) -> tuple[models.Field[Any, Any], .
     )
 
 
-def insert_sql(instances: Sequence[models.Model]) -> tuple[str, list[Any]]:
+def insert_sql(
+    instances: Sequence[models.Model], *, expressions: Mapping[str, str] | None = None
+) -> tuple[str, list[Any]]:
     """One INSERT (ending in ``;``) of these instances of one model, with the values the ORM
     would write (each field's ``pre_save``: defaults, ``auto_now_add``), to send in a round
     trip with other statements. The instances are marked saved. A database-generated id is
-    not read back: for rows nothing refers to by id in the same breath (a new run's steps)."""
+    not read back: for rows nothing refers to by id in the same breath (a new run's steps).
+    ``expressions``: SQL written in place of a field's value (by field name), for a value only
+    an earlier statement of the round trip knows."""
     model = type(instances[0])
     fields = _insert_fields(model)
+    expressions = expressions or {}
     params: list[Any] = []
     for instance in instances:
-        params += [field.get_db_prep_save(field.pre_save(instance, True), connection) for field in fields]
+        params += [
+            field.get_db_prep_save(field.pre_save(instance, True), connection)
+            for field in fields
+            if field.name not in expressions
+        ]
         instance._state.adding = False
         instance._state.db = connection.alias
-    row = f"({', '.join(['%s'] * len(fields))})"
+    row = f"({', '.join(expressions.get(field.name, '%s') for field in fields)})"
     columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     return (
         f"INSERT INTO {model._meta.db_table} ({columns}) VALUES {', '.join([row] * len(instances))}; ",
         params,
     )
+
+
+def transaction_in_one_round_trip(statements: str, params: Sequence[Any], *, then: str = "") -> Any:
+    """Run ``statements`` (each ending in ``;``) as one transaction in a single round trip to
+    PostgreSQL: BEGIN, the statements, COMMIT, then ``then``, a read after the commit whose
+    first row is returned (None without one). A transaction Django opens costs a round trip
+    for psycopg2's BEGIN and one for its COMMIT besides its statements. Only outside any
+    transaction (Django's autocommit, where psycopg2 sends no BEGIN of its own). On an error
+    the transaction is rolled back and the error raised: nothing of it was written."""
+    if not on_postgresql() or connection.in_atomic_block:
+        raise RuntimeError("one round trip needs PostgreSQL and no transaction already open")
+    with connection.cursor() as cursor:
+        try:
+            cursor.execute(f"BEGIN; {statements} COMMIT; {then}", params)
+            return cursor.fetchone() if then else None
+        except Exception:
+            # PostgreSQL stopped at the failing statement, inside the transaction block (or
+            # after a failed COMMIT ended it: then ROLLBACK only warns).
+            with suppress(DatabaseError):
+                cursor.execute("ROLLBACK")
+            raise
 
 
 def adapt_datetime(value: datetime) -> Any:

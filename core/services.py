@@ -72,6 +72,25 @@ def event_record(
     """Append an event in the caller's transaction; listeners run only once it commits.
     ``prelude_sql``: a statement (ending in ``;``) and its parameters to run first in the same
     round trip: the change the event records."""
+    sql, params, recorded = event_insert_sql(
+        tenant=tenant, subject=subject, verb=verb, actor=actor, payload=payload
+    )
+    with connection.cursor() as cursor:
+        if prelude_sql[0] and not rawsql.on_postgresql():  # SQLite runs one statement per call
+            cursor.execute(prelude_sql[0].strip().rstrip(";"), prelude_sql[1])
+            prelude_sql = ("", ())
+        cursor.execute(f"{prelude_sql[0]}{sql} RETURNING id", [*prelude_sql[1], *params])
+        event = recorded(cursor.fetchone()[0])
+    transaction.on_commit(lambda: _notify_event_listeners(event))
+    return event
+
+
+def event_insert_sql(
+    *, tenant: Tenant | int, subject: str, verb: str, actor: str, payload: dict[str, Any] | None = None
+) -> tuple[str, list[Any], Callable[[int], Event]]:
+    """The INSERT of an event (no ``;``: a caller may add ``RETURNING``), its parameters, and
+    what builds the Event from its id once written. ``event_record`` sends it; a caller writing
+    a whole transaction in one round trip sends it there, then calls ``event_committed``."""
     tenant_id = tenant if isinstance(tenant, int) else tenant.pk
     payload = payload or {}
     now = timezone.now()
@@ -79,29 +98,30 @@ def event_record(
         payload = enrich(subject, payload)
     # A hand-written INSERT: events are written on every step, and the ORM's save costs more
     # than the statement. The instance is the one ``Event.objects.create`` would return.
-    with connection.cursor() as cursor:
-        if prelude_sql[0] and not rawsql.on_postgresql():  # SQLite runs one statement per call
-            cursor.execute(prelude_sql[0].strip().rstrip(";"), prelude_sql[1])
-            prelude_sql = ("", ())
-        cursor.execute(
-            f"{prelude_sql[0]}INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-            [
-                *prelude_sql[1],
-                tenant_id,
-                subject,
-                verb,
-                actor,
-                _EVENT_PAYLOAD.get_db_prep_save(payload, connection),
-                rawsql.adapt_datetime(now),
-            ],
-        )
-        event_id = cursor.fetchone()[0]
-    event = Event.from_db(
-        connection.alias, _EVENT_FIELDS, [event_id, tenant_id, subject, verb, actor, payload, now]
+    sql = (
+        "INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
+        " VALUES (%s, %s, %s, %s, %s, %s)"
     )
-    transaction.on_commit(lambda: _notify_event_listeners(event))
-    return event
+    params = [
+        tenant_id,
+        subject,
+        verb,
+        actor,
+        _EVENT_PAYLOAD.get_db_prep_save(payload, connection),
+        rawsql.adapt_datetime(now),
+    ]
+
+    def recorded(event_id: int) -> Event:
+        return Event.from_db(
+            connection.alias, _EVENT_FIELDS, [event_id, tenant_id, subject, verb, actor, payload, now]
+        )
+
+    return sql, params, recorded
+
+
+def event_committed(event: Event) -> None:
+    """An event written outside ``event_record`` has committed: its listeners run now."""
+    _notify_event_listeners(event)
 
 
 def _hash_token(raw: str) -> str:

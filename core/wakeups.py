@@ -69,12 +69,14 @@ def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_l
     elif only_if_waiting:
         transaction.on_commit(partial(_wake_if_marked, WAITING_KEY, _local_waiting))
     elif lane:
-        transaction.on_commit(lambda: _wake_unless_saturated(lane))
+        transaction.on_commit(lambda: wake_unless_saturated(lane))
     else:
         transaction.on_commit(wake_now)
 
 
-def _wake_unless_saturated(lane: str) -> None:
+def wake_unless_saturated(lane: str) -> None:
+    """A step of ``lane`` was made ready and has committed: wake the dispatcher, unless every
+    worker of the lane is busy (each finishing worker pulls the next ready step itself)."""
     client = get_redis()
     try:
         if client is None:

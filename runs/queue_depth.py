@@ -15,12 +15,17 @@ backlog. A start holds one of those rows until it commits (its place):
 - **a changed max_queue_depth** locks every row too (``queue_places_hold_all``): the starts in
   flight commit before it, every later one reads the new limit.
 
+The fast path is a function in the database (``runs_queue_place_fast``), so a start outside any
+transaction can take its place and write its run in one round trip (runs.services), the function
+refusing on the server where the slow path must decide.
+
 On SQLite (the embedded default, one writer at a time) the unfinished runs are counted.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from django.db import connection
 
@@ -46,19 +51,24 @@ def _default_limit() -> int:
     return int(TenantQuota._meta.get_field("max_queue_depth").get_default())
 
 
-# A savepoint (left open on success: it ends with the transaction), then: forget a place an
-# earlier start in this transaction noted, lock a free row, note it.
-_FAST_SQL = (
-    "SAVEPOINT runwarden_depth;"
-    " SELECT set_config('runwarden.depth_shard', '', true);"
-    " SELECT set_config('runwarden.depth_shard', shard::text, true) FROM ("
-    "  SELECT shard FROM runs_queuedepth WHERE tenant_id = %s"
-    f"  ORDER BY (shard + %s) %% {SHARDS} LIMIT 1 FOR UPDATE SKIP LOCKED) free;"
-    # A statement of its own: its snapshot is taken after the row is locked.
-    " SELECT nullif(current_setting('runwarden.depth_shard', true), ''),"
-    "  (SELECT coalesce(sum(unfinished), 0) FROM runs_queuedepth WHERE tenant_id = %s),"
-    "  (SELECT max_queue_depth FROM core_tenantquota WHERE tenant_id = %s)"
-)
+# The fast path is the database function runs_queue_place_fast (runs/migrations/0015): it
+# locks a free row, reads the sum in a statement of its own (after the lock), and returns the
+# row when the sum leaves room for every start in flight, else NULL (or, refusing, raises
+# SQLSTATE RWQ01). The row is noted in runwarden.depth_shard for the run's INSERT.
+REFUSED_FAST = "RWQ01"
+# The run's counter row, in its INSERT after the fast path (``rawsql.insert_sql`` expressions).
+DEPTH_SHARD_SQL = "CAST(current_setting('runwarden.depth_shard') AS smallint)"
+
+
+def queue_place_fast_sql(tenant_id: int, *, refuse: bool) -> tuple[str, list[Any]]:
+    """The fast path's statement (ending in ``;``) and its parameters; ``refuse``: raise
+    (SQLSTATE ``REFUSED_FAST``) rather than answer NULL where it does not apply, so that
+    statements after it in the same round trip never run."""
+    return (
+        "SELECT runs_queue_place_fast(%s, %s, %s, %s, %s);",
+        [tenant_id, random.randrange(SHARDS), _default_limit(), SHARDS, refuse],
+    )
+
 
 _SLOW_SQL = (
     "ROLLBACK TO SAVEPOINT runwarden_depth;"  # releases the row the fast attempt locked, if any
@@ -79,10 +89,12 @@ def queue_place_take(tenant: Tenant) -> int:
     if not rawsql.on_postgresql():
         _refuse_when_full(tenant, _count_unfinished(tenant), None)
         return 0
+    fast, params = queue_place_fast_sql(tenant.pk, refuse=False)
     with connection.cursor() as cursor:
-        cursor.execute(_FAST_SQL, [tenant.pk, random.randrange(SHARDS), tenant.pk, tenant.pk])
-        shard, depth, limit = cursor.fetchone()
-    if shard is not None and depth <= (_default_limit() if limit is None else limit) - SHARDS:
+        # A savepoint, left open on success (it ends with the transaction).
+        cursor.execute(f"SAVEPOINT runwarden_depth; {fast}", params)
+        shard = cursor.fetchone()[0]
+    if shard is not None:
         return int(shard)
     with connection.cursor() as cursor:
         # Every row, in shard order (as queue_places_hold_all does), then the exact sum.

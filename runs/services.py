@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from core import metrics, rawsql, tallies
@@ -20,7 +20,7 @@ from core.connections import ConnectionInvalid, connections_bind, environment_ch
 from core.models import Role, Tenant, User
 from core.transactions import transaction_retried_once
 from core.validation import fingerprint
-from core.wakeups import wake_on_commit
+from core.wakeups import wake_on_commit, wake_unless_saturated
 from runs import transitions
 from runs.definitions import (
     InvalidInput,
@@ -33,7 +33,13 @@ from runs.definitions import (
 from runs.gates import report_conflict
 from runs.locking import run_steps_lock
 from runs.models import Run, SessionState, Step, StepStatus, TriggerEvent, new_run_id
-from runs.queue_depth import QuotaExceeded, queue_place_take
+from runs.queue_depth import (
+    DEPTH_SHARD_SQL,
+    REFUSED_FAST,
+    QuotaExceeded,
+    queue_place_fast_sql,
+    queue_place_take,
+)
 from runs.sessions import MAX_SESSION_KEY_LENGTH, queue_deadline, session_admit
 from runs.transitions import UNFINISHED_RUN_STATUSES, step_lock_keys
 
@@ -124,33 +130,62 @@ def run_create(
         seen = TriggerEvent.objects.filter(tenant=tenant, trigger_event_id=trigger_event_id).first()
         if seen is not None:
             return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
+    run_id = new_run_id()
+    run = Run(
+        id=run_id,
+        tenant=tenant,
+        workflow=workflow,
+        workflow_version=workflow_version,
+        input=input,
+        actor=actor,
+        correlation_id=correlation_id or trigger_event_id or run_id,
+        trigger_event_id=trigger_event_id,
+        environment=environment,
+        session_key=session_key,
+        sequence=sequence,
+        session_state=SessionState.WAITING if session_key else SessionState.NONE,
+        session_max=session.max_concurrent,
+        session_gap_seconds=session.sequence_gap_seconds,
+        queue_deadline=queue_deadline(session) if session_key else None,
+        replay_of=replay_of,
+        connections=connections or {},
+    )
+    steps = build_steps(run) if build_steps is not None else []
+    trigger = (
+        TriggerEvent(
+            tenant=tenant, trigger_event_id=trigger_event_id, fingerprint=payload_fingerprint, run=run
+        )
+        if trigger_event_id
+        else None
+    )
+    created: dict[str, Any] = {
+        "subject": f"run:{run.id}",
+        "verb": "created",
+        "actor": actor,
+        "payload": {
+            "workflow": workflow,
+            "workflow_version": workflow_version,
+            "correlation_id": run.correlation_id,
+            "environment": environment,
+            "connections": {p: c["name"] for p, c in (connections or {}).items()},
+            "trigger_event_id": trigger_event_id,
+            **({"session_key": session_key, "sequence": sequence} if session_key else {}),
+            **({"replay_of": replay_of.pk} if replay_of else {}),
+        },
+    }
+    if (
+        enforce_quota
+        and not session_key
+        and rawsql.on_postgresql()
+        and not transaction.get_connection().in_atomic_block
+        and _created_in_one_round_trip(run, steps, trigger, created)
+    ):
+        return RunStart(run=run, created=True)
     try:
         with transaction.atomic():
             if session_key:  # before the queue place: see runs/queue_depth.py on lock order
                 session_admit(tenant_id=tenant.pk, session_key=session_key, policy=session, actor=actor)
-            depth_shard = queue_place_take(tenant) if enforce_quota else 0
-            run_id = new_run_id()
-            run = Run(
-                id=run_id,
-                tenant=tenant,
-                workflow=workflow,
-                workflow_version=workflow_version,
-                input=input,
-                actor=actor,
-                correlation_id=correlation_id or trigger_event_id or run_id,
-                trigger_event_id=trigger_event_id,
-                environment=environment,
-                session_key=session_key,
-                sequence=sequence,
-                session_state=SessionState.WAITING if session_key else SessionState.NONE,
-                session_max=session.max_concurrent,
-                session_gap_seconds=session.sequence_gap_seconds,
-                queue_deadline=queue_deadline(session) if session_key else None,
-                replay_of=replay_of,
-                connections=connections or {},
-                depth_shard=depth_shard,
-            )
-            steps = build_steps(run) if build_steps is not None else []
+            run.depth_shard = queue_place_take(tenant) if enforce_quota else 0
             rows, row_params = "", list[Any]()
             if rawsql.on_postgresql():
                 # The run and its steps are written with the run's event, in one round trip (the
@@ -163,32 +198,14 @@ def run_create(
                 run.save(force_insert=True)
                 Step.objects.bulk_create(steps)
             contract_remember(run)
-            if trigger_event_id:
-                TriggerEvent.objects.create(
-                    tenant=tenant, trigger_event_id=trigger_event_id, fingerprint=payload_fingerprint, run=run
-                )
+            if trigger is not None:
+                trigger.save(force_insert=True)
             if steps:
                 if session_key:
                     wake_on_commit()  # the dispatcher gives it its turn
                 else:
                     wake_on_commit(lane=steps[0].lane)
-            core_services.event_record(
-                tenant=tenant,
-                subject=f"run:{run.id}",
-                verb="created",
-                actor=actor,
-                payload={
-                    "workflow": workflow,
-                    "workflow_version": workflow_version,
-                    "correlation_id": run.correlation_id,
-                    "environment": environment,
-                    "connections": {p: c["name"] for p, c in (connections or {}).items()},
-                    "trigger_event_id": trigger_event_id,
-                    **({"session_key": session_key, "sequence": sequence} if session_key else {}),
-                    **({"replay_of": replay_of.pk} if replay_of else {}),
-                },
-                prelude_sql=(rows, row_params),
-            )
+            core_services.event_record(tenant=tenant, **created, prelude_sql=(rows, row_params))
             return RunStart(run=run, created=True)
     except IntegrityError:
         if not trigger_event_id:
@@ -197,6 +214,46 @@ def run_create(
         tenant=tenant, trigger_event_id=trigger_event_id
     )
     return _replay(tenant, existing, trigger_event_id, payload_fingerprint, actor, payload)
+
+
+def _created_in_one_round_trip(
+    run: Run, steps: list[Step], trigger: TriggerEvent | None, created: dict[str, Any]
+) -> bool:
+    """Write a new run whole — its queue place (the fast path), the run, its steps, its trigger
+    delivery and its ``created`` event — as one transaction in a single round trip to
+    PostgreSQL, where the start does not already sit in a transaction. False, with nothing
+    written, where the queue place needs the slow path or the delivery id is taken: the
+    caller's transaction then decides, as for any start."""
+    place, params = queue_place_fast_sql(run.tenant_id, refuse=True)
+    statements = [place]
+    for rows, expressions in (
+        ([run], {"depth_shard": DEPTH_SHARD_SQL}),
+        (steps, None),
+        ([trigger] if trigger is not None else [], None),
+    ):
+        if rows:
+            sql, row_params = rawsql.insert_sql(rows, expressions=expressions)
+            statements.append(sql)
+            params += row_params
+    contract_remember(run)  # the event carries the run's contract
+    event_sql, event_params, recorded = core_services.event_insert_sql(tenant=run.tenant_id, **created)
+    statements.append(f"{event_sql};")
+    try:
+        event_id, run.depth_shard = rawsql.transaction_in_one_round_trip(
+            " ".join(statements),
+            [*params, *event_params, run.id],
+            then="SELECT currval(pg_get_serial_sequence('core_event', 'id')),"
+            " (SELECT depth_shard FROM runs_run WHERE id = %s)",
+        )
+    except DatabaseError as exc:
+        refused = getattr(exc.__cause__, "pgcode", "") == REFUSED_FAST
+        if refused or (trigger is not None and isinstance(exc, IntegrityError)):
+            return False
+        raise
+    core_services.event_committed(recorded(event_id))
+    if steps:
+        wake_unless_saturated(steps[0].lane)
+    return True
 
 
 def _replay(

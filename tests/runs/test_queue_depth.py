@@ -10,10 +10,12 @@ import threading
 
 import pytest
 from django.db import connection, connections, transaction
+from django.test.utils import CaptureQueriesContext
 
-from core.models import Tenant, TenantQuota
+from core import services as core_services
+from core.models import Event, Tenant, TenantQuota
 from runs.invariants import check_invariants
-from runs.models import QueueDepth, Run, RunStatus
+from runs.models import QueueDepth, Run, RunStatus, Step
 from runs.queue_depth import SHARDS, QuotaExceeded, queue_depth_miscounts, queue_place_take
 from runs.services import UNFINISHED_RUN_STATUSES, run_cancel, run_retry, run_start
 from tests.approvals.helpers import pump
@@ -177,3 +179,40 @@ def _try(tenant: Tenant, n: int) -> bool:
     except QuotaExceeded:
         return False
     return True
+
+
+def test_a_start_outside_any_transaction_is_written_whole_in_one_round_trip(
+    acme: Tenant, on_postgresql: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    committed: list[Event] = []
+    monkeypatch.setattr(
+        core_services, "_event_listeners", [*core_services._event_listeners, committed.append]
+    )
+    start(acme, 0)  # a tenant's first start creates its counter rows, the slow way
+    with CaptureQueriesContext(connection) as queries:
+        run = start(acme, 1)
+    assert len(queries) == 1, [q["sql"][:80] for q in queries]
+    assert queries[0]["sql"].startswith("BEGIN;") and " COMMIT; " in queries[0]["sql"]
+    stored = Run.objects.get(pk=run.pk)
+    assert stored.depth_shard == run.depth_shard and stored.steps.count() == 1
+    created = Event.objects.get(subject=f"run:{run.pk}", verb="created")
+    assert [event.pk for event in committed if event.subject == f"run:{run.pk}"] == [created.pk]
+    assert created.payload["contract"]["correlation_id"] == run.correlation_id
+    assert queue_depth_miscounts() == []
+
+
+def test_a_start_the_fast_path_refuses_leaves_nothing_of_its_attempt_and_the_exact_count_decides(
+    acme: Tenant, on_postgresql: None
+) -> None:
+    # Below SHARDS places the fast path never applies: every start goes the slow way.
+    TenantQuota.objects.update_or_create(tenant=acme, defaults={"max_queue_depth": 3})
+    runs = [start(acme, n) for n in range(3)]
+    with pytest.raises(QuotaExceeded):
+        start(acme, 3)
+    assert unfinished(acme) == counted(acme) == 3
+    assert Event.objects.filter(tenant=acme, verb="created").count() == 3
+    assert Step.objects.filter(tenant=acme).count() == 3
+    assert {r.pk for r in Run.objects.filter(tenant=acme)} == {r.pk for r in runs}
+    assert queue_depth_miscounts() == []
+    pump()  # the system still does its job
+    assert set(Run.objects.filter(tenant=acme).values_list("status", flat=True)) == {RunStatus.SUCCEEDED}
