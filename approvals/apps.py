@@ -13,7 +13,11 @@ class ApprovalsConfig(AppConfig):
         from runs import explain, gates, invariants
 
         metrics.gauge_register(
-            "runwarden_conflicts_open", "Open conflict artifacts", ["kind"], selectors.open_conflict_samples
+            "runwarden_conflicts_open",
+            "Open conflict artifacts",
+            ["kind"],
+            selectors.open_conflict_samples,
+            known=selectors.conflict_kinds_known,
         )
 
         invariants.check_register("parked_for_a_human", selectors.parked_without_request)

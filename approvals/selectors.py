@@ -16,6 +16,7 @@ from approvals.models import (
     Artifact,
     ArtifactVersion,
     ConflictArtifact,
+    ConflictKind,
     ConflictStatus,
 )
 from core.models import Membership, Notification, Role
@@ -171,6 +172,11 @@ def open_conflict_samples() -> list[tuple[dict[str, str], float]]:
         ConflictArtifact.objects.filter(status="open").values("kind").annotate(n=Count("id")).order_by("kind")
     )
     return [({"kind": r["kind"]}, r["n"]) for r in rows]
+
+
+def conflict_kinds_known() -> list[dict[str, str]]:
+    """Every kind of conflict: the gauge shows 0 where none is open."""
+    return [{"kind": kind} for kind in ConflictKind.values]
 
 
 def parked_without_request(now: datetime) -> list[str]:

@@ -33,10 +33,12 @@ class RunsConfig(AppConfig):
             "Ready steps waiting for admission",
             ["tenant", "lane"],
             selectors.queue_depth_samples,
+            known=selectors.queue_depth_known,
         )
         metrics.gauge_register(
             "runwarden_inflight_steps",
             "Admitted steps (leased or running)",
             ["workflow"],
             selectors.inflight_samples,
+            known=selectors.inflight_known,
         )

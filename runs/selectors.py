@@ -12,6 +12,7 @@ from django.utils import timezone
 from core.leases import live_leases_filter
 from core.models import Lease, Tenant, User
 from core.selectors import AnyUser, scope_to_user
+from runs.definitions import LANES, REGISTRY
 from runs.dispatch import load_room
 from runs.explain import explain_ready
 from runs.models import Run, SideEffect, Step, StepStatus
@@ -165,6 +166,12 @@ def queue_depth_samples() -> list[tuple[dict[str, str], float]]:
     return [({"tenant": r["tenant__slug"], "lane": r["lane"]}, r["n"]) for r in rows]
 
 
+def queue_depth_known() -> list[dict[str, str]]:
+    """Every tenant's every lane: the gauge shows 0 where nothing waits."""
+    slugs = Tenant.objects.order_by("slug").values_list("slug", flat=True)
+    return [{"tenant": slug, "lane": lane} for slug in slugs for lane in LANES]
+
+
 def inflight_samples() -> list[tuple[dict[str, str], float]]:
     """Admitted steps (leased or running), by workflow."""
     rows = (
@@ -174,6 +181,11 @@ def inflight_samples() -> list[tuple[dict[str, str], float]]:
         .order_by("run__workflow")
     )
     return [({"workflow": r["run__workflow"]}, r["n"]) for r in rows]
+
+
+def inflight_known() -> list[dict[str, str]]:
+    """Every declared workflow: the gauge shows 0 where none of its steps is admitted."""
+    return [{"workflow": key} for key in sorted(REGISTRY)]
 
 
 STALE_WINDOW = timedelta(minutes=5)

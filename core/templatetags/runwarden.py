@@ -25,6 +25,13 @@ def when(value: datetime | None, fmt: str = "Y-m-d H:i:s") -> SafeString | str:
     )
 
 
+@register.filter
+def key_words(value: str) -> SafeString:
+    """A raw key in words (``lease_expired_with_pending_effect``: "lease expired with pending
+    effect"), which wrap between words; the key itself stays on hover."""
+    return format_html('<span title="{}">{}</span>', value, str(value).replace("_", " "))
+
+
 @register.simple_tag(takes_context=True)
 def nav_mark(context: dict[str, Any], section: str) -> SafeString | str:
     """` aria-current="page"` (or "true" inside the section) on the link of the current

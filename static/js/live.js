@@ -53,10 +53,11 @@
     (root || document).querySelectorAll("time[datetime]:not([data-expires]):not([data-localized])").forEach(function (el) {
       var moment = new Date(el.getAttribute("datetime"));
       if (isNaN(moment.getTime())) { return; }
+      // A date carries its month by name: 12/02/2026 reads as December or February by locale.
       var timeOnly = el.dataset.local === "time" || (!el.dataset.local && el.textContent.indexOf("-") < 0);
       var text = timeOnly
         ? moment.toLocaleTimeString([], { hour12: false })
-        : moment.toLocaleString([], { year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+        : moment.toLocaleString([], { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
       var seconds = (Date.now() - moment.getTime()) / 1000;
       if (!timeOnly && seconds >= 0 && seconds < 86400) { text += " · " + ago(seconds); }
       el.title = el.getAttribute("datetime") + " (UTC " + el.textContent.trim() + ")";

@@ -357,3 +357,16 @@ def test_a_concurrent_edit_conflict_shows_the_diff_of_the_two_contents(
         '<span class="diff-del">-  Second</span>' in body and '<span class="diff-add">+  First</span>' in body
     )
     assert '<option value="apply_proposed">apply_proposed</option>' in body
+
+
+def test_the_overview_names_an_open_conflicts_kind_in_words_with_the_key_on_hover(
+    acme: Tenant, acme_reviewer: User
+) -> None:
+    services.record_conflict(
+        "lease_expired_with_pending_effect", tenant_id=acme.pk, target_key="crm_contact:1"
+    )
+    body = client_for(acme_reviewer).get("/").content.decode()
+    assert (
+        'open conflicts: 1 <span title="lease_expired_with_pending_effect">'
+        "lease expired with pending effect</span>"
+    ) in body
