@@ -32,6 +32,28 @@ def key_words(value: str) -> SafeString:
     return format_html('<span title="{}">{}</span>', value, str(value).replace("_", " "))
 
 
+@register.filter
+def words(value: str) -> str:
+    """A raw key as plain words, for where markup cannot go (an ``<option>``, an attribute)."""
+    return str(value).replace("_", " ")
+
+
+# Where a state's key alone reads as jargon, what it says instead, by what it is the state of
+# ("run", "step", "effect", "approval"); any other key reads with spaces for underscores.
+STATE_WORDS: dict[tuple[str, str], str] = {
+    ("step", "leased"): "admitted",
+    ("run", "waiting_approval"): "waiting for approval",
+    ("step", "waiting_approval"): "waiting for approval",
+}
+
+
+@register.filter
+def state_badge(status: str, of: str = "") -> SafeString:
+    """A status badge in words (``STATE_WORDS``, else the key with spaces), the key on hover."""
+    text = STATE_WORDS.get((of, status)) or words(status)
+    return format_html('<span class="badge status-{}" title="{}">{}</span>', status, status, text)
+
+
 @register.simple_tag(takes_context=True)
 def nav_mark(context: dict[str, Any], section: str) -> SafeString | str:
     """` aria-current="page"` (or "true" inside the section) on the link of the current

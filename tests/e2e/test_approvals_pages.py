@@ -136,8 +136,9 @@ def test_a_reviewer_resolves_a_conflict(live_console: str, page: Page) -> None:
     expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
     page.wait_for_load_state("networkidle")  # the refresh on socket open is done
     card = page.locator(f"#conflict-{duplicate.pk}")
-    expect(card).to_contain_text("duplicate_trigger_payload")
-    expect(page.locator(f"#conflict-{edit.pk}")).to_contain_text("concurrent_edit")
+    expect(card.locator(".kind")).to_have_text("duplicate trigger payload")
+    expect(card.locator('.kind [title="duplicate_trigger_payload"]')).to_have_count(1)
+    expect(page.locator(f"#conflict-{edit.pk} .kind")).to_have_text("concurrent edit")
     expect(page.locator(f"#conflict-{edit.pk} .diff-add").first).to_be_visible()
     card.locator("select[name=resolution]").select_option("acknowledge")
     card.locator("input[name=note]").fill("sender fixed its ids")

@@ -257,3 +257,15 @@ def test_each_page_refetches_its_fragment_on_live_events(
     assert refresher is not None
     assert f'hx-target="{fragment}"' in refresher.group()
     assert "live:event" in refresher.group() and "live:resync from:body" in refresher.group()
+
+
+def test_a_status_reads_in_words_with_its_key_on_hover(acme: Tenant, acme_operator: User) -> None:
+    run = start(acme)
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.WAITING_APPROVAL)
+    run.steps.filter(position=0).update(status=StepStatus.LEASED)
+    body = client_for(acme_operator).get(f"/runs/{run.id}/").content.decode()
+    assert (
+        '<span class="badge status-waiting_approval" title="waiting_approval">waiting for approval</span>'
+        in body
+    )
+    assert '<span class="badge status-leased" title="leased">admitted</span>' in body
