@@ -269,3 +269,12 @@ def test_a_status_reads_in_words_with_its_key_on_hover(acme: Tenant, acme_operat
         in body
     )
     assert '<span class="badge status-leased" title="leased">admitted</span>' in body
+
+
+def test_the_overview_says_what_counts_as_a_lock_wait(acme: Tenant, acme_operator: User) -> None:
+    body = client_for(acme_operator).get("/").content.decode()
+    assert '<p class="small" id="fig-lock-wait" aria-describedby="lock-wait-help">Lock waits: ' in body
+    help_text = re.search(r'<p class="muted small" id="lock-wait-help">(.*?)</p>', body)
+    assert help_text is not None
+    assert "A lock wait is a step admitted with an entity lock" in help_text.group(1)
+    assert "from ready to admission" in help_text.group(1)
