@@ -136,6 +136,10 @@ def _chart(series: list[tuple[datetime, Counter[str], int]]) -> dict[str, Any]:
         "bars": bars,
         "line": " ".join(points),
         "peak": peak,
+        # The axes: runs per minute from the peak (drawn 10 units below the top) down to 0, and
+        # the minutes of the hour, the first, the middle and the last (UTC).
+        "y_ticks": [peak, 0],
+        "x_ticks": [series[0][0], series[len(series) // 2][0], series[-1][0]],
         "width": CHART_WIDTH,
         "height": CHART_HEIGHT,
         "first": series[0][0],

@@ -278,3 +278,15 @@ def test_the_overview_says_what_counts_as_a_lock_wait(acme: Tenant, acme_operato
     assert help_text is not None
     assert "A lock wait is a step admitted with an entity lock" in help_text.group(1)
     assert "from ready to admission" in help_text.group(1)
+
+
+def test_the_overview_chart_has_labelled_axes_with_units(acme: Tenant, acme_operator: User) -> None:
+    for _ in range(3):
+        start(acme)
+    body = client_for(acme_operator).get("/").content.decode()
+    assert '<span class="chart-y-title small muted" id="chart-y-title">runs per minute</span>' in body
+    assert '<div class="chart-y small" id="chart-y"><span>3</span><span>0</span></div>' in body
+    assert "time (UTC), one bar per minute" in body
+    x_ticks = re.search(r'<div class="chart-x small" id="chart-x">(.*?)</div>', body)
+    assert x_ticks is not None
+    assert len(re.findall(r"<span>\d\d:\d\d</span>", x_ticks.group(1))) == 3
