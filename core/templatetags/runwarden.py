@@ -39,8 +39,11 @@ def words(value: str) -> str:
 
 
 # Where a state's key alone reads as jargon, what it says instead, by what it is the state of
-# ("run", "step", "effect", "approval"); any other key reads with spaces for underscores.
+# ("run", "step", "effect", "approval"); any other key reads with spaces for underscores. A run
+# stays pending until a worker starts its first step, while that step already says "ready" (or
+# "admitted"): the run's badge says it has not started rather than a second word for waiting.
 STATE_WORDS: dict[tuple[str, str], str] = {
+    ("run", "pending"): "waiting to start",
     ("step", "leased"): "admitted",
     ("run", "waiting_approval"): "waiting for approval",
     ("step", "waiting_approval"): "waiting for approval",

@@ -29,7 +29,8 @@ def test_an_operator_lists_filters_opens_and_cancels_a_run(live_console: str, pa
     expect(page.locator(f"#run-{first.id}")).to_be_visible()
     expect(page.locator(f"#run-{second.id}")).to_be_visible()
     expect(page.locator(f"#run-{foreign.id}")).to_have_count(0)
-    expect(page.locator(f"#run-{second.id} .badge")).to_have_text("pending")
+    expect(page.locator(f"#run-{second.id} .badge")).to_have_text("waiting to start")  # pending
+    expect(page.locator(f"#run-{second.id} .badge")).to_have_attribute("title", "pending")
     screenshot(page, "runs-list")
 
     # Filters swap the table in place and keep the URL shareable.
@@ -132,7 +133,7 @@ def test_a_run_cancelled_elsewhere_updates_the_open_detail_page(live_console: st
     run = start("acme")
     login(page, live_console, "operator")
     go_live(page, live_console, f"/runs/{run.id}/")
-    expect(page.locator("#run-detail h1 .badge")).to_have_text("pending")
+    expect(page.locator("#run-detail h1 .badge")).to_have_text("waiting to start")  # pending
     elsewhere(run_cancel, run=run, actor="someone-else", reason="cancelled by someone-else")
     expect(page.locator("#run-detail h1 .badge")).to_have_text("cancelled", timeout=LIVE_TIMEOUT)
     expect(page.get_by_role("button", name="Cancel run")).to_have_count(0)

@@ -45,7 +45,7 @@ def test_an_operator_retries_a_failed_run_then_replays_it_with_edited_input(
     page.once("dialog", lambda dialog: dialog.accept())
     page.get_by_role("button", name="Retry from failed step").click()
     expect(page.locator("#run-notice")).to_contain_text("retried from its first unfinished step")
-    expect(page.locator("h1 .badge")).to_have_text("pending")
+    expect(page.locator("h1 .badge")).to_have_text("waiting to start")  # pending again
     assert Run.objects.get(pk=run.pk).retries == 1
     assert Step.objects.get(run=run).status == StepStatus.READY
     screenshot(page, "run-retried")

@@ -290,3 +290,13 @@ def test_the_overview_chart_has_labelled_axes_with_units(acme: Tenant, acme_oper
     x_ticks = re.search(r'<div class="chart-x small" id="chart-x">(.*?)</div>', body)
     assert x_ticks is not None
     assert len(re.findall(r"<span>\d\d:\d\d</span>", x_ticks.group(1))) == 3
+
+
+def test_a_run_not_started_yet_says_so_beside_its_ready_step(acme: Tenant, acme_operator: User) -> None:
+    run = start(acme)
+    client = client_for(acme_operator)
+    badge = '<span class="badge status-pending" title="pending">waiting to start</span>'
+    assert badge in client.get("/runs/").content.decode()
+    detail = client.get(f"/runs/{run.id}/").content.decode()
+    assert badge in detail
+    assert '<span class="badge status-ready" title="ready">ready</span>' in detail
