@@ -27,7 +27,9 @@ from runs.models import Run, SessionState, Step, StepStatus
 
 @dataclass
 class Wait:
-    """What one step waits for. ``kind`` names it for the page (and tests); ``text`` says it."""
+    """What one step waits for. ``kind`` names it for the page (and tests); ``text`` says it
+    once, in plain words: the holder run, the times and the lease's fencing token are fields
+    the page shows beside it (the token only when asked for)."""
 
     # predecessor | session | backoff | lock | cap | workers | admissible | admitted | running | human
     kind: str
@@ -38,6 +40,8 @@ class Wait:
     holder_step: str = ""
     holders: list[str] = field(default_factory=list)
     link: str = ""
+    since: datetime | None = None
+    token: int | None = None
 
 
 # What the approvals app knows: for the steps parked for a human, their Wait.
@@ -77,9 +81,8 @@ def explain_run(run: Run, steps: Sequence[Step], now: datetime | None = None) ->
         elif step.status == StepStatus.LEASED:
             waits[step.pk] = Wait(
                 "admitted",
-                "admitted: its task is in the broker, waiting for a free worker of lane "
-                f"{step.lane} to pick it up",
-                until=step.enqueued_at,
+                f"admitted, waiting for a free worker of lane {step.lane} to pick it up",
+                since=step.enqueued_at,
             )
         elif step.status == StepStatus.RUNNING:
             waits[step.pk] = Wait("running", f"running (attempt {step.attempt} of {step.max_attempts})")
@@ -123,14 +126,17 @@ def explain_ready(
         if mine and step.lock_policy == "wait":
             lease = mine[0]
             holder_run = str(lease.metadata.get("run_id") or "")
+            held_by_run = holder_run.startswith("run_")
             waits[step.pk] = Wait(
                 "lock",
-                f"waits for the lock {lease.key}, held by {lease.holder} (token {lease.token})",
+                # A run holding it is named (and linked) beside the text; any other holder here.
+                f"waits for the lock {lease.key}" + ("" if held_by_run else f", held by {lease.holder}"),
                 until=lease.expires_at,
                 key=lease.key,
-                holder_run=holder_run,
+                holder_run=holder_run if held_by_run else "",
                 holder_step=str(lease.metadata.get("step_key") or ""),
-                link=_run_url(holder_run) if holder_run.startswith("run_") else "",
+                link=_run_url(holder_run) if held_by_run else "",
+                token=lease.token,
             )
             continue
         candidate = Candidate(
@@ -164,7 +170,7 @@ def explain_ready(
         if not room.worker_room(step.lane):
             waits[step.pk] = Wait("workers", f"no free worker slot serves lane {step.lane}")
             continue
-        waits[step.pk] = Wait("admissible", "admissible: the next admission round takes it (within a second)")
+        waits[step.pk] = Wait("admissible", "the next admission round takes it (within a second)")
     return waits
 
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from core import services as core_services
 from core.leases import lease_acquire
-from core.models import Tenant, User
+from core.models import Lease, Tenant, User
 from runs.dispatch import dispatch_round
 from runs.explain import explain_run
 from runs.models import Run, Step
@@ -55,6 +55,37 @@ def test_a_step_waiting_for_a_lock_names_the_lock_and_its_holder(
     page = client.get(f"/runs/{waiter.id}/").content.decode()
     assert "Why not running: waits for the lock crm_contact:1" in page
     assert f'href="/runs/{holder.id}/"' in page
+
+
+@override_settings(RUNWARDEN_CAPS=NO_CAPS)
+def test_the_why_not_line_says_it_once_with_the_token_only_in_a_detail(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    data = {"contact_id": 1, "changes": {"stage": "a"}}
+    holder = run_start(tenant=sandbox_acme, workflow="demo.crm_update", input=data, actor="t").run
+    assert dispatch_round()
+    waiter = run_start(tenant=sandbox_acme, workflow="demo.crm_update", input=data, actor="t").run
+    assert not dispatch_round()
+    wait = waits_of(waiter)["apply_changes"]
+    lease = Lease.objects.get(tenant=sandbox_acme, key="crm_contact:1", released_at=None)
+    assert wait is not None and wait.text == "waits for the lock crm_contact:1" and wait.token == lease.token
+    page = client_for(acme_operator).get(f"/runs/{waiter.id}/").content.decode()
+    line = page[page.index('id="wait-apply_changes"') :]
+    line = line[: line.index("</tr>")]
+    assert line.count("held by") == 1 and line.count(f">{holder.id}<") == 1, line
+    before_detail, detail = line.split('<details class="wait-more">')
+    assert "token" not in before_detail and f">{lease.token}<" not in before_detail
+    assert f'fencing token <span class="mono">{lease.token}</span>' in detail
+
+
+def test_a_lock_held_by_no_run_names_its_holder_in_the_text(acme: Tenant) -> None:
+    lease_acquire(tenant_id=acme.pk, key="crm_contact:5", holder="nightly-import", ttl=60)
+    run = run_start(
+        tenant=acme, workflow="demo.crm_update", input={"contact_id": 5, "changes": {"stage": "x"}}, actor="t"
+    ).run
+    wait = waits_of(run)["apply_changes"]
+    assert wait is not None and wait.kind == "lock", wait
+    assert wait.text == "waits for the lock crm_contact:5, held by nightly-import" and not wait.holder_run
 
 
 @override_settings(RUNWARDEN_CAPS=NO_CAPS)
