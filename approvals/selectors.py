@@ -5,10 +5,13 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.db.models import BigIntegerField, Count, Exists, F, OuterRef, QuerySet, Subquery
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast
 
 from approvals.models import (
     ApprovalRequest,
@@ -261,8 +264,68 @@ def pending_count_for_user(user: AnyUser) -> int:
     return scope_to_user(ApprovalRequest.objects.filter(status=ApprovalStatus.PENDING), user).count()
 
 
-def notifications_for_user(user: AnyUser, limit: int = 10) -> list[Notification]:
-    """The newest in-app notifications of the user's tenants."""
-    return list(
-        scope_to_user(Notification.objects.all(), user).select_related("tenant").order_by("-id")[:limit]
+# What became of a request, in words: the inbox's cards and its notifications say the same.
+DECIDED_VERBS = {
+    ApprovalStatus.APPROVED: "approved",
+    ApprovalStatus.REJECTED: "rejected",
+    ApprovalStatus.CHANGES_REQUESTED: "sent back for changes",
+    ApprovalStatus.INVALIDATED: "invalidated by an edit",
+    ApprovalStatus.EXPIRED: "expired",
+    ApprovalStatus.WITHDRAWN: "withdrawn (its run was cancelled)",
+}
+# Decisions a person takes, which name who took it.
+DECIDED_BY_SOMEONE = (ApprovalStatus.APPROVED, ApprovalStatus.REJECTED, ApprovalStatus.CHANGES_REQUESTED)
+
+
+def approval_state_words(status: str, decided_by: str | None) -> str:
+    """A request's state now, in words: "waiting for a decision", "approved by ada", "expired"."""
+    if status == ApprovalStatus.PENDING:
+        return "waiting for a decision"
+    words = DECIDED_VERBS.get(ApprovalStatus(status), status)
+    return f"{words} by {decided_by}" if decided_by and status in DECIDED_BY_SOMEONE else words
+
+
+@dataclass(frozen=True)
+class NotificationLine:
+    """An in-app notification as the inbox lists it, with its request's state now."""
+
+    kind: str  # approval_requested | approval_escalated
+    payload: dict[str, Any]
+    tenant: str
+    created_at: datetime
+    approval_status: str  # "" when the request no longer exists
+    approval_state: str  # in words: "approved by ada", "waiting for a decision"
+
+
+def notifications_for_user(user: AnyUser, limit: int = 10) -> list[NotificationLine]:
+    """The newest in-app notifications of the user's tenants, each with the state of its request
+    now, not as it was when it was sent: read in the same query (a subquery per column, on the
+    request's primary key)."""
+    request = ApprovalRequest.objects.filter(pk=OuterRef("approval_pk"), tenant_id=OuterRef("tenant_id"))
+    rows = (
+        scope_to_user(Notification.objects.all(), user)
+        .annotate(approval_pk=Cast(KT("payload__approval_id"), BigIntegerField()))
+        .annotate(
+            approval_status=Subquery(request.values("status")[:1]),
+            approval_decided_by=Subquery(request.values("decided_by__username")[:1]),
+        )
+        .order_by("-id")
+        .values(
+            "kind", "payload", "created_at", "approval_status", "approval_decided_by", slug=F("tenant__slug")
+        )
     )
+    return [
+        NotificationLine(
+            kind=row["kind"],
+            payload=row["payload"],
+            tenant=row["slug"],
+            created_at=row["created_at"],
+            approval_status=row["approval_status"] or "",
+            approval_state=(
+                approval_state_words(row["approval_status"], row["approval_decided_by"])
+                if row["approval_status"]
+                else "no longer exists"
+            ),
+        )
+        for row in rows[:limit]
+    ]

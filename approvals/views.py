@@ -41,14 +41,6 @@ MAX_SHOWN = 100
 DECISIONS = {"approve": "Approved", "reject": "Rejected", "request_changes": "Changes requested for"}
 HEADLINE_FIELDS = ("subject", "title", "to")
 MESSAGE_LEVELS = {"success": messages.SUCCESS, "warning": messages.WARNING, "error": messages.ERROR}
-DECIDED_VERBS = {
-    ApprovalStatus.APPROVED: "approved",
-    ApprovalStatus.REJECTED: "rejected",
-    ApprovalStatus.CHANGES_REQUESTED: "sent back for changes",
-    ApprovalStatus.INVALIDATED: "invalidated by an edit",
-    ApprovalStatus.EXPIRED: "expired",
-    ApprovalStatus.WITHDRAWN: "withdrawn (its run was cancelled)",
-}
 
 
 def _get_approval_for_user(request: HtmxHttpRequest, approval_id: int) -> ApprovalRequest:
@@ -95,7 +87,7 @@ def _approval_card(
     return {
         **detail,
         "is_pending": approval.status == ApprovalStatus.PENDING,
-        "decided_verb": DECIDED_VERBS.get(ApprovalStatus(approval.status), approval.status),
+        "decided_verb": selectors.DECIDED_VERBS.get(ApprovalStatus(approval.status), approval.status),
         # JSONB keeps keys sorted by length: put a message's subject back above its body.
         "text_fields": sorted(content.items(), key=lambda kv: kv[0] not in HEADLINE_FIELDS)
         if text_fields
@@ -125,7 +117,7 @@ def _render_approval_card(
 
 def _lost_decision_notice(current: ApprovalRequest) -> str:
     """Who won, when and on which artifact version (the loser's decision changed nothing)."""
-    verb = DECIDED_VERBS.get(ApprovalStatus(current.status), current.status)
+    verb = selectors.DECIDED_VERBS.get(ApprovalStatus(current.status), current.status)
     if current.status == ApprovalStatus.PENDING:
         # Still pending, but someone voted or it was escalated since the user loaded the card.
         return (

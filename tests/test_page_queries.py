@@ -63,3 +63,23 @@ def test_the_overview_is_flat_in_runs(acme: Tenant, acme_operator: User) -> None
     for n in range(40):
         run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": n + 2}, actor="t")
     assert queries(client, "/") == small
+
+
+def test_the_inbox_is_flat_in_notifications_and_their_decisions(
+    sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User
+) -> None:
+    from approvals.services import approval_decide
+    from core.outbox import outbox_drain
+    from tests.approvals.helpers import waiting_followup
+
+    client = client_for(acme_reviewer)
+
+    def decided(n: int) -> int:
+        """The inbox after ``n`` more requests were notified and decided (no card is pending)."""
+        for _ in range(n):
+            request = waiting_followup(sandbox_acme)
+            outbox_drain()
+            approval_decide(request=request, user=acme_operator, decision="reject", expected_version=1)
+        return queries(client, "/approvals/")
+
+    assert decided(1) == decided(4)

@@ -105,3 +105,32 @@ def test_the_badge_and_the_inbox_list_are_the_tenants_own(
     assert b'id="notifications"' in acme_client.get("/approvals/").content
     assert b'id="notifications"' not in globex_client.get("/approvals/").content
     assert b'id="inbox-badge"' in acme_client.get("/runs/").content, "every page has the badge"
+
+
+def test_a_notification_shows_its_requests_state_now_not_as_it_was_sent(
+    sandbox_acme: Tenant, acme_operator: User, acme_reviewer: User
+) -> None:
+    """The reviewer reads the inbox after the operator approved one of two requests."""
+    from approvals import services
+    from approvals.selectors import notifications_for_user
+
+    decided, waiting = gated_run(sandbox_acme), gated_run(sandbox_acme)
+    outbox_drain()
+    services.approval_decide(request=decided, user=acme_operator, decision="approve", expected_version=1)
+    lines = {line.payload["approval_id"]: line for line in notifications_for_user(acme_reviewer)}
+    assert (lines[decided.pk].approval_status, lines[decided.pk].approval_state) == (
+        "approved",
+        "approved by operator",
+    )
+    assert (lines[waiting.pk].approval_status, lines[waiting.pk].approval_state) == (
+        "pending",
+        "waiting for a decision",
+    )
+    body = client_for(acme_reviewer).get("/approvals/").content.decode()
+    notes = body[body.index('id="notifications"') :]
+    assert (
+        f'#{decided.pk}</a> of <a class="mono" href="/runs/{decided.run_id}/">{decided.run_id}</a>: '
+        '<span class="badge status-approved" title="approved">approved by operator</span>'
+    ) in notes
+    assert '<span title="approval_requested">requested</span> at' in notes
+    assert '<span class="badge status-pending" title="pending">waiting for a decision</span>' in notes
