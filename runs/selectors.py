@@ -193,10 +193,11 @@ BOARD_WAITERS_SCANNED = 2000
 
 
 def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[dict[str, Any]]:
-    """Per key the user's tenants hold: the holder (run, step, worker, fencing token, acquired,
-    expiry) and the queue of waiters in admission order (FIFO per key: step id), each with how
-    long it has waited and why it is not admitted. Leases past expiry that nobody released
-    (their holder died; anyone may take them over) are listed too, marked stale."""
+    """Who holds what in the user's tenants, one card per holder (``board_cards``). Per key
+    held: the holder (run, step, worker, fencing token, acquired, expiry) and the queue of
+    waiters in admission order (FIFO per key: step id), each with how long it has waited and
+    why it is not admitted. Leases past expiry that nobody released (their holder died; anyone
+    may take them over) are listed too, marked stale."""
     now = timezone.now()
     leases = scope_to_user(
         Lease.objects.filter(released_at__isnull=True, expires_at__gt=now - STALE_WINDOW), user
@@ -258,7 +259,41 @@ def ownership_board(user: User, *, tenant: str = "", prefix: str = "") -> list[d
                 ],
             }
         )
-    return rows
+    return board_cards(rows)
+
+
+def board_cards(holds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The board's holds (one per lease, in key order) as one card per run: a running step's
+    lease (``step:<id>``) beside the entity locks its run holds, rather than a card each. A
+    lease no run holds (a holder outside the engine) is a card of its own. Cards come in the
+    order of their first key; in a card, the entity locks come first, then the step lease."""
+    cards: dict[tuple[str, str], dict[str, Any]] = {}
+    for hold in holds:
+        group = (hold["tenant"], hold["run_id"] or f"lease {hold['key']}")
+        card = cards.get(group)
+        if card is None:
+            card = cards[group] = {
+                "tenant": hold["tenant"],
+                "run_id": hold["run_id"],
+                "holder": hold["holder"],
+                "step_keys": [],
+                "worker": "",
+                "step_status": "",
+                "acquired_at": hold["acquired_at"],
+                "stale": False,
+                "holds": [],
+            }
+        card["holds"].append(hold)
+        if hold["step_key"] and hold["step_key"] not in card["step_keys"]:
+            card["step_keys"].append(hold["step_key"])
+        card["worker"] = card["worker"] or hold["worker"]
+        card["step_status"] = card["step_status"] or hold["step_status"]
+        card["acquired_at"] = min(card["acquired_at"], hold["acquired_at"])
+        card["stale"] = card["stale"] or hold["stale"]
+    for card in cards.values():
+        card["holds"].sort(key=lambda hold: hold["is_step"])  # stable: the locks in key order
+        card["keys"] = " ".join(hold["key"] for hold in card["holds"])
+    return list(cards.values())
 
 
 def board_caps(user: User, *, tenant: str = "") -> list[dict[str, Any]]:

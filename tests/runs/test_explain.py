@@ -188,7 +188,7 @@ def test_the_board_lists_waiters_in_admission_order_with_their_reason_and_drops_
     waiters = [start("b"), start("c")]
     dispatch_round()
     lease_acquire(tenant_id=globex.pk, key="crm_contact:3", holder="globex-worker", ttl=60)
-    rows = {row["key"]: row for row in ownership_board(acme_operator)}
+    rows = {hold["key"]: hold for card in ownership_board(acme_operator) for hold in card["holds"]}
     row = rows["crm_contact:3"]
     assert row["run_id"] == holder.id and row["tenant"] == "acme" and not row["stale"]
     assert [(w["run_id"], w["position"]) for w in row["waiters"]] == [(waiters[0].id, 1), (waiters[1].id, 2)]
@@ -197,7 +197,7 @@ def test_the_board_lists_waiters_in_admission_order_with_their_reason_and_drops_
     assert ownership_board(acme_operator, prefix="invoice:") == []
     step_execute(step_id=admission.step_id, token=admission.token)
     dispatch_round()  # the first waiter takes the lock
-    row = {r["key"]: r for r in ownership_board(acme_operator)}["crm_contact:3"]
+    row = {h["key"]: h for card in ownership_board(acme_operator) for h in card["holds"]}["crm_contact:3"]
     assert row["run_id"] == waiters[0].id
     queue = [w["run_id"] for w in row["waiters"]]
     assert waiters[0].id not in queue and waiters[1].id in queue, "the new holder left the queue"

@@ -4,12 +4,14 @@ import re
 from typing import Any
 
 import pytest
-from django.test import Client
+from django.test import Client, override_settings
 from pytest_django import DjangoAssertNumQueries
 
 from core.leases import lease_acquire
 from core.models import Event, Tenant, User
+from runs.dispatch import dispatch_round
 from runs.models import Run, RunStatus, StepStatus
+from runs.selectors import ownership_board
 from runs.services import run_start
 from tests.conftest import client_for
 
@@ -300,3 +302,33 @@ def test_a_run_not_started_yet_says_so_beside_its_ready_step(acme: Tenant, acme_
     detail = client.get(f"/runs/{run.id}/").content.decode()
     assert badge in detail
     assert '<span class="badge status-ready" title="ready">ready</span>' in detail
+
+
+@override_settings(
+    RUNWARDEN_CAPS={"global": 50, "tenant_default": 10, "workflow": {}, "lane": {}, "tool": {}}
+)
+def test_the_board_shows_a_runs_step_lease_and_its_entity_lock_on_one_card(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    data = {"contact_id": 1, "changes": {"stage": "won"}}
+    run = run_start(tenant=sandbox_acme, workflow="demo.crm_update", input=data, actor="t").run
+    [admission] = dispatch_round()  # the step's lease and the contact's lock, both the run's
+    lease_acquire(tenant_id=sandbox_acme.pk, key="crm_contact:9", holder="nightly-import", ttl=30)
+    board = ownership_board(acme_operator)
+    assert [(card["run_id"], [h["key"] for h in card["holds"]]) for card in board] == [
+        (run.id, ["crm_contact:1", f"step:{admission.step_id}"]),  # the lock first, then the step lease
+        (None, ["crm_contact:9"]),  # a holder outside the engine: a card of its own
+    ]
+    assert (
+        board[0]["step_keys"] == ["apply_changes"]
+        and board[0]["keys"] == f"crm_contact:1 step:{admission.step_id}"
+    )
+    body = client_for(acme_operator).get("/leases/").content.decode()
+    assert body.count('class="card board-row') == 2
+    card = body[body.index(f'data-keys="crm_contact:1 step:{admission.step_id}"') :]
+    card = card[: card.index("</article>")]
+    assert f'<a class="mono key" href="/runs/{run.id}/">{run.id}</a>' in card
+    assert card.index('data-key="crm_contact:1"') < card.index(f'data-key="step:{admission.step_id}"')
+    assert (
+        ">step lease</span>" in card and f'fencing token <span class="mono">{admission.token}</span>' in card
+    )
