@@ -51,9 +51,15 @@ STATE_WORDS: dict[tuple[str, str], str] = {
 
 
 @register.filter
+def state_words(status: str, of: str = "") -> str:
+    """A status in words: ``STATE_WORDS``, else the key with spaces."""
+    return STATE_WORDS.get((of, status)) or words(status)
+
+
+@register.filter
 def state_badge(status: str, of: str = "") -> SafeString:
-    """A status badge in words (``STATE_WORDS``, else the key with spaces), the key on hover."""
-    text = STATE_WORDS.get((of, status)) or words(status)
+    """A status badge in words (``state_words``), the key on hover."""
+    text = state_words(status, of)
     return format_html('<span class="badge status-{}" title="{}">{}</span>', status, status, text)
 
 

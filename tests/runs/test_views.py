@@ -328,6 +328,7 @@ def test_the_board_shows_a_runs_step_lease_and_its_entity_lock_on_one_card(
     card = body[body.index(f'data-keys="crm_contact:1 step:{admission.step_id}"') :]
     card = card[: card.index("</article>")]
     assert f'<a class="mono key" href="/runs/{run.id}/">{run.id}</a>' in card
+    assert '· <span title="leased">admitted</span> ·' in card  # the step's state, in the badges' words
     assert card.index('data-key="crm_contact:1"') < card.index(f'data-key="step:{admission.step_id}"')
     assert (
         ">step lease</span>" in card and f'fencing token <span class="mono">{admission.token}</span>' in card
