@@ -333,3 +333,18 @@ def test_the_board_shows_a_runs_step_lease_and_its_entity_lock_on_one_card(
     assert (
         ">step lease</span>" in card and f'fencing token <span class="mono">{admission.token}</span>' in card
     )
+
+
+def test_the_run_pages_leases_show_their_fencing_token_only_when_opened(
+    acme: Tenant, acme_operator: User
+) -> None:
+    run = start(acme)
+    step = run.steps.get(position=0)
+    grant = lease_acquire(
+        tenant_id=acme.pk, key=f"step:{step.pk}", holder="w", ttl=30, metadata={"run_id": run.id}
+    )
+    assert grant is not None
+    body = client_for(acme_operator).get(f"/runs/{run.id}/").content.decode()
+    assert f'<td>step lease <span class="mono">step:{step.pk}</span></td>' in body
+    token = f'<summary>show</summary><span class="mono">{grant.token}</span></details></td>'
+    assert f'<td><details class="wait-more">{token}' in body
