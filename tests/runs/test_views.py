@@ -348,3 +348,9 @@ def test_the_run_pages_leases_show_their_fencing_token_only_when_opened(
     assert f'<td>step lease <span class="mono">step:{step.pk}</span></td>' in body
     token = f'<summary>show</summary><span class="mono">{grant.token}</span></details></td>'
     assert f'<td><details class="wait-more">{token}' in body
+
+
+def test_the_status_filter_offers_the_states_in_the_badges_words(acme: Tenant, acme_operator: User) -> None:
+    body = client_for(acme_operator).get("/runs/").content.decode()
+    assert '<option value="pending">waiting to start</option>' in body
+    assert '<option value="waiting_approval">waiting for approval</option>' in body
