@@ -142,8 +142,8 @@ TEMPLATES = [
 ]
 
 if DATABASE_URL:
-    # 0: under ASGI, sync views run on pool threads, and persistent connections would pile up one
-    # per thread per process until PostgreSQL refuses clients. Pool with pgbouncer instead.
+    # 0 unless set: the web process keeps its request threads' connections itself
+    # (core/request_threads.py), the dispatcher and the workers theirs (WORKER_DB_CONN_MAX_AGE).
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))}
 else:
     (BASE_DIR / "var").mkdir(exist_ok=True)
@@ -299,3 +299,6 @@ RUNWARDEN_WORKFLOW_MODULES = env_list("RUNWARDEN_WORKFLOW_MODULES", "")
 # A worker on Celery's threads pool (many steps per process) does its database work on this
 # many coordination threads, one connection each (core/coordination.py).
 RUNWARDEN_COORDINATION_THREADS = env_int("RUNWARDEN_COORDINATION_THREADS", 8)
+# The web process's request threads, each keeping its database connection (core/request_threads.py).
+RUNWARDEN_WEB_THREADS = env_int("RUNWARDEN_WEB_THREADS", 8)
+RUNWARDEN_WEB_CONN_MAX_AGE = env_int("RUNWARDEN_WEB_CONN_MAX_AGE", 300)

@@ -1,0 +1,67 @@
+"""The web process's request threads: a few long-lived threads, each keeping its database
+connection, on which every HTTP request's synchronous code runs.
+
+Under ASGI, Django runs a request's middleware and view (synchronous code) on a thread of their
+own: its handler gives each request a new asgiref ``ThreadSensitiveContext``, and with it a new
+thread. Database connections belong to threads, so every request also opened a connection and
+closed it at the end — about half of an authenticated API call's time here. ``RequestThreads``
+lends each request one of ``size`` single-thread executors instead (asgiref's
+``ThreadSensitiveContext(executor=...)``, made for this), so a request runs on a thread that
+served requests before and finds its connection open: the web process holds at most ``size``
+connections (``RUNWARDEN_WEB_THREADS``), kept ``RUNWARDEN_WEB_CONN_MAX_AGE`` seconds and checked
+before each request's first query (``CONN_HEALTH_CHECKS``), so one broken by a restart of
+PostgreSQL is replaced rather than failing the request. A request waits for a free thread when
+all are busy; websockets (Channels' consumers) are not affected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from asgiref.sync import ThreadSensitiveContext
+from django.db import DEFAULT_DB_ALIAS, connections
+
+Scope = dict[str, Any]
+
+
+def keep_request_connections(max_age: int) -> None:
+    """The web process keeps each request thread's connection ``max_age`` seconds (PostgreSQL:
+    the embedded default's SQLite keeps its own settings), checked before a request uses it."""
+    settings = connections.settings[DEFAULT_DB_ALIAS]
+    if settings["ENGINE"].endswith("postgresql"):
+        settings["CONN_MAX_AGE"] = max_age
+        settings["CONN_HEALTH_CHECKS"] = True
+
+
+class RequestThreads:
+    """ASGI middleware: each HTTP request runs on one of ``size`` long-lived threads."""
+
+    def __init__(self, app: Any, size: int) -> None:
+        if size < 1:
+            raise ValueError("the web process needs at least one request thread")
+        self.app = app
+        self.size = size
+        self._free: asyncio.Queue[ThreadPoolExecutor] | None = None
+
+    def _threads(self) -> asyncio.Queue[ThreadPoolExecutor]:
+        # Made on the first request, inside the server's event loop.
+        if self._free is None:
+            self._free = asyncio.Queue()
+            for n in range(self.size):
+                self._free.put_nowait(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"request-{n}"))
+        return self._free
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        free = self._threads()
+        executor = await free.get()
+        try:
+            # The outermost context decides: Django's own (without an executor) defers to it.
+            async with ThreadSensitiveContext(executor=executor):
+                await self.app(scope, receive, send)
+        finally:
+            free.put_nowait(executor)

@@ -1,0 +1,104 @@
+"""The web process's request threads (core/request_threads.py): every HTTP request's synchronous
+code runs on one of a few long-lived threads, each keeping its database connection."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection
+
+from core.request_threads import RequestThreads
+from tests.servers import base_env, console_server
+
+THREADS = 3
+
+
+class _RecordingApp:
+    """An ASGI app whose request does thread-sensitive synchronous work, as Django's handler does."""
+
+    def __init__(self) -> None:
+        self.threads: set[tuple[int | None, str]] = set()
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def _work(self) -> None:
+        with self._lock:
+            self.threads.add((threading.get_ident(), threading.current_thread().name))
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.02)
+        with self._lock:
+            self.running -= 1
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await sync_to_async(self._work)()
+        await send({"type": scope["type"], "thread": threading.current_thread().name})
+
+
+def test_requests_share_a_few_long_lived_threads_and_other_scopes_pass_through() -> None:
+    app = _RecordingApp()
+    threads = RequestThreads(app, THREADS)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        await asyncio.gather(*[threads({"type": "http"}, receive, send) for _ in range(4 * THREADS)])
+        await asyncio.gather(*[threads({"type": "http"}, receive, send) for _ in range(4 * THREADS)])
+        await threads({"type": "websocket"}, receive, send)
+
+    asyncio.run(main())
+    assert len(sent) == 8 * THREADS + 1
+    assert len(app.threads) == THREADS and all(name.startswith("request-") for _, name in app.threads)
+    assert app.most_at_once == THREADS  # the rest waited for a free thread
+    assert sent[-1]["type"] == "websocket"
+    with pytest.raises(ValueError):
+        RequestThreads(app, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_web_process_keeps_its_request_threads_connections(tmp_path: Path) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the embedded default's SQLite keeps its own connection settings")
+    db = settings.DATABASES["default"]
+    env = base_env(
+        DEBUG="0",
+        SECRET_KEY="request-threads",
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        REDIS_URL=settings.REDIS_URL,
+        RUNWARDEN_WEB_THREADS=str(THREADS),
+    )
+
+    def web_backends() -> set[int]:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return {pid for (pid,) in cursor.fetchall()}
+
+    before = web_backends()
+    seen: set[int] = set()
+    with console_server(env, tmp_path / "web.log") as base:
+        for _ in range(12 * THREADS):  # /readyz reads the database
+            with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
+                assert answer.status == 200
+            seen |= web_backends() - before
+        after = web_backends() - before
+    # One connection per request thread, kept: a connection per request would show 36.
+    assert 1 <= len(seen) <= THREADS, seen
+    assert after == seen
