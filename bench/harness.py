@@ -9,9 +9,11 @@ import contextlib
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +35,10 @@ WORKER_FLAGS = ["--pool", "solo", "--without-heartbeat", "--without-mingle", "--
 BENCH_TENANT_SLUG = "bench"
 
 
-def bench_tenant() -> Tenant:
-    """The tenant every bench runs in, with caps that never hold a measurement back."""
-    tenant, _ = Tenant.objects.get_or_create(slug=BENCH_TENANT_SLUG, defaults={"name": "Bench"})
+def bench_tenant(slug: str = BENCH_TENANT_SLUG) -> Tenant:
+    """The tenant every bench runs in (or another of the bench's, by ``slug``), with caps that
+    never hold a measurement back."""
+    tenant, _ = Tenant.objects.get_or_create(slug=slug, defaults={"name": f"Bench ({slug})"})
     TenantQuota.objects.update_or_create(
         tenant=tenant, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
     )
@@ -171,6 +174,32 @@ def start_runwarden_processes(
         schedule = str(workdir / "beat-schedule")
         processes.add(_spawn("beat", "engine", _celery("beat", "--schedule", schedule), workdir, env))
     return processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout: float) -> bool:
+    """Whether ``url`` answered 200 within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def start_web_process(workdir: Path, env: Mapping[str, str], port: int) -> Proc:
+    """One web process (``manage.py serve``), as the Procfile starts it, on ``port``."""
+    argv = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "serve", "--port", str(port)]
+    return _spawn("web", "engine", argv, workdir, env)
 
 
 def wait_for_workers(processes: ProcessSet, timeout: float) -> list[str]:

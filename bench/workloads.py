@@ -8,6 +8,8 @@ import it too, since many tests start the cheapest run there is, ``bench.noop``.
 - ``bench.noop``: one no-op step on lane read;
 - ``bench.five``: five no-op steps on lane read;
 - ``bench.gated``: a draft step, then a no-op step gated by one operator's approval (lane draft);
+- ``bench.gated_effect``: the same with one effect in the gated step, 20 ms at a stand-in
+  provider (the console's real path: approve over HTTP, the effect through the ledger);
 - ``bench.agent_io``: one async step awaiting a 1 s stand-in for a model call (lane draft);
 - ``bench.keyed``: one async step holding its entity key's lock for 50 ms (lane draft).
 """
@@ -15,6 +17,7 @@ import it too, since many tests start the cheapest run there is, ``bench.noop``.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pydantic
@@ -53,6 +56,29 @@ def draft(ctx: StepContext) -> dict[str, Any]:
 @bench_gated.step(key="apply", lane="draft", approval=ApprovalPolicy(required=1, roles=("operator",)))
 def apply(ctx: StepContext) -> dict[str, Any]:
     return {}
+
+
+bench_gated_effect = workflow(
+    "bench.gated_effect",
+    description="A draft, then one effect (20 ms at the provider) gated by an approval (make bench)",
+    input=BenchInput,
+)
+PROVIDER_SECONDS = 0.02
+
+
+@bench_gated_effect.step(key="draft", lane="draft")
+def draft_reply(ctx: StepContext) -> dict[str, Any]:
+    return {"text": "bench draft"}
+
+
+def _provider_call() -> dict[str, Any]:
+    time.sleep(PROVIDER_SECONDS)  # a stand-in for the provider's answer (outside world)
+    return {"sent": True}
+
+
+@bench_gated_effect.step(key="send", lane="draft", approval=ApprovalPolicy(required=1, roles=("operator",)))
+def send(ctx: StepContext) -> dict[str, Any]:
+    return ctx.effect("bench.send", _provider_call, request={"text": ctx.outputs["draft"]["text"]})
 
 
 class AgentInput(pydantic.BaseModel):

@@ -36,26 +36,31 @@ from django.db.models import Max
 from django.test import Client
 from django.utils import timezone
 
-from bench import statement_counter
+from bench import http_path, statement_counter
 from bench.harness import (
     Monitor,
     ProcessSet,
     bench_tenant,
     cpu_snapshot,
     cpu_usage,
+    free_port,
     log_tail,
     machine_info,
     rss_mb,
     start_runwarden_processes,
     start_step_workers,
+    start_web_process,
     stop_all_started,
+    wait_for_http,
     wait_for_workers,
 )
+from bench.http_path import HttpClient, IngestTally
 from bench.peers.common import percentile
 from bench.workloads import KEY_HOLD_SECONDS
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
-from runs.models import Run, RunStatus, Step, StepStatus
+from runs import services
+from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
 from runs.queue_depth import queue_place_take
 from runs.services import run_start
 from runs.transitions import UNFINISHED_RUN_STATUSES
@@ -72,7 +77,9 @@ GOALS = {
     "ratio_vs_celery": "≥ 0.5",
     "pg_transactions_per_step": "≤ 4",
     "pg_transactions_per_further_step": "≤ 2",
-    "approve_to_resume_ms": "p50 < 100",
+    "approve_to_resume_ms": "median ≤ 60, worst ≤ 120 (over HTTP, one effect at 20 ms)",
+    "api_latency_ms": "GET p50 ≤ 5, approve p50 ≤ 15",
+    "ingest": "≥ 200 runs/s per web process, p99 ≤ 100 ms",
     "agent_io": "elapsed ≤ 4.5 s on 100 slots (ideal 3 s)",
     "keyed": "overlap 0; elapsed near the ideal",
 }
@@ -138,8 +145,6 @@ class Bench:
     def prepare(self) -> None:
         """Before each phase: nothing of ours running, the bench tenant's unfinished runs cancelled,
         the broker's queues (Redis DB of REDIS_URL) emptied, the bench's own connection closed."""
-        from runs import services
-
         stop_all_started()
         unfinished = Run.objects.filter(tenant=self.tenant).exclude(
             status__in=[RunStatus.SUCCEEDED, *BAD_STATUSES]
@@ -510,11 +515,127 @@ class Bench:
             "n": len(times),
         }
 
-    def _operator_token(self) -> str:
+    def _operator_token(self, *tenants: Tenant) -> str:
         user, _ = User.objects.get_or_create(username=OPERATOR)
-        Membership.objects.update_or_create(user=user, tenant=self.tenant, defaults={"role": Role.OPERATOR})
+        for tenant in tenants or (self.tenant,):
+            Membership.objects.update_or_create(user=user, tenant=tenant, defaults={"role": Role.OPERATOR})
         user.api_tokens.all().delete()
         return api_token_issue(user=user, name="make bench")
+
+    def real_path(
+        self, workers: int, approvals: int, ingest_runs: int, ingest_clients: int
+    ) -> dict[str, Any]:
+        """The console's real path (bench/http_path.py): a web process (``manage.py serve``,
+        DEBUG off, behind a TLS proxy as in production) beside the pipeline's processes, every
+        request over HTTP with an API token. Sequential ``GET /api/v1/me`` and ``POST
+        /api/v1/runs``; ``approvals`` runs of ``bench.gated_effect`` approved one at a time, each
+        timed from sending the approve to its gated step (one effect, 20 ms at the provider)
+        finished; then ``ingest_clients`` clients posting ``ingest_runs`` runs across 3 tenants
+        with Idempotency-Keys, every 10th request a retry of the previous key."""
+        self.need(90, "the API over HTTP")
+        self.prepare()
+        tenants = [self.tenant, *(bench_tenant(f"{self.tenant.slug}-{n}") for n in (2, 3))]
+        token = self._operator_token(*tenants)
+        port = free_port()
+        env = {**self.env, "DEBUG": "0", "USE_X_FORWARDED_PROTO": "1", "SECRET_KEY": "make-bench"}
+        with self.runwarden(workers) as processes:
+            processes.add(start_web_process(self.workdir, env, port))
+            base = f"http://127.0.0.1:{port}"
+            if not wait_for_http(base + "/healthz", timeout=self.budget(30)):
+                raise PhaseSkipped(f"the web process did not answer (logs in {self.workdir})")
+            client = HttpClient(base, token)
+            try:
+                latency = http_path.get_and_start_latency(client, self.tenant.slug, 30)
+                self.wait_runs(latency["run_ids"], timeout=self.budget(60), processes=processes)
+                resumed, approve_ms = self._approve_over_http(client, approvals, processes)
+            finally:
+                client.close()
+            figures, tally = http_path.ingest(
+                base, {t.slug: token for t in tenants}, ingest_clients, ingest_runs, duplicate_every=10
+            )
+            self._check_ingest(tenants, tally)
+        for tenant in tenants[1:]:  # the extra tenants' runs end here (prepare cleans the bench's)
+            for run in Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES):
+                services.run_cancel(run=run, actor=ACTOR, reason="bench: cleaned up after a phase")
+        if latency["bad_statuses"]:
+            self.problem(f"the API answered {latency['bad_statuses'][:5]} to sequential requests")
+        return {
+            "api_latency_ms": {
+                "get_p50": latency["get"]["p50"],
+                "start_p50": latency["start"]["p50"],
+                "approve_p50": http_path.p50_p99(approve_ms)["p50"],
+                "get": latency["get"],
+                "start": latency["start"],
+                "approve": http_path.p50_p99(approve_ms),
+            },
+            "approve_to_resume_ms": {
+                **http_path.p50_p99(resumed),
+                "max": _ms(max(resumed, default=None)),
+            },
+            "ingest": {**figures, "web_processes": 1},
+        }
+
+    def _approve_over_http(
+        self, client: HttpClient, count: int, processes: ProcessSet
+    ) -> tuple[list[float], list[float]]:
+        """Approve ``count`` parked ``bench.gated_effect`` runs one at a time over HTTP: (sent →
+        gated step finished, the approve request alone), in ms."""
+        ids = self.start_runs("bench.gated_effect", count)
+        gated = Step.objects.filter(run_id__in=ids, key="send")
+        until = time.monotonic() + self.budget(120)
+        while gated.filter(status=StepStatus.WAITING_APPROVAL).count() < count:
+            if time.monotonic() > until or processes.dead():
+                raise PhaseSkipped("the gated runs did not all reach their approval")
+            time.sleep(0.05)
+        resumed: list[float] = []
+        requests: list[float] = []
+        for run_id in ids:
+            listed = client.call("GET", f"/api/v1/approvals?status=pending&run_id={run_id}")
+            if listed.status != 200 or not listed.body:
+                self.problem(f"no pending approval for run {run_id} ({listed.status})")
+                continue
+            approval = listed.body[0]
+            sent = timezone.now()
+            answer = client.call(
+                "POST",
+                f"/api/v1/approvals/{approval['id']}/approve",
+                {"comment": ""},
+                {"If-Match": f'"{approval["version"]}"'},
+            )
+            if answer.status != 200:
+                self.problem(f"approving {approval['id']} answered {answer.status}: {str(answer.body)[:200]}")
+                continue
+            requests.append(answer.ms)
+            deadline = time.monotonic() + self.budget(30)
+            while time.monotonic() < deadline:
+                status, finished = gated.filter(run_id=run_id).values_list("status", "finished_at").get()
+                if status == StepStatus.SUCCEEDED and finished is not None:
+                    resumed.append((finished - sent).total_seconds() * 1000)
+                    break
+                if status in (StepStatus.FAILED, StepStatus.CANCELLED, StepStatus.CONFLICT):
+                    self.problem(f"gated step of {run_id} ended {status} after its approval")
+                    break
+                time.sleep(0.002)
+        waited = self.wait_runs(ids, timeout=self.budget(30), processes=processes)
+        self.check_runs("approve over HTTP", waited, ids, resumed_step="send")
+        effects = SideEffect.objects.filter(step__run_id__in=ids, kind="bench.send").count()
+        if effects != len(ids):
+            self.problem(f"{effects} effects recorded for {len(ids)} approved runs (one each expected)")
+        return resumed, requests
+
+    def _check_ingest(self, tenants: list[Tenant], tally: IngestTally) -> None:
+        """Every key accepted made exactly one run, and a retried key was answered with it."""
+        twice = [key for key, ids in tally.answered.items() if len(ids) != 1]
+        if twice:
+            self.problem(f"{len(twice)} Idempotency-Keys were answered with different runs: {twice[:3]}")
+        for tenant in tenants:
+            keys = {key for slug, key in tally.answered if slug == tenant.slug}
+            stored = Run.objects.filter(tenant=tenant, trigger_event_id__in=keys).count()
+            if stored != len(keys):
+                self.problem(f"{tenant.slug}: {stored} runs stored for {len(keys)} accepted keys")
+        unexpected = {s: n for s, n in tally.statuses.items() if s not in (200, 201, 429)}
+        if unexpected:
+            self.problem(f"ingest answered {unexpected} (only 200, 201 and documented 429s expected)")
 
     def agent_io(self, workers: int, slots: int, runs: int) -> dict[str, Any]:
         """``runs`` one-step runs whose step awaits a 1 s stand-in for a model call, on
@@ -792,9 +913,17 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         (
             "approve_to_resume_ms",
-            f"{_percentiles(approvals)} ({approvals.get('n', 0)} approvals)",
+            f"{_percentiles(approvals)}, max {_fmt(approvals.get('max'))} ({approvals.get('n', 0)} approvals "
+            "over HTTP, each resuming a step with one effect)",
             GOALS["approve_to_resume_ms"],
         ),
+        (
+            "approve_to_resume_inprocess_ms",
+            f"{_percentiles(r.get('approve_to_resume_inprocess_ms') or {})} (in process, a no-op gated step)",
+            "",
+        ),
+        ("api_latency_ms", _api_text(r.get("api_latency_ms") or {}), GOALS["api_latency_ms"]),
+        ("ingest", _ingest_text(r.get("ingest") or {}), GOALS["ingest"]),
         ("backlog", backlog_text, "all succeed, first attempts only"),
         ("agent_io", _agent_io_text(r.get("agent_io") or {}), GOALS["agent_io"]),
         ("keyed", _keyed_text(r.get("keyed") or {}), GOALS["keyed"]),
@@ -810,6 +939,25 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("start_by_depth", _depth_text(r.get("start_by_depth") or {}), "flat from 10 to 100,000"),
     ]
+
+
+def _api_text(api: dict[str, Any]) -> str:
+    if not api:
+        return "n/a"
+    return (
+        f"GET /api/v1/me p50 {_fmt(api.get('get_p50'))}, POST /api/v1/runs p50 {_fmt(api.get('start_p50'))}, "
+        f"approve p50 {_fmt(api.get('approve_p50'))} (over HTTP, one at a time)"
+    )
+
+
+def _ingest_text(ingest: dict[str, Any]) -> str:
+    if not ingest:
+        return "n/a"
+    return (
+        f"{_fmt(ingest.get('runs_per_s'))} runs/s accepted, p50 {_fmt(ingest.get('p50_ms'))} p99 "
+        f"{_fmt(ingest.get('p99_ms'))} ms ({ingest.get('clients')} clients, {ingest.get('tenants')} tenants, "
+        f"{ingest.get('web_processes')} web process; answers {ingest.get('statuses')})"
+    )
 
 
 def _depth_text(by_depth: dict[str, Any]) -> str:
@@ -1067,6 +1215,12 @@ class Command(BaseCommand):
         parser.add_argument("--five-runs", type=int, default=60, help="five-step runs")
         parser.add_argument("--tasks", type=int, default=2000, help="raw Celery tasks per measurement")
         parser.add_argument("--approvals", type=int, default=20)
+        parser.add_argument(
+            "--ingest-runs", type=int, default=600, help="runs posted over HTTP by the ingest clients"
+        )
+        parser.add_argument(
+            "--ingest-clients", type=int, default=32, help="concurrent HTTP clients of ingest"
+        )
         parser.add_argument("--latency-seconds", type=float, default=10.0)
         parser.add_argument("--backlog-factor", type=int, default=20, help="backlog = factor x worker slots")
         parser.add_argument("--scaling", default="1,2,4", help="step worker counts to measure")
@@ -1158,6 +1312,8 @@ class Command(BaseCommand):
                     "five_runs",
                     "tasks",
                     "approvals",
+                    "ingest_runs",
+                    "ingest_clients",
                     "latency_seconds",
                     "backlog_factor",
                     "agent_runs",
@@ -1225,8 +1381,15 @@ class Command(BaseCommand):
                 lambda: bench.dispatch_latency(workers, throughput / 2, options["latency_seconds"]),
             )
             phases["approvals"] = phase(
-                f"approve to resume, {options['approvals']} approvals",
+                f"approve to resume in process, {options['approvals']} approvals",
                 lambda: bench.approvals(workers, options["approvals"]),
+            )
+            phases["real_path"] = phase(
+                f"the API over HTTP: latency, {options['approvals']} approvals with an effect, "
+                f"ingest of {options['ingest_runs']} runs from {options['ingest_clients']} clients",
+                lambda: bench.real_path(
+                    workers, options["approvals"], options["ingest_runs"], options["ingest_clients"]
+                ),
             )
             phases["agent_io"] = phase(
                 f"agent_io: {options['agent_runs']} runs awaiting 1 s, {options['agent_slots']} slots "
@@ -1269,7 +1432,10 @@ class Command(BaseCommand):
             pg_transactions_per_further_step=_further(one, five, "pg_transactions_per_run"),
             pg_statements_per_further_step=_further(one, five, "pg_statements_per_run"),
             dispatch_latency_ms=phases.get("dispatch_latency"),
-            approve_to_resume_ms=phases.get("approvals"),
+            approve_to_resume_ms=(phases.get("real_path") or {}).get("approve_to_resume_ms"),
+            approve_to_resume_inprocess_ms=phases.get("approvals"),
+            api_latency_ms=(phases.get("real_path") or {}).get("api_latency_ms"),
+            ingest=(phases.get("real_path") or {}).get("ingest"),
             backlog=phases.get("backlog"),
             agent_io=phases.get("agent_io"),
             keyed=phases.get("keyed"),
