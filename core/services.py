@@ -185,10 +185,14 @@ def api_token_find(raw: str) -> ApiToken | None:
     if token is None:
         return None
     now = timezone.now()
-    # Touch last_used_at at most once a minute, so API traffic does not write on every call.
-    ApiToken.objects.filter(pk=token.pk).filter(
-        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - timedelta(minutes=1))
-    ).update(last_used_at=now)
+    # Touch last_used_at at most once a minute, so API traffic does not write on every call
+    # (nor send a statement: the token just read says whether it is due; the UPDATE's own
+    # condition keeps concurrent requests from touching it twice).
+    stale = now - timedelta(minutes=1)
+    if token.last_used_at is None or token.last_used_at < stale:
+        ApiToken.objects.filter(pk=token.pk).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale)
+        ).update(last_used_at=now)
     return token
 
 

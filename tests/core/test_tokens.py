@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core.models import ApiToken, User
+from core.services import api_token_find, api_token_issue
 
 pytestmark = pytest.mark.django_db
 
@@ -64,3 +68,21 @@ def test_an_inactive_users_token_gets_401(acme_operator: User) -> None:
     token = out.getvalue().strip().splitlines()[-1]
     User.objects.filter(pk=acme_operator.pk).update(is_active=False)
     assert Client(HTTP_AUTHORIZATION=f"Bearer {token}").get("/api/v1/me").status_code == 401
+
+
+def test_a_token_notes_its_last_use_at_most_once_a_minute_without_a_write_in_between(
+    acme_operator: User,
+) -> None:
+    raw = api_token_issue(user=acme_operator)
+    token = ApiToken.objects.get(user=acme_operator)
+    assert token.last_used_at is None
+    assert api_token_find(raw) is not None
+    first = ApiToken.objects.get(pk=token.pk).last_used_at
+    assert first is not None
+    with CaptureQueriesContext(connection) as queries:
+        assert api_token_find(raw) is not None
+    assert [q["sql"].split()[0] for q in queries] == ["SELECT"]  # due in a minute: nothing written
+    assert ApiToken.objects.get(pk=token.pk).last_used_at == first
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=first - timedelta(minutes=2))
+    assert api_token_find(raw) is not None
+    assert ApiToken.objects.get(pk=token.pk).last_used_at > first
