@@ -215,6 +215,8 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
         ) from None
     if not start.created:
         response["Idempotent-Replayed"] = "true"
+    if start.created and start.steps is not None:
+        return Status(201, selectors.run_detail_as_started(start.run, start.steps))
     return Status(201 if start.created else 200, selectors.run_detail(start.run))
 
 

@@ -127,6 +127,12 @@ def lease_detail(lease: Lease) -> dict[str, Any]:
     }
 
 
+def run_detail_as_started(run: Run, steps: list[Step]) -> dict[str, Any]:
+    """A run just started, as its start wrote it (``steps`` with their ids): no effect and no
+    lease yet. What ``POST /api/v1/runs`` answers with, without reading back what it wrote."""
+    return {**run_summary(run), "steps": [step_detail(step) for step in steps], "effects": [], "leases": []}
+
+
 def run_detail(run: Run) -> dict[str, Any]:
     steps = list(Step.objects.filter(run=run).order_by("position"))
     step_keys = [f"step:{step.pk}" for step in steps]

@@ -91,6 +91,9 @@ class TriggerPayloadMismatch(Exception):
 class RunStart:
     run: Run
     created: bool  # False: a duplicate delivery, ``run`` is the one the first delivery made
+    # Its steps as the start wrote them, ids included, where the start read those back (a start
+    # in one round trip): what the API answers with, without reading the run again.
+    steps: list[Step] | None = None
 
 
 def run_create(
@@ -180,7 +183,7 @@ def run_create(
         and not transaction.get_connection().in_atomic_block
         and _created_in_one_round_trip(run, steps, trigger, created)
     ):
-        return RunStart(run=run, created=True)
+        return RunStart(run=run, created=True, steps=steps)
     try:
         with transaction.atomic():
             if session_key:  # before the queue place: see runs/queue_depth.py on lock order
@@ -239,17 +242,20 @@ def _created_in_one_round_trip(
     event_sql, event_params, recorded = core_services.event_insert_sql(tenant=run.tenant_id, **created)
     statements.append(f"{event_sql};")
     try:
-        event_id, run.depth_shard = rawsql.transaction_in_one_round_trip(
+        event_id, run.depth_shard, step_ids = rawsql.transaction_in_one_round_trip(
             " ".join(statements),
-            [*params, *event_params, run.id],
+            [*params, *event_params, run.id, run.id],
             then="SELECT currval(pg_get_serial_sequence('core_event', 'id')),"
-            " (SELECT depth_shard FROM runs_run WHERE id = %s)",
+            " (SELECT depth_shard FROM runs_run WHERE id = %s),"
+            " ARRAY(SELECT id FROM runs_step WHERE run_id = %s ORDER BY position)",
         )
     except DatabaseError as exc:
         refused = getattr(exc.__cause__, "pgcode", "") == REFUSED_FAST
         if refused or (trigger is not None and isinstance(exc, IntegrityError)):
             return False
         raise
+    for step, step_id in zip(steps, step_ids, strict=True):
+        step.pk = step_id
     core_services.event_committed(recorded(event_id))
     if steps:
         wake_unless_saturated(steps[0].lane)

@@ -4,7 +4,9 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from core.leases import lease_acquire
 from core.models import Membership, Role, Tenant, TenantQuota, User
@@ -203,3 +205,17 @@ def test_racing_starts_never_exceed_the_queue_depth_quota(acme: Tenant) -> None:
         assert not unexpected, unexpected
         assert sum(not isinstance(r, BaseException) for r in results) == 5
         assert Run.objects.filter(tenant=acme, status=RunStatus.PENDING).count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_started_in_one_round_trip_answers_with_what_it_wrote(acme_operator: User) -> None:
+    client = bearer_client(acme_operator)
+    post_run(client, {"workflow": "bench.five", "input": {}})  # the tenant's first start: counter rows
+    with CaptureQueriesContext(connection) as queries:
+        response = post_run(client, {"workflow": "bench.five", "input": {}})
+    assert not [q["sql"] for q in queries if "runs_sideeffect" in q["sql"] or "core_lease" in q["sql"]]
+    assert response.status_code == 201, response.content
+    body = response.json()
+    stored = client.get(f"/api/v1/runs/{body['id']}").json()
+    assert [s["key"] for s in body["steps"]] == [f"noop{n}" for n in range(1, 6)]
+    assert body == stored  # nothing ran yet (no worker here): the answer is what a read shows
