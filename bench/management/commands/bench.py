@@ -550,10 +550,21 @@ class Bench:
                 resumed, approve_ms = self._approve_over_http(client, approvals, processes)
             finally:
                 client.close()
-            figures, tally = http_path.ingest(
-                base, {t.slug: token for t in tenants}, ingest_clients, ingest_runs, duplicate_every=10
-            )
-            self._check_ingest(tenants, tally)
+            ingest: dict[str, Any] = {}
+            for web_processes in (1, 2):
+                if web_processes > 1:  # WEB_CONCURRENCY=2: two uvicorn processes on one port
+                    port = free_port()
+                    base = f"http://127.0.0.1:{port}"
+                    env_n = {**env, "WEB_CONCURRENCY": str(web_processes)}
+                    processes.add(start_web_process(self.workdir, env_n, port))
+                    if not wait_for_http(base + "/healthz", timeout=self.budget(30)):
+                        self.note(f"{web_processes} web processes did not answer: ingest skipped")
+                        break
+                figures, tally = http_path.ingest(
+                    base, {t.slug: token for t in tenants}, ingest_clients, ingest_runs, duplicate_every=10
+                )
+                self._check_ingest(tenants, tally)
+                ingest[str(web_processes)] = {**figures, "web_processes": web_processes}
         for tenant in tenants[1:]:  # the extra tenants' runs end here (prepare cleans the bench's)
             for run in Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES):
                 services.run_cancel(run=run, actor=ACTOR, reason="bench: cleaned up after a phase")
@@ -572,7 +583,8 @@ class Bench:
                 **http_path.p50_p99(resumed),
                 "max": _ms(max(resumed, default=None)),
             },
-            "ingest": {**figures, "web_processes": 1},
+            "ingest": ingest.get("1"),
+            "ingest_by_web_processes": ingest,
         }
 
     def _approve_over_http(
@@ -924,6 +936,11 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("api_latency_ms", _api_text(r.get("api_latency_ms") or {}), GOALS["api_latency_ms"]),
         ("ingest", _ingest_text(r.get("ingest") or {}), GOALS["ingest"]),
+        (
+            "ingest_by_web_processes",
+            _ingest_text((r.get("ingest_by_web_processes") or {}).get("2") or {}),
+            "",
+        ),
         ("backlog", backlog_text, "all succeed, first attempts only"),
         ("agent_io", _agent_io_text(r.get("agent_io") or {}), GOALS["agent_io"]),
         ("keyed", _keyed_text(r.get("keyed") or {}), GOALS["keyed"]),
@@ -956,7 +973,7 @@ def _ingest_text(ingest: dict[str, Any]) -> str:
     return (
         f"{_fmt(ingest.get('runs_per_s'))} runs/s accepted, p50 {_fmt(ingest.get('p50_ms'))} p99 "
         f"{_fmt(ingest.get('p99_ms'))} ms ({ingest.get('clients')} clients, {ingest.get('tenants')} tenants, "
-        f"{ingest.get('web_processes')} web process; answers {ingest.get('statuses')})"
+        f"{ingest.get('web_processes')} web process(es); answers {ingest.get('statuses')})"
     )
 
 
@@ -1436,6 +1453,7 @@ class Command(BaseCommand):
             approve_to_resume_inprocess_ms=phases.get("approvals"),
             api_latency_ms=(phases.get("real_path") or {}).get("api_latency_ms"),
             ingest=(phases.get("real_path") or {}).get("ingest"),
+            ingest_by_web_processes=(phases.get("real_path") or {}).get("ingest_by_web_processes"),
             backlog=phases.get("backlog"),
             agent_io=phases.get("agent_io"),
             keyed=phases.get("keyed"),
