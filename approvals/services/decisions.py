@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
-from django.db import IntegrityError, transaction
+from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -23,7 +23,7 @@ from approvals.models import (
 )
 from approvals.services.conflicts import settle_conflicts
 from approvals.services.gate import spec_of
-from core import metrics
+from core import metrics, rawsql
 from core import services as core_services
 from core.access import member_role_check
 from core.models import Role, User
@@ -93,13 +93,9 @@ def approval_decide(
                 updated_at=now,
             )
             if won == 1:
-                try:
-                    with transaction.atomic():
-                        ApprovalVote.objects.create(request_id=request.pk, user=user)
-                except IntegrityError:
-                    raise DecisionForbidden(
-                        "you already approved this request; it needs another approver"
-                    ) from None
+                if not _vote_recorded(request, user, now):
+                    # Raised out of the transaction, which then undoes the compare-and-set too.
+                    raise DecisionForbidden("you already approved this request; it needs another approver")
                 # The quorum is reached when the approvals counted so far cover the requirement.
                 ApprovalRequest.objects.filter(
                     pk=request.pk, status=ApprovalStatus.PENDING, approvals__gte=F("required")
@@ -117,6 +113,8 @@ def approval_decide(
         if won != 1:
             return None
         decided = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(pk=request.pk)
+        # What the answer shows of them is in hand: no query each.
+        decided.run, decided.decided_by = decided.step.run, user
         _after_decision(decided, user.get_username(), decision, comment)
         return decided
 
@@ -130,6 +128,18 @@ def approval_decide(
         outcome=decision if current.status != ApprovalStatus.PENDING else "vote"
     ).inc()
     return current
+
+
+def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
+    """Record the user's vote on the request; False if they had voted already (the unique
+    constraint decides, without a savepoint: the statement does nothing rather than fail)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at) VALUES (%s, %s, %s)"
+            " ON CONFLICT (request_id, user_id) DO NOTHING RETURNING id",
+            [request.pk, user.pk, rawsql.adapt_datetime(now)],
+        )
+        return cursor.fetchone() is not None
 
 
 def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment: str) -> None:
