@@ -109,23 +109,17 @@ def insert_sql(
 
 def transaction_in_one_round_trip(statements: str, params: Sequence[Any], *, then: str = "") -> Any:
     """Run ``statements`` (each ending in ``;``) as one transaction in a single round trip to
-    PostgreSQL: BEGIN, the statements, COMMIT, then ``then``, a read after the commit whose
-    first row is returned (None without one). A transaction Django opens costs a round trip
-    for psycopg2's BEGIN and one for its COMMIT besides its statements. Only outside any
-    transaction (Django's autocommit, where psycopg2 sends no BEGIN of its own). On an error
-    the transaction is rolled back and the error raised: nothing of it was written."""
+    PostgreSQL, then ``then``, a read in that same transaction whose first row is returned (None
+    without one). The statements of one query string are one implicit transaction, committed
+    when the last one ends: a transaction Django opens costs a round trip for psycopg2's BEGIN
+    and one for its COMMIT besides its statements. Only outside any transaction (Django's
+    autocommit, where psycopg2 sends no BEGIN of its own). On an error PostgreSQL rolls all of
+    it back, and the error is raised: nothing of it was written."""
     if not on_postgresql() or connection.in_atomic_block:
         raise RuntimeError("one round trip needs PostgreSQL and no transaction already open")
     with connection.cursor() as cursor:
-        try:
-            cursor.execute(f"BEGIN; {statements} COMMIT; {then}", params)
-            return cursor.fetchone() if then else None
-        except Exception:
-            # PostgreSQL stopped at the failing statement, inside the transaction block (or
-            # after a failed COMMIT ended it: then ROLLBACK only warns).
-            with suppress(DatabaseError):
-                cursor.execute("ROLLBACK")
-            raise
+        cursor.execute(f"{statements} {then}", params)
+        return cursor.fetchone() if then else None
 
 
 def adapt_datetime(value: datetime) -> Any:
