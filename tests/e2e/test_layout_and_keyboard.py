@@ -231,7 +231,7 @@ def test_a_live_refresh_keeps_a_keyboard_users_place_in_a_wide_table(
             decision="approve",
             expected_version=request.version,
         )
-        expect(page.locator("#run-detail")).to_contain_text("approval_approved", timeout=10_000)
+        expect(page.locator("#run-detail")).to_contain_text("approval approved", timeout=10_000)
         steps = page.get_by_role("region", name="Steps (scrolls sideways)")
         expect(steps).to_be_focused()
         assert _settled_scroll(page, steps) == left
