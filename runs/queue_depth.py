@@ -51,10 +51,11 @@ def _default_limit() -> int:
     return int(TenantQuota._meta.get_field("max_queue_depth").get_default())
 
 
-# The fast path is the database function runs_queue_place_fast (runs/migrations/0015): it
-# locks a free row, reads the sum in a statement of its own (after the lock), and returns the
-# row when the sum leaves room for every start in flight, else NULL (or, refusing, raises
-# SQLSTATE RWQ01). The row is noted in runwarden.depth_shard for the run's INSERT.
+# The fast path is the database function runs_queue_place_fast
+# (runs/migrations/0015_queue_place_function.py): it locks a free row, reads the sum in a
+# statement of its own (after the lock), and returns the row when the sum leaves room for every
+# start in flight, else NULL (or, refusing, raises SQLSTATE RWQ01). The row is noted in
+# runwarden.depth_shard for the run's INSERT.
 REFUSED_FAST = "RWQ01"
 # The run's counter row, in its INSERT after the fast path (``rawsql.insert_sql`` expressions).
 DEPTH_SHARD_SQL = "CAST(current_setting('runwarden.depth_shard') AS smallint)"

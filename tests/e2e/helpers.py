@@ -32,3 +32,21 @@ def go_live(page: Page, base_url: str, path: str) -> None:
     """Open ``path`` and wait until its live socket is connected."""
     page.goto(base_url + path)
     expect(page.locator("#live-status.on")).to_be_visible(timeout=10_000)
+
+
+def console_pages(run_id: str) -> list[str]:
+    """Every page of the console an admin of acme reaches, after login (``run_id``: a run of acme)."""
+    return [
+        "/",
+        "/runs/",
+        f"/runs/{run_id}/",
+        "/leases/",
+        "/approvals/",
+        "/conflicts/",
+        "/sessions/acme/",
+        "/tenants/acme/members/",
+        "/tenants/acme/quotas/",
+        "/tenants/acme/audit/",
+        "/tenants/acme/connections/",
+        "/account/tokens/",
+    ]

@@ -12,7 +12,7 @@ from approvals.services import record_conflict
 from core.models import Tenant
 from core.outbox import outbox_drain
 from tests.e2e.conftest import login, watch_csp
-from tests.e2e.helpers import elsewhere
+from tests.e2e.helpers import console_pages, elsewhere
 from tests.e2e.test_layout_and_keyboard import _content_everywhere
 
 # axe-core as axe-playwright-python bundles it (a pinned dev dependency): no network needed.
@@ -52,20 +52,7 @@ def test_axe_finds_no_violation_on_any_page(live_console: str, browser: Browser)
         found["/accounts/login/"] = _violations(page)
         login(page, live_console, "admin")
         expect(page).to_have_url(live_console + "/")
-        for path in [
-            "/",
-            "/runs/",
-            f"/runs/{seeded['run_id']}/",
-            "/leases/",
-            "/approvals/",
-            "/conflicts/",
-            "/sessions/acme/",
-            "/tenants/acme/members/",
-            "/tenants/acme/quotas/",
-            "/tenants/acme/audit/",
-            "/tenants/acme/connections/",
-            "/account/tokens/",
-        ]:
+        for path in console_pages(seeded["run_id"]):
             response = page.goto(live_console + path)
             assert response is not None and response.status == 200, path
             # Live pages re-fetch their fragments when the socket opens: check what settles.

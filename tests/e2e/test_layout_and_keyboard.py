@@ -14,7 +14,7 @@ from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
 from core.models import User
 from tests.e2e.conftest import login, screenshot, watch_csp
-from tests.e2e.helpers import elsewhere
+from tests.e2e.helpers import console_pages, elsewhere
 from tests.e2e.test_approvals_pages import waiting_for_approval
 
 # Elements that end right of the viewport, outside any frame that scrolls or clips them.
@@ -91,20 +91,7 @@ def test_every_page_fits_the_screen_and_names_its_controls(
         assert page.evaluate(STICKING_OUT) == [], "login page"
         login(page, live_console, "admin")
         expect(page).to_have_url(live_console + "/")
-        paths = [
-            "/",
-            "/runs/",
-            f"/runs/{seeded['run_id']}/",
-            "/leases/",
-            "/approvals/",
-            "/conflicts/",
-            "/sessions/acme/",
-            "/tenants/acme/members/",
-            "/tenants/acme/quotas/",
-            "/tenants/acme/audit/",
-            "/tenants/acme/connections/",
-            "/account/tokens/",
-        ]
+        paths = console_pages(seeded["run_id"])
         for path in paths:
             response = page.goto(live_console + path)
             assert response is not None and response.status == 200, path
