@@ -9,11 +9,9 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,26 +172,6 @@ def start_runwarden_processes(
         schedule = str(workdir / "beat-schedule")
         processes.add(_spawn("beat", "engine", _celery("beat", "--schedule", schedule), workdir, env))
     return processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_http(url: str, timeout: float) -> bool:
-    """Whether ``url`` answered 200 within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.2)
-    return False
 
 
 def start_web_process(workdir: Path, env: Mapping[str, str], port: int) -> Proc:

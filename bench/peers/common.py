@@ -7,9 +7,11 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,15 +209,37 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         time.sleep(interval)
 
 
-def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
-    import socket
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
+
+def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
     def open_() -> bool:
         with socket.socket() as sock:
             sock.settimeout(0.5)
             return sock.connect_ex((host, port)) == 0
 
     wait_until(open_, timeout, interval=0.1, what=f"{host}:{port}")
+
+
+def wait_for_http(url: str, timeout: float) -> bool:
+    """Whether ``url`` answered 200 within ``timeout`` seconds."""
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return bool(answer.status == 200)
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout, interval=0.2, what=url)
+    except TimeoutError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- PostgreSQL

@@ -231,12 +231,6 @@ async def measure(ingress_url: str, admin_url: str, load: common.Workload) -> di
 # ---------------------------------------------------------------------------- the driver
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def server_binary() -> Path:
     """The native binary the npm package wraps (no node process in between), else the wrapper."""
     found = sorted(
@@ -291,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     result: dict[str, Any] = {"engine": "restate", "workload": load.name, "runs": load.runs, "ok": False}
     with tempfile.TemporaryDirectory(prefix="peers-restate-") as tmp, common.processes() as procs:
-        ingress, admin, fabric, services = (free_port() for _ in range(4))
+        ingress, admin, fabric, services = (common.free_port() for _ in range(4))
         ingress_url, admin_url = f"http://127.0.0.1:{ingress}", f"http://127.0.0.1:{admin}"
         procs.spawn(
             "restate-server",

@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import importlib
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -268,12 +267,6 @@ async def measure(address: str, load: common.Workload) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the driver
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def main(argv: list[str] | None = None) -> None:
     # Stopped from outside (a timeout's SIGTERM): unwind, so processes() stops what was started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -300,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     result: dict[str, Any] = {"engine": "temporal", "workload": load.name, "runs": load.runs, "ok": False}
     with tempfile.TemporaryDirectory(prefix="peers-temporal-") as tmp, common.processes() as procs:
-        port = free_port()
+        port = common.free_port()
         address = f"127.0.0.1:{port}"
         procs.spawn(
             "temporal-server",

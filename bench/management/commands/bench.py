@@ -43,7 +43,6 @@ from bench.harness import (
     bench_tenant,
     cpu_snapshot,
     cpu_usage,
-    free_port,
     log_tail,
     machine_info,
     rss_mb,
@@ -51,11 +50,10 @@ from bench.harness import (
     start_step_workers,
     start_web_process,
     stop_all_started,
-    wait_for_http,
     wait_for_workers,
 )
 from bench.http_path import HttpClient, IngestTally
-from bench.peers.common import percentile
+from bench.peers.common import free_port, percentile, wait_for_http
 from bench.workloads import KEY_HOLD_SECONDS
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
