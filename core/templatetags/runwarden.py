@@ -29,7 +29,7 @@ def when(value: datetime | None, fmt: str = "Y-m-d H:i:s") -> SafeString | str:
 def key_words(value: str) -> SafeString:
     """A raw key in words (``lease_expired_with_pending_effect``: "lease expired with pending
     effect"), which wrap between words; the key itself stays on hover."""
-    return format_html('<span title="{}">{}</span>', value, str(value).replace("_", " "))
+    return format_html('<span title="{}">{}</span>', value, words(value))
 
 
 @register.filter
