@@ -195,7 +195,7 @@ def test_thirty_two_operators_approving_at_once_over_http_make_exactly_one_winne
                 wait_for(
                     lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.WAITING_APPROVAL,
                     60,
-                    cluster.logs(),
+                    cluster.logs,
                 )
                 approval = ApprovalRequest.objects.get(run=run, status="pending")
                 status, _, headers = _http("GET", f"{base}/api/v1/approvals/{approval.pk}", tokens[0])
@@ -214,7 +214,7 @@ def test_thirty_two_operators_approving_at_once_over_http_make_exactly_one_winne
                 wait_for(
                     lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED,
                     60,
-                    cluster.logs(),
+                    cluster.logs,
                 )
                 assert (
                     SandboxCall.objects.filter(
@@ -249,13 +249,13 @@ def test_the_gated_demo_workflows_complete_on_real_workers_after_approval(
         wait_for(
             lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.WAITING_APPROVAL,
             60,
-            cluster.logs(),
+            cluster.logs,
         )
         request = pending_request(run)
         approval_decide(
             request=request, user=acme_operator, decision="approve", expected_version=request.version
         )
-        wait_for(lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs())
+        wait_for(lambda run=run: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs)
     invoice = SandboxInvoice.objects.get(tenant=sandbox_acme, number=3)
     assert str(invoice.amount_paid) == "120.00"
     assert SandboxCall.objects.filter(connector="payments").count() == 1

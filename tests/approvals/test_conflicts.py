@@ -113,19 +113,19 @@ def test_an_edit_after_approval_stops_the_send_and_approving_the_new_version_sen
             input={"lead_id": 7, "contact_id": 1},
             actor="bot",
         ).run
-        wait_for(lambda: settled(run, RunStatus.WAITING_APPROVAL), 60, cluster.logs())
+        wait_for(lambda: settled(run, RunStatus.WAITING_APPROVAL), 60, cluster.logs)
         first = pending_request(run)
         services.approval_decide(request=first, user=acme_operator, decision="approve", expected_version=1)
         send_step = Step.objects.get(run=run, key="send_message")
         # The send started with the approval of v1 (it now reads the contact, 1.5 s); edit now.
-        wait_for(lambda: Step.objects.get(pk=send_step.pk).status == StepStatus.RUNNING, 30, cluster.logs())
+        wait_for(lambda: Step.objects.get(pk=send_step.pk).status == StepStatus.RUNNING, 30, cluster.logs)
         services.artifact_edit(
             artifact=first.artifact,
             user=acme_operator,
             expected_version=1,
             content={"subject": "Edited", "body": "New text"},
         )
-        wait_for(lambda: settled(run, RunStatus.CONFLICT), 30, cluster.logs())
+        wait_for(lambda: settled(run, RunStatus.CONFLICT), 30, cluster.logs)
         assert not SandboxCall.objects.filter(connector="messaging").exists(), (
             "nothing may be sent after the edit"
         )
@@ -138,7 +138,7 @@ def test_an_edit_after_approval_stops_the_send_and_approving_the_new_version_sen
         services.approval_decide(
             request=second, user=acme_admin, decision="approve", expected_version=second.version
         )
-        wait_for(lambda: settled(run, RunStatus.SUCCEEDED), 60, cluster.logs())
+        wait_for(lambda: settled(run, RunStatus.SUCCEEDED), 60, cluster.logs)
     finally:
         cluster.stop()
     [sent] = SandboxCall.objects.filter(connector="messaging")
@@ -169,7 +169,7 @@ def test_a_worker_dying_mid_send_leaves_an_ambiguous_effect_that_a_reviewer_sett
         input={"die_after_send": died_after_send},
         actor="bot",
     ).run
-    wait_for(lambda: settled(run, RunStatus.CONFLICT), 60, cluster.logs())
+    wait_for(lambda: settled(run, RunStatus.CONFLICT), 60, cluster.logs)
     effect = SideEffect.objects.get(run=run)
     assert effect.status == EffectStatus.PROPOSED
     conflict = ConflictArtifact.objects.get(kind="lease_expired_with_pending_effect", run=run)
@@ -185,7 +185,7 @@ def test_a_worker_dying_mid_send_leaves_an_ambiguous_effect_that_a_reviewer_sett
     else:
         # Not sent: retry with the same idempotency key.
         resolve(conflict, acme_reviewer, "mark_effect_not_sent", note="nothing in provider log")
-    wait_for(lambda: settled(run, RunStatus.SUCCEEDED), 60, cluster.logs())
+    wait_for(lambda: settled(run, RunStatus.SUCCEEDED), 60, cluster.logs)
     assert SandboxCall.objects.filter(connector="messaging").count() == 1, "exactly one send in the end"
     effect.refresh_from_db()
     assert effect.status == EffectStatus.COMMITTED
@@ -208,22 +208,22 @@ def test_a_record_changed_between_read_and_write_becomes_a_conflict(
             actor="bot",
         ).run
         step = Step.objects.get(run=run)
-        wait_for(lambda: Step.objects.get(pk=step.pk).status == StepStatus.RUNNING, 30, cluster.logs())
+        wait_for(lambda: Step.objects.get(pk=step.pk).status == StepStatus.RUNNING, 30, cluster.logs)
         # The step has read version 1 (the provider recorded the read) and its write is on its
         # way (1 s of provider latency): someone edits the CRM directly now.
         read = SandboxCall.objects.filter(tenant=sandbox_acme, operation="get_contact", target="contact:4")
-        wait_for(read.exists, 30, cluster.logs())
+        wait_for(read.exists, 30, cluster.logs)
         SandboxContact.objects.filter(tenant=sandbox_acme, number=4).update(
             name="Renamed by a human", version=2
         )
-        wait_for(lambda: settled(run, RunStatus.CONFLICT), 30, cluster.logs())
+        wait_for(lambda: settled(run, RunStatus.CONFLICT), 30, cluster.logs)
         conflict = ConflictArtifact.objects.get(kind="entity_version_mismatch", run=run)
         assert conflict.target_key == "crm_contact:4"
         assert (conflict.current, conflict.proposed) == (
             {"version": 2}, {"expected_version": 1, "changes": {"stage": "won"}},
         )  # fmt: skip
         resolve(conflict, acme_reviewer, resolution)
-        wait_for(lambda: settled(run, RunStatus.SUCCEEDED, RunStatus.CANCELLED), 60, cluster.logs())
+        wait_for(lambda: settled(run, RunStatus.SUCCEEDED, RunStatus.CANCELLED), 60, cluster.logs)
     finally:
         cluster.stop()
     contact = SandboxContact.objects.get(tenant=sandbox_acme, number=4)

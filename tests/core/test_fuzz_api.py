@@ -117,7 +117,7 @@ def test_the_fuzzer_finds_no_server_error_and_a_normal_run_finishes_afterwards(
         wait_for(
             lambda: Run.objects.get(pk=run["id"]).status == RunStatus.SUCCEEDED,
             120,
-            cluster.logs() + (tmp_path / "serve.log").read_text()[-3000:],
+            lambda: cluster.logs() + (tmp_path / "serve.log").read_text()[-3000:],
         )
 
     command = [sys.executable, "manage.py", "check_invariants"]

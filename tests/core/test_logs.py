@@ -57,7 +57,7 @@ def test_a_worker_process_logs_json_lines_with_the_step_and_effect_fields(
             actor="t",
             correlation_id="deal-7",
         ).run
-        wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs())
+        wait_for(lambda: Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED, 60, cluster.logs)
         # The line is written just after the commit the test saw: wait for it before stopping.
         log = tmp_path / "w1.log"
         wait_for(

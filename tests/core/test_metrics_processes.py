@@ -62,7 +62,7 @@ def test_a_workers_counters_appear_on_the_webs_metrics(
                     Run.objects.filter(pk__in=[r.id for r in runs], status=RunStatus.SUCCEEDED).count() == 3
                 ),
                 90,
-                cluster.logs(),
+                cluster.logs,
             )
             text = _metrics(web)
     finally:

@@ -29,11 +29,11 @@ def test_the_contention_scenario_produces_waits_and_every_kind_of_conflict_it_pr
             <= set(ConflictArtifact.objects.values_list("kind", flat=True))
         ),
         120,
-        cluster.logs() + "\n".join(said),
+        lambda: cluster.logs() + "\n".join(said),
     )
     assert ApprovalRequest.objects.filter(status="invalidated").exists(), "the agent's edit invalidated it"
     assert ApprovalRequest.objects.filter(status="pending").exists(), "its new version waits"
-    wait_for(lambda: queue.filter(status="succeeded").count() == 4, 90, cluster.logs())
+    wait_for(lambda: queue.filter(status="succeeded").count() == 4, 90, cluster.logs)
     # They queued for crm_contact:1: one review after another (two worker slots were free).
     reviews = list(Step.objects.filter(run__in=queue, key="review_contact").order_by("started_at"))
     for earlier, later in zip(reviews, reviews[1:], strict=False):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import redis
@@ -46,6 +46,20 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
         time.sleep(interval)
+
+
+def database_sessions() -> str:
+    """The test database's other sessions: state, what they wait on and for whom, their query."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, application_name, state, wait_event_type, wait_event, pg_blocking_pids(pid),"
+            " round(extract(epoch FROM now() - xact_start)::numeric, 1), left(query, 200)"
+            " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        rows = cursor.fetchall()
+    return "\n".join(" | ".join(str(value) for value in row) for row in rows) or "(none)"
 
 
 def finished(run_ids: list[str]) -> bool:
@@ -181,9 +195,21 @@ class Cluster:
         )
 
     def logs(self) -> str:
+        """Each process's log, with what a hang needs to be read after the fact: every Celery
+        process's thread stacks (Celery logs them on SIGUSR1) and the database's sessions."""
+        self._log_worker_stacks()
         return "\n".join(
-            f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.tmp_path.glob("*.log"))
+            [f"--- {p.name}\n{p.read_text()[-12000:]}" for p in sorted(self.tmp_path.glob("*.log"))]
+            + [f"--- database sessions\n{database_sessions()}"]
         )
+
+    def _log_worker_stacks(self) -> None:
+        celery = [p for p in self.processes.values() if "worker" in p.args and p.poll() is None]
+        for process in celery:
+            with suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
+        if celery:
+            time.sleep(0.5)  # the handler writes when the process next runs Python
 
     def stop(self) -> None:
         for process in self.processes.values():

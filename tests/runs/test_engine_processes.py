@@ -57,8 +57,8 @@ def test_killing_the_active_dispatcher_under_load_loses_nothing_and_runs_nothing
     cluster.worker("w1")
     cluster.worker("w2")
     dispatchers = {"d1": cluster.dispatcher("d1"), "d2": cluster.dispatcher("d2")}
-    wait_for(lambda: _active_dispatchers(cluster, ["d1", "d2"]), 60, cluster.logs())
-    wait_for(lambda: len(live_pools()) == 2, 60, cluster.logs())
+    wait_for(lambda: _active_dispatchers(cluster, ["d1", "d2"]), 60, cluster.logs)
+    wait_for(lambda: len(live_pools()) == 2, 60, cluster.logs)
     crm = [
         run_start(
             tenant=sandbox_acme,
@@ -75,7 +75,7 @@ def test_killing_the_active_dispatcher_under_load_loses_nothing_and_runs_nothing
         for n in range(20)
     ]
     ids = crm + enrich
-    wait_for(lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs())
+    wait_for(lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs)
 
     [active] = _active_dispatchers(cluster, ["d1", "d2"])
     [standby] = [name for name in dispatchers if name != active]
@@ -83,8 +83,8 @@ def test_killing_the_active_dispatcher_under_load_loses_nothing_and_runs_nothing
     in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
     dispatchers[active].wait(10)
 
-    wait_for(lambda: "is active" in _log(cluster, standby), 30, cluster.logs())
-    wait_for(lambda: finished(ids), 120, cluster.logs())
+    wait_for(lambda: "is active" in _log(cluster, standby), 30, cluster.logs)
+    wait_for(lambda: finished(ids), 120, cluster.logs)
 
     assert in_flight >= 10, "the kill must hit a batch in progress"
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
@@ -111,7 +111,7 @@ def test_a_backlog_on_one_worker_process_runs_every_step_on_its_first_attempt(
     cluster.worker("solo")
     cluster.dispatcher()
     # Admission fills announced worker slots only once the pool has announced itself.
-    wait_for(lambda: live_pools(), 60, cluster.logs())
+    wait_for(lambda: live_pools(), 60, cluster.logs)
     assert [pool.slots for pool in live_pools()] == [1]
 
     def admitted() -> dict[str, int]:
@@ -121,7 +121,7 @@ def test_a_backlog_on_one_worker_process_runs_every_step_on_its_first_attempt(
         ids = [
             run_start(tenant=acme, workflow="bench.noop", input={}, actor="bench").run.id for _ in range(300)
         ]
-        wait_for(lambda: finished(ids), 150, cluster.logs())
+        wait_for(lambda: finished(ids), 150, cluster.logs)
 
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
         cluster.logs()
@@ -150,7 +150,7 @@ def test_a_step_past_its_timeout_is_stopped_and_the_next_run_gets_its_entity(
         input={"contact_id": 3, "sleep_seconds": 30},
         actor="t",
     ).run
-    wait_for(lambda: _running_pid(hang), 60, cluster.logs())
+    wait_for(lambda: _running_pid(hang), 60, cluster.logs)
     hung_pid = _running_pid(hang)
     if concurrency == 1:
         assert hung_pid == worker.pid
@@ -161,14 +161,14 @@ def test_a_step_past_its_timeout_is_stopped_and_the_next_run_gets_its_entity(
         actor="t",
     ).run
     # Stopped at its 1.5 s timeout, far from its 30 s sleep: not waited out.
-    wait_for(lambda: finished([hang.id]), 15, cluster.logs())
+    wait_for(lambda: finished([hang.id]), 15, cluster.logs)
     hang.refresh_from_db()
     hung = hang.steps.get()
     assert (hang.status, hung.status, hung.attempt) == ("failed", "failed", 1), cluster.logs()
     assert "timed out" in hung.error
     assert (hung.finished_at - hung.started_at).total_seconds() < 15
 
-    wait_for(lambda: finished([update.id]), 30, cluster.logs())
+    wait_for(lambda: finished([update.id]), 30, cluster.logs)
     update.refresh_from_db()
     updated = update.steps.get()
     assert (update.status, updated.attempt) == ("succeeded", 1), cluster.logs()
@@ -179,7 +179,7 @@ def test_a_step_past_its_timeout_is_stopped_and_the_next_run_gets_its_entity(
     assert worker.poll() is None
     os.kill(hung_pid, 0)  # still alive
     # Celery logs a task's return value just after the step's transaction committed.
-    wait_for(lambda: "'succeeded'" in _log(cluster, "w1"), 10, cluster.logs())
+    wait_for(lambda: "'succeeded'" in _log(cluster, "w1"), 10, cluster.logs)
     log = _log(cluster, "w1")
     assert "'timed-out'" in log, log
     assert log.index("'timed-out'") < log.index("'succeeded'")
@@ -196,14 +196,14 @@ def test_a_timeout_with_an_effect_in_flight_becomes_a_conflict_and_never_acts_tw
     run = run_start(
         tenant=sandbox_acme, workflow="test.hang_in_effect", input={"sleep_seconds": 30}, actor="t"
     ).run
-    wait_for(lambda: finished([run.id]), 20, cluster.logs())
-    wait_for(lambda: "'timed-out'" in _log(cluster, "w1"), 20, cluster.logs())
+    wait_for(lambda: finished([run.id]), 20, cluster.logs)
+    wait_for(lambda: "'timed-out'" in _log(cluster, "w1"), 20, cluster.logs)
     # The same worker goes on with other work; meanwhile the reaper has had several rounds (and
     # the step's 2 s lease is long gone) to act on the step a second time, which it must not.
     after = run_start(
         tenant=sandbox_acme, workflow="test.sleepy", input={"sleep_seconds": 2.5}, actor="t"
     ).run
-    wait_for(lambda: finished([after.id]), 30, cluster.logs())
+    wait_for(lambda: finished([after.id]), 30, cluster.logs)
 
     run.refresh_from_db()
     after.refresh_from_db()
@@ -231,10 +231,10 @@ def test_each_step_is_admitted_on_a_wake_up_not_at_the_next_sweep(
     try:
         cluster.worker("w1")
         cluster.dispatcher()
-        wait_for(lambda: _active_dispatchers(cluster, ["dispatcher"]), 60, cluster.logs())
-        wait_for(lambda: live_pools(), 60, cluster.logs())
+        wait_for(lambda: _active_dispatchers(cluster, ["dispatcher"]), 60, cluster.logs)
+        wait_for(lambda: live_pools(), 60, cluster.logs)
         run = run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": 7}, actor="t").run
-        wait_for(lambda: finished([run.id]), 15, cluster.logs())
+        wait_for(lambda: finished([run.id]), 15, cluster.logs)
     finally:
         cluster.stop()
     run.refresh_from_db()
@@ -260,24 +260,27 @@ def test_a_step_hanging_in_a_database_call_past_its_timeout_is_stopped(
         actor="t",
     ).run
     try:
-        wait_for(lambda: _running_pid(hang), 60, cluster.logs())
+        wait_for(lambda: _running_pid(hang), 60, cluster.logs)
         update = run_start(
             tenant=sandbox_acme,
             workflow="demo.crm_update",
             input={"contact_id": 3, "changes": {"stage": "after-timeout"}},
             actor="t",
         ).run
-        wait_for(lambda: finished([hang.id]), 15, cluster.logs())
+        wait_for(lambda: finished([hang.id]), 15, cluster.logs)
         hung = hang.steps.get()
         assert (hung.status, hung.attempt) == ("failed", 1) and "timed out" in hung.error
         # Stopped: the worker is free again well before the 20 s query would have returned...
         wait_for(
             lambda: "'timed-out'" in _log(cluster, "w1"),
             8,
-            "the step's process was not stopped at its timeout: it is still in its query\n" + cluster.logs(),
+            lambda: (
+                "the step's process was not stopped at its timeout: it is still in its query\n"
+                + cluster.logs()
+            ),
         )
         # ... and runs the next run on the entity, from its first admission.
-        wait_for(lambda: finished([update.id]), 8, cluster.logs())
+        wait_for(lambda: finished([update.id]), 8, cluster.logs)
         update.refresh_from_db()
         assert update.status == "succeeded"
         assert worker.poll() is None
@@ -295,11 +298,11 @@ def test_a_step_hanging_in_a_database_call_past_its_timeout_is_stopped(
 @pytest.mark.timeout(90)
 def test_a_worker_goes_straight_on_with_the_runs_next_steps(sandbox_acme: Tenant, cluster: Cluster) -> None:
     cluster.worker("w1")  # every lane; and no dispatcher process at all
-    wait_for(lambda: live_pools(), 60, cluster.logs())
+    wait_for(lambda: live_pools(), 60, cluster.logs)
     run = run_start(tenant=sandbox_acme, workflow="demo.enrich_lead", input={"lead_id": 7}, actor="t").run
     assert len(dispatch_round()) == 1  # this test process admits the first step, once
     # Nobody dispatches after that: the worker admits steps 2 and 3 itself as it finishes each.
-    wait_for(lambda: finished([run.id]), 30, cluster.logs())
+    wait_for(lambda: finished([run.id]), 30, cluster.logs)
     run.refresh_from_db()
     assert run.status == "succeeded", cluster.logs()
     assert list(run.steps.order_by("position").values_list("status", "attempt")) == [("succeeded", 1)] * 3

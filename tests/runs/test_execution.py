@@ -34,7 +34,7 @@ def test_demo_workflows_without_approval_run_end_to_end_on_real_workers(
         input={"contact_id": 2, "changes": {"stage": "won"}},
         actor="t",
     ).run
-    wait_for(lambda: finished([enrich.id, update.id]), 60, cluster.logs())
+    wait_for(lambda: finished([enrich.id, update.id]), 60, cluster.logs)
     enrich.refresh_from_db()
     update.refresh_from_db()
     assert (enrich.status, update.status) == ("succeeded", "succeeded"), cluster.logs()
@@ -68,7 +68,7 @@ def test_concurrent_updates_of_the_same_contacts_never_overlap(
         for n in range(20)
     ]
     ids = [run.id for run in runs]
-    wait_for(lambda: finished(ids), 180, cluster.logs())
+    wait_for(lambda: finished(ids), 180, cluster.logs)
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
         cluster.logs()
     )
@@ -136,7 +136,7 @@ def test_observed_concurrency_never_exceeds_the_tenant_and_tool_caps(
             return {"tenant": steps.count(), "crm": steps.filter(tool="crm").count()}
 
         with sampled_peaks(active, every=0.01) as peaks:
-            wait_for(lambda: finished(ids), 200, cluster.logs())
+            wait_for(lambda: finished(ids), 200, cluster.logs)
     finally:
         cluster.stop()
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}
@@ -160,11 +160,11 @@ def test_a_worker_killed_mid_step_is_retried_elsewhere_and_the_effect_happens_on
     cluster.worker("maint", ["maintenance"])
     cluster.beat()
     run = run_start(tenant=sandbox_acme, workflow="test.slow_send", input={"work_seconds": 3}, actor="t").run
-    wait_for(lambda: _pid_of_attempt(run, 1), 60, cluster.logs())
+    wait_for(lambda: _pid_of_attempt(run, 1), 60, cluster.logs)
     victim = _pid_of_attempt(run, 1)
     assert victim in (first.pid, second.pid)
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: finished([run.id]), 90, cluster.logs())
+    wait_for(lambda: finished([run.id]), 90, cluster.logs)
     run.refresh_from_db()
     step = run.steps.get()
     assert run.status == "succeeded", cluster.logs()
@@ -181,13 +181,13 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     cluster.worker("maint", ["maintenance"])
     cluster.beat()
     run = run_start(tenant=sandbox_acme, workflow="test.sleepy", input={"sleep_seconds": 3}, actor="t").run
-    wait_for(lambda: _pid_of_attempt(run, 1), 60, cluster.logs())
+    wait_for(lambda: _pid_of_attempt(run, 1), 60, cluster.logs)
     zombie = _pid_of_attempt(run, 1)
     assert zombie in (first.pid, second.pid)
     os.kill(zombie, signal.SIGSTOP)
     try:
         # Paused past its 2 s lease: the reaper re-dispatches to the other worker, which finishes.
-        wait_for(lambda: finished([run.id]), 90, cluster.logs())
+        wait_for(lambda: finished([run.id]), 90, cluster.logs)
     finally:
         os.kill(zombie, signal.SIGCONT)
     step = Step.objects.get(run=run)
@@ -197,7 +197,7 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     wait_for(
         lambda: Event.objects.filter(verb="stale_token_write", subject=f"step:{step.pk}").exists(),
         30,
-        cluster.logs(),
+        cluster.logs,
     )
     step.refresh_from_db()
     assert step.output["pid"] == new_holder
@@ -211,7 +211,7 @@ def test_a_paused_worker_that_resumes_late_is_fenced_out(sandbox_acme: Tenant, c
     wait_for(
         lambda: ConflictArtifact.objects.filter(kind="stale_token_write", step=step).exists(),
         30,
-        cluster.logs(),
+        cluster.logs,
     )
     conflict = ConflictArtifact.objects.get(kind="stale_token_write", step=step)
     assert conflict.proposed["output"] == {"pid": zombie}
@@ -236,13 +236,13 @@ def test_runs_finish_exactly_once_across_a_redis_restart(
             cluster.beat()
             ids = crm_runs(sandbox_acme, 30)
             wait_for(
-                lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs()
+                lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs
             )
             set_running(False)  # Redis goes away with whatever it held: queued tasks are lost
             in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
             time.sleep(1)  # the outage (not a wait for anything): Redis is down for a second
             set_running(True)
-            wait_for(lambda: finished(ids), 200, cluster.logs())
+            wait_for(lambda: finished(ids), 200, cluster.logs)
         finally:
             cluster.stop()
     assert in_flight >= 10, "the restart must hit a batch in progress"

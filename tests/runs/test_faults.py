@@ -49,7 +49,7 @@ def test_a_worker_killed_after_its_effect_committed_finishes_on_retry_without_a_
     run = run_start(
         tenant=sandbox_acme, workflow="test.crash_on_send", input={"die_after_commit": True}, actor="t"
     ).run
-    wait_for(lambda: finished([run.id]), 90, cluster.logs())
+    wait_for(lambda: finished([run.id]), 90, cluster.logs)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, cluster.logs()
     step = run.steps.get()
@@ -88,7 +88,7 @@ def test_redis_down_mid_batch_is_reported_by_readyz_and_every_run_finishes_once_
                 wait_for(
                     lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5,
                     60,
-                    cluster.logs(),
+                    cluster.logs,
                 )
                 set_running(False)
                 in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
@@ -100,7 +100,7 @@ def test_redis_down_mid_batch_is_reported_by_readyz_and_every_run_finishes_once_
                 assert _readyz(web)[0] == 503
                 set_running(True)
                 wait_for(lambda: _readyz(web)[0] == 200, 30, "readyz recovers")
-                wait_for(lambda: finished(ids), 200, cluster.logs())
+                wait_for(lambda: finished(ids), 200, cluster.logs)
         finally:
             cluster.stop()
     assert in_flight >= 10, "the outage must hit a batch in progress"
@@ -140,10 +140,10 @@ def test_every_database_connection_cut_mid_batch_loses_nothing_and_runs_nothing_
         cluster.worker("w2")
         cluster.beat()
         ids = crm_runs(sandbox_acme, 30)
-        wait_for(lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs())
+        wait_for(lambda: Run.objects.filter(pk__in=ids, status="succeeded").count() >= 5, 60, cluster.logs)
         in_flight = Run.objects.filter(pk__in=ids).exclude(status="succeeded").count()
         terminated = _drop_every_connection_to_the_test_database(3.0)
-        wait_for(lambda: finished(ids), 200, cluster.logs())
+        wait_for(lambda: finished(ids), 200, cluster.logs)
         # The processes reconnected by themselves: none was restarted.
         assert all(p.poll() is None for p in cluster.processes.values()), cluster.logs()
     finally:
@@ -167,7 +167,7 @@ def test_beat_killed_and_started_again_expires_a_due_approval_exactly_once(
     cluster.worker("w1")
     cluster.beat()
     run = run_start(tenant=sandbox_acme, workflow="test.quick_timeout_gate", input={}, actor="t").run
-    wait_for(lambda: ApprovalRequest.objects.filter(run=run).exists(), 60, cluster.logs())
+    wait_for(lambda: ApprovalRequest.objects.filter(run=run).exists(), 60, cluster.logs)
     beat = cluster.processes["beat"]
     beat.kill()
     beat.wait(10)
@@ -175,10 +175,10 @@ def test_beat_killed_and_started_again_expires_a_due_approval_exactly_once(
     assert ApprovalRequest.objects.get(run=run).status == "pending"
     # Other work goes on without beat: it is not on the hot path.
     other = crm_runs(sandbox_acme, 3)
-    wait_for(lambda: finished(other), 60, cluster.logs())
+    wait_for(lambda: finished(other), 60, cluster.logs)
     cluster.beat("beat2", with_dispatcher=False)
-    wait_for(lambda: ApprovalRequest.objects.get(run=run).status == "expired", 60, cluster.logs())
-    wait_for(lambda: finished([run.id]), 60, cluster.logs())
+    wait_for(lambda: ApprovalRequest.objects.get(run=run).status == "expired", 60, cluster.logs)
+    wait_for(lambda: finished([run.id]), 60, cluster.logs)
     assert Event.objects.filter(verb="approval_expired", subject=f"run:{run.id}").count() == 1
     assert_invariants_hold()
 
@@ -195,7 +195,7 @@ def test_many_racing_clients_decide_one_approval_once(sandbox_acme: Tenant, clus
     run = run_start(
         tenant=sandbox_acme, workflow="demo.lead_followup", input={"lead_id": 3, "contact_id": 3}, actor="t"
     ).run
-    wait_for(lambda: ApprovalRequest.objects.filter(run=run, status="pending").exists(), 60, cluster.logs())
+    wait_for(lambda: ApprovalRequest.objects.filter(run=run, status="pending").exists(), 60, cluster.logs)
     request = ApprovalRequest.objects.get(run=run, status="pending")
     outcomes: list[str] = []
     barrier = threading.Barrier(len(deciders))
@@ -223,6 +223,6 @@ def test_many_racing_clients_decide_one_approval_once(sandbox_acme: Tenant, clus
     for t in threads:
         t.join(30)
     assert outcomes.count("won") == 1, outcomes
-    wait_for(lambda: finished([run.id]), 60, cluster.logs())
+    wait_for(lambda: finished([run.id]), 60, cluster.logs)
     assert SandboxCall.objects.filter(connector="messaging", operation="send").count() == 1
     assert_invariants_hold()
