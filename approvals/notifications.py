@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from core import tracing
 from core.connections import decrypt_secret
 from core.models import Connection, OutboxMessage
 from core.outbox import deliver_in_app, outbox_enqueue
@@ -48,6 +49,7 @@ def notify(request: Any, kind: str) -> None:
             "required": request.required,
             "expires_at": request.expires_at.isoformat() if request.expires_at else None,
         },
+        traceparent=request.run.traceparent if tracing.enabled() else "",
     )
 
 
@@ -86,6 +88,7 @@ def deliver(message: OutboxMessage) -> None:
             "Content-Type": "application/json",
             "Runwarden-Delivery": message.key,
             "Runwarden-Signature": signature(secret, body),
+            **tracing.outgoing_headers(),  # the receiver's spans join the run's trace
         },
     )
     try:

@@ -1,6 +1,7 @@
 """Logs: one JSON object per line in production (``LOG_FORMAT=json``, the default when DEBUG is
 off), readable text under ``make run``. While a step runs, every line any code logs carries
-the step's context — run_id, step_key, attempt, tenant, correlation_id, lease_token — from a
+the step's context — run_id, step_key, attempt, tenant, correlation_id, lease_token, and the
+run's trace_id when it has a trace — from a
 context variable the executor sets; the ledger adds the idempotency key and whether it was a
 dedupe hit (answered from the record) or a miss (acted). While a web request is answered, every
 line carries its ``request_id`` (the one ``core.middleware`` puts in the X-Request-ID header)."""
@@ -14,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+from core import tracing
 
 _step_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "runwarden_step", default=None
@@ -63,6 +66,8 @@ class StepContextFilter(logging.Filter):
             request_id = _request_id.get() or getattr(getattr(record, "request", None), "request_id", None)
             if request_id is not None:
                 record.request_id = request_id
+        if not hasattr(record, "trace_id") and (trace_id := tracing.current_trace_id()):
+            record.trace_id = trace_id  # a request's lines too, not only a step's
         return True
 
 
@@ -85,7 +90,7 @@ class JsonFormatter(logging.Formatter):
 # What the readable format appends (other libraries' extras, e.g. Celery's, stay in JSON only).
 TEXT_FIELDS = (
     "run_id", "step_key", "attempt", "tenant", "correlation_id", "lease_token",
-    "idempotency_key", "dedupe", "outcome", "request_id",
+    "idempotency_key", "dedupe", "outcome", "request_id", "trace_id",
 )  # fmt: skip
 
 

@@ -252,6 +252,9 @@ class OutboxMessage(models.Model):
     key = models.CharField(max_length=300, unique=True)
     kind = models.CharField(max_length=100)
     payload = models.JSONField(default=dict)
+    # The W3C traceparent of the span that enqueued it: its delivery's span is that span's
+    # child, in the same trace (core.tracing). Empty when tracing is off.
+    traceparent = models.CharField(max_length=55, blank=True, default="")
     status = models.CharField(max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.PENDING)
     attempts = models.PositiveIntegerField(default=0)
     available_at = models.DateTimeField()

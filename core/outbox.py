@@ -22,6 +22,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from core import tracing
 from core.celery import app
 from core.models import Notification, OutboxMessage, OutboxStatus
 
@@ -46,15 +47,24 @@ DELIVERERS: dict[str, Deliverer] = {}
 DEFAULT_DELIVERER: Deliverer = deliver_in_app
 
 
-def outbox_enqueue(*, tenant_id: int, key: str, kind: str, payload: dict[str, Any]) -> bool:
+def outbox_enqueue(
+    *, tenant_id: int, key: str, kind: str, payload: dict[str, Any], traceparent: str = ""
+) -> bool:
     """Add a message in the caller's transaction; False when ``key`` was enqueued before.
 
     The drainer is kicked when the transaction commits; beat drains too, so a lost kick only
-    delays delivery.
+    delays delivery. Its delivery's span is a child of the current span, else of
+    ``traceparent`` (the run's trace, core.tracing).
     """
     _, created = OutboxMessage.objects.get_or_create(
         key=key,
-        defaults={"tenant_id": tenant_id, "kind": kind, "payload": payload, "available_at": timezone.now()},
+        defaults={
+            "tenant_id": tenant_id,
+            "kind": kind,
+            "payload": payload,
+            "available_at": timezone.now(),
+            "traceparent": tracing.current_traceparent() or traceparent,
+        },
     )
     if created:
         transaction.on_commit(_kick)
@@ -101,8 +111,10 @@ def outbox_deliver(message: OutboxMessage) -> bool:
     """Deliver one claimed message and record the outcome. False when it failed."""
     deliverer = DELIVERERS.get(message.kind, DEFAULT_DELIVERER)
     claim = Q(pk=message.pk, status=OutboxStatus.SENDING, attempts=message.attempts)
+    attributes = {"runwarden.outbox.key": message.key, "runwarden.outbox.attempt": message.attempts}
     try:
-        deliverer(message)
+        with tracing.span_in_run(message.traceparent, f"outbox {message.kind}", attributes):
+            deliverer(message)  # an outgoing call carries the delivery's span on
     except Exception as exc:
         final = message.attempts >= MAX_ATTEMPTS
         backoff = min(600, 2**message.attempts) * random.uniform(0.5, 1.0)

@@ -278,6 +278,9 @@ CELERY_BEAT_SCHEDULE = {
 }
 
 RUNWARDEN_SANDBOX_LATENCY_MS = env_int("RUNWARDEN_SANDBOX_LATENCY_MS", 20)
+# Tracing is configured by the standard OTEL_* variables (core/tracing.py); this only says
+# where the run page links a run's trace id, e.g. http://localhost:16686/trace/{trace_id}.
+RUNWARDEN_TRACE_URL_TEMPLATE = env_str("RUNWARDEN_TRACE_URL_TEMPLATE", "")
 RUNWARDEN_SANDBOX_FAILURE_RATE = float(env_str("RUNWARDEN_SANDBOX_FAILURE_RATE", "0") or 0)
 # The dispatcher process (python manage.py dispatcher; a thread in the embedded default).
 RUNWARDEN_DISPATCH_BATCH = env_int("RUNWARDEN_DISPATCH_BATCH", 100)

@@ -115,6 +115,9 @@ class RunSummaryOut(Schema):
     actor: str
     correlation_id: str
     trigger_event_id: str
+    trace_id: str = Field(
+        description="the run's OpenTelemetry trace (32 hex digits); empty when tracing was off at its start"
+    )
     environment: str
     connections: dict[str, str] = Field(description="the connections bound at start, by provider")
     session: SessionOut | None

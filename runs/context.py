@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
-from core import coordination, metrics
+from core import coordination, metrics, tracing
 from core.connections import BoundConnection, connection_for_run
 from core.leases import LeaseGrant, LockWait, StaleToken, leases_renew, locks_acquire, locks_try_acquire
 from runs.interrupts import LeaseLost, RunCancelled
@@ -24,6 +24,8 @@ from runs.ledger import (
     effect_execute,
     effect_settle,
     effect_settle_failed,
+    effect_span,
+    effect_traced,
     step_checkpoint,
 )
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step
@@ -199,6 +201,12 @@ class StepContext:
         with self._grants_lock:
             self.locks.extend(grants)
 
+    def trace_headers(self) -> dict[str, str]:
+        """The W3C ``traceparent`` (and ``tracestate``) of the span current here (inside an
+        effect's call, the effect's), for an outgoing request to carry the run's trace on to
+        the service it calls; empty when tracing is off."""
+        return tracing.outgoing_headers()
+
     def effect(
         self,
         kind: str,
@@ -305,6 +313,9 @@ class AsyncStepContext:
     def token(self) -> int:
         return self.sync.token
 
+    def trace_headers(self) -> dict[str, str]:
+        return self.sync.trace_headers()  # the span current in this task: no database
+
     async def connection(self, provider: str) -> BoundConnection:
         return await self._coordinate(self.sync.connection, provider)
 
@@ -377,46 +388,49 @@ class AsyncStepContext:
         key: str,
         external_ref: Callable[[Any], str] | None,
     ) -> Any:
-        claiming = asyncio.ensure_future(
-            self._coordinate(
-                effect_claim,
-                run=self.run,
-                step=self.step,
-                kind=kind,
-                request=request,
-                idempotency_key=key,
-                lease=self.sync.lease,
-                external_ref=external_ref,
-                guard=self.sync.approval_guard,
-            )
-        )
-        try:
-            claimed = await asyncio.shield(claiming)
-        except asyncio.CancelledError:
-            await asyncio.wait([claiming])
-            late = None if claiming.cancelled() or claiming.exception() else claiming.result()
-            if isinstance(late, EffectClaim) and not self.sync.timed_out.is_set():
-                await self._to_the_end(
-                    effect_settle_failed, late, EffectNotStarted("cancelled before it ran")
+        with effect_span(kind) as span:
+            claiming = asyncio.ensure_future(
+                self._coordinate(
+                    effect_claim,
+                    run=self.run,
+                    step=self.step,
+                    kind=kind,
+                    request=request,
+                    idempotency_key=key,
+                    lease=self.sync.lease,
+                    external_ref=external_ref,
+                    guard=self.sync.approval_guard,
                 )
-            raise
-        if isinstance(claimed, EffectOutcome):
-            return claimed.result
-        try:
-            with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
-                result = fn()
-                if inspect.isawaitable(result):
-                    result = await result
-        except INTERRUPTIONS:
-            raise  # it may have happened: it stays proposed
-        except Exception as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the call failed as it was being cancelled: it may have happened
-            await self._to_the_end(effect_settle_failed, claimed, exc)
-            raise
-        outcome = await self._to_the_end(effect_settle, claimed, result)
-        return outcome.result
+            )
+            try:
+                claimed = await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                await asyncio.wait([claiming])
+                late = None if claiming.cancelled() or claiming.exception() else claiming.result()
+                if isinstance(late, EffectClaim) and not self.sync.timed_out.is_set():
+                    await self._to_the_end(
+                        effect_settle_failed, late, EffectNotStarted("cancelled before it ran")
+                    )
+                raise
+            effect_traced(span, claimed)
+            if isinstance(claimed, EffectOutcome):
+                return claimed.result
+            try:
+                with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
+                    result = fn()
+                    if inspect.isawaitable(result):
+                        result = await result
+            except INTERRUPTIONS:
+                raise  # it may have happened: it stays proposed
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the call failed as it was being cancelled: it may have happened
+                await self._to_the_end(effect_settle_failed, claimed, exc)
+                raise
+            outcome = await self._to_the_end(effect_settle, claimed, result)
+            effect_traced(span, outcome)
+            return outcome.result
 
     async def _to_the_end(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """A coordination call that a cancel does not cut short: it finishes (its outcome

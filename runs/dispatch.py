@@ -42,7 +42,7 @@ from django.db import DatabaseError, DataError, IntegrityError, connection, tran
 from django.db.models import Min, Q
 from django.utils import timezone
 
-from core import metrics, rawsql, tallies
+from core import metrics, rawsql, tallies, tracing
 from core.leases import (
     LeaseGrant,
     LeaseRequest,
@@ -99,6 +99,7 @@ class Candidate:
     weight: int = 1
     workflow_version: str = ""
     ready_since: datetime | None = None  # when it became ready: a lock wait is measured from it
+    traceparent: str = ""  # its run's trace (core.tracing): the admission's span goes there
 
     def scopes(self) -> list[str]:
         return [
@@ -363,6 +364,7 @@ _CANDIDATE_COLUMNS = {
     "workflow_version": "r.workflow_version",
     # Nothing writes a ready step's row but its admission: its last write is when it became ready.
     "ready_since": "s.updated_at",
+    "traceparent": "r.traceparent",
 }
 _CANDIDATE_SELECT = ", ".join(f"{column} AS {name}" for name, column in _CANDIDATE_COLUMNS.items())
 
@@ -619,10 +621,40 @@ def _grant(chosen: list[Candidate], state: _Round) -> list[Admission]:
             waited = max(0.0, (state.now - c.ready_since).total_seconds())
             metrics.LOCK_WAIT_SECONDS.observe(waited)
             counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
+        admission_traced(c, state.now)
     leases_release(give_back, now=state.now)
     tallies.tally_add(counted, now=state.now)
     transitions.steps_lease(leased, now=state.now)
     return admitted
+
+
+# A step admitted within this long of becoming ready did not wait for anything but its round.
+ADMITTED_AT_ONCE_SECONDS = 0.1
+
+
+def admission_traced(c: Candidate, now: datetime) -> None:
+    """The span of the step's wait for admission, from ready to admitted, in its run's trace
+    (recorded when the admitting transaction commits). What it waited for: its entity locks
+    (held, or its turn behind earlier waiters of a key) when it has any, else capacity — a
+    cap or a free worker slot."""
+    if not tracing.enabled() or not c.traceparent or c.ready_since is None:
+        return
+    waited = max(0.0, (now - c.ready_since).total_seconds())
+    waited_for = "nothing" if waited < ADMITTED_AT_ONCE_SECONDS else ("lock" if c.lock_keys else "capacity")
+    attributes = {
+        "runwarden.run_id": c.run_id,
+        "runwarden.step_key": c.key,
+        "runwarden.lane": c.lane,
+        "runwarden.tool": c.tool,
+        "runwarden.waited_for": waited_for,
+        "runwarden.waited_seconds": round(waited, 3),
+    }
+    ready_since = c.ready_since
+    transaction.on_commit(
+        lambda: tracing.span_recorded(
+            c.traceparent, f"admission {c.key}", start=ready_since, end=now, attributes=attributes
+        )
+    )
 
 
 def _grant_isolated(chosen: list[Candidate], state: _Round) -> list[Admission]:
@@ -819,6 +851,7 @@ def _grant_one(c: Candidate, now: datetime) -> Admission | None:
         metrics.LOCK_WAIT_SECONDS.observe(waited)
         counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
         tallies.tally_add(counted, now=now)
+    admission_traced(c, now)
     return Admission(
         step_id=c.step_id,
         token=granted[step_key].token,

@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
-from core import coordination, logs, rawsql
+from core import coordination, logs, rawsql, tracing
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
@@ -185,15 +185,41 @@ def _carry_out(
         "correlation_id": ctx.correlation_id,
         "lease_token": ctx.lease.token,
     }
-    with logs.step_context(**fields):
+    if trace_id := tracing.trace_id_of(ctx.run.traceparent):
+        fields["trace_id"] = trace_id
+    attempt_attributes = (
+        {
+            "runwarden.run_id": ctx.run_id,
+            "runwarden.step_key": ctx.step_key,
+            "runwarden.lane": spec.lane,
+            "runwarden.attempt": ctx.attempt,
+            "runwarden.lease_token": ctx.lease.token,
+            "runwarden.worker": transitions.worker_id(),
+        }
+        if tracing.enabled()
+        else {}
+    )
+    with (
+        logs.step_context(**fields),
+        tracing.span_in_run(ctx.run.traceparent, f"step {ctx.step_key}", attempt_attributes) as span,
+    ):
         logger.debug("step started")
-        outcome = _run_body(ctx, spec)
-        if isinstance(outcome, str):
-            logger.info("step ended: %s", outcome, extra={"outcome": outcome})
-            return outcome, None
-        finished = coordination.run(_finish_succeeded, ctx, outcome.output, lanes)
-        logger.info("step ended: %s", finished[0], extra={"outcome": finished[0]})
+        body = _run_body(ctx, spec)
+        finished: tuple[str, _Start | Admission | None] = (
+            (body, None)
+            if isinstance(body, str)
+            else coordination.run(_finish_succeeded, ctx, body.output, lanes)
+        )
+        outcome = finished[0]
+        span.set_attribute("runwarden.outcome", outcome)
+        if outcome in _FAILED_OUTCOMES:
+            tracing.mark_failed(span, outcome)
+        logger.info("step ended: %s", outcome, extra={"outcome": outcome})
         return finished
+
+
+# How an attempt ended that its span shows as an error.
+_FAILED_OUTCOMES = frozenset({"failed", "retrying", "conflict", "timed-out", "lease-lost"})
 
 
 class _Output:

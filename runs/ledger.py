@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,8 +14,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
+from opentelemetry.trace import Span
 
-from core import coordination, metrics, tallies
+from core import coordination, metrics, tallies, tracing
 from core.leases import LeaseGrant, fenced_write, lease_fence, live_leases_filter
 from core.models import Lease
 from core.validation import fingerprint
@@ -149,30 +151,56 @@ def effect_execute(
     ``runs.context.AsyncStepContext.effect``.)
     """
     refuse_inside_transaction()  # here: the caller's own connection is the one that matters
-    # The ledger's writes where this process does its database work (core.coordination); ``fn``
-    # runs here, on the caller's thread.
-    claimed = coordination.run(
-        effect_claim,
-        run=run,
-        step=step,
-        kind=kind,
-        request=request,
-        idempotency_key=idempotency_key,
-        lease=lease,
-        external_ref=external_ref,
-        guard=guard,
+    with effect_span(kind) as span:
+        # The ledger's writes where this process does its database work (core.coordination);
+        # ``fn`` runs here, on the caller's thread.
+        claimed = coordination.run(
+            effect_claim,
+            run=run,
+            step=step,
+            kind=kind,
+            request=request,
+            idempotency_key=idempotency_key,
+            lease=lease,
+            external_ref=external_ref,
+            guard=guard,
+        )
+        effect_traced(span, claimed)
+        if isinstance(claimed, EffectOutcome):
+            return claimed
+        try:
+            with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
+                result = fn()
+        except INTERRUPTIONS:
+            raise  # interrupted, not refused: it may have happened, so it stays proposed (ambiguous)
+        except Exception as exc:
+            coordination.run(effect_settle_failed, claimed, exc)
+            raise
+        outcome = coordination.run(effect_settle, claimed, result)
+        effect_traced(span, outcome)
+        return outcome
+
+
+def effect_span(kind: str) -> AbstractContextManager[Span]:
+    """The span of one effect, inside its step's (core.tracing): ``effect_traced`` tells it
+    the key, whether the ledger answered (dedupe hit) or the call was made (miss), and the
+    provider's reference."""
+    return tracing.child_span(f"effect {kind}", {"runwarden.effect.kind": kind} if tracing.enabled() else {})
+
+
+def effect_traced(span: Span, state: EffectOutcome | EffectClaim) -> None:
+    if not span.is_recording():
+        return
+    if isinstance(state, EffectClaim):
+        span.set_attributes({"runwarden.idempotency_key": state.key, "runwarden.dedupe": "miss"})
+        return
+    span.set_attributes(
+        {
+            "runwarden.idempotency_key": state.effect.idempotency_key,
+            "runwarden.dedupe": "hit" if state.replayed else "miss",
+            "runwarden.external_ref": state.effect.external_ref,
+        }
     )
-    if isinstance(claimed, EffectOutcome):
-        return claimed
-    try:
-        with metrics.EFFECT_LATENCY_SECONDS.labels(kind=kind).time():
-            result = fn()
-    except INTERRUPTIONS:
-        raise  # interrupted, not refused: it may have happened, so it stays proposed (ambiguous)
-    except Exception as exc:
-        coordination.run(effect_settle_failed, claimed, exc)
-        raise
-    return coordination.run(effect_settle, claimed, result)
 
 
 def effect_claim(

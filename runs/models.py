@@ -69,6 +69,9 @@ class Run(models.Model):
     compensation = models.CharField(max_length=10, blank=True)
     # The connections bound at start, frozen: {provider: {"id": connection id, "name": ...}}.
     connections = models.JSONField(default=dict, blank=True)
+    # The W3C traceparent of the run's start span: every span of the run is its child
+    # (core.tracing). Empty when tracing is off.
+    traceparent = models.CharField(max_length=55, blank=True, default="")
     input = models.JSONField(default=dict)
     status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
     # Which of its tenant's queue-depth counters counts the run while it is unfinished

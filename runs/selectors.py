@@ -9,6 +9,7 @@ from typing import Any
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
+from core import tracing
 from core.leases import live_leases_filter
 from core.models import Lease, Tenant, User
 from core.selectors import AnyUser, scope_to_user
@@ -66,6 +67,7 @@ def run_summary(run: Run) -> dict[str, Any]:
         "actor": run.actor,
         "correlation_id": run.correlation_id,
         "trigger_event_id": run.trigger_event_id,
+        "trace_id": tracing.trace_id_of(run.traceparent),
         "workflow_version": run.workflow_version,
         "environment": run.environment,
         "connections": {

@@ -13,7 +13,7 @@ from typing import Any
 from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
-from core import metrics, rawsql, tallies
+from core import metrics, rawsql, tallies, tracing
 from core import services as core_services
 from core.access import member_role_check
 from core.connections import ConnectionInvalid, connections_bind, environment_check
@@ -113,6 +113,7 @@ def run_create(
     session: SessionPolicy | None = None,
     replay_of: Run | None = None,
     connections: dict[str, Any] | None = None,
+    traceparent: str = "",
 ) -> RunStart:
     """Start a run, once per (tenant, trigger_event_id).
 
@@ -152,6 +153,7 @@ def run_create(
         queue_deadline=queue_deadline(session) if session_key else None,
         replay_of=replay_of,
         connections=connections or {},
+        traceparent=traceparent,
     )
     steps = build_steps(run) if build_steps is not None else []
     trigger = (
@@ -362,23 +364,29 @@ def run_start(
             for position, spec in enumerate(definition.steps)
         ]
 
-    start = run_create(
-        tenant=tenant,
-        workflow=workflow,
-        input=input,
-        actor=actor,
-        correlation_id=correlation_id,
-        trigger_event_id=trigger_event_id,
-        build_steps=build_steps,
-        enforce_quota=True,
-        workflow_version=definition.version,
-        session_key=session_key,
-        sequence=sequence,
-        session=definition.session,
-        replay_of=replay_of,
-        environment=environment,
-        connections=bound,
-    )
+    # The run's trace: its start span, a child of the current one (the request starting it).
+    with tracing.run_started(
+        f"run {workflow}", {"runwarden.workflow": workflow, "runwarden.tenant": tenant.slug}
+    ) as span:
+        start = run_create(
+            tenant=tenant,
+            workflow=workflow,
+            input=input,
+            actor=actor,
+            correlation_id=correlation_id,
+            trigger_event_id=trigger_event_id,
+            build_steps=build_steps,
+            enforce_quota=True,
+            workflow_version=definition.version,
+            session_key=session_key,
+            sequence=sequence,
+            session=definition.session,
+            replay_of=replay_of,
+            environment=environment,
+            connections=bound,
+            traceparent=tracing.traceparent_of(span),
+        )
+        span.set_attributes({"runwarden.run_id": start.run.id, "runwarden.created": start.created})
     return start
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from core import rawsql
+from core import rawsql, tracing
 from core import services as core_services
 from runs import transitions
 from runs.definitions import SessionPolicy
@@ -97,6 +97,7 @@ class _Waiting:
     room: int  # session_max minus the session's active runs
     last_sequence: int | None
     last_finished: datetime | None
+    traceparent: str  # the run's trace (core.tracing)
 
     @property
     def gap_ends(self) -> datetime:
@@ -141,6 +142,7 @@ def session_round(now: datetime) -> tuple[bool, datetime | None]:
         if row.sequence is not None:
             expected[session] = max(row.sequence, want) + 1
         promote.append(row.run_id)
+        _turn_traced(row, now)
     transitions.session_runs_promote(promote, now)
     still_waiting = Run.objects.filter(session_state=SessionState.WAITING).exclude(pk__in=promote).exists()
     deadline = (
@@ -152,6 +154,25 @@ def session_round(now: datetime) -> tuple[bool, datetime | None]:
     if deadline is not None:
         next_due = deadline if next_due is None else min(next_due, deadline)
     return still_waiting, next_due
+
+
+def _turn_traced(row: _Waiting, now: datetime) -> None:
+    """The span of a session's run waiting for its turn, from its start to its promotion, in
+    its run's trace (recorded when the round commits)."""
+    if not tracing.enabled() or not row.traceparent:
+        return
+    attributes = {
+        "runwarden.run_id": row.run_id,
+        "runwarden.session_key": row.session_key,
+        "runwarden.waited_for": "session",
+        "runwarden.waited_seconds": round(max(0.0, (now - row.created_at).total_seconds()), 3),
+        **({"runwarden.sequence": row.sequence} if row.sequence is not None else {}),
+    }
+    transaction.on_commit(
+        lambda: tracing.span_recorded(
+            row.traceparent, "session turn", start=row.created_at, end=now, attributes=attributes
+        )
+    )
 
 
 # A session's runs that took their turn (running now, or finished).
@@ -166,7 +187,7 @@ def _waiting_with_room() -> list[_Waiting]:
             f"""
             WITH waiting AS (
                 SELECT id, tenant_id, session_key, sequence, created_at, session_gap_seconds,
-                       session_max,
+                       session_max, traceparent,
                        row_number() OVER (
                            PARTITION BY tenant_id, session_key ORDER BY sequence NULLS LAST, id
                        ) AS place
@@ -184,7 +205,8 @@ def _waiting_with_room() -> list[_Waiting]:
             )
             SELECT w.id AS run_id, w.tenant_id, w.session_key, w.sequence, w.created_at,
                    w.session_gap_seconds AS gap_seconds, w.place,
-                   w.session_max - coalesce(p.active, 0) AS room, p.last_sequence, p.last_finished
+                   w.session_max - coalesce(p.active, 0) AS room, p.last_sequence, p.last_finished,
+                   w.traceparent
             FROM waiting w LEFT JOIN passed p USING (tenant_id, session_key)
             WHERE w.place <= w.session_max - coalesce(p.active, 0)
             -- Every session's next run first, then the ones after: a session that cannot go on

@@ -17,6 +17,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from core import tracing
 from core.http import HtmxHttpRequest, authenticated_user
 from core.models import Event, Role
 from core.selectors import get_tenant_for_user, tenants_for_user, user_can
@@ -67,6 +68,7 @@ def _detail_context(
         step["wait"] = waits.get(step["id"])
     return {
         "run": detail,
+        "trace_url": tracing.trace_url(detail["trace_id"]),
         "timeline": _timeline(run, detail["steps"]),
         "events": [
             # The run's contract is on every event and already at the top of the page.

@@ -10,7 +10,7 @@ from functools import partial
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -23,7 +23,7 @@ from approvals.models import (
 )
 from approvals.services.conflicts import settle_conflicts
 from approvals.services.gate import spec_of
-from core import metrics, rawsql
+from core import metrics, rawsql, tracing
 from core import services as core_services
 from core.access import member_role_check
 from core.models import Role, User
@@ -144,6 +144,7 @@ def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
 
 def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment: str) -> None:
     step = request.step
+    approval_traced(request, decision if request.status != ApprovalStatus.PENDING else "vote", actor)
     core_services.event_record(
         tenant=request.tenant_id,
         subject=f"run:{request.run_id}",
@@ -186,6 +187,33 @@ def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment
         if not redraft:
             raise DecisionForbidden("this step has no drafting step to send back to")
         run_services.run_rewind(step=step, to_step_key=redraft, actor=actor, note=comment)
+
+
+def approval_traced(request: ApprovalRequest, outcome: str, actor: str, decided_at: Any = None) -> None:
+    """The span of the wait for this approval, from requested to decided, in its run's trace,
+    linked to the span that decided it (the decision's request, or the timeout's task);
+    recorded when the deciding transaction commits."""
+    if not tracing.enabled():
+        return
+    run, end = request.step.run, decided_at or request.decided_at or timezone.now()
+    attributes = {
+        "runwarden.run_id": run.pk,
+        "runwarden.step_key": request.step.key,
+        "runwarden.approval_id": request.pk,
+        "runwarden.approval.outcome": outcome,
+        "runwarden.approval.decided_by": actor,
+        "runwarden.approval.version": request.version,
+    }
+    transaction.on_commit(
+        lambda: tracing.span_recorded(
+            run.traceparent,
+            f"approval {request.step.key}",
+            start=request.created_at,
+            end=end,
+            attributes=attributes,
+            link_current=True,
+        )
+    )
 
 
 def approvals_expire(*, now: Any = None) -> int:
@@ -236,6 +264,7 @@ def _expire(request: ApprovalRequest, fallback: str, now: Any) -> bool:
         verb = "approval_expired"
     if won != 1:
         return False
+    approval_traced(request, verb.removeprefix("approval_"), "timeout", decided_at=now)
     core_services.event_record(
         tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
         payload={"approval_id": request.pk},
