@@ -546,14 +546,18 @@ def step_resume(
     )
     if resumed != 1:
         return False
-    Run.objects.filter(pk=step.run_id, status__in=[RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT]).update(
-        status=RunStatus.RUNNING, updated_at=now
-    )
     if step.compensates:
         Run.objects.filter(pk=step.run_id, compensation="failed").update(
             compensation="running", updated_at=now
         )
-    _event(step, "step_resumed", actor)
+    at = rawsql.adapt_datetime(now)
+    # The run moves with its event, in one round trip.
+    run_running = (
+        f"UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', updated_at = %s WHERE id = %s"
+        f" AND status IN ({rawsql.sql_strings(RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT)}); ",
+        [at, step.run_id],
+    )
+    _event(step, "step_resumed", actor, prelude_sql=run_running)
     wake_on_commit()
     return True
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from approvals import notifications
@@ -56,7 +56,7 @@ def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -
 
 
 def _blocks_self_approval(user: User, request: ApprovalRequest) -> bool:
-    spec = spec_of(request.step)
+    spec = spec_of(request.step, request.run)
     if spec and spec.approval and spec.approval.allow_self_approval:
         return False
     return user.get_username() in {request.run.actor, request.artifact_version.author}
@@ -91,15 +91,16 @@ def approval_decide(
                 decided_at=now,
                 comment=comment,
                 updated_at=now,
+                # The quorum is reached when the approvals counted so far (this one too, the
+                # right-hand side reading the row as it was) cover the requirement.
+                status=Case(
+                    When(approvals__gte=F("required") - 1, then=Value(ApprovalStatus.APPROVED)),
+                    default=F("status"),
+                ),
             )
-            if won == 1:
-                if not _vote_recorded(request, user, now):
-                    # Raised out of the transaction, which then undoes the compare-and-set too.
-                    raise DecisionForbidden("you already approved this request; it needs another approver")
-                # The quorum is reached when the approvals counted so far cover the requirement.
-                ApprovalRequest.objects.filter(
-                    pk=request.pk, status=ApprovalStatus.PENDING, approvals__gte=F("required")
-                ).update(status=ApprovalStatus.APPROVED)
+            if won == 1 and not _vote_recorded(request, user, now):
+                # Raised out of the transaction, which then undoes the compare-and-set too.
+                raise DecisionForbidden("you already approved this request; it needs another approver")
         else:
             status = ApprovalStatus.REJECTED if decision == "reject" else ApprovalStatus.CHANGES_REQUESTED
             won = pending.update(
@@ -112,7 +113,10 @@ def approval_decide(
             )
         if won != 1:
             return None
-        decided = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(pk=request.pk)
+        # With what the answer shows (approvals.selectors.approval_detail): no query each.
+        decided = ApprovalRequest.objects.select_related(
+            "step__run", "artifact_version", "artifact", "tenant"
+        ).get(pk=request.pk)
         # What the answer shows of them is in hand: no query each.
         decided.run, decided.decided_by = decided.step.run, user
         _after_decision(decided, user.get_username(), decision, comment)
@@ -162,10 +166,11 @@ def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment
     if request.status == ApprovalStatus.APPROVED:
         # Resumes a waiting step; also a step held in conflict because an edit made its
         # earlier approval stale — approving the new version settles that conflict.
+        held_in_conflict = step.status == StepStatus.CONFLICT  # read under the run's lock
         resumed = run_services.step_resume(
             step=step, actor=actor, from_statuses=(StepStatus.WAITING_APPROVAL, StepStatus.CONFLICT)
         )
-        if resumed:
+        if resumed and held_in_conflict:
             settle_conflicts(step, ConflictKind.STALE_APPROVAL, actor, "approved_new_version")
     elif request.status == ApprovalStatus.REJECTED:
         run_services.step_fail(

@@ -30,9 +30,11 @@ from runs.models import Run, Step
 DRAFT_CONFLICT_KINDS = (ConflictKind.STALE_APPROVAL, ConflictKind.CONCURRENT_EDIT)
 
 
-def spec_of(step: Step) -> StepSpec | None:
+def spec_of(step: Step, run: Run | None = None) -> StepSpec | None:
+    """The step's declaration; ``run``: the step's run when it is in hand (no query for it)."""
+    run = run or step.run
     try:
-        return get_workflow(step.run.workflow, step.run.workflow_version).spec(step.key)
+        return get_workflow(run.workflow, run.workflow_version).spec(step.key)
     except UnknownWorkflow:
         return None
 
