@@ -129,11 +129,24 @@ def run_create(
         payload.update(session_key=session_key, sequence=sequence)
     session = session or SessionPolicy()
     payload_fingerprint = fingerprint(payload)
-    if trigger_event_id:
+
+    def known_delivery() -> RunStart | None:
         # A known delivery is answered from the record, even when the tenant is over quota.
         seen = TriggerEvent.objects.filter(tenant=tenant, trigger_event_id=trigger_event_id).first()
-        if seen is not None:
-            return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
+        if seen is None:
+            return None
+        return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
+
+    # Where the start can be one round trip, a new delivery id (the usual case) is not looked up
+    # first: the unique constraint refuses a known one, which is then answered from the record.
+    in_one_round_trip = (
+        enforce_quota
+        and not session_key
+        and rawsql.on_postgresql()
+        and not transaction.get_connection().in_atomic_block
+    )
+    if trigger_event_id and not in_one_round_trip and (replayed := known_delivery()):
+        return replayed
     run_id = new_run_id()
     run = Run(
         id=run_id,
@@ -178,14 +191,11 @@ def run_create(
             **({"replay_of": replay_of.pk} if replay_of else {}),
         },
     }
-    if (
-        enforce_quota
-        and not session_key
-        and rawsql.on_postgresql()
-        and not transaction.get_connection().in_atomic_block
-        and _created_in_one_round_trip(run, steps, trigger, created)
-    ):
-        return RunStart(run=run, created=True, steps=steps)
+    if in_one_round_trip:
+        if _created_in_one_round_trip(run, steps, trigger, created):
+            return RunStart(run=run, created=True, steps=steps)
+        if trigger_event_id and (replayed := known_delivery()):
+            return replayed  # refused as a known delivery, or near the quota: the record answers
     try:
         with transaction.atomic():
             if session_key:  # before the queue place: see runs/queue_depth.py on lock order

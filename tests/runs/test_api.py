@@ -54,6 +54,29 @@ def test_a_repeated_idempotency_key_replays_and_another_payload_conflicts(acme_o
     assert Run.objects.count() == 1
 
 
+@pytest.mark.django_db(transaction=True)  # outside a transaction: a start is one round trip
+def test_a_known_delivery_is_answered_from_the_record_on_the_one_round_trip_path_even_over_quota(
+    acme: Tenant, acme_operator: User
+) -> None:
+    TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=3)
+    client = bearer_client(acme_operator)
+    lead = {"workflow": "demo.enrich_lead", "input": {"lead_id": 7}}
+    assert post_run(client, {**lead, "input": {"lead_id": 1}}).status_code == 201  # the tenant's first
+    first = post_run(client, lead, **{"Idempotency-Key": "evt-1"})
+    assert first.status_code == 201
+    again = post_run(client, lead, **{"Idempotency-Key": "evt-1"})  # refused by the unique constraint
+    assert (again.status_code, again["Idempotent-Replayed"]) == (200, "true")
+    assert again.json()["id"] == first.json()["id"]
+    other = post_run(client, {**lead, "input": {"lead_id": 8}}, **{"Idempotency-Key": "evt-1"})
+    assert other.status_code == 409
+    assert post_run(client, {**lead, "input": {"lead_id": 2}}).status_code == 201  # the quota is full
+    # A known delivery is answered from the record; a new one is refused.
+    assert post_run(client, lead, **{"Idempotency-Key": "evt-1"}).status_code == 200
+    assert post_run(client, lead, **{"Idempotency-Key": "evt-2"}).status_code == 429
+    assert Run.objects.count() == 3
+    assert Run.objects.filter(trigger_event_id="evt-1").count() == 1
+
+
 def test_over_the_queue_depth_quota_answers_429_with_retry_after(acme: Tenant, acme_operator: User) -> None:
     TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=2)
     client = bearer_client(acme_operator)
