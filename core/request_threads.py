@@ -9,30 +9,64 @@ lends each request one of ``size`` single-thread executors instead (asgiref's
 ``ThreadSensitiveContext(executor=...)``, made for this), so a request runs on a thread that
 served requests before and finds its connection open: the web process holds at most ``size``
 connections (``RUNWARDEN_WEB_THREADS``), kept ``RUNWARDEN_WEB_CONN_MAX_AGE`` seconds and checked
-before each request's first query (``CONN_HEALTH_CHECKS``), so one broken by a restart of
-PostgreSQL is replaced rather than failing the request. A request waits for a free thread when
-all are busy; websockets (Channels' consumers) are not affected.
+before a request's first query (``CONN_HEALTH_CHECKS``) when the thread's last request ended
+more than ``RECENTLY_USED_SECONDS`` ago, so one broken by a restart of PostgreSQL is replaced
+rather than failing the request (a busy thread's connection, used a moment ago, is not checked:
+that round trip was a tenth of a busy web process's time). A request waits for a free thread
+when all are busy; websockets (Channels' consumers) are not affected.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from asgiref.sync import ThreadSensitiveContext
+from django.core.signals import request_finished, request_started
 from django.db import DEFAULT_DB_ALIAS, connections
 
 Scope = dict[str, Any]
 
 
+# A connection whose last request ended this recently is taken as healthy without a check.
+RECENTLY_USED_SECONDS = 1.0
+
+
 def keep_request_connections(max_age: int) -> None:
     """The web process keeps each request thread's connection ``max_age`` seconds (PostgreSQL:
-    the embedded default's SQLite keeps its own settings), checked before a request uses it."""
+    the embedded default's SQLite keeps its own settings), checked before a request uses it
+    unless it served a request a moment ago."""
     settings = connections.settings[DEFAULT_DB_ALIAS]
     if settings["ENGINE"].endswith("postgresql"):
         settings["CONN_MAX_AGE"] = max_age
         settings["CONN_HEALTH_CHECKS"] = True
+        # After Django's own receivers (connected at import), on the request's thread.
+        request_started.connect(_check_unless_recently_used, dispatch_uid="runwarden-recently-used")
+        request_finished.connect(_note_last_use, dispatch_uid="runwarden-last-use")
+
+
+# When this thread's connection last finished a request (connections belong to threads).
+_last_use = threading.local()
+
+
+def _check_unless_recently_used(**_: Any) -> None:
+    connection = connections[DEFAULT_DB_ALIAS]
+    last_use = getattr(_last_use, "at", None)
+    if (
+        connection.connection is not None
+        and last_use is not None
+        and time.monotonic() - last_use < RECENTLY_USED_SECONDS
+    ):
+        connection.health_check_done = True  # type: ignore[attr-defined]  # Django 4.1+, not in the stubs
+
+
+def _note_last_use(**_: Any) -> None:
+    # Django's receiver, before this one, closed the connection if the request left it broken.
+    open_now = connections[DEFAULT_DB_ALIAS].connection is not None
+    _last_use.at = time.monotonic() if open_now else None
 
 
 class RequestThreads:

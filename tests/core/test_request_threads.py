@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
+from core import request_threads
 from core.request_threads import RequestThreads
 from tests.servers import base_env, console_server
 
@@ -102,3 +103,60 @@ def test_a_web_process_keeps_its_request_threads_connections(tmp_path: Path) -> 
     # One connection per request thread, kept: a connection per request would show 36.
     assert 1 <= len(seen) <= THREADS, seen
     assert after == seen
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_is_checked_before_a_request_unless_it_served_one_a_moment_ago() -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the embedded default's SQLite keeps its own connection settings")
+    seen: dict[str, bool] = {}
+
+    def request_cycle() -> None:  # on a thread of its own: its own connection, as a request thread
+        own = connections[DEFAULT_DB_ALIAS]
+        own.ensure_connection()
+        try:
+            own.health_check_done = False  # what Django's request_started receiver leaves
+            request_threads._check_unless_recently_used()
+            seen["first request"] = own.health_check_done  # nothing served yet: checked
+            request_threads._note_last_use()
+            own.health_check_done = False
+            request_threads._check_unless_recently_used()
+            seen["a moment later"] = own.health_check_done  # served one just now: not checked
+            request_threads._last_use.at = time.monotonic() - request_threads.RECENTLY_USED_SECONDS - 0.1
+            own.health_check_done = False
+            request_threads._check_unless_recently_used()
+            seen["after a pause"] = own.health_check_done
+        finally:
+            own.close()
+
+    thread = threading.Thread(target=request_cycle)
+    thread.start()
+    thread.join(30)
+    assert seen == {"first request": False, "a moment later": True, "after a pause": False}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_after_a_pause_finds_its_broken_connection_replaced(tmp_path: Path) -> None:
+    if connection.vendor != "postgresql":
+        pytest.skip("the embedded default's SQLite keeps its own connection settings")
+    db = settings.DATABASES["default"]
+    env = base_env(
+        DEBUG="0",
+        SECRET_KEY="request-threads",
+        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        REDIS_URL=settings.REDIS_URL,
+        RUNWARDEN_WEB_THREADS="1",
+    )
+    with console_server(env, tmp_path / "web.log") as base:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
+            assert answer.status == 200
+        with connection.cursor() as cursor:  # as a restart of PostgreSQL would: its backend goes
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert cursor.fetchall(), "the web process's connection"
+        time.sleep(request_threads.RECENTLY_USED_SECONDS + 0.2)
+        for _ in range(3):
+            with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
+                assert answer.status == 200
