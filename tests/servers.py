@@ -33,6 +33,14 @@ def base_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+def database_url() -> str:
+    """The test database, as the processes a test starts are told where it is."""
+    from django.conf import settings
+
+    db = settings.DATABASES["default"]
+    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+
 def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "manage.py", *args],

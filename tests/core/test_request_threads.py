@@ -17,7 +17,7 @@ from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from core import request_threads
 from core.request_threads import RequestThreads
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 THREADS = 3
 
@@ -71,18 +71,21 @@ def test_requests_share_a_few_long_lived_threads_and_other_scopes_pass_through()
         RequestThreads(app, 0)
 
 
+def _web_env(threads: int) -> dict[str, str]:
+    return base_env(
+        DEBUG="0",
+        SECRET_KEY="request-threads",
+        DATABASE_URL=database_url(),
+        REDIS_URL=settings.REDIS_URL,
+        RUNWARDEN_WEB_THREADS=str(threads),
+    )
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_web_process_keeps_its_request_threads_connections(tmp_path: Path) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("the embedded default's SQLite keeps its own connection settings")
-    db = settings.DATABASES["default"]
-    env = base_env(
-        DEBUG="0",
-        SECRET_KEY="request-threads",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        REDIS_URL=settings.REDIS_URL,
-        RUNWARDEN_WEB_THREADS=str(THREADS),
-    )
+    env = _web_env(threads=THREADS)
 
     def web_backends() -> set[int]:
         with connection.cursor() as cursor:
@@ -139,14 +142,7 @@ def test_a_connection_is_checked_before_a_request_unless_it_served_one_a_moment_
 def test_a_request_after_a_pause_finds_its_broken_connection_replaced(tmp_path: Path) -> None:
     if connection.vendor != "postgresql":
         pytest.skip("the embedded default's SQLite keeps its own connection settings")
-    db = settings.DATABASES["default"]
-    env = base_env(
-        DEBUG="0",
-        SECRET_KEY="request-threads",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
-        REDIS_URL=settings.REDIS_URL,
-        RUNWARDEN_WEB_THREADS="1",
-    )
+    env = _web_env(threads=1)
     with console_server(env, tmp_path / "web.log") as base:
         with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
             assert answer.status == 200

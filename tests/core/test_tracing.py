@@ -32,7 +32,7 @@ from runs.services import run_start
 from tests.conftest import make_member
 from tests.dialects import REAL_WORKERS
 from tests.runs.cluster import Cluster, wait_for
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 # The processes it starts read what the test wrote: committed, not in a test transaction.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -137,11 +137,6 @@ def _http(method: str, url: str, token: str, body: Any = None, **headers: str) -
         return refused.code, json.load(refused), refused.headers
 
 
-def _database_url() -> str:
-    db = settings.DATABASES["default"]
-    return f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
-
-
 @REAL_WORKERS
 @pytest.mark.timeout(240)
 def test_a_run_is_one_trace_from_the_callers_request_through_every_process(
@@ -157,7 +152,7 @@ def test_a_run_is_one_trace_from_the_callers_request_through_every_process(
             cluster.worker("w1")
             cluster.worker("w2")
             cluster.beat()  # with the dispatcher
-            env = base_env(DEBUG="1", DATABASE_URL=_database_url(), REDIS_URL=settings.REDIS_URL, **otel)
+            env = base_env(DEBUG="1", DATABASE_URL=database_url(), REDIS_URL=settings.REDIS_URL, **otel)
             with console_server(env, tmp_path / "web.log") as base:
                 status, started, _ = _http(
                     "POST", f"{base}/api/v1/runs", starter,
@@ -315,7 +310,7 @@ def test_a_collector_configured_but_tracing_turned_off_receives_nothing(
     token = core_services.api_token_issue(user=make_member("starter", sandbox_acme, Role.OPERATOR))
     with otlp_receiver() as receiver:
         env = base_env(
-            DEBUG="1", DATABASE_URL=_database_url(), REDIS_URL=settings.REDIS_URL,
+            DEBUG="1", DATABASE_URL=database_url(), REDIS_URL=settings.REDIS_URL,
             OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url, OTEL_BSP_SCHEDULE_DELAY="100", **off,
         )  # fmt: skip
         with console_server(env, tmp_path / "web.log") as base:
