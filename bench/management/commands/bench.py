@@ -81,6 +81,7 @@ GOALS = {
     "ingest": "≥ 200 runs/s per web process, p99 ≤ 100 ms",
     "agent_io": "elapsed ≤ 4.5 s on 100 slots (ideal 3 s)",
     "keyed": "overlap 0; elapsed near the ideal",
+    "push_latency_ms": "p99 < 150 at 500 sockets; another tenant's sockets get nothing",
 }
 
 
@@ -1073,7 +1074,27 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("start_by_depth", _depth_text(r.get("start_by_depth") or {}), "flat from 10 to 100,000"),
+        ("push_latency_ms", _push_text(r.get("push_latency_ms") or {}), GOALS["push_latency_ms"]),
     ]
+
+
+def _push_text(push: dict[str, Any]) -> str:
+    """Commit → delivered per socket count and in the burst, and the isolation check."""
+    if not push:
+        return "n/a"
+    windows = [key for key in push if key.startswith("sockets_")] + ["burst"]
+    parts = [
+        f"{key.replace('_', ' ')}: {_percentiles(push[key])} ({push[key].get('deliveries')} deliveries)"
+        for key in windows
+        if push.get(key)
+    ]
+    burst = push.get("burst") or {}
+    foreign = sum((push.get(key) or {}).get("foreign", 0) for key in windows)
+    return (
+        f"{'; '.join(parts)}; workers {_fmt(burst.get('steps_per_s'))} steps/s in the burst "
+        f"({_fmt(burst.get('steps_per_s_without_sockets'))} with no socket open); "
+        f"pushes of another tenant received: {foreign}"
+    )
 
 
 def _api_text(api: dict[str, Any]) -> str:
@@ -1720,4 +1741,6 @@ def _brief(value: Any) -> str:
         "drain_s",
         "seconds",
     )
+    if "burst" in value:  # push_latency
+        return _push_text(value)
     return ", ".join(f"{k}={value[k]}" for k in keys if k in value)
