@@ -94,6 +94,20 @@ class _ProcessFanout:
                 self.reader = None
 
     async def _read(self) -> None:
+        try:
+            await self._deliver()
+        except Exception:
+            # The layer failed (Redis down): close the sockets as their own receive used to
+            # fail them, so browsers show they are not live, reconnect, and re-fetch what they
+            # missed; the next connect starts a new fan-out.
+            logger.warning("live pushes: the channel layer failed; closing the sockets", exc_info=True)
+            sockets = {consumer for members in self.members.values() for consumer in members}
+            self.members, self.reader = {}, None
+            for consumer in sockets:
+                with contextlib.suppress(Exception):
+                    await consumer.close(code=1012)  # "service restart": the browser reconnects
+
+    async def _deliver(self) -> None:
         joined_at = self.loop.time()
         while True:
             try:
