@@ -158,9 +158,16 @@ class LiveConsumer(AsyncWebsocketConsumer):
         for tenant_id in await _fetch_tenant_ids(user.pk):
             self.groups_joined.append(live.tenant_group(tenant_id))
         self.groups_joined.append(live.user_group(user.pk))
+        # Joined before the accept, so that nothing after the memberships were read is missed
+        # (a revoked membership above all); what the fan-out hands over until the accept is
+        # kept, then handled in order.
+        self.before_accept: list[dict[str, Any]] | None = []
         self.fanout = _fanout_for_this_loop()
         await self.fanout.join(self, self.groups_joined)
         await self.accept()
+        while self.before_accept:
+            await self._handle(self.before_accept.pop(0))
+        self.before_accept = None
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "fanout", None) is not None:
@@ -171,6 +178,12 @@ class LiveConsumer(AsyncWebsocketConsumer):
         the database, so unlike Channels' dispatch this closes no stale connections: through
         the one thread every ``sync_to_async`` of the process shares, that hop per push and
         socket was most of the web process's time at a few hundred sockets."""
+        if self.before_accept is not None:
+            self.before_accept.append(message)
+        else:
+            await self._handle(message)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
         handler = getattr(self, get_handler_name(message), None)
         if handler is not None:
             await handler(message)
@@ -192,7 +205,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
             if fragments:  # what came before another kind of message goes first
                 await self.send(text_data="".join(fragments))
                 fragments = []
-            await self.push(each)
+            await self._handle(each)
         if fragments:
             await self.send(text_data="".join(fragments))
 
