@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from functools import partial
 from typing import Any
 
@@ -75,6 +76,7 @@ class _PushLoop:
         if not messages:
             return
         message = messages[0] if len(messages) == 1 else {"type": "live.batch", "messages": messages}
+        message = {**message, "group": group}  # the receiving web process fans out by group
         task = self.loop.create_task(_deliver(layer, group, message, self.in_flight.get(group)))
         self.in_flight[group] = task
         task.add_done_callback(partial(self._sent, group))
@@ -117,12 +119,15 @@ def group_send(group: str, message: dict[str, object]) -> None:
         if type(layer).__name__ == "RedisChannelLayer":
             _loop_for_this_process().submit(group, message, layer)
         else:  # the in-memory layer (embedded default, tests) is used from the caller's loop
-            async_to_sync(layer.group_send)(group, message)
+            async_to_sync(layer.group_send)(group, {**message, "group": group})
     except Exception:
         logger.warning("live push to %s failed", group, exc_info=True)
 
 
 def publish_event(event: Event) -> None:
+    """Called once the event's transaction has committed (an event listener): the push carries
+    that moment (``committed_at``, Unix seconds on the writer's clock), so a client on the same
+    clock can tell how late a push reached it (``make bench``'s push latency)."""
     group_send(
         tenant_group(event.tenant_id),
         {
@@ -131,5 +136,6 @@ def publish_event(event: Event) -> None:
             "tenant_id": event.tenant_id,
             "subject": event.subject,
             "verb": event.verb,
+            "committed_at": f"{time.time():.6f}",
         },
     )

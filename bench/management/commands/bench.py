@@ -32,11 +32,11 @@ import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection, connections, transaction
-from django.db.models import Max
+from django.db.models import Count, Max, Min
 from django.test import Client
 from django.utils import timezone
 
-from bench import http_path, statement_counter
+from bench import http_path, live_push, statement_counter
 from bench.harness import (
     Monitor,
     ProcessSet,
@@ -54,8 +54,9 @@ from bench.harness import (
 )
 from bench.http_path import HttpClient, IngestTally
 from bench.peers.common import free_port, percentile, wait_for_http
+from bench.push_clients import PushClients
 from bench.workloads import KEY_HOLD_SECONDS
-from core.models import Membership, Role, Tenant, TenantQuota, User
+from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
 from runs import services
 from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
@@ -80,6 +81,7 @@ GOALS = {
     "ingest": "≥ 200 runs/s per web process, p99 ≤ 100 ms",
     "agent_io": "elapsed ≤ 4.5 s on 100 slots (ideal 3 s)",
     "keyed": "overlap 0; elapsed near the ideal",
+    "push_latency_ms": "p99 < 150 at 500 sockets; another tenant's sockets get nothing",
 }
 
 
@@ -172,9 +174,10 @@ class Bench:
         count: int,
         per_second: float | None = None,
         inputs: Callable[[int], dict[str, Any]] | None = None,
+        tenants: Sequence[Tenant] = (),
     ) -> list[str]:
-        """Start ``count`` runs one after the other, as an integrator's code would; how long each
-        ``run_start`` took is kept in ``start_seconds``."""
+        """Start ``count`` runs one after the other, as an integrator's code would (in ``tenants``
+        in turn, else the bench's); how long each ``run_start`` took is kept in ``start_seconds``."""
         ids = []
         self.start_seconds: list[float] = []
         began = time.monotonic()
@@ -185,7 +188,8 @@ class Bench:
                     time.sleep(delay)
             called = time.monotonic()
             given = inputs(number) if inputs else {}
-            start = run_start(tenant=self.tenant, workflow=workflow, input=given, actor=ACTOR)
+            tenant = tenants[number % len(tenants)] if tenants else self.tenant
+            start = run_start(tenant=tenant, workflow=workflow, input=given, actor=ACTOR)
             self.start_seconds.append(time.monotonic() - called)
             ids.append(start.run.id)
         return ids
@@ -647,6 +651,123 @@ class Bench:
         if unexpected:
             self.problem(f"ingest answered {unexpected} (only 200, 201 and documented 429s expected)")
 
+    def push_latency(
+        self, workers: int, socket_counts: Sequence[int], burst_steps: int, seconds: float, rate: float
+    ) -> dict[str, Any]:
+        """Consoles watching live pushes (bench/push_clients.py): real websockets to a web
+        process (``manage.py serve``, DEBUG off), each a different operator's login session,
+        over 3 tenants in turn; the third tenant runs nothing. For each count of sockets, five-
+        step runs started at ``rate`` runs/s for ``seconds`` in the other two tenants; then a
+        burst: ``burst_steps`` steps (five-step runs started at once) in the first tenant only,
+        drained as fast as the workers go, once before any socket is open and once with them
+        all. Latency: a frame off the socket minus the ``committed_at`` the writer put in the
+        push right after its commit, over every (event, socket) delivered."""
+        self.need(60, "push latency")
+        self.prepare()
+        tenants = [self.tenant, *(bench_tenant(f"{self.tenant.slug}-{n}") for n in (2, 3))]
+        busy, burst_tenant = tenants[:2], tenants[0]
+        sessions = live_push.console_sessions(tenants, max(socket_counts))
+        port = free_port()
+        # This process's SECRET_KEY: the sessions made here must be valid there.
+        env = {**self.env, "DEBUG": "0", "USE_X_FORWARDED_PROTO": "1"}
+        figures: dict[str, Any] = {}
+        try:
+            with self.runwarden(workers) as processes:
+                processes.add(start_web_process(self.workdir, env, port))
+                base = f"http://127.0.0.1:{port}"
+                if not wait_for_http(base + "/healthz", timeout=self.budget(30)):
+                    raise PhaseSkipped(f"the web process did not answer (logs in {self.workdir})")
+                self.warm_up(processes)
+                quiet = self._push_burst(None, burst_tenant, burst_steps, processes)
+                with PushClients(base, sessions) as clients:
+                    for count in socket_counts:
+                        opened = clients.connect(count)
+                        if opened["open"] < count:
+                            self.problem(
+                                f"push: {opened['open']} of {count} sockets opened: {opened['failed'][:3]}"
+                            )
+                        ids_before = live_push.last_event_id()
+                        ids = self.start_runs("bench.five", max(2, round(rate * seconds)), rate, tenants=busy)
+                        waited = self.wait_runs(ids, timeout=self.budget(60), processes=processes)
+                        self.check_runs(f"push, {count} sockets", waited, ids)
+                        figures[f"sockets_{count}"] = self._push_window(
+                            clients, ids_before, f"{count} sockets"
+                        )
+                    burst = self._push_burst(clients, burst_tenant, burst_steps, processes)
+                figures["burst"] = {
+                    **burst,
+                    "steps_per_s_without_sockets": quiet["steps_per_s"],
+                    "cpu_without_sockets": quiet["cpu"],
+                }
+        finally:
+            for tenant in tenants[1:]:  # the extra tenants' runs end here (prepare cleans the bench's)
+                for run in Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES):
+                    services.run_cancel(run=run, actor=ACTOR, reason="bench: cleaned up after a phase")
+        return {**figures, "tenants": len(tenants), "rate_runs_per_s": rate, "seconds": seconds}
+
+    def _push_window(self, clients: PushClients, after_id: int, label: str) -> dict[str, Any]:
+        """Once every socket has what its tenant committed after ``after_id`` (or 10 s passed):
+        the latencies of those events, and the isolation check."""
+        upto_id = live_push.last_event_id()
+        expected = live_push.events_by_tenant(after_id, upto_id)
+        until = time.monotonic() + self.budget(10)
+        report = clients.report(after_id, upto_id)
+        while not live_push.all_delivered(report, expected) and time.monotonic() < until:
+            time.sleep(0.25)
+            report = clients.report(after_id, upto_id)
+        check = live_push.delivery_check(report, expected)
+        if check["foreign"] or check["quiet_sockets_received"]:
+            self.problem(
+                f"push, {label}: sockets received {check['foreign']} pushes of another tenant, and the "
+                f"{check['quiet_sockets']} sockets of tenants that committed nothing "
+                f"{check['quiet_sockets_received']}"
+            )
+        if check["missed"] or check["closed"]:
+            self.note(
+                f"push, {label}: {check['missed']} pushes never arrived, {check['closed']} sockets closed"
+            )
+        return {
+            "p50": report["p50"],
+            "p99": report["p99"],
+            "max": report["max"],
+            "deliveries": report["deliveries"],
+            "events": sum(expected.values()),
+            "sockets": len(report["sockets"]),
+            **check,
+        }
+
+    def _push_burst(
+        self, clients: PushClients | None, tenant: Tenant, steps: int, processes: ProcessSet
+    ) -> dict[str, Any]:
+        """``steps`` steps of five-step runs started at once in ``tenant``; how fast the workers
+        drained them, and (with ``clients``) what the sockets got of it."""
+        after_id = live_push.last_event_id()
+        # CPU by kind of process: on this machine the sockets' work shares the cores with the workers.
+        pgids = {p.popen.pid: "web" if p.name == "web" else p.kind for p in processes.procs}
+        if clients is not None:
+            pgids[clients.process.pid] = "socket clients"
+        cpu0 = cpu_snapshot(pgids, self.monitor.backend_pids())
+        ids = self.start_runs("bench.five", max(1, steps // 5), tenants=[tenant])
+        waited = self.wait_runs(ids, timeout=self.budget(90), processes=processes)
+        cpu = cpu_usage(cpu0, cpu_snapshot(pgids, self.monitor.backend_pids()))
+        self.check_runs("push burst", waited, ids)
+        span = Step.objects.filter(run_id__in=ids).aggregate(
+            first=Min("started_at"), last=Max("finished_at"), n=Count("id")
+        )
+        drained = (span["last"] - span["first"]).total_seconds() if span["first"] and span["last"] else None
+        rate = {
+            "steps": span["n"],
+            "steps_per_s": round(span["n"] / drained, 1) if drained else None,
+            # A step records one event as it ends (the last one of its run: run_succeeded).
+            "step_events": Event.objects.filter(
+                subject__in=[f"run:{run_id}" for run_id in ids], verb__in=["step_succeeded", "run_succeeded"]
+            ).count(),
+            "cpu": cpu,
+        }
+        if clients is None:
+            return rate
+        return {**self._push_window(clients, after_id, "burst"), **rate}
+
     def agent_io(self, workers: int, slots: int, runs: int) -> dict[str, Any]:
         """``runs`` one-step runs whose step awaits a 1 s stand-in for a model call, on
         ``workers`` threads-pool step workers with ``slots`` slots in all: how close to the ideal
@@ -953,7 +1074,27 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             "",
         ),
         ("start_by_depth", _depth_text(r.get("start_by_depth") or {}), "flat from 10 to 100,000"),
+        ("push_latency_ms", _push_text(r.get("push_latency_ms") or {}), GOALS["push_latency_ms"]),
     ]
+
+
+def _push_text(push: dict[str, Any]) -> str:
+    """Commit → delivered per socket count and in the burst, and the isolation check."""
+    if not push:
+        return "n/a"
+    windows = [key for key in push if key.startswith("sockets_")] + ["burst"]
+    parts = [
+        f"{key.replace('_', ' ')}: {_percentiles(push[key])} ({push[key].get('deliveries')} deliveries)"
+        for key in windows
+        if push.get(key)
+    ]
+    burst = push.get("burst") or {}
+    foreign = sum((push.get(key) or {}).get("foreign", 0) for key in windows)
+    return (
+        f"{'; '.join(parts)}; workers {_fmt(burst.get('steps_per_s'))} steps/s in the burst "
+        f"({_fmt(burst.get('steps_per_s_without_sockets'))} with no socket open); "
+        f"pushes of another tenant received: {foreign}"
+    )
 
 
 def _api_text(api: dict[str, Any]) -> str:
@@ -1248,6 +1389,28 @@ class Command(BaseCommand):
         parser.add_argument(
             "--agent-workers", type=int, default=2, help="agent_io: threads-pool step workers"
         )
+        parser.add_argument(
+            "--push-sockets",
+            type=_counts,
+            default=[100, 500],
+            help="push_latency: websockets open at each measurement (comma-separated)",
+        )
+        parser.add_argument(
+            "--push-burst-steps", type=int, default=1000, help="push_latency: steps of the burst"
+        )
+        parser.add_argument(
+            "--push-seconds", type=float, default=4.0, help="push_latency: seconds of runs per socket count"
+        )
+        parser.add_argument(
+            "--push-rate", type=float, default=10.0, help="push_latency: five-step runs/s started meanwhile"
+        )
+        parser.add_argument("--push-workers", type=int, default=2, help="push_latency: step workers")
+        parser.add_argument(
+            "--only",
+            type=_phase_names,
+            default=[],
+            help=f"run only these phases (comma-separated): {', '.join(PHASES)}",
+        )
         parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole bench")
         parser.add_argument(
             "--max-window", type=float, default=90.0, help="seconds a throughput measurement may last"
@@ -1336,6 +1499,12 @@ class Command(BaseCommand):
                     "agent_workers",
                     "keyed_runs",
                     "depth_runs",
+                    "push_sockets",
+                    "push_burst_steps",
+                    "push_seconds",
+                    "push_rate",
+                    "push_workers",
+                    "only",
                     "budget",
                     "max_window",
                 )
@@ -1373,10 +1542,11 @@ class Command(BaseCommand):
 
         pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
         ratio_pairs: list[float] = []
+        only = set(options["only"])
         try:
             # The headline ratio: raw Celery and Runwarden in turn, several times, and the pair
             # of the median ratio kept, since this machine's speed drifts from minute to minute.
-            for _ in range(max(options["pairs"], 1)):
+            for _ in range(max(options["pairs"], 1) if not only or "ratio" in only else 0):
                 raw.pop(workers, None)
                 ours.pop(workers, None)
                 measure_pair(workers)
@@ -1386,46 +1556,72 @@ class Command(BaseCommand):
             if pairs:
                 median = sorted(pairs, key=lambda pair: pair[1]["runs_per_s"] / pair[0]["tasks_per_s"])
                 raw[workers], ours[workers] = median[len(pairs) // 2]
-            phases["five_step"] = phase(
-                f"Runwarden, {workers} step worker(s), {options['five_runs']} five-step runs",
-                lambda: bench.pipeline("bench.five", 5, options["five_runs"], workers),
-            )
             throughput = (ours.get(workers) or {}).get("runs_per_s") or 10.0
-            phases["dispatch_latency"] = phase(
-                f"dispatch latency at {throughput / 2:.1f} runs/s for {options['latency_seconds']:.0f} s",
-                lambda: bench.dispatch_latency(workers, throughput / 2, options["latency_seconds"]),
-            )
-            phases["approvals"] = phase(
-                f"approve to resume in process, {options['approvals']} approvals",
-                lambda: bench.approvals(workers, options["approvals"]),
-            )
-            phases["real_path"] = phase(
-                f"the API over HTTP: latency, {options['approvals']} approvals with an effect, "
-                f"ingest of {options['ingest_runs']} runs from {options['ingest_clients']} clients",
-                lambda: bench.real_path(
-                    workers, options["approvals"], options["ingest_runs"], options["ingest_clients"]
+            push_sockets = options["push_sockets"]
+            measured: list[tuple[str, str, Callable[[], Any]]] = [
+                (
+                    "five_step",
+                    f"Runwarden, {workers} step worker(s), {options['five_runs']} five-step runs",
+                    lambda: bench.pipeline("bench.five", 5, options["five_runs"], workers),
                 ),
-            )
-            phases["agent_io"] = phase(
-                f"agent_io: {options['agent_runs']} runs awaiting 1 s, {options['agent_slots']} slots "
-                f"on {options['agent_workers']} threads-pool worker(s)",
-                lambda: bench.agent_io(
-                    options["agent_workers"], options["agent_slots"], options["agent_runs"]
+                (
+                    "dispatch_latency",
+                    f"dispatch latency at {throughput / 2:.1f} runs/s for {options['latency_seconds']:.0f} s",
+                    lambda: bench.dispatch_latency(workers, throughput / 2, options["latency_seconds"]),
                 ),
-            )
-            phases["keyed"] = phase(
-                f"keyed: {options['keyed_runs']} runs over 10 keys, 50 ms under the key's lock, 20 slots",
-                lambda: bench.keyed(options["agent_workers"], 20, options["keyed_runs"], 10),
-            )
-            phases["start_by_depth"] = phase(
-                "start cost with 10 and 100,000 unfinished runs queued",
-                lambda: bench.start_by_depth([10, options["depth_runs"]]),
-            )
-            phases["backlog"] = phase(
-                f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
-                lambda: bench.backlog(workers, options["backlog_factor"]),
-            )
-            for n in scaling:
+                (
+                    "approvals",
+                    f"approve to resume in process, {options['approvals']} approvals",
+                    lambda: bench.approvals(workers, options["approvals"]),
+                ),
+                (
+                    "real_path",
+                    f"the API over HTTP: latency, {options['approvals']} approvals with an effect, "
+                    f"ingest of {options['ingest_runs']} runs from {options['ingest_clients']} clients",
+                    lambda: bench.real_path(
+                        workers, options["approvals"], options["ingest_runs"], options["ingest_clients"]
+                    ),
+                ),
+                (
+                    "push_latency",
+                    f"live pushes to {', '.join(map(str, push_sockets))} websockets over 3 tenants, "
+                    f"then a burst of {options['push_burst_steps']} steps",
+                    lambda: bench.push_latency(
+                        options["push_workers"],
+                        push_sockets,
+                        options["push_burst_steps"],
+                        options["push_seconds"],
+                        options["push_rate"],
+                    ),
+                ),
+                (
+                    "agent_io",
+                    f"agent_io: {options['agent_runs']} runs awaiting 1 s, {options['agent_slots']} slots "
+                    f"on {options['agent_workers']} threads-pool worker(s)",
+                    lambda: bench.agent_io(
+                        options["agent_workers"], options["agent_slots"], options["agent_runs"]
+                    ),
+                ),
+                (
+                    "keyed",
+                    f"keyed: {options['keyed_runs']} runs over 10 keys, 50 ms under the key's lock, 20 slots",
+                    lambda: bench.keyed(options["agent_workers"], 20, options["keyed_runs"], 10),
+                ),
+                (
+                    "start_by_depth",
+                    "start cost with 10 and 100,000 unfinished runs queued",
+                    lambda: bench.start_by_depth([10, options["depth_runs"]]),
+                ),
+                (
+                    "backlog",
+                    f"backlog, {options['backlog_factor']} x {workers} slot(s) at once",
+                    lambda: bench.backlog(workers, options["backlog_factor"]),
+                ),
+            ]
+            for name, label, run in measured:
+                if not only or name in only:
+                    phases[name] = phase(label, run)
+            for n in scaling if not only or "scaling" in only else []:
                 if n != workers:
                     measure_pair(n)
         finally:
@@ -1458,6 +1654,7 @@ class Command(BaseCommand):
             start_ms=(phases.get("agent_io") or {}).get("start_ms"),
             key_handoff_ms=(phases.get("keyed") or {}).get("key_handoff_ms"),
             start_by_depth=phases.get("start_by_depth"),
+            push_latency_ms=phases.get("push_latency"),
             scaling={
                 "runs_per_s": {str(n): v["runs_per_s"] for n, v in sorted(ours.items())},
                 "celery_tasks_per_s": {str(n): v["tasks_per_s"] for n, v in sorted(raw.items())},
@@ -1490,6 +1687,36 @@ class Command(BaseCommand):
         return results
 
 
+PHASES = (
+    "ratio",
+    "five_step",
+    "dispatch_latency",
+    "approvals",
+    "real_path",
+    "push_latency",
+    "agent_io",
+    "keyed",
+    "start_by_depth",
+    "backlog",
+    "scaling",
+)
+
+
+def _counts(text: str) -> list[int]:
+    counts = sorted({int(n) for n in text.split(",") if n.strip()})
+    if not counts or counts[0] < 1:
+        raise ValueError(text)
+    return counts
+
+
+def _phase_names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = set(names) - set(PHASES)
+    if unknown:
+        raise CommandError(f"unknown phase(s) {', '.join(sorted(unknown))}; known: {', '.join(PHASES)}")
+    return names
+
+
 def _further(one: dict[str, Any], five: dict[str, Any], key: str) -> float | None:
     if not one.get(key) or not five.get(key):
         return None
@@ -1514,4 +1741,6 @@ def _brief(value: Any) -> str:
         "drain_s",
         "seconds",
     )
+    if "burst" in value:  # push_latency
+        return _push_text(value)
     return ", ".join(f"{k}={value[k]}" for k in keys if k in value)
