@@ -113,10 +113,7 @@ def approval_decide(
             )
         if won != 1:
             return None
-        # With what the answer shows (approvals.selectors.approval_detail): no query each.
-        decided = ApprovalRequest.objects.select_related(
-            "step__run", "artifact_version", "artifact", "tenant"
-        ).get(pk=request.pk)
+        decided = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(pk=request.pk)
         # What the answer shows of them is in hand: no query each.
         decided.run, decided.decided_by = decided.step.run, user
         _after_decision(decided, user.get_username(), decision, comment)
