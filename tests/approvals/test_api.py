@@ -20,7 +20,7 @@ from tests.approvals.helpers import pending_request, waiting_followup
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client, make_member
 from tests.runs.cluster import Cluster, wait_for
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -174,10 +174,9 @@ def test_thirty_two_operators_approving_at_once_over_http_make_exactly_one_winne
 ) -> None:
     operators = [make_member(f"op{i}", sandbox_acme, Role.OPERATOR) for i in range(32)]
     tokens = [core_services.api_token_issue(user=user) for user in operators]
-    db = settings.DATABASES["default"]
     env = base_env(
         DEBUG="1",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_URL=settings.REDIS_URL,
     )
     cluster = Cluster(tmp_path)

@@ -19,7 +19,7 @@ from django.conf import settings
 from approvals.models import ApprovalRequest, ConflictArtifact
 from runs.models import Run, RunStatus
 from tests.runs.cluster import Cluster, wait_for
-from tests.servers import ROOT, base_env, console_server, manage
+from tests.servers import ROOT, base_env, console_server, database_url, manage
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 EXAMPLES_PER_OPERATION = 20
@@ -43,10 +43,9 @@ def _api(url: str, token: str, method: str = "GET", body: Any = None) -> tuple[i
 def test_the_fuzzer_finds_no_server_error_and_a_normal_run_finishes_afterwards(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    db = settings.DATABASES["default"]
     env = base_env(
         DEBUG="1",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_URL=settings.REDIS_URL,
         DEMO_PASSWORD="runwarden",
     )

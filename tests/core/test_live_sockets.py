@@ -17,7 +17,7 @@ from runs.models import Run, RunStatus
 from runs.services import run_start
 from tests.dialects import REAL_WORKERS
 from tests.runs.cluster import Cluster, finished, wait_for
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 SOCKETS = 20
 
@@ -54,10 +54,9 @@ def _run_and_check_pushes(clients: PushClients, tenant: Tenant, other: Tenant, c
 def test_every_console_of_the_runs_tenant_gets_its_events_and_no_other_tenants_console_gets_any(
     acme: Tenant, globex: Tenant, cluster: Cluster, tmp_path: Path
 ) -> None:
-    db = settings.DATABASES["default"]
     env = base_env(
         DEBUG="1",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_URL=settings.REDIS_URL,
     )
     cluster.worker("w1")

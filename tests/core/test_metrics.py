@@ -19,7 +19,7 @@ from core.models import Tenant
 from runs.definitions import LANES
 from runs.services import run_start
 from tests.conftest import make_tenant
-from tests.servers import base_env, console_server, manage
+from tests.servers import base_env, console_server, database_url, manage
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 # Labelled metrics whose label values nobody knows before the first observation: an effect's
@@ -125,11 +125,10 @@ def test_every_documented_metric_is_on_metrics_from_a_fresh_start(
         manage("seed_demo", env=env)
     else:
         make_tenant("acme", "Acme Corp")
-        db = settings.DATABASES["default"]
         (tmp_path / "prometheus").mkdir()
         env = base_env(
             DEBUG="1",
-            DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            DATABASE_URL=database_url(),
             REDIS_URL=settings.REDIS_URL,
             PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prometheus"),
         )

@@ -17,7 +17,7 @@ from core.models import Tenant
 from runs.models import Run, RunStatus
 from runs.services import run_start
 from tests.runs.cluster import Cluster, wait_for
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 
 def _metrics(url: str) -> str:
@@ -37,10 +37,9 @@ def test_a_workers_counters_appear_on_the_webs_metrics(
     shared = tmp_path / "prometheus"
     shared.mkdir()
     cluster = Cluster(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(shared))
-    db = settings.DATABASES["default"]
     web_env = base_env(
         DEBUG="1",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_URL=settings.REDIS_URL,
         PROMETHEUS_MULTIPROC_DIR=str(shared),
     )

@@ -15,7 +15,7 @@ from core.celery import app as celery_app
 from core.models import Notification, OutboxMessage, OutboxStatus, Tenant
 from tests.concurrency import run_concurrently
 from tests.runs.cluster import wait_for
-from tests.servers import ROOT, base_env
+from tests.servers import ROOT, base_env, database_url
 
 
 class Boom(Exception):
@@ -100,8 +100,7 @@ os._exit(9)  # dies after delivering, before recording that it did
 def test_a_drainer_crash_mid_way_never_records_a_notification_twice(acme: Tenant) -> None:
     with transaction.atomic():
         outbox.outbox_enqueue(tenant_id=acme.pk, key="crash:1", kind="step_done", payload={})
-    db = settings.DATABASES["default"]
-    env = base_env(DEBUG="1", DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}")
+    env = base_env(DEBUG="1", DATABASE_URL=database_url())
     crashed = subprocess.run(
         [sys.executable, "-c", CRASHING_DRAINER], cwd=ROOT, env=env, capture_output=True, timeout=60
     )

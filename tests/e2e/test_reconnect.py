@@ -10,14 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from playwright.sync_api import Page, expect
 
 from tests.e2e.conftest import login
 from tests.e2e.helpers import elsewhere
 from tests.e2e.test_runs_pages import start
 from tests.runs.test_faults import private_redis
-from tests.servers import base_env, console_server, manage
+from tests.servers import base_env, console_server, database_url, manage
 
 
 def _ready(url: str) -> int:
@@ -31,10 +30,9 @@ def _ready(url: str) -> int:
 @pytest.fixture
 def console_on_private_redis(transactional_db: None, tmp_path: Path) -> Iterator[tuple[str, object]]:
     with private_redis() as (redis_url, set_running):
-        db = settings.DATABASES["default"]
         env = base_env(
             DEBUG="1",
-            DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            DATABASE_URL=database_url(),
             REDIS_URL=redis_url,
             DEMO_PASSWORD="runwarden",
         )

@@ -17,18 +17,17 @@ from core import services
 from core.models import Role, Tenant, User
 from demo.sandbox import seed_sandbox
 from tests.conftest import make_member, make_tenant
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 
 @pytest.fixture(scope="module")
 def served_api(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Two real web processes on the test database, as in production (DEBUG off)."""
-    db = settings.DATABASES["default"]
     env = base_env(
         DEBUG="0",
         SECRET_KEY="race-suite-only-not-a-secret-0123456789abcdef",
         SECURE_SSL_REDIRECT="0",
-        DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_URL=settings.REDIS_URL,
         RUNWARDEN_WORKFLOW_MODULES="tests.runs.workflows_for_tests",
     )

@@ -18,7 +18,7 @@ from django.conf import settings
 from core.models import Tenant
 from runs.models import Run, RunStatus
 from runs.services import run_start
-from tests.servers import ROOT, base_env, free_port
+from tests.servers import ROOT, base_env, database_url, free_port
 
 QUEUES = ["celery", "read", "draft", "external", "high_risk", "maintenance"]
 # Also forget worker pools announced by an earlier test's (killed) workers, and wake-ups.
@@ -127,11 +127,10 @@ class Cluster:
     """Starts worker and beat processes; always stops them (by process group)."""
 
     def __init__(self, tmp_path: Path, *, redis_url: str | None = None, **env: str) -> None:
-        db = settings.DATABASES["default"]
         self.redis_url = redis_url or settings.REDIS_URL
         defaults = {
             "DEBUG": "1",
-            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "DATABASE_URL": database_url(),
             "REDIS_URL": self.redis_url,
             "RUNWARDEN_WORKFLOW_MODULES": "tests.runs.workflows_for_tests",
             "RUNWARDEN_DEFAULT_LEASE_SECONDS": "2",

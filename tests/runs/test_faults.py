@@ -28,7 +28,7 @@ from runs.invariants import check_invariants
 from runs.models import EffectStatus, Run, RunStatus, SideEffect
 from runs.services import run_start
 from tests.runs.cluster import Cluster, calls_per_key, crm_runs, finished, private_redis, wait_for
-from tests.servers import base_env, console_server
+from tests.servers import base_env, console_server, database_url
 
 REDIS_DOWN_SECONDS = float(os.environ.get("RUNWARDEN_FAULT_REDIS_DOWN_SECONDS", "30"))
 
@@ -73,10 +73,9 @@ def test_redis_down_mid_batch_is_reported_by_readyz_and_every_run_finishes_once_
 ) -> None:
     with private_redis() as (redis_url, set_running):
         cluster = Cluster(tmp_path, redis_url=redis_url, RUNWARDEN_SANDBOX_LATENCY_MS="150")
-        db = settings.DATABASES["default"]
         web_env = base_env(
             DEBUG="1",
-            DATABASE_URL=f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            DATABASE_URL=database_url(),
             REDIS_URL=redis_url,
         )
         try:

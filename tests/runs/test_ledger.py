@@ -20,7 +20,7 @@ from runs.ledger import (
 from runs.models import EffectStatus, Run, SideEffect
 from tests.concurrency import run_concurrently
 from tests.dialects import ON_SQLITE, RACING_THREADS
-from tests.servers import ROOT, base_env
+from tests.servers import ROOT, base_env, database_url
 
 pytestmark = pytest.mark.both_dialects
 
@@ -168,7 +168,7 @@ def test_a_crash_between_proposed_and_committed_leaves_an_ambiguous_record_not_a
         env.pop("REDIS_URL", None)
         env["SQLITE_PATH"] = str(db["NAME"])
     else:
-        env["DATABASE_URL"] = f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        env["DATABASE_URL"] = database_url()
     crashed = subprocess.run(
         [sys.executable, "-c", CRASH_SCRIPT], cwd=ROOT, env=env, capture_output=True, timeout=60
     )
