@@ -13,11 +13,20 @@ class Artifact(models.Model):
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="artifacts")
-    step = models.OneToOneField(Step, on_delete=models.CASCADE, related_name="artifact")
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="artifacts", db_index=False)
+    # "" for the draft a gated step is approved on; a governed tool call's key in its step
+    # (runs.ToolCall.key) for the call a human approves mid-step, with that call's policy.
+    call_key = models.CharField(max_length=200, blank=True, default="")
+    call_policy = models.JSONField(default=dict, blank=True)
     kind = models.CharField(max_length=50)
     latest_version = models.PositiveIntegerField(default=1)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["step", "call_key"], name="artifact_unique_per_step_call")
+        ]
 
     def __str__(self) -> str:
         return f"artifact {self.pk} v{self.latest_version}"

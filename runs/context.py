@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
@@ -13,8 +15,19 @@ from typing import Any, TypeVar
 
 from core import coordination, metrics, tracing
 from core.connections import BoundConnection, connection_for_run
-from core.leases import LeaseGrant, LockWait, StaleToken, leases_renew, locks_acquire, locks_try_acquire
-from runs.interrupts import LeaseLost, RunCancelled
+from core.leases import (
+    LeaseGrant,
+    LockWait,
+    StaleToken,
+    leases_release,
+    leases_renew,
+    locks_acquire,
+    locks_try_acquire,
+)
+from runs import tools
+from runs.definitions import ApprovalPolicy
+from runs.gates import GateVerdict
+from runs.interrupts import LeaseLost, Rejected, RunCancelled, StepParked
 from runs.ledger import (
     INTERRUPTIONS,
     EffectClaim,
@@ -28,22 +41,50 @@ from runs.ledger import (
     effect_traced,
     step_checkpoint,
 )
-from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step
+from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, ToolCallStatus
 
 T = TypeVar("T")
 
+# ``approval=`` of a governed call: always (True, or a policy), or when a predicate of its
+# request says so.
+CallApproval = bool | ApprovalPolicy | Callable[[dict[str, Any]], bool] | None
 
-@dataclass(frozen=True)
-class GateVerdict:
-    """What the approval gate (runs.gates) said of a gated step. ``approved``: run the body
-    with ``content`` (the approved artifact version's content). ``waiting``: park the step until
-    a decision resumes it. ``rejected``: fail the step."""
 
-    state: str  # approved | waiting | rejected
-    content: Any = None
-    reason: str = ""
-    approval_id: int | None = None
-    artifact_version_id: int | None = None
+def call_policy(
+    approval: CallApproval, request: dict[str, Any], policy: ApprovalPolicy | None
+) -> ApprovalPolicy | None:
+    """The approval policy this call's request needs, or None when it needs none."""
+    if approval is None or approval is False:
+        return None
+    if isinstance(approval, ApprovalPolicy):
+        return approval
+    if approval is True or approval(request):
+        return policy or ApprovalPolicy()
+    return None
+
+
+class _SlotWait:
+    """How long a call waits between looks for a slot under its tool's cap: full jitter,
+    doubling up to a quarter second (the step's own timeout bounds the wait)."""
+
+    def __init__(self) -> None:
+        self.delay = 0.005
+
+    def next_delay(self) -> float:
+        delay, self.delay = random.uniform(0, self.delay), min(self.delay * 2, 0.25)
+        return delay
+
+
+@dataclass
+class _Call:
+    """One governed call in progress: its record, what it holds, and how long it waited."""
+
+    record: Any  # runs.models.ToolCall
+    request: dict[str, Any]
+    guard: Callable[[], None] | None
+    held: list[LeaseGrant] = field(default_factory=list)
+    lock_wait_ms: float | None = None
+    cap_wait_ms: float | None = None
 
 
 @dataclass
@@ -78,6 +119,11 @@ class StepContext:
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
     _effect_running: bool = False
     _stop_deferred: bool = False
+    # Governed calls (``tool``): how many this attempt made, the slots and locks they hold now
+    # (renewed with the step's by its worker's heartbeat), and whether one parked the step.
+    _calls: int = 0
+    _call_grants: list[LeaseGrant] = field(default_factory=list)
+    parked: bool = False
 
     def stop_after_effect(self) -> bool:
         """The engine found the step's leases lost: True when an effect is mid-call, so the body
@@ -169,6 +215,35 @@ class StepContext:
         with self._grants_lock:
             self.lease, self.locks = grants[0], grants[1:]
 
+    def call_grants(self) -> list[LeaseGrant]:
+        """The slots and locks the governed calls in progress hold (renewed apart from the
+        step's own: a call ending between a renewal's read and its write loses nothing)."""
+        with self._grants_lock:
+            return list(self._call_grants)
+
+    def call_grants_renewed(self, grants: list[LeaseGrant] | None) -> None:
+        if grants is None:
+            return  # a call ended meanwhile and gave them back; the next beat renews the rest
+        with self._grants_lock:
+            renewed = {grant.id: grant for grant in grants}
+            self._call_grants = [renewed.get(grant.id, grant) for grant in self._call_grants]
+
+    def _hold(self, grants: list[LeaseGrant]) -> None:
+        with self._grants_lock:
+            self._call_grants.extend(grants)
+
+    def _let_go(self, grants: list[LeaseGrant]) -> None:
+        ids = {grant.id for grant in grants}
+        with self._grants_lock:
+            self._call_grants = [grant for grant in self._call_grants if grant.id not in ids]
+
+    def _next_call_key(self, key: str) -> str:
+        self._calls += 1
+        return key or str(self._calls)
+
+    def _held_keys(self) -> set[str]:
+        return {grant.key for grant in self.grants()} | {grant.key for grant in self.call_grants()}
+
     def heartbeat(self) -> None:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""
         coordination.run(self._heartbeat)
@@ -230,6 +305,181 @@ class StepContext:
             guard=self.approval_guard,
         )
         return outcome.result
+
+    def tool(
+        self,
+        name: str,
+        fn: Callable[[dict[str, Any]], Any],
+        *,
+        request: dict[str, Any] | None = None,
+        locks: tuple[str, ...] | list[str] = (),
+        approval: CallApproval = None,
+        approval_policy: ApprovalPolicy | None = None,
+        key: str = "",
+        external_ref: Callable[[Any], str] | None = None,
+        wait_timeout: float = 30.0,
+    ) -> Any:
+        """One governed tool call: ``fn(request)`` runs once, through the ledger, under the
+        tool's caps (platform and tenant ``tool`` caps count calls in flight) and holding the
+        entity ``locks`` for the length of the call. Its key (its place among the step's
+        calls, or ``key``) is stable: a retry or a re-run of the step gets the recorded result
+        back. ``approval`` (True, a policy, or a predicate of the request) parks the step until
+        a human decides on the proposed request; on approval the step runs again from its start
+        and this call sends the approved (possibly edited) request; on rejection it raises
+        ``Rejected``."""
+        self.heartbeat()
+        call = self._call_open(name, request, locks, approval, approval_policy, key)
+        if not isinstance(call, _Call):
+            return call.result  # answered from its record
+        try:
+            fresh = sorted(set(locks) - self._held_keys())
+            started = time.monotonic()
+            if fresh:
+                grants = locks_acquire(
+                    tenant_id=self.tenant_id,
+                    keys=fresh,
+                    holder=f"{self.run_id}:{self.step_key}",
+                    ttl=self.lease_seconds,
+                    metadata=self._call_metadata(call),
+                    wait_timeout=wait_timeout,
+                )
+                self._hold(grants)
+                call.held += grants
+                call.lock_wait_ms = (time.monotonic() - started) * 1000
+            caps = {} if name == self.step.tool else coordination.run(tools.tool_caps, self.tenant_id, name)
+            started, wait = time.monotonic(), _SlotWait()
+            while True:
+                slot = self._slot_try(call, caps)
+                if slot is not False:
+                    break
+                time.sleep(wait.next_delay())
+                self.heartbeat()
+            if caps:
+                call.cap_wait_ms = (time.monotonic() - started) * 1000
+            outcome = effect_execute(
+                run=self.run,
+                step=self.step,
+                kind=name,
+                fn=lambda: fn(call.request),
+                request=call.request,
+                idempotency_key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
+                lease=self.lease,
+                external_ref=external_ref,
+                guard=call.guard,
+            )
+        except Exception as exc:
+            self._call_ended(call, ToolCallStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+            raise
+        except BaseException:
+            self._call_interrupted(call)
+            raise
+        self._call_ended(call, ToolCallStatus.SUCCEEDED)
+        return outcome.result
+
+    def _call_open(
+        self,
+        name: str,
+        request: dict[str, Any] | None,
+        locks: tuple[str, ...] | list[str],
+        approval: CallApproval,
+        approval_policy: ApprovalPolicy | None,
+        key: str,
+    ) -> _Call | tools.Recorded:
+        """The call recorded (or answered from its record), its approval asked where its policy
+        wants one: parks the step (StepParked) or raises Rejected."""
+        request = dict(request or {})
+        opened = coordination.run(
+            tools.call_open,
+            run=self.run,
+            step=self.step,
+            call_key=self._next_call_key(key),
+            tool=name,
+            request=request,
+            lock_keys=sorted(set(locks)),
+        )
+        if isinstance(opened, tools.Recorded):
+            return opened
+        policy = call_policy(approval, request, approval_policy)
+        if policy is None:
+            return _Call(opened, request, guard=self.approval_guard)
+        verdict = coordination.run(
+            tools.call_approval,
+            run=self.run,
+            step=self.step,
+            lease=self.lease,
+            grants=[*self.grants(), *self.call_grants()],
+            call=opened,
+            request=request,
+            policy=policy,
+        )
+        return self._call_verdict(opened, name, verdict)
+
+    def _call_verdict(self, record: Any, name: str, verdict: GateVerdict) -> _Call:
+        if verdict.state == "waiting":
+            self.parked = True
+            raise StepParked(f"the {name} call waits for approval {verdict.approval_id}")
+        if verdict.state == "rejected":
+            raise Rejected(name, verdict.reason, verdict.approval_id)
+        call_guard = tools.call_guard(self.step, record.key, verdict)
+        step_guard = self.approval_guard  # a gated step's calls act only while its approval holds
+
+        def guard() -> None:
+            if step_guard is not None:
+                step_guard()
+            call_guard()
+
+        return _Call(record, verdict.content, guard=guard)
+
+    def _call_metadata(self, call: _Call) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "step_id": self.step.pk,
+            "step_key": self.step_key,
+            "call": call.record.key,
+        }
+
+    def _slot_try(self, call: _Call, caps: dict[str, int]) -> LeaseGrant | None | bool:
+        """A slot under ``caps`` (None: uncapped, the call just runs), or False: wait."""
+        if not caps:
+            coordination.run(tools.call_running, call.record, None)
+            return None
+        slot = coordination.run(
+            tools.slot_try_take,
+            call=call.record,
+            caps=caps,
+            holder=f"{self.run_id}:{self.step_key}",
+            ttl=self.lease_seconds,
+        )
+        if slot is None:
+            return False
+        self._hold([slot])
+        call.held.append(slot)
+        return slot
+
+    def _call_ended(self, call: _Call, status: str, error: str = "") -> None:
+        try:
+            coordination.run(
+                tools.call_finish,
+                call.record,
+                status,
+                idempotency_key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
+                error=error,
+                release=call.held,
+                lock_wait_ms=call.lock_wait_ms,
+                cap_wait_ms=call.cap_wait_ms,
+            )
+        finally:
+            self._let_go(call.held)
+
+    def _call_interrupted(self, call: _Call) -> None:
+        """Stopped from outside (a timeout, a lost lease, a cancel): give back what the call
+        holds if the database lets us now; else its leases run out on their own."""
+        try:
+            coordination.run(leases_release, call.held)
+        except Exception:  # noqa: BLE001 — the stop goes on; the leases expire
+            pass
+        finally:
+            self._let_go(call.held)
 
     def checkpoint(self, data: Any) -> None:
         self.heartbeat()
@@ -347,6 +597,75 @@ class AsyncStepContext:
         with self.sync._grants_lock:
             self.sync.locks.extend(grants)
 
+    async def tool(
+        self,
+        name: str,
+        fn: Callable[[dict[str, Any]], Any],
+        *,
+        request: dict[str, Any] | None = None,
+        locks: tuple[str, ...] | list[str] = (),
+        approval: CallApproval = None,
+        approval_policy: ApprovalPolicy | None = None,
+        key: str = "",
+        external_ref: Callable[[Any], str] | None = None,
+        wait_timeout: float = 30.0,
+    ) -> Any:
+        """``StepContext.tool``, awaitable: ``fn(request)`` may return a value or an awaitable;
+        the waits for locks and for a slot under the tool's cap are awaits, not a held thread."""
+        await self.heartbeat()
+        sync = self.sync
+        call = await self._coordinate(sync._call_open, name, request, locks, approval, approval_policy, key)
+        if not isinstance(call, _Call):
+            return call.result
+        try:
+            fresh = sorted(set(locks) - sync._held_keys())
+            started = time.monotonic()
+            if fresh:
+                lock_wait = LockWait(fresh, wait_timeout)
+                while (
+                    grants := await self._coordinate(
+                        locks_try_acquire,
+                        tenant_id=self.tenant_id,
+                        keys=fresh,
+                        holder=f"{self.run_id}:{self.step_key}",
+                        ttl=sync.lease_seconds,
+                        metadata=sync._call_metadata(call),
+                    )
+                ) is None:
+                    await asyncio.sleep(lock_wait.next_delay())
+                sync._hold(grants)
+                call.held += grants
+                call.lock_wait_ms = (time.monotonic() - started) * 1000
+            caps = (
+                {}
+                if name == self.step.tool
+                else await self._coordinate(tools.tool_caps, self.tenant_id, name)
+            )
+            started, wait = time.monotonic(), _SlotWait()
+            while await self._coordinate(sync._slot_try, call, caps) is False:
+                await asyncio.sleep(wait.next_delay())
+                await self.heartbeat()
+            if caps:
+                call.cap_wait_ms = (time.monotonic() - started) * 1000
+            result = await self.effect(
+                name,
+                lambda: fn(call.request),
+                request=call.request,
+                key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
+                external_ref=external_ref,
+                guard=call.guard,
+            )
+        except Exception as exc:
+            await self._coordinate(
+                sync._call_ended, call, ToolCallStatus.FAILED, f"{type(exc).__name__}: {exc}"
+            )
+            raise
+        except BaseException:
+            await asyncio.shield(self._coordinate(sync._call_interrupted, call))
+            raise
+        await self._coordinate(sync._call_ended, call, ToolCallStatus.SUCCEEDED)
+        return result
+
     async def checkpoint(self, data: Any) -> None:
         await self._coordinate(self.sync.checkpoint, data)
 
@@ -358,8 +677,10 @@ class AsyncStepContext:
         request: dict[str, Any] | None = None,
         key: str = "",
         external_ref: Callable[[Any], str] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> Any:
         """Run a side effect through the ledger; a retry gets the recorded result back.
+        (``guard``: for a governed call, its approval's check instead of the step's.)
 
         A cancel never leaves the ledger guessing about what it knows: a claim or a record in
         progress finishes first; a claim whose call never started is recorded as not sent
@@ -370,7 +691,14 @@ class AsyncStepContext:
         with self.sync._stop_lock:
             self.sync._effect_running = True
         try:
-            outcome = await self._effect(kind, fn, request=request, key=key, external_ref=external_ref)
+            outcome = await self._effect(
+                kind,
+                fn,
+                request=request,
+                key=key,
+                external_ref=external_ref,
+                guard=guard or self.sync.approval_guard,
+            )
         finally:
             with self.sync._stop_lock:
                 self.sync._effect_running = False
@@ -387,6 +715,7 @@ class AsyncStepContext:
         request: dict[str, Any] | None,
         key: str,
         external_ref: Callable[[Any], str] | None,
+        guard: Callable[[], None] | None,
     ) -> Any:
         with effect_span(kind) as span:
             claiming = asyncio.ensure_future(
@@ -399,7 +728,7 @@ class AsyncStepContext:
                     idempotency_key=key,
                     lease=self.sync.lease,
                     external_ref=external_ref,
-                    guard=self.sync.approval_guard,
+                    guard=guard,
                 )
             )
             try:

@@ -41,27 +41,24 @@ import json
 import operator
 import random
 import string
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeAlias
 
 import pydantic
 
 from core.validation import dotted_path, unstorable_values
-from runs.context import AsyncStepContext, StepContext
 
 LANES = ("read", "draft", "external", "high_risk")
 LOCK_POLICIES = ("wait", "skip", "cancel_newest", "cancel_in_progress")
 OVERFLOW_POLICIES = ("queue", "reject", "cancel_oldest_waiting")
 
-# A step body: a plain function of a StepContext, or an ``async def`` of an AsyncStepContext.
-StepBody = Callable[[StepContext], Any] | Callable[[AsyncStepContext], Awaitable[Any]]
+# A step body: a plain function of a StepContext, or an ``async def`` of an AsyncStepContext
+# (runs.context, which builds on this module: named here, not imported).
+StepBody: TypeAlias = Callable[..., Any]
 # A compensation: given the step's context and its committed effects' results by kind.
-Compensation = (
-    Callable[[StepContext, dict[str, Any]], Any]
-    | Callable[[AsyncStepContext, dict[str, Any]], Awaitable[Any]]
-)
+Compensation: TypeAlias = Callable[..., Any]
 COMPENSATE_PREFIX = "compensate:"
 COMPENSATION_ATTEMPTS = 5
 
@@ -224,22 +221,22 @@ class EffectStillInFlight(RuntimeError):
     it): the compensation is retried later, and a reviewer decides if it never settles."""
 
 
-def _run_compensation(original: StepSpec, ctx: StepContext) -> Any:
+def _run_compensation(original: StepSpec, ctx: Any) -> Any:  # ctx: a StepContext
     assert original.compensate is not None
     _refuse_in_flight(original, ctx.in_flight_effects(original.key))
     results = ctx.committed_effects(original.key)
     if not results:
         return {"nothing_to_undo": True}
-    return original.compensate(ctx, results)  # type: ignore[arg-type]  # a plain compensation
+    return original.compensate(ctx, results)  # a plain compensation
 
 
-async def _run_compensation_async(original: StepSpec, ctx: AsyncStepContext) -> Any:
+async def _run_compensation_async(original: StepSpec, ctx: Any) -> Any:  # an AsyncStepContext
     assert original.compensate is not None
     _refuse_in_flight(original, await ctx.in_flight_effects(original.key))
     results = await ctx.committed_effects(original.key)
     if not results:
         return {"nothing_to_undo": True}
-    return await original.compensate(ctx, results)  # type: ignore[arg-type]  # an async one
+    return await original.compensate(ctx, results)  # an async one
 
 
 def _refuse_in_flight(original: StepSpec, in_flight: list[str]) -> None:

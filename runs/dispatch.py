@@ -58,7 +58,7 @@ from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
 from runs.locking import ready_steps_lock
-from runs.models import Step, StepStatus
+from runs.models import Step, StepStatus, ToolCallStatus
 from runs.queueing import enqueue_step
 from runs.services import run_cancel_by_id
 from runs.sessions import session_round
@@ -227,16 +227,26 @@ def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
         WHERE s.status IN ({rawsql.sql_strings(*transitions.ADMITTED)}) AND {live_lease_sql("l")}
         GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
         UNION ALL
+        SELECT t.tenant_id, '', '', t.tool, COUNT(*)
+        FROM runs_toolcall t
+        JOIN core_lease l ON l.id = t.lease_id AND l.token = t.lease_token
+        WHERE t.status = '{ToolCallStatus.RUNNING.value}' AND {live_lease_sql("l")}
+        GROUP BY t.tenant_id, t.tool
+        UNION ALL
         SELECT tenant_id, NULL, NULL, CAST(caps AS text), max_concurrent_steps FROM core_tenantquota
     """
     held: Counter[str] = Counter()
     lane_held: Counter[str] = Counter()
     quotas: list[tuple[int, int, Any]] = []
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, [_adapt(now)])
+        rawsql.execute_prepared(cursor, sql, [_adapt(now), _adapt(now)])
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))
+                continue
+            if workflow == "":  # governed calls running (runs.tools): they count on their tool only
+                held[f"tool:{tool}"] += n
+                held[f"tenant_tool:{tenant_id}:{tool}"] += n
                 continue
             scopes = ["global", f"tenant:{tenant_id}", f"workflow:{workflow}", f"lane:{lane}"]
             scopes += [f"tool:{tool}"] if tool else []

@@ -33,11 +33,12 @@ from core.leases import StaleToken, fenced_write, leases_renew
 from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
 from runs import gates, transitions
-from runs.context import AsyncStepContext, GateVerdict, StepContext
+from runs.context import AsyncStepContext, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import Admission, admission_shard_sql, admit_here, shard_headroom, worker_idle
+from runs.gates import GateVerdict
 from runs.heartbeat import Heartbeat
-from runs.interrupts import LeaseLost, RunCancelled, StepTimedOut
+from runs.interrupts import LeaseLost, RunCancelled, StepParked, StepTimedOut
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.locking import step_row_lock
 from runs.models import EffectStatus, SideEffect, Step, StepStatus
@@ -232,12 +233,14 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
     try:
         if inspect.iscoroutinefunction(spec.body):
             with Heartbeat(ctx, on_timeout=_time_out, on_lost=_stop_on_lost):
-                output = _run_async_body(ctx, spec.body)  # type: ignore[arg-type]  # an async body
+                output = _run_async_body(ctx, spec.body)  # an async body
         else:
             with Heartbeat(ctx, on_timeout=_time_out), _interruptible(ctx):
-                output = spec.body(ctx)  # type: ignore[arg-type]  # a plain body
+                output = spec.body(ctx)  # a plain body
     except StepTimedOut:
         return "timed-out"
+    except StepParked:
+        return "waiting_approval"  # a governed call parked it, holding nothing (runs.tools)
     except RunCancelled:
         return "cancelled"  # run_cancel already finished the step and revoked its leases
     except LeaseLost:
@@ -252,7 +255,7 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
             current={"effect": exc.effect.idempotency_key, "status": exc.effect.status},
         )
     except gates.ApprovalNoLongerValid as exc:
-        approval_id = ctx.approval.approval_id if ctx.approval else None
+        approval_id = exc.approval_id or (ctx.approval.approval_id if ctx.approval else None)
         return coordination.run(_finish_conflict, ctx, "stale_approval", str(exc), approval_id=approval_id)
     except gates.EntityChanged as exc:
         return coordination.run(
@@ -271,6 +274,8 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
         return coordination.run(_finish_failed, ctx, spec, detail, retryable=True)
     if ctx.timed_out.is_set():
         return "timed-out"
+    if ctx.parked:
+        return "waiting_approval"  # the body caught StepParked and returned: it ended there all the same
     refusal = json_unstorable_reason(output)
     if refusal:
         if inspect.iscoroutine(output):

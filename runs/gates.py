@@ -8,11 +8,24 @@ than running unapproved.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from runs.context import GateVerdict
-from runs.definitions import StepSpec
+from runs.definitions import ApprovalPolicy, StepSpec
 from runs.models import Run, Step
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What the approval gate (runs.gates) said of a gated step. ``approved``: run the body
+    with ``content`` (the approved artifact version's content). ``waiting``: park the step until
+    a decision resumes it. ``rejected``: fail the step."""
+
+    state: str  # approved | waiting | rejected
+    content: Any = None
+    reason: str = ""
+    approval_id: int | None = None
+    artifact_version_id: int | None = None
 
 
 class ApprovalGate(Protocol):
@@ -23,6 +36,26 @@ class ApprovalGate(Protocol):
     def guard_effect(self, *, step: Step, verdict: GateVerdict) -> None:
         """Called in the transaction that proposes the step's effect: raise if the approval is
         no longer valid (the artifact was edited since, or the approval was invalidated)."""
+        ...
+
+    def check_call(
+        self,
+        *,
+        run: Run,
+        step: Step,
+        call_key: str,
+        tool: str,
+        request: dict[str, Any],
+        policy: ApprovalPolicy,
+    ) -> GateVerdict:
+        """Called in the transaction that parks the step if need be (holding the run's anchor):
+        the verdict on one governed call's proposed ``request`` (``content``: the approved,
+        possibly edited, request)."""
+        ...
+
+    def guard_call(self, *, step: Step, call_key: str, verdict: GateVerdict) -> None:
+        """``guard_effect`` for an approved call: raise if its request was edited or its
+        approval invalidated since."""
         ...
 
     def withdraw(self, *, run_id: str, actor: str, reason: str) -> None:
@@ -59,6 +92,10 @@ def get_gate() -> ApprovalGate:
 class ApprovalNoLongerValid(Exception):
     """Raised by the gate's effect guard: the approval was invalidated or the artifact edited
     after it was approved. The effect does not happen; the step goes to ``conflict``."""
+
+    def __init__(self, message: str, approval_id: int | None = None) -> None:
+        super().__init__(message)
+        self.approval_id = approval_id
 
 
 class EntityChanged(Exception):

@@ -168,14 +168,22 @@ class _Watcher:
                 if rawsql.on_postgresql():
                     with connection.cursor() as cursor:
                         cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
-                renewed = leases_renew_many([(h.ctx.grants(), h.ctx.lease_seconds) for h in heartbeats])
+                # Each step's own leases, then (apart: a call ending meanwhile loses nothing)
+                # the slots and locks of its governed calls in progress.
+                calls = [(h, grants) for h in heartbeats if (grants := h.ctx.call_grants())]
+                renewed = leases_renew_many(
+                    [(h.ctx.grants(), h.ctx.lease_seconds) for h in heartbeats]
+                    + [(grants, h.ctx.lease_seconds) for h, grants in calls]
+                )
         except Exception:
             logger.warning(
                 "renewing the leases of %d steps failed; trying again", len(heartbeats), exc_info=True
             )
             return
-        for heartbeat, grants in zip(heartbeats, renewed, strict=True):
-            if not heartbeat.renewed(grants):
+        for (heartbeat, _), outcome in zip(calls, renewed[len(heartbeats) :], strict=True):
+            heartbeat.ctx.call_grants_renewed(outcome)
+        for heartbeat, outcome in zip(heartbeats, renewed, strict=False):
+            if not heartbeat.renewed(outcome):
                 self.unwatch(heartbeat)
 
 

@@ -265,3 +265,53 @@ class SideEffect(models.Model):
 
     def __str__(self) -> str:
         return self.idempotency_key
+
+
+class ToolCallStatus(models.TextChoices):
+    WAITING = "waiting"  # for its entity locks or a slot under its tool's cap
+    AWAITING_APPROVAL = "awaiting_approval"  # its step parked until a human decides
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class ToolCall(models.Model):
+    """One governed tool call made inside a step (``ctx.tool``): the run page's timeline of it,
+    and, while ``running`` with a live slot lease, one of the calls its tool's caps count. What
+    the call did is the ledger's (``effect``): a re-run of the step is answered from there."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="tool_calls", db_index=False)
+    step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="tool_calls", db_index=False)
+    key = models.CharField(max_length=200)  # its place in the step ("1", "2", ...) or the caller's key
+    tool = models.CharField(max_length=100)
+    status = models.CharField(max_length=20, choices=ToolCallStatus.choices, default=ToolCallStatus.WAITING)
+    request = models.JSONField(default=dict)
+    lock_keys = models.JSONField(default=list)
+    effect = models.ForeignKey(SideEffect, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    approval_id = models.BigIntegerField(null=True, blank=True)
+    # The slot under the tool's caps, a lease (so a dead worker's slot frees itself): held
+    # while running, unless the step itself was admitted under the same tool's cap.
+    lease_id = models.BigIntegerField(null=True, blank=True)
+    lease_token = models.BigIntegerField(null=True, blank=True)
+    lock_wait_ms = models.FloatField(null=True, blank=True)
+    cap_wait_ms = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    attempt = models.PositiveIntegerField(default=0)  # the step's attempt that made it last
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["step", "key"], name="tool_call_key_unique_in_step")]
+        indexes = [
+            models.Index(fields=["run", "id"], name="tool_call_run"),
+            models.Index(
+                fields=["tool", "tenant"], name="tool_call_running", condition=models.Q(status="running")
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step_id}:{self.key} {self.tool}"

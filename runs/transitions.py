@@ -477,11 +477,17 @@ def _compensation_next(step: Step, now: datetime) -> int | None:
     return following
 
 
-def step_park(*, step: Step, grants: Sequence[LeaseGrant], approval_id: int | None) -> None:
-    """A gated step without a valid approval waits, holding no lease, lock or capacity."""
+def step_park(
+    *, step: Step, grants: Sequence[LeaseGrant], approval_id: int | None, mid_step: bool = False
+) -> None:
+    """A gated step without a valid approval waits, holding no lease, lock or capacity.
+    ``mid_step``: a governed call inside its body asked for the approval; the attempt it
+    parked is not counted (the step runs again from its start once decided, not as a retry)."""
     now = timezone.now()
     Step.objects.filter(pk=step.pk, status=StepStatus.RUNNING).update(
-        status=StepStatus.WAITING_APPROVAL, updated_at=now
+        status=StepStatus.WAITING_APPROVAL,
+        updated_at=now,
+        **({"attempt": F("attempt") - 1} if mid_step else {}),
     )
     Run.objects.filter(pk=step.run_id, status__in=[RunStatus.PENDING, RunStatus.RUNNING]).update(
         status=RunStatus.WAITING_APPROVAL, updated_at=now

@@ -19,13 +19,13 @@ from approvals.models import (
     ConflictKind,
 )
 from approvals.services.conflicts import record_conflict
-from approvals.services.gate import new_version, open_request, spec_of
+from approvals.services.gate import artifact_policy, new_version, open_request
 from core import services as core_services
 from core.access import member_role_check
 from core.models import Role, User
 from core.transactions import transaction_retried_once
 from runs.locking import run_steps_lock
-from runs.models import StepStatus
+from runs.models import StepStatus, ToolCall, ToolCallStatus
 
 
 class EditConflict(Exception):
@@ -76,7 +76,11 @@ def _artifact_write(
     if as_member:
         member_role_check(user, artifact.tenant_id, [Role.OPERATOR], "editing this draft")
     locked = Artifact.objects.select_for_update(of=("self",)).select_related("step__run").get(pk=artifact.pk)
-    if locked.step.status in (StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.CANCELLED):
+    if locked.step.status in (
+        StepStatus.SUCCEEDED,
+        StepStatus.FAILED,
+        StepStatus.CANCELLED,
+    ) or _settled_elsewhere(locked):
         return EditConflict(locked, None)
     if locked.latest_version == expected_version:
         return _write_version(locked, user, expected_version, content)
@@ -92,17 +96,33 @@ def _artifact_write(
     return EditConflict(locked, lost)
 
 
+def _settled_elsewhere(artifact: Artifact) -> bool:
+    """Nothing left to edit: a governed call's request once the call ran, or any artifact of
+    a step whose attention is on another of its artifacts (one open request per step)."""
+    if artifact.call_key and (
+        ToolCall.objects.filter(step_id=artifact.step_id, key=artifact.call_key)
+        .exclude(status=ToolCallStatus.AWAITING_APPROVAL)
+        .exists()
+    ):
+        return True
+    return (
+        ApprovalRequest.objects.filter(step_id=artifact.step_id, status=ApprovalStatus.PENDING)
+        .exclude(artifact=artifact)
+        .exists()
+    )
+
+
 def _write_version(artifact: Artifact, user: User, based_on: int, content: Any) -> ArtifactVersion:
     version = new_version(artifact, content, author=user.get_username(), source="human", based_on=based_on)
     invalidated = list(
         ApprovalRequest.objects.filter(
-            step=artifact.step, status__in=[ApprovalStatus.PENDING, ApprovalStatus.APPROVED]
+            artifact=artifact, status__in=[ApprovalStatus.PENDING, ApprovalStatus.APPROVED]
         ).values_list("pk", flat=True)
     )
     ApprovalRequest.objects.filter(pk__in=invalidated).update(
         status=ApprovalStatus.INVALIDATED, version=F("version") + 1, updated_at=timezone.now()
     )
-    open_request(artifact.step, artifact, version, spec_of(artifact.step))
+    open_request(artifact.step, artifact, version, artifact_policy(artifact))
     core_services.event_record(
         tenant=artifact.tenant_id,
         subject=f"run:{artifact.run_id}",

@@ -22,7 +22,7 @@ from approvals.models import (
     ConflictKind,
 )
 from approvals.services.conflicts import settle_conflicts
-from approvals.services.gate import spec_of
+from approvals.services.gate import artifact_policy, spec_of
 from core import metrics, rawsql, tracing
 from core import services as core_services
 from core.access import member_role_check
@@ -56,8 +56,8 @@ def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -
 
 
 def _blocks_self_approval(user: User, request: ApprovalRequest) -> bool:
-    spec = spec_of(request.step, request.run)
-    if spec and spec.approval and spec.approval.allow_self_approval:
+    policy = artifact_policy(request.artifact)
+    if policy and policy.allow_self_approval:
         return False
     return user.get_username() in {request.run.actor, request.artifact_version.author}
 
@@ -169,6 +169,9 @@ def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment
         )
         if resumed and held_in_conflict:
             settle_conflicts(step, ConflictKind.STALE_APPROVAL, actor, "approved_new_version")
+    elif request.status == ApprovalStatus.REJECTED and request.artifact.call_key:
+        # A governed call's rejection is the body's to handle (``Rejected``): the step runs on.
+        run_services.step_resume(step=step, actor=actor)
     elif request.status == ApprovalStatus.REJECTED:
         run_services.step_fail(
             step=step,
@@ -177,6 +180,10 @@ def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment
             from_statuses=(StepStatus.WAITING_APPROVAL,),
         )
     elif request.status == ApprovalStatus.CHANGES_REQUESTED:
+        if request.artifact.call_key:
+            raise DecisionForbidden(
+                "a tool call is approved as proposed, edited, or rejected: edit its request instead"
+            )
         spec = spec_of(step)
         redraft = spec.approval.redraft_step if spec and spec.approval else ""
         if not redraft:
@@ -226,9 +233,9 @@ def approvals_expire(*, now: Any = None) -> int:
     fired = 0
     for request in ApprovalRequest.objects.filter(
         status=ApprovalStatus.PENDING, expires_at__lte=now
-    ).select_related("step__run"):
-        spec = spec_of(request.step)
-        fallback = spec.approval.on_timeout if spec and spec.approval else "reject"
+    ).select_related("step__run", "artifact"):
+        policy = artifact_policy(request.artifact)
+        fallback = policy.on_timeout if policy else "reject"
         if transaction_retried_once(partial(_expire, request, fallback, now)):
             fired += 1
             metrics.APPROVAL_DECISIONS.labels(outcome=f"timeout_{fallback}").inc()
@@ -271,7 +278,8 @@ def _expire(request: ApprovalRequest, fallback: str, now: Any) -> bool:
         tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
         payload={"approval_id": request.pk},
     )  # fmt: skip
-    if fallback == "auto_approve":
+    if fallback == "auto_approve" or (fallback == "reject" and request.artifact.call_key):
+        # (A governed call's timeout is the body's to handle, as a rejection: ``Rejected``.)
         run_services.step_resume(step=request.step, actor="timeout")
     elif fallback == "reject":
         run_services.step_fail(

@@ -21,9 +21,8 @@ from approvals.models import (
 from approvals.services.conflicts import settle_run_conflicts
 from core import services as core_services
 from core.models import Role, User
-from runs.context import GateVerdict
-from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.gates import ApprovalNoLongerValid
+from runs.definitions import ApprovalPolicy, StepSpec, UnknownWorkflow, get_workflow
+from runs.gates import ApprovalNoLongerValid, GateVerdict
 from runs.models import Run, Step
 
 # Conflicts about a run's drafts: a cancelled run leaves nothing to keep or apply.
@@ -39,10 +38,31 @@ def spec_of(step: Step, run: Run | None = None) -> StepSpec | None:
         return None
 
 
+def artifact_policy(artifact: Artifact) -> ApprovalPolicy | None:
+    """How an artifact's versions are approved: its governed call's own policy, or its gated
+    step's (None when the workflow is no longer registered: the defaults)."""
+    if artifact.call_key:
+        return ApprovalPolicy(
+            **{**artifact.call_policy, "roles": tuple(artifact.call_policy.get("roles", ()))}
+        )
+    spec = spec_of(artifact.step)
+    return spec.approval if spec else None
+
+
+def policy_record(policy: ApprovalPolicy) -> dict[str, Any]:
+    """A call's policy as the artifact keeps it (its timeout's fallback is read back from it)."""
+    return {
+        "required": policy.required,
+        "roles": list(policy.roles),
+        "allow_self_approval": policy.allow_self_approval,
+        "timeout_seconds": policy.timeout_seconds,
+        "on_timeout": policy.on_timeout,
+    }
+
+
 def open_request(
-    step: Step, artifact: Artifact, version: ArtifactVersion, spec: StepSpec | None
+    step: Step, artifact: Artifact, version: ArtifactVersion, policy: ApprovalPolicy | None
 ) -> ApprovalRequest:
-    policy = spec.approval if spec else None
     timeout = policy.timeout_seconds if policy else None
     request = ApprovalRequest.objects.create(
         tenant_id=step.tenant_id,
@@ -73,13 +93,13 @@ class ApprovalGate:
     """The approvals app's implementation of runs.gates.ApprovalGate."""
 
     def check(self, *, run: Run, step: Step, spec: StepSpec, draft: Any) -> GateVerdict:
-        artifact = Artifact.objects.select_for_update().filter(step=step).first()
+        artifact = Artifact.objects.select_for_update().filter(step=step, call_key="").first()
         if artifact is None:
             artifact = Artifact.objects.create(
                 tenant_id=step.tenant_id, run=run, step=step, kind=spec.tool or spec.lane, latest_version=0
             )
             version = new_version(artifact, draft, author=run.actor, source="agent", based_on=None)
-            request = open_request(step, artifact, version, spec)
+            request = open_request(step, artifact, version, spec.approval)
             core_services.event_record(
                 tenant=step.tenant_id,
                 subject=f"run:{run.id}",
@@ -88,25 +108,46 @@ class ApprovalGate:
                 payload={"step": step.key, "approval_id": request.pk, "artifact_version": version.number},
             )
             return GateVerdict("waiting", approval_id=request.pk)
-        latest = artifact.versions.get(number=artifact.latest_version)
-        newest = ApprovalRequest.objects.filter(step=step).order_by("-id").first()
-        assert newest is not None
-        request = newest
-        if request.status == ApprovalStatus.APPROVED and request.artifact_version_id == latest.pk:
-            return GateVerdict(
-                "approved", content=latest.content, approval_id=request.pk, artifact_version_id=latest.pk
+        return _verdict(run, step, artifact, draft, spec.approval)
+
+    def check_call(
+        self,
+        *,
+        run: Run,
+        step: Step,
+        call_key: str,
+        tool: str,
+        request: dict[str, Any],
+        policy: ApprovalPolicy,
+    ) -> GateVerdict:
+        artifact = Artifact.objects.select_for_update().filter(step=step, call_key=call_key).first()
+        if artifact is None:
+            artifact = Artifact.objects.create(
+                tenant_id=step.tenant_id,
+                run=run,
+                step=step,
+                call_key=call_key,
+                call_policy=policy_record(policy),
+                kind=tool[:50],
+                latest_version=0,
             )
-        if request.status == ApprovalStatus.PENDING:
-            return GateVerdict("waiting", approval_id=request.pk)
-        decided_before_retry = step.retried_at is not None and request.created_at < step.retried_at
-        if request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED) and not decided_before_retry:
-            return GateVerdict("rejected", reason=request.comment or request.status, approval_id=request.pk)
-        # Below: changes were requested, the approval was invalidated, or an operator retried the
-        # run after a rejection or expiry — a new request for the latest version.
-        if draft is not None and draft != latest.content:
-            latest = new_version(artifact, draft, author=run.actor, source="agent", based_on=latest.number)
-        request = open_request(step, artifact, latest, spec)
-        return GateVerdict("waiting", approval_id=request.pk)
+            version = new_version(artifact, request, author=run.actor, source="agent", based_on=None)
+            approval = open_request(step, artifact, version, policy)
+            core_services.event_record(
+                tenant=step.tenant_id,
+                subject=f"run:{run.id}",
+                verb="approval_requested",
+                actor="executor",
+                payload={
+                    "step": step.key,
+                    "call": call_key,
+                    "tool": tool,
+                    "approval_id": approval.pk,
+                    "artifact_version": version.number,
+                },
+            )
+            return GateVerdict("waiting", approval_id=approval.pk)
+        return _verdict(run, step, artifact, request, policy)
 
     def withdraw(self, *, run_id: str, actor: str, reason: str) -> None:
         """In the cancel's transaction (which holds the run's anchor): pending requests become
@@ -138,23 +179,56 @@ class ApprovalGate:
         settle_run_conflicts(run_id, DRAFT_CONFLICT_KINDS, actor, "run_cancelled", note=reason)
 
     def guard_effect(self, *, step: Step, verdict: GateVerdict) -> None:
-        # Locks the artifact row: an edit either committed before (then we refuse) or waits
-        # until this proposal commits (then the approved version is what is sent).
-        artifact = Artifact.objects.select_for_update().get(step=step)
-        request = (
-            ApprovalRequest.objects.filter(pk=verdict.approval_id).first()
-            if verdict.approval_id is not None
-            else None
+        _guard(step, "", verdict)
+
+    def guard_call(self, *, step: Step, call_key: str, verdict: GateVerdict) -> None:
+        _guard(step, call_key, verdict)
+
+
+def _verdict(
+    run: Run, step: Step, artifact: Artifact, draft: Any, policy: ApprovalPolicy | None
+) -> GateVerdict:
+    """The verdict on an artifact that exists: approved (its latest version), waiting, or
+    rejected; a new request for the latest version when the last one no longer stands."""
+    latest = artifact.versions.get(number=artifact.latest_version)
+    newest = ApprovalRequest.objects.filter(artifact=artifact).order_by("-id").first()
+    assert newest is not None
+    request = newest
+    if request.status == ApprovalStatus.APPROVED and request.artifact_version_id == latest.pk:
+        return GateVerdict(
+            "approved", content=latest.content, approval_id=request.pk, artifact_version_id=latest.pk
         )
-        latest_id = (
-            artifact.versions.filter(number=artifact.latest_version).values_list("pk", flat=True).first()
+    if request.status == ApprovalStatus.PENDING:
+        return GateVerdict("waiting", approval_id=request.pk)
+    decided_before_retry = step.retried_at is not None and request.created_at < step.retried_at
+    if request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED) and not decided_before_retry:
+        return GateVerdict("rejected", reason=request.comment or request.status, approval_id=request.pk)
+    # Below: changes were requested, the approval was invalidated, or an operator retried the
+    # run after a rejection or expiry — a new request for the latest version.
+    if draft is not None and draft != latest.content:
+        latest = new_version(artifact, draft, author=run.actor, source="agent", based_on=latest.number)
+    request = open_request(step, artifact, latest, policy)
+    return GateVerdict("waiting", approval_id=request.pk)
+
+
+def _guard(step: Step, call_key: str, verdict: GateVerdict) -> None:
+    # Locks the artifact row: an edit either committed before (then we refuse) or waits
+    # until this proposal commits (then the approved version is what is sent).
+    artifact = Artifact.objects.select_for_update().get(step=step, call_key=call_key)
+    request = (
+        ApprovalRequest.objects.filter(pk=verdict.approval_id).first()
+        if verdict.approval_id is not None
+        else None
+    )
+    latest_id = artifact.versions.filter(number=artifact.latest_version).values_list("pk", flat=True).first()
+    if (
+        request is None
+        or request.status != ApprovalStatus.APPROVED
+        or verdict.artifact_version_id != latest_id
+    ):
+        what = f"the {artifact.kind} call {call_key}" if call_key else "step " + step.key
+        raise ApprovalNoLongerValid(
+            f"the approval of {what} no longer holds: the artifact is at version "
+            f"{artifact.latest_version} and the approval is {request.status if request else 'gone'}",
+            approval_id=verdict.approval_id,
         )
-        if (
-            request is None
-            or request.status != ApprovalStatus.APPROVED
-            or verdict.artifact_version_id != latest_id
-        ):
-            raise ApprovalNoLongerValid(
-                f"the approval of step {step.key} no longer holds: the artifact is at version "
-                f"{artifact.latest_version} and the approval is {request.status if request else 'gone'}"
-            )

@@ -145,7 +145,7 @@ def _apply_resolution(
     elif (
         resolution == "apply_proposed" and conflict.kind == ConflictKind.CONCURRENT_EDIT and step is not None
     ):
-        artifact = Artifact.objects.get(step=step)
+        artifact = Artifact.objects.get(pk=int(conflict.target_key.removeprefix("artifact:")))
         user = User.objects.get(username=actor)
         try:
             artifact_write(  # the reviewer's resolution, not an operator's edit

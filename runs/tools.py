@@ -1,0 +1,207 @@
+"""Governed tool calls: what ``ctx.tool(...)`` writes, on the coordination thread. A call is
+recorded (``ToolCall``), waits for its entity locks and then for a slot under its tool's caps,
+runs through the ledger, and gives its slot and locks back when it ends.
+
+The caps are the ones admission applies (``RUNWARDEN_CAPS["tool"]`` and a tenant's own
+``caps["tool"]``): they count the steps admitted with that ``tool`` AND the calls running with
+it (``runs.dispatch.load_room`` counts both). A slot is granted under the whole admission lock,
+as a round admits, so neither can fill a scope behind the other's back. A call whose tool is
+its step's own declared tool runs in the step's slot: it was counted when the step was
+admitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from core.leases import LeaseGrant, StaleToken, lease_acquire, lease_fence, leases_release
+from core.models import TenantQuota
+from runs import gates, transitions
+from runs.definitions import ApprovalPolicy
+from runs.dispatch import load_room, wait_for_round_lock
+from runs.gates import GateVerdict
+from runs.interrupts import LeaseLost
+from runs.locking import run_steps_lock
+from runs.models import EffectStatus, Run, SideEffect, Step, ToolCall, ToolCallStatus
+
+
+def call_idempotency_key(run_id: str, step_key: str, call_key: str) -> str:
+    """The ledger key of a governed call: stable across attempts and replays of its step."""
+    return f"{run_id}:{step_key}:call:{call_key}"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A call the ledger already answered (an earlier attempt of the step made it)."""
+
+    result: Any
+    effect: SideEffect
+
+
+def call_open(
+    *, run: Run, step: Step, call_key: str, tool: str, request: dict[str, Any], lock_keys: list[str]
+) -> ToolCall | Recorded:
+    """Record the call (or find it, made by an earlier attempt): the ledger's result when it
+    already committed, else the row this attempt goes on with, ``waiting``."""
+    effect = SideEffect.objects.filter(
+        idempotency_key=call_idempotency_key(run.id, step.key, call_key), status=EffectStatus.COMMITTED
+    ).first()
+    call, created = ToolCall.objects.get_or_create(
+        step=step,
+        key=call_key,
+        defaults={
+            "tenant_id": run.tenant_id,
+            "run": run,
+            "tool": tool,
+            "request": request,
+            "lock_keys": lock_keys,
+            "attempt": step.attempt,
+        },
+    )
+    if effect is not None:
+        if call.status != ToolCallStatus.SUCCEEDED:  # committed by a reviewer's confirmation
+            call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key=effect.idempotency_key)
+        return Recorded(effect.result, effect)
+    if not created:
+        ToolCall.objects.filter(pk=call.pk).update(
+            attempt=step.attempt, tool=tool, request=request, lock_keys=lock_keys, updated_at=timezone.now()
+        )
+    return call
+
+
+def tool_caps(tenant_id: int, tool: str) -> dict[str, int]:
+    """The caps a call of ``tool`` counts against, by admission scope (none: uncapped)."""
+    caps: dict[str, int] = {}
+    platform = settings.RUNWARDEN_CAPS.get("tool", {}).get(tool)
+    if platform is not None:
+        caps[f"tool:{tool}"] = int(platform)
+    own = TenantQuota.objects.filter(tenant_id=tenant_id).values_list("caps", flat=True).first() or {}
+    if (mine := (own.get("tool") or {}).get(tool)) is not None:
+        caps[f"tenant_tool:{tenant_id}:{tool}"] = int(mine)
+    return caps
+
+
+def slot_try_take(
+    *, call: ToolCall, caps: dict[str, int], holder: str, ttl: float, now: datetime | None = None
+) -> LeaseGrant | None:
+    """One attempt at a slot under every cap in ``caps``: the slot's lease, or None while one
+    of them is full. Under the whole admission lock (every shard): a round, a worker's own
+    admission and other calls count and grant one at a time."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        wait_for_round_lock()
+        # First write of the transaction: on SQLite, the writer's lock before the count.
+        ToolCall.objects.filter(pk=call.pk).update(updated_at=now)
+        room = load_room(now, pools_max_age=1.0)
+        if any(room.held[scope] >= cap for scope, cap in caps.items()):
+            return None
+        grant = lease_acquire(
+            tenant_id=call.tenant_id,
+            key=f"toolcall:{call.pk}",
+            holder=holder,
+            ttl=ttl,
+            metadata={"run_id": call.run_id, "step_id": call.step_id, "tool": call.tool},
+            now=now,
+        )
+        if grant is None:  # only a dead attempt's slot of this same call: it frees itself
+            return None
+        call_running(call, grant, now=now)
+        return grant
+
+
+def call_running(call: ToolCall, slot: LeaseGrant | None, *, now: datetime | None = None) -> None:
+    now = now or timezone.now()
+    ToolCall.objects.filter(pk=call.pk).update(
+        status=ToolCallStatus.RUNNING,
+        lease_id=slot.id if slot else None,
+        lease_token=slot.token if slot else None,
+        started_at=now,
+        error="",
+        updated_at=now,
+    )
+
+
+def call_finish(
+    call: ToolCall,
+    status: str,
+    *,
+    idempotency_key: str,
+    error: str = "",
+    release: list[LeaseGrant] | None = None,
+    lock_wait_ms: float | None = None,
+    cap_wait_ms: float | None = None,
+) -> None:
+    """The call ended: its record (with the ledger's row and its waits), and its slot and
+    locks given back, in one transaction."""
+    now = timezone.now()
+    with transaction.atomic():
+        ToolCall.objects.filter(pk=call.pk).update(
+            status=status,
+            effect_id=SideEffect.objects.filter(idempotency_key=idempotency_key).values("pk")[:1],
+            error=error[:2000],
+            lock_wait_ms=lock_wait_ms,
+            cap_wait_ms=cap_wait_ms,
+            finished_at=now,
+            updated_at=now,
+        )
+        if release:
+            leases_release(release, now=now)
+
+
+def call_approval(
+    *,
+    run: Run,
+    step: Step,
+    lease: LeaseGrant,
+    grants: list[LeaseGrant],
+    call: ToolCall,
+    request: dict[str, Any],
+    policy: ApprovalPolicy,
+) -> GateVerdict:
+    """Ask the approval gate about this call. ``waiting``: its request is open and the step
+    parked, holding nothing (``grants`` released), in this one transaction, so a decision that
+    commits after it always finds the step waiting. Taken like a person's action on the run
+    (runs/locking.py): the run's step rows first, then the step's lease (fenced: a stale
+    attempt parks nothing), then the artifact."""
+    with transaction.atomic():
+        run_steps_lock(run.id)
+        try:
+            lease_fence(tenant_id=lease.tenant_id, key=lease.key, token=lease.token)
+        except StaleToken:
+            raise LeaseLost(f"step {step.key} of {run.id} lost its lease") from None
+        verdict = gates.get_gate().check_call(
+            run=run, step=step, call_key=call.key, tool=call.tool, request=request, policy=policy
+        )
+        if verdict.state == "waiting":
+            transitions.step_park(step=step, grants=grants, approval_id=verdict.approval_id, mid_step=True)
+            ToolCall.objects.filter(pk=call.pk).update(
+                status=ToolCallStatus.AWAITING_APPROVAL,
+                approval_id=verdict.approval_id,
+                updated_at=timezone.now(),
+            )
+        elif verdict.state == "rejected":
+            ToolCall.objects.filter(pk=call.pk).update(
+                status=ToolCallStatus.REJECTED,
+                approval_id=verdict.approval_id,
+                error=verdict.reason[:2000],
+                finished_at=timezone.now(),
+                updated_at=timezone.now(),
+            )
+        else:
+            ToolCall.objects.filter(pk=call.pk).update(
+                approval_id=verdict.approval_id, updated_at=timezone.now()
+            )
+    return verdict
+
+
+def call_guard(step: Step, call_key: str, verdict: GateVerdict) -> Callable[[], None]:
+    """Run as an approved call's effect is proposed: raises ApprovalNoLongerValid if the
+    call's request was edited or its approval invalidated since."""
+    return lambda: gates.get_gate().guard_call(step=step, call_key=call_key, verdict=verdict)

@@ -1,0 +1,341 @@
+"""Governed tool calls (``ctx.tool``): an agent's calls decided at runtime inside one step run
+through the ledger with stable keys (a re-run is answered from the record), hold their entity
+locks for the call, count against the tool's caps beside admitted steps, and may ask a human
+mid-step: the step parks, and on approval runs again from its start with the approved (possibly
+edited) request sent exactly once; on rejection the body gets ``Rejected``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+
+from approvals import services as approvals
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
+from core import coordination
+from core.models import Lease, Tenant, TenantQuota, User
+from runs.context import AsyncStepContext, StepContext
+from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
+from runs.dispatch import dispatch_round, load_room
+from runs.executor import step_execute
+from runs.interrupts import Rejected
+from runs.invariants import check_invariants
+from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus, ToolCall, ToolCallStatus
+from runs.services import run_start
+from tests.approvals.helpers import pump, pump_until
+
+pytestmark = pytest.mark.both_dialects
+
+
+@pytest.fixture(autouse=True, params=["in place", "on coordination threads"])
+def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test as a prefork worker runs steps and as a threads-pool worker does."""
+    CRM.reset()
+    if request.param == "on coordination threads":
+        coordination.coordinate_on_threads(2)
+    try:
+        yield request.param
+    finally:
+        coordination.coordinate_in_place()
+
+
+class FakeCrm:
+    """The outside world: a CRM and a payments API that record every call they served."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.fail_next = 0
+
+    def call(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            if self.fail_next:
+                self.fail_next -= 1
+                raise ConnectionError(f"{name} is down")
+            self.calls.append((name, request))
+            return {"ok": True, "call": len(self.calls)}
+
+    async def call_slowly(self, name: str, request: dict[str, Any], seconds: float) -> dict[str, Any]:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(seconds)
+            return self.call(name, request)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+CRM = FakeCrm()
+
+
+class Ticket(WorkflowInput):
+    customer: str = "c1"
+    amount: int = 50
+    fail_after: bool = False
+
+
+FAILED_ONCE: set[str] = set()
+
+support = workflow("test.tool_agent", description="an agent loop of governed calls", input=Ticket)
+
+
+@support.step(lane="draft")
+def handle_ticket(ctx: StepContext) -> dict[str, Any]:
+    """Looks up the customer, refunds (a human approves above 100), updates the CRM under the
+    contact's lock, answers; fails once after its calls when the input says so."""
+    customer = ctx.input["customer"]
+    found = ctx.tool("crm", lambda req: CRM.call("crm.lookup", req), request={"customer": customer})
+    outcome = "no refund"
+    try:
+        refund = ctx.tool(
+            "payments",
+            lambda req: CRM.call("payments.refund", req),
+            request={"customer": customer, "amount": ctx.input["amount"]},
+            approval=lambda req: req["amount"] > 100,
+        )
+        outcome = f"refunded {refund['call']}"
+    except Rejected as refused:
+        outcome = f"refund refused: {refused.reason}"
+    ctx.tool(
+        "crm",
+        lambda req: CRM.call("crm.update", req),
+        request={"customer": customer, "note": outcome},
+        locks=[f"contact:{customer}"],
+    )
+    if ctx.input["fail_after"] and ctx.run_id not in FAILED_ONCE:
+        FAILED_ONCE.add(ctx.run_id)
+        raise ConnectionError("the mail API dropped the connection")
+    return {"looked_up": found["call"], "outcome": outcome}
+
+
+def start(tenant: Tenant, **ticket: Any) -> Run:
+    return run_start(tenant=tenant, workflow=support.key, input=ticket, actor="agent").run
+
+
+def finished(run: Run) -> Run:
+    pump_until(lambda: Run.objects.get(pk=run.pk).status in (RunStatus.SUCCEEDED, RunStatus.FAILED))
+    return Run.objects.get(pk=run.pk)
+
+
+def served(name: str) -> list[dict[str, Any]]:
+    return [request for called, request in CRM.calls if called == name]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_call_is_recorded_and_a_retry_of_the_step_is_answered_from_the_record(acme: Tenant) -> None:
+    run = finished(start(acme, customer="c7", fail_after=True))
+    assert run.status == RunStatus.SUCCEEDED, list(run.steps.values_list("key", "status", "error"))
+    step = Step.objects.get(run=run)
+    assert step.attempt == 2  # the first attempt failed after its three calls
+    # Each call happened once, though the step ran twice: the second attempt was answered.
+    assert served("crm.lookup") == [{"customer": "c7"}]
+    assert served("payments.refund") == [{"customer": "c7", "amount": 50}]
+    assert served("crm.update") == [{"customer": "c7", "note": "refunded 2"}]
+    calls = list(ToolCall.objects.filter(step=step).order_by("key").values_list("key", "tool", "status"))
+    assert calls == [("1", "crm", "succeeded"), ("2", "payments", "succeeded"), ("3", "crm", "succeeded")]
+    assert SideEffect.objects.filter(run=run, status=EffectStatus.COMMITTED).count() == 3
+    assert ToolCall.objects.get(step=step, key="3").lock_keys == ["contact:c7"]
+    assert not Lease.objects.filter(key__startswith="toolcall:", released_at__isnull=True).exists()
+    assert check_invariants() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_call_is_sent_again_by_the_retry_under_the_same_key(acme: Tenant) -> None:
+    CRM.fail_next = 1  # the lookup fails on the first attempt
+    run = finished(start(acme, customer="c8"))
+    assert run.status == RunStatus.SUCCEEDED
+    assert served("crm.lookup") == [{"customer": "c8"}]
+    lookup = ToolCall.objects.get(step__run=run, key="1")
+    assert lookup.status == ToolCallStatus.SUCCEEDED and lookup.effect is not None
+    assert lookup.effect.attempts == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_over_the_limit_parks_the_step_holding_nothing_and_runs_once_approved(
+    acme: Tenant, acme_operator: User, acme_admin: User
+) -> None:
+    run = start(acme, customer="c9", amount=250)
+    pump()
+    step = Step.objects.get(run=run)
+    assert step.status == StepStatus.WAITING_APPROVAL
+    assert Run.objects.get(pk=run.pk).status == RunStatus.WAITING_APPROVAL
+    assert served("payments.refund") == []
+    assert not Lease.objects.filter(holder__startswith=run.id, released_at__isnull=True).exists()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    artifact = Artifact.objects.get(pk=request.artifact_id)
+    assert (artifact.call_key, artifact.kind) == ("2", "payments")
+    assert request.artifact_version.content == {"customer": "c9", "amount": 250}
+    assert ToolCall.objects.get(step=step, key="2").status == ToolCallStatus.AWAITING_APPROVAL
+    # An admin lowers the amount, an operator approves that version.
+    approvals.artifact_edit(
+        artifact=artifact, user=acme_admin, expected_version=1, content={"customer": "c9", "amount": 120}
+    )
+    edited = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(request=edited, user=acme_operator, decision="approve", expected_version=1)
+    done = finished(run)
+    assert done.status == RunStatus.SUCCEEDED, list(done.steps.values_list("key", "status", "error"))
+    assert served("payments.refund") == [{"customer": "c9", "amount": 120}]
+    assert served("crm.lookup") == [{"customer": "c9"}]  # the re-run was answered from the record
+    assert Step.objects.get(pk=step.pk).attempt == 1  # the parked attempt is not counted
+    assert check_invariants() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rejected_call_raises_rejected_in_the_body_which_goes_on(acme: Tenant, acme_operator: User) -> None:
+    run = start(acme, customer="c10", amount=500)
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(
+        request=request, user=acme_operator, decision="reject", expected_version=1, comment="too much"
+    )
+    done = finished(run)
+    assert done.status == RunStatus.SUCCEEDED
+    assert Step.objects.get(run=run).output["outcome"] == "refund refused: too much"
+    assert served("payments.refund") == []
+    assert served("crm.update") == [{"customer": "c10", "note": "refund refused: too much"}]
+    assert ToolCall.objects.get(step__run=run, key="2").status == ToolCallStatus.REJECTED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_edit_after_the_approval_invalidates_it_and_nothing_is_sent_until_the_new_version_is_approved(
+    acme: Tenant, acme_operator: User, acme_admin: User
+) -> None:
+    run = start(acme, customer="c11", amount=300)
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(request=request, user=acme_operator, decision="approve", expected_version=1)
+    # Before the step runs again, an edit: the approval no longer holds.
+    artifact = Artifact.objects.get(pk=request.artifact_id)
+    approvals.artifact_edit(
+        artifact=artifact, user=acme_admin, expected_version=1, content={"customer": "c11", "amount": 101}
+    )
+    assert ApprovalRequest.objects.get(pk=request.pk).status == ApprovalStatus.INVALIDATED
+    pump()
+    assert served("payments.refund") == []
+    assert Step.objects.get(run=run).status == StepStatus.WAITING_APPROVAL
+    newest = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(request=newest, user=acme_operator, decision="approve", expected_version=1)
+    assert finished(run).status == RunStatus.SUCCEEDED
+    assert served("payments.refund") == [{"customer": "c11", "amount": 101}]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_request_of_a_call_that_ran_can_no_longer_be_edited(acme: Tenant, acme_operator: User) -> None:
+    run = start(acme, customer="c12", amount=200)
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(request=request, user=acme_operator, decision="approve", expected_version=1)
+    assert finished(run).status == RunStatus.SUCCEEDED
+    artifact = Artifact.objects.get(pk=request.artifact_id)
+    with pytest.raises(approvals.EditConflict):
+        approvals.artifact_edit(
+            artifact=artifact,
+            user=acme_operator,
+            expected_version=1,
+            content={"customer": "c12", "amount": 1},
+        )
+    assert served("payments.refund") == [{"customer": "c12", "amount": 200}]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_request_changes_is_refused_for_a_call(acme: Tenant, acme_operator: User) -> None:
+    run = start(acme, customer="c13", amount=200)
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    with pytest.raises(approvals.DecisionForbidden):
+        approvals.approval_decide(
+            request=request, user=acme_operator, decision="request_changes", expected_version=1
+        )
+    assert ApprovalRequest.objects.get(pk=request.pk).status == ApprovalStatus.PENDING
+
+
+policy_flow = workflow("test.tool_policy", description="a call approved by two, timing out to reject")
+
+
+@policy_flow.step(lane="external")
+def pay(ctx: StepContext) -> dict[str, Any]:
+    try:
+        paid = ctx.tool(
+            "payments",
+            lambda req: CRM.call("payments.pay", req),
+            request={"amount": 5},
+            approval=ApprovalPolicy(required=2, timeout_seconds=0.2, on_timeout="reject"),
+        )
+    except Rejected as refused:
+        return {"paid": False, "why": refused.reason}
+    return {"paid": paid["ok"]}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_approval_timing_out_reaches_the_body_as_a_rejection(acme: Tenant) -> None:
+    run = run_start(tenant=acme, workflow=policy_flow.key, input={}, actor="agent").run
+    pump()
+    request = ApprovalRequest.objects.get(run=run)
+    assert request.required == 2
+    pump_until(
+        lambda: (
+            approvals.approvals_expire() == 0
+            and not ApprovalRequest.objects.filter(status="pending").exists()
+        )
+    )
+    done = finished(run)
+    assert done.status == RunStatus.SUCCEEDED
+    assert Step.objects.get(run=run).output == {"paid": False, "why": "timed out"}
+    assert served("payments.pay") == []
+
+
+async_flow = workflow("test.tool_async", description="async calls under a cap of the tool")
+
+
+@async_flow.step(lane="draft")
+async def enrich(ctx: AsyncStepContext) -> dict[str, Any]:
+    results = []
+    for n in range(3):
+        answer = await ctx.tool(
+            "crm", lambda req: CRM.call_slowly("crm.enrich", req, 0.05), request={"n": n, "run": ctx.run_id}
+        )
+        results.append(answer["call"])
+    return {"calls": results}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_calls_count_against_the_tools_cap_with_admitted_steps(acme: Tenant, database_work: str) -> None:
+    """Six async steps, three calls each, a tenant cap of 2 on ``crm``: the steps run at once,
+    their calls two at a time; every call once."""
+    TenantQuota.objects.update_or_create(
+        tenant=acme, defaults={"caps": {"tool": {"crm": 2}}, "max_concurrent_steps": 10}
+    )
+    runs = [run_start(tenant=acme, workflow=async_flow.key, input={}, actor="agent").run for _ in range(6)]
+    admitted = dispatch_round()
+    assert len(admitted) == 6
+    threads = [
+        threading.Thread(target=executed, kwargs={"step_id": a.step_id, "token": a.token}) for a in admitted
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert all(Run.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED for run in runs)
+    assert CRM.most_in_flight <= 2
+    assert len(served("crm.enrich")) == 18
+    assert len({(r["run"], r["n"]) for r in served("crm.enrich")}) == 18
+    assert load_room(timezone.now()).held[f"tenant_tool:{acme.pk}:crm"] == 0  # every slot given back
+
+
+def executed(*, step_id: int, token: int) -> None:
+    try:
+        step_execute(step_id=step_id, token=token)
+    finally:
+        connections.close_all()
