@@ -18,7 +18,10 @@ router = Router(tags=["approvals"])
 
 class ArtifactOut(Schema):
     id: int
-    kind: str
+    kind: str = Field(description="the gated step's tool or lane; for a governed call, its tool")
+    call_key: str = Field(
+        description="empty for a gated step's draft; a governed tool call's key in its step"
+    )
     latest_version: int
     content: Any
     author: str

@@ -127,6 +127,7 @@ def approval_detail(request: ApprovalRequest) -> dict[str, Any]:
         "artifact": {
             "id": artifact.pk,
             "kind": artifact.kind,
+            "call_key": artifact.call_key,
             "latest_version": latest.number,
             "content": shown.content,
             "author": shown.author,

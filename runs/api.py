@@ -88,6 +88,23 @@ class EffectOut(Schema):
     )
 
 
+class ToolCallOut(Schema):
+    step: str
+    key: str = Field(description="the call's key in its step: its place (1, 2, ...) or the key the body gave")
+    tool: str
+    status: str = Field(description="waiting | awaiting_approval | running | succeeded | failed | rejected")
+    request: dict[str, Any]
+    lock_keys: list[str]
+    lock_wait_ms: float | None
+    cap_wait_ms: float | None
+    approval_id: int | None
+    idempotency_key: str = Field(description="its record in the side-effect ledger; empty until it ran")
+    external_ref: str
+    error: str
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 class LeaseOut(Schema):
     key: str
     tenant: str
@@ -136,6 +153,7 @@ class RunSummaryOut(Schema):
 class RunOut(RunSummaryOut):
     steps: list[StepOut]
     effects: list[EffectOut]
+    tool_calls: list[ToolCallOut]
     leases: list[LeaseOut]
 
 

@@ -16,7 +16,7 @@ from core.selectors import AnyUser, scope_to_user
 from runs.definitions import LANES, REGISTRY
 from runs.dispatch import load_room
 from runs.explain import explain_ready
-from runs.models import Run, SideEffect, Step, StepStatus
+from runs.models import Run, SideEffect, Step, StepStatus, ToolCall
 from runs.sessions import session_summary
 
 
@@ -129,10 +129,36 @@ def lease_detail(lease: Lease) -> dict[str, Any]:
     }
 
 
+def tool_call_detail(call: ToolCall) -> dict[str, Any]:
+    effect = call.effect
+    return {
+        "step": call.step.key,
+        "key": call.key,
+        "tool": call.tool,
+        "status": call.status,
+        "request": call.request,
+        "lock_keys": call.lock_keys,
+        "lock_wait_ms": call.lock_wait_ms,
+        "cap_wait_ms": call.cap_wait_ms,
+        "approval_id": call.approval_id,
+        "idempotency_key": effect.idempotency_key if effect else "",
+        "external_ref": effect.external_ref if effect else "",
+        "error": call.error,
+        "started_at": call.started_at,
+        "finished_at": call.finished_at,
+    }
+
+
 def run_detail_as_started(run: Run, steps: list[Step]) -> dict[str, Any]:
     """A run just started, as its start wrote it (``steps`` with their ids): no effect and no
     lease yet. What ``POST /api/v1/runs`` answers with, without reading back what it wrote."""
-    return {**run_summary(run), "steps": [step_detail(step) for step in steps], "effects": [], "leases": []}
+    return {
+        **run_summary(run),
+        "steps": [step_detail(step) for step in steps],
+        "effects": [],
+        "tool_calls": [],
+        "leases": [],
+    }
 
 
 def run_detail(run: Run) -> dict[str, Any]:
@@ -150,6 +176,10 @@ def run_detail(run: Run) -> dict[str, Any]:
         "steps": [step_detail(step) for step in steps],
         "effects": [
             effect_detail(e) for e in SideEffect.objects.filter(run=run).order_by("proposed_at", "id")
+        ],
+        "tool_calls": [
+            tool_call_detail(call)
+            for call in ToolCall.objects.filter(run=run).select_related("step", "effect").order_by("id")
         ],
         "leases": [lease_detail(lease) for lease in leases],
     }

@@ -69,7 +69,7 @@ def _detail_context(
     return {
         "run": detail,
         "trace_url": tracing.trace_url(detail["trace_id"]),
-        "timeline": _timeline(run, detail["steps"]),
+        "timeline": _timeline(run, detail["steps"], detail["tool_calls"]),
         "events": [
             # The run's contract is on every event and already at the top of the page.
             {"event": event, "payload_json": _compact_json(_without_contract(event.payload))}
@@ -92,38 +92,40 @@ def _detail_context(
 TIMELINE_WIDTH = 1000
 
 
-def _timeline(run: Run, steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each started step as a bar on the run's time axis (created → finished, or now), scaled
-    to TIMELINE_WIDTH; drawn as SVG in the page, no script."""
+def _timeline(run: Run, steps: list[dict[str, Any]], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each started step as a bar on the run's time axis (created → finished, or now), and
+    under it each governed tool call it made, scaled to TIMELINE_WIDTH; drawn as SVG in the
+    page, no script."""
     now = timezone.now()
     start = run.created_at
     end = run.finished_at or now
     span = max((end - start).total_seconds(), 0.001)
-    rows = []
-    for n, step in enumerate(steps):
-        began = step["started_at"]
-        if began is None:
-            continue
-        finished = step["finished_at"] or now
-        x = (began - start).total_seconds() / span * TIMELINE_WIDTH
-        width = max((finished - began).total_seconds() / span * TIMELINE_WIDTH, 2)
-        rows.append(
-            {
-                "key": step["key"],
-                "status": step["status"],
-                "attempt": step["attempt"],
-                "x": round(min(x, TIMELINE_WIDTH - 2), 1),
-                "width": round(min(width, TIMELINE_WIDTH - x), 1),
-                "y": n * 26 + 4,
-                "seconds": round((finished - began).total_seconds(), 3),
-            }
-        )
-    return {
-        "rows": rows,
-        "height": len(steps) * 26 + 8,
-        "width": TIMELINE_WIDTH,
-        "span_seconds": round(span, 3),
-    }
+    rows: list[dict[str, Any]] = []
+    y = 4
+    for step in steps:
+        for item, label, call in [(step, step["key"], None)] + [
+            (c, f"{c['tool']} #{c['key']}", c) for c in calls if c["step"] == step["key"]
+        ]:
+            began = item["started_at"]
+            if began is None:
+                continue
+            finished = item["finished_at"] or now
+            x = (began - start).total_seconds() / span * TIMELINE_WIDTH
+            width = max((finished - began).total_seconds() / span * TIMELINE_WIDTH, 2)
+            rows.append(
+                {
+                    "key": label,
+                    "call": call,
+                    "status": item["status"],
+                    "attempt": step["attempt"],
+                    "x": round(min(x, TIMELINE_WIDTH - 2), 1),
+                    "width": round(min(width, TIMELINE_WIDTH - x), 1),
+                    "y": y,
+                    "seconds": round((finished - began).total_seconds(), 3),
+                }
+            )
+            y += 26 if call is None else 18
+    return {"rows": rows, "height": y + 4, "width": TIMELINE_WIDTH, "span_seconds": round(span, 3)}
 
 
 @require_GET

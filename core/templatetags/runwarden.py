@@ -47,6 +47,8 @@ STATE_WORDS: dict[tuple[str, str], str] = {
     ("step", "leased"): "admitted",
     ("run", "waiting_approval"): "waiting for approval",
     ("step", "waiting_approval"): "waiting for approval",
+    ("call", "awaiting_approval"): "waiting for approval",
+    ("call", "waiting"): "waiting for its locks or a slot",
 }
 
 

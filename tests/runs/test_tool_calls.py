@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -28,6 +30,9 @@ from runs.invariants import check_invariants
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus, ToolCall, ToolCallStatus
 from runs.services import run_start
 from tests.approvals.helpers import pump, pump_until
+from tests.concurrency import run_concurrently
+from tests.conftest import make_member
+from tests.dialects import RACING_THREADS
 
 pytestmark = pytest.mark.both_dialects
 
@@ -339,3 +344,82 @@ def executed(*, step_id: int, token: int) -> None:
         step_execute(step_id=step_id, token=token)
     finally:
         connections.close_all()
+
+
+racing_refund = workflow(
+    "test.tool_racing_refund", description="one refund a human approves, timing out to reject"
+)
+
+
+@racing_refund.step(lane="external")
+def refund_once(ctx: StepContext) -> dict[str, Any]:
+    try:
+        paid = ctx.tool(
+            "payments",
+            lambda req: CRM.call("payments.refund", req),
+            request={"amount": 400, "run": ctx.run_id},
+            approval=ApprovalPolicy(timeout_seconds=3600, on_timeout="reject"),
+        )
+    except Rejected as refused:
+        return {"refunded": False, "why": refused.reason}
+    return {"refunded": True, "call": paid["call"]}
+
+
+APPROVERS = 16
+RACE_TRIALS = 4
+
+
+def race_one_call(request: ApprovalRequest, stale: Any, approvers: list[User], i: int) -> Any:
+    """The i-th racer: an approver, the approval's timeout, or the parked attempt's task again."""
+    if i < APPROVERS:
+        return approvals.approval_decide(
+            request=request, user=approvers[i], decision="approve", expected_version=1
+        ).status
+    if i == APPROVERS:
+        return f"expired {approvals.approvals_expire()}"
+    return step_execute(step_id=stale.step_id, token=stale.token)
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_sixteen_approvers_a_timeout_and_a_stale_delivery_race_one_call_sends_at_most_once(
+    acme: Tenant, database_work: str
+) -> None:
+    """Per trial: 16 operators approve the parked call, its timeout fires (reject) and the
+    parked attempt's task is delivered again, all at once. One decision wins; the call is sent
+    exactly once with the approved request when an approval won, never when the timeout did."""
+    approvers = [make_member(f"approver{n}", acme, "operator") for n in range(APPROVERS)]
+    outcomes = Counter[str]()
+    for trial in range(RACE_TRIALS):
+        CRM.reset()
+        run = run_start(tenant=acme, workflow=racing_refund.key, input={}, actor="agent").run
+        admitted = dispatch_round()
+        stale = admitted[0]
+        step_execute(step_id=stale.step_id, token=stale.token)
+        request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+        ApprovalRequest.objects.filter(pk=request.pk).update(expires_at=timezone.now())
+
+        results = run_concurrently(partial(race_one_call, request, stale, approvers), APPROVERS + 2)
+        approved = [r for r in results[:APPROVERS] if r == ApprovalStatus.APPROVED]
+        refused = [r for r in results[:APPROVERS] if isinstance(r, approvals.DecisionConflict)]
+        assert len(approved) + len(refused) == APPROVERS, results
+        expired = results[APPROVERS] == "expired 1"
+        assert len(approved) + int(expired) == 1, results  # one decision won
+        assert results[APPROVERS + 1] == "not-ours", results
+        done = finished(run)
+        assert done.status == RunStatus.SUCCEEDED, list(done.steps.values_list("status", "error"))
+        refunds = served("payments.refund")
+        if approved:
+            assert refunds == [{"amount": 400, "run": run.id}], (trial, refunds)
+            assert Step.objects.get(run=run).output == {"refunded": True, "call": 1}
+            outcomes["approved"] += 1
+        else:
+            assert refunds == [], (trial, refunds)
+            assert Step.objects.get(run=run).output == {"refunded": False, "why": "timed out"}
+            outcomes["timed out"] += 1
+        effects = SideEffect.objects.filter(run=run)
+        assert effects.count() == (1 if approved else 0)
+    print(f"{RACE_TRIALS} trials: {dict(outcomes)}")
+    assert check_invariants() == []
+    # Then a normal run still goes through.
+    assert finished(start(acme, customer="after")).status == RunStatus.SUCCEEDED

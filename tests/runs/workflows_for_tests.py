@@ -445,3 +445,87 @@ awaits_a_tool = workflow(
     "test.awaits_a_tool", description="the same, through the capped crm tool", input=AwaitInput
 )
 awaits_a_tool.step(lane="draft", lease_seconds=3, tool="crm")(await_then_notify)
+
+
+# The outside world of the governed-call tests: a CRM that counts the calls it serves at once
+# (the highest count kept, atomically) and each call it served, in Redis.
+CRM_MOST_IN_FLIGHT = (
+    "local now = redis.call('incr', KEYS[1]) "
+    "if now > tonumber(redis.call('get', KEYS[2]) or '0') then redis.call('set', KEYS[2], now) end "
+    "return now"
+)
+
+
+async def crm_call(run_id: str, call: str, seconds: float = 0.05) -> dict[str, Any]:
+    client = redis.asyncio.from_url(settings.REDIS_URL)
+    try:
+        await client.eval(CRM_MOST_IN_FLIGHT, 2, "test:crm:in_flight", "test:crm:most")
+        try:
+            await asyncio.sleep(seconds)
+            served = await client.incr(f"test:crm:served:{run_id}:{call}")
+        finally:
+            await client.decr("test:crm:in_flight")
+        return {"call": call, "served": served}
+    finally:
+        await client.aclose()
+
+
+class AgentInput(WorkflowInput):
+    calls: int = Field(default=3, ge=1, le=20)
+
+
+crm_agent = workflow(
+    "test.crm_agent", description="an agent step making several governed crm calls", input=AgentInput
+)
+
+
+@crm_agent.step(lane="draft", lease_seconds=3)
+async def agent_calls_the_crm(ctx: AsyncStepContext) -> dict[str, Any]:
+    answers = []
+    for n in range(int(ctx.input["calls"])):
+        answer = await ctx.tool(
+            "crm",
+            lambda request: crm_call(ctx.run_id, request["n"]),
+            request={"n": str(n)},
+            locks=[f"contact:{n % 3}"] if n == 0 else [],
+        )
+        answers.append(answer["served"])
+    return {"served": answers}
+
+
+crm_step = workflow("test.crm_step", description="one step declared with the crm tool, its body a crm call")
+
+
+@crm_step.step(lane="draft", lease_seconds=3, tool="crm")
+async def step_calls_the_crm(ctx: AsyncStepContext) -> dict[str, Any]:
+    return await ctx.effect("crm.write", lambda: crm_call(ctx.run_id, "step"), request={"run": ctx.run_id})
+
+
+async def slow_payment(run_id: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The outside world: a payments API that takes its time (a worker can die meanwhile)."""
+    client = redis.asyncio.from_url(settings.REDIS_URL)
+    try:
+        await client.incr(f"test:pay:started:{run_id}")
+        await asyncio.sleep(float(request.get("seconds", 0.05)))
+        return {"paid": request["amount"], "n": await client.incr(f"test:pay:done:{run_id}")}
+    finally:
+        await client.aclose()
+
+
+approved_payment = workflow(
+    "test.approved_payment", description="an agent step whose payment call a human approves mid-step"
+)
+
+
+@approved_payment.step(lane="draft", lease_seconds=2)
+async def pay_when_approved(ctx: AsyncStepContext) -> dict[str, Any]:
+    looked_up = await ctx.tool(
+        "crm", lambda request: {"customer": request["customer"]}, request={"customer": "c1"}
+    )
+    paid = await ctx.tool(
+        "payments",
+        lambda request: slow_payment(ctx.run_id, request),
+        request={"amount": 250, "seconds": float(ctx.input.get("seconds", 0.05))},
+        approval=True,
+    )
+    return {"customer": looked_up["customer"], "paid": paid["paid"]}
