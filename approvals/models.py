@@ -116,6 +116,7 @@ class ConflictKind(models.TextChoices):
     ENTITY_VERSION_MISMATCH = "entity_version_mismatch"
     DUPLICATE_TRIGGER_PAYLOAD = "duplicate_trigger_payload"
     CONCURRENT_EDIT = "concurrent_edit"
+    CHANGED_INPUTS = "changed_inputs"
     COMPENSATION_FAILED = "compensation_failed"
 
 

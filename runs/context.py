@@ -111,6 +111,7 @@ class StepContext:
     # the gate's check): an approved step acts only while it does.
     approval_guard: Callable[[], None] | None = None
     deadline_seconds: float = 300.0
+    started_from: dict[str, Any] | None = None  # its inputs (runs.transitions.started_from)
     backend_pid: int | None = None  # the PostgreSQL backend the body's queries run on
     timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)
@@ -411,6 +412,7 @@ class StepContext:
             call=opened,
             request=request,
             policy=policy,
+            started_from=self.started_from,
         )
         return self._call_verdict(opened, name, verdict)
 

@@ -95,6 +95,18 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         grants = leases_renew(grants=grants, ttl=lease_seconds, now=now)
     if outputs is None:
         outputs = step_outputs(run, before_position=step.position) if step.position else {}
+    seen = transitions.started_from(run, outputs)
+    if transitions.step_inputs_changed(step, seen):  # never run on changed inputs silently
+        transitions.step_conflict(
+            step=step,
+            kind="changed_inputs",
+            error="its inputs changed since an earlier attempt started",
+            grants=grants,
+            from_statuses=[StepStatus.RUNNING],
+            current=seen,
+            proposed=step.started_from,
+        )
+        return _Start("conflict")
     verdict = None
     if spec.approval is not None:
         draft = list(outputs.values())[-1] if outputs else None
@@ -120,6 +132,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         locks=grants[1:],
         approval=verdict,
         approval_guard=_approval_guard(step, verdict) if verdict is not None else None,
+        started_from=seen,
         deadline_seconds=spec.timeout_seconds,
         # The connection a plain body's own queries share (for cancelling one past the
         # timeout); none on a coordination thread, which the body's queries never use.
@@ -416,6 +429,7 @@ def _gated(admission: Admission) -> bool:
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:
     try:
         with _fenced(ctx):
+            transitions.step_inputs_remember(ctx.step, ctx.started_from)
             retrying = transitions.step_retry_or_fail(
                 step=ctx.step,
                 actor=f"step:{ctx.step.key}",
@@ -432,6 +446,7 @@ def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: b
 def _finish_conflict(ctx: StepContext, kind: str, error: str, **details: Any) -> str:
     try:
         with _fenced(ctx):
+            transitions.step_inputs_remember(ctx.step, ctx.started_from)
             transitions.step_conflict(step=ctx.step, kind=kind, error=error, grants=ctx.grants(), **details)
     except StaleToken:
         return "stale"
@@ -448,6 +463,7 @@ def _time_out(ctx: StepContext) -> None:
     try:
         with _fenced(ctx):
             ctx.timed_out.set()
+            transitions.step_inputs_remember(step, ctx.started_from)
             pending = SideEffect.objects.filter(step=step, status=EffectStatus.PROPOSED).first()
             if pending is not None:
                 transitions.step_conflict(

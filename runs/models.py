@@ -138,7 +138,10 @@ class Step(models.Model):
     tool = models.CharField(max_length=100, blank=True)
     status = models.CharField(max_length=20, choices=StepStatus.choices, default=StepStatus.PENDING)
     attempt = models.PositiveIntegerField(default=0)
+    # What an earlier attempt that did not succeed started from (the run's input, the earlier
+    # steps' outputs) and its hash: a later attempt on different inputs is refused.
     input_hash = models.CharField(max_length=64, blank=True)
+    started_from = models.JSONField(null=True, blank=True)
     output = models.JSONField(null=True, blank=True)
     checkpoint = models.JSONField(null=True, blank=True)
     # Resolved when the step becomes ready (at run start for the first step), so admission

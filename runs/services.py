@@ -439,6 +439,7 @@ run_rewind = transitions.run_rewind
 step_await_approval = transitions.step_await_approval
 compensation_retry = transitions.compensation_retry
 compensation_mark_done = transitions.compensation_mark_done
+step_inputs_forget = transitions.step_inputs_forget
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:

@@ -164,6 +164,7 @@ def call_approval(
     call: ToolCall,
     request: dict[str, Any],
     policy: ApprovalPolicy,
+    started_from: dict[str, Any] | None = None,
 ) -> GateVerdict:
     """Ask the approval gate about this call. ``waiting``: its request is open and the step
     parked, holding nothing (``grants`` released), in this one transaction, so a decision that
@@ -180,6 +181,7 @@ def call_approval(
             run=run, step=step, call_key=call.key, tool=call.tool, request=request, policy=policy
         )
         if verdict.state == "waiting":
+            transitions.step_inputs_remember(step, started_from)  # it runs again once decided
             transitions.step_park(step=step, grants=grants, approval_id=verdict.approval_id, mid_step=True)
             ToolCall.objects.filter(pk=call.pk).update(
                 status=ToolCallStatus.AWAITING_APPROVAL,

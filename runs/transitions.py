@@ -40,6 +40,7 @@ from core.leases import (
     owned_sql,
 )
 from core.models import Lease, Role, User
+from core.validation import fingerprint
 from core.wakeups import wake_on_commit
 from runs import gates
 from runs.definitions import (
@@ -568,6 +569,35 @@ def step_resume(
     return True
 
 
+def started_from(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """What an attempt of a step starts from: the run's input and the earlier steps' outputs.
+    (A gated step's approved content is held by its approval's own guard.)"""
+    return {"input": run.input, "outputs": dict(outputs)}
+
+
+def step_inputs_changed(step: Step, seen: dict[str, Any]) -> bool:
+    """An earlier attempt of the step that did not succeed started from other inputs."""
+    return bool(step.input_hash) and step.input_hash != fingerprint(seen)
+
+
+def step_inputs_remember(step: Step, seen: dict[str, Any] | None) -> None:
+    """Record what an attempt that did not succeed (it will run again) started from, the first
+    time: a later attempt on different inputs is refused (``step_inputs_changed``). In the
+    attempt's ending transaction; success records nothing (a succeeded step never runs again)."""
+    if seen is not None and not step.input_hash:
+        Step.objects.filter(pk=step.pk, input_hash="").update(input_hash=fingerprint(seen), started_from=seen)
+
+
+def step_inputs_forget(*, step_ids: list[int], after: tuple[str, int, int] | None = None) -> None:
+    """These steps (and, ``after``: a run's steps between two positions) run on their inputs as
+    they are now: a reviewer said so, or the run was sent back on purpose."""
+    steps = Q(pk__in=step_ids)
+    if after is not None:
+        run_id, first, last = after
+        steps |= Q(run_id=run_id, position__gt=first, position__lt=last)
+    Step.objects.filter(steps).exclude(input_hash="").update(input_hash="", started_from=None)
+
+
 def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> bool:
     """Send a parked step's run back to an earlier step ("request changes" → redraft): that step
     is ready again and every step after it pending. Once, from ``waiting_approval`` only."""
@@ -584,6 +614,8 @@ def run_rewind(*, step: Step, to_step_key: str, actor: str, note: str = "") -> b
         status=StepStatus.PENDING, updated_at=now
     )
     Step.objects.filter(pk=target.pk).update(status=StepStatus.READY, available_at=now, updated_at=now)
+    # Sent back on purpose: these steps start from new inputs, remembered afresh.
+    step_inputs_forget(step_ids=[target.pk, step.pk], after=(step.run_id, target.position, step.position))
     Run.objects.filter(pk=step.run_id).update(status=RunStatus.RUNNING, updated_at=now)
     _event(step, "changes_requested", actor, back_to=to_step_key, note=note)
     wake_on_commit()

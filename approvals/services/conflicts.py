@@ -82,6 +82,11 @@ SUGGESTIONS: dict[str, str] = {
         "Two edits started from the same version; the first one stands. "
         "Keep it, or apply the other edit on top as a new version."
     ),
+    ConflictKind.CHANGED_INPUTS: (
+        "The step's inputs (the run's input and the earlier steps' outputs) are not what its earlier "
+        "attempt started from, so it was not run again. Compare the two: run it on the inputs as they "
+        "are now, or cancel the run."
+    ),
     ConflictKind.COMPENSATION_FAILED: (
         "Undoing a committed step kept failing, so the run is only partly compensated. Retry the "
         "compensation once the provider works again, or undo it by hand and mark it compensated; "

@@ -50,6 +50,7 @@ RESOLUTIONS = {
     ConflictKind.ENTITY_VERSION_MISMATCH: {"keep_current", "apply_proposed", "cancel_run"},
     ConflictKind.DUPLICATE_TRIGGER_PAYLOAD: {"acknowledge"},
     ConflictKind.CONCURRENT_EDIT: {"keep_current", "apply_proposed"},
+    ConflictKind.CHANGED_INPUTS: {"apply_proposed", "cancel_run"},
     ConflictKind.COMPENSATION_FAILED: {"retry_compensation", "mark_compensated"},
 }
 
@@ -138,6 +139,10 @@ def _apply_resolution(
     elif resolution == "mark_effect_not_sent" and conflict.effect is not None:
         ledger.effect_mark_not_sent(effect_id=conflict.effect.pk, actor=actor, note=note)
         if step is not None:
+            run_services.step_resume(step=step, actor=actor, from_statuses=in_conflict)
+    elif resolution == "apply_proposed" and conflict.kind == ConflictKind.CHANGED_INPUTS:
+        if step is not None:  # run on the inputs as they are now, remembered afresh
+            run_services.step_inputs_forget(step_ids=[step.pk])
             run_services.step_resume(step=step, actor=actor, from_statuses=in_conflict)
     elif resolution == "apply_proposed" and conflict.kind == ConflictKind.ENTITY_VERSION_MISMATCH:
         if step is not None:

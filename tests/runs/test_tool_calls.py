@@ -18,7 +18,7 @@ from django.db import connections
 from django.utils import timezone
 
 from approvals import services as approvals
-from approvals.models import ApprovalRequest, ApprovalStatus, Artifact
+from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact
 from core import coordination
 from core.models import Lease, Tenant, TenantQuota, User
 from runs.context import AsyncStepContext, StepContext
@@ -423,3 +423,50 @@ def test_sixteen_approvers_a_timeout_and_a_stale_delivery_race_one_call_sends_at
     assert check_invariants() == []
     # Then a normal run still goes through.
     assert finished(start(acme, customer="after")).status == RunStatus.SUCCEEDED
+
+
+frozen = workflow("test.frozen_inputs", description="a step that fails once after reading the draft")
+FROZEN_FAILED: set[str] = set()
+
+
+@frozen.step(lane="draft")
+def draft(ctx: StepContext) -> dict[str, Any]:
+    return {"text": "first draft"}
+
+
+@frozen.step(lane="external")
+def send(ctx: StepContext) -> dict[str, Any]:
+    text = ctx.outputs["draft"]["text"]
+    if ctx.run_id not in FROZEN_FAILED:
+        FROZEN_FAILED.add(ctx.run_id)
+        raise ConnectionError("the provider dropped the connection")
+    return {"sent": text}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("resolution", ["apply_proposed", "cancel_run"])
+def test_an_attempt_on_changed_inputs_is_refused_as_a_conflict_showing_both(
+    acme: Tenant, acme_reviewer: User, resolution: str
+) -> None:
+    run = run_start(tenant=acme, workflow=frozen.key, input={}, actor="agent").run
+    pump_until(lambda: Step.objects.get(run=run, key="send").attempt == 1)
+    send_step = Step.objects.get(run=run, key="send")
+    assert send_step.status == StepStatus.READY and send_step.input_hash  # what it started from, kept
+    assert send_step.started_from == {"input": {}, "outputs": {"draft": {"text": "first draft"}}}
+    # Between the attempts, the earlier step's output changes under the run.
+    Step.objects.filter(run=run, key="draft").update(output={"text": "a different draft"})
+    pump_until(lambda: Run.objects.get(pk=run.pk).status == RunStatus.CONFLICT)
+    conflict = ConflictArtifact.objects.get(run=run, kind="changed_inputs")
+    assert conflict.current == {"input": {}, "outputs": {"draft": {"text": "a different draft"}}}
+    assert conflict.proposed == {"input": {}, "outputs": {"draft": {"text": "first draft"}}}
+    assert Step.objects.get(pk=send_step.pk).output is None  # it did not run on them
+    approvals.conflict_resolve(
+        conflict=conflict, user=acme_reviewer, expected_version=1, resolution=resolution
+    )
+    done = finished(run) if resolution == "apply_proposed" else Run.objects.get(pk=run.pk)
+    if resolution == "apply_proposed":
+        assert done.status == RunStatus.SUCCEEDED
+        assert Step.objects.get(pk=send_step.pk).output == {"sent": "a different draft"}
+    else:
+        assert done.status == RunStatus.CANCELLED
+    assert check_invariants() == []
