@@ -394,6 +394,7 @@ def locks_acquire(
     policy: str = LockPolicy.WAIT,
     wait_timeout: float = 30.0,
     metadata: dict[str, Any] | None = None,
+    watch: Any = None,
 ) -> list[LeaseGrant]:
     """Take every entity lock in ``keys``, all or nothing.
 
@@ -402,6 +403,8 @@ def locks_acquire(
     another one needs. Raises LeaseHeld (``skip``, ``cancel_newest``) or LockTimeout (``wait``)
     when the locks cannot be had. Each attempt runs where this process does its database work
     (core.coordination); a ``wait`` waits between attempts here, holding no connection.
+    ``watch`` (core.deadlocks.WaitWatch): told after each attempt that had to wait, it records
+    the wait and raises LockDeadlock when the wait is one of a cycle and was chosen to give way.
     """
     wait = LockWait(keys, wait_timeout)
     while True:
@@ -416,7 +419,10 @@ def locks_acquire(
         )
         if grants is not None:
             return grants
-        time.sleep(wait.next_delay())
+        delay = wait.next_delay()
+        if watch is not None:
+            watch.check()
+        time.sleep(delay)
 
 
 class LockWait:

@@ -310,3 +310,26 @@ class Tally(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant_id} {self.minute:%H:%M} {self.name}={self.count}"
+
+
+class LockWaiter(models.Model):
+    """A holder waiting for entity locks in the middle of its work (``ctx.lock``, a governed
+    call's locks): who waits for which keys, since when. With the live leases (who holds them)
+    it is the wait-for graph ``core.deadlocks`` finds cycles in. The waiter refreshes
+    ``seen_at`` while it waits; a row it stopped refreshing (its process died) is ignored."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    holder = models.CharField(max_length=200)  # as its leases name it ("<run id>:<step key>")
+    keys = models.JSONField(default=list)
+    metadata = models.JSONField(default=dict, blank=True)  # run_id, step_id, step_key
+    policy = models.CharField(max_length=24, default="kill_youngest_waiter")
+    since = models.DateTimeField()
+    seen_at = models.DateTimeField()
+    # Set on the one waiter chosen to break a cycle: the cycle. Its wait raises LockDeadlock.
+    victim_of = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["tenant", "holder"], name="lock_waiter_unique_holder")]
+
+    def __str__(self) -> str:
+        return f"{self.holder} waits for {', '.join(self.keys)}"

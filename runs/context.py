@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from core import coordination, metrics, tracing
 from core.connections import BoundConnection, connection_for_run
+from core.deadlocks import WaitWatch
 from core.leases import (
     LeaseGrant,
     LockWait,
@@ -112,6 +113,7 @@ class StepContext:
     approval_guard: Callable[[], None] | None = None
     deadline_seconds: float = 300.0
     started_from: dict[str, Any] | None = None  # its inputs (runs.transitions.started_from)
+    deadlock_policy: str = "kill_youngest_waiter"  # its workflow's (core.deadlocks)
     backend_pid: int | None = None  # the PostgreSQL backend the body's queries run on
     timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)
@@ -264,18 +266,45 @@ class StepContext:
             raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease") from None
 
     def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
-        """Take entity locks for the rest of the step (released when it finishes)."""
-        grants = locks_acquire(  # its attempts on a coordination thread, its waits here
-            tenant_id=self.tenant_id,
-            keys=keys,
-            holder=f"{self.run_id}:{self.step_key}",
-            ttl=self.lease_seconds,
-            metadata={"run_id": self.run_id, "step_id": self.step.pk, "step_key": self.step_key},
-            policy=policy,
-            wait_timeout=wait_timeout,
+        """Take entity locks for the rest of the step (released when it finishes). A wait that
+        closes a cycle of waits (each holding a key the next one waits for) may be chosen to
+        give way: LockDeadlock (core.deadlocks), and the step is retried by its policy."""
+        grants = self._take_locks(
+            keys, policy=policy, wait_timeout=wait_timeout, metadata=self._lock_metadata()
         )
         with self._grants_lock:
             self.locks.extend(grants)
+
+    def _lock_metadata(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "step_id": self.step.pk, "step_key": self.step_key}
+
+    def _waiting(self, keys: list[str] | tuple[str, ...], metadata: dict[str, Any]) -> WaitWatch:
+        """The record of this step's wait for ``keys``, searched for cycles as it waits."""
+        return WaitWatch(
+            self.tenant_id,
+            f"{self.run_id}:{self.step_key}",
+            sorted(set(keys)),
+            metadata,
+            self.deadlock_policy,
+        )
+
+    def _take_locks(
+        self, keys: list[str] | tuple[str, ...], *, policy: str, wait_timeout: float, metadata: dict[str, Any]
+    ) -> list[LeaseGrant]:
+        watch = self._waiting(keys, metadata)
+        try:
+            return locks_acquire(  # its attempts on a coordination thread, its waits here
+                tenant_id=self.tenant_id,
+                keys=keys,
+                holder=f"{self.run_id}:{self.step_key}",
+                ttl=self.lease_seconds,
+                metadata=metadata,
+                policy=policy,
+                wait_timeout=wait_timeout,
+                watch=watch,
+            )
+        finally:
+            watch.end()
 
     def trace_headers(self) -> dict[str, str]:
         """The W3C ``traceparent`` (and ``tracestate``) of the span current here (inside an
@@ -336,13 +365,8 @@ class StepContext:
             fresh = sorted(set(locks) - self._held_keys())
             started = time.monotonic()
             if fresh:
-                grants = locks_acquire(
-                    tenant_id=self.tenant_id,
-                    keys=fresh,
-                    holder=f"{self.run_id}:{self.step_key}",
-                    ttl=self.lease_seconds,
-                    metadata=self._call_metadata(call),
-                    wait_timeout=wait_timeout,
+                grants = self._take_locks(
+                    fresh, policy="wait", wait_timeout=wait_timeout, metadata=self._call_metadata(call)
                 )
                 self._hold(grants)
                 call.held += grants
@@ -581,23 +605,37 @@ class AsyncStepContext:
         await self._coordinate(self.sync.heartbeat)
 
     async def lock(self, *keys: str, policy: str = "wait", wait_timeout: float = 30.0) -> None:
-        """Take entity locks for the rest of the step; a ``wait`` awaits between attempts."""
-        wait = LockWait(keys, wait_timeout)
-        while True:
-            grants = await self._coordinate(
-                locks_try_acquire,
-                tenant_id=self.tenant_id,
-                keys=keys,
-                holder=f"{self.run_id}:{self.step_key}",
-                ttl=self.sync.lease_seconds,
-                metadata={"run_id": self.run_id, "step_id": self.step.pk, "step_key": self.step_key},
-                policy=policy,
-            )
-            if grants is not None:
-                break
-            await asyncio.sleep(wait.next_delay())
+        """Take entity locks for the rest of the step; a ``wait`` awaits between attempts (and
+        may give way to a deadlock: ``StepContext.lock``)."""
+        grants = await self._take_locks(
+            keys, policy=policy, wait_timeout=wait_timeout, metadata=self.sync._lock_metadata()
+        )
         with self.sync._grants_lock:
             self.sync.locks.extend(grants)
+
+    async def _take_locks(
+        self, keys: list[str] | tuple[str, ...], *, policy: str, wait_timeout: float, metadata: dict[str, Any]
+    ) -> list[LeaseGrant]:
+        wait, watch = LockWait(keys, wait_timeout), self.sync._waiting(keys, metadata)
+        try:
+            while True:
+                grants = await self._coordinate(
+                    locks_try_acquire,
+                    tenant_id=self.tenant_id,
+                    keys=keys,
+                    holder=f"{self.run_id}:{self.step_key}",
+                    ttl=self.sync.lease_seconds,
+                    metadata=metadata,
+                    policy=policy,
+                )
+                if grants is not None:
+                    return grants
+                delay = wait.next_delay()
+                await self._coordinate(watch.check)
+                await asyncio.sleep(delay)
+        finally:
+            if watch.waiter_id is not None:
+                await asyncio.shield(self._coordinate(watch.end))
 
     async def tool(
         self,
@@ -623,18 +661,9 @@ class AsyncStepContext:
             fresh = sorted(set(locks) - sync._held_keys())
             started = time.monotonic()
             if fresh:
-                lock_wait = LockWait(fresh, wait_timeout)
-                while (
-                    grants := await self._coordinate(
-                        locks_try_acquire,
-                        tenant_id=self.tenant_id,
-                        keys=fresh,
-                        holder=f"{self.run_id}:{self.step_key}",
-                        ttl=sync.lease_seconds,
-                        metadata=sync._call_metadata(call),
-                    )
-                ) is None:
-                    await asyncio.sleep(lock_wait.next_delay())
+                grants = await self._take_locks(
+                    fresh, policy="wait", wait_timeout=wait_timeout, metadata=sync._call_metadata(call)
+                )
                 sync._hold(grants)
                 call.held += grants
                 call.lock_wait_ms = (time.monotonic() - started) * 1000

@@ -48,6 +48,7 @@ from typing import Any, TypeAlias
 
 import pydantic
 
+from core.deadlocks import DEADLOCK_POLICIES
 from core.validation import dotted_path, unstorable_values
 
 LANES = ("read", "draft", "external", "high_risk")
@@ -261,6 +262,8 @@ class Workflow:
     session: SessionPolicy = field(default_factory=SessionPolicy)
     declared_version: int | None = None
     connections: tuple[str, ...] = ()  # providers a run binds a connection for at start
+    # Which wait gives way when its steps' lock waits form a cycle (core.deadlocks).
+    deadlock_policy: str = "kill_youngest_waiter"
     # The digest and the steps it was computed from (a worker asks for it on every step).
     _digest: tuple[tuple[StepSpec, ...], str] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -403,6 +406,7 @@ def workflow(
     version: int | None = None,
     session: SessionPolicy | None = None,
     connections: tuple[str, ...] | list[str] = (),
+    deadlock_policy: str = "kill_youngest_waiter",
 ) -> Workflow:
     """Declare a workflow and register it under ``key``; ``input`` is the pydantic model its run
     input must fit (see the module docstring). ``version`` (an integer) lets two versions of
@@ -410,7 +414,11 @@ def workflow(
     the highest is the one new runs take. ``session`` says how runs of one session share it.
     ``connections`` names the providers (``crm``, ``messaging``, ...) whose connection a run
     binds when it starts; steps reach them with ``ctx.connection(provider)``.
+    ``deadlock_policy``: when lock waits of its steps close a cycle, which wait gives way —
+    ``kill_youngest_waiter`` (the default) or ``kill_oldest_waiter`` (core.deadlocks).
     """
+    if deadlock_policy not in DEADLOCK_POLICIES:
+        raise WorkflowDefinitionError(f"deadlock_policy must be one of {', '.join(DEADLOCK_POLICIES)}")
     earlier = VERSIONS.get(key, [])
     if any(w.declared_version == version for w in earlier) or (earlier and version is None):
         raise WorkflowDefinitionError(
@@ -436,6 +444,7 @@ def workflow(
         session=session or SessionPolicy(),
         declared_version=version,
         connections=tuple(connections),
+        deadlock_policy=deadlock_policy,
     )
     VERSIONS[key] = sorted([*earlier, declared], key=lambda w: w.declared_version or 0)
     REGISTRY[key] = VERSIONS[key][-1]

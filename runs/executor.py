@@ -87,7 +87,8 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         return _Start(outcome)
 
     try:
-        spec = get_workflow(run.workflow, run.workflow_version).spec(step.key)
+        definition = get_workflow(run.workflow, run.workflow_version)
+        spec = definition.spec(step.key)
     except UnknownWorkflow as exc:
         return fail(str(exc))
     lease_seconds = spec.lease_seconds or default_ttl
@@ -133,6 +134,7 @@ def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _
         approval=verdict,
         approval_guard=_approval_guard(step, verdict) if verdict is not None else None,
         started_from=seen,
+        deadlock_policy=definition.deadlock_policy,
         deadline_seconds=spec.timeout_seconds,
         # The connection a plain body's own queries share (for cancelling one past the
         # timeout); none on a coordination thread, which the body's queries never use.

@@ -67,6 +67,7 @@ def runs_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetim
                 "stale_token_write",
                 "locks_preempted",
                 "duplicate_trigger_payload",
+                "deadlock_detected",
             ],
         )
         .values_list("verb")
@@ -93,6 +94,7 @@ def runs_overview(tenant_ids: Sequence[int], slugs: dict[int, str], now: datetim
         "lease_expirations": events.get("step_lease_expired", 0),
         "stale_writes": events.get("stale_token_write", 0),
         "preemptions": events.get("locks_preempted", 0),
+        "deadlocks": events.get("deadlock_detected", 0),
         "duplicate_triggers": events.get("duplicate_trigger_payload", 0),
         "lock_wait": tallies.lock_wait_summary(counted),
         "lock_conflicts": counted.get(tallies.LOCK_CONFLICTS, 0),

@@ -10,8 +10,9 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from core import tracing
+from core.deadlocks import waits_for_board
 from core.leases import live_leases_filter
-from core.models import Lease, Tenant, User
+from core.models import Event, Lease, Tenant, User
 from core.selectors import AnyUser, scope_to_user
 from runs.definitions import LANES, REGISTRY
 from runs.dispatch import load_room
@@ -363,3 +364,28 @@ def board_caps(user: User, *, tenant: str = "") -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+DEADLOCKS_SHOWN = 10
+
+
+def board_waits(user: User, *, tenant: str = "") -> dict[str, Any]:
+    """The mid-step lock waits of the user's tenants (who waits for which key, held by whom,
+    for how long; a wait chosen to break a cycle shows the cycle), and the last hour's
+    deadlocks: the ownership board's view of waits that admission does not see."""
+    tenants = Tenant.objects.filter(memberships__user=user)
+    if tenant:
+        tenants = tenants.filter(slug=tenant)
+    tenant_ids = list(tenants.values_list("pk", flat=True))
+    deadlocks = Event.objects.filter(
+        tenant_id__in=tenant_ids,
+        verb="deadlock_detected",
+        created_at__gte=timezone.now() - timedelta(hours=1),
+    ).order_by("-id")
+    return {
+        "waits": waits_for_board(tenant_ids),
+        "deadlocks": [
+            {"at": event.created_at, "subject": event.subject, **event.payload}
+            for event in deadlocks[:DEADLOCKS_SHOWN]
+        ],
+    }

@@ -247,6 +247,7 @@ def lease_board(request: HtmxHttpRequest) -> HttpResponse:
     context = {
         "rows": selectors.ownership_board(user, **filters),
         "caps": selectors.board_caps(user, tenant=filters["tenant"]),
+        "waits": selectors.board_waits(user, tenant=filters["tenant"]),
         "filters": filters,
         "tenants": list(tenants_for_user(user).values_list("slug", flat=True)),
     }
