@@ -1,7 +1,8 @@
 """Demo scenarios that need the whole system: runs and the people around them.
 
 ``contention`` (``demo_traffic --scenario contention``) makes every console page show real
-content, against the live workers: a queue of runs waiting for one contact's lock, a record
+content, against the live workers: a deadlock between two merges (found and broken), an
+agent's refund waiting mid-step for approval, a queue of runs waiting for one contact's lock, a record
 changed by "a human" while a run held it (a version conflict), a notification slower than its
 step's timeout (an ambiguous effect: was it sent?), a trigger delivered twice with different
 payloads, and an approval whose draft an agent edited (the earlier approval is invalidated).
@@ -40,6 +41,17 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
     def start(workflow: str, data: dict[str, Any], **kwargs: Any) -> Run:
         return run_start(tenant=tenant, workflow=workflow, input=data, actor="demo_traffic", **kwargs).run
 
+    # Two merges of one pair in opposite directions: each holds one contact and waits for the
+    # other's lock — a deadlock, found and broken (one gives way, is retried, and both finish).
+    for keep, merge in ((5, 6), (6, 5)):
+        start("demo.merge_contacts", {"keep": keep, "merge": merge, "read_seconds": 1.0})
+    say("two merges of crm_contact:5 and :6 in opposite directions: a deadlock, broken (see /leases/)")
+    # An agent's refund above the limit: its step parks mid-way for a human's approval.
+    agent_run = start(
+        "demo.support_agent",
+        {"contact_id": 7, "ticket": "You charged me twice, please refund 150", "payment_id": "pay_7"},
+    )
+    say(f"an agent's refund of 150 (limit 100) waits for approval in the inbox ({agent_run.id})")
     # First what a worker must pick up soon (the review "a human" interferes with, the draft an
     # agent edits), then what only waits: the lock queue, behind one holder at a time.
     edited = start("demo.account_review", {"contact_id": 2, "review_seconds": 6})

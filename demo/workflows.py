@@ -20,6 +20,7 @@ from demo import sandbox
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import ApprovalPolicy, SessionPolicy, WorkflowInput, workflow
 from runs.gates import EntityChanged
+from runs.interrupts import Rejected
 
 
 def _not_a_boolean(value: Any) -> Any:
@@ -479,3 +480,183 @@ def confirm_order(ctx: StepContext) -> dict[str, Any]:
         "body": f"Order for {ctx.input['quantity']} × {ctx.input['sku']} confirmed.",
     }
     return {"message_id": send_message_once(ctx, to=str(contact["email"]), message=confirmation)}
+
+
+# demo.support_agent: an agent loop in one step. A planner decides each next tool call at
+# runtime (here a rules table stands in for the model, behind the call path a model client
+# would take); every call is governed (ctx.tool): counted under its tool's cap, recorded in the
+# ledger (a re-run of the step is answered from there), the CRM write under the contact's lock,
+# and a refund above REFUND_LIMIT approved by a human mid-step. Input: {"contact_id": 1,
+# "ticket": "The invoice was wrong, please refund 150", "payment_id": "pay_123"}
+
+REFUND_LIMIT = Decimal("100")
+
+
+class SupportTicketInput(WorkflowInput):
+    contact_id: RecordId
+    ticket: str = Field(min_length=1, max_length=2000)
+    payment_id: str = Field(default="pay_demo", min_length=1, max_length=60)
+
+
+class ScriptedPlanner:
+    """Stands in for a model: given the ticket and what the agent has observed so far, the
+    next tool to call and its arguments, from a rules table. Deterministic, so the demo runs
+    without a model download; a real client (``AsyncOpenAI``, ...) takes the same place."""
+
+    def plan(self, request: dict[str, Any]) -> dict[str, Any]:
+        seen, ticket = request["observed"], request["ticket"].lower()
+        refund = _refund_amount(ticket)
+        for tool, wanted in (
+            ("lookup_customer", True),
+            ("draft_reply", True),
+            ("refund", refund is not None),
+            ("update_crm", True),
+            ("send_reply", True),
+        ):
+            if wanted and tool not in seen:
+                return {"tool": tool, "amount": str(refund) if tool == "refund" else None}
+        return {"tool": "done"}
+
+    def draft(self, request: dict[str, Any]) -> dict[str, str]:
+        name = request["customer"]["name"]
+        if request.get("refund"):
+            body = f"Hello {name}, we are refunding {request['refund']} to you. Sorry for the trouble."
+        else:
+            body = f"Hello {name}, thank you for writing; we are on it."
+        return {"subject": "About your ticket", "body": body}
+
+
+PLANNER = ScriptedPlanner()
+
+
+def _refund_amount(ticket: str) -> Decimal | None:
+    if "refund" not in ticket:
+        return None
+    numbers = [word.strip(".,$€") for word in ticket.split()]
+    for word in numbers:
+        try:
+            return Decimal(word).quantize(Decimal("0.01"))
+        except InvalidOperation:
+            continue
+    return Decimal("10.00")
+
+
+support_agent = workflow(
+    "demo.support_agent",
+    description="An agent answers a ticket: its tool calls decided at runtime, each one governed",
+    input=SupportTicketInput,
+    connections=["crm", "messaging", "payments"],
+)
+
+
+@support_agent.step(lane="draft", timeout_seconds=120)
+def answer_ticket(ctx: StepContext) -> dict[str, Any]:
+    contact_id, ticket = int(ctx.input["contact_id"]), ctx.input["ticket"]
+    observed: dict[str, Any] = {}
+    while True:
+        # Each planning call is recorded too: a re-run of the step sees exactly what it saw.
+        decision = ctx.tool("llm", PLANNER.plan, request={"ticket": ticket, "observed": sorted(observed)})
+        tool = decision["tool"]
+        if tool == "done":
+            return {"contact_id": contact_id, "did": list(observed), "refund": observed.get("refund")}
+        if tool == "lookup_customer":
+            observed[tool] = ctx.tool(
+                "crm",
+                lambda req: sandbox.crm_get_contact(
+                    tenant_id=ctx.tenant_id, contact_id=req["contact_id"], connection=ctx.connection("crm")
+                ),
+                request={"contact_id": contact_id},
+            )
+        elif tool == "draft_reply":
+            observed[tool] = ctx.tool(
+                "llm",
+                PLANNER.draft,
+                request={"customer": observed["lookup_customer"], "refund": decision["amount"]},
+            )
+        elif tool == "refund":
+            observed[tool] = _refund(ctx, decision["amount"])
+        elif tool == "update_crm":
+            observed[tool] = ctx.tool(
+                "crm",
+                lambda req: sandbox.crm_update_contact(
+                    tenant_id=ctx.tenant_id,
+                    contact_id=req["contact_id"],
+                    changes=req["changes"],
+                    expected_version=req["expected_version"],
+                    key=f"{ctx.run_id}:update",
+                    connection=ctx.connection("crm"),
+                ),
+                request={
+                    "contact_id": contact_id,
+                    "changes": {"stage": "support"},
+                    "expected_version": observed["lookup_customer"]["version"],
+                },
+                locks=[f"crm_contact:{contact_id}"],
+            )
+        elif tool == "send_reply":
+            message = observed["draft_reply"]
+            observed[tool] = ctx.tool(
+                "messaging",
+                lambda req: sandbox.messaging_send(
+                    tenant_id=ctx.tenant_id,
+                    key=f"{ctx.run_id}:reply",
+                    connection=ctx.connection("messaging"),
+                    **req,
+                ),
+                request={"to": observed["lookup_customer"]["email"], **message},
+                external_ref=lambda sent: sent["message_id"],
+            )
+
+
+def _refund(ctx: StepContext, amount: str) -> dict[str, Any]:
+    """A refund above REFUND_LIMIT waits for a human (the step parks; approved, it goes on with
+    the approved, possibly edited, amount); a rejected one is answered in the reply instead."""
+    try:
+        return ctx.tool(
+            "payments",
+            lambda req: sandbox.payments_refund(
+                tenant_id=ctx.tenant_id,
+                payment_id=req["payment_id"],
+                amount=req["amount"],
+                key=f"{ctx.run_id}:refund",
+                connection=ctx.connection("payments"),
+            ),
+            request={"payment_id": ctx.input["payment_id"], "amount": amount},
+            approval=lambda req: Decimal(req["amount"]) > REFUND_LIMIT,
+            external_ref=lambda refund: refund["refund_id"],
+        )
+    except Rejected as refused:
+        return {"refused": refused.reason}
+
+
+# demo.merge_contacts: merges one CRM contact into another, holding the kept contact's lock
+# (declared) and then taking the merged one's mid-step. Two merges of the same pair in opposite
+# directions wait for each other: a deadlock, found and broken (one gives way and is retried).
+# Input: {"keep": 5, "merge": 6}
+
+
+class MergeContactsInput(WorkflowInput):
+    keep: RecordId
+    merge: RecordId
+    read_seconds: float = Field(default=1.0, ge=0, le=30, allow_inf_nan=False)
+
+
+merge_contacts = workflow(
+    "demo.merge_contacts",
+    description="Merge a contact into another, under both contacts' locks",
+    input=MergeContactsInput,
+    connections=["crm"],
+)
+
+
+# On the draft lane (many slots a worker process): the two merges run at once.
+@merge_contacts.step(lane="draft", tool="crm", locks=["crm_contact:{keep}"])
+def merge(ctx: StepContext) -> dict[str, Any]:
+    keep, merged = int(ctx.input["keep"]), int(ctx.input["merge"])
+    kept = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=keep, connection=ctx.connection("crm"))
+    time.sleep(float(ctx.input["read_seconds"]))  # reading the kept contact's history
+    ctx.lock(f"crm_contact:{merged}", wait_timeout=60)
+    gone = sandbox.crm_get_contact(
+        tenant_id=ctx.tenant_id, contact_id=merged, connection=ctx.connection("crm")
+    )
+    return {"kept": kept["id"], "merged": gone["id"], "name": kept["name"]}

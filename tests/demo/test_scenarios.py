@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from approvals.models import ApprovalRequest, ConflictArtifact
-from core.models import Tenant
+from core.models import Event, Tenant
 from demo.scenarios import contention
 from runs.models import Run, Step
 from tests.runs.cluster import Cluster, wait_for
@@ -18,6 +18,7 @@ def test_the_contention_scenario_produces_waits_and_every_kind_of_conflict_it_pr
     sandbox_acme: Tenant, cluster: Cluster
 ) -> None:
     cluster.worker("w1", concurrency=2)
+    cluster.worker("agents", ["draft"], concurrency=10, pool="threads")  # as the Procfile's draft lane
     cluster.beat()
     said: list[str] = []
     contention(sandbox_acme, said.append, wait_seconds=90, hold_seconds=3)
@@ -32,6 +33,13 @@ def test_the_contention_scenario_produces_waits_and_every_kind_of_conflict_it_pr
         lambda: cluster.logs() + "\n".join(said),
     )
     assert ApprovalRequest.objects.filter(status="invalidated").exists(), "the agent's edit invalidated it"
+    # The merges' deadlock was found and broken; both merged in the end.
+    merges = Run.objects.filter(workflow="demo.merge_contacts")
+    wait_for(lambda: merges.filter(status="succeeded").count() == 2, 60, cluster.logs)
+    assert Event.objects.filter(verb="deadlock_detected").count() == 1
+    # The agent's refund waits mid-step for a human: a call's approval, in the inbox.
+    refund = ApprovalRequest.objects.get(run__workflow="demo.support_agent", status="pending")
+    assert (refund.artifact.kind, refund.artifact_version.content["amount"]) == ("payments", "150.00")
     assert ApprovalRequest.objects.filter(status="pending").exists(), "its new version waits"
     wait_for(lambda: queue.filter(status="succeeded").count() == 4, 90, cluster.logs)
     # They queued for crm_contact:1: one review after another (two worker slots were free).

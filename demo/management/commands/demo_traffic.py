@@ -37,6 +37,17 @@ MIX: list[tuple[int, str, Callable[[], dict[str, Any]]]] = [
         "demo.invoice_payment",
         lambda: {"invoice_id": random.randint(1, 20), "amount": f"{random.randint(20, 300)}.00"},
     ),
+    (
+        10,
+        "demo.support_agent",  # refunds above 100 wait for an approval mid-step
+        lambda: {
+            "contact_id": random.randint(1, 20),
+            "ticket": random.choice(
+                ["Where is my order?", "Please refund 40, the item broke", "I was charged twice, refund 180"]
+            ),
+            "payment_id": f"pay_{random.randint(100, 999)}",
+        },
+    ),
 ]
 
 
