@@ -9,8 +9,10 @@ from core.api import api
 from core.connections_api import router as connections_router
 from core.security import ThrottledLoginView, throttled
 from runs.api import router as runs_router
+from runs.outside_api import router as outside_router
 
 api.add_router("/", runs_router)
+api.add_router("/", outside_router)
 api.add_router("/", approvals_router)
 api.add_router("/", connections_router)
 

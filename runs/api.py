@@ -172,7 +172,7 @@ def _over_quota(exc: services.QuotaExceeded) -> ApiError:
     )
 
 
-def _tenant_for_start(request: HttpRequest, slug: str) -> Any:
+def tenant_to_act_in(request: HttpRequest, slug: str) -> Any:
     user = request_user(request)
     if slug:
         return access.access_start_runs(user, slug)
@@ -199,7 +199,7 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
         raise ApiError(
             400, "invalid_request", "Idempotency-Key and trigger_event_id differ; send one of them."
         )
-    tenant = _tenant_for_start(request, payload.tenant)
+    tenant = tenant_to_act_in(request, payload.tenant)
     try:
         start = services.run_start(
             tenant=tenant,

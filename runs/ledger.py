@@ -74,7 +74,8 @@ def _proposer_is_live(effect: SideEffect) -> bool:
 def _propose(
     *,
     key: str,
-    run: Run,
+    tenant_id: int,
+    run: Run | None,
     step: Step | None,
     kind: str,
     request: dict[str, Any],
@@ -85,7 +86,7 @@ def _propose(
     return SideEffect.objects.get_or_create(
         idempotency_key=key,
         defaults={
-            "tenant_id": run.tenant_id,
+            "tenant_id": tenant_id,
             "run": run,
             "step": step,
             "kind": kind,
@@ -93,7 +94,7 @@ def _propose(
             "request_fingerprint": request_fingerprint,
             "proposer_lease_id": lease.id if lease else None,
             "proposer_token": lease.token if lease else None,
-            "context": run.contract(attempt=step.attempt if step else None),
+            "context": run.contract(attempt=step.attempt if step else None) if run else {},
         },
     )
 
@@ -205,7 +206,7 @@ def effect_traced(span: Span, state: EffectOutcome | EffectClaim) -> None:
 
 def effect_claim(
     *,
-    run: Run,
+    run: Run | None,
     step: Step | None,
     kind: str,
     request: dict[str, Any] | None = None,
@@ -213,11 +214,17 @@ def effect_claim(
     lease: LeaseGrant | None = None,
     external_ref: Callable[[Any], str] | None = None,
     guard: Callable[[], None] | None = None,
+    tenant_id: int | None = None,
 ) -> EffectOutcome | EffectClaim:
     """Steps 1 and 2 of ``effect_execute``: the recorded outcome when there is one to replay,
-    else the claim this caller now owns and must settle. Raises as ``effect_execute`` does."""
+    else the claim this caller now owns and must settle. Raises as ``effect_execute`` does.
+    ``run`` None: an agent outside Runwarden (``tenant_id``, and its own key, given)."""
     refuse_inside_transaction()
-    key = idempotency_key or f"{run.id}:{step.key if step else '-'}:{kind}"
+    if run is None:
+        assert tenant_id is not None and idempotency_key, "an outside effect names its tenant and key"
+    else:
+        tenant_id = run.tenant_id
+    key = idempotency_key or f"{run.id if run else '-'}:{step.key if step else '-'}:{kind}"
     request = request or {}
     request_fingerprint = fingerprint(request)
     with transaction.atomic():
@@ -229,6 +236,7 @@ def effect_claim(
             guard()
         effect, created = _propose(
             key=key,
+            tenant_id=tenant_id,
             run=run,
             step=step,
             kind=kind,

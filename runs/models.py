@@ -239,7 +239,8 @@ class SideEffect(models.Model):
     outcome whose proposer is gone is ambiguous (did it happen?) and goes to review."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="effects")
+    # None for an agent outside Runwarden recording its effects over the API (runs.outside).
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="effects", null=True, blank=True)
     step = models.ForeignKey(Step, on_delete=models.CASCADE, related_name="effects", null=True, blank=True)
     kind = models.CharField(max_length=100)
     idempotency_key = models.CharField(max_length=300, unique=True)
