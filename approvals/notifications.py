@@ -1,4 +1,5 @@
-"""Notifications of what waits for people: a new approval request, an escalation.
+"""Notifications of what waits for people: a new approval request, an escalation; and, for an
+agent outside Runwarden waiting on a person, the decision (``approval_decided``).
 
 Each is an outbox message written in the transaction that opened the request (so it exists
 exactly when the request does), keyed by request and version. The drainer delivers it:
@@ -26,7 +27,7 @@ from core.connections import decrypt_secret
 from core.models import Connection, OutboxMessage
 from core.outbox import deliver_in_app, outbox_enqueue
 
-KINDS = ("approval_requested", "approval_escalated")
+KINDS = ("approval_requested", "approval_escalated", "approval_decided")
 WEBHOOK_PROVIDER = "webhook"
 WEBHOOK_TIMEOUT_SECONDS = 5
 
@@ -43,6 +44,7 @@ def notify(request: Any, kind: str) -> None:
         kind=kind,
         payload={
             "approval_id": request.pk,
+            "status": request.status,
             "run_id": request.run_id,
             "step_id": request.step_id,
             "eligible_roles": ["admin"] if request.escalated else list(request.eligible_roles),

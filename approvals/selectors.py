@@ -22,10 +22,11 @@ from approvals.models import (
     ConflictKind,
     ConflictStatus,
 )
+from approvals.workflows import ACTION_CALL
 from core.models import Membership, Notification, Role
 from core.selectors import AnyUser, scope_to_user
 from runs.explain import Wait
-from runs.models import Step, StepStatus
+from runs.models import Run, RunStatus, Step, StepStatus
 
 
 def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> QuerySet[ApprovalRequest]:
@@ -331,3 +332,34 @@ def notifications_for_user(user: AnyUser, limit: int = 10) -> list[NotificationL
         )
         for row in rows[:limit]
     ]
+
+
+def outside_decision(run: Run) -> dict[str, Any]:
+    """Where the human decision on an outside agent's proposed action stands: ``pending`` (its
+    request is not open yet, or waits), ``approved`` with the action as approved (possibly
+    edited), ``rejected`` or ``expired`` with the reason, ``withdrawn`` (its run was cancelled)."""
+    request = (
+        ApprovalRequest.objects.filter(run=run, artifact__call_key=ACTION_CALL)
+        .select_related("artifact", "artifact_version", "decided_by")
+        .order_by("-id")
+        .first()
+    )
+    answer: dict[str, Any] = {"id": run.pk, "status": "pending", "approval_id": None, "action": None,
+                              "reason": "", "decided_by": None, "decided_at": None}  # fmt: skip
+    if run.status == RunStatus.CANCELLED:
+        answer["status"] = "withdrawn"
+    if request is None:
+        return answer
+    answer.update(
+        approval_id=request.pk,
+        decided_by=request.decided_by.get_username() if request.decided_by else None,
+        decided_at=request.decided_at,
+    )
+    latest = request.artifact_version.number == request.artifact.latest_version
+    if request.status == ApprovalStatus.APPROVED and latest:
+        answer.update(status="approved", action=request.artifact_version.content)
+    elif request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED):
+        answer.update(status=str(request.status), reason=request.comment or str(request.status))
+    elif request.status == ApprovalStatus.WITHDRAWN:
+        answer.update(status="withdrawn", reason=request.comment)
+    return answer

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from approvals.api import router as approvals_router
+from approvals.outside_api import router as outside_approvals_router
 from core import views
 from core.api import api
 from core.connections_api import router as connections_router
@@ -14,6 +15,7 @@ from runs.outside_api import router as outside_router
 api.add_router("/", runs_router)
 api.add_router("/", outside_router)
 api.add_router("/", approvals_router)
+api.add_router("/", outside_approvals_router)
 api.add_router("/", connections_router)
 
 core_patterns = (

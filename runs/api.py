@@ -162,7 +162,7 @@ class RunPage(Schema):
     next_cursor: str | None
 
 
-def _over_quota(exc: services.QuotaExceeded) -> ApiError:
+def over_quota(exc: services.QuotaExceeded) -> ApiError:
     return ApiError(
         429,
         "queue_depth_exceeded",
@@ -225,7 +225,7 @@ def run_start(request: HttpRequest, payload: RunIn, response: HttpResponse) -> S
     except services.TriggerPayloadMismatch as exc:
         raise ApiError(409, "idempotency_key_reused", str(exc), {"run_id": exc.run_id}) from None
     except services.QuotaExceeded as exc:
-        raise _over_quota(exc) from None
+        raise over_quota(exc) from None
     except SessionOverflow as exc:
         raise ApiError(
             429,
@@ -355,7 +355,7 @@ def run_replay(request: HttpRequest, run_id: str) -> Status[dict[str, Any]]:
             422, "invalid_input", f"The input does not fit workflow {run.workflow}.", {"fields": exc.fields}
         ) from None
     except services.QuotaExceeded as exc:
-        raise _over_quota(exc) from None
+        raise over_quota(exc) from None
     except SessionOverflow as exc:
         raise ApiError(429, "session_busy", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     return Status(201, selectors.run_detail(replay))

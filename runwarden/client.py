@@ -1,12 +1,14 @@
-"""A thin typed client for agents that run outside Runwarden: entity leases with fencing tokens
-and the side-effect ledger, over the HTTP API (``/api/v1/leases/...``, ``/api/v1/effects``). The
-standard library only; ``AsyncRunwarden`` runs the same calls off the event loop.
+"""A thin typed client for agents that run outside Runwarden: entity leases with fencing tokens,
+the side-effect ledger, and a human's decision on a proposed action, over the HTTP API
+(``/api/v1/leases/...``, ``/api/v1/effects``, ``/api/v1/outside/approvals``). The standard
+library only; ``AsyncRunwarden`` runs the same calls off the event loop.
 
     rw = Runwarden("http://127.0.0.1:8000", token="...", tenant="acme")
     lease = rw.acquire("crm_contact:42", holder="billing-agent", ttl=30)
     refund = rw.effect("refund-ticket-981", "payments.refund", lambda: payments.refund(...),
                        request={"amount": "150.00"}, lease=lease)   # once, even when retried
     rw.release(lease)
+    decided = rw.decision(rw.ask_approval("payments.refund", {"amount": "150.00"}), wait=60)
 
 A write made with a lease that expired, was released or was taken over is refused
 (``StaleToken``): acquire the lease again and re-read before writing.
@@ -71,14 +73,19 @@ class Runwarden:
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps({"tenant": self.tenant, **body}).encode()
+        return self._call(path, data, "POST")
+
+    def _call(
+        self, path: str, data: bytes | None, method: str, timeout: float | None = None
+    ) -> dict[str, Any]:
         request = urllib.request.Request(
             f"{self.base_url}/api/v1{path}",
             data=data,
-            method="POST",
+            method=method,
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
                 raw = response.read()
                 answer: dict[str, Any] = json.loads(raw) if raw else {}
                 answer["_status"] = response.status
@@ -132,6 +139,32 @@ class Runwarden:
         }
         return self._post("/effects/outcome", body)
 
+    def ask_approval(
+        self,
+        kind: str,
+        action: dict[str, Any],
+        *,
+        required: int = 1,
+        timeout_seconds: float | None = None,
+        idempotency_key: str = "",
+    ) -> str:
+        """Ask a human to decide on ``action`` (it shows in the inbox): the decision's id."""
+        body = {
+            "kind": kind,
+            "action": action,
+            "required": required,
+            "timeout_seconds": timeout_seconds,
+            "idempotency_key": idempotency_key,
+        }
+        return str(self._post("/outside/approvals", body)["id"])
+
+    def decision(self, decision_id: str, *, wait: float = 0) -> dict[str, Any]:
+        """Where it stands (``status``: pending, approved — perform ``action``, as approved —,
+        rejected, expired, withdrawn); ``wait`` up to 60 s for it to be decided."""
+        return self._call(
+            f"/outside/approvals/{decision_id}?wait={wait:g}", None, "GET", timeout=wait + self.timeout
+        )
+
     def effect(
         self,
         key: str,
@@ -171,6 +204,12 @@ class AsyncRunwarden:
 
     async def release(self, lease: Lease) -> None:
         await asyncio.to_thread(self.sync.release, lease)
+
+    async def ask_approval(self, kind: str, action: dict[str, Any], **options: Any) -> str:
+        return await asyncio.to_thread(self.sync.ask_approval, kind, action, **options)
+
+    async def decision(self, decision_id: str, *, wait: float = 0) -> dict[str, Any]:
+        return await asyncio.to_thread(self.sync.decision, decision_id, wait=wait)
 
     async def effect(
         self,

@@ -23,6 +23,7 @@ from approvals.models import (
 )
 from approvals.services.conflicts import settle_conflicts
 from approvals.services.gate import artifact_policy, spec_of
+from approvals.workflows import OUTSIDE_APPROVAL
 from core import metrics, rawsql, tracing
 from core import services as core_services
 from core.access import member_role_check
@@ -160,6 +161,8 @@ def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment
             "comment": comment,
         },
     )
+    if request.status != ApprovalStatus.PENDING and step.run.workflow == OUTSIDE_APPROVAL:
+        notifications.notify(request, "approval_decided")  # the outside agent's webhook
     if request.status == ApprovalStatus.APPROVED:
         # Resumes a waiting step; also a step held in conflict because an edit made its
         # earlier approval stale — approving the new version settles that conflict.
@@ -274,6 +277,8 @@ def _expire(request: ApprovalRequest, fallback: str, now: Any) -> bool:
     if won != 1:
         return False
     approval_traced(request, verb.removeprefix("approval_"), "timeout", decided_at=now)
+    if fallback != "escalate" and request.step.run.workflow == OUTSIDE_APPROVAL:
+        notifications.notify(ApprovalRequest.objects.get(pk=request.pk), "approval_decided")
     core_services.event_record(
         tenant=request.tenant_id, subject=f"run:{request.run_id}", verb=verb, actor="timeout",
         payload={"approval_id": request.pk},

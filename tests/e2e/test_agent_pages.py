@@ -4,12 +4,16 @@ shows each tool call on the timeline and in its table. axe-core finds nothing on
 
 from __future__ import annotations
 
+import threading
+
 from playwright.sync_api import Page, expect
 
 from approvals.models import ApprovalRequest, ApprovalStatus
-from core.models import Tenant
+from core.models import Tenant, User
+from core.services import api_token_issue
 from runs.models import Run, RunStatus, ToolCall
 from runs.services import run_start
+from runwarden.client import Runwarden
 from tests.approvals.helpers import pump, pump_until
 from tests.e2e.conftest import login, screenshot
 from tests.e2e.helpers import elsewhere, go_live
@@ -58,3 +62,35 @@ def test_an_operator_approves_an_agents_refund_mid_step_and_sees_its_calls(
     page.wait_for_load_state("networkidle")
     assert _violations(page) == []
     screenshot(page, "run-detail-tool-calls")
+
+
+def outside_agent_asks(token: str, base_url: str) -> str:
+    """An agent outside Runwarden asks, over HTTP, for a refund to be approved."""
+    return Runwarden(base_url, token=token, tenant="acme").ask_approval(
+        "payments.refund", {"amount": "75.00"}
+    )
+
+
+def test_an_outside_agents_request_is_decided_in_the_browser_and_its_long_poll_returns_it(
+    live_console: str, page: Page
+) -> None:
+    token = elsewhere(lambda: api_token_issue(user=User.objects.get(username="admin"), name="outside agent"))
+    decision_id = outside_agent_asks(token, live_console)
+    elsewhere(pump)  # a worker opens the request
+    request = elsewhere(lambda: ApprovalRequest.objects.get(run_id=decision_id))
+    answers: list[dict] = []
+
+    def long_poll() -> None:
+        answers.append(Runwarden(live_console, token=token).decision(decision_id, wait=30))
+
+    waiting = threading.Thread(target=long_poll)
+    waiting.start()
+    login(page, live_console, "operator")
+    go_live(page, live_console, "/approvals/")
+    card = page.locator(f"#approval-{request.pk}")
+    expect(card).to_contain_text("payments.refund call #action")
+    card.get_by_role("button", name="Approve", exact=True).click()
+    expect(card.locator(".badge")).to_have_text("approved")
+    waiting.join(40)
+    assert answers and answers[0]["status"] == "approved", answers
+    assert answers[0]["action"] == {"amount": "75.00"} and answers[0]["decided_by"] == "operator"

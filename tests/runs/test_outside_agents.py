@@ -9,20 +9,25 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.db import connections
 from django.test import Client
 from django.utils import timezone
 
+from approvals import services as approvals
+from approvals.models import ApprovalRequest, Artifact
 from core import services
-from core.models import Lease, Tenant, User
+from core.models import Lease, OutboxMessage, Tenant, User
 from runs.models import EffectStatus, Run, RunStatus, SideEffect
 from runs.services import run_start
-from tests.approvals.helpers import pump_until
-from tests.conftest import bearer_client
+from tests.approvals.helpers import pump, pump_until
+from tests.conftest import bearer_client, make_member
 from tests.servers import ROOT, base_env, console_server, database_url
 
 
@@ -172,3 +177,62 @@ def test_an_outside_process_using_only_http_is_fenced_out_once_its_lease_expires
     }
     effect = SideEffect.objects.get(tenant=acme)
     assert (effect.status, effect.result, effect.run_id) == (EffectStatus.COMMITTED, {"note": 1}, None)
+
+
+def ask(client: Client, **body: Any) -> Any:
+    return post(
+        client, "/outside/approvals", {"kind": "payments.refund", "action": {"amount": "150.00"}, **body}
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_outside_agent_asks_a_human_and_long_polls_the_decision_an_edit_included(
+    acme: Tenant, acme_operator: User, acme_admin: User, globex_operator: User
+) -> None:
+    agent = bearer_client(acme_operator)
+    asked = ask(agent, agent="billing-bot", idempotency_key="refund-ticket-1")
+    assert asked.status_code == 201, asked.content
+    decision_id = asked.json()["id"]
+    assert asked.json()["status"] == "pending"
+    assert ask(agent, agent="billing-bot", idempotency_key="refund-ticket-1").json()["id"] == decision_id
+    pump()  # a worker opens the request: it is in the inbox
+    request = ApprovalRequest.objects.get(run_id=decision_id, status="pending")
+    assert agent.get(f"/api/v1/outside/approvals/{decision_id}").json()["approval_id"] == request.pk
+    assert bearer_client(globex_operator).get(f"/api/v1/outside/approvals/{decision_id}").status_code == 404
+
+    # An admin lowers the amount; the agent's own user may not approve what it proposed.
+    artifact = Artifact.objects.get(pk=request.artifact_id)
+    approvals.artifact_edit(
+        artifact=artifact, user=acme_admin, expected_version=1, content={"amount": "90.00"}
+    )
+    newest = ApprovalRequest.objects.get(run_id=decision_id, status="pending")
+    with pytest.raises(approvals.DecisionForbidden):
+        approvals.approval_decide(request=newest, user=acme_operator, decision="approve", expected_version=1)
+    other = make_member("second-operator", acme, "operator")
+
+    def decide_soon() -> None:
+        time.sleep(0.5)
+        try:
+            approvals.approval_decide(request=newest, user=other, decision="approve", expected_version=1)
+        finally:
+            connections.close_all()
+
+    deciding = threading.Thread(target=decide_soon)
+    deciding.start()
+    waited = agent.get(f"/api/v1/outside/approvals/{decision_id}?wait=20").json()
+    deciding.join()
+    assert waited["status"] == "approved" and waited["action"] == {"amount": "90.00"}, waited
+    assert waited["decided_by"] == "second-operator"
+    assert OutboxMessage.objects.filter(kind="approval_decided", payload__run_id=decision_id).exists()
+    pump_until(lambda: Run.objects.get(pk=decision_id).status == RunStatus.SUCCEEDED)
+
+    rejected = ask(agent).json()["id"]
+    pump()
+    approvals.approval_decide(
+        request=ApprovalRequest.objects.get(run_id=rejected, status="pending"),
+        user=other, decision="reject", expected_version=1, comment="not this one",
+    )  # fmt: skip
+    answer = agent.get(f"/api/v1/outside/approvals/{rejected}?wait=5").json()
+    assert (answer["status"], answer["reason"], answer["action"]) == ("rejected", "not this one", None)
+    bad = ask(agent, kind="no spaces allowed")
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_input"
