@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(BIN)/python manage.py seed_demo && \
 	echo "" && echo "Runwarden console: http://127.0.0.1:$(PORT)/  (log in as operator / runwarden)" && \
 	echo "Start demo runs from another shell (same DATABASE_URL/REDIS_URL, if any): make demo" && \
-	echo "Or fill every page (lock waits, conflicts, an edited approval): make demo SCENARIO=contention" && echo "" && \
+	echo "Or fill every page (lock waits, conflicts, an edited approval, a deadlock): make demo SCENARIO=contention" && echo "" && \
 	if [ -n "$$DATABASE_URL" ] && [ -n "$$REDIS_URL" ]; then \
 		rm -rf var/prometheus && mkdir -p var/prometheus && \
 		PROMETHEUS_MULTIPROC_DIR="$(CURDIR)/var/prometheus" \
@@ -40,11 +40,13 @@ run: $(STAMP)
 	fi
 
 # Demo traffic against the console `make run` serves (run it with the same DATABASE_URL and
-# REDIS_URL, if any): SCENARIO=mix (RUNS runs of the demo workflows) or contention.
+# REDIS_URL, if any): SCENARIO=mix (RUNS runs of the demo workflows), contention, or outside (an
+# agent outside Runwarden calling the console on PORT over HTTP).
 SCENARIO ?= mix
 RUNS ?= 50
 demo: $(STAMP)
-	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py demo_traffic --tenant acme --scenario $(SCENARIO) --runs $(RUNS)
+	DEBUG=$${DEBUG:-1} $(BIN)/python manage.py demo_traffic --tenant acme --scenario $(SCENARIO) --runs $(RUNS) \
+		--url http://127.0.0.1:$(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

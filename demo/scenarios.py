@@ -18,10 +18,12 @@ from django.utils import timezone
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus
-from core.models import Role, Tenant, User
+from core import services as core_services
+from core.models import Membership, Role, Tenant, User
 from demo import sandbox
 from runs.models import Run, Step, StepStatus
 from runs.services import TriggerPayloadMismatch, run_start
+from runwarden.client import Runwarden
 
 Say = Callable[[str], None]
 
@@ -103,8 +105,30 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
 def _agent(tenant: Tenant) -> User:
     """The drafting agent's account: an operator of the tenant (editing a draft is an operator's
     act), so its edits are attributed; it cannot approve the version it wrote."""
-    from core.models import Membership
-
     agent, _ = User.objects.get_or_create(username="drafting-agent", defaults={"email": "agent@example.com"})
     Membership.objects.get_or_create(user=agent, tenant=tenant, defaults={"role": Role.OPERATOR})
     return agent
+
+
+def outside_agent(tenant: Tenant, say: Say, *, base_url: str, wait_seconds: float = 5) -> None:
+    """An agent that runs outside Runwarden, speaking only HTTP through ``runwarden.client``
+    to the console at ``base_url``: it takes a contact's lease, records a note through the
+    ledger under it (asked twice, written once), and asks a human to approve a refund — which
+    then waits in the inbox, and the agent's long-poll answers when someone decides."""
+    agent, _ = User.objects.get_or_create(username="outside-agent", defaults={"email": "outside@example.com"})
+    Membership.objects.get_or_create(user=agent, tenant=tenant, defaults={"role": Role.OPERATOR})
+    rw = Runwarden(
+        base_url,
+        token=core_services.api_token_issue(user=agent, name="demo outside agent"),
+        tenant=tenant.slug,
+    )
+    lease = rw.acquire("crm_contact:8", holder="outside-agent", ttl=30)
+    stamp = timezone.now().strftime("%H%M%S")
+    note = {"note": "called the customer"}
+    for _ in range(2):  # a retry of the agent's own: answered from the ledger
+        rw.effect(f"note-{stamp}", "crm.note", lambda: note, request={"contact": 8}, lease=lease)
+    rw.release(lease)
+    say(f"an outside agent held crm_contact:8 (token {lease.token}) and wrote one note through the ledger")
+    decision = rw.ask_approval("payments.refund", {"payment_id": "pay_8", "amount": "180.00"})
+    answer = rw.decision(decision, wait=wait_seconds)
+    say(f"an outside agent's refund of 180 waits in the inbox ({decision}): {answer['status']}")

@@ -4,13 +4,16 @@ approval invalidated by an agent's edit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from approvals.models import ApprovalRequest, ConflictArtifact
 from core.models import Event, Tenant
-from demo.scenarios import contention
-from runs.models import Run, Step
+from demo.scenarios import contention, outside_agent
+from runs.models import Run, SideEffect, Step
 from tests.runs.cluster import Cluster, wait_for
+from tests.servers import base_env, console_server, database_url
 
 
 @pytest.mark.timeout(240)
@@ -47,3 +50,23 @@ def test_the_contention_scenario_produces_waits_and_every_kind_of_conflict_it_pr
     for earlier, later in zip(reviews, reviews[1:], strict=False):
         assert earlier.finished_at is not None and later.started_at is not None
         assert later.started_at >= earlier.finished_at, "two reviews held crm_contact:1 at once"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.django_db(transaction=True)
+def test_the_outside_scenario_speaks_only_http_through_the_client(
+    sandbox_acme: Tenant, tmp_path: Path
+) -> None:
+    env = base_env(DEBUG="1", DATABASE_URL=database_url())
+    said: list[str] = []
+    with console_server(env, tmp_path / "serve.log") as url:
+        outside_agent(sandbox_acme, said.append, base_url=url, wait_seconds=0.5)
+    effect = SideEffect.objects.get(tenant=sandbox_acme, kind="crm.note")
+    assert (effect.status, effect.run_id, effect.attempts) == (
+        "committed",
+        None,
+        1,
+    )  # asked twice, written once
+    decision = Run.objects.get(workflow="runwarden.outside_approval")
+    assert decision.input["action"] == {"payment_id": "pay_8", "amount": "180.00"}
+    assert len(said) == 2 and "pending" in said[1], said

@@ -59,9 +59,13 @@ class Command(BaseCommand):
         parser.add_argument("--runs", type=int, default=50)
         parser.add_argument(
             "--scenario",
-            choices=["mix", "contention"],
+            choices=["mix", "contention", "outside"],
             default="mix",
-            help="mix: a realistic mix of runs; contention: lock waits, conflicts, an edited approval",
+            help="mix: a realistic mix of runs; contention: lock waits, conflicts, an edited approval, "
+            "a deadlock; outside: an agent outside Runwarden over HTTP (needs the console at --url)",
+        )
+        parser.add_argument(
+            "--url", default="http://127.0.0.1:8000", help="the console, for --scenario outside"
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -76,6 +80,11 @@ class Command(BaseCommand):
                 self.stdout.flush()  # each line as it happens: the scenario waits for workers
 
             contention(tenant, say)
+            return
+        if options["scenario"] == "outside":
+            from demo.scenarios import outside_agent
+
+            outside_agent(tenant, lambda line: self.stdout.write(line), base_url=options["url"])
             return
         weights = [w for w, _, _ in MIX]
         started = 0
