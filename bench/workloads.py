@@ -11,7 +11,10 @@ import it too, since many tests start the cheapest run there is, ``bench.noop``.
 - ``bench.gated_effect``: the same with one effect in the gated step, 20 ms at a stand-in
   provider (the console's real path: approve over HTTP, the effect through the ledger);
 - ``bench.agent_io``: one async step awaiting a 1 s stand-in for a model call (lane draft);
-- ``bench.keyed``: one async step holding its entity key's lock for 50 ms (lane draft).
+- ``bench.keyed``: one async step holding its entity key's lock for 50 ms (lane draft);
+- ``bench.tool_agent``: one async step making ``calls`` governed calls of the ``bench_tool``
+  tool (20 ms each at a stand-in provider), under whatever cap the bench gives that tool;
+- ``bench.tool_approval``: one async step whose one governed call (20 ms) a human approves.
 """
 
 from __future__ import annotations
@@ -118,3 +121,43 @@ async def _hold_key(ctx: AsyncStepContext) -> dict[str, Any]:
 
 
 KEY_HOLD_SECONDS = 0.05
+
+
+TOOL_CALL_SECONDS = 0.02
+BENCH_TOOL = "bench_tool"
+
+
+class ToolAgentInput(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    calls: int = pydantic.Field(default=5, ge=1, le=100)
+
+
+bench_tool_agent = workflow(
+    "bench.tool_agent",
+    description="An agent step of governed tool calls (for make bench)",
+    input=ToolAgentInput,
+)
+
+
+async def _tool_call(request: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(TOOL_CALL_SECONDS)  # the provider
+    return {"n": request["n"]}
+
+
+@bench_tool_agent.step(key="calls", lane="draft")
+async def _make_calls(ctx: AsyncStepContext) -> dict[str, Any]:
+    for n in range(int(ctx.input.get("calls", 5))):
+        await ctx.tool(BENCH_TOOL, _tool_call, request={"n": n})
+    return {}
+
+
+bench_tool_approval = workflow(
+    "bench.tool_approval",
+    description="One governed call a human approves mid-step (for make bench)",
+    input=BenchInput,
+)
+
+
+@bench_tool_approval.step(key="call", lane="draft")
+async def _approved_call(ctx: AsyncStepContext) -> dict[str, Any]:
+    return await ctx.tool(BENCH_TOOL, _tool_call, request={"n": 0}, approval=True)

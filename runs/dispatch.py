@@ -216,21 +216,24 @@ def _adapt(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
-def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
-    """Count live holders (admitted steps whose lease is live) per scope in one query.
-    ``pools_max_age``: how old this process's last read of the worker pools may be."""
+def load_room(now: datetime, *, pools_max_age: float = 0.0, tool: str = "") -> Room:
+    """Count live holders (admitted steps whose lease is live, governed calls running with a
+    live slot) per scope in one query. ``pools_max_age``: how old this process's last read of
+    the worker pools may be. ``tool``: only that tool's holders are counted (a call's slot
+    looks at its tool's scopes alone, and the count stays short under the admission lock)."""
+    only = "AND s.tool = %s" if tool else ""
     sql = f"""
         SELECT s.tenant_id, r.workflow, s.lane, s.tool, COUNT(*)
         FROM runs_step s
         JOIN runs_run r ON r.id = s.run_id
         JOIN core_lease l ON l.id = s.lease_id AND l.token = s.lease_token
-        WHERE s.status IN ({rawsql.sql_strings(*transitions.ADMITTED)}) AND {live_lease_sql("l")}
+        WHERE s.status IN ({rawsql.sql_strings(*transitions.ADMITTED)}) AND {live_lease_sql("l")} {only}
         GROUP BY s.tenant_id, r.workflow, s.lane, s.tool
         UNION ALL
         SELECT t.tenant_id, '', '', t.tool, COUNT(*)
         FROM runs_toolcall t
         JOIN core_lease l ON l.id = t.lease_id AND l.token = t.lease_token
-        WHERE t.status = '{ToolCallStatus.RUNNING.value}' AND {live_lease_sql("l")}
+        WHERE t.status = '{ToolCallStatus.RUNNING.value}' AND {live_lease_sql("l")} {only.replace("s.", "t.")}
         GROUP BY t.tenant_id, t.tool
         UNION ALL
         SELECT tenant_id, NULL, NULL, CAST(caps AS text), max_concurrent_steps FROM core_tenantquota
@@ -239,7 +242,8 @@ def load_room(now: datetime, *, pools_max_age: float = 0.0) -> Room:
     lane_held: Counter[str] = Counter()
     quotas: list[tuple[int, int, Any]] = []
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, [_adapt(now), _adapt(now)])
+        at = _adapt(now)
+        rawsql.execute_prepared(cursor, sql, [at, tool, at, tool] if tool else [at, at])
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))

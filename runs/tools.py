@@ -99,7 +99,7 @@ def slot_try_take(
         wait_for_round_lock()
         # First write of the transaction: on SQLite, the writer's lock before the count.
         ToolCall.objects.filter(pk=call.pk).update(updated_at=now)
-        room = load_room(now, pools_max_age=1.0)
+        room = load_room(now, pools_max_age=1.0, tool=call.tool)
         if any(room.held[scope] >= cap for scope, cap in caps.items()):
             return None
         grant = lease_acquire(

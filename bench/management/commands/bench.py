@@ -55,11 +55,11 @@ from bench.harness import (
 from bench.http_path import HttpClient, IngestTally
 from bench.peers.common import free_port, percentile, wait_for_http
 from bench.push_clients import PushClients
-from bench.workloads import KEY_HOLD_SECONDS
+from bench.workloads import BENCH_TOOL, KEY_HOLD_SECONDS, TOOL_CALL_SECONDS
 from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
 from runs import services
-from runs.models import Run, RunStatus, SideEffect, Step, StepStatus
+from runs.models import Run, RunStatus, SideEffect, Step, StepStatus, ToolCall, ToolCallStatus
 from runs.queue_depth import queue_place_take
 from runs.services import run_start
 from runs.transitions import UNFINISHED_RUN_STATUSES
@@ -864,6 +864,105 @@ class Bench:
             "key_handoff_ms": _percentile_ms(handoffs),
         }
 
+    def tool_calls(self, workers: int, runs: int, calls: int, cap: int, approvals: int) -> dict[str, Any]:
+        """Agents' governed calls (``ctx.tool``) under a tool cap: ``runs`` agent steps of
+        ``calls`` calls each (20 ms at the provider) at once, ``bench_tool`` capped at ``cap``
+        for the bench's tenant, on ``workers`` threads-pool workers: calls/s against the cap's
+        bound (cap ÷ 20 ms), the most calls running at once (sampled from the database; never
+        above the cap), their cap waits. Then ``approvals`` calls a human approves mid-step,
+        one after the other: the approve POST (the API in process, as an operator with a token)
+        → the approved call's record committed by the workers."""
+        self.need(60, "tool calls")
+        self.prepare()
+        quota, _ = TenantQuota.objects.get_or_create(tenant=self.tenant)
+        kept = quota.caps
+        TenantQuota.objects.filter(pk=quota.pk).update(caps={**(kept or {}), "tool": {BENCH_TOOL: cap}})
+        peak = {"running": 0}
+        stop = threading.Event()
+
+        def sample_running() -> None:  # on a connection of its own
+            conn = connection.get_new_connection(connection.get_connection_params())
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cursor:
+                    while not stop.wait(0.005):
+                        cursor.execute(
+                            "SELECT count(*) FROM runs_toolcall t JOIN core_lease l ON l.id = t.lease_id"
+                            " AND l.token = t.lease_token WHERE t.status = 'running'"
+                            " AND l.released_at IS NULL AND l.expires_at > now()"
+                        )
+                        peak["running"] = max(peak["running"], cursor.fetchone()[0])
+            finally:
+                conn.close()
+
+        try:
+            with self.runwarden(workers, threads=50) as processes:
+                self.warm_up(processes, "bench.tool_agent", count=2)
+                sampler = threading.Thread(target=sample_running, daemon=True)
+                sampler.start()
+                ids = self.start_runs("bench.tool_agent", runs, inputs=lambda n: {"calls": calls})
+                waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+                stop.set()
+                sampler.join(5)
+                self.check_runs("tool calls", waited, ids)
+                made = ToolCall.objects.filter(run_id__in=ids, status=ToolCallStatus.SUCCEEDED)
+                span = made.aggregate(first=Min("started_at"), last=Max("finished_at"), n=Count("id"))
+                waits = [w / 1000 for w in made.values_list("cap_wait_ms", flat=True) if w is not None]
+                approved = self._approved_calls(processes, approvals)
+        finally:
+            TenantQuota.objects.filter(pk=quota.pk).update(caps=kept)
+        elapsed = (span["last"] - span["first"]).total_seconds() if span["first"] and span["last"] else None
+        bound = cap / TOOL_CALL_SECONDS
+        if peak["running"] > cap:
+            self.problem(f"tool calls: {peak['running']} calls ran at once under a cap of {cap}")
+        return {
+            "runs": runs,
+            "calls": span["n"],
+            "cap": cap,
+            "calls_per_s": round(span["n"] / elapsed, 1) if elapsed else None,
+            "cap_bound_per_s": round(bound, 1),
+            "of_bound": round(span["n"] / elapsed / bound, 3) if elapsed else None,
+            "most_running": peak["running"],
+            "cap_wait_ms": _percentile_ms(waits),
+            "approved_call_ms": approved,
+        }
+
+    def _approved_calls(self, processes: ProcessSet, count: int) -> dict[str, Any]:
+        token = self._operator_token()
+        client = Client(headers={"authorization": f"Bearer {token}"}, HTTP_HOST="127.0.0.1")
+        times: list[float] = []
+        for run_id in self.start_runs("bench.tool_approval", count):
+            until = time.monotonic() + self.budget(30)
+            pending: list[dict[str, Any]] = []
+            while not pending and time.monotonic() < until and not processes.dead():
+                listed = client.get("/api/v1/approvals", {"status": "pending", "run_id": run_id}, secure=True)
+                pending = listed.json() if listed.status_code == 200 else []
+                time.sleep(0.02)
+            if not pending:
+                self.problem(f"tool calls: the call of {run_id} never asked for approval")
+                continue
+            sent = timezone.now()
+            answer = client.post(
+                f"/api/v1/approvals/{pending[0]['id']}/approve",
+                data={"comment": ""},
+                content_type="application/json",
+                headers={"if-match": f'"{pending[0]["version"]}"'},
+                secure=True,
+            )
+            if answer.status_code != 200:
+                self.problem(f"tool calls: approving {run_id} answered {answer.status_code}")
+                continue
+            call = ToolCall.objects.filter(run_id=run_id, key="1")
+            while time.monotonic() < until:
+                status, finished = call.values_list("status", "finished_at").get()
+                if status == ToolCallStatus.SUCCEEDED and finished is not None:
+                    times.append((finished - sent).total_seconds())
+                    break
+                time.sleep(0.002)
+            else:
+                self.note(f"tool calls: the approved call of {run_id} did not finish")
+        return {**_percentile_ms(times), "max": _ms(max(times, default=0) * 1000 or None)}
+
     def start_by_depth(self, depths: Sequence[int], starts: int = 200) -> dict[str, Any]:
         """What a start costs with ``depth`` unfinished runs of its tenant already queued (10 and
         100,000): ``run_start`` in process with no worker running, and the queue-depth check
@@ -1063,6 +1162,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("backlog", backlog_text, "all succeed, first attempts only"),
         ("agent_io", _agent_io_text(r.get("agent_io") or {}), GOALS["agent_io"]),
         ("keyed", _keyed_text(r.get("keyed") or {}), GOALS["keyed"]),
+        ("tool_calls", _tool_calls_text(r.get("tool_calls") or {}), ""),
         (
             "start_ms",
             f"{_percentiles(r.get('start_ms') or {})} (run_start in-process, as agent_io starts)",
@@ -1136,6 +1236,19 @@ def _keyed_text(keyed: dict[str, Any]) -> str:
         f"{keyed.get('slots')} slots: {_fmt(keyed.get('elapsed_s'), ' s')} "
         f"(ideal {_fmt(keyed.get('ideal_s'), ' s')}, "
         f"x{_fmt(keyed.get('elapsed_over_ideal'))}), largest overlap on one key {keyed.get('max_overlap')}"
+    )
+
+
+def _tool_calls_text(calls: dict[str, Any]) -> str:
+    if not calls:
+        return "n/a"
+    approved = calls.get("approved_call_ms") or {}
+    return (
+        f"{calls.get('calls')} calls of {calls.get('runs')} agent steps under a cap of {calls.get('cap')}: "
+        f"{_fmt(calls.get('calls_per_s'))} calls/s (the cap's bound {_fmt(calls.get('cap_bound_per_s'))}, "
+        f"x{_fmt(calls.get('of_bound'))}), at most {calls.get('most_running')} running at once, cap wait "
+        f"{_percentiles(calls.get('cap_wait_ms') or {})}; approved mid-step, approve → call recorded "
+        f"{_percentiles(approved)}, max {_fmt(approved.get('max'))} ({approved.get('n', 0)} calls)"
     )
 
 
@@ -1383,6 +1496,12 @@ class Command(BaseCommand):
         parser.add_argument("--agent-runs", type=int, default=300, help="agent_io: runs awaiting 1 s each")
         parser.add_argument("--agent-slots", type=int, default=100, help="agent_io: slots in all")
         parser.add_argument("--keyed-runs", type=int, default=200, help="keyed: runs over 10 entity keys")
+        parser.add_argument("--tool-runs", type=int, default=40, help="tool_calls: agent steps at once")
+        parser.add_argument("--tool-calls", type=int, default=5, help="tool_calls: governed calls per step")
+        parser.add_argument("--tool-cap", type=int, default=4, help="tool_calls: the tool's cap")
+        parser.add_argument(
+            "--tool-approvals", type=int, default=10, help="tool_calls: calls approved mid-step"
+        )
         parser.add_argument(
             "--depth-runs", type=int, default=100_000, help="start_by_depth: the deep queue's unfinished runs"
         )
@@ -1498,6 +1617,10 @@ class Command(BaseCommand):
                     "agent_slots",
                     "agent_workers",
                     "keyed_runs",
+                    "tool_runs",
+                    "tool_calls",
+                    "tool_cap",
+                    "tool_approvals",
                     "depth_runs",
                     "push_sockets",
                     "push_burst_steps",
@@ -1608,6 +1731,19 @@ class Command(BaseCommand):
                     lambda: bench.keyed(options["agent_workers"], 20, options["keyed_runs"], 10),
                 ),
                 (
+                    "tool_calls",
+                    f"tool calls: {options['tool_runs']} agent steps x {options['tool_calls']} "
+                    f"governed calls under a cap of {options['tool_cap']}, "
+                    f"then {options['tool_approvals']} calls approved mid-step",
+                    lambda: bench.tool_calls(
+                        options["agent_workers"],
+                        options["tool_runs"],
+                        options["tool_calls"],
+                        options["tool_cap"],
+                        options["tool_approvals"],
+                    ),
+                ),
+                (
                     "start_by_depth",
                     "start cost with 10 and 100,000 unfinished runs queued",
                     lambda: bench.start_by_depth([10, options["depth_runs"]]),
@@ -1651,6 +1787,7 @@ class Command(BaseCommand):
             backlog=phases.get("backlog"),
             agent_io=phases.get("agent_io"),
             keyed=phases.get("keyed"),
+            tool_calls=phases.get("tool_calls"),
             start_ms=(phases.get("agent_io") or {}).get("start_ms"),
             key_handoff_ms=(phases.get("keyed") or {}).get("key_handoff_ms"),
             start_by_depth=phases.get("start_by_depth"),
@@ -1696,6 +1833,7 @@ PHASES = (
     "push_latency",
     "agent_io",
     "keyed",
+    "tool_calls",
     "start_by_depth",
     "backlog",
     "scaling",
