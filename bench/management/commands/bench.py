@@ -36,6 +36,7 @@ from django.db.models import Count, Max, Min
 from django.test import Client
 from django.utils import timezone
 
+from approvals.models import ApprovalRequest
 from bench import http_path, live_push, statement_counter
 from bench.harness import (
     Monitor,
@@ -476,24 +477,8 @@ class Bench:
                     )
                 time.sleep(0.05)
             for run_id in ids:
-                listed = client.get("/api/v1/approvals", {"status": "pending", "run_id": run_id}, secure=True)
-                pending = listed.json() if listed.status_code == 200 else []
-                if not pending:
-                    self.problem(f"no pending approval for run {run_id} ({listed.status_code})")
-                    continue
-                approval = pending[0]
-                sent = timezone.now()
-                answer = client.post(
-                    f"/api/v1/approvals/{approval['id']}/approve",
-                    data={"comment": ""},
-                    content_type="application/json",
-                    headers={"if-match": f'"{approval["version"]}"'},
-                    secure=True,
-                )
-                if answer.status_code != 200:
-                    self.problem(
-                        f"approving {approval['id']} answered {answer.status_code}: {answer.content[:200]!r}"
-                    )
+                sent = self._approve_over_api(client, run_id)
+                if sent is None:
                     continue
                 until = time.monotonic() + self.budget(30)
                 while True:
@@ -516,6 +501,30 @@ class Bench:
             "max": _ms(max(times, default=None)),
             "n": len(times),
         }
+
+    def _approve_over_api(self, client: Client, run_id: str) -> datetime | None:
+        """Approve the run's pending request through the API, as the console's operator would:
+        when the POST was sent, or None (a problem recorded) when it could not be."""
+        listed = client.get("/api/v1/approvals", {"status": "pending", "run_id": run_id}, secure=True)
+        pending = listed.json() if listed.status_code == 200 else []
+        if not pending:
+            self.problem(f"no pending approval for run {run_id} ({listed.status_code})")
+            return None
+        approval = pending[0]
+        sent = timezone.now()
+        answer = client.post(
+            f"/api/v1/approvals/{approval['id']}/approve",
+            data={"comment": ""},
+            content_type="application/json",
+            headers={"if-match": f'"{approval["version"]}"'},
+            secure=True,
+        )
+        if answer.status_code != 200:
+            self.problem(
+                f"approving {approval['id']} answered {answer.status_code}: {answer.content[:200]!r}"
+            )
+            return None
+        return sent
 
     def _operator_token(self, *tenants: Tenant) -> str:
         user, _ = User.objects.get_or_create(username=OPERATOR)
@@ -933,24 +942,11 @@ class Bench:
         times: list[float] = []
         for run_id in self.start_runs("bench.tool_approval", count):
             until = time.monotonic() + self.budget(30)
-            pending: list[dict[str, Any]] = []
-            while not pending and time.monotonic() < until and not processes.dead():
-                listed = client.get("/api/v1/approvals", {"status": "pending", "run_id": run_id}, secure=True)
-                pending = listed.json() if listed.status_code == 200 else []
+            asked = ApprovalRequest.objects.filter(run_id=run_id, status="pending")
+            while not asked.exists() and time.monotonic() < until and not processes.dead():
                 time.sleep(0.02)
-            if not pending:
-                self.problem(f"tool calls: the call of {run_id} never asked for approval")
-                continue
-            sent = timezone.now()
-            answer = client.post(
-                f"/api/v1/approvals/{pending[0]['id']}/approve",
-                data={"comment": ""},
-                content_type="application/json",
-                headers={"if-match": f'"{pending[0]["version"]}"'},
-                secure=True,
-            )
-            if answer.status_code != 200:
-                self.problem(f"tool calls: approving {run_id} answered {answer.status_code}")
+            sent = self._approve_over_api(client, run_id)
+            if sent is None:
                 continue
             call = ToolCall.objects.filter(run_id=run_id, key="1")
             while time.monotonic() < until:
