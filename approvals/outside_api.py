@@ -6,12 +6,13 @@ agent long-polls the answer (``GET …?wait=30``) or hears it on the tenant's we
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 from typing import Any, Literal
 
 from django.db import close_old_connections
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
 
@@ -86,16 +87,33 @@ def outside_approval_ask(request: HttpRequest, payload: OutsideApprovalIn) -> St
     return Status(201 if started.created else 200, selectors.outside_decision(started.run))
 
 
+# A web process answers requests on a few threads (RUNWARDEN_WEB_THREADS): at most this many
+# of them wait at once; a long-poll beyond that answers at once (the client asks again).
+LONG_POLLS_AT_ONCE = 2
+_long_polls = threading.BoundedSemaphore(LONG_POLLS_AT_ONCE)
+
+
 @router.get("/outside/approvals/{decision_id}", response=OutsideDecisionOut)
-def outside_approval_wait(request: HttpRequest, decision_id: str, query: Query[WaitQuery]) -> dict[str, Any]:
+def outside_approval_wait(
+    request: HttpRequest, response: HttpResponse, decision_id: str, query: Query[WaitQuery]
+) -> dict[str, Any]:
     """Where the decision stands; with ``wait``, held open until it is decided or ``wait``
-    seconds pass (then ``pending``)."""
+    seconds pass (then ``pending``). When the web process already holds its share of waits,
+    it answers at once with ``Retry-After: 1``."""
     runs = scope_to_user(Run.objects.filter(workflow=OUTSIDE_APPROVAL), request_user(request))
     run = get_object_or_404(runs, pk=decision_id)
-    deadline = time.monotonic() + query.wait
-    while True:
-        answer = selectors.outside_decision(Run.objects.get(pk=run.pk))
-        if answer["status"] != "pending" or time.monotonic() >= deadline:
-            return answer
-        close_old_connections()
-        time.sleep(LONG_POLL_EVERY_SECONDS)
+    answer = selectors.outside_decision(run)
+    if answer["status"] != "pending" or not query.wait:
+        return answer
+    if not _long_polls.acquire(blocking=False):
+        response["Retry-After"] = "1"
+        return answer
+    try:
+        deadline = time.monotonic() + query.wait
+        while answer["status"] == "pending" and time.monotonic() < deadline:
+            close_old_connections()
+            time.sleep(LONG_POLL_EVERY_SECONDS)
+            answer = selectors.outside_decision(Run.objects.get(pk=run.pk))
+        return answer
+    finally:
+        _long_polls.release()

@@ -334,6 +334,11 @@ def notifications_for_user(user: AnyUser, limit: int = 10) -> list[NotificationL
     ]
 
 
+def _decision_output(run: Run) -> dict[str, Any]:
+    output = Step.objects.filter(run=run).values_list("output", flat=True).first()
+    return output if isinstance(output, dict) else {}
+
+
 def outside_decision(run: Run) -> dict[str, Any]:
     """Where the human decision on an outside agent's proposed action stands: ``pending`` (its
     request is not open yet, or waits), ``approved`` with the action as approved (possibly
@@ -355,9 +360,13 @@ def outside_decision(run: Run) -> dict[str, Any]:
         decided_by=request.decided_by.get_username() if request.decided_by else None,
         decided_at=request.decided_at,
     )
-    latest = request.artifact_version.number == request.artifact.latest_version
-    if request.status == ApprovalStatus.APPROVED and latest:
-        answer.update(status="approved", action=request.artifact_version.content)
+    # Approved once the decision's step recorded it (the approved action, in its output): an
+    # edit until then invalidates the approval, and the agent must not act on one that goes.
+    if (
+        run.status == RunStatus.SUCCEEDED
+        and (run_output := _decision_output(run)).get("decision") == "approved"
+    ):
+        answer.update(status="approved", action=run_output.get("action"))
     elif request.status in (ApprovalStatus.REJECTED, ApprovalStatus.EXPIRED):
         answer.update(status=str(request.status), reason=request.comment or str(request.status))
     elif request.status == ApprovalStatus.WITHDRAWN:

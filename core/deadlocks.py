@@ -5,7 +5,7 @@ governed call's ``locks``) records the wait (``LockWaiter``): who waits for whic
 live leases say who holds each key. A holder waiting for a key whose holder waits, in turn, for
 a key of the first one is a cycle: neither can go on, and each would wait out its
 ``wait_timeout``. Every waiter looks for a cycle through itself at each of its attempts (a few
-times a second), one at a time (an advisory lock), so exactly one victim is chosen per cycle:
+times a second), one at a time per tenant (an advisory lock), so exactly one victim is chosen per cycle:
 by the cycle's policy, ``kill_youngest_waiter`` (the default: the one that waited least loses
 least) or ``kill_oldest_waiter``. The victim's wait raises LockDeadlock (its step is retried or
 failed by its retry policy, releasing what it holds); the cycle is an event on the run's
@@ -30,7 +30,7 @@ from core.leases import LeaseHeld
 from core.models import Lease, LockWaiter
 
 DEADLOCK_POLICIES = ("kill_youngest_waiter", "kill_oldest_waiter")
-# The single-key advisory lock the waiters' cycle searches take, one at a time.
+# The advisory lock (SEARCH_LOCK_ID, tenant id) a tenant's waiters' cycle searches take in turn.
 SEARCH_LOCK_ID = 7_411_101
 # A waiter refreshes its row at each search; one not refreshed for this long is gone.
 WAITER_STALE_SECONDS = 5.0
@@ -77,7 +77,7 @@ class WaitWatch:
                 metadata=self.metadata,
                 policy=self.policy,
             )
-        coordination.run(deadlock_search, self.waiter_id)
+        coordination.run(deadlock_search, self.waiter_id, self.tenant_id)
 
     def end(self) -> None:
         if self.waiter_id is not None:
@@ -107,21 +107,21 @@ def wait_end(waiter_id: int) -> None:
     LockWaiter.objects.filter(pk=waiter_id).delete()
 
 
-def deadlock_search(waiter_id: int) -> None:
+def deadlock_search(waiter_id: int, tenant_id: int) -> None:
     """Look for a cycle of waits through this waiter; choose its victim if nobody has yet. One
     search at a time (an advisory lock), so two members of a cycle never choose two victims.
     Raises LockDeadlock when the victim is this waiter (its row gone, the choice committed)."""
-    gave_way = _search(waiter_id, timezone.now())
+    gave_way = _search(waiter_id, tenant_id, timezone.now())
     if gave_way is not None:
         raise LockDeadlock(gave_way)
 
 
-def _search(waiter_id: int, now: Any) -> list[dict[str, Any]] | None:
+def _search(waiter_id: int, tenant_id: int, now: Any) -> list[dict[str, Any]] | None:
     """The search, in a transaction of its own: the cycle when this waiter gives way."""
     with transaction.atomic():
-        if rawsql.on_postgresql():
+        if rawsql.on_postgresql():  # one search at a time per tenant: cycles never cross tenants
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SEARCH_LOCK_ID])
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [SEARCH_LOCK_ID, tenant_id])
         # The first write: on SQLite, the writer's lock before the reads.
         LockWaiter.objects.filter(pk=waiter_id).update(seen_at=now)
         me = LockWaiter.objects.filter(pk=waiter_id).first()

@@ -20,6 +20,7 @@ from core.leases import (
     LeaseGrant,
     LockWait,
     StaleToken,
+    lease_fence,
     leases_release,
     leases_renew,
     locks_acquire,
@@ -86,6 +87,19 @@ class _Call:
     held: list[LeaseGrant] = field(default_factory=list)
     lock_wait_ms: float | None = None
     cap_wait_ms: float | None = None
+
+    def proposal_guard(self) -> Callable[[], None]:
+        """Run in the transaction that proposes the call's effect: every lock and slot the call
+        holds must still be its own (fenced, as the step's lease is), and its approval hold."""
+        held, guard = list(self.held), self.guard
+
+        def check() -> None:
+            for grant in held:
+                lease_fence(tenant_id=grant.tenant_id, key=grant.key, token=grant.token)
+            if guard is not None:
+                guard()
+
+        return check
 
 
 @dataclass
@@ -225,11 +239,14 @@ class StepContext:
             return list(self._call_grants)
 
     def call_grants_renewed(self, grants: list[LeaseGrant] | None) -> None:
+        """A renewal's outcome for the calls' grants. None: one was no longer held — a call
+        that ended meanwhile gave it back, or it was lost (then that call's proposal is
+        refused: its guard fences every grant the call holds)."""
         if grants is None:
-            return  # a call ended meanwhile and gave them back; the next beat renews the rest
-        with self._grants_lock:
-            renewed = {grant.id: grant for grant in grants}
-            self._call_grants = [renewed.get(grant.id, grant) for grant in self._call_grants]
+            return
+        with self._grants_lock:  # by id and token: a lease row taken anew keeps its id
+            renewed = {(grant.id, grant.token): grant for grant in grants}
+            self._call_grants = [renewed.get((grant.id, grant.token), grant) for grant in self._call_grants]
 
     def _hold(self, grants: list[LeaseGrant]) -> None:
         with self._grants_lock:
@@ -241,6 +258,8 @@ class StepContext:
             self._call_grants = [grant for grant in self._call_grants if grant.id not in ids]
 
     def _next_call_key(self, key: str) -> str:
+        if key.isdigit():
+            raise ValueError(f"a call's key= may not be a number ({key!r}): calls without one are numbered")
         self._calls += 1
         return key or str(self._calls)
 
@@ -390,8 +409,11 @@ class StepContext:
                 idempotency_key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
                 lease=self.lease,
                 external_ref=external_ref,
-                guard=call.guard,
+                guard=call.proposal_guard(),
             )
+        except INTERRUPTIONS:
+            self._call_interrupted(call)  # stopped from outside: its row is the next attempt's
+            raise
         except Exception as exc:
             self._call_ended(call, ToolCallStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
@@ -528,6 +550,9 @@ class AsyncStepContext:
     def __init__(self, ctx: StepContext, coordinator: Executor | None) -> None:
         self.sync = ctx  # the synchronous context: its plain attributes are the same
         self._own = coordinator  # the step's own thread, where the process has no shared ones
+        # A step's governed calls, one after the other (``asyncio.gather`` of several waits):
+        # their places, their slots and their locks stay the step's own, in order.
+        self._one_call_at_a_time = asyncio.Lock()
 
     async def _coordinate(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         shared = coordination.current()
@@ -652,6 +677,23 @@ class AsyncStepContext:
     ) -> Any:
         """``StepContext.tool``, awaitable: ``fn(request)`` may return a value or an awaitable;
         the waits for locks and for a slot under the tool's cap are awaits, not a held thread."""
+        async with self._one_call_at_a_time:
+            return await self._tool(
+                name, fn, request, locks, approval, approval_policy, key, external_ref, wait_timeout
+            )
+
+    async def _tool(
+        self,
+        name: str,
+        fn: Callable[[dict[str, Any]], Any],
+        request: dict[str, Any] | None,
+        locks: tuple[str, ...] | list[str],
+        approval: CallApproval,
+        approval_policy: ApprovalPolicy | None,
+        key: str,
+        external_ref: Callable[[Any], str] | None,
+        wait_timeout: float,
+    ) -> Any:
         await self.heartbeat()
         sync = self.sync
         call = await self._coordinate(sync._call_open, name, request, locks, approval, approval_policy, key)
@@ -673,7 +715,8 @@ class AsyncStepContext:
                 else await self._coordinate(tools.tool_caps, self.tenant_id, name)
             )
             started, wait = time.monotonic(), _SlotWait()
-            while await self._coordinate(sync._slot_try, call, caps) is False:
+            # To its end though cancelled: a slot it took is then in ``call.held``, released below.
+            while await self._to_the_end(sync._slot_try, call, caps) is False:
                 await asyncio.sleep(wait.next_delay())
                 await self.heartbeat()
             if caps:
@@ -684,8 +727,11 @@ class AsyncStepContext:
                 request=call.request,
                 key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
                 external_ref=external_ref,
-                guard=call.guard,
+                guard=call.proposal_guard(),
             )
+        except INTERRUPTIONS:
+            await asyncio.shield(self._coordinate(sync._call_interrupted, call))
+            raise
         except Exception as exc:
             await self._coordinate(
                 sync._call_ended, call, ToolCallStatus.FAILED, f"{type(exc).__name__}: {exc}"

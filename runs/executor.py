@@ -38,11 +38,12 @@ from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
 from runs.dispatch import Admission, admission_shard_sql, admit_here, shard_headroom, worker_idle
 from runs.gates import GateVerdict
 from runs.heartbeat import Heartbeat
-from runs.interrupts import LeaseLost, RunCancelled, StepParked, StepTimedOut
+from runs.interrupts import LeaseLost, Rejected, RunCancelled, StepParked, StepTimedOut
 from runs.ledger import EffectRequestMismatch, EffectUnresolved
 from runs.locking import step_row_lock
 from runs.models import EffectStatus, SideEffect, Step, StepStatus
 from runs.services import contract_remember, step_outputs
+from runs.tools import CallDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
             current={"version": exc.actual},
             proposed={"expected_version": exc.expected, "changes": exc.proposed},
         )
-    except EffectRequestMismatch as exc:
+    except (EffectRequestMismatch, CallDiverged, Rejected) as exc:  # every attempt would end so
         return coordination.run(_finish_failed, ctx, spec, str(exc), retryable=False)
     except Exception as exc:
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()

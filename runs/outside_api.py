@@ -13,6 +13,7 @@ from ninja import Field, Router, Schema, Status
 
 from core.api import ApiError, InputSchema
 from core.leases import LeaseGrant, StaleToken
+from core.validation import unstorable_values
 from runs import outside
 from runs.api import tenant_to_act_in
 from runs.ledger import EffectOutcome, EffectRequestMismatch, EffectUnresolved
@@ -91,6 +92,13 @@ def _stale(exc: StaleToken) -> ApiError:
     )
 
 
+def _storable(field: str, value: Any) -> None:
+    """A nested value PostgreSQL would refuse (a NUL character, NaN): 422 naming where."""
+    refused = unstorable_values(value, (field,))
+    if refused:
+        raise ApiError(422, "invalid_input", "The request does not fit its schema.", {"fields": refused})
+
+
 def _refused(exc: Exception) -> ApiError:
     return ApiError(409, "refused", str(exc))
 
@@ -151,6 +159,7 @@ def effect_propose(request: HttpRequest, payload: EffectIn) -> Status[dict[str, 
     still at it), ``effect_ambiguous`` (a proposer vanished mid-way: a human must check),
     ``stale_token``; 422 ``idempotency_key_reused`` for another request."""
     tenant = tenant_to_act_in(request, payload.tenant)
+    _storable("request", payload.request)
     if bool(payload.lease_key) != (payload.token is not None):
         raise ApiError(400, "invalid_request", "send lease_key and token together, or neither")
     try:
@@ -193,6 +202,7 @@ def effect_outcome(request: HttpRequest, payload: EffectOutcomeIn) -> dict[str, 
     """Report what happened to an effect you proposed: once, with the token you proposed it
     under; 409 ``refused`` when it is not proposed, or not yours."""
     tenant = tenant_to_act_in(request, payload.tenant)
+    _storable("result", payload.result)
     try:
         effect = outside.outside_effect_settle(
             tenant_id=tenant.pk,

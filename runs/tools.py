@@ -19,10 +19,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from core.leases import LeaseGrant, StaleToken, lease_acquire, lease_fence, leases_release
 from core.models import TenantQuota
+from core.validation import fingerprint
 from runs import gates, transitions
 from runs.definitions import ApprovalPolicy
 from runs.dispatch import load_room, wait_for_round_lock
@@ -45,11 +47,19 @@ class Recorded:
     effect: SideEffect
 
 
+class CallDiverged(Exception):  # noqa: N818 — what the step fails with
+    """The step made, at one of its calls' places, another call than when it ran before (another
+    tool, another request): its recorded result cannot answer it, and sending it anew could
+    repeat an effect. Not retried: a body must make the same calls in the same order, deciding
+    only from its inputs and its calls' recorded results."""
+
+
 def call_open(
     *, run: Run, step: Step, call_key: str, tool: str, request: dict[str, Any], lock_keys: list[str]
 ) -> ToolCall | Recorded:
     """Record the call (or find it, made by an earlier attempt): the ledger's result when it
-    already committed, else the row this attempt goes on with, ``waiting``."""
+    already committed, else the row this attempt goes on with, ``waiting``. CallDiverged when
+    an earlier attempt made another call at this place."""
     effect = SideEffect.objects.filter(
         idempotency_key=call_idempotency_key(run.id, step.key, call_key), status=EffectStatus.COMMITTED
     ).first()
@@ -65,14 +75,20 @@ def call_open(
             "attempt": step.attempt,
         },
     )
+    # The request as first proposed (a human may have approved an edited one: the ledger's).
+    if not created and (call.tool != tool or fingerprint(call.request) != fingerprint(request)):
+        raise CallDiverged(
+            f"call {call_key} of step {step.key} was a {call.tool} call with request {call.request} "
+            f"when the step ran before, and is a {tool} call with request {request} now: a step must "
+            "make the same calls in the same order"
+        )
     if effect is not None:
         if call.status != ToolCallStatus.SUCCEEDED:  # committed by a reviewer's confirmation
             call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key=effect.idempotency_key)
         return Recorded(effect.result, effect)
-    if not created:
-        ToolCall.objects.filter(pk=call.pk).update(
-            attempt=step.attempt, tool=tool, request=request, lock_keys=lock_keys, updated_at=timezone.now()
-        )
+    if not created:  # this attempt's now: an older attempt still running writes no more to it
+        ToolCall.objects.filter(pk=call.pk).update(attempt=step.attempt, updated_at=timezone.now())
+        call.attempt = step.attempt
     return call
 
 
@@ -95,12 +111,18 @@ def slot_try_take(
     of them is full. Under the whole admission lock (every shard): a round, a worker's own
     admission and other calls count and grant one at a time."""
     now = now or timezone.now()
+
+    def full() -> bool:
+        room = load_room(now, pools_max_age=1.0, tool=call.tool)
+        return any(room.held[scope] >= cap for scope, cap in caps.items())
+
+    if full():  # a look without the lock first: a full cap does not hold up admissions
+        return None
     with transaction.atomic():
         wait_for_round_lock()
         # First write of the transaction: on SQLite, the writer's lock before the count.
         ToolCall.objects.filter(pk=call.pk).update(updated_at=now)
-        room = load_room(now, pools_max_age=1.0, tool=call.tool)
-        if any(room.held[scope] >= cap for scope, cap in caps.items()):
+        if full():
             return None
         grant = lease_acquire(
             tenant_id=call.tenant_id,
@@ -116,9 +138,15 @@ def slot_try_take(
         return grant
 
 
+def mine(call: ToolCall) -> QuerySet[ToolCall]:
+    """The call's row while the attempt that holds ``call`` is its latest (an older attempt
+    still running, its lease lost, writes nothing)."""
+    return ToolCall.objects.filter(pk=call.pk, attempt=call.attempt)
+
+
 def call_running(call: ToolCall, slot: LeaseGrant | None, *, now: datetime | None = None) -> None:
     now = now or timezone.now()
-    ToolCall.objects.filter(pk=call.pk).update(
+    mine(call).update(
         status=ToolCallStatus.RUNNING,
         lease_id=slot.id if slot else None,
         lease_token=slot.token if slot else None,
@@ -142,7 +170,7 @@ def call_finish(
     locks given back, in one transaction."""
     now = timezone.now()
     with transaction.atomic():
-        ToolCall.objects.filter(pk=call.pk).update(
+        mine(call).update(
             status=status,
             effect_id=SideEffect.objects.filter(idempotency_key=idempotency_key).values("pk")[:1],
             error=error[:2000],

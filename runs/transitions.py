@@ -570,9 +570,21 @@ def step_resume(
 
 
 def started_from(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:
-    """What an attempt of a step starts from: the run's input and the earlier steps' outputs.
-    (A gated step's approved content is held by its approval's own guard.)"""
-    return {"input": run.input, "outputs": dict(outputs)}
+    """What an attempt of a step starts from: the run's input and the earlier steps' outputs,
+    as PostgreSQL's jsonb keeps them (a whole float is a number like an int there), so the
+    outputs a worker holds and the ones read back hash the same. (A gated step's approved
+    content is held by its approval's own guard.)"""
+    return {"input": _as_stored(run.input), "outputs": _as_stored(dict(outputs))}
+
+
+def _as_stored(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _as_stored(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_stored(item) for item in value]
+    return value
 
 
 def step_inputs_changed(step: Step, seen: dict[str, Any]) -> bool:

@@ -91,6 +91,7 @@ def test_an_outside_agents_request_is_decided_in_the_browser_and_its_long_poll_r
     expect(card).to_contain_text("payments.refund call #action")
     card.get_by_role("button", name="Approve", exact=True).click()
     expect(card.locator(".badge")).to_have_text("approved")
+    elsewhere(pump)  # a worker records the approved action: the long-poll answers then
     waiting.join(40)
     assert answers and answers[0]["status"] == "approved", answers
     assert answers[0]["action"] == {"amount": "75.00"} and answers[0]["decided_by"] == "operator"

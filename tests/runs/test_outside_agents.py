@@ -102,6 +102,9 @@ def test_an_effect_is_proposed_then_reported_and_a_retry_is_answered_from_the_le
     assert replay.status_code == 200
     assert replay.json() == {"idempotency_key": "refund-77", "status": "committed", "replayed": True,
                              "result": {"refund_id": "ref_1"}, "external_ref": "ref_1"}  # fmt: skip
+    nan = agent.post("/api/v1/effects", data='{"idempotency_key": "n", "kind": "k", "request": {"x": NaN}}',
+                     content_type="application/json")  # fmt: skip
+    assert nan.status_code == 422 and "request.x" in nan.json()["error"]["details"]["fields"], nan.content
     reused = post(agent, "/effects", {**proposal, "request": {"amount": "9.00"}})
     assert reused.status_code == 422 and reused.json()["error"]["code"] == "idempotency_key_reused"
     # Another tenant's same key is its own record.
@@ -214,6 +217,7 @@ def test_an_outside_agent_asks_a_human_and_long_polls_the_decision_an_edit_inclu
         time.sleep(0.5)
         try:
             approvals.approval_decide(request=newest, user=other, decision="approve", expected_version=1)
+            pump()  # a worker records the approved action: the agent is told then
         finally:
             connections.close_all()
 

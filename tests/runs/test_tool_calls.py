@@ -470,3 +470,57 @@ def test_an_attempt_on_changed_inputs_is_refused_as_a_conflict_showing_both(
     else:
         assert done.status == RunStatus.CANCELLED
     assert check_invariants() == []
+
+
+DIVERGED_ONCE: set[str] = set()
+diverging = workflow(
+    "test.tool_diverging", description="a body that decides from something else than its calls"
+)
+
+
+@diverging.step(lane="draft")
+def decide_from_the_clock(ctx: StepContext) -> dict[str, Any]:
+    first_attempt = ctx.run_id not in DIVERGED_ONCE
+    DIVERGED_ONCE.add(ctx.run_id)
+    # Attempt 1 refunds at its first call; attempt 2, deciding anew, would send a mail there.
+    tool, request = ("payments", {"amount": 5}) if first_attempt else ("messaging", {"to": "x"})
+    ctx.tool(tool, lambda req: CRM.call(tool, req), request=request)
+    if first_attempt:
+        raise ConnectionError("dropped after the call")
+    return {}
+
+
+unapproved = workflow("test.tool_unapproved", description="a rejected call the body does not handle")
+
+
+@unapproved.step(lane="draft")
+def pay_without_handling(ctx: StepContext) -> dict[str, Any]:
+    ctx.tool("payments", lambda req: CRM.call("payments.pay", req), request={"amount": 9}, approval=True)
+    return {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_that_differs_from_the_recorded_one_at_its_place_fails_the_step_and_is_not_sent(
+    acme: Tenant,
+) -> None:
+    run = run_start(tenant=acme, workflow=diverging.key, input={}, actor="t").run
+    done = finished(run)
+    assert done.status == RunStatus.FAILED
+    step = Step.objects.get(run=run)
+    assert "must make the same calls in the same order" in step.error and step.attempt == 2
+    assert served("payments") == [{"amount": 5}] and served("messaging") == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rejection_the_body_does_not_handle_fails_the_step_without_retries(
+    acme: Tenant, acme_operator: User
+) -> None:
+    run = run_start(tenant=acme, workflow=unapproved.key, input={}, actor="t").run
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    approvals.approval_decide(request=request, user=acme_operator, decision="reject", expected_version=1)
+    done = finished(run)
+    assert done.status == RunStatus.FAILED
+    step = Step.objects.get(run=run)
+    assert step.attempt == 1 and "not approved" in step.error
+    assert served("payments.pay") == []
