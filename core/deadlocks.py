@@ -88,6 +88,8 @@ class WaitWatch:
 def wait_begin(*, tenant_id: int, holder: str, keys: list[str], metadata: dict[str, Any], policy: str) -> int:
     """Record that ``holder`` waits for ``keys`` (one row per holder: a new wait replaces it)."""
     now = timezone.now()
+    # The waits of processes that died waiting, long ignored (stale): gone now.
+    LockWaiter.objects.filter(tenant_id=tenant_id, seen_at__lt=now - timedelta(hours=1)).delete()
     waiter, _ = LockWaiter.objects.update_or_create(
         tenant_id=tenant_id,
         holder=holder,

@@ -49,6 +49,8 @@ def outside_lease_acquire(*, tenant_id: int, key: str, holder: str, ttl: float) 
     """The key's lease for ``holder``, with a fencing token higher than any before; LeaseTaken
     while someone else's lease on it is live."""
     key_check(key)
+    # Named apart from the engine's holders ("<run id>:<step key>"), which the wait-for graph reads.
+    holder = f"outside:{holder}"
     grant = lease_acquire(tenant_id=tenant_id, key=key, holder=holder, ttl=ttl, metadata={"outside": holder})
     if grant is None:
         live = Lease.objects.filter(live_leases_filter(), tenant_id=tenant_id, key=key).first()

@@ -51,7 +51,7 @@ def test_a_lease_is_fenced_by_its_token_and_a_stale_one_writes_nothing(
     first = taken.json()["token"]
     held = post(agent, "/leases/acquire", {"key": "crm_contact:9", "holder": "another-agent"})
     assert held.status_code == 409 and held.json()["error"]["code"] == "lease_held"
-    assert held.json()["error"]["details"]["holder"] == "billing-agent"
+    assert held.json()["error"]["details"]["holder"] == "outside:billing-agent"
     renewed = post(agent, "/leases/renew", {"key": "crm_contact:9", "token": first, "ttl_seconds": 60})
     assert renewed.status_code == 200 and renewed.json()["token"] == first
 
