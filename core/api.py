@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from django.conf import settings
 from django.core import signals
@@ -307,6 +307,10 @@ class QuotaOut(Schema):
     )
     platform_caps: dict[str, Any] = Field(description="the platform's caps, which apply as well")
     cap_names: dict[str, list[str]] = Field(description="what a cap may be put on: {kind: [names]}")
+    deadlock_policy: str = Field(
+        description="which mid-step lock wait gives way when waits form a cycle, for workflows "
+        "that declare none: kill_youngest_waiter | kill_oldest_waiter"
+    )
 
 
 class QuotaIn(InputSchema):
@@ -320,6 +324,7 @@ class QuotaIn(InputSchema):
         default=None,
         description="merged into the current caps: {kind: {name: cap}}; a null cap removes it",
     )
+    deadlock_policy: Literal["kill_youngest_waiter", "kill_oldest_waiter"] | None = None
 
     @field_validator("max_concurrent_steps", "max_queue_depth", "weight", mode="before")
     @classmethod
@@ -352,6 +357,7 @@ def _quota_out(slug: str, quota: Any) -> dict[str, Any]:
         "caps": quota.caps or {},
         "platform_caps": settings.RUNWARDEN_CAPS,
         "cap_names": services.quota_cap_names(),
+        "deadlock_policy": quota.deadlock_policy,
     }
 
 
@@ -372,7 +378,7 @@ def quota_put(request: HttpRequest, slug: str, payload: QuotaIn) -> dict[str, An
         raise ApiError(
             400,
             "invalid_request",
-            "Send at least one of max_concurrent_steps, max_queue_depth, weight, caps.",
+            "Send at least one of max_concurrent_steps, max_queue_depth, weight, caps, deadlock_policy.",
         )
     try:
         quota = services.tenant_quota_update(tenant=tenant, actor=user, changes=changes)

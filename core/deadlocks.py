@@ -27,9 +27,9 @@ from django.utils import timezone
 
 from core import coordination, rawsql, services
 from core.leases import LeaseHeld
-from core.models import Lease, LockWaiter
+from core.models import Lease, LockWaiter, TenantQuota
+from core.services import DEADLOCK_POLICIES
 
-DEADLOCK_POLICIES = ("kill_youngest_waiter", "kill_oldest_waiter")
 # The advisory lock (SEARCH_LOCK_ID, tenant id) a tenant's waiters' cycle searches take in turn.
 SEARCH_LOCK_ID = 7_411_101
 # A waiter refreshes its row at each search; one not refreshed for this long is gone.
@@ -57,7 +57,7 @@ class WaitWatch:
     holder: str
     keys: list[str]
     metadata: dict[str, Any]
-    policy: str = "kill_youngest_waiter"
+    policy: str = ""  # "": the tenant's (TenantQuota.deadlock_policy)
     waiter_id: int | None = None
     searched_at: float = field(default=0.0)
 
@@ -86,8 +86,14 @@ class WaitWatch:
 
 
 def wait_begin(*, tenant_id: int, holder: str, keys: list[str], metadata: dict[str, Any], policy: str) -> int:
-    """Record that ``holder`` waits for ``keys`` (one row per holder: a new wait replaces it)."""
+    """Record that ``holder`` waits for ``keys`` (one row per holder: a new wait replaces it),
+    with its workflow's deadlock policy, else its tenant's."""
     now = timezone.now()
+    if not policy:
+        quota_policy = TenantQuota.objects.filter(tenant_id=tenant_id).values_list(
+            "deadlock_policy", flat=True
+        )
+        policy = quota_policy.first() or DEADLOCK_POLICIES[0]
     # The waits of processes that died waiting, long ignored (stale): gone now.
     LockWaiter.objects.filter(tenant_id=tenant_id, seen_at__lt=now - timedelta(hours=1)).delete()
     waiter, _ = LockWaiter.objects.update_or_create(

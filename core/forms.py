@@ -16,11 +16,20 @@ class QuotaForm(forms.Form):
     max_concurrent_steps = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["max_concurrent_steps"])
     max_queue_depth = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["max_queue_depth"])
     weight = forms.IntegerField(min_value=1, max_value=QUOTA_LIMITS["weight"])
+    deadlock_policy = forms.ChoiceField(
+        required=False,  # left out: kept as it is
+        choices=[
+            ("kill_youngest_waiter", "the youngest waiter gives way"),
+            ("kill_oldest_waiter", "the oldest"),
+        ],
+        label="Deadlock victim",
+        help_text="when steps' lock waits form a cycle (a workflow may declare its own)",
+    )
 
     def __init__(
         self, *args: Any, quota: TenantQuota, cap_names: dict[str, list[str]], **kwargs: Any
     ) -> None:
-        initial = {field: getattr(quota, field) for field in QUOTA_LIMITS}
+        initial = {field: getattr(quota, field) for field in [*QUOTA_LIMITS, "deadlock_policy"]}
         self.cap_fields: list[tuple[str, str, str]] = []  # (kind, name, field name)
         for kind in CAP_KINDS:
             for name in cap_names[kind]:
@@ -48,6 +57,8 @@ class QuotaForm(forms.Form):
 
     def changes(self) -> dict[str, Any]:
         changes: dict[str, Any] = {field: self.cleaned_data[field] for field in QUOTA_LIMITS}
+        if self.cleaned_data.get("deadlock_policy"):
+            changes["deadlock_policy"] = self.cleaned_data["deadlock_policy"]
         caps: dict[str, dict[str, int | None]] = {kind: {} for kind in CAP_KINDS}
         for kind, name, field_name in self.cap_fields:
             caps[kind][name] = self.cleaned_data.get(field_name)

@@ -58,6 +58,9 @@ class TenantQuota(models.Model):
     max_queue_depth = models.PositiveIntegerField(default=1000)
     weight = models.PositiveSmallIntegerField(default=1)
     caps = models.JSONField(default=dict, blank=True)
+    # Which mid-step lock wait gives way in a deadlock (core.deadlocks), for the tenant's
+    # workflows that declare none: kill_youngest_waiter or kill_oldest_waiter.
+    deadlock_policy = models.CharField(max_length=24, default="kill_youngest_waiter")
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

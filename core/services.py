@@ -205,6 +205,8 @@ class QuotaInvalid(ValueError):
 
 
 QUOTA_LIMITS = {"max_concurrent_steps": 100_000, "max_queue_depth": 10_000_000, "weight": 1000}
+# Which mid-step lock wait gives way in a deadlock (core.deadlocks reads the tenant's).
+DEADLOCK_POLICIES = ("kill_youngest_waiter", "kill_oldest_waiter")
 CAP_KINDS = ("workflow", "lane", "tool")
 CAP_MAX = 100_000
 
@@ -268,7 +270,9 @@ def tenant_quota_update(*, tenant: Tenant, actor: User, changes: dict[str, Any])
     (merged: {kind: {name: cap}}, a null cap removes it). The row is locked, so two admins
     take turns; the change is an event and the next admission round applies it. A new queue
     depth waits for the starts in flight and applies to every later one."""
-    errors = dict.fromkeys(set(changes) - {*QUOTA_LIMITS, "caps"}, "unknown quota field")
+    errors = dict.fromkeys(set(changes) - {*QUOTA_LIMITS, "caps", "deadlock_policy"}, "unknown quota field")
+    if "deadlock_policy" in changes and changes["deadlock_policy"] not in DEADLOCK_POLICIES:
+        errors["deadlock_policy"] = f"must be one of {', '.join(DEADLOCK_POLICIES)}"
     for field, limit in QUOTA_LIMITS.items():
         value = changes.get(field)
         if field in changes and (

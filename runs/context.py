@@ -127,7 +127,7 @@ class StepContext:
     approval_guard: Callable[[], None] | None = None
     deadline_seconds: float = 300.0
     started_from: dict[str, Any] | None = None  # its inputs (runs.transitions.started_from)
-    deadlock_policy: str = "kill_youngest_waiter"  # its workflow's (core.deadlocks)
+    deadlock_policy: str = ""  # its workflow's, else its tenant's (core.deadlocks)
     backend_pid: int | None = None  # the PostgreSQL backend the body's queries run on
     timed_out: threading.Event = field(default_factory=threading.Event)
     _lost: threading.Event = field(default_factory=threading.Event)

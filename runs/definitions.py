@@ -48,7 +48,7 @@ from typing import Any, TypeAlias
 
 import pydantic
 
-from core.deadlocks import DEADLOCK_POLICIES
+from core.services import DEADLOCK_POLICIES
 from core.validation import dotted_path, unstorable_values
 
 LANES = ("read", "draft", "external", "high_risk")
@@ -263,7 +263,7 @@ class Workflow:
     declared_version: int | None = None
     connections: tuple[str, ...] = ()  # providers a run binds a connection for at start
     # Which wait gives way when its steps' lock waits form a cycle (core.deadlocks).
-    deadlock_policy: str = "kill_youngest_waiter"
+    deadlock_policy: str = ""  # "": its tenant's (TenantQuota.deadlock_policy)
     # The digest and the steps it was computed from (a worker asks for it on every step).
     _digest: tuple[tuple[StepSpec, ...], str] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -406,7 +406,7 @@ def workflow(
     version: int | None = None,
     session: SessionPolicy | None = None,
     connections: tuple[str, ...] | list[str] = (),
-    deadlock_policy: str = "kill_youngest_waiter",
+    deadlock_policy: str = "",
 ) -> Workflow:
     """Declare a workflow and register it under ``key``; ``input`` is the pydantic model its run
     input must fit (see the module docstring). ``version`` (an integer) lets two versions of
@@ -415,9 +415,10 @@ def workflow(
     ``connections`` names the providers (``crm``, ``messaging``, ...) whose connection a run
     binds when it starts; steps reach them with ``ctx.connection(provider)``.
     ``deadlock_policy``: when lock waits of its steps close a cycle, which wait gives way —
-    ``kill_youngest_waiter`` (the default) or ``kill_oldest_waiter`` (core.deadlocks).
+    ``kill_youngest_waiter`` or ``kill_oldest_waiter`` (core.deadlocks); unset, its tenant's
+    (``TenantQuota.deadlock_policy``, the youngest by default).
     """
-    if deadlock_policy not in DEADLOCK_POLICIES:
+    if deadlock_policy and deadlock_policy not in DEADLOCK_POLICIES:
         raise WorkflowDefinitionError(f"deadlock_policy must be one of {', '.join(DEADLOCK_POLICIES)}")
     earlier = VERSIONS.get(key, [])
     if any(w.declared_version == version for w in earlier) or (earlier and version is None):

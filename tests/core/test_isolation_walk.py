@@ -37,8 +37,12 @@ def acme_objects(acme: Tenant) -> dict[str, Any]:
         )
     owner = User.objects.filter(username="admin").first() or make_member("admin", acme, Role.ADMIN)
     services.api_token_issue(user=owner, name="acme's")
+    decision = run_start(
+        tenant=acme, workflow="runwarden.outside_approval", input={"kind": "refund", "action": {}}, actor="t"
+    ).run
     return {
         "token": ApiToken.objects.filter(user=owner).first(),
+        "decision": decision,
         "run": gated,
         "approval": approval,
         "conflict": ConflictArtifact.objects.get(tenant=acme),
@@ -51,6 +55,7 @@ def api_walk(o: dict[str, Any]) -> list[tuple[str, str, dict[str, Any] | None, d
     match = {"HTTP_IF_MATCH": '"1"'}
     return [
         ("get", f"/api/v1/runs/{run}", None, {}),
+        ("get", f"/api/v1/outside/approvals/{o['decision'].id}", None, {}),
         ("post", f"/api/v1/runs/{run}/cancel", None, {}),
         ("post", f"/api/v1/runs/{run}/retry", None, {}),
         ("post", f"/api/v1/runs/{run}/replay", {}, {}),
@@ -168,7 +173,7 @@ def test_the_walk_covers_every_parameterized_api_route(acme: Tenant, acme_operat
     placeholder = re.compile(r"/(run_[0-9A-Z]+|\d+|acme|admin)(?=/|$)")
     fake = {"run": type("R", (), {"id": "run_X"})(), "approval": type("A", (), {"pk": 1})()}
     fake |= {"conflict": type("C", (), {"pk": 2})(), "connection": type("N", (), {"pk": 3})()}
-    fake |= {"token": type("T", (), {"pk": 4})()}
+    fake |= {"token": type("T", (), {"pk": 4})(), "decision": type("D", (), {"id": "run_Y"})()}
     for method, path, _, _ in api_walk(fake):
         template = placeholder.sub("/{}", path.removeprefix("/api/v1"))
         walked.add((method, template))

@@ -24,7 +24,7 @@ from runs.invariants import check_invariants
 from runs.models import Run, RunStatus, Step
 from runs.services import run_start
 from tests.approvals.helpers import pump_until
-from tests.conftest import client_for
+from tests.conftest import bearer_client, client_for
 from tests.dialects import RACING_THREADS
 
 pytestmark = pytest.mark.both_dialects
@@ -191,3 +191,26 @@ def test_the_board_shows_a_wait_with_its_holder(acme: Tenant, acme_operator: Use
     done = settle([holder], threads)
     assert done[0].status == RunStatus.SUCCEEDED
     assert waits_for_board([acme.pk]) == []
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_a_tenant_may_have_the_oldest_waiter_give_way_for_workflows_that_declare_none(
+    acme: Tenant, acme_admin: User
+) -> None:
+    changed = bearer_client(acme_admin).put(
+        "/api/v1/tenants/acme/quota",
+        data={"deadlock_policy": "kill_oldest_waiter"},
+        content_type="application/json",
+    )
+    assert changed.status_code == 200 and changed.json()["deadlock_policy"] == "kill_oldest_waiter"
+    runs = run_cycle(acme, youngest.key, "tenantwide", 2)  # this workflow declares no policy
+    done = settle(runs, execute_all())
+    assert {run.status for run in done} == {RunStatus.SUCCEEDED}
+    assert Event.objects.get(verb="deadlock_detected").payload["policy"] == "kill_oldest_waiter"
+    refused = bearer_client(acme_admin).put(
+        "/api/v1/tenants/acme/quota",
+        data={"deadlock_policy": "kill_everyone"},
+        content_type="application/json",
+    )
+    assert refused.status_code == 422
