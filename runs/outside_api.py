@@ -28,7 +28,9 @@ Ttl = Field(default=30.0, ge=0.5, le=3600, description="seconds the lease lives 
 class LeaseIn(InputSchema):
     tenant: str = ""
     key: str = Key
-    holder: str = Field(min_length=1, max_length=200, description="who holds it, for the board")
+    holder: str = Field(
+        min_length=1, max_length=192, description="who holds it, for the board (shown as outside:<holder>)"
+    )
     ttl_seconds: float = Ttl
 
 

@@ -161,7 +161,15 @@ def _real_objects_config(url: str, token: str) -> str:
         {"environment": "staging", "provider": "crm", "name": "fuzz-target"},
     )
     assert status == 201 and conflict is not None, connection
+    # An outside agent's decision to read; its long-poll not held open (the fuzzer's requests
+    # time out at 10 s: a wait is for agents, not for this).
+    status, decision = _api(
+        f"{url}/api/v1/outside/approvals", token, "POST", {"kind": "refund", "action": {"amount": 1}}
+    )
+    assert status == 201, decision
     pinned = {
+        "path.decision_id": decision["id"],
+        "query.wait": 0,
         "path.slug": "acme",
         "path.run_id": gated["id"],
         "path.approval_id": approval.pk,

@@ -240,3 +240,12 @@ def test_an_outside_agent_asks_a_human_and_long_polls_the_decision_an_edit_inclu
     assert (answer["status"], answer["reason"], answer["action"]) == ("rejected", "not this one", None)
     bad = ask(agent, kind="no spaces allowed")
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_input"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_longest_holder_the_schema_allows_fits_the_lease_row(acme: Tenant, acme_operator: User) -> None:
+    agent = bearer_client(acme_operator)
+    taken = post(agent, "/leases/acquire", {"key": "k" * 200, "holder": "h" * 192})
+    assert taken.status_code == 201, taken.content
+    too_long = post(agent, "/leases/acquire", {"key": "k2", "holder": "h" * 193})
+    assert too_long.status_code == 422
