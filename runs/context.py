@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import random
 import threading
 import time
@@ -46,6 +47,7 @@ from runs.ledger import (
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, ToolCallStatus
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # ``approval=`` of a governed call: always (True, or a policy), or when a predicate of its
 # request says so.
@@ -524,8 +526,8 @@ class StepContext:
         holds if the database lets us now; else its leases run out on their own."""
         try:
             coordination.run(leases_release, call.held)
-        except Exception:  # noqa: BLE001 — the stop goes on; the leases expire
-            pass
+        except Exception:  # the stop goes on; the leases expire
+            logger.warning("the %s call's locks and slot were not released", call.record.tool, exc_info=True)
         finally:
             self._let_go(call.held)
 

@@ -17,6 +17,7 @@ from core.validation import unstorable_values
 from runs import outside
 from runs.api import tenant_to_act_in
 from runs.ledger import EffectOutcome, EffectRequestMismatch, EffectUnresolved
+from runs.models import SideEffect
 
 router = Router(tags=["outside agents"])
 
@@ -92,6 +93,17 @@ def _stale(exc: StaleToken) -> ApiError:
         "the write was refused. Acquire the lease again and re-read before writing.",
         {"key": exc.key, "token": exc.token},
     )
+
+
+def _effect_out(key: str, effect: SideEffect, *, replayed: bool) -> dict[str, Any]:
+    """An effect as the caller knows it: by its own key (the ledger's is the tenant's)."""
+    return {
+        "idempotency_key": key,
+        "status": effect.status,
+        "replayed": replayed,
+        "result": effect.result,
+        "external_ref": effect.external_ref,
+    }
 
 
 def _storable(field: str, value: Any) -> None:
@@ -185,17 +197,7 @@ def effect_propose(request: HttpRequest, payload: EffectIn) -> Status[dict[str, 
             409, code, str(exc).replace(exc.effect.idempotency_key, payload.idempotency_key)
         ) from None
     if isinstance(claimed, EffectOutcome):
-        effect = claimed.effect
-        return Status(
-            200,
-            {
-                "idempotency_key": payload.idempotency_key,
-                "status": effect.status,
-                "replayed": True,
-                "result": effect.result,
-                "external_ref": effect.external_ref,
-            },
-        )
+        return Status(200, _effect_out(payload.idempotency_key, claimed.effect, replayed=True))
     return Status(201, {"idempotency_key": payload.idempotency_key, "status": "proposed", "replayed": False})
 
 
@@ -217,10 +219,4 @@ def effect_outcome(request: HttpRequest, payload: EffectOutcomeIn) -> dict[str, 
         )
     except outside.OutsideRefused as exc:
         raise _refused(exc) from None
-    return {
-        "idempotency_key": payload.idempotency_key,
-        "status": effect.status,
-        "replayed": False,
-        "result": effect.result,
-        "external_ref": effect.external_ref,
-    }
+    return _effect_out(payload.idempotency_key, effect, replayed=False)

@@ -784,34 +784,19 @@ class Bench:
         self.need(40, "agent_io")
         self.prepare()
         per_worker = max(slots // workers, 1)
-        peak = {"connections": 0}
-        stop = threading.Event()
-
-        def count_connections() -> None:  # on a connection of its own, counted with the rest
-            conn = connection.get_new_connection(connection.get_connection_params())
-            conn.autocommit = True
-            try:
-                with conn.cursor() as cursor:
-                    while not stop.wait(0.05):
-                        cursor.execute(
-                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                            " AND backend_type = 'client backend'"
-                        )
-                        peak["connections"] = max(peak["connections"], cursor.fetchone()[0])
-            finally:
-                conn.close()
-
+        connections = PeakCount(  # the sampler's own connection is counted with the rest
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND backend_type = 'client backend'",
+            every=0.05,
+        )
         with self.runwarden(workers, threads=per_worker) as processes:
             self.warm_up(processes, "bench.agent_io", count=2)
-            sampler = threading.Thread(target=count_connections, daemon=True)
-            sampler.start()
             t0, began = timezone.now(), time.monotonic()
-            ids = self.start_runs("bench.agent_io", runs)
-            started_in = time.monotonic() - began
-            waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
-            rss = [rss_mb(p.popen.pid) for p in processes.procs if p.kind == "steps"]
-            stop.set()
-            sampler.join(5)
+            with connections:
+                ids = self.start_runs("bench.agent_io", runs)
+                started_in = time.monotonic() - began
+                waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
+                rss = [rss_mb(p.popen.pid) for p in processes.procs if p.kind == "steps"]
         self.check_runs("agent_io", waited, ids)
         last = Run.objects.filter(pk__in=ids, status=RunStatus.SUCCEEDED).aggregate(m=Max("finished_at"))["m"]
         elapsed = (last - t0).total_seconds() if last and waited.done else None
@@ -827,7 +812,7 @@ class Bench:
             "efficiency": round(ideal / elapsed, 3) if elapsed else None,
             "runs_per_s": round(runs / elapsed, 1) if elapsed else None,
             "start_seconds": round(started_in, 2),
-            "max_pg_connections": peak["connections"],
+            "max_pg_connections": connections.peak,
             "worker_rss_mb": max((r for r in rss if r is not None), default=None),
         }
 
@@ -886,33 +871,18 @@ class Bench:
         quota, _ = TenantQuota.objects.get_or_create(tenant=self.tenant)
         kept = quota.caps
         TenantQuota.objects.filter(pk=quota.pk).update(caps={**(kept or {}), "tool": {BENCH_TOOL: cap}})
-        peak = {"running": 0}
-        stop = threading.Event()
-
-        def sample_running() -> None:  # on a connection of its own
-            conn = connection.get_new_connection(connection.get_connection_params())
-            conn.autocommit = True
-            try:
-                with conn.cursor() as cursor:
-                    while not stop.wait(0.005):
-                        cursor.execute(
-                            "SELECT count(*) FROM runs_toolcall t JOIN core_lease l ON l.id = t.lease_id"
-                            " AND l.token = t.lease_token WHERE t.status = 'running'"
-                            " AND l.released_at IS NULL AND l.expires_at > now()"
-                        )
-                        peak["running"] = max(peak["running"], cursor.fetchone()[0])
-            finally:
-                conn.close()
-
+        running = PeakCount(
+            "SELECT count(*) FROM runs_toolcall t JOIN core_lease l ON l.id = t.lease_id"
+            " AND l.token = t.lease_token WHERE t.status = 'running'"
+            " AND l.released_at IS NULL AND l.expires_at > now()",
+            every=0.005,
+        )
         try:
             with self.runwarden(workers, threads=50) as processes:
                 self.warm_up(processes, "bench.tool_agent", count=2)
-                sampler = threading.Thread(target=sample_running, daemon=True)
-                sampler.start()
-                ids = self.start_runs("bench.tool_agent", runs, inputs=lambda n: {"calls": calls})
-                waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
-                stop.set()
-                sampler.join(5)
+                with running:
+                    ids = self.start_runs("bench.tool_agent", runs, inputs=lambda n: {"calls": calls})
+                    waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)
                 self.check_runs("tool calls", waited, ids)
                 made = ToolCall.objects.filter(run_id__in=ids, status=ToolCallStatus.SUCCEEDED)
                 span = made.aggregate(first=Min("started_at"), last=Max("finished_at"), n=Count("id"))
@@ -922,8 +892,8 @@ class Bench:
             TenantQuota.objects.filter(pk=quota.pk).update(caps=kept)
         elapsed = (span["last"] - span["first"]).total_seconds() if span["first"] and span["last"] else None
         bound = cap / TOOL_CALL_SECONDS
-        if peak["running"] > cap:
-            self.problem(f"tool calls: {peak['running']} calls ran at once under a cap of {cap}")
+        if running.peak > cap:
+            self.problem(f"tool calls: {running.peak} calls ran at once under a cap of {cap}")
         return {
             "runs": runs,
             "calls": span["n"],
@@ -931,7 +901,7 @@ class Bench:
             "calls_per_s": round(span["n"] / elapsed, 1) if elapsed else None,
             "cap_bound_per_s": round(bound, 1),
             "of_bound": round(span["n"] / elapsed / bound, 3) if elapsed else None,
-            "most_running": peak["running"],
+            "most_running": running.peak,
             "cap_wait_ms": _percentile_ms(waits),
             "approved_call_ms": approved,
         }
@@ -1067,6 +1037,35 @@ def bench_session(out: Callable[[str], None], options: dict[str, Any]) -> Bench:
         env=env,
         deadline=started + options["budget"],
     )
+
+
+class PeakCount:
+    """The highest value a ``SELECT count(*) ...`` reached while the block ran: sampled every
+    ``every`` seconds on a thread and a database connection of its own."""
+
+    def __init__(self, sql: str, *, every: float) -> None:
+        self.sql, self.every, self.peak = sql, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakCount:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _sample(self) -> None:
+        conn = connection.get_new_connection(connection.get_connection_params())
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cursor:
+                while not self._stop.wait(self.every):
+                    cursor.execute(self.sql)
+                    self.peak = max(self.peak, cursor.fetchone()[0])
+        finally:
+            conn.close()
 
 
 def _percentile_ms(seconds: Sequence[float]) -> dict[str, Any]:
