@@ -301,7 +301,10 @@ EMBEDDED_BACKGROUND = ["runs.dispatcher.start_embedded"]
 RUNWARDEN_WORKFLOW_MODULES = env_list("RUNWARDEN_WORKFLOW_MODULES", "")
 # A worker on Celery's threads pool (many steps per process) does its database work on this
 # many coordination threads, one connection each (core/coordination.py).
-RUNWARDEN_COORDINATION_THREADS = env_int("RUNWARDEN_COORDINATION_THREADS", 8)
+# SQLite (the embedded default) lets one writer in at a time: one thread, no queue for its lock.
+RUNWARDEN_COORDINATION_THREADS = env_int("RUNWARDEN_COORDINATION_THREADS", 8 if DATABASE_URL else 1)
+# The embedded default's waiting lanes (read, draft): steps at once on its threads-pool worker.
+RUNWARDEN_EMBEDDED_WAITING_SLOTS = env_int("RUNWARDEN_EMBEDDED_WAITING_SLOTS", 50)
 # The web process's request threads, each keeping its database connection (core/request_threads.py).
 RUNWARDEN_WEB_THREADS = env_int("RUNWARDEN_WEB_THREADS", 8)
 RUNWARDEN_WEB_CONN_MAX_AGE = env_int("RUNWARDEN_WEB_CONN_MAX_AGE", 300)

@@ -104,12 +104,14 @@ def _read_pools(now: float | None) -> list[Pool] | None:
     ]
 
 
-_local_queues: frozenset[str] = frozenset()
+# By pool name: the embedded default runs two pools in one process.
+_local_queues: dict[str, frozenset[str]] = {}
 
 
-def local_queues() -> frozenset[str]:
-    """The queues (lanes) the worker pool of this process consumes; empty outside a worker."""
-    return _local_queues
+def local_queues(pool_name: str | None) -> frozenset[str]:
+    """The queues (lanes) the worker pool ``pool_name`` of this process consumes; empty
+    outside a worker."""
+    return _local_queues.get(pool_name or "", frozenset())
 
 
 class Announcer:
@@ -130,8 +132,7 @@ class Announcer:
                 return
 
     def start(self) -> Announcer:
-        global _local_queues
-        _local_queues = self.queues
+        _local_queues[self.name] = self.queues
         self._thread.start()
         return self
 

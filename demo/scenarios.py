@@ -47,10 +47,7 @@ def contention(tenant: Tenant, say: Say, *, wait_seconds: float = 150, hold_seco
     # other's lock — a deadlock, found and broken (one gives way, is retried, and both finish).
     for keep, merge in ((5, 6), (6, 5)):
         start("demo.merge_contacts", {"keep": keep, "merge": merge, "read_seconds": 1.0})
-    say(
-        "two merges of crm_contact:5 and :6 in opposite directions: a deadlock, broken (see /leases/); "
-        "on the embedded default's one worker slot they cannot run at once: one waits 10 s and is retried"
-    )
+    say("two merges of crm_contact:5 and :6 in opposite directions: a deadlock, broken (see /leases/)")
     # An agent's refund above the limit: its step parks mid-way for a human's approval.
     agent_run = start(
         "demo.support_agent",

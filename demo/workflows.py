@@ -655,9 +655,9 @@ def merge(ctx: StepContext) -> dict[str, Any]:
     keep, merged = int(ctx.input["keep"]), int(ctx.input["merge"])
     kept = sandbox.crm_get_contact(tenant_id=ctx.tenant_id, contact_id=keep, connection=ctx.connection("crm"))
     time.sleep(float(ctx.input["read_seconds"]))  # reading the kept contact's history
-    # Not long: where one worker slot runs one step at a time (the embedded default), the other
-    # merge, admitted with its contact's lock, waits for this slot: no cycle of lock waits to
-    # find, so this wait times out and the merge is retried after the other.
+    # Not long: where the draft lane has one slot, the other merge, admitted with its contact's
+    # lock, waits for this slot: no cycle of lock waits to find, so this wait times out and the
+    # merge is retried after the other.
     ctx.lock(f"crm_contact:{merged}", wait_timeout=10)
     gone = sandbox.crm_get_contact(
         tenant_id=ctx.tenant_id, contact_id=merged, connection=ctx.connection("crm")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.db import close_old_connections, connections
 
 from core import coordination
@@ -11,12 +11,12 @@ from runs import executor
 from runs.queueing import EXECUTE_STEP_TASK
 
 
-@shared_task(name=EXECUTE_STEP_TASK, acks_late=True, ignore_result=True)
-def execute_step_task(*, step_id: int, token: int) -> str:
+@shared_task(name=EXECUTE_STEP_TASK, bind=True, acks_late=True, ignore_result=True)
+def execute_step_task(self: Task, *, step_id: int, token: int) -> str:
     close_old_connections()  # connections are kept across tasks: drop a broken one first
     try:
         # Where caps and lanes allow, the worker goes straight on with the run's next step.
-        return executor.step_execute(step_id=step_id, token=token, lanes=local_queues())
+        return executor.step_execute(step_id=step_id, token=token, lanes=local_queues(self.request.hostname))
     finally:
         if coordination.current() is not None:
             # Many steps on threads: a body's own queries (the demo's sandbox) keep no

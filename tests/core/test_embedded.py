@@ -29,13 +29,38 @@ START_LOCKED_RUN = (
     "run_start(tenant=Tenant.objects.get(slug='acme'), workflow='demo.crm_update', "
     "input={'contact_id': 1, 'changes': {'stage': 'won'}}, actor='t', trigger_event_id='embedded-lock')"
 )
+START_WAITING_RUNS = (
+    "from core.models import Tenant; from runs.services import run_start; "
+    "[run_start(tenant=Tenant.objects.get(slug='acme'), workflow='test.waits', input={'wait_seconds': 1.0}, "
+    "actor='t', trigger_event_id=f'embedded-wait-{n}') for n in range(8)]"
+)
+WAITING_RUNS_SUCCEEDED = (
+    "from runs.models import Run; "
+    "print(Run.objects.filter(workflow='test.waits', status='succeeded').count())"
+)
+# The most steps that were running at one instant: each start, then each finish, in time order.
+MOST_WAITING_AT_ONCE = """
+from runs.models import Step
+marks = []
+for step in Step.objects.filter(run__workflow='test.waits'):
+    marks += [(step.started_at, 1), (step.finished_at, -1)]
+running = most = 0
+for _, change in sorted(marks):
+    running += change
+    most = max(most, running)
+print(most)
+"""
 LOCKED_RUN_STATUS = (
     "from runs.models import Run; print(Run.objects.get(trigger_event_id='embedded-lock').status)"
 )
 
 
 def embedded_env(tmp_path: Path) -> dict[str, str]:
-    env = base_env(DEBUG="1", SQLITE_PATH=str(tmp_path / "embedded.sqlite3"))
+    env = base_env(
+        DEBUG="1",
+        SQLITE_PATH=str(tmp_path / "embedded.sqlite3"),
+        RUNWARDEN_WORKFLOW_MODULES="tests.runs.workflows_for_tests",
+    )
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     return env
@@ -82,6 +107,17 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
             lambda: log.read_text()[-4000:],
             interval=0.5,
         )
+
+        # The waiting lanes run many steps at once, as the Procfile's do: eight runs that each
+        # await a model for a second were running side by side, not one after another.
+        manage("shell", "-c", START_WAITING_RUNS, env=env)
+        wait_for(
+            lambda: printed(WAITING_RUNS_SUCCEEDED) == ["8"],
+            60,
+            lambda: log.read_text()[-4000:],
+            interval=0.5,
+        )
+        assert int(printed(MOST_WAITING_AT_ONCE)[0]) > 1
 
     output = log.read_text()
     assert "Embedded mode" in output

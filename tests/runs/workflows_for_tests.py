@@ -529,3 +529,12 @@ async def pay_when_approved(ctx: AsyncStepContext) -> dict[str, Any]:
         approval=True,
     )
     return {"customer": looked_up["customer"], "paid": paid["paid"]}
+
+
+waits = workflow("test.waits", description="awaits a stand-in model call, and nothing else", input=AwaitInput)
+
+
+@waits.step(lane="draft")
+async def just_wait(ctx: AsyncStepContext) -> dict[str, Any]:
+    await asyncio.sleep(float(ctx.input["wait_seconds"]))  # a model call
+    return {"waited": ctx.input["wait_seconds"]}

@@ -31,7 +31,7 @@ class Command(BaseCommand):
 
             start_embedded_worker()
             self.stdout.write(
-                "Embedded mode: SQLite under var/, in-memory channel layer, in-process Celery worker."
+                "Embedded mode: SQLite under var/, in-memory channel layer, in-process Celery workers."
             )
         self.stdout.write(f"Runwarden console: http://{host}:{port}/")
         uvicorn.run(
