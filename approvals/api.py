@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
 from ninja import Field, Query, Router, Schema, Status
 
 from approvals import access, selectors, services
-from approvals.models import ApprovalStatus, ConflictKind, ConflictStatus
+from approvals.models import ApprovalRequest, ApprovalStatus, ConflictKind, ConflictStatus
 from core.api import ApiError, request_user
 
 router = Router(tags=["approvals"])
@@ -111,8 +111,11 @@ def _etag(response: HttpResponse, version: int) -> None:
     response["ETag"] = f'"{version}"'
 
 
-def _approval(request: HttpRequest, approval_id: int) -> Any:
-    return get_object_or_404(selectors.approval_lookup_for_user(request_user(request)), pk=approval_id)
+def _approval(request: HttpRequest, approval_id: int) -> ApprovalRequest:
+    try:
+        return selectors.approval_for_user(request_user(request), approval_id)
+    except ApprovalRequest.DoesNotExist:
+        raise Http404 from None
 
 
 @router.get("/approvals", response=list[ApprovalOut])

@@ -17,7 +17,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db.models import Prefetch, Q
-from django.http import HttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -45,7 +45,10 @@ MESSAGE_LEVELS = {"success": messages.SUCCESS, "warning": messages.WARNING, "err
 
 def _get_approval_for_user(request: HtmxHttpRequest, approval_id: int) -> ApprovalRequest:
     """The request if it belongs to one of the user's tenants; another tenant's is a 404."""
-    return get_object_or_404(selectors.approval_lookup_for_user(authenticated_user(request)), pk=approval_id)
+    try:
+        return selectors.approval_for_user(authenticated_user(request), approval_id)
+    except ApprovalRequest.DoesNotExist:
+        raise Http404 from None
 
 
 def _get_conflict_for_user(request: HtmxHttpRequest, conflict_id: int) -> ConflictArtifact:

@@ -47,8 +47,13 @@ def run_steps_lock(run_id: str) -> list[int]:
     """Lock every step row of the run, by id, until the caller's transaction ends (the
     anchor above); the ids, in that order. Call inside ``transaction.atomic()`` before any
     other write of the action. SQLite serialises writers: there it locks nothing."""
+    return list(run_steps_locked_statuses(run_id))
+
+
+def run_steps_locked_statuses(run_id: str) -> dict[int, str]:
+    """``run_steps_lock``, and each step's status as read under the lock, by id in that order."""
     anchor = Step.objects.filter(run_id=run_id).order_by("pk").select_for_update(no_key=True)
-    return list(anchor.values_list("pk", flat=True))
+    return dict(anchor.values_list("pk", "status"))
 
 
 def ready_steps_lock(step_ids: list[int]) -> set[int]:

@@ -6,12 +6,13 @@ resumes exactly once; the loser changes nothing and gets the current state back.
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
 from django.db import connection, transaction
-from django.db.models import Case, F, Value, When
+from django.db.models import F
 from django.utils import timezone
 
 from approvals import notifications
@@ -30,7 +31,7 @@ from core.access import member_role_check
 from core.models import Role, User
 from core.transactions import transaction_retried_once
 from runs import services as run_services
-from runs.locking import run_steps_lock
+from runs.locking import run_steps_lock, run_steps_locked_statuses
 from runs.models import Step, StepStatus
 
 
@@ -46,12 +47,12 @@ class DecisionForbidden(Exception):
     """The user may not decide this request (role, self-approval, already voted)."""
 
 
-def _can_decide(user: User, request: ApprovalRequest, *, locked: bool = False) -> None:
-    """The decider's role fits the request; ``locked``: read in the deciding transaction with the
-    member's row locked (``core.access``), so a role change racing the decision is seen."""
+def _can_decide(user: User, request: ApprovalRequest) -> None:
+    """The decider's role fits the request, read in the deciding transaction with the member's
+    row locked (``core.access``), so a role change racing the decision is seen."""
     roles = [Role.ADMIN] if request.escalated else (request.eligible_roles or [Role.OPERATOR])
     try:
-        member_role_check(user, request.tenant_id, roles, "this approval", lock=locked)
+        member_role_check(user, request.tenant_id, roles, "this approval")
     except PermissionDenied as refused:
         raise DecisionForbidden(str(refused)) from None
 
@@ -73,50 +74,32 @@ def approval_decide(
     """
     if decision not in ("approve", "reject", "request_changes"):
         raise ValueError(f"unknown decision {decision!r}")
-    _can_decide(user, request)
-    if decision == "approve" and _blocks_self_approval(user, request):
-        raise DecisionForbidden("you started this run or wrote this version: someone else must approve it")
     now = timezone.now()
 
     def decide() -> ApprovalRequest | None:
-        run_steps_lock(request.run_id)  # the anchor: see runs/locking.py
-        _can_decide(user, request, locked=True)
+        statuses = run_steps_locked_statuses(request.run_id)  # the anchor: see runs/locking.py
+        # Refused inside the transaction, before anything is written: the role as it stands.
+        _can_decide(user, request)
+        if decision == "approve" and _blocks_self_approval(user, request):
+            raise DecisionForbidden(
+                "you started this run or wrote this version: someone else must approve it"
+            )
+        # The row as it stands at the caller's version: what was read for the request, unless
+        # it was read before that version (then again, now); any change moves the version on.
+        seen = request if request.version == expected_version else _reread(request)
+        if seen.version != expected_version or seen.status != ApprovalStatus.PENDING:
+            return None
+        decided = _decided(seen, user, decision, comment, now)
         pending = ApprovalRequest.objects.filter(
             pk=request.pk, version=expected_version, status=ApprovalStatus.PENDING
         )
-        if decision == "approve":
-            won = pending.update(
-                approvals=F("approvals") + 1,
-                version=F("version") + 1,
-                decided_by=user,
-                decided_at=now,
-                comment=comment,
-                updated_at=now,
-                # The quorum is reached when the approvals counted so far (this one too, the
-                # right-hand side reading the row as it was) cover the requirement.
-                status=Case(
-                    When(approvals__gte=F("required") - 1, then=Value(ApprovalStatus.APPROVED)),
-                    default=F("status"),
-                ),
-            )
-            if won == 1 and not _vote_recorded(request, user, now):
-                # Raised out of the transaction, which then undoes the compare-and-set too.
-                raise DecisionForbidden("you already approved this request; it needs another approver")
-        else:
-            status = ApprovalStatus.REJECTED if decision == "reject" else ApprovalStatus.CHANGES_REQUESTED
-            won = pending.update(
-                status=status,
-                version=F("version") + 1,
-                decided_by=user,
-                decided_at=now,
-                comment=comment,
-                updated_at=now,
-            )
+        won = pending.update(**{field: getattr(decided, field) for field in DECISION_FIELDS}, decided_by=user)
         if won != 1:
             return None
-        decided = ApprovalRequest.objects.select_related("step__run", "artifact_version").get(pk=request.pk)
-        # What the answer shows of them is in hand: no query each.
-        decided.run, decided.decided_by = decided.step.run, user
+        if decision == "approve" and not _vote_recorded(request, user, now):
+            # Raised out of the transaction, which then undoes the compare-and-set too.
+            raise DecisionForbidden("you already approved this request; it needs another approver")
+        decided.step.status = statuses.get(decided.step_id, decided.step.status)  # under the lock
         _after_decision(decided, user.get_username(), decision, comment)
         return decided
 
@@ -130,6 +113,39 @@ def approval_decide(
         outcome=decision if current.status != ApprovalStatus.PENDING else "vote"
     ).inc()
     return current
+
+
+# What a decision writes on the request (and its decider).
+DECISION_FIELDS = ("status", "approvals", "version", "decided_at", "comment", "updated_at")
+
+
+def _reread(request: ApprovalRequest) -> ApprovalRequest:
+    fresh = copy.copy(request)
+    fresh.refresh_from_db(fields=[*DECISION_FIELDS, "required"])
+    return fresh
+
+
+def _decided(seen: ApprovalRequest, user: User, decision: str, comment: str, now: Any) -> ApprovalRequest:
+    """The request as this decision leaves it, from the row as it stood (``seen``): a copy, with
+    its step and run read for the request; the caller's object is kept as it was for a retry."""
+    decided = copy.copy(seen)
+    decided.step = copy.copy(seen.step)
+    decided.step.run = seen.run
+    decided.run, decided.decided_by = seen.run, user
+    decided.version, decided.decided_at, decided.comment, decided.updated_at = (
+        seen.version + 1,
+        now,
+        comment,
+        now,
+    )
+    if decision == "approve":
+        decided.approvals = seen.approvals + 1
+        # The quorum is reached when the approvals counted so far, this one too, cover it.
+        if decided.approvals >= seen.required:
+            decided.status = ApprovalStatus.APPROVED
+    else:
+        decided.status = ApprovalStatus.REJECTED if decision == "reject" else ApprovalStatus.CHANGES_REQUESTED
+    return decided
 
 
 def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
