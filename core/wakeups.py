@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from functools import partial
 
 from django.db import transaction
+from redis import Redis
+from redis.commands.core import Script
 
 from core.redis_client import get_redis
 
@@ -74,30 +76,47 @@ def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_l
         transaction.on_commit(wake_now)
 
 
+# A wake-up that depends on a mark, read and acted on in one round trip (a start over the API
+# pays for it on every request).
+_WAKE = "redis.call('RPUSH', KEYS[2], 1); redis.call('LTRIM', KEYS[2], -1, -1); return 1"
+_WAKE_UNLESS_MEMBER = f"if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end; {_WAKE}"
+_WAKE_IF_EXISTS = f"if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end; {_WAKE}"
+_scripts: dict[str, Script] = {}
+
+
+def _wake_by_script(client: Redis, source: str, key: str, *args: str) -> None:
+    """Run a conditional wake-up script; if Redis fails it, wake anyway (a wake is only a hint)."""
+    script = _scripts.get(source)
+    if script is None:
+        script = _scripts[source] = client.register_script(source)
+    try:
+        woke = script(keys=[key, WAKE_KEY], args=list(args), client=client)
+    except Exception:
+        wake_now()
+        return
+    if woke:
+        _local_wake.set()
+
+
 def wake_unless_saturated(lane: str) -> None:
     """A step of ``lane`` was made ready and has committed: wake the dispatcher, unless every
     worker of the lane is busy (each finishing worker pulls the next ready step itself)."""
     client = get_redis()
-    try:
-        if client is None:
-            saturated = lane in _local_saturated
-        else:
-            saturated = bool(client.sismember(SATURATED_KEY, lane))
-    except Exception:
-        saturated = False
-    if not saturated:
-        wake_now()
+    if client is None:
+        if lane not in _local_saturated:
+            wake_now()
+        return
+    _wake_by_script(client, _WAKE_UNLESS_MEMBER, SATURATED_KEY, lane)
 
 
 def _wake_if_marked(key: str, local: threading.Event) -> None:
     """Wake the dispatcher if the mark ``key`` (``local`` without Redis) is set, or unknown."""
     client = get_redis()
-    try:
-        marked = local.is_set() if client is None else bool(client.exists(key))
-    except Exception:
-        marked = True
-    if marked:
-        wake_now()
+    if client is None:
+        if local.is_set():
+            wake_now()
+        return
+    _wake_by_script(client, _WAKE_IF_EXISTS, key)
 
 
 def mark_left_waiting(waiting: bool) -> None:

@@ -1,0 +1,50 @@
+"""Conditional wake-ups read their mark and wake the dispatcher in one round trip to Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from core import wakeups
+from core.redis_client import get_redis
+
+
+@pytest.fixture
+def redis_marks() -> Iterator[None]:
+    client = get_redis()
+    assert client is not None, "these tests need REDIS_URL"
+    keys = [wakeups.WAKE_KEY, wakeups.SATURATED_KEY, wakeups.WAITING_KEY]
+    client.delete(*keys)
+    yield
+    wakeups.mark_waiting(False, saturated=set())
+    client.delete(*keys)
+
+
+def woken() -> bool:
+    client = get_redis()
+    assert client is not None
+    return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
+
+
+def test_a_ready_step_wakes_the_dispatcher_unless_its_lanes_workers_are_all_busy(redis_marks: None) -> None:
+    wakeups.wake_unless_saturated("read")
+    assert woken()
+    wakeups.mark_waiting(False, saturated={"read"})  # a round found every read slot taken
+    wakeups.wake_unless_saturated("read")
+    assert not woken()
+    wakeups.wake_unless_saturated("draft")  # another lane's workers have room
+    assert woken()
+
+
+def test_freed_room_wakes_the_dispatcher_only_while_steps_wait_for_room(redis_marks: None) -> None:
+    wakeups._wake_if_marked(wakeups.WAITING_KEY, wakeups._local_waiting)
+    assert not woken()
+    wakeups.mark_waiting(True)
+    wakeups._wake_if_marked(wakeups.WAITING_KEY, wakeups._local_waiting)
+    assert woken()
+    for _ in range(3):  # a burst collapses into one wake-up
+        wakeups._wake_if_marked(wakeups.WAITING_KEY, wakeups._local_waiting)
+    client = get_redis()
+    assert client is not None
+    assert client.llen(wakeups.WAKE_KEY) == 1
