@@ -115,7 +115,7 @@ def _approval(request: HttpRequest, approval_id: int) -> ApprovalRequest:
     try:
         return selectors.approval_for_user(request_user(request), approval_id)
     except ApprovalRequest.DoesNotExist:
-        raise Http404 from None
+        raise Http404("No ApprovalRequest matches the given query.") from None
 
 
 @router.get("/approvals", response=list[ApprovalOut])

@@ -61,7 +61,8 @@ class ApprovalStatus(models.TextChoices):
 class ApprovalRequest(models.Model):
     """One request for a decision on one artifact version. ``version`` is bumped on every
     change, and every decision is a conditional UPDATE on it: of two racing deciders exactly
-    one wins."""
+    one wins. A decision computes the row it writes from the row at that version, so a write
+    that leaves ``version`` as it was would be lost (``approvals.services.decisions``)."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="approval_requests")

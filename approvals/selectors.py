@@ -47,8 +47,7 @@ def approval_lookup_for_user(user: AnyUser) -> QuerySet[ApprovalRequest]:
     """The user's requests, for reading one by id: with what a decision and its answer read (its
     tenant, run, step and shown version), not ``approvals_for_user``'s seven-table join, which
     PostgreSQL takes 2-4 ms to plan, more than the few key lookups of the rest cost when they
-    are read (each table joined costs some 0.3-0.5 ms of planning; the tenant's join, paired
-    with its own read taken in turn, 17-24 ms against 22-23 ms per approve)."""
+    are read (each table joined costs some 0.3-0.5 ms of planning; see docs/BENCHMARKS.md)."""
     return scope_to_user(
         ApprovalRequest.objects.select_related("tenant", "run", "step", "artifact_version"), user
     )

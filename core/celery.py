@@ -10,14 +10,21 @@ from celery.signals import setup_logging, worker_init, worker_ready, worker_shut
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
 
-app = Celery("runwarden")
-app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks()
-# Celery's Django fixup closes every database connection before and after each task unless
-# DB_REUSE_MAX is set: that cost two extra transactions (connect, SET TIME ZONE) per step.
-# Workers keep their connections (WORKER_DB_CONN_MAX_AGE); Django's close_old_connections,
-# called by the step task, still drops a broken or obsolete one.
-app.conf["CELERY_DB_REUSE_MAX"] = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
+
+def make_app(*, set_as_current: bool = True) -> Celery:
+    """The app, configured; the embedded default makes a second one for its second worker."""
+    made = Celery("runwarden", set_as_current=set_as_current)
+    made.config_from_object("django.conf:settings", namespace="CELERY")
+    made.autodiscover_tasks()
+    # Celery's Django fixup closes every database connection before and after each task unless
+    # DB_REUSE_MAX is set: that cost two extra transactions (connect, SET TIME ZONE) per step.
+    # Workers keep their connections (WORKER_DB_CONN_MAX_AGE); Django's close_old_connections,
+    # called by the step task, still drops a broken or obsolete one.
+    made.conf["CELERY_DB_REUSE_MAX"] = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
+    return made
+
+
+app = make_app()
 
 
 @setup_logging.connect
@@ -42,13 +49,13 @@ def _persistent_db_connections(**kwargs: object) -> None:
         connection.settings_dict["CONN_MAX_AGE"] = age
 
 
-_announcer = None
+# By worker name: the embedded default runs two workers in one process.
+_announcers: dict[str, Any] = {}
 
 
 @worker_ready.connect
 def _announce_pool(sender: object = None, **kwargs: object) -> None:
     """Tell the dispatcher which queues (lanes) this worker consumes and how many slots it has."""
-    global _announcer
     from core.workers import Announcer
 
     consumer: Any = sender
@@ -62,10 +69,10 @@ def _announce_pool(sender: object = None, **kwargs: object) -> None:
         from core.coordination import coordinate_on_threads
 
         coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
-    _announcer = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
+    _announcers[consumer.hostname] = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
 
 
 @worker_shutting_down.connect
 def _withdraw_pool(**kwargs: object) -> None:
-    if _announcer is not None:
-        _announcer.stop()
+    for announcer in _announcers.values():
+        announcer.stop()

@@ -6,44 +6,46 @@ Steps still go through Celery, exactly as they do with separate worker processes
 dispatcher (``settings.EMBEDDED_BACKGROUND``) runs as a thread beside them.
 
 Two workers, as the Procfile's lanes are sized: the waiting lanes (``read``, ``draft``) on
-Celery's threads pool with ``RUNWARDEN_EMBEDDED_WAITING_SLOTS`` steps at once, their database
-work on the coordination threads (one on SQLite: it lets one writer in at a time, and a step
-that waits on a model holds no connection); the other queues one task at a time.
+Celery's threads pool with ``RUNWARDEN_EMBEDDED_WAITING_SLOTS`` steps at once, the other queues
+one task at a time. Once the threads-pool worker is up, the process hands the database work of
+both to its coordination threads (``core.coordination``; one on SQLite, which lets one writer in
+at a time), so a step that waits on a model holds no connection.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
-from celery import Celery, beat
+from celery import Celery, beat, signals
 from celery.worker import WorkController
 from django.conf import settings
 from django.utils.module_loading import import_string
 
-from core.celery import app
+from core.celery import app, make_app
 
 logger = logging.getLogger(__name__)
 
+# The lanes (runs.definitions.LANES) as the Procfile's workers split them, and Celery's own queue.
 WAITING_QUEUES = ["read", "draft"]
 ONE_AT_A_TIME_QUEUES = ["celery", "external", "high_risk", "maintenance"]
-ALL_QUEUES = [*ONE_AT_A_TIME_QUEUES, *WAITING_QUEUES]
 
 
-def _app_of_its_own() -> Celery:
-    """A second app for a second worker of this process: a worker selects the queues it consumes
-    on its app, so two workers sharing one would both consume the last one's queues. Tasks are
-    ``shared_task``s, known to every app; the in-memory broker is one for the process."""
-    other = Celery(app.main)
-    other.config_from_object("django.conf:settings", namespace="CELERY")
-    other.autodiscover_tasks()
-    return other
+class _Worker(WorkController):
+    """A worker started in code says it is ready as ``celery worker`` does, so it announces its
+    slots and lanes (``core.celery``): admission fills its free slots, a finishing step's task
+    goes on in its lanes, and a threads pool hands its database work to coordination threads."""
+
+    def on_consumer_ready(self, consumer: Any) -> None:
+        super().on_consumer_ready(consumer)
+        signals.worker_ready.send(sender=consumer)
 
 
 def _start_worker(
     *, name: str, queues: list[str], pool: str, slots: int, on_app: Celery = app
 ) -> WorkController:
-    worker = WorkController(
+    worker = _Worker(
         app=on_app,
         hostname=f"{name}@localhost",
         pool=pool,
@@ -65,7 +67,10 @@ def start_embedded_worker(*, with_beat: bool = True) -> list[WorkController]:
             queues=WAITING_QUEUES,
             pool="threads",
             slots=settings.RUNWARDEN_EMBEDDED_WAITING_SLOTS,
-            on_app=_app_of_its_own(),
+            # Its own app: a worker selects the queues it consumes on its app, so two workers
+            # sharing one would both consume the last one's. Tasks are shared_tasks, known to
+            # every app; the in-memory broker is one for the process.
+            on_app=make_app(set_as_current=False),
         ),
         _start_worker(name="embedded", queues=ONE_AT_A_TIME_QUEUES, pool="solo", slots=1),
     ]

@@ -19,8 +19,8 @@ def transaction_retried_once(fn: Callable[[], T]) -> T:
     """Run ``fn`` in a transaction of its own; if PostgreSQL aborts it as a deadlock or a
     serialization failure, run it once more in a fresh one. A second such failure (or one
     inside a caller's outer transaction, which is aborted with it) is raised: the API answers
-    it 409 ``concurrent_update``. ``fn`` does all its reads inside, so a retry decides on what
-    the winner left."""
+    it 409 ``concurrent_update``. ``fn`` decides on what it reads inside (or on what a
+    compare-and-set inside confirms), so a retry decides on what the winner left."""
     nested = transaction.get_connection().in_atomic_block
     for attempt in (1, 2):
         try:

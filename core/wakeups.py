@@ -92,6 +92,7 @@ def _wake_by_script(client: Redis, source: str, key: str, *args: str) -> None:
     try:
         woke = script(keys=[key, WAKE_KEY], args=list(args), client=client)
     except Exception:
+        logger.warning("a conditional wake-up failed in Redis; waking the dispatcher anyway", exc_info=True)
         wake_now()
         return
     if woke:

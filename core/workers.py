@@ -108,10 +108,13 @@ def _read_pools(now: float | None) -> list[Pool] | None:
 _local_queues: dict[str, frozenset[str]] = {}
 
 
-def local_queues(pool_name: str | None) -> frozenset[str]:
-    """The queues (lanes) the worker pool ``pool_name`` of this process consumes; empty
-    outside a worker."""
-    return _local_queues.get(pool_name or "", frozenset())
+def local_queues(lane: str) -> frozenset[str]:
+    """The queues (lanes) consumed by the worker pool of this process that took a task from
+    ``lane``: that lane at least (a prefork worker's child does not see what its parent
+    announced after forking it); empty outside a worker."""
+    if not lane:
+        return frozenset()
+    return next((queues for queues in _local_queues.values() if lane in queues), frozenset({lane}))
 
 
 class Announcer:
@@ -138,6 +141,7 @@ class Announcer:
 
     def stop(self) -> None:
         self._stop.set()
+        _local_queues.pop(self.name, None)
         try:
             pool_withdraw(self.name)
         except Exception:

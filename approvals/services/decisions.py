@@ -78,15 +78,15 @@ def approval_decide(
 
     def decide() -> ApprovalRequest | None:
         statuses = run_steps_locked_statuses(request.run_id)  # the anchor: see runs/locking.py
-        # Refused inside the transaction, before anything is written: the role as it stands.
-        _can_decide(user, request)
-        if decision == "approve" and _blocks_self_approval(user, request):
+        # The row at the caller's version: what was read for the request, unless it was read at
+        # another version (then again, now). Every change of the row moves its version on.
+        seen = request if request.version == expected_version else _reread(request)
+        # Refused before anything is written, on the role as it stands (403 before 412).
+        _can_decide(user, seen)
+        if decision == "approve" and _blocks_self_approval(user, seen):
             raise DecisionForbidden(
                 "you started this run or wrote this version: someone else must approve it"
             )
-        # The row as it stands at the caller's version: what was read for the request, unless
-        # it was read before that version (then again, now); any change moves the version on.
-        seen = request if request.version == expected_version else _reread(request)
         if seen.version != expected_version or seen.status != ApprovalStatus.PENDING:
             return None
         decided = _decided(seen, user, decision, comment, now)
@@ -120,8 +120,11 @@ DECISION_FIELDS = ("status", "approvals", "version", "decided_at", "comment", "u
 
 
 def _reread(request: ApprovalRequest) -> ApprovalRequest:
+    """The request's changeable fields read again (a copy: the caller's is kept for a retry)."""
     fresh = copy.copy(request)
-    fresh.refresh_from_db(fields=[*DECISION_FIELDS, "required"])
+    fresh.refresh_from_db(
+        fields=[*DECISION_FIELDS, "required", "escalated", "eligible_roles", "expires_at", "decided_by"]
+    )
     return fresh
 
 

@@ -563,6 +563,17 @@ class Bench:
             finally:
                 client.close()
             ingest: dict[str, Any] = {}
+
+            def ingest_measured(base: str, clients: int, runs: int, web_processes: int) -> dict[str, Any]:
+                figures, tally = http_path.ingest(
+                    base, {t.slug: token for t in tenants}, clients, runs, duplicate_every=10
+                )
+                self._check_ingest(tenants, tally)
+                # Drained before the next measurement, which then starts on idle workers.
+                accepted = [run_id for ids in tally.answered.values() for run_id in ids]
+                self.wait_runs(accepted, timeout=self.budget(120), processes=processes)
+                return {**figures, "web_processes": web_processes}
+
             for web_processes in (1, 2):
                 if web_processes > 1:  # WEB_CONCURRENCY=2: two uvicorn processes on one port
                     port = free_port()
@@ -572,17 +583,9 @@ class Bench:
                     if not wait_for_http(base + "/healthz", timeout=self.budget(30)):
                         self.note(f"{web_processes} web processes did not answer: ingest skipped")
                         break
-                figures, tally = http_path.ingest(
-                    base, {t.slug: token for t in tenants}, ingest_clients, ingest_runs, duplicate_every=10
-                )
-                self._check_ingest(tenants, tally)
-                ingest[str(web_processes)] = {**figures, "web_processes": web_processes}
+                ingest[str(web_processes)] = ingest_measured(base, ingest_clients, ingest_runs, web_processes)
                 if web_processes == 1:  # the issue's latency goal is set at 16 clients
-                    figures, tally = http_path.ingest(
-                        base, {t.slug: token for t in tenants}, 16, ingest_runs // 2, duplicate_every=10
-                    )
-                    self._check_ingest(tenants, tally)
-                    ingest["16_clients"] = {**figures, "web_processes": 1}
+                    ingest["16_clients"] = ingest_measured(base, 16, max(ingest_runs // 2, 16), 1)
         for tenant in tenants[1:]:  # the extra tenants' runs end here (prepare cleans the bench's)
             for run in Run.objects.filter(tenant=tenant, status__in=UNFINISHED_RUN_STATUSES):
                 services.run_cancel(run=run, actor=ACTOR, reason="bench: cleaned up after a phase")
