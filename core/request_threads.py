@@ -24,9 +24,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from django.core.handlers.asgi import ASGIHandler
 from django.core.signals import request_finished, request_started
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
 
 Scope = dict[str, Any]
 
@@ -67,6 +70,23 @@ def _note_last_use(**_: Any) -> None:
     # Django's receiver, before this one, closed the connection if the request left it broken.
     open_now = connections[DEFAULT_DB_ALIAS].connection is not None
     _last_use.at = time.monotonic() if open_now else None
+
+
+class SyncChainASGIHandler(ASGIHandler):
+    """Django's ASGI handler, its middleware chain and views run in one go on the request's
+    thread. Django's own builds the chain for the event loop: with every middleware and view
+    synchronous, a request went thread → loop → thread → loop between them (``async_to_sync``
+    under the innermost middleware, ``sync_to_async`` around the view), each hop a wait for the
+    loop, which serves every other request too. Nothing here is asynchronous: no async view or
+    middleware (the websockets are Channels' consumers, not Django views)."""
+
+    def load_middleware(self, is_async: bool = False) -> None:
+        super().load_middleware(is_async=False)
+
+    async def get_response_async(self, request: HttpRequest) -> HttpResponseBase:
+        # The request thread: RequestThreads' context makes thread-sensitive calls go there.
+        response: HttpResponseBase = await sync_to_async(self.get_response, thread_sensitive=True)(request)
+        return response
 
 
 class RequestThreads:

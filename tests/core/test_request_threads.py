@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import AsyncToSync, sync_to_async
 from django.conf import settings
+from django.core.handlers.asgi import ASGIHandler
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from core import request_threads
-from core.request_threads import RequestThreads
+from core.request_threads import RequestThreads, SyncChainASGIHandler
 from tests.servers import base_env, console_server, database_url
 
 THREADS = 3
@@ -156,3 +157,50 @@ def test_a_request_after_a_pause_finds_its_broken_connection_replaced(tmp_path: 
         for _ in range(3):
             with urllib.request.urlopen(f"{base}/readyz", timeout=10) as answer:
                 assert answer.status == 200
+
+
+def _hops_through_the_loop(handler: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[str]]:
+    """GET /healthz through ``handler`` in RequestThreads: its status, and each time its
+    synchronous code handed control back to the event loop (``async_to_sync``)."""
+    hops: list[str] = []
+    original = AsyncToSync.__call__
+
+    def counted(self: AsyncToSync, *args: Any, **kwargs: Any) -> Any:
+        hops.append(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncToSync, "__call__", counted)
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/healthz", "raw_path": b"/healthz", "query_string": b"",
+        "root_path": "", "headers": [(b"host", b"localhost")], "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    received: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        if received:  # the client stays connected until the answer is sent
+            await asyncio.Event().wait()
+        received.append("request")
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(RequestThreads(handler, 2)(scope, receive, send))
+    return sent[0]["status"], hops
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_request_runs_its_middleware_and_view_on_its_thread_in_one_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    status, hops = _hops_through_the_loop(SyncChainASGIHandler(), monkeypatch)
+    assert status == 200
+    assert hops == []
+    # Django's own handler goes back to the loop between the middleware and the view.
+    status, hops = _hops_through_the_loop(ASGIHandler(), monkeypatch)
+    assert status == 200
+    assert hops
