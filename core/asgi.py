@@ -12,13 +12,13 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-from core.request_threads import RequestThreads, SyncChainASGIHandler, keep_request_connections  # noqa: E402
+from core.request_threads import http_application, keep_request_connections  # noqa: E402
 from core.routing import websocket_urlpatterns  # noqa: E402
 
 keep_request_connections(settings.RUNWARDEN_WEB_CONN_MAX_AGE)
 application = ProtocolTypeRouter(
     {
-        "http": RequestThreads(SyncChainASGIHandler(), settings.RUNWARDEN_WEB_THREADS),
+        "http": http_application(settings.RUNWARDEN_WEB_THREADS),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

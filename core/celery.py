@@ -66,9 +66,10 @@ def _announce_pool(sender: object = None, **kwargs: object) -> None:
         # so the connections this process holds do not grow with its slots.
         from django.conf import settings
 
-        from core.coordination import coordinate_on_threads
+        from core.coordination import coordinate_on_threads, current
 
-        coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
+        if current() is None:  # the embedded default sets it up before its workers start
+            coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
     _announcers[consumer.hostname] = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
 
 

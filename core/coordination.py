@@ -8,8 +8,8 @@ end, a heartbeat, a ledger proposal and record, a checkpoint, a lock — to a fe
 threads, each with one connection kept open: the connections a process holds are bounded by
 ``RUNWARDEN_COORDINATION_THREADS`` whatever its slot count, and a step that waits on a model or
 a tool holds none. Elsewhere (a prefork or solo worker: one step per process at a time; the web
-process) nothing is handed off: ``run`` calls the function right there. The embedded default's
-threads-pool worker sets this for its whole process, its one-at-a-time worker included.
+process) nothing is handed off: ``run`` calls the function right there. The embedded default
+sets this up for its whole process, its one-at-a-time worker included.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ dispatcher (``settings.EMBEDDED_BACKGROUND``) runs as a thread beside them.
 
 Two workers, as the Procfile's lanes are sized: the waiting lanes (``read``, ``draft``) on
 Celery's threads pool with ``RUNWARDEN_EMBEDDED_WAITING_SLOTS`` steps at once, the other queues
-one task at a time. Once the threads-pool worker is up, the process hands the database work of
-both to its coordination threads (``core.coordination``; one on SQLite, which lets one writer in
-at a time), so a step that waits on a model holds no connection.
+one task at a time. The process hands the database work of both to coordination threads
+(``core.coordination``; one on SQLite, which lets one writer in at a time), so a step that
+waits on a model holds no connection.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from django.conf import settings
 from django.utils.module_loading import import_string
 
 from core.celery import app, make_app
+from core.coordination import coordinate_on_threads
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ def _start_worker(
 
 
 def start_embedded_worker(*, with_beat: bool = True) -> list[WorkController]:
+    # Before either worker runs a step, so no chain switches where it does its database work.
+    coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
     workers = [
         _start_worker(
             name="embedded-waiting",

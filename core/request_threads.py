@@ -89,6 +89,11 @@ class SyncChainASGIHandler(ASGIHandler):
         return response
 
 
+def http_application(threads: int) -> RequestThreads:
+    """The web process's HTTP application: Django, a request at a time on each request thread."""
+    return RequestThreads(SyncChainASGIHandler(), threads)
+
+
 class RequestThreads:
     """ASGI middleware: each HTTP request runs on one of ``size`` long-lived threads."""
 

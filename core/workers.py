@@ -114,7 +114,8 @@ def local_queues(lane: str) -> frozenset[str]:
     announced after forking it); empty outside a worker."""
     if not lane:
         return frozenset()
-    return next((queues for queues in _local_queues.values() if lane in queues), frozenset({lane}))
+    pools = tuple(_local_queues.values())  # another pool may be announced or withdrawn meanwhile
+    return next((queues for queues in pools if lane in queues), frozenset({lane}))
 
 
 class Announcer:
@@ -141,6 +142,7 @@ class Announcer:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=ANNOUNCE_EVERY)  # no announcement lands after the withdrawal
         _local_queues.pop(self.name, None)
         try:
             pool_withdraw(self.name)

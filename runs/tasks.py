@@ -13,7 +13,8 @@ from runs.queueing import EXECUTE_STEP_TASK
 
 def _lane(task: Task) -> str:
     """The queue (lane) the task was taken from (not the worker's hostname: two workers of the
-    embedded default share one process, and a worker started in code reports the machine's)."""
+    embedded default share one process, and a worker started in code reports the machine's).
+    A step is sent to its lane's queue, whose routing key is its name (no ``task_routes``)."""
     return str((task.request.delivery_info or {}).get("routing_key") or "")
 
 

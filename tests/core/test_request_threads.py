@@ -17,7 +17,7 @@ from django.core.handlers.asgi import ASGIHandler
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from core import request_threads
-from core.request_threads import RequestThreads, SyncChainASGIHandler
+from core.request_threads import RequestThreads
 from tests.servers import base_env, console_server, database_url
 
 THREADS = 3
@@ -159,9 +159,11 @@ def test_a_request_after_a_pause_finds_its_broken_connection_replaced(tmp_path: 
                 assert answer.status == 200
 
 
-def _hops_through_the_loop(handler: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[str]]:
-    """GET /healthz through ``handler`` in RequestThreads: its status, and each time its
-    synchronous code handed control back to the event loop (``async_to_sync``)."""
+def _hops_through_the_loop(
+    app: RequestThreads, monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, list[str], list[str]]:
+    """GET /healthz through ``app``: its status, each time its synchronous code handed control
+    back to the event loop (``async_to_sync``), and the threads its middleware chain ran on."""
     hops: list[str] = []
     original = AsyncToSync.__call__
 
@@ -170,6 +172,16 @@ def _hops_through_the_loop(handler: Any, monkeypatch: pytest.MonkeyPatch) -> tup
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(AsyncToSync, "__call__", counted)
+    chain_threads: list[str] = []
+    chain = app.app._middleware_chain
+
+    def recorded(request: Any) -> Any:
+        chain_threads.append(threading.current_thread().name)
+        return chain(request)
+
+    monkeypatch.setattr(
+        app.app, "_middleware_chain", recorded if not asyncio.iscoroutinefunction(chain) else chain
+    )
     sent: list[dict[str, Any]] = []
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
@@ -189,18 +201,18 @@ def _hops_through_the_loop(handler: Any, monkeypatch: pytest.MonkeyPatch) -> tup
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    asyncio.run(RequestThreads(handler, 2)(scope, receive, send))
-    return sent[0]["status"], hops
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], hops, chain_threads
 
 
-@pytest.mark.django_db(transaction=True)
 def test_a_request_runs_its_middleware_and_view_on_its_thread_in_one_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    status, hops = _hops_through_the_loop(SyncChainASGIHandler(), monkeypatch)
+    status, hops, chain_threads = _hops_through_the_loop(request_threads.http_application(2), monkeypatch)
     assert status == 200
     assert hops == []
+    assert len(chain_threads) == 1 and chain_threads[0].startswith("request-")  # its kept connection
     # Django's own handler goes back to the loop between the middleware and the view.
-    status, hops = _hops_through_the_loop(ASGIHandler(), monkeypatch)
+    status, hops, _ = _hops_through_the_loop(RequestThreads(ASGIHandler(), 2), monkeypatch)
     assert status == 200
     assert hops

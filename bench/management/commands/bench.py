@@ -571,7 +571,8 @@ class Bench:
                 self._check_ingest(tenants, tally)
                 # Drained before the next measurement, which then starts on idle workers.
                 accepted = [run_id for ids in tally.answered.values() for run_id in ids]
-                self.wait_runs(accepted, timeout=self.budget(120), processes=processes)
+                waited = self.wait_runs(accepted, timeout=self.budget(120), processes=processes)
+                self.check_runs(f"ingest ({clients} clients)", waited, accepted)
                 return {**figures, "web_processes": web_processes}
 
             for web_processes in (1, 2):
