@@ -99,24 +99,15 @@ def test_the_embedded_default_boots_and_serves_a_login(tmp_path: Path) -> None:
         manage("shell", "-c", ENQUEUE, env=env)
         wait_for(lambda: printed(COUNT_DELIVERED) == ["1"], 30, log.read_text, interval=0.5)
 
-        # And a run started by another process, whose step takes an entity lock, runs to the end.
-        manage("shell", "-c", START_LOCKED_RUN, env=env)
-        wait_for(
-            lambda: printed(LOCKED_RUN_STATUS) == ["succeeded"],
-            60,
-            lambda: log.read_text()[-4000:],
-            interval=0.5,
-        )
+        def started_until(start: str, check: str, expected: str) -> None:
+            manage("shell", "-c", start, env=env)
+            wait_for(lambda: printed(check) == [expected], 60, lambda: log.read_text()[-4000:], interval=0.5)
 
+        # And a run started by another process, whose step takes an entity lock, runs to the end.
+        started_until(START_LOCKED_RUN, LOCKED_RUN_STATUS, "succeeded")
         # The waiting lanes run many steps at once, as the Procfile's do: eight runs that each
         # await a model for a second were running side by side, not one after another.
-        manage("shell", "-c", START_WAITING_RUNS, env=env)
-        wait_for(
-            lambda: printed(WAITING_RUNS_SUCCEEDED) == ["8"],
-            60,
-            lambda: log.read_text()[-4000:],
-            interval=0.5,
-        )
+        started_until(START_WAITING_RUNS, WAITING_RUNS_SUCCEEDED, "8")
         assert int(printed(MOST_WAITING_AT_ONCE)[0]) > 1
 
     output = log.read_text()
