@@ -256,17 +256,18 @@ def fresh_database(name: str) -> str:
     return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 
 
-class ConnectionSampler:
-    """The most connections to one database seen at once, sampled every 50 ms (from a
-    connection to the ``postgres`` database, so not counted itself)."""
+class PeakCount:
+    """The highest value a ``SELECT count(*) ...`` reached while the block ran: sampled every
+    ``every`` seconds on a thread, on a connection ``connect`` opens for it."""
 
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self.peak = 0
+    def __init__(
+        self, connect: Callable[[], Any], sql: str, params: Sequence[Any] = (), *, every: float
+    ) -> None:
+        self.connect, self.sql, self.params, self.every, self.peak = connect, sql, list(params), every, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> ConnectionSampler:
+    def __enter__(self) -> PeakCount:
         self._thread.start()
         return self
 
@@ -275,11 +276,25 @@ class ConnectionSampler:
         self._thread.join(5)
 
     def _sample(self) -> None:
-        conn = psycopg2.connect(PG_ADMIN_URL)
+        conn = self.connect()
         conn.autocommit = True
-        with conn.cursor() as cursor:
-            while not self._stop.is_set():
-                cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.database])
-                self.peak = max(self.peak, int(cursor.fetchone()[0]))
-                time.sleep(0.05)
-        conn.close()
+        try:
+            with conn.cursor() as cursor:
+                while True:
+                    cursor.execute(self.sql, self.params)
+                    self.peak = max(self.peak, int(cursor.fetchone()[0]))
+                    if self._stop.wait(self.every):
+                        return
+        finally:
+            conn.close()
+
+
+def connection_sampler(database: str) -> PeakCount:
+    """The most connections to one database seen at once, sampled every 50 ms (from a
+    connection to the ``postgres`` database, so not counted itself)."""
+    return PeakCount(
+        lambda: psycopg2.connect(PG_ADMIN_URL),
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+        [database],
+        every=0.05,
+    )

@@ -313,7 +313,7 @@ def measure(workload: common.Workload, polling_interval: float) -> dict[str, Any
             if warm_up["finished"] != warm:
                 raise RuntimeError(f"warm-up did not finish: {warm_up}")
             cpu_before = procs.cpu_seconds()
-            with common.ConnectionSampler(DATABASE) as sampler:
+            with common.connection_sampler(DATABASE) as sampler:
                 if workload.name == "signal":
                     measured = signal_batch(client, monitor, "run-", workload.runs)
                 else:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 import uuid
 from collections import defaultdict
@@ -54,7 +53,7 @@ from bench.harness import (
     wait_for_workers,
 )
 from bench.http_path import HttpClient, IngestTally
-from bench.peers.common import free_port, percentile, wait_for_http
+from bench.peers.common import PeakCount, free_port, percentile, wait_for_http
 from bench.push_clients import PushClients
 from bench.workloads import BENCH_TOOL, KEY_HOLD_SECONDS, TOOL_CALL_SECONDS
 from core.models import Event, Membership, Role, Tenant, TenantQuota, User
@@ -797,6 +796,7 @@ class Bench:
         self.prepare()
         per_worker = max(slots // workers, 1)
         connections = PeakCount(  # the sampler's own connection is counted with the rest
+            _own_connection,
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND backend_type = 'client backend'",
             every=0.05,
@@ -884,6 +884,7 @@ class Bench:
         kept = quota.caps
         TenantQuota.objects.filter(pk=quota.pk).update(caps={**(kept or {}), "tool": {BENCH_TOOL: cap}})
         running = PeakCount(
+            _own_connection,
             "SELECT count(*) FROM runs_toolcall t JOIN core_lease l ON l.id = t.lease_id"
             " AND l.token = t.lease_token WHERE t.status = 'running'"
             " AND l.released_at IS NULL AND l.expires_at > now()",
@@ -1051,33 +1052,9 @@ def bench_session(out: Callable[[str], None], options: dict[str, Any]) -> Bench:
     )
 
 
-class PeakCount:
-    """The highest value a ``SELECT count(*) ...`` reached while the block ran: sampled every
-    ``every`` seconds on a thread and a database connection of its own."""
-
-    def __init__(self, sql: str, *, every: float) -> None:
-        self.sql, self.every, self.peak = sql, every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> PeakCount:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _sample(self) -> None:
-        conn = connection.get_new_connection(connection.get_connection_params())
-        conn.autocommit = True
-        try:
-            with conn.cursor() as cursor:
-                while not self._stop.wait(self.every):
-                    cursor.execute(self.sql)
-                    self.peak = max(self.peak, cursor.fetchone()[0])
-        finally:
-            conn.close()
+def _own_connection() -> Any:
+    """A new connection to the bench's database, for a sampler's thread."""
+    return connection.get_new_connection(connection.get_connection_params())
 
 
 def _percentile_ms(seconds: Sequence[float]) -> dict[str, Any]:
