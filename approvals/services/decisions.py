@@ -93,7 +93,7 @@ def approval_decide(
         pending = ApprovalRequest.objects.filter(
             pk=request.pk, version=expected_version, status=ApprovalStatus.PENDING
         )
-        won = pending.update(**{field: getattr(decided, field) for field in DECISION_FIELDS}, decided_by=user)
+        won = pending.update(**{field: getattr(decided, field) for field in DECISION_FIELDS})
         if won != 1:
             return None
         if decision == "approve" and not _vote_recorded(request, user, now):
@@ -115,16 +115,14 @@ def approval_decide(
     return current
 
 
-# What a decision writes on the request (and its decider).
-DECISION_FIELDS = ("status", "approvals", "version", "decided_at", "comment", "updated_at")
+# What a decision writes on the request.
+DECISION_FIELDS = ("status", "approvals", "version", "decided_by", "decided_at", "comment", "updated_at")
 
 
 def _reread(request: ApprovalRequest) -> ApprovalRequest:
     """The request's changeable fields read again (a copy: the caller's is kept for a retry)."""
     fresh = copy.copy(request)
-    fresh.refresh_from_db(
-        fields=[*DECISION_FIELDS, "required", "escalated", "eligible_roles", "expires_at", "decided_by"]
-    )
+    fresh.refresh_from_db(fields=[*DECISION_FIELDS, "required", "escalated", "eligible_roles", "expires_at"])
     return fresh
 
 
