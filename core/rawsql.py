@@ -40,12 +40,17 @@ def sql_strings(*values: str) -> str:
 
 
 @cache
-def _fields(model: type[models.Model]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+def _fields(model: type[models.Model], vendor: str) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+    """Each concrete field's attribute name, and the converters the ORM's compiler applies to
+    its column on this backend (the backend's, e.g. SQLite's text to datetime, then the
+    field's own ``from_db_value``), each with the column expression they expect."""
     fields = model._meta.concrete_fields
-    return (
-        tuple(field.attname for field in fields),
-        tuple(getattr(field, "from_db_value", None) for field in fields),
-    )
+    converters = []
+    for field in fields:
+        column = field.get_col(model._meta.db_table)
+        chain = connection.ops.get_db_converters(column) + column.get_db_converters(connection)
+        converters.append((tuple(chain), column) if chain else None)
+    return tuple(field.attname for field in fields), tuple(converters)
 
 
 @cache
@@ -55,16 +60,19 @@ def select_list(model: type[models.Model], alias: str) -> str:
 
 
 def width(model: type[models.Model]) -> int:
-    return len(_fields(model)[0])
+    return len(model._meta.concrete_fields)
 
 
 def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -> M:
     """The instance the ORM would build from ``row[start:start + width(model)]``."""
-    names, converters = _fields(model)
-    values = [
-        convert(value, None, connection) if convert is not None and value is not None else value
-        for value, convert in zip(row[start : start + len(names)], converters, strict=True)
-    ]
+    names, converters = _fields(model, connection.vendor)
+    values = []
+    for value, conversion in zip(row[start : start + len(names)], converters, strict=True):
+        if conversion is not None and value is not None:
+            chain, column = conversion
+            for convert in chain:
+                value = convert(value, column, connection)
+        values.append(value)
     return model.from_db(connection.alias, list(names), values)
 
 

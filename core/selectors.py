@@ -10,9 +10,11 @@ from typing import TypeVar
 
 from django.contrib.auth.models import AnonymousUser
 from django.core.exceptions import PermissionDenied
+from django.db import connection
 from django.db.models import Model, QuerySet
 from django.http import Http404
 
+from core import rawsql
 from core.models import ApiToken, Event, Membership, Role, Tenant, TenantQuota, User
 
 M = TypeVar("M", bound=Model)
@@ -53,16 +55,21 @@ def user_can(user: User, tenant: Tenant, role: str) -> bool:
 
 def get_tenant_for_user(user: AnyUser, slug: str, *, role: str | None = None) -> Tenant:
     """The tenant ``slug`` if ``user`` is a member (else 404) holding ``role`` (else 403)."""
-    membership = (
-        Membership.objects.filter(user=user, tenant__slug=slug).select_related("tenant").first()
-        if user.is_authenticated
-        else None
-    )
-    if membership is None:
+    row = None
+    if user.is_authenticated:
+        # Every tenant-scoped request asks this: hand-written (core.rawsql), not built by the ORM.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT m.role, {rawsql.select_list(Tenant, 't')} FROM {Membership._meta.db_table} m"
+                f" JOIN {Tenant._meta.db_table} t ON t.id = m.tenant_id WHERE m.user_id = %s AND t.slug = %s",
+                [user.pk, slug],
+            )
+            row = cursor.fetchone()
+    if row is None:
         raise Http404("No such tenant.")
-    if role is not None and role not in ROLE_GRANTS[membership.role]:
+    if role is not None and role not in ROLE_GRANTS[row[0]]:
         raise PermissionDenied(f"This needs the {role} role in {slug}.")
-    return membership.tenant
+    return rawsql.from_row(Tenant, row, 1)
 
 
 def quota_for_tenant(tenant: Tenant) -> TenantQuota:

@@ -176,15 +176,22 @@ def api_token_find(raw: str) -> ApiToken | None:
     """The live token ``raw`` is (with its active user), or None."""
     if not raw.startswith(TOKEN_PREFIX):
         return None
-    token = (
-        ApiToken.objects.select_related("user")
-        .filter(token_hash=_hash_token(raw), revoked_at__isnull=True, user__is_active=True)
-        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
-        .first()
-    )
-    if token is None:
-        return None
     now = timezone.now()
+    # Every API call asks this: hand-written, it costs a third of what the ORM's query
+    # building costs on top of the same statement.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {rawsql.select_list(ApiToken, 't')}, {rawsql.select_list(User, 'u')}"
+            f" FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id"
+            " WHERE t.token_hash = %s AND t.revoked_at IS NULL AND u.is_active = %s"
+            " AND (t.expires_at IS NULL OR t.expires_at > %s)",
+            [_hash_token(raw), True, rawsql.adapt_datetime(now)],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    token = rawsql.from_row(ApiToken, row)
+    token.user = rawsql.from_row(User, row, rawsql.width(ApiToken))
     # Touch last_used_at at most once a minute, so API traffic does not write on every call
     # (nor send a statement: the token just read says whether it is due; the UPDATE's own
     # condition keeps concurrent requests from touching it twice).

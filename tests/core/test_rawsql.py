@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from core import rawsql
-from core.models import Event, Tenant
-from core.services import event_record
+from core.models import ApiToken, Event, Tenant, User
+from core.services import api_token_find, api_token_issue, event_record
 from runs.models import Run, Step
 
 
@@ -49,6 +52,7 @@ def test_a_statement_is_prepared_once_per_connection_only_where_asked_and_answer
         assert run() == [("acme",)]
 
 
+@pytest.mark.both_dialects
 @pytest.mark.django_db
 def test_a_row_read_by_hand_is_the_instance_the_orm_builds(acme: Tenant) -> None:
     event = event_record(tenant=acme, subject="run:x", verb="created", actor="t", payload={"a": [1, None]})
@@ -70,6 +74,23 @@ def test_a_row_read_by_hand_is_the_instance_the_orm_builds(acme: Tenant) -> None
     for field in Step._meta.concrete_fields:
         assert getattr(by_hand_step, field.attname) == getattr(fetched, field.attname), field.name
     assert by_hand_run.input == {"k": "v"} and by_hand_run.created_at == Run.objects.get(pk=run.pk).created_at
+
+
+@pytest.mark.both_dialects
+@pytest.mark.django_db
+def test_a_token_and_its_user_read_by_hand_are_what_the_orm_reads(acme_operator: User) -> None:
+    """Dates come back as datetimes on SQLite too (its backend's converters, not only the fields')."""
+    raw = api_token_issue(user=acme_operator)
+    User.objects.filter(pk=acme_operator.pk).update(last_login=timezone.now())
+    ApiToken.objects.filter(user=acme_operator).update(last_used_at=timezone.now())  # not touched now
+    found = api_token_find(raw)
+    assert found is not None
+    fetched = ApiToken.objects.select_related("user").get(pk=found.pk)
+    for model, by_hand, by_orm in ((ApiToken, found, fetched), (User, found.user, fetched.user)):
+        for field in model._meta.concrete_fields:
+            assert getattr(by_hand, field.attname) == getattr(by_orm, field.attname), field.name
+    assert isinstance(found.expires_at, datetime) and isinstance(found.user.last_login, datetime)
+    assert found.user.is_active is True
 
 
 @pytest.mark.django_db
