@@ -17,9 +17,9 @@ class RunsConfig(AppConfig):
         for module in settings.RUNWARDEN_WORKFLOW_MODULES:
             import_module(module)
 
-        from core import metrics, overview
+        from core import direct_admission, metrics, overview
         from core import services as core_services
-        from runs import definitions, queue_depth, selectors, services
+        from runs import definitions, dispatch, queue_depth, selectors, services
         from runs.overview import runs_overview
 
         overview.overview_section_register("runs", "runs/_overview.html", runs_overview, order=20)
@@ -27,6 +27,7 @@ class RunsConfig(AppConfig):
         core_services.event_enricher_register(services.event_with_run_contract)
         core_services.quota_cap_names_register(definitions.cap_names)
         core_services.quota_queue_depth_change_register(queue_depth.queue_places_hold_all)
+        direct_admission.admitter_register(dispatch.admit_directly)
 
         metrics.gauge_register(
             "runwarden_queue_depth",

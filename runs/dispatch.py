@@ -783,6 +783,23 @@ def admit_here(
     return None
 
 
+def admit_directly(step_id: int) -> bool:
+    """Admit one step just made ready, in a transaction of its own, as a worker admits its own
+    next step (``admit_here``): under one shard of the admission lock, only where every cap
+    leaves room for ``shard_headroom()`` such admissions and a worker slot of its lane is free,
+    its keys free and it first in line for each; enqueued after commit. False when it does not
+    fit now: a round decides then (``core.direct_admission``)."""
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(admission_shard_sql())
+        now = timezone.now()
+        room = load_room(now, pools_max_age=1.0)  # a second-old view of the worker pools will do
+        admitted = _admit_named(step_id, now, room, frozenset(LANES), shard_headroom())
+        if admitted is not None:
+            transaction.on_commit(partial(enqueue_step, admitted.step_id, admitted.token, admitted.lane))
+    return admitted is not None
+
+
 def _admit_named(
     step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int
 ) -> Admission | None:

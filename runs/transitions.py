@@ -28,6 +28,7 @@ from django.utils import timezone
 from core import rawsql
 from core import services as core_services
 from core.access import member_role_check
+from core.direct_admission import admit_on_commit
 from core.leases import (
     LEASE_GRANT_COLUMNS,
     LeaseGrant,
@@ -565,7 +566,7 @@ def step_resume(
         [at, step.run_id],
     )
     _event(step, "step_resumed", actor, prelude_sql=run_running)
-    wake_on_commit()
+    admit_on_commit(step.pk)  # straight to a worker where it fits, else a round
     return True
 
 

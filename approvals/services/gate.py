@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from django.db import connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -19,6 +20,7 @@ from approvals.models import (
     ConflictKind,
 )
 from approvals.services.conflicts import settle_run_conflicts
+from core import rawsql
 from core import services as core_services
 from core.models import Role, User
 from runs.definitions import ApprovalPolicy, StepSpec, UnknownWorkflow, get_workflow
@@ -89,12 +91,50 @@ def new_version(
     )
 
 
+class _Locked:
+    """A step's artifact, row-locked, with its latest version and one of its requests."""
+
+    def __init__(self, artifact: Artifact, latest: ArtifactVersion | None, request: ApprovalRequest | None):
+        self.artifact = artifact
+        self.latest = latest
+        self.request = request
+
+
+def _artifact_locked(step: Step, call_key: str, approval_id: int | None = None) -> _Locked | None:
+    """The artifact of ``step`` (of its governed call ``call_key``; "" for the step's own),
+    row-locked; its latest version; and the request ``approval_id``, else its newest — in one
+    statement. Asked as every gated step starts and every approved effect is proposed."""
+    sql = (
+        f"SELECT {rawsql.select_list(Artifact, 'a')}, {rawsql.select_list(ArtifactVersion, 'v')},"
+        f" {rawsql.select_list(ApprovalRequest, 'r')}"
+        f" FROM {Artifact._meta.db_table} a"
+        f" LEFT JOIN {ArtifactVersion._meta.db_table} v"
+        " ON v.artifact_id = a.id AND v.number = a.latest_version"
+        f" LEFT JOIN {ApprovalRequest._meta.db_table} r ON r.id = COALESCE(CAST(%s AS bigint),"
+        f" (SELECT MAX(n.id) FROM {ApprovalRequest._meta.db_table} n WHERE n.artifact_id = a.id))"
+        " WHERE a.step_id = %s AND a.call_key = %s"
+    )
+    if rawsql.on_postgresql():
+        sql += " FOR UPDATE OF a"  # as select_for_update (SQLite lets one writer in at a time)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [approval_id, step.pk, call_key])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    version_at = rawsql.width(Artifact)
+    request_at = version_at + rawsql.width(ArtifactVersion)
+    artifact = rawsql.from_row(Artifact, row)
+    latest = rawsql.from_row(ArtifactVersion, row, version_at) if row[version_at] is not None else None
+    request = rawsql.from_row(ApprovalRequest, row, request_at) if row[request_at] is not None else None
+    return _Locked(artifact, latest, request)
+
+
 class ApprovalGate:
     """The approvals app's implementation of runs.gates.ApprovalGate."""
 
     def check(self, *, run: Run, step: Step, spec: StepSpec, draft: Any) -> GateVerdict:
-        artifact = Artifact.objects.select_for_update().filter(step=step, call_key="").first()
-        if artifact is None:
+        found = _artifact_locked(step, "")
+        if found is None:
             artifact = Artifact.objects.create(
                 tenant_id=step.tenant_id, run=run, step=step, kind=spec.tool or spec.lane, latest_version=0
             )
@@ -108,7 +148,7 @@ class ApprovalGate:
                 payload={"step": step.key, "approval_id": request.pk, "artifact_version": version.number},
             )
             return GateVerdict("waiting", approval_id=request.pk)
-        return _verdict(run, step, artifact, draft, spec.approval)
+        return _verdict(run, step, found, draft, spec.approval)
 
     def check_call(
         self,
@@ -120,8 +160,8 @@ class ApprovalGate:
         request: dict[str, Any],
         policy: ApprovalPolicy,
     ) -> GateVerdict:
-        artifact = Artifact.objects.select_for_update().filter(step=step, call_key=call_key).first()
-        if artifact is None:
+        found = _artifact_locked(step, call_key)
+        if found is None:
             artifact = Artifact.objects.create(
                 tenant_id=step.tenant_id,
                 run=run,
@@ -147,7 +187,7 @@ class ApprovalGate:
                 },
             )
             return GateVerdict("waiting", approval_id=approval.pk)
-        return _verdict(run, step, artifact, request, policy)
+        return _verdict(run, step, found, request, policy)
 
     def withdraw(self, *, run_id: str, actor: str, reason: str) -> None:
         """In the cancel's transaction (which holds the run's anchor): pending requests become
@@ -185,15 +225,12 @@ class ApprovalGate:
         _guard(step, call_key, verdict)
 
 
-def _verdict(
-    run: Run, step: Step, artifact: Artifact, draft: Any, policy: ApprovalPolicy | None
-) -> GateVerdict:
-    """The verdict on an artifact that exists: approved (its latest version), waiting, or
-    rejected; a new request for the latest version when the last one no longer stands."""
-    latest = artifact.versions.get(number=artifact.latest_version)
-    newest = ApprovalRequest.objects.filter(artifact=artifact).order_by("-id").first()
-    assert newest is not None
-    request = newest
+def _verdict(run: Run, step: Step, found: _Locked, draft: Any, policy: ApprovalPolicy | None) -> GateVerdict:
+    """The verdict on an artifact that exists (with its latest version and newest request):
+    approved (its latest version), waiting, or rejected; a new request for the latest version
+    when the last one no longer stands."""
+    artifact, latest, request = found.artifact, found.latest, found.request
+    assert latest is not None and request is not None  # an artifact is made with both
     if request.status == ApprovalStatus.APPROVED and request.artifact_version_id == latest.pk:
         return GateVerdict(
             "approved", content=latest.content, approval_id=request.pk, artifact_version_id=latest.pk
@@ -214,13 +251,12 @@ def _verdict(
 def _guard(step: Step, call_key: str, verdict: GateVerdict) -> None:
     # Locks the artifact row: an edit either committed before (then we refuse) or waits
     # until this proposal commits (then the approved version is what is sent).
-    artifact = Artifact.objects.select_for_update().get(step=step, call_key=call_key)
-    request = (
-        ApprovalRequest.objects.filter(pk=verdict.approval_id).first()
-        if verdict.approval_id is not None
-        else None
-    )
-    latest_id = artifact.versions.filter(number=artifact.latest_version).values_list("pk", flat=True).first()
+    found = _artifact_locked(step, call_key, verdict.approval_id)
+    if found is None:
+        raise Artifact.DoesNotExist(f"step {step.pk} has no artifact for {call_key!r}")
+    artifact = found.artifact
+    request = found.request if verdict.approval_id is not None else None
+    latest_id = found.latest.pk if found.latest is not None else None
     if (
         request is None
         or request.status != ApprovalStatus.APPROVED
