@@ -8,7 +8,8 @@ class CoreConfig(AppConfig):
     verbose_name = "Runwarden core"
 
     def ready(self) -> None:
-        from core import live, services, tracing
+        from core import after_response, live, services, tracing
 
+        after_response.connect()
         services.event_listener_register(live.publish_event)
         tracing.configure()  # only when the OTEL_* variables ask for traces

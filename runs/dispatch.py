@@ -785,19 +785,36 @@ def admit_here(
 
 def admit_directly(step_id: int) -> bool:
     """Admit one step just made ready, in a transaction of its own, as a worker admits its own
-    next step (``admit_here``): under one shard of the admission lock, only where every cap
-    leaves room for ``shard_headroom()`` such admissions and a worker slot of its lane is free,
-    its keys free and it first in line for each; enqueued after commit. False when it does not
-    fit now: a round decides then (``core.direct_admission``)."""
+    next step (``admit_here``): under one shard of the admission lock, where every cap leaves
+    room for ``shard_headroom()`` such admissions; near a cap (a lane of a few slots), under
+    the whole lock, exactly, as a round would. Only where a worker slot of its lane is free,
+    its keys are free and it is first in line for each; enqueued after commit. False when it
+    does not fit now: a round decides then (``core.direct_admission``)."""
+    admitted, near_a_cap = _admit_directly_under(step_id, whole_lock=False)
+    if admitted is None and near_a_cap:
+        admitted, _ = _admit_directly_under(step_id, whole_lock=True)
+    return admitted is not None
+
+
+def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission | None, bool]:
+    """``admit_directly`` under one shard of the admission lock or all of them; and whether it
+    fitted only exactly (no room for the other shards' admissions)."""
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(admission_shard_sql())
+        if whole_lock:
+            wait_for_round_lock()
+        else:
+            with connection.cursor() as cursor:
+                cursor.execute(admission_shard_sql())
+        headroom = 1 if whole_lock else shard_headroom()
         now = timezone.now()
         room = load_room(now, pools_max_age=1.0)  # a second-old view of the worker pools will do
-        admitted = _admit_named(step_id, now, room, frozenset(LANES), shard_headroom())
+        named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
+        lanes = frozenset(LANES)
+        admitted = _admit_one(named[0], now) if _fitting(named, room, lanes, headroom) else None
         if admitted is not None:
             transaction.on_commit(partial(enqueue_step, admitted.step_id, admitted.token, admitted.lane))
-    return admitted is not None
+            return admitted, False
+    return None, bool(named) and headroom > 1 and bool(_fitting(named, room, lanes, 1))
 
 
 def _admit_named(

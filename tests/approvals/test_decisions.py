@@ -11,7 +11,7 @@ from core.models import Event, Role, Tenant, User
 from demo.models import SandboxCall
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
-from tests.approvals.helpers import followup, pending_request, pump
+from tests.approvals.helpers import RESUMED, followup, pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_member
 from tests.dialects import RACING_THREADS
@@ -35,7 +35,7 @@ def test_a_gated_step_waits_and_one_approval_resumes_it_once(
         request=request, user=acme_operator, decision="approve", expected_version=1
     )
     assert (decided.status, decided.version, decided.decided_by) == ("approved", 2, acme_operator)
-    assert Step.objects.get(run=run, key="send_message").status == StepStatus.READY
+    assert Step.objects.get(run=run, key="send_message").status in RESUMED
     assert pump() == ["succeeded"]
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
@@ -56,7 +56,7 @@ def test_a_repeated_or_stale_decision_changes_nothing_and_returns_the_current_st
     assert (current.status, current.version, current.decided_by, current.artifact_version.number) == (
         "approved", 2, acme_operator, 1,
     )  # fmt: skip
-    assert Step.objects.get(run=run, key="send_message").status == StepStatus.READY
+    assert Step.objects.get(run=run, key="send_message").status in RESUMED
     assert Event.objects.filter(subject=f"run:{run.id}", verb="step_resumed").count() == 1
 
 
@@ -190,7 +190,7 @@ def test_the_timeout_fallback_and_a_human_racing_it_decide_exactly_once(
         ).count()
         assert decisions == 1
         if final.status == "approved":
-            assert step.status == StepStatus.READY
+            assert step.status in RESUMED
         else:
             assert step.status == StepStatus.FAILED
         outcomes[final.status] += 1
