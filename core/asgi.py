@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from core.collector import settle_after_startup  # noqa: E402
 from core.request_threads import http_application, keep_request_connections  # noqa: E402
 from core.routing import websocket_urlpatterns  # noqa: E402
 
@@ -22,3 +23,4 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+settle_after_startup()

@@ -49,6 +49,15 @@ def _persistent_db_connections(**kwargs: object) -> None:
         connection.settings_dict["CONN_MAX_AGE"] = age
 
 
+@worker_init.connect
+def _settle_collector(**kwargs: object) -> None:
+    """What the worker loaded at start is kept out of full collections (before a prefork pool
+    forks its children, who then share it unchanged)."""
+    from core.collector import settle_after_startup
+
+    settle_after_startup()
+
+
 # By worker name: the embedded default runs two workers in one process.
 _announcers: dict[str, Any] = {}
 

@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import connections
 
+from core.collector import settle_after_startup
 from runs.dispatcher import run_dispatcher
 
 
@@ -19,6 +20,7 @@ class Command(BaseCommand):
         # replaces a broken one) instead of reconnecting every round.
         for connection in connections.all():
             connection.settings_dict["CONN_MAX_AGE"] = int(os.environ.get("WORKER_DB_CONN_MAX_AGE", "300"))
+        settle_after_startup()
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
