@@ -31,10 +31,17 @@ def after_response(work: Callable[[], object]) -> None:
 
 
 def _request_started(**_: Any) -> None:
+    # Work a request left here whose end never came to this thread (an aborted response) runs
+    # now rather than being dropped.
+    _run_deferred()
     _here.after = []
 
 
 def _request_finished(**_: Any) -> None:
+    _run_deferred()
+
+
+def _run_deferred() -> None:
     deferred, _here.after = getattr(_here, "after", None) or [], None
     for work in deferred:
         try:

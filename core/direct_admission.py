@@ -57,9 +57,8 @@ def admit_one(step_id: int) -> bool:
     """Admit ``step_id`` here, else wake the dispatcher; whether it was admitted here."""
     assert _admitter is not None
     try:
-        # The statements a worker's own admission prepares, prepared on this connection too.
-        with rawsql.prepared_statements():
-            admitted = _admitter(step_id)
+        # Not prepared statements: a web process may sit behind a transaction-pooling pgbouncer.
+        admitted = _admitter(step_id)
     except Exception:
         logger.warning("direct admission of step %s failed; waking the dispatcher", step_id, exc_info=True)
         if not connection.in_atomic_block:

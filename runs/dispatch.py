@@ -38,7 +38,7 @@ from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, DataError, IntegrityError, connection, transaction
+from django.db import DatabaseError, DataError, IntegrityError, OperationalError, connection, transaction
 from django.db.models import Min, Q
 from django.utils import timezone
 
@@ -786,21 +786,36 @@ def admit_here(
 def admit_directly(step_id: int) -> bool:
     """Admit one step just made ready, in a transaction of its own, as a worker admits its own
     next step (``admit_here``): under one shard of the admission lock, where every cap leaves
-    room for ``shard_headroom()`` such admissions; near a cap (a lane of a few slots), under
-    the whole lock, exactly, as a round would. Only where a worker slot of its lane is free,
-    its keys are free and it is first in line for each; enqueued after commit. False when it
-    does not fit now: a round decides then (``core.direct_admission``)."""
-    admitted, near_a_cap = _admit_directly_under(step_id, whole_lock=False)
-    if admitted is None and near_a_cap:
-        admitted, _ = _admit_directly_under(step_id, whole_lock=True)
+    room for ``shard_headroom()`` such admissions; where it fits only exactly (a lane of a few
+    slots), under the whole lock, as a round would — waiting for it a moment at most. Only where
+    its lane's workers have a free slot (as a worker's own pull sees them), its keys are free
+    and it is first in line for each; enqueued after commit. False when it does not fit now: a
+    round decides then (``core.direct_admission``)."""
+    admitted, fits_only_exactly = _admit_directly_under(step_id, whole_lock=False)
+    if admitted is None and fits_only_exactly:
+        try:
+            admitted, _ = _admit_directly_under(step_id, whole_lock=True)
+        except OperationalError as exc:
+            if getattr(exc.__cause__, "pgcode", "") != LOCK_NOT_AVAILABLE:
+                raise
+            return False  # a round or busy workers hold the lock: the round decides
     return admitted is not None
 
 
+# PostgreSQL's lock_not_available: a lock wait ended by ``lock_timeout``.
+LOCK_NOT_AVAILABLE = "55P03"
+# How long a direct admission waits for the whole admission lock (a round holds it, or workers
+# hold shards) before leaving the step to the round; it runs on a web request's thread.
+WHOLE_LOCK_WAIT = "100ms"
+
+
 def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission | None, bool]:
-    """``admit_directly`` under one shard of the admission lock or all of them; and whether it
-    fitted only exactly (no room for the other shards' admissions)."""
+    """``admit_directly`` under one shard of the admission lock or all of them; and, when not
+    admitted, whether it would have fitted exactly (without the other shards' headroom)."""
     with transaction.atomic():
         if whole_lock:
+            with connection.cursor() as cursor:
+                cursor.execute(f"SET LOCAL lock_timeout = '{WHOLE_LOCK_WAIT}'")
             wait_for_round_lock()
         else:
             with connection.cursor() as cursor:
@@ -810,11 +825,12 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
         room = load_room(now, pools_max_age=1.0)  # a second-old view of the worker pools will do
         named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
         lanes = frozenset(LANES)
-        admitted = _admit_one(named[0], now) if _fitting(named, room, lanes, headroom) else None
+        if not _fitting(named, room, lanes, headroom):
+            return None, headroom > 1 and bool(_fitting(named, room, lanes, 1))
+        admitted = _admit_one(named[0], now)  # None: a round or a worker admitted it meanwhile
         if admitted is not None:
             transaction.on_commit(partial(enqueue_step, admitted.step_id, admitted.token, admitted.lane))
-            return admitted, False
-    return None, bool(named) and headroom > 1 and bool(_fitting(named, room, lanes, 1))
+    return admitted, False
 
 
 def _admit_named(

@@ -100,10 +100,14 @@ class _Locked:
         self.request = request
 
 
-def _artifact_locked(step: Step, call_key: str, approval_id: int | None = None) -> _Locked | None:
+def _artifact_locked(
+    step: Step, call_key: str, approval_id: int | None = None, *, lock: bool = True
+) -> _Locked | None:
     """The artifact of ``step`` (of its governed call ``call_key``; "" for the step's own),
-    row-locked; its latest version; and the request ``approval_id``, else its newest — in one
-    statement. Asked as every gated step starts and every approved effect is proposed."""
+    row-locked unless ``lock`` is False; its latest version; and the request ``approval_id``,
+    else its newest — in one statement. Asked as every gated step starts and every approved
+    effect is proposed. (A statement that waited for the lock reads the joined rows as they
+    were before the wait: lock first, then read, where an edit may be in flight.)"""
     sql = (
         f"SELECT {rawsql.select_list(Artifact, 'a')}, {rawsql.select_list(ArtifactVersion, 'v')},"
         f" {rawsql.select_list(ApprovalRequest, 'r')}"
@@ -114,7 +118,7 @@ def _artifact_locked(step: Step, call_key: str, approval_id: int | None = None) 
         f" (SELECT MAX(n.id) FROM {ApprovalRequest._meta.db_table} n WHERE n.artifact_id = a.id))"
         " WHERE a.step_id = %s AND a.call_key = %s"
     )
-    if rawsql.on_postgresql():
+    if lock and rawsql.on_postgresql():
         sql += " FOR UPDATE OF a"  # as select_for_update (SQLite lets one writer in at a time)
     with connection.cursor() as cursor:
         cursor.execute(sql, [approval_id, step.pk, call_key])
@@ -250,8 +254,10 @@ def _verdict(run: Run, step: Step, found: _Locked, draft: Any, policy: ApprovalP
 
 def _guard(step: Step, call_key: str, verdict: GateVerdict) -> None:
     # Locks the artifact row: an edit either committed before (then we refuse) or waits
-    # until this proposal commits (then the approved version is what is sent).
-    found = _artifact_locked(step, call_key, verdict.approval_id)
+    # until this proposal commits (then the approved version is what is sent). Locked first,
+    # read after: an edit that committed while this waited is what the read below sees.
+    Artifact.objects.select_for_update().filter(step=step, call_key=call_key).values_list("pk").first()
+    found = _artifact_locked(step, call_key, verdict.approval_id, lock=False)
     if found is None:
         raise Artifact.DoesNotExist(f"step {step.pk} has no artifact for {call_key!r}")
     artifact = found.artifact

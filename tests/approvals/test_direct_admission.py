@@ -12,7 +12,7 @@ import pytest
 from django.db import connections
 
 from approvals.models import ApprovalRequest
-from core import after_response, wakeups
+from core import after_response, wakeups, workers
 from core.models import Lease, Tenant, TenantQuota, User
 from core.redis_client import get_redis
 from core.workers import POOLS_KEY
@@ -36,6 +36,7 @@ def quiet_broker() -> Iterator[None]:
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
     client.delete(POOLS_KEY, wakeups.WAKE_KEY)
+    workers._last_read = None  # nor this process's second-old view of them
     sent_to_workers()
     yield
     client.delete(wakeups.WAKE_KEY)
@@ -60,6 +61,8 @@ def approve(user: User, request: ApprovalRequest) -> None:
 def test_an_approval_hands_its_step_to_a_worker_without_a_round(
     sandbox_acme: Tenant, acme_operator: User
 ) -> None:
+    """The send step's lane (external) has a cap of 5, below the 8 shards' headroom: it is
+    admitted under the whole admission lock, exactly, as a round would."""
     request = waiting_followup(sandbox_acme)
     woken()
     approve(acme_operator, request)
@@ -93,12 +96,19 @@ def test_deferred_work_waits_for_the_answer_inside_a_request_and_runs_at_once_ou
     after_response.after_response(lambda: ran.append("outside"))
     assert ran == ["outside"]
     after_response._request_started()
-    after_response.after_response(lambda: ran.append("first"))
-    after_response.after_response(lambda: 1 / 0)  # a failure is logged; the rest still runs
-    after_response.after_response(lambda: ran.append("second"))
-    assert ran == ["outside"]
-    after_response._request_finished()
+    try:
+        after_response.after_response(lambda: ran.append("first"))
+        after_response.after_response(lambda: 1 / 0)  # a failure is logged; the rest still runs
+        after_response.after_response(lambda: ran.append("second"))
+        assert ran == ["outside"]
+    finally:
+        after_response._request_finished()
     assert ran == ["outside", "first", "second"]
+    after_response._request_started()
+    after_response.after_response(lambda: ran.append("left"))
+    after_response._request_started()  # the last request's end never came to this thread
+    after_response._request_finished()
+    assert ran == ["outside", "first", "second", "left"]  # run, not dropped
 
 
 def ready_step(tenant: Tenant) -> Step:
@@ -136,17 +146,14 @@ def test_a_direct_admission_racing_a_round_admits_the_step_once(acme: Tenant) ->
 
 def test_a_direct_admission_racing_a_cancel_leaves_nothing_running(acme: Tenant) -> None:
     TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=100)
-    outcomes = set()
     for _ in range(TRIALS):
         step = ready_step(acme)
         run = Run.objects.get(pk=step.run_id)
         admitted, cancelled = run_concurrently(partial(admit_or_cancel, step, run), 2)
         assert cancelled is True, cancelled  # a cancel always wins over an admission in flight
         assert not isinstance(admitted, BaseException), admitted
-        outcomes.add(admitted)
         assert Step.objects.get(pk=step.pk).status == StepStatus.CANCELLED
         assert live_step_leases(step) == 0  # an admission that won first was revoked
     connections.close_all()
     sent_to_workers()  # what the admissions sent finds its step cancelled
     assert check_invariants() == []
-    assert outcomes  # the trials ran
