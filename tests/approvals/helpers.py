@@ -31,7 +31,10 @@ def pump(rounds: int = 8) -> list[str]:
         sent = [task for task in sent_to_workers() if task not in admitted]
         if not admitted and not sent:
             break
-        outcomes += [step_execute(step_id=step_id, token=token) for step_id, token in admitted + sent]
+        outcomes += [step_execute(step_id=step_id, token=token) for step_id, token in admitted]
+        # What an earlier test's round left on the queues finds its step gone ("not-ours").
+        ran = [step_execute(step_id=step_id, token=token) for step_id, token in sent]
+        outcomes += [outcome for outcome in ran if outcome != "not-ours"]
     return outcomes
 
 
