@@ -102,22 +102,27 @@
   }
   document.addEventListener("DOMContentLoaded", function () { localize(document); reachableScrolling(document); });
   // A live refresh replaces the fragment a keyboard user may be scrolling: keep their place.
-  var keptFrame = null;
+  // Refreshes can overlap (a decision and the step it resumes push events a few ms apart): a
+  // swap that starts while an earlier one has not settled finds the focus already gone, so the
+  // place kept is held until the last swap in flight has settled (or for 2 s at most).
+  var keptFrame = null, swapsInFlight = 0;
   document.addEventListener("htmx:beforeSwap", function () {
     var active = document.activeElement;
-    keptFrame = null;
+    if (keptFrame && Date.now() - keptFrame.at > 2000) { keptFrame = null; swapsInFlight = 0; }
+    swapsInFlight += 1;
     if (active && active.classList && active.classList.contains("table-wrap")) {
-      keptFrame = { index: Array.prototype.indexOf.call(document.querySelectorAll(".table-wrap"), active), left: active.scrollLeft };
+      keptFrame = { index: Array.prototype.indexOf.call(document.querySelectorAll(".table-wrap"), active), left: active.scrollLeft, at: Date.now() };
     }
   });
   document.addEventListener("htmx:afterSettle", function () {
     localize(document);
     reachableScrolling(document);
+    swapsInFlight = Math.max(0, swapsInFlight - 1);
     if (keptFrame && !(document.activeElement && document.activeElement.classList.contains("table-wrap"))) {
       var frame = document.querySelectorAll(".table-wrap")[keptFrame.index];
       if (frame && frame.tabIndex >= 0) { frame.scrollLeft = keptFrame.left; frame.focus({ preventScroll: true }); }
     }
-    keptFrame = null;
+    if (swapsInFlight === 0) { keptFrame = null; }
   });
   document.addEventListener("htmx:oobAfterSwap", function () { localize(document); });
   window.addEventListener("resize", function () { reachableScrolling(document); });
