@@ -208,6 +208,11 @@ class _Prepared:
         self.raw = raw
         self.names: dict[str, str] = {}
         self.generic = False  # plan_cache_mode set for this session
+        # Per statement (its text): executions left before it is planned again, the span after
+        # that, and how many times it was prepared (part of its name: no name is used twice).
+        self.until_replan: dict[str, int] = {}
+        self.replan_span: dict[str, int] = {}
+        self.generation: dict[str, int] = {}
 
 
 def _preparing_here() -> bool:
@@ -231,6 +236,38 @@ def _prepared_on_this_connection() -> _Prepared:
     return state
 
 
+# A generic plan is made from what the tables hold when it is made, and PostgreSQL makes it
+# again only once ANALYZE has updated their statistics. On a new database (a new
+# installation, a bench's) the tables are empty until autovacuum first analyzes them, a
+# minute or more later, and a plan that reads a whole table is the cheapest: a step's start
+# read every lease and every run. So a statement is also prepared again after FIRST_REPLAN
+# executions, then after twice as many each time, up to every LAST_REPLAN: its plan follows
+# the tables' size (PostgreSQL reads it at planning), at one planning per span.
+FIRST_REPLAN = 100
+LAST_REPLAN = 20_000
+
+
+def _due_for_replan(state: _Prepared, sql: str) -> bool:
+    state.until_replan[sql] -= 1
+    if state.until_replan[sql] > 0:
+        return False
+    span = min(state.replan_span[sql] * 2, LAST_REPLAN)
+    state.until_replan[sql] = state.replan_span[sql] = span
+    return True
+
+
+def _prepare(cursor: Any, state: _Prepared, sql: str) -> str:
+    """PREPARE ``sql`` under a name of its own on this connection (named after the text, so a
+    connection never runs one statement under another's name, and its generation, so a plan
+    made again never takes a name in use); the name."""
+    generation = state.generation.get(sql, 0) + 1
+    state.generation[sql] = generation
+    name = f"rw_{hashlib.sha1(sql.encode()).hexdigest()[:20]}_{generation}"
+    text, _ = _numbering(sql)
+    cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
+    return name
+
+
 def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]) -> None:
     """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
@@ -245,11 +282,14 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
         if len(state.names) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
             cursor.execute(sql, params)
             return
-        text, _ = _numbering(sql)
-        # Named after the text: a connection can never run one statement under another's name.
-        name = "rw_" + hashlib.sha1(sql.encode()).hexdigest()[:20]
-        cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
+        name = state.names[sql] = _prepare(cursor, state, sql)
+        state.until_replan[sql] = state.replan_span[sql] = FIRST_REPLAN
+    elif _due_for_replan(state, sql):
+        # Prepared anew before the old one goes (PREPARE and DEALLOCATE are not undone by a
+        # rollback): if this fails, the old one is still there and still named.
+        name, old = _prepare(cursor, state, sql), name
         state.names[sql] = name
+        cursor.execute(f"DEALLOCATE {old}")
     _, values = _numbered(sql, params)
     arguments = ", ".join(["%s"] * len(values))
     cursor.execute(f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}", values)

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core import rawsql
@@ -114,3 +114,50 @@ def test_an_insert_writes_what_the_orm_would_write(acme: Tenant) -> None:
     ]
     assert all(pk is not None for pk in stored.steps.values_list("pk", flat=True))
     assert not run._state.adding
+
+
+def _prepared_now() -> tuple[str, datetime]:
+    """The one statement this connection has prepared: its name and when it was prepared."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT name, prepare_time FROM pg_prepared_statements WHERE name LIKE 'rw_%%'")
+        (prepared,) = cursor.fetchall()
+        return prepared
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prepared_statement_is_prepared_again_after_100_then_200_then_400_executions(acme: Tenant) -> None:
+    """A generic plan is made from the tables as they are: one made while they were empty (a
+    new database, before autovacuum first analyzes it) would read them whole. So the statement
+    is prepared (and planned) again after FIRST_REPLAN executions, then after twice as many
+    each time, under a new name (the old one goes), and answers the same throughout, inside a
+    transaction too."""
+    connection.close()  # a connection of its own, with nothing prepared
+    sql = "SELECT slug FROM core_tenant WHERE id = ANY(%s)"
+
+    def run() -> list[tuple[str]]:
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(cursor, sql, [[acme.pk]])
+            return cursor.fetchall()
+
+    def prepared_during(executions: int) -> list[tuple[str, datetime]]:
+        seen = []
+        for _ in range(executions):
+            assert run() == [("acme",)]
+            prepared = _prepared_now()
+            if not seen or seen[-1] != prepared:
+                seen.append(prepared)
+        return seen
+
+    try:
+        with rawsql.prepared_statements():
+            first = prepared_during(rawsql.FIRST_REPLAN)  # executions 1-100: one plan
+            second = prepared_during(2 * rawsql.FIRST_REPLAN)  # 101-300
+            with transaction.atomic():
+                third = prepared_during(4 * rawsql.FIRST_REPLAN)  # 301-700
+                assert Tenant.objects.filter(pk=acme.pk).exists()
+            fourth = prepared_during(1)  # 701
+        assert [len(first), len(second), len(third), len(fourth)] == [1, 1, 1, 1]
+        names = [first[0][0], second[0][0], third[0][0], fourth[0][0]]
+        assert len(set(names)) == 4 and first[0][1] < second[0][1] < third[0][1] < fourth[0][1]
+    finally:
+        connection.close()
