@@ -293,6 +293,8 @@ RUNWARDEN_RESEND_AFTER_SECONDS = env_int("RUNWARDEN_RESEND_AFTER_SECONDS", 10)
 # Admissions per announced worker slot. 1: a busy worker pulls its next step itself as it
 # finishes one, so a step admitted ahead would only wait in the broker behind that chain.
 RUNWARDEN_WORKER_PREFETCH = env_int("RUNWARDEN_WORKER_PREFETCH", 1)
+# At most this many more steps a finishing worker admits at once for its pool's idle slots.
+RUNWARDEN_WORKER_BATCH = env_int("RUNWARDEN_WORKER_BATCH", 4)
 # How long one task may go on pulling the next step as it finishes one (then the task ends).
 RUNWARDEN_WORKER_CHAIN_SECONDS = float(env_str("RUNWARDEN_WORKER_CHAIN_SECONDS", "10"))
 # What the embedded default runs beside its in-process Celery worker (dotted callables).

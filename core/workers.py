@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from core.redis_client import get_redis
@@ -106,6 +109,30 @@ def _read_pools(now: float | None) -> list[Pool] | None:
 
 # By pool name: the embedded default runs two pools in one process.
 _local_queues: dict[str, frozenset[str]] = {}
+# By the queues a pool of this process consumes: its slots, and the steps it runs now. A
+# process forked from this one (a prefork pool's child) runs one step at a time: it knows none.
+_local_slots: dict[frozenset[str], int] = {}
+_running_here: Counter[frozenset[str]] = Counter()
+os.register_at_fork(after_in_child=_local_slots.clear)
+
+
+@contextmanager
+def slot_taken(queues: frozenset[str]) -> Iterator[None]:
+    """A step runs in this process's pool consuming ``queues``, for the block."""
+    with _local_lock:
+        _running_here[queues] += 1
+    try:
+        yield
+    finally:
+        with _local_lock:
+            _running_here[queues] -= 1
+
+
+def idle_local_slots(queues: frozenset[str]) -> int:
+    """Slots of this process's pool consuming ``queues`` that run no step now (0 where the
+    process does not know its pool's slots: a prefork child, a solo pool's one slot in use)."""
+    with _local_lock:
+        return max(0, _local_slots.get(queues, 0) - _running_here[queues])
 
 
 def local_queues(lane: str) -> frozenset[str]:
@@ -137,6 +164,8 @@ class Announcer:
 
     def start(self) -> Announcer:
         _local_queues[self.name] = self.queues
+        with _local_lock:
+            _local_slots[self.queues] = self.slots
         self._thread.start()
         return self
 
@@ -144,6 +173,8 @@ class Announcer:
         self._stop.set()
         self._thread.join(timeout=ANNOUNCE_EVERY)  # no announcement lands after the withdrawal
         _local_queues.pop(self.name, None)
+        with _local_lock:
+            _local_slots.pop(self.queues, None)
         try:
             pool_withdraw(self.name)
         except Exception:

@@ -3,7 +3,8 @@ statements, inside one transaction:
 
 1. the admission lock, transaction-scoped advisory locks: a round takes all 8 shards, so
    the holder counts below cannot grow behind its back (a worker admitting its own next
-   step takes one shard, see ``admit_here``);
+   step takes one shard, and one more per further step it admits at once, see
+   ``admit_here``);
 2. one grouped query counts the live holders of every scope (global, tenant, workflow, lane,
    tool) and of every worker pool; scopes already at their cap are left out of step 3;
 3. one query picks candidates fairly: tenants round-robin by weight, and per entity key only
@@ -68,8 +69,10 @@ logger = logging.getLogger(__name__)
 # The admission lock: ADMISSION_SHARDS pg advisory locks, (ROUND_LOCK_ID, 0..n-1) in the
 # two-key space (apart from the single-key ids elsewhere: the dispatcher's own). A round takes
 # them all, in order; a worker admitting its own next step as it finishes one takes any one
-# (admission_shard_sql), so up to that many workers admit at once, each only where every cap
-# it counts against leaves room for all of them (admit_here's headroom).
+# (admission_shard_sql), and one more per further step it admits at once, never waiting for
+# those (_more_shards): each shard held carries at most one admission in flight, so each
+# admits only where every cap it counts against leaves room for one per shard (admit_here's
+# headroom).
 ROUND_LOCK_ID = 7_411_001
 ADMISSION_SHARDS = 8
 
@@ -143,12 +146,12 @@ class Room:
         cap = self.cap(scope)
         return cap is not None and self.held[scope] >= cap
 
-    def worker_room(self, lane: str) -> bool:
-        """Room in the workers of ``lane``: the pools consuming it, minus what is admitted on
-        every lane those pools also consume. Each slot takes ``RUNWARDEN_WORKER_PREFETCH``
-        admissions (1 by default: a busy worker pulls its next step itself as it finishes one;
-        a step admitted ahead of it would wait in the broker). With no pool announced at all,
-        caps alone apply."""
+    def worker_room(self, lane: str, headroom: int = 1) -> bool:
+        """Room in the workers of ``lane`` (for ``headroom`` steps): the pools consuming it,
+        minus what is admitted on every lane those pools also consume. Each slot takes
+        ``RUNWARDEN_WORKER_PREFETCH`` admissions (1 by default: a busy worker pulls its next step
+        itself as it finishes one; a step admitted ahead of it would wait in the broker). With
+        no pool announced at all, caps alone apply."""
         if not self.pools:
             return True
         serving = [pool for pool in self.pools if lane in pool.queues]
@@ -156,16 +159,17 @@ class Room:
             return False
         lanes = set().union(*(pool.queues for pool in serving))
         slots = sum(pool.slots for pool in serving) * settings.RUNWARDEN_WORKER_PREFETCH
-        return sum(self.lane_held[name] for name in lanes) < slots
+        return sum(self.lane_held[name] for name in lanes) + headroom <= slots
 
-    def fits(self, candidate: Candidate, headroom: int = 1) -> bool:
+    def fits(self, candidate: Candidate, headroom: int = 1, slot_headroom: int = 1) -> bool:
         """Room for ``candidate`` in every scope it counts against, and a worker slot. With
         ``headroom`` n: room for n such admissions in every capped scope (n - 1 made unseen at
-        the same time, under the other shards of the admission lock)."""
+        the same time, under the other shards of the admission lock); ``slot_headroom`` alike
+        in the lane's worker slots (a worker taking its next step frees its own slot: 1)."""
         return not any(
             (cap := self.cap(scope)) is not None and self.held[scope] + headroom > cap
             for scope in candidate.scopes()
-        ) and self.worker_room(candidate.lane)
+        ) and self.worker_room(candidate.lane, slot_headroom)
 
     def take(self, candidate: Candidate) -> None:
         for scope in candidate.scopes():
@@ -743,6 +747,11 @@ def dispatch_round(*, limit: int | None = None) -> list[Admission]:
     return admit_round(limit=limit).admitted
 
 
+# How many candidates a worker's own admission looks at (more than one: other workers may be
+# admitting the first ones at the same moment).
+PULL_CANDIDATES = 8
+
+
 def admit_here(
     *,
     lanes: frozenset[str],
@@ -750,10 +759,13 @@ def admit_here(
     headroom: int = 1,
     released: Sequence[str] = (),
     tenant_id: int | None = None,
+    idle_slots: int = 0,
 ) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
     step of its lanes whose tenant holds the least (by weight). None when nothing fits.
+    Taking one from its lanes, a worker whose pool has ``idle_slots`` takes up to that many
+    more (``_admit_for_idle_slots``) in the same transaction.
 
     Call inside the finishing transaction holding the admission lock: all of it
     (``wait_for_round_lock``, ``headroom`` 1), or one shard (``admission_shard_sql``, headroom
@@ -774,13 +786,83 @@ def admit_here(
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
-    candidates = fair_candidates(limit=8, now=now, room=room, lanes=lanes, wait_policy_only=True)
+    idle_slots = min(idle_slots, settings.RUNWARDEN_WORKER_BATCH)
+    candidates = fair_candidates(
+        limit=PULL_CANDIDATES + idle_slots, now=now, room=room, lanes=lanes, wait_policy_only=True
+    )
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
     for candidate in _fitting(candidates, room, lanes, headroom):
         if admitted := _admit_one(candidate, now):
+            if idle_slots:
+                room.take(candidate)
+                _admit_for_idle_slots(
+                    candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom
+                )
             return admitted
     return None
+
+
+def _more_shards(wanted: int) -> int:
+    """Take up to ``wanted`` more shards of the admission lock, none waited for; how many
+    shards this transaction holds now. Each shard held carries at most one admission in flight
+    unseen by the others (what ``shard_headroom`` counts on), so a worker admits as many steps
+    at once as it holds shards."""
+    if not rawsql.on_postgresql():
+        return wanted + 1  # one writer at a time: nothing is in flight unseen
+    start = random.randrange(ADMISSION_SHARDS)
+    held = (
+        "SELECT objid::int AS shard FROM pg_locks WHERE locktype = 'advisory'"
+        f" AND pid = pg_backend_pid() AND classid = {ROUND_LOCK_ID} AND objsubid = 2 AND granted"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            # The shards not held yet (fenced by OFFSET 0: a lock already held would be taken
+            # again, re-entrantly, and counted), tried from a random one on, never waited for.
+            f"SELECT count(*) FROM (SELECT shard FROM (SELECT mod(n + {start}, {ADMISSION_SHARDS}) AS shard"
+            f" FROM generate_series(0, {ADMISSION_SHARDS - 1}) n WHERE mod(n + {start}, {ADMISSION_SHARDS})"
+            f" NOT IN ({held}) OFFSET 0) free WHERE pg_try_advisory_xact_lock({ROUND_LOCK_ID}, shard)"
+            f" LIMIT {wanted}) taken; SELECT count(*) FROM ({held}) mine"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def _admit_for_idle_slots(
+    candidates: list[Candidate],
+    room: Room,
+    lanes: frozenset[str],
+    count: int,
+    now: datetime,
+    *,
+    after: Candidate,
+    headroom: int,
+) -> None:
+    """Up to ``count`` more of ``candidates`` (after ``after``, in their fair order) for the idle
+    slots of the calling worker's pool, granted together (``_grant``) and enqueued after
+    commit: one per further shard of the admission lock taken without waiting
+    (``_more_shards``), each where every cap and the lane's worker slots leave ``headroom``, as
+    for the worker's own next step. Steps without entity keys only: their one lease is theirs
+    alone (their row is locked first), so this never waits on another admission's keys, and a
+    key's waiters keep their order through the usual paths. In a savepoint: whatever fails
+    here never undoes the finishing step's success, nor the step the worker goes on with."""
+    count = min(count, _more_shards(count) - 1)
+    picked: list[Candidate] = []
+    for c in candidates[candidates.index(after) + 1 :]:
+        if len(picked) >= count:
+            break
+        if not c.lock_keys and _fitting([c], room, lanes, headroom, slot_headroom=headroom):
+            room.take(c)
+            picked.append(c)
+    if not picked:
+        return
+    try:
+        with transaction.atomic():
+            admitted = _grant(picked, _Round(now=now))
+    except DatabaseError:
+        logger.warning("admitting %d more steps for idle slots failed", len(picked), exc_info=True)
+        return
+    for admission in admitted:
+        transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
 
 
 def admit_directly(step_id: int) -> bool:
@@ -869,7 +951,7 @@ def worker_idle(lanes: frozenset[str]) -> None:
 
 
 def _fitting(
-    candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1
+    candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1, slot_headroom: int = 1
 ) -> list[Candidate]:
     return [
         c
@@ -877,7 +959,7 @@ def _fitting(
         if c.lane in lanes
         and c.lock_policy == "wait"
         and not _unadmittable_reason(c)
-        and room.fits(c, headroom)
+        and room.fits(c, headroom, slot_headroom)
     ]
 
 

@@ -32,6 +32,7 @@ from core import coordination, logs, rawsql, tracing
 from core.leases import StaleToken, fenced_write, leases_renew
 from core.validation import json_unstorable_reason
 from core.wakeups import wake_on_commit
+from core.workers import idle_local_slots, slot_taken
 from runs import gates, transitions
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
@@ -159,10 +160,11 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     go straight on with the next step it is handed as it finishes (the run's next step, its
     start folded into that same transaction, or another ready step of its lanes). Returns
     what happened to the last step run (for logs and tests)."""
-    if coordination.current() is not None:  # the coordination threads prepare their own
-        return _execute_chain(step_id, token, lanes)
-    with rawsql.prepared_statements():  # a chain runs the same statements step after step
-        return _execute_chain(step_id, token, lanes)
+    with slot_taken(lanes):  # this pool's idle slots are what a finishing step may pull for
+        if coordination.current() is not None:  # the coordination threads prepare their own
+            return _execute_chain(step_id, token, lanes)
+        with rawsql.prepared_statements():  # a chain runs the same statements step after step
+            return _execute_chain(step_id, token, lanes)
 
 
 def _execute_chain(step_id: int, token: int, lanes: frozenset[str]) -> str:
@@ -382,6 +384,7 @@ def _finish_succeeded(
                     headroom=shard_headroom(),
                     released=[grant.key for grant in ctx.locks],
                     tenant_id=ctx.step.tenant_id,
+                    idle_slots=idle_local_slots(lanes),
                 )
                 if go_on
                 else None

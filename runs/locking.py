@@ -3,7 +3,8 @@
 A transaction that locks or changes more than one of these rows takes them in this order:
 
 1. the admission lock (advisory locks: all 8 shards, in order, for a dispatch round; one for a
-   worker admitting its own next step — it never waits on a second while it holds one);
+   worker admitting its own next step — it never waits on a second while it holds one, and
+   takes further ones only where they are free, for further steps it admits at once);
 2. **the run's step rows, by id** — the anchor (see below);
 3. lease rows (entity keys in their canonical order) and the run row — every transaction that
    locks both already holds a step row of the run, so their order between them cannot meet;
@@ -21,7 +22,8 @@ actions on one run therefore queue on the same first row and can never hold each
 locks; rows of step 5 (the artifact, approval requests, conflicts) are only ever changed by a
 transaction that holds the anchor, so their order among themselves cannot deadlock. A worker
 locks only the one step it runs (its fence), then its leases and the run, which is the same
-order from row 2 on. ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) lets a worker's insert that
+order from row 2 on; the ready steps it then admits as it finishes are locked with ``SKIP
+LOCKED``, never waited for. ``FOR NO KEY UPDATE`` (not ``FOR UPDATE``) lets a worker's insert that
 refers to a step (a ledger proposal, a conflict) go on while a person's action holds it: the
 foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
 """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from core.workers import Announcer, local_queues
+import os
+
+from core.workers import Announcer, idle_local_slots, local_queues, slot_taken
 
 
 def test_a_task_goes_on_in_the_lanes_of_the_pool_that_took_it_from_its_queue() -> None:
@@ -19,3 +21,27 @@ def test_a_task_goes_on_in_the_lanes_of_the_pool_that_took_it_from_its_queue() -
         for announcer in (waiting, one_at_a_time):
             announcer.stop()
     assert local_queues("draft") == {"draft"}, "a stopped pool's lanes are forgotten"
+
+
+def test_a_pools_idle_slots_are_its_slots_less_the_steps_it_runs_and_a_forked_child_knows_none() -> None:
+    waiting = Announcer(name="test-idle@lanes", queues=["read", "draft"], slots=3).start()
+    lanes = local_queues("read")
+    try:
+        assert idle_local_slots(lanes) == 3
+        with slot_taken(lanes):
+            assert idle_local_slots(lanes) == 2
+            with slot_taken(lanes), slot_taken(lanes), slot_taken(lanes):
+                assert idle_local_slots(lanes) == 0  # never below 0
+            assert idle_local_slots(lanes) == 2
+        assert idle_local_slots(frozenset({"external"})) == 0  # no pool of this process
+        # A prefork pool's child runs one step at a time: the parent's slots are not its own.
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child reports through the pipe and exits
+            os.write(write_end, str(idle_local_slots(lanes)).encode())
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert os.read(read_end, 16) == b"0"
+    finally:
+        waiting.stop()
+    assert idle_local_slots(lanes) == 0, "a stopped pool's slots are forgotten"

@@ -21,7 +21,7 @@ from runs.dispatch import admit_here, dispatch_round, fair_candidates
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
-from tests.approvals.helpers import pump
+from tests.approvals.helpers import pump, sent_to_workers
 from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS
@@ -317,6 +317,215 @@ def test_workers_holding_every_shard_at_once_admit_only_where_the_cap_has_room_f
     held = Step.objects.filter(run__tenant=acme, status=StepStatus.LEASED).count()
     assert held == already_held + admitted <= SHARD_CAP
     assert admitted == (shards if already_held + shards <= SHARD_CAP else 0)
+
+
+BATCH = 3
+
+
+def _start_tool_runs(tenant: Tenant, count: int) -> None:
+    for _ in range(count):
+        run_start(tenant=tenant, workflow="test.awaits_a_tool", input={"wait_seconds": 1}, actor="t")
+
+
+def _tool_caps(cap: int) -> dict[str, Any]:
+    return {"global": 1000, "tenant_default": 1000, "workflow": {}, "lane": {}, "tool": {"crm": cap}}
+
+
+def _leased(tenant: Tenant) -> set[int]:
+    return set(Step.objects.filter(run__tenant=tenant, status=StepStatus.LEASED).values_list("pk", flat=True))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("room_for_more", [True, False])
+def test_a_worker_with_idle_slots_takes_more_steps_where_every_cap_has_room_for_each(
+    acme: Tenant, room_for_more: bool
+) -> None:
+    """A finishing worker whose pool has idle slots takes its next step and up to that many
+    more (RUNWARDEN_WORKER_BATCH at most) in the same transaction, each sent to its lane's
+    queue after commit, each only where every cap has the room its own next step needs."""
+    sent_to_workers()  # an earlier test's leftovers
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    _start_tool_runs(acme, 2 + BATCH)
+    headroom = dispatch.shard_headroom()
+    cap = headroom + (BATCH if room_for_more else 0)
+    with (
+        override_settings(RUNWARDEN_WORKER_BATCH=BATCH, RUNWARDEN_CAPS=_tool_caps(cap)),
+        transaction.atomic(),
+    ):
+        if rawsql.on_postgresql():
+            with connections["default"].cursor() as cursor:
+                cursor.execute(dispatch.admission_shard_sql())
+        mine = admit_here(lanes=frozenset({"draft"}), headroom=headroom, idle_slots=BATCH + 5)
+    assert mine is not None
+    leased = _leased(acme)
+    assert len(leased) == 1 + (BATCH if room_for_more else 0)
+    assert mine.step_id in leased
+    tokens = dict(Step.objects.filter(pk__in=leased).values_list("pk", "lease_token"))
+    assert sorted(sent_to_workers()) == sorted((pk, tokens[pk]) for pk in leased - {mine.step_id})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failure_admitting_more_steps_leaves_the_workers_own_next_step_and_transaction_whole(
+    acme: Tenant,
+) -> None:
+    """The further steps' admission fails (here: a lease row another transaction holds, past
+    this one's lock timeout): only that part is undone; the worker's own next step is admitted
+    and its transaction goes on and commits."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: a lock timeout")
+    sent_to_workers()
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    _start_tool_runs(acme, 2)
+    first, second = Step.objects.filter(run__tenant=acme).order_by("pk").values_list("pk", flat=True)
+    # The second step ran once before: its lease row is there, released, and someone holds it.
+    grant = lease_acquire(tenant_id=acme.pk, key=f"step:{second}", holder="an earlier attempt", ttl=30)
+    assert grant is not None and lease_release(grant=grant)
+    holding, done = threading.Event(), threading.Event()
+
+    def hold_the_lease_row() -> None:
+        try:
+            with transaction.atomic(), connections["default"].cursor() as cursor:
+                cursor.execute("SELECT 1 FROM core_lease WHERE id = %s FOR UPDATE", [grant.id])
+                holding.set()
+                done.wait(30)
+        finally:
+            connections.close_all()
+
+    threading.Thread(target=hold_the_lease_row, daemon=True).start()
+    assert holding.wait(10)
+    try:
+        with (
+            override_settings(RUNWARDEN_WORKER_BATCH=BATCH, RUNWARDEN_CAPS=_tool_caps(1000)),
+            transaction.atomic(),
+        ):
+            with connections["default"].cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '200ms'")
+                cursor.execute(dispatch.admission_shard_sql())
+            mine = admit_here(lanes=frozenset({"draft"}), headroom=dispatch.shard_headroom(), idle_slots=1)
+            assert Tenant.objects.filter(pk=acme.pk).exists()  # the transaction goes on
+    finally:
+        done.set()
+    assert mine is not None and mine.step_id == first
+    assert _leased(acme) == {first}
+    assert Step.objects.get(pk=second).status == StepStatus.READY
+    assert sent_to_workers() == []
+
+
+def _hold_shards(count: int) -> threading.Event:
+    """``count`` other transactions each holding one shard of the admission lock until the
+    returned event is set (then they end)."""
+    done, holding = threading.Event(), threading.Barrier(count + 1)
+
+    def hold(shard: int) -> None:
+        try:
+            with transaction.atomic(), connections["default"].cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [dispatch.ROUND_LOCK_ID, shard])
+                holding.wait(10)
+                done.wait(30)
+        finally:
+            connections.close_all()
+
+    for shard in range(count):
+        threading.Thread(target=hold, args=(shard,), daemon=True).start()
+    holding.wait(10)
+    return done
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_takes_one_step_more_per_further_shard_it_can_take_without_waiting(acme: Tenant) -> None:
+    """Each shard of the admission lock carries at most one admission unseen by the others: a
+    worker takes one step more per further shard it could take; with the other shards busy it
+    takes its own next step only, and waits for none of them."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    sent_to_workers()
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    _start_tool_runs(acme, 2 + BATCH)
+    shards = dispatch.ADMISSION_SHARDS
+    done = _hold_shards(shards - 2)  # shards 0..5 busy: 6 and 7 free
+    try:
+        with (
+            override_settings(RUNWARDEN_WORKER_BATCH=BATCH, RUNWARDEN_CAPS=_tool_caps(1000)),
+            transaction.atomic(),
+        ):
+            with connections["default"].cursor() as cursor:
+                cursor.execute(dispatch.admission_shard_sql())  # takes 6 or 7
+            mine = admit_here(lanes=frozenset({"draft"}), headroom=shards, idle_slots=BATCH)
+    finally:
+        done.set()
+    assert mine is not None
+    assert len(_leased(acme)) == 2  # its own, and one more for the one further shard
+    assert len(sent_to_workers()) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("holders", [2, 3])
+def test_workers_taking_more_steps_while_others_come_and_go_on_the_other_shards_never_pass_a_cap(
+    acme: Tenant, holders: int
+) -> None:
+    """Workers take their next steps and two more at once and keep their transactions open,
+    unseen; meanwhile single admissions come and go, one after the other, on whatever shard is
+    free, each seeing the others' commits but not theirs. Two such workers leave shards free,
+    and the singles fill the cap up to the room they leave; three take every shard there is
+    (they admitted 8 unseen, more than the 7 a single's room allows for), so no single gets in
+    until they commit. The cap holds once all commit."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    sent_to_workers()
+    shards = dispatch.ADMISSION_SHARDS
+    batch, cap = 2, 14
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    _start_tool_runs(acme, 40)
+    settings_here = {"RUNWARDEN_WORKER_BATCH": batch, "RUNWARDEN_CAPS": _tool_caps(cap)}
+    release = threading.Event()
+    admitted_unseen: list[int] = []
+
+    def take_more_and_hold(ready: threading.Event) -> None:
+        try:
+            with override_settings(**settings_here), transaction.atomic():
+                with connections["default"].cursor() as cursor:
+                    cursor.execute(dispatch.admission_shard_sql())
+                before = len(transaction.get_connection().run_on_commit)
+                assert admit_here(lanes=frozenset({"draft"}), headroom=shards, idle_slots=batch) is not None
+                admitted_unseen.append(1 + len(transaction.get_connection().run_on_commit) - before)
+                ready.set()
+                release.wait(30)
+        finally:
+            ready.set()
+            connections.close_all()
+
+    newest_first = list(Step.objects.filter(run__tenant=acme).order_by("-pk").values_list("pk", flat=True))
+    holding = []
+    for _ in range(holders):  # one after the other: each takes what shards are left
+        ready = threading.Event()
+        holding.append(threading.Thread(target=take_more_and_hold, args=(ready,), daemon=True))
+        holding[-1].start()
+        assert ready.wait(10)
+    singles = 0
+    try:
+        with override_settings(**settings_here):
+            # Single admissions, each committed, on any free shard, never waiting; each names
+            # its step (as a run's next step is named), past the ones the three hold.
+            for step_id in newest_first:
+                with transaction.atomic():
+                    with connections["default"].cursor() as cursor:
+                        cursor.execute(
+                            "SELECT count(*) FROM (SELECT 1 FROM generate_series(0, %s) n"
+                            " WHERE pg_try_advisory_xact_lock(%s, n) LIMIT 1) taken",
+                            [shards - 1, dispatch.ROUND_LOCK_ID],
+                        )
+                        if not cursor.fetchone()[0]:
+                            break  # the three hold every shard
+                    if admit_here(lanes=frozenset({"draft"}), prefer=step_id, headroom=shards) is None:
+                        break
+                singles += 1
+    finally:
+        release.set()
+        for holder in holding:
+            holder.join(10)
+    assert len(admitted_unseen) == holders and sum(admitted_unseen) > holders  # they did take more
+    assert (singles > 0) == (holders == 2)
+    assert len(_leased(acme)) == sum(admitted_unseen) + singles <= cap
 
 
 @pytest.mark.django_db(transaction=True)
