@@ -845,7 +845,6 @@ def _admit_for_idle_slots(
     alone (their row is locked first), so this never waits on another admission's keys, and a
     key's waiters keep their order through the usual paths. In a savepoint: whatever fails
     here never undoes the finishing step's success, nor the step the worker goes on with."""
-    count = min(count, _more_shards(count) - 1)
     picked: list[Candidate] = []
     for c in candidates[candidates.index(after) + 1 :]:
         if len(picked) >= count:
@@ -853,6 +852,8 @@ def _admit_for_idle_slots(
         if not c.lock_keys and _fitting([c], room, lanes, headroom, slot_headroom=headroom):
             room.take(c)
             picked.append(c)
+    if picked:  # the shards only once there is something to take them for
+        picked = picked[: _more_shards(len(picked)) - 1]
     if not picked:
         return
     try:
@@ -943,8 +944,10 @@ def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
 
 def worker_idle(lanes: frozenset[str]) -> None:
     """A worker found nothing to pull as it finished: its lanes are no longer saturated. A step
-    made ready in the moment before that was recorded skipped its wake-up: look once more."""
-    mark_unsaturated(lanes)
+    made ready while they were marked so skipped its wake-up: look once more (only then: a
+    lane no worker had marked saturated lost no wake-up)."""
+    if not mark_unsaturated(lanes):
+        return
     due = Q(available_at__isnull=True) | Q(available_at__lte=timezone.now())
     if Step.objects.filter(due, status=StepStatus.READY, lane__in=lanes).exists():
         wake_now()
