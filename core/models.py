@@ -225,15 +225,7 @@ class Lease(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["tenant", "key"], name="lease_one_row_per_key")]
-        # Only live (unreleased) leases: every query by expiry asks for those, and the
-        # released ones, most of the table, are never read by it.
-        indexes = [
-            models.Index(
-                fields=["expires_at"],
-                name="lease_live_expires_at",
-                condition=models.Q(released_at__isnull=True),
-            )
-        ]
+        indexes = [models.Index(fields=["expires_at"], name="lease_expires_at")]
 
     def __str__(self) -> str:
         return f"{self.key} #{self.token}"
