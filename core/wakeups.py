@@ -167,23 +167,19 @@ def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:
         logger.warning("could not record whether steps wait; every release will wake", exc_info=True)
 
 
-def mark_unsaturated(lanes: Iterable[str]) -> bool:
-    """A worker of these lanes found nothing to pull: new work there needs a round again.
-    Whether any of them was marked saturated until now (work made ready meanwhile may have
-    skipped its wake-up); True when that cannot be told."""
+def mark_unsaturated(lanes: Iterable[str]) -> None:
+    """A worker of these lanes found nothing to pull: new work there needs a round again."""
     lanes = sorted(lanes)
     if not lanes:
-        return False
-    was_saturated = bool(_local_saturated.intersection(lanes))
+        return
     _local_saturated.difference_update(lanes)
     client = get_redis()
     if client is None:
-        return was_saturated
+        return
     try:
-        return bool(client.srem(SATURATED_KEY, *lanes))
+        client.srem(SATURATED_KEY, *lanes)
     except Exception:
         logger.warning("could not clear saturated lanes", exc_info=True)
-        return True
 
 
 def wait_for_wake(timeout: float) -> bool:

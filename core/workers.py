@@ -113,7 +113,15 @@ _local_queues: dict[str, frozenset[str]] = {}
 # process forked from this one (a prefork pool's child) runs one step at a time: it knows none.
 _local_slots: dict[frozenset[str], int] = {}
 _running_here: Counter[frozenset[str]] = Counter()
-os.register_at_fork(after_in_child=_local_slots.clear)
+
+
+def _forget_pools_in_child() -> None:
+    global _local_lock
+    _local_lock = threading.Lock()  # another thread may have held it at the fork
+    _local_slots.clear()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
 
 
 @contextmanager

@@ -795,7 +795,6 @@ def admit_here(
     for candidate in _fitting(candidates, room, lanes, headroom):
         if admitted := _admit_one(candidate, now):
             if idle_slots:
-                room.take(candidate)
                 _admit_for_idle_slots(
                     candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom
                 )
@@ -807,22 +806,24 @@ def _more_shards(wanted: int) -> int:
     """Take up to ``wanted`` more shards of the admission lock, none waited for; how many
     shards this transaction holds now. Each shard held carries at most one admission in flight
     unseen by the others (what ``shard_headroom`` counts on), so a worker admits as many steps
-    at once as it holds shards."""
+    at once as it holds shards, each counted against a room read after it took them."""
     if not rawsql.on_postgresql():
         return wanted + 1  # one writer at a time: nothing is in flight unseen
     start = random.randrange(ADMISSION_SHARDS)
-    held = (
-        "SELECT objid::int AS shard FROM pg_locks WHERE locktype = 'advisory'"
-        f" AND pid = pg_backend_pid() AND classid = {ROUND_LOCK_ID} AND objsubid = 2 AND granted"
-    )
+    shard = f"mod(n + {start}, {ADMISSION_SHARDS})"
     with connection.cursor() as cursor:
         cursor.execute(
-            # The shards not held yet (fenced by OFFSET 0: a lock already held would be taken
-            # again, re-entrantly, and counted), tried from a random one on, never waited for.
-            f"SELECT count(*) FROM (SELECT shard FROM (SELECT mod(n + {start}, {ADMISSION_SHARDS}) AS shard"
-            f" FROM generate_series(0, {ADMISSION_SHARDS - 1}) n WHERE mod(n + {start}, {ADMISSION_SHARDS})"
-            f" NOT IN ({held}) OFFSET 0) free WHERE pg_try_advisory_xact_lock({ROUND_LOCK_ID}, shard)"
-            f" LIMIT {wanted}) taken; SELECT count(*) FROM ({held}) mine"
+            # The shards held before (read first: a lock already held would be taken again,
+            # re-entrantly, and counted), then those not held tried from a random one on, the
+            # OFFSET 0 keeping the filter on the held ones ahead of the tries.
+            "WITH held AS MATERIALIZED (SELECT objid::int AS shard FROM pg_locks"
+            " WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted"
+            f" AND classid = {ROUND_LOCK_ID} AND objsubid = 2),"
+            f" taken AS MATERIALIZED (SELECT shard FROM (SELECT {shard} AS shard"
+            f" FROM generate_series(0, {ADMISSION_SHARDS - 1}) n"
+            f" WHERE {shard} NOT IN (SELECT shard FROM held) OFFSET 0) free"
+            f" WHERE pg_try_advisory_xact_lock({ROUND_LOCK_ID}, shard) LIMIT {wanted})"
+            " SELECT (SELECT count(*) FROM held) + (SELECT count(*) FROM taken)"
         )
         return int(cursor.fetchone()[0])
 
@@ -840,22 +841,26 @@ def _admit_for_idle_slots(
     """Up to ``count`` more of ``candidates`` (after ``after``, in their fair order) for the idle
     slots of the calling worker's pool, granted together (``_grant``) and enqueued after
     commit: one per further shard of the admission lock taken without waiting
-    (``_more_shards``), each where every cap and the lane's worker slots leave ``headroom``, as
-    for the worker's own next step. Steps without entity keys only: their one lease is theirs
-    alone (their row is locked first), so this never waits on another admission's keys, and a
-    key's waiters keep their order through the usual paths. In a savepoint: whatever fails
-    here never undoes the finishing step's success, nor the step the worker goes on with."""
-    picked: list[Candidate] = []
-    for c in candidates[candidates.index(after) + 1 :]:
-        if len(picked) >= count:
-            break
-        if not c.lock_keys and _fitting([c], room, lanes, headroom, slot_headroom=headroom):
-            room.take(c)
-            picked.append(c)
-    if picked:  # the shards only once there is something to take them for
-        picked = picked[: _more_shards(len(picked)) - 1]
+    (``_more_shards``), each where every cap leaves ``headroom`` and the lane's worker slots as
+    much, in a room read again once those shards are held (an admission made under one of them
+    before, committed since, is counted then). Steps without entity keys only: their one lease
+    is theirs alone (their row is locked first), and a key's waiters keep their order through
+    the usual paths. In a savepoint: whatever fails here never undoes the finishing step's
+    success, nor the step the worker goes on with."""
+    picked = [c for c in candidates[candidates.index(after) + 1 :] if not c.lock_keys and c.lane in lanes]
+    picked = [c for c in picked if _fitting([c], room, lanes, headroom, slot_headroom=headroom)][:count]
     if not picked:
+        return  # nothing to take shards for
+    shards = _more_shards(len(picked))
+    room = load_room(now, pools_max_age=1.0)  # this transaction's own admission counted too
+    kept: list[Candidate] = []
+    for c in picked[: max(0, shards - 1)]:
+        if _fitting([c], room, lanes, headroom, slot_headroom=headroom):
+            room.take(c)
+            kept.append(c)
+    if not kept:
         return
+    picked = kept
     try:
         with transaction.atomic():
             admitted = _grant(picked, _Round(now=now))
@@ -944,10 +949,8 @@ def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
 
 def worker_idle(lanes: frozenset[str]) -> None:
     """A worker found nothing to pull as it finished: its lanes are no longer saturated. A step
-    made ready while they were marked so skipped its wake-up: look once more (only then: a
-    lane no worker had marked saturated lost no wake-up)."""
-    if not mark_unsaturated(lanes):
-        return
+    made ready in the moment before that was recorded skipped its wake-up: look once more."""
+    mark_unsaturated(lanes)
     due = Q(available_at__isnull=True) | Q(available_at__lte=timezone.now())
     if Step.objects.filter(due, status=StepStatus.READY, lane__in=lanes).exists():
         wake_now()

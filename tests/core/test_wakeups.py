@@ -7,11 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from core import wakeups
-from core.models import Tenant
 from core.redis_client import get_redis
-from runs.dispatch import worker_idle
-from runs.models import Step, StepStatus
-from runs.services import run_start
 
 
 @pytest.fixture
@@ -52,20 +48,3 @@ def test_freed_room_wakes_the_dispatcher_only_while_steps_wait_for_room(redis_ma
     client = get_redis()
     assert client is not None
     assert client.llen(wakeups.WAKE_KEY) == 1
-
-
-@pytest.mark.django_db(transaction=True)
-def test_an_idle_worker_wakes_the_dispatcher_for_work_readied_while_its_lanes_were_marked_busy(
-    redis_marks: None, acme: Tenant
-) -> None:
-    """A run started while the read lane was marked saturated skipped its wake-up; the worker
-    that then finds nothing to pull takes the mark off and wakes the dispatcher for it. A lane
-    nobody had marked busy lost no wake-up: an idle worker there wakes nobody."""
-    wakeups.mark_waiting(False, saturated={"read"})
-    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
-    assert not woken()  # its workers were all busy: they would pull it themselves
-    worker_idle(frozenset({"read", "draft"}))
-    assert woken()
-    worker_idle(frozenset({"read", "draft"}))  # no longer marked: the start's own wake-up stands
-    assert not woken()
-    assert Step.objects.filter(run__tenant=acme, status=StepStatus.READY).count() == 1

@@ -38,10 +38,14 @@ def test_a_pools_idle_slots_are_its_slots_less_the_steps_it_runs_and_a_forked_ch
         read_end, write_end = os.pipe()
         child = os.fork()
         if child == 0:  # pragma: no cover - the child reports through the pipe and exits
-            os.write(write_end, str(idle_local_slots(lanes)).encode())
-            os._exit(0)
+            try:
+                os.write(write_end, str(idle_local_slots(lanes)).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
         os.waitpid(child, 0)
-        assert os.read(read_end, 16) == b"0"
+        with os.fdopen(read_end, "rb") as answer:
+            assert answer.read() == b"0"
     finally:
         waiting.stop()
     assert idle_local_slots(lanes) == 0, "a stopped pool's slots are forgotten"

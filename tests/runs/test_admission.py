@@ -411,6 +411,55 @@ def test_a_failure_admitting_more_steps_leaves_the_workers_own_next_step_and_tra
     assert sent_to_workers() == []
 
 
+@pytest.mark.django_db(transaction=True)
+def test_more_steps_are_counted_against_a_room_read_once_their_shards_are_held(acme: Tenant) -> None:
+    """Eight workers each hold a shard, read the room and admit their own next step before any
+    of them commits (room for all eight: the cap is one more); then they finish one after the
+    other, each taking, for an idle slot, shards the ones before it have released. Counted
+    against the room each read first, every one after the first would add a step (15 against a
+    cap of 9); counted against the room read again under the shards it took, none does."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    sent_to_workers()
+    shards = dispatch.ADMISSION_SHARDS
+    cap = shards + 1
+    lanes = frozenset({"draft"})
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    _start_tool_runs(acme, 40)
+    all_read = threading.Barrier(shards)
+    turns = [threading.Event() for _ in range(shards)]
+    took = [0] * shards
+
+    def finish_in_turn(i: int) -> None:
+        try:
+            with override_settings(RUNWARDEN_CAPS=_tool_caps(cap)), transaction.atomic():
+                with connections["default"].cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [dispatch.ROUND_LOCK_ID, i])
+                now = timezone.now()
+                room = dispatch.load_room(now, pools_max_age=1.0)
+                candidates = fair_candidates(limit=40, now=now, room=room, lanes=lanes, wait_policy_only=True)
+                mine = next(c for c in candidates if dispatch._admit_one(c, now) is not None)
+                all_read.wait(20)
+                turns[i].wait(20)
+                queued = len(transaction.get_connection().run_on_commit)
+                dispatch._admit_for_idle_slots(candidates, room, lanes, 1, now, after=mine, headroom=shards)
+                took[i] = 1 + len(transaction.get_connection().run_on_commit) - queued
+        finally:
+            if i + 1 < shards:
+                turns[i + 1].set()
+            connections.close_all()
+
+    turns[0].set()
+    threads = [threading.Thread(target=finish_in_turn, args=(i,), daemon=True) for i in range(shards)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert took == [1] * shards  # each its own step, no more
+    assert len(_leased(acme)) == shards <= cap
+    assert sent_to_workers() == []
+
+
 def _hold_shards(count: int) -> threading.Event:
     """``count`` other transactions each holding one shard of the admission lock until the
     returned event is set (then they end)."""
@@ -427,7 +476,11 @@ def _hold_shards(count: int) -> threading.Event:
 
     for shard in range(count):
         threading.Thread(target=hold, args=(shard,), daemon=True).start()
-    holding.wait(10)
+    try:
+        holding.wait(10)
+    except threading.BrokenBarrierError:
+        done.set()  # the holders that did start end now
+        raise
     return done
 
 
