@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, lru_cache
 from typing import Any, TypeVar
@@ -201,18 +202,25 @@ def _numbering(sql: str) -> tuple[str, tuple[str, ...]]:
     return _PLACEHOLDER.sub(number, sql), tuple(order)
 
 
+@dataclass
+class _Statement:
+    """One statement prepared on a connection: its name now, how many times it was prepared
+    (part of the name: no name is used twice), the executions left before it is prepared
+    again, and the span after that."""
+
+    name: str
+    generation: int
+    until_replan: int
+    span: int
+
+
 class _Prepared:
-    """What this process prepared on one database connection."""
+    """What this process prepared on one database connection, by statement text."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.names: dict[str, str] = {}
+        self.statements: dict[str, _Statement] = {}
         self.generic = False  # plan_cache_mode set for this session
-        # Per statement (its text): executions left before it is planned again, the span after
-        # that, and how many times it was prepared (part of its name: no name is used twice).
-        self.until_replan: dict[str, int] = {}
-        self.replan_span: dict[str, int] = {}
-        self.generation: dict[str, int] = {}
 
 
 def _preparing_here() -> bool:
@@ -247,21 +255,18 @@ FIRST_REPLAN = 100
 LAST_REPLAN = 20_000
 
 
-def _due_for_replan(state: _Prepared, sql: str) -> bool:
-    state.until_replan[sql] -= 1
-    if state.until_replan[sql] > 0:
+def _due_for_replan(statement: _Statement) -> bool:
+    statement.until_replan -= 1
+    if statement.until_replan > 0:
         return False
-    span = min(state.replan_span[sql] * 2, LAST_REPLAN)
-    state.until_replan[sql] = state.replan_span[sql] = span
+    statement.span = statement.until_replan = min(statement.span * 2, LAST_REPLAN)
     return True
 
 
-def _prepare(cursor: Any, state: _Prepared, sql: str) -> str:
-    """PREPARE ``sql`` under a name of its own on this connection (named after the text, so a
+def _prepare(cursor: Any, sql: str, generation: int) -> str:
+    """PREPARE ``sql`` on this connection under a name of its own: named after the text, so a
     connection never runs one statement under another's name, and its generation, so a plan
-    made again never takes a name in use); the name."""
-    generation = state.generation.get(sql, 0) + 1
-    state.generation[sql] = generation
+    made again never takes a name in use; the name."""
     name = f"rw_{hashlib.sha1(sql.encode()).hexdigest()[:20]}_{generation}"
     text, _ = _numbering(sql)
     cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
@@ -277,19 +282,21 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
         cursor.execute(sql, params)
         return
     state = _prepared_on_this_connection()
-    name = state.names.get(sql)
-    if name is None:
-        if len(state.names) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
+    statement = state.statements.get(sql)
+    if statement is None:
+        if len(state.statements) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
             cursor.execute(sql, params)
             return
-        name = state.names[sql] = _prepare(cursor, state, sql)
-        state.until_replan[sql] = state.replan_span[sql] = FIRST_REPLAN
-    elif _due_for_replan(state, sql):
+        statement = state.statements[sql] = _Statement(
+            _prepare(cursor, sql, 1), 1, FIRST_REPLAN, FIRST_REPLAN
+        )
+    elif _due_for_replan(statement):
         # Prepared anew before the old one goes (PREPARE and DEALLOCATE are not undone by a
         # rollback): if this fails, the old one is still there and still named.
-        name, old = _prepare(cursor, state, sql), name
-        state.names[sql] = name
+        statement.generation += 1
+        old, statement.name = statement.name, _prepare(cursor, sql, statement.generation)
         cursor.execute(f"DEALLOCATE {old}")
+    name = statement.name
     _, values = _numbered(sql, params)
     arguments = ", ".join(["%s"] * len(values))
     cursor.execute(f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}", values)

@@ -722,12 +722,17 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
         mark_left_waiting(waiting)  # before the commit: see core.wakeups.LEFT_WAITING_KEY
         if session_due is not None:
             next_due = session_due if next_due is None else min(next_due, session_due)
-        for admission in state.admitted:
-            transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
+        _enqueue_on_commit(state.admitted)
         for run_id, reason in state.cancel:
             transaction.on_commit(partial(run_cancel_by_id, run_id=run_id, actor="dispatcher", reason=reason))
     mark_waiting(waiting, saturated)
     return RoundResult(state.admitted, waiting, next_due)
+
+
+def _enqueue_on_commit(admissions: Iterable[Admission]) -> None:
+    """Each admitted step's task to its lane's queue once the admitting transaction commits."""
+    for admission in admissions:
+        transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
 
 
 def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | None]:
@@ -847,28 +852,26 @@ def _admit_for_idle_slots(
     is theirs alone (their row is locked first), and a key's waiters keep their order through
     the usual paths. In a savepoint: whatever fails here never undoes the finishing step's
     success, nor the step the worker goes on with."""
-    picked = [c for c in candidates[candidates.index(after) + 1 :] if not c.lock_keys and c.lane in lanes]
-    picked = [c for c in picked if _fitting([c], room, lanes, headroom, slot_headroom=headroom)][:count]
-    if not picked:
+    lock_free = [c for c in candidates[candidates.index(after) + 1 :] if not c.lock_keys]
+    wanted = _fitting(lock_free, room, lanes, headroom, slot_headroom=headroom)[:count]
+    if not wanted:
         return  # nothing to take shards for
-    shards = _more_shards(len(picked))
+    shards = _more_shards(len(wanted))
     room = load_room(now, pools_max_age=1.0)  # this transaction's own admission counted too
-    kept: list[Candidate] = []
-    for c in picked[: max(0, shards - 1)]:
+    picked: list[Candidate] = []
+    for c in wanted[: max(0, shards - 1)]:
         if _fitting([c], room, lanes, headroom, slot_headroom=headroom):
-            room.take(c)
-            kept.append(c)
-    if not kept:
+            room.take(c)  # the next one counts this one
+            picked.append(c)
+    if not picked:
         return
-    picked = kept
     try:
         with transaction.atomic():
             admitted = _grant(picked, _Round(now=now))
     except DatabaseError:
         logger.warning("admitting %d more steps for idle slots failed", len(picked), exc_info=True)
         return
-    for admission in admitted:
-        transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
+    _enqueue_on_commit(admitted)
 
 
 def admit_directly(step_id: int) -> bool:
@@ -917,7 +920,7 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
             return None, headroom > 1 and bool(_fitting(named, room, lanes, 1))
         admitted = _admit_one(named[0], now)  # None: a round or a worker admitted it meanwhile
         if admitted is not None:
-            transaction.on_commit(partial(enqueue_step, admitted.step_id, admitted.token, admitted.lane))
+            _enqueue_on_commit([admitted])
     return admitted, False
 
 
