@@ -19,7 +19,8 @@ from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import DatabaseError, connection, models
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, models
+from django.db.utils import load_backend
 from django.utils.dateparse import parse_datetime
 
 M = TypeVar("M", bound=models.Model)
@@ -28,7 +29,18 @@ M = TypeVar("M", bound=models.Model)
 def on_postgresql() -> bool:
     """Multi-statement CTEs, row locks and jsonb functions: PostgreSQL only. The embedded mode's
     SQLite takes the portable path (a few plain statements) instead."""
-    return connection.vendor == "postgresql"
+    return _vendor() == "postgresql"
+
+
+def _vendor() -> str:
+    """The default database's vendor, from its settings: asked a dozen times a step, and
+    ``connection.vendor`` goes through a thread-local lookup each time."""
+    return _vendor_of(connections.settings[DEFAULT_DB_ALIAS]["ENGINE"])
+
+
+@cache
+def _vendor_of(engine: str) -> str:
+    return str(load_backend(engine).DatabaseWrapper.vendor)
 
 
 def sql_strings(*values: str) -> str:
@@ -66,7 +78,7 @@ def width(model: type[models.Model]) -> int:
 
 def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -> M:
     """The instance the ORM would build from ``row[start:start + width(model)]``."""
-    names, converters = _fields(model, connection.vendor)
+    names, converters = _fields(model, _vendor())
     values = []
     for value, conversion in zip(row[start : start + len(names)], converters, strict=True):
         if conversion is not None and value is not None:
@@ -74,7 +86,7 @@ def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -
             for convert in chain:
                 value = convert(value, column, connection)
         values.append(value)
-    return model.from_db(connection.alias, list(names), values)
+    return model.from_db(DEFAULT_DB_ALIAS, list(names), values)
 
 
 @cache
@@ -228,12 +240,13 @@ def _preparing_here() -> bool:
 
 
 def _prepared_on_this_connection() -> _Prepared:
-    connection.ensure_connection()
-    state = getattr(connection, "_runwarden_prepared", None)
-    if state is None or state.raw is not connection.connection:  # a new connection
-        state = _Prepared(connection.connection)
-        connection._runwarden_prepared = state  # type: ignore[attr-defined]
-    if not state.generic and not connection.in_atomic_block:
+    here = connections[DEFAULT_DB_ALIAS]  # one thread-local lookup, not one per attribute
+    here.ensure_connection()
+    state = getattr(here, "_runwarden_prepared", None)
+    if state is None or state.raw is not here.connection:  # a new connection
+        state = _Prepared(here.connection)
+        here._runwarden_prepared = state  # type: ignore[attr-defined]
+    if not state.generic and not here.in_atomic_block:
         # Generic plans: these statements' plans do not depend on their values, but with a
         # timestamp among them PostgreSQL's default keeps re-planning every execution (about
         # 1 ms each for the admission query). Set outside a transaction, so no rollback undoes

@@ -300,6 +300,7 @@ def fair_candidates(
     """
     now = now or timezone.now()
     on_postgresql = rawsql.on_postgresql()
+    named = on_postgresql and only_step is not None  # one step: a statement of its own
     params: list[Any] = [_adapt(now)]
     exclusions = ""
     if room is not None:
@@ -307,7 +308,7 @@ def fair_candidates(
         exclusions += _in_clause(
             # On PostgreSQL, against the lateral's tenant: a tenant at its cap is then skipped
             # whole (a one-time filter), not step by step.
-            "t.tenant_id" if on_postgresql else "s.tenant_id",
+            "t.tenant_id" if on_postgresql and not named else "s.tenant_id",
             [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")],
             params,
         )
@@ -326,7 +327,7 @@ def fair_candidates(
             kind, tenant_id, name = scope.removeprefix("tenant_").split(":", 2)
             exclusions += f" AND NOT (s.tenant_id = %s AND {column[kind]} = %s)"
             params.extend([int(tenant_id), name])
-    if only_step is not None:
+    if only_step is not None and not named:
         exclusions += " AND s.id = %s"
         params.append(only_step)
     if wait_policy_only:  # a worker's own pull: other lock policies are the dispatcher's to apply
@@ -345,7 +346,10 @@ def fair_candidates(
         ]
     )
     params += [_adapt(now), held, limit]
-    if on_postgresql:
+    if named:
+        params = [only_step, *params[:-2], _adapt(now)]  # the older waiters' due time, then the leases'
+        sql = _NAMED_CANDIDATE_SQL.format(exclusions=exclusions)
+    elif on_postgresql:
         # The same rule, found per tenant: each tenant's oldest ready steps by index, so a
         # round or a worker's pull costs what it takes, not a pass over every ready step.
         params = [_adapt(now), *params[:-2], limit, held, limit]
@@ -395,12 +399,14 @@ _READY = rawsql.sql_strings(StepStatus.READY)
 
 
 # FIFO per key in one pass: the oldest ready waiter of every key is its head; a step is a
-# candidate only where it heads every key it needs. A step with ``wait`` locks is left out
-# while any of its keys is held.
-_FIFO_AND_FREE = """
+# candidate only where it heads every key it needs.
+_FIFO = """
     AND ({keyless} OR NOT EXISTS (
         SELECT 1 FROM {unnest} JOIN heads h ON h.tenant_id = s.tenant_id AND h.lock_key = {key_col}
         WHERE h.head <> s.id))
+"""
+# A step with ``wait`` locks is left out while any of its keys is held.
+_KEYS_FREE = """
     AND ({keyless} OR s.lock_policy <> 'wait' OR NOT EXISTS (
         SELECT 1 FROM {unnest}
         WHERE EXISTS (
@@ -408,6 +414,13 @@ _FIFO_AND_FREE = """
             WHERE l.tenant_id = s.tenant_id AND l.key = {key_col}
             AND {live})))
 """
+_FIFO_AND_FREE = _FIFO + _KEYS_FREE
+_POSTGRESQL_KEYS = {
+    "keyless": "jsonb_array_length(s.lock_keys) = 0",
+    "live": live_lease_sql("l"),
+    "unnest": "jsonb_array_elements_text(s.lock_keys) AS k(key)",
+    "key_col": "k.key",
+}
 
 # PostgreSQL: the tenants with ready steps by a skip scan of the (status, tenant, id) index,
 # then each tenant's first ``limit`` candidates in id order (a lateral index scan that stops
@@ -437,12 +450,7 @@ _FAIR_CANDIDATES_SQL = (
             WHERE s.status = {_READY} AND s.tenant_id = t.tenant_id
             AND (s.available_at IS NULL OR s.available_at <= %s) {{exclusions}}
     """
-    + _FIFO_AND_FREE.format(
-        keyless="jsonb_array_length(s.lock_keys) = 0",
-        live=live_lease_sql("l"),
-        unnest="jsonb_array_elements_text(s.lock_keys) AS k(key)",
-        key_col="k.key",
-    )
+    + _FIFO_AND_FREE.format(**_POSTGRESQL_KEYS)
     + """
             ORDER BY s.id
             LIMIT %s
@@ -456,6 +464,26 @@ _FAIR_CANDIDATES_SQL = (
     LIMIT %s
 """
 )
+
+
+# PostgreSQL, one named step (a worker's own next step, a key's next holder, a step an approval
+# resumed): the same rules for that step alone, its place at the head of each of its keys
+# checked against the older keyed waiters of its own tenant (a partial index, stopping at the
+# first that shares a key) instead of against the heads of every key of every tenant.
+_NAMED_CANDIDATE_SQL = f"""
+    SELECT {_CANDIDATE_SELECT}, COALESCE(q.weight, 1) AS weight
+    FROM runs_step s
+    JOIN runs_run r ON r.id = s.run_id
+    LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
+    WHERE s.id = %s AND s.status = {_READY}
+    AND (s.available_at IS NULL OR s.available_at <= %s) {{exclusions}}
+    AND (jsonb_array_length(s.lock_keys) = 0 OR NOT EXISTS (
+        SELECT 1 FROM runs_step o
+        WHERE o.status = {_READY} AND NOT (o.lock_keys = '[]'::jsonb)
+        AND o.tenant_id = s.tenant_id AND o.id < s.id
+        AND (o.available_at IS NULL OR o.available_at <= %s)
+        AND o.lock_keys ?| ARRAY(SELECT jsonb_array_elements_text(s.lock_keys))))
+    """ + _KEYS_FREE.format(**_POSTGRESQL_KEYS)
 
 
 def _fair_candidates_portable(exclusions: str) -> str:
@@ -937,17 +965,29 @@ def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
     """For each key, its oldest ready waiter of the tenant (FIFO per key, by step id)."""
     if not keys:
         return []
-    ready = (
-        Step.objects.filter(tenant_id=tenant_id, status=StepStatus.READY).exclude(lock_keys=[]).order_by("id")
-    )
     if rawsql.on_postgresql():
-        holders = [
-            ready.filter(lock_keys__contains=[key]).values_list("id", flat=True).first() for key in keys
-        ]
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(cursor, _NEXT_HOLDERS_SQL, [tenant_id, list(keys)])
+            holders = [step_id for (step_id,) in cursor.fetchall()]
     else:  # SQLite has no JSON containment: its few waiters are read in order
+        ready = (
+            Step.objects.filter(tenant_id=tenant_id, status=StepStatus.READY)
+            .exclude(lock_keys=[])
+            .order_by("id")
+        )
         waiting = list(ready.values_list("id", "lock_keys"))
         holders = [next((pk for pk, held in waiting if key in held), None) for key in keys]
     return list(dict.fromkeys(step_id for step_id in holders if step_id is not None))
+
+
+# Each key's oldest ready waiter of the tenant, in the keys' order (a key without one: NULL):
+# the keyed ready steps of the tenant by id (a partial index), up to the first that needs it.
+_NEXT_HOLDERS_SQL = f"""
+    SELECT (SELECT s.id FROM runs_step s
+            WHERE s.tenant_id = %s AND s.status = {_READY} AND NOT (s.lock_keys = '[]'::jsonb)
+            AND s.lock_keys ? k.key ORDER BY s.id LIMIT 1)
+    FROM unnest(%s::text[]) WITH ORDINALITY AS k(key, n) ORDER BY k.n
+"""
 
 
 def worker_idle(lanes: frozenset[str]) -> None:

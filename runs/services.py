@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.db import DatabaseError, IntegrityError, transaction
@@ -16,6 +17,7 @@ from django.utils import timezone
 from core import metrics, rawsql, tallies, tracing
 from core import services as core_services
 from core.access import member_role_check
+from core.after_response import after_response
 from core.connections import ConnectionInvalid, connections_bind, environment_check
 from core.models import Role, Tenant, User
 from core.transactions import transaction_retried_once
@@ -132,7 +134,11 @@ def run_create(
 
     def known_delivery() -> RunStart | None:
         # A known delivery is answered from the record, even when the tenant is over quota.
-        seen = TriggerEvent.objects.filter(tenant=tenant, trigger_event_id=trigger_event_id).first()
+        seen = (
+            TriggerEvent.objects.filter(tenant=tenant, trigger_event_id=trigger_event_id)
+            .select_related("run__tenant")  # the answer shows the run and its tenant
+            .first()
+        )
         if seen is None:
             return None
         return _replay(tenant, seen, trigger_event_id, payload_fingerprint, actor, payload)
@@ -225,7 +231,7 @@ def run_create(
     except IntegrityError:
         if not trigger_event_id:
             raise
-    existing = TriggerEvent.objects.select_related("run").get(
+    existing = TriggerEvent.objects.select_related("run__tenant").get(
         tenant=tenant, trigger_event_id=trigger_event_id
     )
     return _replay(tenant, existing, trigger_event_id, payload_fingerprint, actor, payload)
@@ -306,7 +312,9 @@ def _replay(
             )
         raise TriggerPayloadMismatch(trigger_event_id, existing.run_id)
     metrics.DUPLICATES_SUPPRESSED.labels(kind="trigger").inc()
-    tallies.tally_add([(tenant.pk, tallies.DUPLICATES_SUPPRESSED)])
+    # Counted for the console once the answer is out: a client retrying is not kept waiting
+    # for a write of its own (and its commit) that its answer does not need.
+    after_response(partial(tallies.tally_add, [(tenant.pk, tallies.DUPLICATES_SUPPRESSED)]))
     return RunStart(run=existing.run, created=False)
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -599,3 +600,31 @@ def test_a_released_key_goes_to_its_oldest_waiter_in_the_releasing_transaction(a
     assert admission is not None
     assert admission.step_id == Step.objects.get(run=waiters[0]).pk
     assert Step.objects.get(run=waiters[1]).status == StepStatus.READY  # FIFO: the next one waits
+
+
+def test_one_named_step_is_a_candidate_exactly_when_a_round_would_find_it(acme: Tenant) -> None:
+    """The check of one named step (a worker's next, a key's next holder, an approved step) and
+    a round's pass over every ready step apply the same rules — FIFO per key over steps needing
+    several keys, waiters not yet due left out of the order, held keys — whatever the mix."""
+    chooser = random.Random(19)
+    keys = [f"thing:{n}" for n in range(4)]
+    now = timezone.now()
+    seen: Counter[bool] = Counter()
+    for trial in range(25):
+        Step.objects.filter(status=StepStatus.READY).update(status=StepStatus.CANCELLED)
+        Lease.objects.all().delete()
+        runs = [run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run for _ in range(12)]
+        for run in runs:
+            needs = chooser.sample(keys, chooser.choice([0, 1, 1, 2, 2, 3]))
+            later = chooser.random() < 0.2  # a retry waiting for its backoff: not due yet
+            Step.objects.filter(run=run).update(
+                lock_keys=needs, available_at=now + timedelta(minutes=5) if later else None
+            )
+        for key in chooser.sample(keys, chooser.choice([0, 0, 1, 2])):
+            assert lease_acquire(tenant_id=acme.pk, key=key, holder="elsewhere", ttl=60) is not None
+        in_a_round = {c.step_id for c in fair_candidates(limit=1000, now=now)}
+        for step in Step.objects.filter(status=StepStatus.READY).order_by("id"):
+            named = fair_candidates(limit=1, now=now, only_step=step.pk)
+            assert bool(named) == (step.pk in in_a_round), (trial, step.pk, step.lock_keys)
+            seen[bool(named)] += 1
+    assert seen[True] > 20 and seen[False] > 20, seen  # both answers were put to the test
