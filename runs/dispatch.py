@@ -104,6 +104,9 @@ class Candidate:
     ready_since: datetime | None = None  # when it became ready: a lock wait is measured from it
     traceparent: str = ""  # its run's trace (core.tracing): the admission's span goes there
 
+    def place(self) -> Place:
+        return (self.tenant_id, self.workflow, self.lane, self.tool)
+
     def scopes(self) -> list[str]:
         return [
             "global",
@@ -113,6 +116,12 @@ class Candidate:
             *([f"tool:{self.tool}"] if self.tool else []),
             *tenant_scopes(self.tenant_id, self.workflow, self.lane, self.tool),
         ]
+
+
+# What a step counts against (its tenant, workflow, lane and tool): two steps of one place count
+# in exactly the same scopes, so one finishing and the other admitted in the same transaction
+# leave every count as it was.
+Place = tuple[int, str, str, str]
 
 
 # A tenant's own caps per workflow, lane and tool (TenantQuota.caps) are scopes of their own.
@@ -793,6 +802,7 @@ def admit_here(
     released: Sequence[str] = (),
     tenant_id: int | None = None,
     idle_slots: int = 0,
+    leaving: Place | None = None,
 ) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
@@ -806,16 +816,20 @@ def admit_here(
     A busy worker thus pulls its next step without a dispatch round trip; near a cap, the
     dispatcher's round (woken by the caller) admits exactly. ``released``: the entity keys the
     finishing step gave up (of ``tenant_id``): the oldest waiter of each comes next, handed the
-    key in the releasing transaction, or the dispatcher is woken for it.
+    key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
+    of the step finishing in this transaction (its release already written): a step of that
+    same place takes it over — it adds back exactly what that release took away, in every
+    scope, in the same commit — so it needs room for itself only, not the shards' headroom.
+    A lane whose cap its workers' slots fill is then still served by its own workers.
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
-    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom)):
+    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom, leaving)):
         return admitted
     waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
     for waiter in waiters:
-        if admitted := _admit_named(waiter, now, room, lanes, headroom):
+        if admitted := _admit_named(waiter, now, room, lanes, headroom, leaving):
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
@@ -825,7 +839,7 @@ def admit_here(
     )
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
-    for candidate in _fitting(candidates, room, lanes, headroom):
+    for candidate in _fitting(candidates, room, lanes, headroom, leaving=leaving):
         if admitted := _admit_one(candidate, now):
             if idle_slots:
                 _admit_for_idle_slots(
@@ -953,11 +967,11 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
 
 
 def _admit_named(
-    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int
+    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int, leaving: Place | None
 ) -> Admission | None:
     """Admit that one step here, if every cap, FIFO rule and lock allows it now."""
     named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
-    picked = _fitting(named, room, lanes, headroom)
+    picked = _fitting(named, room, lanes, headroom, leaving=leaving)
     return _admit_one(picked[0], now) if picked else None
 
 
@@ -1000,15 +1014,23 @@ def worker_idle(lanes: frozenset[str]) -> None:
 
 
 def _fitting(
-    candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1, slot_headroom: int = 1
+    candidates: list[Candidate],
+    room: Room,
+    lanes: frozenset[str],
+    headroom: int = 1,
+    slot_headroom: int = 1,
+    *,
+    leaving: Place | None = None,
 ) -> list[Candidate]:
+    """The candidates a worker of ``lanes`` may take, where every cap has ``headroom`` (room for
+    itself alone where it takes the place ``leaving``: see ``admit_here``)."""
     return [
         c
         for c in candidates
         if c.lane in lanes
         and c.lock_policy == "wait"
         and not _unadmittable_reason(c)
-        and room.fits(c, headroom, slot_headroom)
+        and room.fits(c, 1 if c.place() == leaving else headroom, slot_headroom)
     ]
 
 

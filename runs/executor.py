@@ -385,6 +385,7 @@ def _finish_succeeded(
                     released=[grant.key for grant in ctx.locks],
                     tenant_id=ctx.step.tenant_id,
                     idle_slots=idle_local_slots(lanes),
+                    leaving=(ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool),
                 )
                 if go_on
                 else None

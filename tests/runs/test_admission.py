@@ -26,6 +26,7 @@ from tests.approvals.helpers import pump, sent_to_workers
 from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS
+from tests.runs.workflows_for_tests import AwaitInput, await_then_notify
 
 pytestmark = pytest.mark.both_dialects
 
@@ -628,3 +629,58 @@ def test_one_named_step_is_a_candidate_exactly_when_a_round_would_find_it(acme: 
             assert bool(named) == (step.pk in in_a_round), (trial, step.pk, step.lock_keys)
             seen[bool(named)] += 1
     assert seen[True] > 20 and seen[False] > 20, seen  # both answers were put to the test
+
+
+# The capped crm tool of test.awaits_a_tool, from a workflow of its own: another place.
+elsewhere = workflow(
+    "test.awaits_a_tool_elsewhere", description="the crm tool, another workflow", input=AwaitInput
+)
+elsewhere.step(lane="draft", lease_seconds=3, tool="crm")(await_then_notify)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("same_place", [True, False])
+def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_same_place(
+    acme: Tenant, same_place: bool
+) -> None:
+    """The cap full, ADMISSION_SHARDS workers each finish a step under a shard of their own and
+    all choose at the same instant, none seeing another's choice. A ready step of the finishing
+    step's own place (tenant, workflow, lane, tool) takes that place over: every one of them is
+    admitted and the cap stays exactly full. A step of another place, counted against the same
+    full cap, needs the shards' headroom: none is admitted (the round admits it exactly)."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    shards = dispatch.ADMISSION_SHARDS
+    place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
+    _start_tool_runs(acme, SHARD_CAP)
+    with override_settings(RUNWARDEN_CAPS=_tool_caps(SHARD_CAP)):
+        for _ in range(SHARD_CAP):  # the cap filled
+            with transaction.atomic():
+                dispatch.wait_for_round_lock()
+                assert admit_here(lanes=frozenset({"draft"})) is not None
+        finishing = sorted(_leased(acme))[:shards]
+        waiting = "test.awaits_a_tool" if same_place else "test.awaits_a_tool_elsewhere"
+        for _ in range(shards):
+            run_start(tenant=acme, workflow=waiting, input={"wait_seconds": 1}, actor="t")
+        chose = threading.Barrier(shards)
+
+        def finish_and_take_over(n: int) -> dispatch.Admission | None:
+            with transaction.atomic():
+                with connections["default"].cursor() as cursor:
+                    cursor.execute(dispatch.admission_shard_sql())
+                step = Step.objects.get(pk=finishing[n])
+                Step.objects.filter(pk=step.pk).update(status=StepStatus.SUCCEEDED)
+                Lease.objects.filter(pk=step.lease_id).update(released_at=timezone.now())
+                chose.wait(10)  # every thread holds a shard and has released its step
+                admitted = admit_here(
+                    lanes=frozenset({"draft"}), headroom=dispatch.shard_headroom(), leaving=place
+                )
+                chose.wait(10)  # none commits before all have chosen
+                return admitted
+
+        results = run_concurrently(finish_and_take_over, shards)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    admitted = sum(r is not None for r in results)
+    assert admitted == (shards if same_place else 0)
+    assert len(_leased(acme)) == (SHARD_CAP if same_place else SHARD_CAP - shards)
