@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from itertools import takewhile
 from typing import Any
 
 from django.conf import settings
@@ -817,19 +818,17 @@ def admit_here(
     dispatcher's round (woken by the caller) admits exactly. ``released``: the entity keys the
     finishing step gave up (of ``tenant_id``): the oldest waiter of each comes next, handed the
     key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
-    of the step finishing in this transaction (its release already written): a step of that
-    same place takes it over — it adds back exactly what that release took away, in every
-    scope, in the same commit — so it needs room for itself only, not the shards' headroom.
-    A lane whose cap its workers' slots fill is then still served by its own workers.
+    of the step finishing in this transaction (its release already written), which the fairest
+    ready step of that same place may take over (``_takes_over``).
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
-    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom, leaving)):
+    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom)):
         return admitted
     waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
     for waiter in waiters:
-        if admitted := _admit_named(waiter, now, room, lanes, headroom, leaving):
+        if admitted := _admit_named(waiter, now, room, lanes, headroom):
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
@@ -839,7 +838,9 @@ def admit_here(
     )
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
-    for candidate in _fitting(candidates, room, lanes, headroom, leaving=leaving):
+    for candidate in _fitting(candidates, room, lanes, headroom) or _takes_over(
+        candidates, room, lanes, leaving
+    ):
         if admitted := _admit_one(candidate, now):
             if idle_slots:
                 _admit_for_idle_slots(
@@ -966,12 +967,26 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
     return admitted, False
 
 
+def _takes_over(
+    candidates: list[Candidate], room: Room, lanes: frozenset[str], leaving: Place | None
+) -> list[Candidate]:
+    """Where no candidate has the shards' headroom (a cap nearly full): the candidates that fit
+    exactly, in fair order, as long as they are of the place ``leaving`` — the place of the
+    step finishing in this transaction, whose release is already written. One of them takes
+    that place over, adding back exactly what the release took away in every scope, in the
+    same commit, so it needs room for itself alone (the next is tried if another worker took
+    the first). A fairer step of another place that fits only exactly is the round's to admit,
+    under every shard: none from there on. So a lane whose cap its workers' slots fill is still
+    served by its own workers, and a tenant below its share still gets the next free place."""
+    return list(takewhile(lambda c: c.place() == leaving, _fitting(candidates, room, lanes)))
+
+
 def _admit_named(
-    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int, leaving: Place | None
+    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int
 ) -> Admission | None:
     """Admit that one step here, if every cap, FIFO rule and lock allows it now."""
     named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
-    picked = _fitting(named, room, lanes, headroom, leaving=leaving)
+    picked = _fitting(named, room, lanes, headroom)
     return _admit_one(picked[0], now) if picked else None
 
 
@@ -1014,23 +1029,15 @@ def worker_idle(lanes: frozenset[str]) -> None:
 
 
 def _fitting(
-    candidates: list[Candidate],
-    room: Room,
-    lanes: frozenset[str],
-    headroom: int = 1,
-    slot_headroom: int = 1,
-    *,
-    leaving: Place | None = None,
+    candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1, slot_headroom: int = 1
 ) -> list[Candidate]:
-    """The candidates a worker of ``lanes`` may take, where every cap has ``headroom`` (room for
-    itself alone where it takes the place ``leaving``: see ``admit_here``)."""
     return [
         c
         for c in candidates
         if c.lane in lanes
         and c.lock_policy == "wait"
         and not _unadmittable_reason(c)
-        and room.fits(c, 1 if c.place() == leaving else headroom, slot_headroom)
+        and room.fits(c, headroom, slot_headroom)
     ]
 
 

@@ -639,18 +639,20 @@ elsewhere.step(lane="draft", lease_seconds=3, tool="crm")(await_then_notify)
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("same_place", [True, False])
+@pytest.mark.parametrize("waiting", ["same place", "another workflow", "another tenant too"])
 def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_same_place(
-    acme: Tenant, same_place: bool
+    acme: Tenant, globex: Tenant, waiting: str
 ) -> None:
     """The cap full, ADMISSION_SHARDS workers each finish a step under a shard of their own and
     all choose at the same instant, none seeing another's choice. A ready step of the finishing
     step's own place (tenant, workflow, lane, tool) takes that place over: every one of them is
     admitted and the cap stays exactly full. A step of another place, counted against the same
-    full cap, needs the shards' headroom: none is admitted (the round admits it exactly)."""
+    full cap, needs the shards' headroom: none is admitted. Nor is one of the same place while a
+    tenant holding less waits first in fair order: the round gives that tenant the place."""
     if not rawsql.on_postgresql():
         pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
-    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=1000)
+    for tenant in (acme, globex):
+        TenantQuota.objects.update_or_create(tenant=tenant, defaults={"max_concurrent_steps": 1000})
     shards = dispatch.ADMISSION_SHARDS
     place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
     _start_tool_runs(acme, SHARD_CAP)
@@ -660,9 +662,11 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
                 dispatch.wait_for_round_lock()
                 assert admit_here(lanes=frozenset({"draft"})) is not None
         finishing = sorted(_leased(acme))[:shards]
-        waiting = "test.awaits_a_tool" if same_place else "test.awaits_a_tool_elsewhere"
+        workflow = "test.awaits_a_tool_elsewhere" if waiting == "another workflow" else "test.awaits_a_tool"
         for _ in range(shards):
-            run_start(tenant=acme, workflow=waiting, input={"wait_seconds": 1}, actor="t")
+            run_start(tenant=acme, workflow=workflow, input={"wait_seconds": 1}, actor="t")
+        if waiting == "another tenant too":  # holding nothing: first in fair order
+            run_start(tenant=globex, workflow="test.awaits_a_tool", input={"wait_seconds": 1}, actor="t")
         chose = threading.Barrier(shards)
 
         def finish_and_take_over(n: int) -> dispatch.Admission | None:
@@ -680,7 +684,11 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
                 return admitted
 
         results = run_concurrently(finish_and_take_over, shards)
-    assert not [r for r in results if isinstance(r, BaseException)], results
-    admitted = sum(r is not None for r in results)
-    assert admitted == (shards if same_place else 0)
-    assert len(_leased(acme)) == (SHARD_CAP if same_place else SHARD_CAP - shards)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        admitted = sum(r is not None for r in results)
+        assert admitted == (shards if waiting == "same place" else 0)
+        assert len(_leased(acme)) == (SHARD_CAP if waiting == "same place" else SHARD_CAP - shards)
+        if waiting == "another tenant too":  # the round fills the places exactly, that tenant first
+            assert len(dispatch_round()) == shards
+            assert len(_leased(globex)) == 1
+            assert len(_leased(acme)) + len(_leased(globex)) == SHARD_CAP
