@@ -34,7 +34,7 @@ import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from itertools import takewhile
 from typing import Any
@@ -804,6 +804,7 @@ def admit_here(
     tenant_id: int | None = None,
     idle_slots: int = 0,
     leaving: Place | None = None,
+    leaving_until: datetime | None = None,
 ) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
@@ -818,8 +819,9 @@ def admit_here(
     dispatcher's round (woken by the caller) admits exactly. ``released``: the entity keys the
     finishing step gave up (of ``tenant_id``): the oldest waiter of each comes next, handed the
     key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
-    of the step finishing in this transaction (its release already written), which the fairest
-    ready step of that same place may take over (``_takes_over``).
+    of the step finishing in this transaction (its release already written), whose lease ran
+    until ``leaving_until``: the fairest ready step of that same place may take it over
+    (``_takes_over``).
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
@@ -839,7 +841,7 @@ def admit_here(
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
     for candidate in _fitting(candidates, room, lanes, headroom) or _takes_over(
-        candidates, room, lanes, leaving
+        room, lanes, leaving, leaving_until, now
     ):
         if admitted := _admit_one(candidate, now):
             if idle_slots:
@@ -968,17 +970,32 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
 
 
 def _takes_over(
-    candidates: list[Candidate], room: Room, lanes: frozenset[str], leaving: Place | None
+    room: Room, lanes: frozenset[str], leaving: Place | None, leaving_until: datetime | None, now: datetime
 ) -> list[Candidate]:
-    """Where no candidate has the shards' headroom (a cap nearly full): the candidates that fit
-    exactly, in fair order, as long as they are of the place ``leaving`` — the place of the
-    step finishing in this transaction, whose release is already written. One of them takes
-    that place over, adding back exactly what the release took away in every scope, in the
-    same commit, so it needs room for itself alone (the next is tried if another worker took
-    the first). A fairer step of another place that fits only exactly is the round's to admit,
-    under every shard: none from there on. So a lane whose cap its workers' slots fill is still
-    served by its own workers, and a tenant below its share still gets the next free place."""
-    return list(takewhile(lambda c: c.place() == leaving, _fitting(candidates, room, lanes)))
+    """Where no candidate has the shards' headroom (a cap nearly full): the ready steps that fit
+    exactly, in fair order over every lane and lock policy, as long as they are of the place
+    ``leaving`` (and a step this worker may take) — the place of the step finishing in this
+    transaction, whose release is already written. One of them takes that place over: the
+    release and the admission commit together and count in exactly the same scopes, so it
+    needs room for itself alone (the next is tried if another worker took the first). That
+    holds only while every other reader still counts the finishing step: its lease must have
+    been live when any of them read (a round, before this transaction took its shard, never
+    after), so with ``TAKEOVER_LEASE_MARGIN`` left at least. A fairer step of another place —
+    in any lane — that fits exactly is the round's to admit, under every shard: none from there
+    on. So a lane whose cap its workers' slots fill is still served by its own workers, and a
+    tenant below its share still gets the next free place."""
+    if leaving is None or leaving_until is None or leaving_until <= now + TAKEOVER_LEASE_MARGIN:
+        return []
+    everyone = fair_candidates(limit=PULL_CANDIDATES, now=now, room=room)
+    exact = [c for c in everyone if not _unadmittable_reason(c) and room.fits(c)]
+    return list(
+        takewhile(lambda c: c.place() == leaving and c.lane in lanes and c.lock_policy == "wait", exact)
+    )
+
+
+# How long the finishing step's lease must still run for its place to be taken over: other
+# readers judge it live by their own clocks (another host's may run ahead).
+TAKEOVER_LEASE_MARGIN = timedelta(seconds=2)
 
 
 def _admit_named(

@@ -386,6 +386,7 @@ def _finish_succeeded(
                     tenant_id=ctx.step.tenant_id,
                     idle_slots=idle_local_slots(lanes),
                     leaving=(ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool),
+                    leaving_until=ctx.lease.expires_at,
                 )
                 if go_on
                 else None

@@ -636,10 +636,22 @@ elsewhere = workflow(
     "test.awaits_a_tool_elsewhere", description="the crm tool, another workflow", input=AwaitInput
 )
 elsewhere.step(lane="draft", lease_seconds=3, tool="crm")(await_then_notify)
+# And from another lane, which the finishing workers (of "draft") do not take from.
+other_lane = workflow("test.awaits_a_tool_read", description="the crm tool, lane read", input=AwaitInput)
+other_lane.step(lane="read", lease_seconds=3, tool="crm")(await_then_notify)
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("waiting", ["same place", "another workflow", "another tenant too"])
+@pytest.mark.parametrize(
+    "waiting",
+    [
+        "same place",
+        "another workflow",
+        "another tenant too",
+        "another tenant in another lane",
+        "leases running out",
+    ],
+)
 def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_same_place(
     acme: Tenant, globex: Tenant, waiting: str
 ) -> None:
@@ -648,7 +660,9 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
     step's own place (tenant, workflow, lane, tool) takes that place over: every one of them is
     admitted and the cap stays exactly full. A step of another place, counted against the same
     full cap, needs the shards' headroom: none is admitted. Nor is one of the same place while a
-    tenant holding less waits first in fair order: the round gives that tenant the place."""
+    tenant holding less waits first in fair order, in their lane or another: the round gives
+    that tenant the place. Nor where the finishing steps' leases are about to run out (another
+    reader may already have stopped counting them)."""
     if not rawsql.on_postgresql():
         pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
     for tenant in (acme, globex):
@@ -665,8 +679,9 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
         workflow = "test.awaits_a_tool_elsewhere" if waiting == "another workflow" else "test.awaits_a_tool"
         for _ in range(shards):
             run_start(tenant=acme, workflow=workflow, input={"wait_seconds": 1}, actor="t")
-        if waiting == "another tenant too":  # holding nothing: first in fair order
-            run_start(tenant=globex, workflow="test.awaits_a_tool", input={"wait_seconds": 1}, actor="t")
+        if waiting.startswith("another tenant"):  # holding nothing: first in fair order
+            first = "test.awaits_a_tool_read" if waiting.endswith("another lane") else "test.awaits_a_tool"
+            run_start(tenant=globex, workflow=first, input={"wait_seconds": 1}, actor="t")
         chose = threading.Barrier(shards)
 
         def finish_and_take_over(n: int) -> dispatch.Admission | None:
@@ -674,11 +689,18 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
                 with connections["default"].cursor() as cursor:
                     cursor.execute(dispatch.admission_shard_sql())
                 step = Step.objects.get(pk=finishing[n])
+                lease = Lease.objects.get(pk=step.lease_id)
                 Step.objects.filter(pk=step.pk).update(status=StepStatus.SUCCEEDED)
-                Lease.objects.filter(pk=step.lease_id).update(released_at=timezone.now())
+                Lease.objects.filter(pk=lease.pk).update(released_at=timezone.now())
+                until = lease.expires_at
+                if waiting == "leases running out":
+                    until = timezone.now() + timedelta(seconds=1)
                 chose.wait(10)  # every thread holds a shard and has released its step
                 admitted = admit_here(
-                    lanes=frozenset({"draft"}), headroom=dispatch.shard_headroom(), leaving=place
+                    lanes=frozenset({"draft"}),
+                    headroom=dispatch.shard_headroom(),
+                    leaving=place,
+                    leaving_until=until,
                 )
                 chose.wait(10)  # none commits before all have chosen
                 return admitted
@@ -688,7 +710,7 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
         admitted = sum(r is not None for r in results)
         assert admitted == (shards if waiting == "same place" else 0)
         assert len(_leased(acme)) == (SHARD_CAP if waiting == "same place" else SHARD_CAP - shards)
-        if waiting == "another tenant too":  # the round fills the places exactly, that tenant first
+        if waiting.startswith("another tenant"):  # the round fills the places exactly, that tenant first
             assert len(dispatch_round()) == shards
             assert len(_leased(globex)) == 1
             assert len(_leased(acme)) + len(_leased(globex)) == SHARD_CAP
