@@ -841,7 +841,7 @@ def admit_here(
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
     for candidate in _fitting(candidates, room, lanes, headroom) or _takes_over(
-        candidates, room, lanes, leaving, leaving_until, now
+        room, lanes, leaving, leaving_until, now
     ):
         if admitted := _admit_one(candidate, now):
             if idle_slots:
@@ -970,12 +970,7 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
 
 
 def _takes_over(
-    mine: list[Candidate],
-    room: Room,
-    lanes: frozenset[str],
-    leaving: Place | None,
-    leaving_until: datetime | None,
-    now: datetime,
+    room: Room, lanes: frozenset[str], leaving: Place | None, leaving_until: datetime | None, now: datetime
 ) -> list[Candidate]:
     """Where no candidate has the shards' headroom (a cap nearly full): the ready steps that fit
     exactly, in fair order over every lane and lock policy, as long as they are of the place
@@ -988,12 +983,8 @@ def _takes_over(
     after), so with ``TAKEOVER_LEASE_MARGIN`` left at least. A fairer step of another place —
     in any lane — that fits exactly is the round's to admit, under every shard: none from there
     on. So a lane whose cap its workers' slots fill is still served by its own workers, and a
-    tenant below its share still gets the next free place. ``mine``: the candidates of this
-    worker's lanes already read; with none of that place among them (nothing ready, say), the
-    fair order of every lane is not read at all."""
+    tenant below its share still gets the next free place."""
     if leaving is None or leaving_until is None or leaving_until <= now + TAKEOVER_LEASE_MARGIN:
-        return []
-    if not any(c.place() == leaving for c in mine):
         return []
     everyone = fair_candidates(limit=PULL_CANDIDATES, now=now, room=room)
     exact = [c for c in everyone if not _unadmittable_reason(c) and room.fits(c)]
