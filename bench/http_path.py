@@ -27,12 +27,18 @@ class Answer:
     ms: float
 
 
+# uvicorn closes a keep-alive connection idle for 5 s: one idle longer is opened again before a
+# request rather than found closed by it (the request would be lost, not refused).
+IDLE_RECONNECT_SECONDS = 4.0
+
+
 class HttpClient:
     """One keep-alive connection to the web process, as one client (not shared between threads)."""
 
     def __init__(self, base: str, token: str) -> None:
         parts = urlsplit(base)
         self._connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+        self._last_answer = time.monotonic()
         # The web process sits behind a TLS-terminating proxy in production; say so, as one does.
         self._headers = {"Authorization": f"Bearer {token}", "X-Forwarded-Proto": "https"}
 
@@ -43,11 +49,14 @@ class HttpClient:
             **({"Content-Type": "application/json"} if payload else {}),
             **(headers or {}),
         }
+        if time.monotonic() - self._last_answer > IDLE_RECONNECT_SECONDS:
+            self._connection.close()  # the next request connects afresh
         began = time.perf_counter()
         self._connection.request(method, path, body=payload, headers=sent)
         response = self._connection.getresponse()
         raw = response.read()
         ms = (time.perf_counter() - began) * 1000
+        self._last_answer = time.monotonic()
         try:
             decoded = json.loads(raw) if raw else None
         except ValueError:
