@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -51,6 +52,29 @@ def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=True,
     )
+
+
+def seed_demo_for_servers(password: str = "runwarden") -> None:
+    """What ``manage.py seed_demo`` gives a server process, written by the test itself: the demo
+    tenants, users and sandbox, with the passwords hashed as a server checks them. The tests'
+    settings hash with MD5, which a server (Django's default hashers) refuses, and a
+    ``seed_demo`` process hashing with PBKDF2 took 4-5 s per browser test; the PBKDF2 hash is
+    made once a session instead."""
+    from django.contrib.auth import get_user_model
+
+    from demo.seeding import DEMO_USERS, seed_demo_tenants_and_users
+
+    seed_demo_tenants_and_users(password=password)
+    usernames = [username for username, _, _ in DEMO_USERS]
+    get_user_model().objects.filter(username__in=usernames).update(password=_server_password_hash(password))
+
+
+@functools.cache
+def _server_password_hash(password: str) -> str:
+    from django.contrib.auth.hashers import PBKDF2PasswordHasher
+
+    hasher = PBKDF2PasswordHasher()  # the first of Django's default PASSWORD_HASHERS
+    return hasher.encode(password, hasher.salt())
 
 
 def wait_for_http(url: str, timeout: float = 30.0) -> None:

@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.servers import ROOT, base_env, console_server, manage
+from tests.servers import ROOT, base_env, console_server, seed_demo_for_servers
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -44,8 +44,7 @@ def live_console(transactional_db: None, tmp_path: Path) -> Iterator[str]:
     env = base_env(
         DEBUG="1", DATABASE_URL=database_url, REDIS_URL=settings.REDIS_URL, DEMO_PASSWORD="runwarden"
     )
-    # Seed with the server's own settings (its password hashers, not the tests' fast one).
-    manage("seed_demo", env=env)
+    seed_demo_for_servers()
     with console_server(env, tmp_path / "serve.log") as url:
         yield url
 

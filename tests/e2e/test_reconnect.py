@@ -16,7 +16,7 @@ from tests.e2e.conftest import login
 from tests.e2e.helpers import elsewhere
 from tests.e2e.test_runs_pages import start
 from tests.runs.test_faults import private_redis
-from tests.servers import base_env, console_server, database_url, manage
+from tests.servers import base_env, console_server, database_url, seed_demo_for_servers
 
 
 def _ready(url: str) -> int:
@@ -36,7 +36,7 @@ def console_on_private_redis(transactional_db: None, tmp_path: Path) -> Iterator
             REDIS_URL=redis_url,
             DEMO_PASSWORD="runwarden",
         )
-        manage("seed_demo", env=env)
+        seed_demo_for_servers()
         with console_server(env, tmp_path / "serve.log") as url:
             yield url, set_running
 
