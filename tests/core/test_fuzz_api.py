@@ -19,7 +19,7 @@ from django.conf import settings
 from approvals.models import ApprovalRequest, ConflictArtifact
 from runs.models import Run, RunStatus
 from tests.runs.cluster import Cluster, wait_for
-from tests.servers import ROOT, base_env, console_server, database_url, manage
+from tests.servers import ROOT, base_env, console_server, database_url, manage, seed_demo_for_servers
 
 SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 EXAMPLES_PER_OPERATION = 20
@@ -49,7 +49,7 @@ def test_the_fuzzer_finds_no_server_error_and_a_normal_run_finishes_afterwards(
         REDIS_URL=settings.REDIS_URL,
         DEMO_PASSWORD="runwarden",
     )
-    manage("seed_demo", env=env)
+    seed_demo_for_servers()
     # The demo's tenant admin holds every role of acme: the fuzzer reaches every operation.
     token = manage("issue_token", "admin", "--name", "fuzz", env=env).stdout.strip().splitlines()[-1]
     cluster.worker("w1")
