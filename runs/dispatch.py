@@ -840,11 +840,12 @@ def admit_here(
     )
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
-    for candidate in _fitting(candidates, room, lanes, headroom) or _takes_over(
-        room, lanes, leaving, leaving_until, now
-    ):
+    fitting = _fitting(candidates, room, lanes, headroom)
+    for candidate in fitting or _takes_over(room, lanes, leaving, leaving_until, now):
         if admitted := _admit_one(candidate, now):
-            if idle_slots:
+            # Not beside a takeover: no candidate had the headroom for more, and the one taken
+            # over, read after ``candidates``, may be a step started since (not among them).
+            if idle_slots and fitting:
                 _admit_for_idle_slots(
                     candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom
                 )

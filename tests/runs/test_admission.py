@@ -714,3 +714,77 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
             assert len(dispatch_round()) == shards
             assert len(_leased(globex)) == 1
             assert len(_leased(acme)) + len(_leased(globex)) == SHARD_CAP
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_taking_a_full_caps_place_over_with_idle_slots_while_runs_start_finish_every_step(
+    acme: Tenant,
+) -> None:
+    """Workers with idle slots keep finishing steps at a full cap, each taking its place over,
+    while another client starts runs of that place one after another: the step taken over may
+    have been started after the worker read its own lanes (a bench found it then; taking more
+    for the idle slots beside it raised, undoing the finishing step's success until its lease
+    ran out). Every finish commits, and the cap is never passed."""
+    if not rawsql.on_postgresql():
+        pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
+    TenantQuota.objects.update_or_create(tenant=acme, defaults={"max_concurrent_steps": 1000})
+    place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
+    finishers, finishes_each = dispatch.ADMISSION_SHARDS, 25
+    _start_tool_runs(acme, SHARD_CAP)
+    with override_settings(RUNWARDEN_CAPS=_tool_caps(SHARD_CAP)):
+        for _ in range(SHARD_CAP):  # the cap filled
+            with transaction.atomic():
+                dispatch.wait_for_round_lock()
+                assert admit_here(lanes=frozenset({"draft"})) is not None
+        starting = threading.Event()
+
+        def start_runs() -> None:
+            try:
+                while not starting.is_set():
+                    _start_tool_runs(acme, 1)
+            finally:
+                connections.close_all()
+
+        def finish_and_take_over(n: int) -> tuple[int, int]:
+            finished = taken_over = 0
+            for _ in range(finishes_each):
+                with transaction.atomic():
+                    with connections["default"].cursor() as cursor:
+                        cursor.execute(dispatch.admission_shard_sql())
+                    # One of the leased steps of the place, locked (another finisher skips it).
+                    step = (
+                        Step.objects.select_for_update(skip_locked=True)
+                        .filter(run__tenant=acme, status=StepStatus.LEASED)
+                        .order_by("?")
+                        .first()
+                    )
+                    if step is None:
+                        continue
+                    lease = Lease.objects.get(pk=step.lease_id)
+                    Step.objects.filter(pk=step.pk).update(status=StepStatus.SUCCEEDED)
+                    Lease.objects.filter(pk=lease.pk).update(released_at=timezone.now())
+                    admitted = admit_here(
+                        lanes=frozenset({"draft"}),
+                        headroom=dispatch.shard_headroom(),
+                        idle_slots=2,
+                        leaving=place,
+                        leaving_until=lease.expires_at,
+                    )
+                    finished += 1
+                    taken_over += admitted is not None
+                peak = len(_leased(acme))
+                assert peak <= SHARD_CAP, peak
+            return finished, taken_over
+
+        starter = threading.Thread(target=start_runs)
+        starter.start()
+        try:
+            results = run_concurrently(finish_and_take_over, finishers)
+        finally:
+            starting.set()
+            starter.join(30)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    succeeded = Step.objects.filter(run__tenant=acme, status=StepStatus.SUCCEEDED).count()
+    assert succeeded == sum(finished for finished, _ in results)  # every finish committed
+    assert sum(taken for _, taken in results) >= finishers  # places were taken over, again and again
+    assert len(_leased(acme)) <= SHARD_CAP
