@@ -111,21 +111,30 @@ def insert_sql(
     model = type(instances[0])
     fields = _insert_fields(model)
     expressions = expressions or {}
+    # The connection itself, not ``django.db.connection``: every field's preparation reads it,
+    # and each read through that proxy is a thread-local lookup (a fifth of a start's CPU).
+    db = connections[DEFAULT_DB_ALIAS]
     params: list[Any] = []
     for instance in instances:
         params += [
-            field.get_db_prep_save(field.pre_save(instance, True), connection)
+            field.get_db_prep_save(field.pre_save(instance, True), db)
             for field in fields
             if field.name not in expressions
         ]
         instance._state.adding = False
-        instance._state.db = connection.alias
+        instance._state.db = db.alias
     row = f"({', '.join(expressions.get(field.name, '%s') for field in fields)})"
-    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
     return (
-        f"INSERT INTO {model._meta.db_table} ({columns}) VALUES {', '.join([row] * len(instances))}; ",
+        f"INSERT INTO {model._meta.db_table} ({_insert_columns(model, db.vendor)}) VALUES"
+        f" {', '.join([row] * len(instances))}; ",
         params,
     )
+
+
+@cache
+def _insert_columns(model: type[models.Model], vendor: str) -> str:
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    return ", ".join(quote(field.column) for field in _insert_fields(model))
 
 
 def transaction_in_one_round_trip(statements: str, params: Sequence[Any], *, then: str = "") -> Any:
