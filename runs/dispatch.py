@@ -844,7 +844,7 @@ def admit_here(
     for candidate in fitting or _takes_over(room, lanes, leaving, leaving_until, now):
         if admitted := _admit_one(candidate, now):
             # Not beside a takeover: no candidate had the headroom for more, and the one taken
-            # over, read after ``candidates``, may be a step started since (not among them).
+            # over, read after ``candidates``, may be a step ready since (not among them).
             if idle_slots and fitting:
                 _admit_for_idle_slots(
                     candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom
