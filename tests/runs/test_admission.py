@@ -334,6 +334,16 @@ def _tool_caps(cap: int) -> dict[str, Any]:
     return {"global": 1000, "tenant_default": 1000, "workflow": {}, "lane": {}, "tool": {"crm": cap}}
 
 
+def _fill_the_tool_cap(tenant: Tenant) -> None:
+    """SHARD_CAP runs of the capped crm tool started and admitted: under ``_tool_caps(SHARD_CAP)``,
+    the cap full."""
+    _start_tool_runs(tenant, SHARD_CAP)
+    for _ in range(SHARD_CAP):
+        with transaction.atomic():
+            dispatch.wait_for_round_lock()
+            assert admit_here(lanes=frozenset({"draft"})) is not None
+
+
 def _leased(tenant: Tenant) -> set[int]:
     return set(Step.objects.filter(run__tenant=tenant, status=StepStatus.LEASED).values_list("pk", flat=True))
 
@@ -670,12 +680,8 @@ def test_workers_finishing_at_a_full_cap_hand_their_place_only_to_a_step_of_the_
         TenantQuota.objects.update_or_create(tenant=tenant, defaults={"max_concurrent_steps": 1000})
     shards = dispatch.ADMISSION_SHARDS
     place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
-    _start_tool_runs(acme, SHARD_CAP)
     with override_settings(RUNWARDEN_CAPS=_tool_caps(SHARD_CAP)):
-        for _ in range(SHARD_CAP):  # the cap filled
-            with transaction.atomic():
-                dispatch.wait_for_round_lock()
-                assert admit_here(lanes=frozenset({"draft"})) is not None
+        _fill_the_tool_cap(acme)
         finishing = sorted(_leased(acme))[:shards]
         workflow = "test.awaits_a_tool_elsewhere" if waiting == "another workflow" else "test.awaits_a_tool"
         for _ in range(shards):
@@ -731,12 +737,8 @@ def test_workers_taking_a_full_caps_place_over_with_idle_slots_while_runs_start_
     TenantQuota.objects.update_or_create(tenant=acme, defaults={"max_concurrent_steps": 1000})
     place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
     finishers, finishes_each = dispatch.ADMISSION_SHARDS, 25
-    _start_tool_runs(acme, SHARD_CAP)
     with override_settings(RUNWARDEN_CAPS=_tool_caps(SHARD_CAP)):
-        for _ in range(SHARD_CAP):  # the cap filled
-            with transaction.atomic():
-                dispatch.wait_for_round_lock()
-                assert admit_here(lanes=frozenset({"draft"})) is not None
+        _fill_the_tool_cap(acme)
         _start_tool_runs(acme, finishers)  # the first finishes have a step of the place to take over
         stop_starting = threading.Event()
         starter_errors: list[BaseException] = []
