@@ -186,6 +186,25 @@ def test_cancelling_a_run_cancels_its_steps_and_releases_its_leases(
     assert again.json()["error"]["code"] == "run_finished"
 
 
+def test_a_runs_detail_shows_the_leases_it_holds_not_another_runs_on_the_same_key(
+    acme: Tenant, acme_operator: User
+) -> None:
+    first = run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 1}, actor="t").run
+    second = run_start(tenant=acme, workflow="demo.enrich_lead", input={"lead_id": 2}, actor="t").run
+    own, theirs = (run.steps.get(key="fetch_lead") for run in (first, second))
+    Step.objects.filter(pk__in=[own.pk, theirs.pk]).update(lock_keys=["crm_contact:1"])
+    for step, key in ((own, f"step:{own.pk}"), (theirs, f"step:{theirs.pk}"), (theirs, "crm_contact:1")):
+        lease_acquire(tenant_id=acme.pk, key=key, holder="w", ttl=30, metadata={"run_id": step.run_id})
+    client = bearer_client(acme_operator)
+    shown = {run.id: client.get(f"/api/v1/runs/{run.id}").json()["leases"] for run in (first, second)}
+    # The entity key both steps name is the second run's now: the first run's detail leaves it out.
+    assert [(lease["key"], lease["run_id"]) for lease in shown[first.id]] == [(f"step:{own.pk}", first.id)]
+    assert [(lease["key"], lease["tenant"]) for lease in shown[second.id]] == [
+        ("crm_contact:1", "acme"),
+        (f"step:{theirs.pk}", "acme"),
+    ]
+
+
 def test_the_openapi_document_describes_the_runs_api(db: None) -> None:
     paths = Client().get("/api/v1/openapi.json").json()["paths"]
     assert {"/api/v1/runs", "/api/v1/runs/{run_id}", "/api/v1/runs/{run_id}/cancel", "/api/v1/leases"} <= set(

@@ -31,7 +31,7 @@ from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStat
 from runs.services import run_start
 from tests.approvals.helpers import pump, pump_until
 from tests.concurrency import run_concurrently
-from tests.conftest import make_member
+from tests.conftest import bearer_client, make_member
 from tests.dialects import RACING_THREADS
 
 pytestmark = pytest.mark.both_dialects
@@ -139,7 +139,9 @@ def served(name: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_each_call_is_recorded_and_a_retry_of_the_step_is_answered_from_the_record(acme: Tenant) -> None:
+def test_each_call_is_recorded_and_a_retry_of_the_step_is_answered_from_the_record(
+    acme: Tenant, acme_operator: User
+) -> None:
     run = finished(start(acme, customer="c7", fail_after=True))
     assert run.status == RunStatus.SUCCEEDED, list(run.steps.values_list("key", "status", "error"))
     step = Step.objects.get(run=run)
@@ -153,6 +155,15 @@ def test_each_call_is_recorded_and_a_retry_of_the_step_is_answered_from_the_reco
     assert SideEffect.objects.filter(run=run, status=EffectStatus.COMMITTED).count() == 3
     assert ToolCall.objects.get(step=step, key="3").lock_keys == ["contact:c7"]
     assert not Lease.objects.filter(key__startswith="toolcall:", released_at__isnull=True).exists()
+    # The API's run shows each call with its step and the key and reference of its effect.
+    shown = bearer_client(acme_operator).get(f"/api/v1/runs/{run.id}").json()["tool_calls"]
+    effects = {e.idempotency_key: e.external_ref for e in SideEffect.objects.filter(run=run)}
+    assert [(c["key"], c["step"], c["status"]) for c in shown] == [
+        ("1", step.key, "succeeded"),
+        ("2", step.key, "succeeded"),
+        ("3", step.key, "succeeded"),
+    ]
+    assert {c["idempotency_key"]: c["external_ref"] for c in shown} == effects
     assert check_invariants() == []
 
 
