@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db import connection
 from django.db.models import BigIntegerField, Count, Exists, F, OuterRef, QuerySet, Subquery
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
@@ -23,10 +24,12 @@ from approvals.models import (
     ConflictStatus,
 )
 from approvals.workflows import ACTION_CALL
-from core.models import Membership, Notification, Role
+from core import rawsql
+from core.models import Membership, Notification, Role, Tenant
 from core.selectors import AnyUser, scope_to_user
 from runs.explain import Wait
 from runs.models import Run, RunStatus, Step, StepStatus
+from runs.selectors import step_with_run
 
 
 def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> QuerySet[ApprovalRequest]:
@@ -43,23 +46,39 @@ def approvals_for_user(user: AnyUser, *, status: str = "", run_id: str = "") -> 
     return requests.order_by("-id")
 
 
-def approval_lookup_for_user(user: AnyUser) -> QuerySet[ApprovalRequest]:
-    """The user's requests, for reading one by id: with what a decision and its answer read (its
-    tenant, run, step and shown version), not ``approvals_for_user``'s seven-table join, which
-    PostgreSQL takes 2-4 ms to plan, more than the few key lookups of the rest cost when they
-    are read (each table joined costs some 0.3-0.5 ms of planning; see docs/BENCHMARKS.md)."""
-    return scope_to_user(
-        ApprovalRequest.objects.select_related("tenant", "run", "step", "artifact_version"), user
-    )
+# One of a user's requests by id, with its tenant, shown version and artifact. Hand-written and
+# prepared on the request thread's connection (core.rawsql): PostgreSQL took longer to plan the
+# ORM's join (about 1 ms; see docs/BENCHMARKS.md) than to run it, and the ORM longer to build it.
+_APPROVAL_SQL = (
+    f"SELECT {rawsql.select_list(ApprovalRequest, 'a')}, {rawsql.select_list(Tenant, 't')},"
+    f" {rawsql.select_list(ArtifactVersion, 'v')}, {rawsql.select_list(Artifact, 'f')}"
+    " FROM approvals_approvalrequest a JOIN core_tenant t ON t.id = a.tenant_id"
+    " JOIN approvals_artifactversion v ON v.id = a.artifact_version_id"
+    " JOIN approvals_artifact f ON f.id = a.artifact_id WHERE a.id = %s"
+    f" AND a.tenant_id IN (SELECT tenant_id FROM {Membership._meta.db_table} WHERE user_id = %s)"
+)
+# The largest id a request can have (a bigint): a larger one names none.
+_MAX_ID = 2**63 - 1
 
 
 def approval_for_user(user: AnyUser, approval_id: int) -> ApprovalRequest:
-    """One of the user's requests by id (``ApprovalRequest.DoesNotExist`` otherwise), the rows a
-    decision and its answer read linked to each other, so that none is read twice: its step's
-    run and its artifact's step are the request's own."""
-    request = approval_lookup_for_user(user).get(pk=approval_id)
-    if request.step.run_id == request.run_id:
-        request.step.run = request.run
+    """One of the user's requests by id (``ApprovalRequest.DoesNotExist`` otherwise: another
+    tenant's is not theirs), with its tenant, step, run, shown version and artifact, linked to
+    each other so that none is read twice: its step's run and its artifact's step are the
+    request's own."""
+    row = None
+    if user.is_authenticated and 0 < approval_id <= _MAX_ID:
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(cursor, _APPROVAL_SQL, [approval_id, user.pk])
+            row = cursor.fetchone()
+    if row is None:
+        raise ApprovalRequest.DoesNotExist(f"no approval request {approval_id} for this user")
+    request, tenant, shown, artifact = rawsql.from_joined_row(
+        row, ApprovalRequest, Tenant, ArtifactVersion, Artifact
+    )
+    request.tenant, request.artifact_version, request.artifact = tenant, shown, artifact
+    request.step = step_with_run(request.step_id)  # the runs app reads its own rows
+    request.run = request.step.run if request.step.run_id == request.run_id else request.run
     if request.artifact.step_id == request.step_id:
         request.artifact.step = request.step
     return request
@@ -91,16 +110,30 @@ def content_diff(before: Any, after: Any, *, before_label: str, after_label: str
     return list(difflib.unified_diff(_lines(before), _lines(after), before_label, after_label, lineterm=""))
 
 
-def approved_version(artifact: Artifact) -> ArtifactVersion | None:
-    """The newest version that was ever approved (what an edit may have changed)."""
-    request = (
-        ApprovalRequest.objects.filter(artifact=artifact, decided_at__isnull=False, approvals__gt=0)
-        .exclude(status__in=[ApprovalStatus.PENDING, ApprovalStatus.WITHDRAWN])  # votes short of a quorum
-        .select_related("artifact_version")
-        .order_by("-id")
-        .first()
-    )
-    return request.artifact_version if request else None
+def artifact_versions(artifact: Artifact) -> tuple[dict[int, ArtifactVersion], ArtifactVersion | None]:
+    """The artifact's versions by number, and the newest that was ever approved (what an edit
+    may have changed), in one statement."""
+    versions: dict[int, ArtifactVersion] = {}
+    approved_id = None
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, _VERSIONS_SQL, [artifact.pk, artifact.pk])
+        for row in cursor.fetchall():
+            version = rawsql.from_row(ArtifactVersion, row)
+            versions[version.number] = version
+            approved_id = row[-1]
+    approved = next((v for v in versions.values() if v.pk == approved_id), None)
+    return versions, approved
+
+
+# An artifact's versions, each row with the id of the newest version a decision approved: one
+# that reached its quorum (votes short of one leave the request pending, or withdrawn).
+_VERSIONS_SQL = (
+    f"SELECT {rawsql.select_list(ArtifactVersion, 'v')}, (SELECT a.artifact_version_id"
+    " FROM approvals_approvalrequest a WHERE a.artifact_id = %s AND a.decided_at IS NOT NULL"
+    " AND a.approvals > 0"
+    f" AND a.status NOT IN ({rawsql.sql_strings(ApprovalStatus.PENDING, ApprovalStatus.WITHDRAWN)})"
+    " ORDER BY a.id DESC LIMIT 1) FROM approvals_artifactversion v WHERE v.artifact_id = %s"
+)
 
 
 def request_for_version(version: ArtifactVersion) -> ApprovalRequest:
@@ -114,10 +147,9 @@ def request_for_version(version: ArtifactVersion) -> ApprovalRequest:
 
 def approval_detail(request: ApprovalRequest) -> dict[str, Any]:
     artifact = request.artifact
-    versions = {v.number: v for v in artifact.versions.all()}
+    versions, baseline = artifact_versions(artifact)
     latest = versions[artifact.latest_version]
     shown = request.artifact_version
-    baseline = approved_version(artifact)
     if baseline is None or baseline.number == shown.number:
         baseline = versions.get(shown.number - 1)
     diff = (

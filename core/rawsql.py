@@ -89,6 +89,16 @@ def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -
     return model.from_db(DEFAULT_DB_ALIAS, list(names), values)
 
 
+def from_joined_row(row: tuple[Any, ...] | list[Any], *joined: type[models.Model]) -> list[Any]:
+    """One instance per model of ``joined``, from a row holding each one's ``select_list`` in
+    that order (a hand-written join)."""
+    instances, start = [], 0
+    for model in joined:
+        instances.append(from_row(model, row, start))
+        start += width(model)
+    return instances
+
+
 @cache
 def _insert_fields(model: type[models.Model]) -> tuple[models.Field[Any, Any], ...]:
     """The columns an INSERT writes: every concrete field but a database-generated id."""
@@ -182,8 +192,8 @@ _preparing = threading.local()
 def prepared_statements() -> Iterator[None]:
     """Within this block, on this thread, ``execute_prepared`` prepares its statements: the
     step chain of a worker and the dispatcher's rounds, which run the same statements hundreds
-    of times on one connection. Web requests (a new connection each, perhaps through a
-    transaction-pooling pgbouncer) plan them each time instead."""
+    of times on one connection. The web process's request threads, which keep their
+    connections too, prepare theirs for their whole life (``prepare_on_this_thread``)."""
     before = getattr(_preparing, "on", False)
     if not before and _preparing_here() and not connection.in_atomic_block:
         # A new connection's session settings, before any transaction. On an error only a plan
@@ -195,6 +205,13 @@ def prepared_statements() -> Iterator[None]:
         yield
     finally:
         _preparing.on = before
+
+
+def prepare_on_this_thread() -> None:
+    """From now on, ``execute_prepared`` prepares its statements on this thread (a long-lived
+    thread keeping its connection: the web process's request threads), as inside
+    ``prepared_statements``."""
+    _preparing.on = True
 
 
 def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str, list[Any]]:

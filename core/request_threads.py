@@ -31,6 +31,8 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
+from core import rawsql
+
 Scope = dict[str, Any]
 
 
@@ -109,7 +111,15 @@ class RequestThreads:
         if self._free is None:
             self._free = asyncio.Queue()
             for n in range(self.size):
-                self._free.put_nowait(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"request-{n}"))
+                self._free.put_nowait(
+                    ThreadPoolExecutor(
+                        max_workers=1,
+                        thread_name_prefix=f"request-{n}",
+                        # The thread keeps its connection: the statements the requests run
+                        # by ``execute_prepared`` are planned once on it, not every request.
+                        initializer=rawsql.prepare_on_this_thread,
+                    )
+                )
         return self._free
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:

@@ -59,7 +59,8 @@ def get_tenant_for_user(user: AnyUser, slug: str, *, role: str | None = None) ->
     if user.is_authenticated:
         # Every tenant-scoped request asks this: hand-written (core.rawsql), not built by the ORM.
         with connection.cursor() as cursor:
-            cursor.execute(
+            rawsql.execute_prepared(
+                cursor,
                 f"SELECT m.role, {rawsql.select_list(Tenant, 't')} FROM {Membership._meta.db_table} m"
                 f" JOIN {Tenant._meta.db_table} t ON t.id = m.tenant_id WHERE m.user_id = %s AND t.slug = %s",
                 [user.pk, slug],

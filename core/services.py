@@ -180,7 +180,8 @@ def api_token_find(raw: str) -> ApiToken | None:
     # Every API call asks this: hand-written, it costs a third of what the ORM's query
     # building costs on top of the same statement.
     with connection.cursor() as cursor:
-        cursor.execute(
+        rawsql.execute_prepared(
+            cursor,
             f"SELECT {rawsql.select_list(ApiToken, 't')}, {rawsql.select_list(User, 'u')}"
             f" FROM {ApiToken._meta.db_table} t JOIN {User._meta.db_table} u ON u.id = t.user_id"
             " WHERE t.token_hash = %s AND t.revoked_at IS NULL AND u.is_active = %s"

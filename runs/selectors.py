@@ -180,7 +180,7 @@ def run_detail(run: Run) -> dict[str, Any]:
 
 def _rows(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        rawsql.execute_prepared(cursor, sql, params)
         return cursor.fetchall()
 
 
@@ -228,6 +228,22 @@ def _live_leases_of(run: Run, steps: list[Step]) -> list[Lease]:
             lease.tenant = rawsql.from_row(Tenant, row, rawsql.width(Lease))
             leases.append(lease)
     return leases
+
+
+_STEP_WITH_RUN_SQL = (
+    f"SELECT {rawsql.select_list(Step, 's')}, {rawsql.select_list(Run, 'r')}"
+    " FROM runs_step s JOIN runs_run r ON r.id = s.run_id WHERE s.id = %s"
+)
+
+
+def step_with_run(step_id: int) -> Step:
+    """A step with its run (``Step.DoesNotExist`` if there is none), in one hand-written
+    statement: what a decision on its approval reads."""
+    rows = _rows(_STEP_WITH_RUN_SQL, [step_id])
+    if not rows:
+        raise Step.DoesNotExist(f"no step {step_id}")
+    step, step.run = rawsql.from_joined_row(rows[0], Step, Run)
+    return step
 
 
 def live_leases_for_user(user: User) -> QuerySet[Lease]:

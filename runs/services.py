@@ -245,7 +245,7 @@ def _delivery_of(tenant_id: int, trigger_event_id: str) -> TriggerEvent | None:
     both), in one hand-written statement: a client retrying a start is answered about as fast
     as a new start (the ORM's query building took longer than the read itself)."""
     with connection.cursor() as cursor:
-        cursor.execute(_DELIVERY_SQL, [tenant_id, trigger_event_id])
+        rawsql.execute_prepared(cursor, _DELIVERY_SQL, [tenant_id, trigger_event_id])
         row = cursor.fetchone()
     if row is None:
         return None
