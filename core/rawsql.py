@@ -214,6 +214,11 @@ def prepare_on_this_thread() -> None:
     _preparing.on = True
 
 
+def preparing() -> bool:
+    """Whether ``execute_prepared`` prepares its statements on this thread now."""
+    return _preparing_here() and getattr(_preparing, "on", False)
+
+
 def _numbered(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> tuple[str, list[Any]]:
     """``sql`` with psycopg2's ``%s`` / ``%(name)s`` placeholders as PostgreSQL's ``$n``, and
     the parameters in that order."""
@@ -317,7 +322,7 @@ def execute_prepared(cursor: Any, sql: str, params: Sequence[Any] | Mapping[str,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
     than to run. Elsewhere (SQLite, or RUNWARDEN_PREPARED_STATEMENTS off, e.g. behind a
     transaction-pooling pgbouncer) a plain execute."""
-    if not (_preparing_here() and getattr(_preparing, "on", False)):
+    if not preparing():
         cursor.execute(sql, params)
         return
     state = _prepared_on_this_connection()

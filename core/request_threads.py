@@ -13,7 +13,9 @@ before a request's first query (``CONN_HEALTH_CHECKS``) when the thread's last r
 more than ``RECENTLY_USED_SECONDS`` ago, so one broken by a restart of PostgreSQL is replaced
 rather than failing the request (a busy thread's connection, used a moment ago, is not checked:
 that round trip was a tenth of a busy web process's time). A request waits for a free thread
-when all are busy; websockets (Channels' consumers) are not affected.
+when all are busy; websockets (Channels' consumers) are not affected. Keeping its connection, a
+request thread also prepares the hand-written statements its requests run (``core.rawsql``),
+as a worker does: PostgreSQL plans each once per connection, not on every request.
 """
 
 from __future__ import annotations

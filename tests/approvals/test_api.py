@@ -86,6 +86,9 @@ def test_another_tenants_approval_is_a_404(sandbox_acme: Tenant, globex_operator
     assert client.get(f"/api/v1/approvals/{request.pk}").status_code == 404
     assert post(client, f"/api/v1/approvals/{request.pk}/approve", **{"If-Match": '"1"'}).status_code == 404
     assert ApprovalRequest.objects.get(pk=request.pk).status == "pending"
+    # Ids no request can have are not found either (no database error for one past a bigint).
+    for missing in (0, -1, 2**63 - 1, 2**63):
+        assert client.get(f"/api/v1/approvals/{missing}").status_code == 404, missing
 
 
 def test_editing_the_artifact_invalidates_the_approval_and_shows_a_diff(

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 
-from core import request_threads
+from core import rawsql, request_threads
 from core.request_threads import RequestThreads
 from tests.servers import base_env, console_server, database_url
 
@@ -28,6 +28,7 @@ class _RecordingApp:
 
     def __init__(self) -> None:
         self.threads: set[tuple[int | None, str]] = set()
+        self.preparing: set[bool] = set()  # whether each request's hand-written SQL is prepared
         self.running = 0
         self.most_at_once = 0
         self._lock = threading.Lock()
@@ -35,6 +36,7 @@ class _RecordingApp:
     def _work(self) -> None:
         with self._lock:
             self.threads.add((threading.get_ident(), threading.current_thread().name))
+            self.preparing.add(rawsql.preparing())
             self.running += 1
             self.most_at_once = max(self.most_at_once, self.running)
         time.sleep(0.02)
@@ -67,6 +69,8 @@ def test_requests_share_a_few_long_lived_threads_and_other_scopes_pass_through()
     assert len(sent) == 8 * THREADS + 1
     assert len(app.threads) == THREADS and all(name.startswith("request-") for _, name in app.threads)
     assert app.most_at_once == THREADS  # the rest waited for a free thread
+    # Keeping their connections, the threads prepare the statements requests run (on PostgreSQL).
+    assert app.preparing == {connection.vendor == "postgresql"}
     assert sent[-1]["type"] == "websocket"
     with pytest.raises(ValueError):
         RequestThreads(app, 0)
