@@ -473,11 +473,22 @@ step_inputs_forget = transitions.step_inputs_forget
 
 
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:
-    """Outputs of the run's succeeded steps, by step key."""
-    steps = Step.objects.filter(run=run, status=StepStatus.SUCCEEDED)
-    if before_position is not None:
-        steps = steps.filter(position__lt=before_position)
-    return dict(steps.order_by("position").values_list("key", "output"))
+    """Outputs of the run's succeeded steps (before ``before_position``), by step key: read as
+    a resumed or retried step starts, hand-written (prepared in a worker's chain)."""
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(
+            cursor, _OUTPUTS_SQL, [run.pk, _NO_POSITION if before_position is None else before_position]
+        )
+        steps = [rawsql.from_row(Step, row) for row in cursor.fetchall()]
+    return {step.key: step.output for step in steps}
+
+
+_OUTPUTS_SQL = (
+    f"SELECT {rawsql.select_list(Step, 's')} FROM runs_step s WHERE s.run_id = %s"
+    f" AND s.status = '{StepStatus.SUCCEEDED.value}' AND s.position < %s ORDER BY s.position"
+)
+# No step's position reaches this one (a PostgreSQL integer's largest value).
+_NO_POSITION = 2**31 - 1
 
 
 class RunNotRetryable(Exception):

@@ -121,7 +121,7 @@ def _artifact_locked(
     if lock and rawsql.on_postgresql():
         sql += " FOR UPDATE OF a"  # as select_for_update (SQLite lets one writer in at a time)
     with connection.cursor() as cursor:
-        cursor.execute(sql, [approval_id, step.pk, call_key])
+        rawsql.execute_prepared(cursor, sql, [approval_id, step.pk, call_key])  # a worker plans it once
         row = cursor.fetchone()
     if row is None:
         return None

@@ -9,7 +9,8 @@ dispatcher, one warm-up, then the workload from this process as the one submitti
 - ``keyed``: 200 runs of ``bench.keyed`` over 10 entity keys (the step's declared lock), 20 slots;
 - ``agent_io``: 300 runs of ``bench.agent_io`` (an async step awaiting 1 s), 2 x 50 slots;
 - ``signal``: 20 runs of ``bench.gated`` parked on their approval, each approved in turn through
-  the HTTP API (in process, with an operator's token): approve sent -> the gated step finished.
+  the HTTP API (in process, with an operator's token, on a thread that prepares its statements
+  as the web process's request threads do): approve sent -> the gated step finished.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from django.db import connection
 from bench.harness import stop_all_started
 from bench.management.commands.bench import Bench, PhaseSkipped, bench_session
 from bench.peers.common import STEP_PROCESSES, WORKLOADS, emit
+from core import rawsql
 
 
 class Command(BaseCommand):
@@ -38,6 +40,9 @@ class Command(BaseCommand):
             raise CommandError("bench_peer needs DATABASE_URL (PostgreSQL) and REDIS_URL")
         if "peers" not in str(connection.settings_dict["NAME"]):
             raise CommandError("bench_peer cancels unfinished runs: run it on a database named *peers*")
+        # This process stands in for the web process (signal: approvals through the API in
+        # process), whose request threads prepare their hand-written statements: so does it.
+        rawsql.prepare_on_this_thread()
         workload = WORKLOADS[options["workload"]]
         runs = options["runs"] or workload.runs
         log = io.StringIO()  # the bench's progress lines; stdout carries only the result
