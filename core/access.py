@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from django.core.exceptions import PermissionDenied
+from django.db import connection
 
+from core import rawsql
 from core.models import Membership, User
 from core.selectors import ROLE_GRANTS
 
@@ -20,9 +22,16 @@ def member_role_check(
     """``user`` holds one of ``roles`` in the tenant, else PermissionDenied saying why (``act``
     names what needs the role). ``lock``: read the membership row locked until the acting
     transaction ends — the check that holds; without it, a quick answer before acting."""
-    members = Membership.objects.filter(user=user, tenant_id=tenant_id)
-    membership = (members.select_for_update(no_key=True) if lock else members).first()
+    # Hand-written (prepared where the thread prepares): every decision and edit asks it.
+    locked = " FOR NO KEY UPDATE" if lock and rawsql.on_postgresql() else ""
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(
+            cursor,
+            f"SELECT role FROM {Membership._meta.db_table} WHERE user_id = %s AND tenant_id = %s{locked}",
+            [user.pk, tenant_id],
+        )
+        membership = cursor.fetchone()
     if membership is None:
         raise PermissionDenied("not a member of this tenant")
-    if not any(role in ROLE_GRANTS[membership.role] for role in roles):
+    if not any(role in ROLE_GRANTS[membership[0]] for role in roles):
         raise PermissionDenied(f"{act} needs one of the roles: {', '.join(roles)}")

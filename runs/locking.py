@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import connection
+
 from core import rawsql
 from runs.models import Step, StepStatus
 
@@ -53,9 +55,14 @@ def run_steps_lock(run_id: str) -> list[int]:
 
 
 def run_steps_locked_statuses(run_id: str) -> dict[int, str]:
-    """``run_steps_lock``, and each step's status as read under the lock, by id in that order."""
-    anchor = Step.objects.filter(run_id=run_id).order_by("pk").select_for_update(no_key=True)
-    return dict(anchor.values_list("pk", "status"))
+    """``run_steps_lock``, and each step's status as read under the lock, by id in that order.
+    Hand-written (prepared where the thread prepares): every decision and edit starts here."""
+    lock = " FOR NO KEY UPDATE" if rawsql.on_postgresql() else ""
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(
+            cursor, f"SELECT id, status FROM runs_step WHERE run_id = %s ORDER BY id{lock}", [run_id]
+        )
+        return dict(cursor.fetchall())
 
 
 def ready_steps_lock(step_ids: list[int]) -> set[int]:

@@ -549,16 +549,20 @@ def step_resume(
     """Make a parked step ready again, once: two racing resumes (two approvals, an approval
     and a timeout) move it exactly once. Call in the deciding transaction."""
     now = timezone.now()
-    resumed = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
-        status=StepStatus.READY, available_at=now, error="", updated_at=now
-    )
-    if resumed != 1:
-        return False
+    at = rawsql.adapt_datetime(now)
+    with connection.cursor() as cursor:  # hand-written: every approval resumes a step here
+        rawsql.execute_prepared(
+            cursor,
+            f"UPDATE runs_step SET status = '{StepStatus.READY.value}', available_at = %s, error = '',"
+            f" updated_at = %s WHERE id = %s AND status IN ({rawsql.sql_strings(*from_statuses)})",
+            [at, at, step.pk],
+        )
+        if cursor.rowcount != 1:
+            return False
     if step.compensates:
         Run.objects.filter(pk=step.run_id, compensation="failed").update(
             compensation="running", updated_at=now
         )
-    at = rawsql.adapt_datetime(now)
     # The run moves with its event, in one round trip.
     run_running = (
         f"UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', updated_at = %s WHERE id = %s"

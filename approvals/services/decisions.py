@@ -90,11 +90,7 @@ def approval_decide(
         if seen.version != expected_version or seen.status != ApprovalStatus.PENDING:
             return None
         decided = _decided(seen, user, decision, comment, now)
-        pending = ApprovalRequest.objects.filter(
-            pk=request.pk, version=expected_version, status=ApprovalStatus.PENDING
-        )
-        won = pending.update(**{field: getattr(decided, field) for field in DECISION_FIELDS})
-        if won != 1:
+        if not _decision_written(decided, expected_version):
             return None
         if decision == "approve" and not _vote_recorded(request, user, now):
             # Raised out of the transaction, which then undoes the compare-and-set too.
@@ -117,6 +113,21 @@ def approval_decide(
 
 # What a decision writes on the request.
 DECISION_FIELDS = ("status", "approvals", "version", "decided_by", "decided_at", "comment", "updated_at")
+
+
+def _decision_written(decided: ApprovalRequest, expected_version: int) -> bool:
+    """Write the decision's fields (``DECISION_FIELDS``) on the request, as a compare-and-set:
+    only while it is still pending at ``expected_version``. Hand-written (prepared where the
+    thread prepares): every decision writes it."""
+    fields = [field for field in ApprovalRequest._meta.concrete_fields if field.name in DECISION_FIELDS]
+    values = [field.get_db_prep_save(getattr(decided, field.attname), connection) for field in fields]
+    sql = (
+        f"UPDATE {ApprovalRequest._meta.db_table} SET {', '.join(f'{f.column} = %s' for f in fields)}"
+        f" WHERE id = %s AND version = %s AND status = '{ApprovalStatus.PENDING.value}'"
+    )
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, sql, [*values, decided.pk, expected_version])
+        return bool(cursor.rowcount == 1)
 
 
 def _reread(request: ApprovalRequest) -> ApprovalRequest:
