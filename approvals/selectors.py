@@ -77,7 +77,10 @@ def approval_for_user(user: AnyUser, approval_id: int) -> ApprovalRequest:
         row, ApprovalRequest, Tenant, ArtifactVersion, Artifact
     )
     request.tenant, request.artifact_version, request.artifact = tenant, shown, artifact
-    request.step = step_with_run(request.step_id)  # the runs app reads its own rows
+    try:
+        request.step = step_with_run(request.step_id)  # the runs app reads its own rows
+    except Step.DoesNotExist:  # its run purged since the read above: the request went with it
+        raise ApprovalRequest.DoesNotExist(f"no approval request {approval_id}") from None
     request.run = request.step.run if request.step.run_id == request.run_id else request.run
     if request.artifact.step_id == request.step_id:
         request.artifact.step = request.step

@@ -23,7 +23,7 @@ def member_role_check(
     names what needs the role). ``lock``: read the membership row locked until the acting
     transaction ends — the check that holds; without it, a quick answer before acting."""
     # Hand-written (prepared where the thread prepares): every decision and edit asks it.
-    locked = " FOR NO KEY UPDATE" if lock and rawsql.on_postgresql() else ""
+    locked = rawsql.row_lock_clause(" FOR NO KEY UPDATE") if lock else ""
     with connection.cursor() as cursor:
         rawsql.execute_prepared(
             cursor,

@@ -19,7 +19,9 @@ from core.routing import websocket_urlpatterns  # noqa: E402
 keep_request_connections(settings.RUNWARDEN_WEB_CONN_MAX_AGE)
 application = ProtocolTypeRouter(
     {
-        "http": http_application(settings.RUNWARDEN_WEB_THREADS),
+        "http": http_application(
+            settings.RUNWARDEN_WEB_THREADS, prepare=settings.RUNWARDEN_WEB_CONN_MAX_AGE > 0
+        ),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connection, connections, models
+from django.db.transaction import TransactionManagementError
 from django.db.utils import load_backend
 from django.utils.dateparse import parse_datetime
 
@@ -41,6 +42,17 @@ def _vendor() -> str:
 @cache
 def _vendor_of(engine: str) -> str:
     return str(load_backend(engine).DatabaseWrapper.vendor)
+
+
+def row_lock_clause(clause: str) -> str:
+    """``clause`` (``FOR UPDATE`` and its kin) for a hand-written read, as the ORM's
+    ``select_for_update``: on PostgreSQL, and only inside a transaction (the lock would end with
+    the statement); SQLite serialises writers and has none."""
+    if not on_postgresql():
+        return ""
+    if not connection.in_atomic_block:
+        raise TransactionManagementError("a row lock needs a transaction")
+    return clause
 
 
 def sql_strings(*values: str) -> str:
@@ -79,14 +91,20 @@ def width(model: type[models.Model]) -> int:
 def from_row(model: type[M], row: tuple[Any, ...] | list[Any], start: int = 0) -> M:
     """The instance the ORM would build from ``row[start:start + width(model)]``."""
     names, converters = _fields(model, _vendor())
-    values = []
-    for value, conversion in zip(row[start : start + len(names)], converters, strict=True):
-        if conversion is not None and value is not None:
-            chain, column = conversion
-            for convert in chain:
-                value = convert(value, column, connection)
-        values.append(value)
+    values = [
+        _converted(value, conversion)
+        for value, conversion in zip(row[start : start + len(names)], converters, strict=True)
+    ]
     return model.from_db(DEFAULT_DB_ALIAS, list(names), values)
+
+
+def _converted(value: Any, conversion: Any) -> Any:
+    """A column's value through the ORM's converters for it (none: as it came)."""
+    if conversion is not None and value is not None:
+        chain, column = conversion
+        for convert in chain:
+            value = convert(value, column, connection)
+    return value
 
 
 def from_joined_row(row: tuple[Any, ...] | list[Any], *joined: type[models.Model]) -> list[Any]:
@@ -97,6 +115,13 @@ def from_joined_row(row: tuple[Any, ...] | list[Any], *joined: type[models.Model
         instances.append(from_row(model, row, start))
         start += width(model)
     return instances
+
+
+def from_column(model: type[models.Model], name: str, value: Any) -> Any:
+    """The value the ORM would give attribute ``name`` of ``model`` for this column value (a
+    hand-written read of a few columns)."""
+    names, converters = _fields(model, _vendor())
+    return _converted(value, converters[names.index(name)])
 
 
 @cache
@@ -281,7 +306,9 @@ def _prepared_on_this_connection() -> _Prepared:
         # Generic plans: these statements' plans do not depend on their values, but with a
         # timestamp among them PostgreSQL's default keeps re-planning every execution (about
         # 1 ms each for the admission query). Set outside a transaction, so no rollback undoes
-        # it; it applies only to prepared statements, and only this code prepares any.
+        # it. It applies to the plans PostgreSQL keeps: this code's prepared statements, and
+        # the statements inside PL/pgSQL functions and triggers (the queue place's function and
+        # the queue-depth trigger, on small tables of their own: the same plan either way).
         with connection.cursor() as cursor:
             cursor.execute("SET plan_cache_mode = force_generic_plan")
         state.generic = True

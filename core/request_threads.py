@@ -93,19 +93,24 @@ class SyncChainASGIHandler(ASGIHandler):
         return response
 
 
-def http_application(threads: int) -> RequestThreads:
-    """The web process's HTTP application: Django, a request at a time on each request thread."""
-    return RequestThreads(SyncChainASGIHandler(), threads)
+def http_application(threads: int, *, prepare: bool) -> RequestThreads:
+    """The web process's HTTP application: Django, a request at a time on each request thread.
+    ``prepare``: the threads keep their connections, so they prepare their statements."""
+    return RequestThreads(SyncChainASGIHandler(), threads, prepare=prepare)
 
 
 class RequestThreads:
     """ASGI middleware: each HTTP request runs on one of ``size`` long-lived threads."""
 
-    def __init__(self, app: Any, size: int) -> None:
+    def __init__(self, app: Any, size: int, *, prepare: bool = False) -> None:
         if size < 1:
             raise ValueError("the web process needs at least one request thread")
         self.app = app
         self.size = size
+        # A thread keeping its connection plans the statements its requests run by
+        # ``execute_prepared`` once on it; with a new connection per request, that would
+        # only add a PREPARE to each.
+        self.prepare = prepare
         self._free: asyncio.Queue[ThreadPoolExecutor] | None = None
 
     def _threads(self) -> asyncio.Queue[ThreadPoolExecutor]:
@@ -117,9 +122,7 @@ class RequestThreads:
                     ThreadPoolExecutor(
                         max_workers=1,
                         thread_name_prefix=f"request-{n}",
-                        # The thread keeps its connection: the statements the requests run
-                        # by ``execute_prepared`` are planned once on it, not every request.
-                        initializer=rawsql.prepare_on_this_thread,
+                        initializer=rawsql.prepare_on_this_thread if self.prepare else None,
                     )
                 )
         return self._free

@@ -57,7 +57,7 @@ def run_steps_lock(run_id: str) -> list[int]:
 def run_steps_locked_statuses(run_id: str) -> dict[int, str]:
     """``run_steps_lock``, and each step's status as read under the lock, by id in that order.
     Hand-written (prepared where the thread prepares): every decision and edit starts here."""
-    lock = " FOR NO KEY UPDATE" if rawsql.on_postgresql() else ""
+    lock = rawsql.row_lock_clause(" FOR NO KEY UPDATE")
     with connection.cursor() as cursor:
         rawsql.execute_prepared(
             cursor, f"SELECT id, status FROM runs_step WHERE run_id = %s ORDER BY id{lock}", [run_id]

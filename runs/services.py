@@ -479,12 +479,12 @@ def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]
         rawsql.execute_prepared(
             cursor, _OUTPUTS_SQL, [run.pk, _NO_POSITION if before_position is None else before_position]
         )
-        steps = [rawsql.from_row(Step, row) for row in cursor.fetchall()]
-    return {step.key: step.output for step in steps}
+        rows = cursor.fetchall()
+    return {key: rawsql.from_column(Step, "output", value) for key, value in rows}
 
 
 _OUTPUTS_SQL = (
-    f"SELECT {rawsql.select_list(Step, 's')} FROM runs_step s WHERE s.run_id = %s"
+    "SELECT s.key, s.output FROM runs_step s WHERE s.run_id = %s"
     f" AND s.status = '{StepStatus.SUCCEEDED.value}' AND s.position < %s ORDER BY s.position"
 )
 # No step's position reaches this one (a PostgreSQL integer's largest value).

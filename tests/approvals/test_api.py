@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from django.conf import settings
+from django.db import connections
 from django.test import Client
 
 from approvals.models import ApprovalRequest, ConflictArtifact
+from core import rawsql
 from core import services as core_services
 from core.models import Role, Tenant, User
 from demo.models import SandboxCall
@@ -18,11 +23,13 @@ from runs.models import Run, RunStatus
 from runs.services import run_start
 from tests.approvals.helpers import pending_request, waiting_followup
 from tests.concurrency import run_concurrently
-from tests.conftest import bearer_client, make_member
+from tests.conftest import bearer_client, make_member, post_run
 from tests.runs.cluster import Cluster, wait_for
 from tests.servers import base_env, console_server, database_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+T = TypeVar("T")
 
 
 def post(client: Client, url: str, body: dict | None = None, **headers: str):  # type: ignore[no-untyped-def]
@@ -89,6 +96,58 @@ def test_another_tenants_approval_is_a_404(sandbox_acme: Tenant, globex_operator
     # Ids no request can have are not found either (no database error for one past a bigint).
     for missing in (0, -1, 2**63 - 1, 2**63):
         assert client.get(f"/api/v1/approvals/{missing}").status_code == 404, missing
+
+
+def _on_a_preparing_thread(call: Callable[[], T]) -> T:
+    """``call()`` on a thread that prepares its hand-written statements, as the web process's
+    request threads do (the test client's own thread does not), with a connection of its own."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        rawsql.prepare_on_this_thread()
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+def test_the_request_threads_prepared_statements_answer_as_the_plain_ones(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    shown, decided = waiting_followup(sandbox_acme), waiting_followup(sandbox_acme)
+    client = bearer_client(acme_operator)
+
+    def reads() -> tuple[Any, Any]:
+        return (
+            client.get(f"/api/v1/approvals/{shown.pk}").json(),
+            client.get(f"/api/v1/runs/{shown.run_id}").json(),
+        )
+
+    plain = reads()
+    for _ in range(2):  # prepared on the first call, run as prepared on the second
+        assert _on_a_preparing_thread(reads) == plain
+    for missing in (2**63 - 1, 2**63):  # a prepared bigint parameter refuses the second
+        url = f"/api/v1/approvals/{missing}"
+        assert _on_a_preparing_thread(partial(client.get, url)).status_code == 404
+    approve = f"/api/v1/approvals/{decided.pk}/approve"
+    won = _on_a_preparing_thread(lambda: post(client, approve, **{"If-Match": '"1"'}))
+    assert (won.status_code, won.json()["status"]) == (200, "approved")
+    lost = _on_a_preparing_thread(lambda: post(client, approve, **{"If-Match": '"1"'}))
+    assert lost.status_code == 412
+    lead = {"workflow": "demo.enrich_lead", "input": {"lead_id": 3}}
+    first = post_run(client, lead, **{"Idempotency-Key": "prepared-1"})
+    again = _on_a_preparing_thread(lambda: post_run(client, lead, **{"Idempotency-Key": "prepared-1"}))
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
 
 
 def test_editing_the_artifact_invalidates_the_approval_and_shows_a_diff(

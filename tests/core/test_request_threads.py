@@ -51,7 +51,7 @@ class _RecordingApp:
 
 def test_requests_share_a_few_long_lived_threads_and_other_scopes_pass_through() -> None:
     app = _RecordingApp()
-    threads = RequestThreads(app, THREADS)
+    threads = RequestThreads(app, THREADS, prepare=True)
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -69,8 +69,9 @@ def test_requests_share_a_few_long_lived_threads_and_other_scopes_pass_through()
     assert len(sent) == 8 * THREADS + 1
     assert len(app.threads) == THREADS and all(name.startswith("request-") for _, name in app.threads)
     assert app.most_at_once == THREADS  # the rest waited for a free thread
-    # Keeping their connections, the threads prepare the statements requests run (on PostgreSQL).
-    assert app.preparing == {connection.vendor == "postgresql"}
+    # Keeping their connections, the threads prepare the statements requests run (on PostgreSQL,
+    # unless prepared statements are turned off).
+    assert app.preparing == {connection.vendor == "postgresql" and settings.RUNWARDEN_PREPARED_STATEMENTS}
     assert sent[-1]["type"] == "websocket"
     with pytest.raises(ValueError):
         RequestThreads(app, 0)
@@ -212,7 +213,9 @@ def _hops_through_the_loop(
 def test_a_request_runs_its_middleware_and_view_on_its_thread_in_one_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    status, hops, chain_threads = _hops_through_the_loop(request_threads.http_application(2), monkeypatch)
+    status, hops, chain_threads = _hops_through_the_loop(
+        request_threads.http_application(2, prepare=True), monkeypatch
+    )
     assert status == 200
     assert hops == []
     assert len(chain_threads) == 1 and chain_threads[0].startswith("request-")  # its kept connection
