@@ -57,7 +57,8 @@ def admit_one(step_id: int) -> bool:
     """Admit ``step_id`` here, else wake the dispatcher; whether it was admitted here."""
     assert _admitter is not None
     try:
-        # Not prepared statements: a web process may sit behind a transaction-pooling pgbouncer.
+        # Prepared statements where the thread prepares (a web request thread keeping its
+        # connection); RUNWARDEN_PREPARED_STATEMENTS=0 behind a transaction-pooling pgbouncer.
         admitted = _admitter(step_id)
     except Exception:
         logger.warning("direct admission of step %s failed; waking the dispatcher", step_id, exc_info=True)
