@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db import connection
 from django.db.models import BigIntegerField, Count, Exists, F, OuterRef, QuerySet, Subquery
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
@@ -66,15 +65,13 @@ def approval_for_user(user: AnyUser, approval_id: int) -> ApprovalRequest:
     tenant's is not theirs), with its tenant, step, run, shown version and artifact, linked to
     each other so that none is read twice: its step's run and its artifact's step are the
     request's own."""
-    row = None
+    rows = []
     if user.is_authenticated and 0 < approval_id <= _MAX_ID:
-        with connection.cursor() as cursor:
-            rawsql.execute_prepared(cursor, _APPROVAL_SQL, [approval_id, user.pk])
-            row = cursor.fetchone()
-    if row is None:
+        rows = rawsql.fetch_rows(_APPROVAL_SQL, [approval_id, user.pk])
+    if not rows:
         raise ApprovalRequest.DoesNotExist(f"no approval request {approval_id} for this user")
     request, tenant, shown, artifact = rawsql.from_joined_row(
-        row, ApprovalRequest, Tenant, ArtifactVersion, Artifact
+        rows[0], ApprovalRequest, Tenant, ArtifactVersion, Artifact
     )
     request.tenant, request.artifact_version, request.artifact = tenant, shown, artifact
     try:
@@ -116,16 +113,12 @@ def content_diff(before: Any, after: Any, *, before_label: str, after_label: str
 def artifact_versions(artifact: Artifact) -> tuple[dict[int, ArtifactVersion], ArtifactVersion | None]:
     """The artifact's versions by number, and the newest that was ever approved (what an edit
     may have changed), in one statement."""
-    versions: dict[int, ArtifactVersion] = {}
-    approved_id = None
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _VERSIONS_SQL, [artifact.pk, artifact.pk])
-        for row in cursor.fetchall():
-            version = rawsql.from_row(ArtifactVersion, row)
-            versions[version.number] = version
-            approved_id = row[-1]
-    approved = next((v for v in versions.values() if v.pk == approved_id), None)
-    return versions, approved
+    rows = rawsql.fetch_rows(_VERSIONS_SQL, [artifact.pk, artifact.pk])
+    versions = {
+        version.number: version for version in (rawsql.from_row(ArtifactVersion, row) for row in rows)
+    }
+    approved_id = rows[0][-1] if rows else None  # the same on every row
+    return versions, next((v for v in versions.values() if v.pk == approved_id), None)
 
 
 # An artifact's versions, each row with the id of the newest version a decision approved: one

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from django.core.exceptions import PermissionDenied
-from django.db import connection
 
 from core import rawsql
 from core.models import Membership, User
@@ -24,14 +23,11 @@ def member_role_check(
     transaction ends — the check that holds; without it, a quick answer before acting."""
     # Hand-written (prepared where the thread prepares): every decision and edit asks it.
     locked = rawsql.row_lock_clause(" FOR NO KEY UPDATE") if lock else ""
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(
-            cursor,
-            f"SELECT role FROM {Membership._meta.db_table} WHERE user_id = %s AND tenant_id = %s{locked}",
-            [user.pk, tenant_id],
-        )
-        membership = cursor.fetchone()
-    if membership is None:
+    membership = rawsql.fetch_rows(
+        f"SELECT role FROM {Membership._meta.db_table} WHERE user_id = %s AND tenant_id = %s{locked}",
+        [user.pk, tenant_id],
+    )
+    if not membership:
         raise PermissionDenied("not a member of this tenant")
-    if not any(role in ROLE_GRANTS[membership[0]] for role in roles):
+    if not any(role in ROLE_GRANTS[membership[0][0]] for role in roles):
         raise PermissionDenied(f"{act} needs one of the roles: {', '.join(roles)}")

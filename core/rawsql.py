@@ -232,6 +232,13 @@ def prepared_statements() -> Iterator[None]:
         _preparing.on = before
 
 
+def fetch_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """The rows a hand-written read returns, run through ``execute_prepared``."""
+    with connection.cursor() as cursor:
+        execute_prepared(cursor, sql, params)
+        return list(cursor.fetchall())
+
+
 def prepare_on_this_thread() -> None:
     """From now on, ``execute_prepared`` prepares its statements on this thread (a long-lived
     thread keeping its connection: the web process's request threads), as inside

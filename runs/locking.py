@@ -32,8 +32,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import connection
-
 from core import rawsql
 from runs.models import Step, StepStatus
 
@@ -58,11 +56,9 @@ def run_steps_locked_statuses(run_id: str) -> dict[int, str]:
     """``run_steps_lock``, and each step's status as read under the lock, by id in that order.
     Hand-written (prepared where the thread prepares): every decision and edit starts here."""
     lock = rawsql.row_lock_clause(" FOR NO KEY UPDATE")
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(
-            cursor, f"SELECT id, status FROM runs_step WHERE run_id = %s ORDER BY id{lock}", [run_id]
-        )
-        return dict(cursor.fetchall())
+    return dict(
+        rawsql.fetch_rows(f"SELECT id, status FROM runs_step WHERE run_id = %s ORDER BY id{lock}", [run_id])
+    )
 
 
 def ready_steps_lock(step_ids: list[int]) -> set[int]:

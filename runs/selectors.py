@@ -6,7 +6,6 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
@@ -167,8 +166,8 @@ def run_detail(run: Run) -> dict[str, Any]:
     """A run with its steps, effects, governed tool calls and live leases: what the API answers
     for a run (a GET, a duplicate start). Read with hand-written statements (``core.rawsql``):
     building the ORM's four queries took longer than PostgreSQL took to run them."""
-    steps = [rawsql.from_row(Step, row) for row in _rows(_STEPS_SQL, [run.id])]
-    effects = [rawsql.from_row(SideEffect, row) for row in _rows(_EFFECTS_SQL, [run.id])]
+    steps = [rawsql.from_row(Step, row) for row in rawsql.fetch_rows(_STEPS_SQL, [run.id])]
+    effects = [rawsql.from_row(SideEffect, row) for row in rawsql.fetch_rows(_EFFECTS_SQL, [run.id])]
     return {
         **run_summary(run),
         "steps": [step_detail(step) for step in steps],
@@ -176,12 +175,6 @@ def run_detail(run: Run) -> dict[str, Any]:
         "tool_calls": [tool_call_detail(call) for call in _tool_calls(run)],
         "leases": [lease_detail(lease) for lease in _live_leases_of(run, steps)],
     }
-
-
-def _rows(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, params)
-        return cursor.fetchall()
 
 
 _STEPS_SQL = (
@@ -202,11 +195,9 @@ _TOOL_CALLS_SQL = (
 def _tool_calls(run: Run) -> list[ToolCall]:
     """The run's governed tool calls in order, each with its step and its effect (if any)."""
     calls = []
-    for row in _rows(_TOOL_CALLS_SQL, [run.id]):
-        call = rawsql.from_row(ToolCall, row)
-        call.step = rawsql.from_row(Step, row, rawsql.width(ToolCall))
-        effect_at = rawsql.width(ToolCall) + rawsql.width(Step)
-        call.effect = None if call.effect_id is None else rawsql.from_row(SideEffect, row, effect_at)
+    for row in rawsql.fetch_rows(_TOOL_CALLS_SQL, [run.id]):
+        call, call.step, effect = rawsql.from_joined_row(row, ToolCall, Step, SideEffect)
+        call.effect = None if call.effect_id is None else effect  # the left join's empty side
         calls.append(call)
     return calls
 
@@ -227,10 +218,9 @@ def _live_leases_of(run: Run, steps: list[Step]) -> list[Lease]:
     )
     key_params = [keys] if on_postgresql else keys
     leases = []
-    for row in _rows(sql, [run.tenant_id, *key_params, rawsql.adapt_datetime(timezone.now())]):
-        lease = rawsql.from_row(Lease, row)
+    for row in rawsql.fetch_rows(sql, [run.tenant_id, *key_params, rawsql.adapt_datetime(timezone.now())]):
+        lease, lease.tenant = rawsql.from_joined_row(row, Lease, Tenant)
         if lease.metadata.get("run_id") == run.id:  # a key another run holds now is not this run's
-            lease.tenant = rawsql.from_row(Tenant, row, rawsql.width(Lease))
             leases.append(lease)
     return leases
 
@@ -244,7 +234,7 @@ _STEP_WITH_RUN_SQL = (
 def step_with_run(step_id: int) -> Step:
     """A step with its run (``Step.DoesNotExist`` if there is none), in one hand-written
     statement: what a decision on its approval reads."""
-    rows = _rows(_STEP_WITH_RUN_SQL, [step_id])
+    rows = rawsql.fetch_rows(_STEP_WITH_RUN_SQL, [step_id])
     if not rows:
         raise Step.DoesNotExist(f"no step {step_id}")
     step, step.run = rawsql.from_joined_row(rows[0], Step, Run)

@@ -11,7 +11,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from core import metrics, rawsql, tallies, tracing
@@ -244,14 +244,10 @@ def _delivery_of(tenant_id: int, trigger_event_id: str) -> TriggerEvent | None:
     """The recorded delivery of that id, with its run and the run's tenant (the answer shows
     both), in one hand-written statement: a client retrying a start is answered about as fast
     as a new start (the ORM's query building took longer than the read itself)."""
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _DELIVERY_SQL, [tenant_id, trigger_event_id])
-        row = cursor.fetchone()
-    if row is None:
+    rows = rawsql.fetch_rows(_DELIVERY_SQL, [tenant_id, trigger_event_id])
+    if not rows:
         return None
-    delivery = rawsql.from_row(TriggerEvent, row)
-    delivery.run = rawsql.from_row(Run, row, rawsql.width(TriggerEvent))
-    delivery.run.tenant = rawsql.from_row(Tenant, row, rawsql.width(TriggerEvent) + rawsql.width(Run))
+    delivery, delivery.run, delivery.run.tenant = rawsql.from_joined_row(rows[0], TriggerEvent, Run, Tenant)
     return delivery
 
 
@@ -475,11 +471,9 @@ step_inputs_forget = transitions.step_inputs_forget
 def step_outputs(run: Run, before_position: int | None = None) -> dict[str, Any]:
     """Outputs of the run's succeeded steps (before ``before_position``), by step key: read as
     a resumed or retried step starts, hand-written (prepared in a worker's chain)."""
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(
-            cursor, _OUTPUTS_SQL, [run.pk, _NO_POSITION if before_position is None else before_position]
-        )
-        rows = cursor.fetchall()
+    rows = rawsql.fetch_rows(
+        _OUTPUTS_SQL, [run.pk, _NO_POSITION if before_position is None else before_position]
+    )
     return {key: rawsql.from_column(Step, "output", value) for key, value in rows}
 
 
