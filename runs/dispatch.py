@@ -257,7 +257,8 @@ def load_room(now: datetime, *, pools_max_age: float = 0.0, tool: str = "") -> R
     quotas: list[tuple[int, int, Any]] = []
     with connection.cursor() as cursor:
         at = _adapt(now)
-        rawsql.execute_prepared(cursor, sql, [at, tool, at, tool] if tool else [at, at])
+        params = [at, tool, at, tool] if tool else [at, at]
+        rawsql.execute_prepared(cursor, sql, params, without_bitmap_scans=True)
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))

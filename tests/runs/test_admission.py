@@ -801,3 +801,52 @@ def test_workers_taking_a_full_caps_place_over_with_idle_slots_while_runs_start_
     assert sum(went_on for _, went_on in results) >= finishers  # workers went straight on, again and again
     assert Run.objects.filter(tenant=acme).count() > SHARD_CAP + 2 * finishers  # runs kept starting
     assert len(_leased(acme)) <= SHARD_CAP
+
+
+def _explained(execute: str) -> str:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"EXPLAIN {execute}")
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(acme: Tenant) -> None:
+    """A step leaves a dead index entry per status it passed through. Without statistics (a new
+    database, autovacuum off or behind) PostgreSQL plans the admission's count of admitted
+    steps as a bitmap scan, which reads every dead entry's table page on every admission; the
+    plan it keeps is a plain index scan, and the setting is back as it was afterwards."""
+    run = Run.objects.create(tenant=acme, workflow="t.history", actor="test", input={})
+    template = Step.objects.create(run=run, tenant=acme, key="s0", position=0, lane="read")
+    columns = ", ".join(
+        field.column for field in Step._meta.concrete_fields if field.column not in ("id", "key", "position")
+    )
+    with connections["default"].cursor() as cursor:  # 3,000 steps of history, as real ones leave it
+        cursor.execute(
+            f"INSERT INTO runs_step (key, position, {columns}) SELECT 's' || n, n, {columns}"
+            " FROM runs_step, generate_series(1, 3000) n WHERE id = %s",
+            [template.pk],
+        )
+        for status in (StepStatus.LEASED, StepStatus.RUNNING, StepStatus.SUCCEEDED):
+            cursor.execute("UPDATE runs_step SET status = %s WHERE run_id = %s", [status, run.pk])
+    connections["default"].close()  # a connection of its own, nothing prepared on it
+    try:
+        with rawsql.prepared_statements():
+            dispatch.load_room(timezone.now())  # outside a transaction: the session plans generically
+            with transaction.atomic():
+                dispatch.load_room(timezone.now())
+                with connections["default"].cursor() as cursor:
+                    cursor.execute("SHOW enable_bitmapscan")
+                    assert cursor.fetchone() == ("on",)
+            with connections["default"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT name, statement FROM pg_prepared_statements WHERE statement LIKE %s",
+                    ["%JOIN core_lease l ON l.id = s.lease_id%"],
+                )
+                ((name, statement),) = cursor.fetchall()
+                # The premise: the same statement prepared plainly is planned as a bitmap scan.
+                cursor.execute(f"PREPARE plainly AS {statement.split(' AS ', 1)[1]}")
+            assert "Bitmap Heap Scan on runs_step" in _explained("EXECUTE plainly(now(), now())")
+            kept = _explained(f"EXECUTE {name}(now(), now())")
+            assert "Bitmap" not in kept and "Index Scan using step_status_tenant on runs_step" in kept
+    finally:
+        connections["default"].close()

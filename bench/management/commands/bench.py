@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +70,7 @@ STATEMENTS_KEY = COUNTER_PREFIX + "statements"
 OPERATOR = "bench-operator"
 ACTOR = "bench"
 WARMUP_RUNS = 5
+WAIT_CHUNK = 100  # runs asked about per poll (wait_runs)
 BAD_STATUSES = (RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.CONFLICT)
 FLUSH_WAIT = statement_counter.FLUSH_INTERVAL_SECONDS + 0.3
 GOALS = {
@@ -199,18 +200,29 @@ class Bench:
         self, ids: Sequence[str], timeout: float, processes: ProcessSet | None = None, poll: float = 0.05
     ) -> Waited:
         began = time.monotonic()
-        counts: dict[str, int] = {}
+        ended: Counter[str] = Counter()  # runs in a final status, by status
+        pending = list(ids)
         why = ""
         while True:
-            counts = dict(
-                self.monitor.rows(
-                    f"SELECT status, count(*) FROM {Run._meta.db_table} WHERE id = ANY(%s) GROUP BY status",
-                    [list(ids)],
+            # Runs end roughly in the order they started: each poll asks about the oldest
+            # WAIT_CHUNK of those not seen ending yet, and on while those all ended. Asking about
+            # every run at each poll cost PostgreSQL and this process about 5 ms per poll for
+            # 1,000 runs, taken from the cores the runs are measured on.
+            while pending:
+                chunk = pending[:WAIT_CHUNK]
+                seen = dict(
+                    self.monitor.rows(
+                        f"SELECT id, status FROM {Run._meta.db_table}"
+                        " WHERE id = ANY(%s) AND status = ANY(%s)",
+                        [chunk, [RunStatus.SUCCEEDED, *BAD_STATUSES]],
+                    )
                 )
-            )
-            finished = sum(counts.get(s, 0) for s in (RunStatus.SUCCEEDED, *BAD_STATUSES))
-            if finished >= len(ids):
-                return Waited(counts, len(ids), True, time.monotonic() - began)
+                ended.update(seen.values())
+                pending = [run_id for run_id in chunk if run_id not in seen] + pending[len(chunk) :]
+                if len(seen) < len(chunk):
+                    break
+            if not pending:
+                return Waited(dict(ended), len(ids), True, time.monotonic() - began)
             if processes is not None and (dead := processes.dead()):
                 why = "process exited: " + ", ".join(
                     f"{p.name} (exit {p.popen.returncode}; {p.log})" for p in dead
@@ -222,7 +234,15 @@ class Bench:
                 why = f"timed out after {timeout:.0f} s"
                 break
             time.sleep(poll)
-        return Waited(counts, len(ids), False, time.monotonic() - began, why)
+        counts = Counter(ended) + Counter(
+            dict(
+                self.monitor.rows(
+                    f"SELECT status, count(*) FROM {Run._meta.db_table} WHERE id = ANY(%s) GROUP BY status",
+                    [pending],
+                )
+            )
+        )
+        return Waited(dict(counts), len(ids), False, time.monotonic() - began, why)
 
     def check_runs(self, label: str, waited: Waited, ids: Sequence[str], resumed_step: str = "") -> None:
         """Bad statuses and retried steps are correctness failures; an unfinished wait is a note.
