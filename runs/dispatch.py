@@ -83,10 +83,11 @@ class Admission:
     step_id: int
     token: int
     lane: str
-    # Known to a worker's own admission (``admit_here``): what it will start.
+    # Known to a worker's own admission (``admit_here``): what it will start, and where.
     workflow: str = ""
     workflow_version: str = ""
     key: str = ""
+    place: Place | None = None
 
 
 @dataclass(frozen=True)
@@ -1102,6 +1103,7 @@ def _grant_one(c: Candidate, now: datetime) -> Admission | None:
         workflow=c.workflow,
         workflow_version=c.workflow_version,
         key=c.key,
+        place=c.place(),
     )
 
 

@@ -358,6 +358,18 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     )
 
 
+def _wake_for_freed_room(ctx: StepContext, follow: Admission | None) -> None:
+    """A run's last step ended, freeing its place under every cap, its worker slot and the run's
+    session place: a round may now admit a step left waiting for one of them. Not when this
+    worker's own next step took that very place (same tenant, workflow, lane and tool: no cap
+    or slot has more room than before) and the run had no session; released entity keys are
+    handed on by ``admit_here`` itself."""
+    leaving = (ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool)
+    if follow is not None and follow.place == leaving and not ctx.run.session_key:
+        return
+    wake_on_commit(only_if_waiting=True, admission_locked=True)
+
+
 def _finish_succeeded(
     ctx: StepContext, output: Any, lanes: frozenset[str]
 ) -> tuple[str, _Start | Admission | None]:
@@ -393,6 +405,8 @@ def _finish_succeeded(
             )
             if go_on and next_id and (follow is None or follow.step_id != next_id):
                 wake_on_commit()  # the run's next step needs another worker
+            if go_on and outcome == "succeeded" and next_id is None:
+                _wake_for_freed_room(ctx, follow)
             if follow is None:
                 return outcome, None
             # The step this worker admitted to itself starts in this same transaction: one

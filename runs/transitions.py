@@ -303,7 +303,8 @@ def step_succeed(
     the run. Returns (``succeeded``, the readied next step's id or None), or (``failed``,
     None) when the next step cannot be readied (its workflow is gone, or its lock template
     does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
-    itself (or wakes the dispatcher when it cannot), holding the admission lock."""
+    itself (or wakes the dispatcher when it cannot), holding the admission lock, and wakes it
+    for the room a run's last step frees (``executor._wake_for_freed_room``)."""
     now = timezone.now()
     recorded, following = _step_record_success(step, output, grants, now)
     if not recorded:  # cancelled, timed out or reaped while it ran: its result is refused
@@ -319,7 +320,8 @@ def step_succeed(
             attempt=step.attempt,
             prelude_sql=_run_succeed(run.pk, now),
         )
-        wake_on_commit(only_if_waiting=True, admission_locked=not wake_for_next)
+        if wake_for_next:
+            wake_on_commit(only_if_waiting=True)
         return "succeeded", None
     next_id, next_key = following
     _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)

@@ -13,10 +13,11 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core import rawsql, tallies
+from core import rawsql, tallies, wakeups
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
-from runs import dispatch
+from core.redis_client import get_redis
+from runs import dispatch, executor
 from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import admit_here, dispatch_round, fair_candidates
@@ -856,3 +857,39 @@ def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
             assert "Bitmap" not in kept and "Index Scan using step_status_tenant on runs_step" in kept
     finally:
         connections["default"].close()
+
+
+def _woken() -> bool:
+    client = get_redis()
+    assert client is not None
+    return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("after", ["same_place", "another_tenant", "nothing", "a_session_run"])
+def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_took_that_very_place(
+    acme: Tenant, after: str
+) -> None:
+    """The room a run's last step frees (its caps, its worker slot, its session place) may let
+    a step left waiting by the last round go: the dispatcher is woken for it, unless the
+    worker's own next step took that very place (same tenant, workflow, lane and tool: no cap
+    or slot has more room than before) and the run had no session."""
+    if get_redis() is None:
+        pytest.skip("wake-ups go through Redis here")
+    session = {"session_key": "conversation-1"} if after == "a_session_run" else {}
+    first = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t", **session).run
+    [admission] = dispatch_round(limit=1)  # a round: a session's run is let in first
+    assert admission.step_id == Step.objects.get(run=first).pk
+    if after != "nothing":
+        other = make_tenant("elsewhere", "Elsewhere") if after == "another_tenant" else acme
+        run_start(tenant=other, workflow="bench.noop", input={}, actor="t")
+    started = executor._start(admission.step_id, admission.token)
+    assert started.ctx is not None
+    wakeups.mark_left_waiting(True)  # the last round left steps waiting for room
+    _woken()
+    try:
+        outcome, follow = executor._finish_succeeded(started.ctx, {}, frozenset({"read"}))
+        assert outcome == "succeeded" and (follow is not None) == (after != "nothing")
+        assert _woken() == (after != "same_place")
+    finally:
+        wakeups.mark_left_waiting(False)
