@@ -83,7 +83,8 @@ class Admission:
     step_id: int
     token: int
     lane: str
-    # Known to a worker's own admission (``admit_here``): what it will start, and where.
+    # Known to a worker's own admission on PostgreSQL (``admit_here``): what it will start, and
+    # where (its place).
     workflow: str = ""
     workflow_version: str = ""
     key: str = ""

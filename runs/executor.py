@@ -36,7 +36,7 @@ from core.workers import idle_local_slots, slot_taken
 from runs import gates, transitions
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import Admission, admission_shard_sql, admit_here, shard_headroom, worker_idle
+from runs.dispatch import Admission, Place, admission_shard_sql, admit_here, shard_headroom, worker_idle
 from runs.gates import GateVerdict
 from runs.heartbeat import Heartbeat
 from runs.interrupts import LeaseLost, Rejected, RunCancelled, StepParked, StepTimedOut
@@ -358,14 +358,13 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
     )
 
 
-def _wake_for_freed_room(ctx: StepContext, follow: Admission | None) -> None:
-    """A run's last step ended, freeing its place under every cap, its worker slot and the run's
-    session place: a round may now admit a step left waiting for one of them. Not when this
-    worker's own next step took that very place (same tenant, workflow, lane and tool: no cap
-    or slot has more room than before) and the run had no session; released entity keys are
-    handed on by ``admit_here`` itself."""
-    leaving = (ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool)
-    if follow is not None and follow.place == leaving and not ctx.run.session_key:
+def _wake_for_freed_room(ctx: StepContext, follow: Admission | None, leaving: Place) -> None:
+    """A run's last step ended, freeing its place (``leaving``) under every cap, its worker
+    slot, its entity keys and the run's session place: a round may now admit a step left
+    waiting for one of them. Not when this worker's own next step took that very place (same
+    tenant, workflow, lane and tool: no cap or slot has more room than before), the step held
+    no entity key (``admit_here`` hands on one at most) and the run had no session."""
+    if follow is not None and follow.place == leaving and not ctx.locks and not ctx.run.session_key:
         return
     wake_on_commit(only_if_waiting=True, admission_locked=True)
 
@@ -378,6 +377,7 @@ def _finish_succeeded(
     it directly: the run's next step when it may run here, else the fairest ready step of
     its lanes."""
     go_on = bool(lanes)
+    leaving = (ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool)
     try:
         # The admission lock comes first, as in a dispatch round, so lock orders never cross.
         with _fenced(ctx, admitting=go_on):
@@ -397,7 +397,7 @@ def _finish_succeeded(
                     released=[grant.key for grant in ctx.locks],
                     tenant_id=ctx.step.tenant_id,
                     idle_slots=idle_local_slots(lanes),
-                    leaving=(ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool),
+                    leaving=leaving,
                     leaving_until=ctx.lease.expires_at,
                 )
                 if go_on
@@ -406,7 +406,7 @@ def _finish_succeeded(
             if go_on and next_id and (follow is None or follow.step_id != next_id):
                 wake_on_commit()  # the run's next step needs another worker
             if go_on and outcome == "succeeded" and next_id is None:
-                _wake_for_freed_room(ctx, follow)
+                _wake_for_freed_room(ctx, follow, leaving)
             if follow is None:
                 return outcome, None
             # The step this worker admitted to itself starts in this same transaction: one

@@ -859,6 +859,14 @@ def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
         connections["default"].close()
 
 
+keyed_noop = workflow("test.keyed_noop", description="one step holding two entity keys")
+
+
+@keyed_noop.step(lane="read", locks=["thing:1", "thing:2"])
+def hold_two(ctx: StepContext) -> dict[str, Any]:
+    return {}
+
+
 def _woken() -> bool:
     client = get_redis()
     assert client is not None
@@ -866,7 +874,7 @@ def _woken() -> bool:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("after", ["same_place", "another_tenant", "nothing", "a_session_run"])
+@pytest.mark.parametrize("after", ["same_place", "another_tenant", "nothing", "a_session_run", "a_keyed_run"])
 def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_took_that_very_place(
     acme: Tenant, after: str
 ) -> None:
@@ -874,15 +882,16 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
     a step left waiting by the last round go: the dispatcher is woken for it, unless the
     worker's own next step took that very place (same tenant, workflow, lane and tool: no cap
     or slot has more room than before) and the run had no session."""
-    if get_redis() is None:
-        pytest.skip("wake-ups go through Redis here")
+    if not rawsql.on_postgresql() or get_redis() is None:
+        pytest.skip("a worker's own admission knows its place on PostgreSQL; wake-ups go through Redis")
     session = {"session_key": "conversation-1"} if after == "a_session_run" else {}
-    first = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t", **session).run
+    workflow_name = "test.keyed_noop" if after == "a_keyed_run" else "bench.noop"
+    first = run_start(tenant=acme, workflow=workflow_name, input={}, actor="t", **session).run
     [admission] = dispatch_round(limit=1)  # a round: a session's run is let in first
     assert admission.step_id == Step.objects.get(run=first).pk
     if after != "nothing":
         other = make_tenant("elsewhere", "Elsewhere") if after == "another_tenant" else acme
-        run_start(tenant=other, workflow="bench.noop", input={}, actor="t")
+        run_start(tenant=other, workflow=workflow_name, input={}, actor="t")
     started = executor._start(admission.step_id, admission.token)
     assert started.ctx is not None
     wakeups.mark_left_waiting(True)  # the last round left steps waiting for room
@@ -890,6 +899,9 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
     try:
         outcome, follow = executor._finish_succeeded(started.ctx, {}, frozenset({"read"}))
         assert outcome == "succeeded" and (follow is not None) == (after != "nothing")
+        if after in ("same_place", "a_session_run", "a_keyed_run"):
+            assert isinstance(follow, executor._Start) and follow.ctx is not None
+            assert follow.ctx.run.workflow == workflow_name and follow.ctx.step.tenant_id == acme.pk
         assert _woken() == (after != "same_place")
     finally:
         wakeups.mark_left_waiting(False)
