@@ -844,16 +844,15 @@ def admit_here(
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
     fitting = _fitting(candidates, room, lanes, headroom)
-    for candidate in fitting or _takes_over(room, lanes, leaving, leaving_until, now):
-        if admitted := _admit_one(candidate, now):
-            # Not beside a takeover: no candidate had the headroom for more, and the one taken
-            # over, read after ``candidates``, may be a step ready since (not among them).
-            if idle_slots and fitting:
-                _admit_for_idle_slots(
-                    candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom
-                )
-            return admitted
-    return None
+    first = _admit_first(fitting or _takes_over(room, lanes, leaving, leaving_until, now), now)
+    if first is None:
+        return None
+    candidate, admitted = first
+    # Not beside a takeover: no candidate had the headroom for more, and the one taken over,
+    # read after ``candidates``, may be a step ready since (not among them).
+    if idle_slots and fitting:
+        _admit_for_idle_slots(candidates, room, lanes, idle_slots, now, after=candidate, headroom=headroom)
+    return admitted
 
 
 def _more_shards(wanted: int) -> int:
@@ -1063,26 +1062,38 @@ def _fitting(
 
 
 def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
+    admitted = _admit_first([candidate], now)
+    return admitted[1] if admitted else None
+
+
+def _admit_first(candidates: Sequence[Candidate], now: datetime) -> tuple[Candidate, Admission] | None:
+    """The first of ``candidates`` (in their order) that can be admitted now, and its admission.
+    On PostgreSQL each try is one statement over all those left (``transitions.step_lease_first``):
+    workers that race for the same oldest steps skip those another admission holds without a
+    round trip each."""
     if not rawsql.on_postgresql():
-        admitted = _grant([candidate], _Round(now=now))
-        return admitted[0] if admitted else None
-    return _grant_one(candidate, now)
+        for candidate in candidates:
+            if admitted := _grant([candidate], _Round(now=now)):
+                return candidate, admitted[0]
+        return None
+    left = list(candidates)
+    while left:
+        locked, marked, granted = transitions.step_lease_first(
+            step_ids=[c.step_id for c in left], ttl=float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS), now=now
+        )
+        if locked is None:
+            return None  # each is being admitted by a round or another worker, or no longer ready
+        at = next(index for index, c in enumerate(left) if c.step_id == locked)
+        if admission := _granted(left[at], marked, granted, now):
+            return left[at], admission
+        left = left[at + 1 :]  # a key held elsewhere: the ones after it may still go
+    return None
 
 
-def _grant_one(c: Candidate, now: datetime) -> Admission | None:
-    """``_grant`` for one step, in one statement (``transitions.step_lease_alone``)."""
+def _granted(c: Candidate, marked: bool, granted: dict[str, LeaseGrant], now: datetime) -> Admission | None:
+    """What ``step_lease_first`` did for ``c``, whose row it locked: its admission, or None (a key
+    held elsewhere: the grants it got are given back)."""
     step_key = f"step:{c.step_id}"
-    locked, marked, granted = transitions.step_lease_alone(
-        step_id=c.step_id,
-        tenant_id=c.tenant_id,
-        holder=f"{c.run_id}:{c.key}",
-        metadata={"run_id": c.run_id, "step_id": c.step_id, "step_key": c.key},
-        lock_keys=list(c.lock_keys),
-        ttl=float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS),
-        now=now,
-    )
-    if not locked:
-        return None  # a round or another worker is admitting it, or it is no longer ready
     counted: Counter[tuple[int, str]] = Counter()
     if not marked:  # a key is held by someone outside the round: give back what it got
         leases_release(list(granted.values()), now=now)

@@ -13,7 +13,6 @@ its lease can never move the step; they release the admission's leases in that t
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -980,22 +979,28 @@ def steps_lease(leased: Sequence[LeasedStep], *, now: datetime) -> None:
         )
 
 
-# ready → leased for one step, as one statement (a worker pulling its next step): its row
-# locked (SKIP LOCKED: a round or another worker has it), its step lease and entity locks
-# granted in the canonical order every writer uses (by key, bytewise, as Python sorts), and
-# the step marked leased only when every one was granted.
-_LEASE_ALONE_SQL = f"""
+# ready → leased for one step, as one statement (a worker pulling its next step): the first of
+# the steps named, in their order, whose row it can lock while it is still ready (SKIP LOCKED: a
+# round or another worker has the others), its step lease and entity locks granted in the
+# canonical order every writer uses (by key, bytewise, as Python sorts), and the step marked
+# leased only when every one was granted. Its keys, holder and the leases' metadata come from
+# its row: the workers racing for the same oldest steps try them all in one round trip.
+_LEASE_FIRST_SQL = f"""
     WITH locked AS (
-        SELECT id FROM runs_step WHERE id = %(step)s AND status = '{StepStatus.READY.value}'
+        SELECT id, tenant_id, run_id, key, lock_keys, 'step:' || id AS step_key FROM runs_step
+        WHERE id = ANY(%(steps)s::bigint[]) AND status = '{StepStatus.READY.value}'
+        ORDER BY array_position(%(steps)s::bigint[], id) LIMIT 1
         FOR NO KEY UPDATE SKIP LOCKED
     ), wanted AS (
-        SELECT k.key, k.n FROM locked, unnest(%(keys)s::text[]) WITH ORDINALITY AS k(key, n)
+        SELECT k.key, k.n FROM locked, unnest(
+            ARRAY[locked.step_key] || ARRAY(SELECT jsonb_array_elements_text(locked.lock_keys))
+        ) WITH ORDINALITY AS k(key, n)
     ), granted AS (
         INSERT INTO core_lease AS l {LEASE_GRANT_COLUMNS}
-        SELECT %(tenant)s::bigint, key, nextval('core_fencing_token_seq'), %(holder)s::text,
-               %(metadata)s::jsonb, %(now)s::timestamptz, %(now)s::timestamptz,
-               %(expires)s::timestamptz, NULL
-        FROM wanted ORDER BY key COLLATE "C"
+        SELECT locked.tenant_id, w.key, nextval('core_fencing_token_seq'), locked.run_id || ':' || locked.key,
+               jsonb_build_object('run_id', locked.run_id, 'step_id', locked.id, 'step_key', locked.key),
+               %(now)s::timestamptz, %(now)s::timestamptz, %(expires)s::timestamptz, NULL
+        FROM wanted w, locked ORDER BY w.key COLLATE "C"
         {lease_take_over_sql("l", token_sql="nextval('core_fencing_token_seq')", now="%(now)s")}
         RETURNING l.id, l.key, l.token
     ), marked AS (
@@ -1003,51 +1008,39 @@ _LEASE_ALONE_SQL = f"""
                lock_leases = COALESCE((
                    SELECT jsonb_agg(
                        jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
-                   FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> %(step_key)s
+                   FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> locked.step_key
                ), '[]'::jsonb),
                enqueued_at = %(now)s, updated_at = %(now)s
-        FROM granted g
-        WHERE runs_step.id = %(step)s AND g.key = %(step_key)s
+        FROM granted g, locked
+        WHERE runs_step.id = locked.id AND g.key = locked.step_key
         AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
         RETURNING runs_step.id
     )
-    SELECT (SELECT count(*) FROM locked), EXISTS (SELECT 1 FROM marked), g.id, g.key, g.token
+    SELECT (SELECT id FROM locked), (SELECT tenant_id FROM locked), EXISTS (SELECT 1 FROM marked),
+           g.id, g.key, g.token
     FROM (SELECT 1) AS one LEFT JOIN granted g ON true
 """
 
 
-def step_lease_alone(
-    *,
-    step_id: int,
-    tenant_id: int,
-    holder: str,
-    metadata: dict[str, Any],
-    lock_keys: list[str],
-    ttl: float,
-    now: datetime,
-) -> tuple[bool, bool, dict[str, LeaseGrant]]:
-    """ready → leased for one step, in one statement (PostgreSQL; see ``_LEASE_ALONE_SQL``).
-    Returns whether its row was locked here (False: another admission has it, or it is not
-    ready), whether it was marked leased (False: a key is held; the caller gives back the
-    grants), and the grants by key."""
-    step_key = f"step:{step_id}"
+def step_lease_first(
+    *, step_ids: Sequence[int], ttl: float, now: datetime
+) -> tuple[int | None, bool, dict[str, LeaseGrant]]:
+    """ready → leased for the first of ``step_ids`` whose row can be locked while it is ready,
+    in one statement (PostgreSQL; see ``_LEASE_FIRST_SQL``). Returns that step's id (None:
+    another admission has each, or none is ready any more), whether it was marked leased
+    (False: a key is held; the caller gives back the grants), and the grants by key."""
     params = {
-        "step": step_id,
-        "step_key": step_key,
-        "keys": [step_key, *lock_keys],
-        "tenant": tenant_id,
-        "holder": holder,
-        "metadata": json.dumps(metadata),
+        "steps": list(step_ids),
         "now": rawsql.adapt_datetime(now),
         "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
     }
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _LEASE_ALONE_SQL, params)
+        rawsql.execute_prepared(cursor, _LEASE_FIRST_SQL, params)
         rows = cursor.fetchall()
-    locked, marked = bool(rows[0][0]), bool(rows[0][1])
+    locked, tenant_id, marked = rows[0][0], rows[0][1], bool(rows[0][2])
     granted = {
         key: LeaseGrant(lease_id, tenant_id, key, token, now, now)
-        for _, _, lease_id, key, token in rows
+        for _, _, _, lease_id, key, token in rows
         if key
     }
     return locked, marked, granted

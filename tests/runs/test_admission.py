@@ -905,3 +905,56 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
         assert _woken() == (after != "same_place")
     finally:
         wakeups.mark_left_waiting(False)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_statement(acme: Tenant) -> None:
+    """Workers finishing at once see the same oldest ready steps. A pull tries them all in one
+    statement: the first whose row no other admission has locked, still ready, is granted; one
+    whose entity key is held elsewhere is passed over for the next, its grants given back."""
+    if not rawsql.on_postgresql():
+        pytest.skip("SKIP LOCKED over several steps is PostgreSQL's")
+    for _ in range(2):
+        run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    run_start(tenant=acme, workflow="demo.crm_update", input=CRM_INPUT, actor="t")
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    now = timezone.now()
+    by_workflow: dict[str, list[Any]] = {}
+    for candidate in fair_candidates(limit=10, now=now):
+        by_workflow.setdefault(candidate.workflow, []).append(candidate)
+    (held_row, free_row, after_key), (keyed,) = by_workflow["bench.noop"], by_workflow["demo.crm_update"]
+    locked = threading.Event()
+    done = threading.Event()
+
+    def another_admission_holds(step_id: int) -> None:
+        try:
+            with transaction.atomic(), connections["default"].cursor() as cursor:
+                cursor.execute("SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE", [step_id])
+                locked.set()
+                done.wait(30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=another_admission_holds, args=(held_row.step_id,))
+    holder.start()
+    try:
+        assert locked.wait(30)
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
+            first = dispatch._admit_first([held_row, free_row], now)
+        assert first is not None and first[0] == free_row and first[1].step_id == free_row.step_id
+        assert len([q for q in queries if "FOR NO KEY UPDATE SKIP LOCKED" in q["sql"]]) == 1
+        key = lease_acquire(tenant_id=acme.pk, key="crm_contact:7", holder="elsewhere", ttl=60)
+        assert key is not None
+        with transaction.atomic():
+            second = dispatch._admit_first([held_row, keyed, after_key], now)
+        assert second is not None and second[0] == after_key
+        assert Step.objects.get(pk=keyed.step_id).status == StepStatus.READY
+        assert _live_leases(acme) == {
+            (f"step:{free_row.step_id}", first[1].token),
+            (f"step:{after_key.step_id}", second[1].token),
+            ("crm_contact:7", key.token),
+        }
+    finally:
+        done.set()
+        holder.join(30)
+    assert Step.objects.get(pk=held_row.step_id).status == StepStatus.READY
