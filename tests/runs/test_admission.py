@@ -908,7 +908,9 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_statement(acme: Tenant) -> None:
+def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_statement(
+    acme: Tenant,
+) -> None:
     """Workers finishing at once see the same oldest ready steps. A pull tries them all in one
     statement: the first whose row no other admission has locked, still ready, is granted; one
     whose entity key is held elsewhere is passed over for the next, its grants given back."""
