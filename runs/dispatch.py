@@ -1084,13 +1084,17 @@ def _admit_first(candidates: Sequence[Candidate], now: datetime) -> tuple[Candid
         if locked is None:
             return None  # each is being admitted by a round or another worker, or no longer ready
         at = next(index for index, c in enumerate(left) if c.step_id == locked)
-        if admission := _granted(left[at], marked, granted, now):
+        if admission := _admission_of(left[at], marked, granted, now):
             return left[at], admission
-        left = left[at + 1 :]  # a key held elsewhere: the ones after it may still go
+        # A key held elsewhere: those after it may still go (those before it were held by other
+        # admissions or no longer ready: tried once, as each candidate is).
+        left = left[at + 1 :]
     return None
 
 
-def _granted(c: Candidate, marked: bool, granted: dict[str, LeaseGrant], now: datetime) -> Admission | None:
+def _admission_of(
+    c: Candidate, marked: bool, granted: dict[str, LeaseGrant], now: datetime
+) -> Admission | None:
     """What ``step_lease_first`` did for ``c``, whose row it locked: its admission, or None (a key
     held elsewhere: the grants it got are given back)."""
     step_key = f"step:{c.step_id}"

@@ -1035,7 +1035,9 @@ def step_lease_first(
         "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
     }
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _LEASE_FIRST_SQL, params)
+        # Planned as index scans of the primary key: a bitmap scan, which PostgreSQL picks for
+        # ``id = ANY`` where statistics are missing, reads every dead version's page each time.
+        rawsql.execute_prepared(cursor, _LEASE_FIRST_SQL, params, without_bitmap_scans=True)
         rows = cursor.fetchall()
     locked, tenant_id, marked = rows[0][0], rows[0][1], bool(rows[0][2])
     granted = {
