@@ -199,7 +199,7 @@ def test_raw_timestamps_are_made_aware_whatever_the_database_hands_back() -> Non
     assert rawsql.read_datetime(None) is None
 
 
-# A worker pulling its next step admits it alone, in one statement (dispatch._grant_one).
+# A worker pulling its next step admits it in one statement (dispatch._admit_first).
 CRM_INPUT = {"contact_id": 7, "changes": {"stage": "won"}}
 
 
