@@ -100,7 +100,13 @@ class Heartbeat:
             connections.close_all()
 
 
-RENEWAL_LOCK_TIMEOUT_MS = 2000
+# How long a renewal waits for a lease's row lock before it gives up until the next beat: well
+# under PostgreSQL's deadlock_timeout (1 s by default). Its one UPDATE locks the leases in the
+# order it finds them, while a step's fenced write locks its own lease, then its others by id;
+# caught in a cycle with one (seen in a real-worker test: the fence was the one PostgreSQL
+# aborted, and a conflict was lost with it), the renewal gives way before the deadlock check
+# can pick the fence.
+RENEWAL_LOCK_TIMEOUT_MS = 250
 
 
 class _Watcher:
