@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -211,8 +211,14 @@ def leases_renew_many(
     holders: Sequence[tuple[Sequence[LeaseGrant], float]], *, now: datetime | None = None
 ) -> list[list[LeaseGrant] | None]:
     """Renew the leases of many holders at once (a worker's running steps: each its grants and
-    its lease length) in ONE statement; per holder, its renewed grants, or None when one of
-    its leases was lost (that holder alone: the others are renewed)."""
+    its lease length) in ONE statement; per holder, its grants, or None when one of its leases
+    was lost (that holder alone: the others are renewed).
+
+    A renewal never waits for a row lock: a lease locked at that moment (its step's fenced
+    write in progress, or a take-over) is passed over, and its grant comes back as it was (its
+    old ``expires_at``: the holder renews it again before then). Waiting would order this
+    statement's locks against a fence's (its own lease, then its others by id) and deadlock.
+    """
     grants = [grant for owned, _ in holders for grant in owned]
     if not grants:
         return [[] for _ in holders]
@@ -221,19 +227,43 @@ def leases_renew_many(
     owned, owned_params = owned_sql(grants)
     cases = " ".join(["WHEN %s THEN %s"] * len(expiry))
     case_params = [v for lease_id, expires in expiry.items() for v in (lease_id, _adapt(expires))]
-    sql = (
-        f"UPDATE core_lease SET renewed_at = %s, expires_at = CASE id {cases} END"
-        f" WHERE {owned} AND {live_lease_sql()} RETURNING id"
-    )
+    if rawsql.on_postgresql():
+        sql = (
+            f"WITH free AS (SELECT id FROM core_lease WHERE {owned} AND {live_lease_sql()}"
+            " FOR NO KEY UPDATE SKIP LOCKED)"
+            f" UPDATE core_lease SET renewed_at = %s, expires_at = CASE core_lease.id {cases} END"
+            " FROM free WHERE core_lease.id = free.id RETURNING core_lease.id"
+        )
+        params = [*owned_params, _adapt(now), _adapt(now), *case_params]
+    else:  # SQLite has no row locks to wait for
+        sql = (
+            f"UPDATE core_lease SET renewed_at = %s, expires_at = CASE id {cases} END"
+            f" WHERE {owned} AND {live_lease_sql()} RETURNING id"
+        )
+        params = [_adapt(now), *case_params, *owned_params, _adapt(now)]
     with connection.cursor() as cursor:
-        cursor.execute(sql, [_adapt(now), *case_params, *owned_params, _adapt(now)])
-        alive = {row[0] for row in cursor.fetchall()}
+        cursor.execute(sql, params)
+        renewed = {row[0] for row in cursor.fetchall()}
+    held = renewed | _still_held([g for g in grants if g.id not in renewed], now)
     return [
-        [LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expiry[g.id]) for g in owned]
-        if all(g.id in alive for g in owned)
+        [replace(g, expires_at=expiry[g.id]) if g.id in renewed else g for g in owned]
+        if all(g.id in held for g in owned)
         else None
         for owned, _ in holders
     ]
+
+
+def _still_held(grants: Sequence[LeaseGrant], now: datetime) -> set[int]:
+    """Which of these leases their tokens still hold, read without waiting for row locks (a
+    lease passed over by a renewal because a write had it locked)."""
+    if not grants:
+        return set()
+    owned, params = owned_sql(grants)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT id FROM core_lease WHERE {owned} AND {live_lease_sql()}", [*params, _adapt(now)]
+        )
+        return {row[0] for row in cursor.fetchall()}
 
 
 def lease_release(*, grant: LeaseGrant, now: datetime | None = None) -> bool:

@@ -11,9 +11,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from django.db import connection, connections, transaction
+from django.db import connections, transaction
+from django.utils import timezone
 
-from core import rawsql
 from core.leases import LeaseGrant, leases_renew_many
 from runs.context import StepContext
 
@@ -87,7 +87,7 @@ class Heartbeat:
                 if self.on_lost is not None:
                     self.on_lost(self.ctx)
             return False
-        self.next_beat = time.monotonic() + self.interval
+        self.next_beat = time.monotonic() + min(self.interval, _third_of_time_left(grants))
         return True
 
     def _time_out(self) -> None:
@@ -100,13 +100,11 @@ class Heartbeat:
             connections.close_all()
 
 
-# How long a renewal waits for a lease's row lock before it gives up until the next beat: well
-# under PostgreSQL's deadlock_timeout (1 s by default). Its one UPDATE locks the leases in the
-# order it finds them, while a step's fenced write locks its own lease, then its others by id;
-# caught in a cycle with one (seen in a real-worker test: the fence was the one PostgreSQL
-# aborted, and a conflict was lost with it), the renewal gives way before the deadlock check
-# can pick the fence.
-RENEWAL_LOCK_TIMEOUT_MS = 250
+def _third_of_time_left(grants: list[LeaseGrant]) -> float:
+    """A third of the time until the first of these leases expires: a lease a renewal passed
+    over (a write had it locked) is tried again well before it runs out."""
+    left = min(((grant.expires_at - timezone.now()).total_seconds() for grant in grants), default=math.inf)
+    return max(left / 3, 0.05)
 
 
 class _Watcher:
@@ -164,16 +162,12 @@ class _Watcher:
             connections.close_all()  # this thread's connection is idle until the next beat
 
     def _renew_together(self, heartbeats: list[Heartbeat]) -> None:
-        """Renew the leases of these steps in one statement. One that waits for a row lock gives
-        up after a while and is tried again at the next beat, so a stuck renewal cannot hold
-        up the steps of this process for long."""
+        """Renew the leases of these steps in one statement. It waits for no row lock: a lease
+        locked by a write in progress is renewed at a later beat (``Heartbeat.renewed``)."""
         if not heartbeats:
             return
         try:
             with transaction.atomic():
-                if rawsql.on_postgresql():
-                    with connection.cursor() as cursor:
-                        cursor.execute(f"SET LOCAL lock_timeout = '{RENEWAL_LOCK_TIMEOUT_MS}ms'")
                 # Each step's own leases, then (apart: a call ending meanwhile loses nothing)
                 # the slots and locks of its governed calls in progress.
                 calls = [(h, grants) for h in heartbeats if (grants := h.ctx.call_grants())]
@@ -186,11 +180,15 @@ class _Watcher:
                 "renewing the leases of %d steps failed; trying again", len(heartbeats), exc_info=True
             )
             return
-        for (heartbeat, _), outcome in zip(calls, renewed[len(heartbeats) :], strict=True):
-            heartbeat.ctx.call_grants_renewed(outcome)
         for heartbeat, outcome in zip(heartbeats, renewed, strict=False):
             if not heartbeat.renewed(outcome):
                 self.unwatch(heartbeat)
+        for (heartbeat, _), outcome in zip(calls, renewed[len(heartbeats) :], strict=True):
+            heartbeat.ctx.call_grants_renewed(outcome)
+            if outcome:  # a call's lease passed over beats again as early as a step's would
+                heartbeat.next_beat = min(
+                    heartbeat.next_beat, time.monotonic() + _third_of_time_left(outcome)
+                )
 
 
 _watcher = _Watcher()

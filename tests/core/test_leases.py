@@ -109,8 +109,11 @@ def test_many_holders_renew_in_one_statement_and_a_lost_one_is_told_alone(acme: 
     third = [held("step:3", 5), held("contact:3", 1)]
     later = now + timedelta(seconds=4)
     with CaptureQueriesContext(connection) as queries:
+        leases_renew_many([(first, 5), (second, 20)], now=later)
+    assert len(queries.captured_queries) == 1, "all held: one statement"
+    with CaptureQueriesContext(connection) as queries:
         renewed = leases_renew_many([(first, 5), (second, 20), (third, 5)], now=later)
-    assert len(queries.captured_queries) == 1
+    assert len(queries.captured_queries) == 2, "and a read of whether the one not renewed is held"
     assert renewed[2] is None, "its lock ran out: it is told, and only it"
     assert [g.expires_at for g in renewed[0] or []] == [later + timedelta(seconds=5)] * 2
     assert [g.expires_at for g in renewed[1] or []] == [later + timedelta(seconds=20)]
@@ -118,6 +121,47 @@ def test_many_holders_renew_in_one_statement_and_a_lost_one_is_told_alone(acme: 
     assert stored["step:1"] == stored["contact:1"] == later + timedelta(seconds=5)
     assert stored["step:2"] == later + timedelta(seconds=20)
     assert leases_renew_many([], now=later) == []
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_a_renewal_passes_over_a_lease_a_fenced_write_holds_and_never_waits_for_it(acme: Tenant) -> None:
+    # A step's fenced write locks its own lease, then its entity locks by id; a renewal that
+    # waited for the step's lease while holding the entity lock's row would close a cycle as
+    # the write reached for that lock (PostgreSQL then aborts one: seen aborting the write).
+    # The renewal must come back while the write still holds the step's lease, and the write
+    # must then take the entity lock and commit.
+    entity = lease_acquire(tenant_id=acme.pk, key="contact:1", holder="step:1", ttl=30)
+    own = lease_acquire(tenant_id=acme.pk, key="step:1", holder="step:1", ttl=30)
+    assert entity is not None and own is not None
+    own_locked, renewal_back = threading.Event(), threading.Event()
+    outcome: list[list[LeaseGrant] | None] = []
+
+    def fenced_step_write(_: int) -> None:
+        with transaction.atomic():
+            lease_fence(tenant_id=acme.pk, key=own.key, token=own.token)
+            own_locked.set()
+            assert renewal_back.wait(10), "the renewal waited for the lease the write holds"
+            lease_fence(tenant_id=acme.pk, key=entity.key, token=entity.token)
+            Event.objects.create(tenant=acme, subject="step:1", verb="wrote", actor="step:1", payload={})
+
+    def heartbeat(_: int) -> None:
+        assert own_locked.wait(10)
+        with transaction.atomic():
+            outcome.extend(leases_renew_many([([own, entity], 60)]))
+        renewal_back.set()
+
+    results = run_concurrently(lambda i: (fenced_step_write if i == 0 else heartbeat)(i), 2)
+    assert results == [None, None], results
+    assert Event.objects.filter(subject="step:1", verb="wrote").count() == 1
+    [renewed] = outcome
+    assert renewed is not None, "a lease passed over is still held: its holder is not told it lost it"
+    stored = dict(Lease.objects.values_list("key", "expires_at"))
+    assert renewed[0].expires_at == own.expires_at == stored["step:1"], "passed over, as it was"
+    assert renewed[1].expires_at == stored["contact:1"] > entity.expires_at, "the free one renewed"
+    # Once the write has committed, the next beat renews both.
+    again = leases_renew_many([(renewed, 60)])[0]
+    assert again is not None and all(grant.expires_at > own.expires_at for grant in again)
 
 
 @pytest.mark.django_db

@@ -4,16 +4,20 @@ and stops the steps past their timeout, each on its own schedule."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.test import override_settings
+from django.utils import timezone
 
+from core.leases import LeaseGrant
 from core.models import Lease, Tenant, TenantQuota
 from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
+from runs.heartbeat import _third_of_time_left
 from runs.models import Run, RunStatus, StepStatus
 from runs.services import run_start
 from tests.concurrency import run_concurrently
@@ -72,3 +76,16 @@ def test_steps_running_side_by_side_keep_their_leases_while_one_beside_them_time
     step = hung.steps.get()
     assert (hung.status, step.status) == (RunStatus.FAILED, StepStatus.FAILED)
     assert "timed out after 0.8s" in step.error
+
+
+def test_a_lease_a_renewal_passed_over_is_tried_again_well_before_it_runs_out() -> None:
+    # A renewal passes over a lease a write has locked, leaving its old expiry: the next beat
+    # comes at a third of the time it has left, not a whole interval later.
+    now = timezone.now()
+
+    def grant(seconds_left: float) -> LeaseGrant:
+        return LeaseGrant(1, 1, "step:1", 1, now, now + timedelta(seconds=seconds_left))
+
+    assert 0.8 <= _third_of_time_left([grant(30), grant(3)]) <= 1.0
+    assert _third_of_time_left([grant(30)]) > 9.0
+    assert _third_of_time_left([grant(-1)]) == 0.05, "one already out: beat at once, and find it lost"
