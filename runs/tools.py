@@ -25,6 +25,7 @@ from django.utils import timezone
 from core.leases import LeaseGrant, StaleToken, lease_acquire, lease_fence, leases_release
 from core.models import TenantQuota
 from core.validation import fingerprint
+from core.wakeups import wake_on_commit
 from runs import gates, transitions
 from runs.definitions import ApprovalPolicy
 from runs.dispatch import load_room, wait_for_round_lock
@@ -181,6 +182,8 @@ def call_finish(
         )
         if release:
             leases_release(release, now=now)
+            # Its slot counted under its tool's caps: a step left waiting for that room may go.
+            wake_on_commit(only_if_waiting=True)
 
 
 def call_approval(

@@ -19,8 +19,10 @@ from django.utils import timezone
 
 from approvals import services as approvals
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact
-from core import coordination
+from core import coordination, wakeups
+from core.leases import lease_acquire
 from core.models import Lease, Tenant, TenantQuota, User
+from core.redis_client import get_redis
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import ApprovalPolicy, WorkflowInput, workflow
 from runs.dispatch import dispatch_round, load_room
@@ -29,10 +31,11 @@ from runs.interrupts import Rejected
 from runs.invariants import check_invariants
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, StepStatus, ToolCall, ToolCallStatus
 from runs.services import run_start
+from runs.tools import call_finish
 from tests.approvals.helpers import pump, pump_until
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client, make_member
-from tests.dialects import RACING_THREADS
+from tests.dialects import RACING_THREADS, postgresql_only
 
 pytestmark = pytest.mark.both_dialects
 
@@ -535,3 +538,35 @@ def test_a_rejection_the_body_does_not_handle_fails_the_step_without_retries(
     step = Step.objects.get(run=run)
     assert step.attempt == 1 and "not approved" in step.error
     assert served("payments.pay") == []
+
+
+@postgresql_only("reads the dispatcher's wake-up in Redis; the embedded default has no REDIS_URL")
+@pytest.mark.django_db(transaction=True)
+def test_a_call_giving_back_its_slot_wakes_the_dispatcher_while_steps_wait_for_room(acme: Tenant) -> None:
+    # A step counted against the tool's cap waits in the dispatcher for the room the call frees:
+    # the round comes at once, not at the next sweep.
+    client = get_redis()
+    assert client is not None
+    run = run_start(tenant=acme, workflow=async_flow.key, input={}, actor="agent").run
+    step = run.steps.get()
+
+    def finish_a_call(key: str) -> None:
+        call = ToolCall.objects.create(
+            tenant=acme, run=run, step=step, key=key, tool="crm", status=ToolCallStatus.RUNNING
+        )
+        slot = lease_acquire(tenant_id=acme.pk, key=f"toolcall:{call.pk}", holder="test", ttl=30)
+        assert slot is not None
+        call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key=f"none-{key}", release=[slot])
+
+    try:
+        assert wakeups.flush_wakes()
+        client.delete(wakeups.WAKE_KEY)  # the start's own
+        wakeups.mark_waiting(True)
+        finish_a_call("a")
+        assert wakeups.flush_wakes() and client.delete(wakeups.WAKE_KEY)
+        wakeups.mark_waiting(False)  # nothing waits for room: no round
+        finish_a_call("b")
+        assert wakeups.flush_wakes() and not client.delete(wakeups.WAKE_KEY)
+    finally:
+        wakeups.mark_waiting(False, saturated=set())
+        client.delete(wakeups.WAKE_KEY)
