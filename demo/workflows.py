@@ -576,23 +576,7 @@ def answer_ticket(ctx: StepContext) -> dict[str, Any]:
         elif tool == "refund":
             observed[tool] = _refund(ctx, decision["amount"])
         elif tool == "update_crm":
-            observed[tool] = ctx.tool(
-                "crm",
-                lambda req: sandbox.crm_update_contact(
-                    tenant_id=ctx.tenant_id,
-                    contact_id=req["contact_id"],
-                    changes=req["changes"],
-                    expected_version=req["expected_version"],
-                    key=f"{ctx.run_id}:update",
-                    connection=ctx.connection("crm"),
-                ),
-                request={
-                    "contact_id": contact_id,
-                    "changes": {"stage": "support"},
-                    "expected_version": observed["lookup_customer"]["version"],
-                },
-                locks=[f"crm_contact:{contact_id}"],
-            )
+            observed[tool] = _update_looked_up(ctx, contact_id, observed["lookup_customer"]["version"])
         elif tool == "send_reply":
             message = observed["draft_reply"]
             observed[tool] = ctx.tool(
@@ -606,6 +590,31 @@ def answer_ticket(ctx: StepContext) -> dict[str, Any]:
                 request={"to": observed["lookup_customer"]["email"], **message},
                 external_ref=lambda sent: sent["message_id"],
             )
+
+
+def _update_looked_up(ctx: StepContext, contact_id: int, version: int) -> dict[str, Any]:
+    """Move the contact to the support stage, if it is still at the version the agent looked
+    up (the lookup holds no lock: another run may have written it since). Changed meanwhile, the
+    step goes to a reviewer (EntityChanged), as a plain CRM update does."""
+    changes = {"stage": "support"}
+    try:
+        return ctx.tool(
+            "crm",
+            lambda req: sandbox.crm_update_contact(
+                tenant_id=ctx.tenant_id,
+                contact_id=req["contact_id"],
+                changes=req["changes"],
+                expected_version=req["expected_version"],
+                key=f"{ctx.run_id}:update",
+                connection=ctx.connection("crm"),
+            ),
+            request={"contact_id": contact_id, "changes": changes, "expected_version": version},
+            locks=[f"crm_contact:{contact_id}"],
+        )
+    except sandbox.SandboxVersionMismatch as changed:
+        raise EntityChanged(
+            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
+        ) from None
 
 
 def _refund(ctx: StepContext, amount: str) -> dict[str, Any]:

@@ -5,9 +5,10 @@ runs again from its start, every earlier call answered from its record, each cal
 from __future__ import annotations
 
 import pytest
+from django.db.models import F
 
 from approvals import services as approvals
-from approvals.models import ApprovalRequest, ApprovalStatus
+from approvals.models import ApprovalRequest, ApprovalStatus, ConflictArtifact
 from core.models import Tenant, User
 from demo.models import SandboxCall, SandboxContact
 from runs.invariants import check_invariants
@@ -64,3 +65,23 @@ def test_a_small_refund_goes_through_without_asking_and_no_refund_is_made_unaske
     assert not ApprovalRequest.objects.exists()
     assert calls("refund") == 1 and calls("send") == 2
     assert Step.objects.get(run=none).output["refund"] is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_contact_changed_while_the_step_waited_goes_to_a_reviewer_and_nothing_is_written(
+    sandbox_acme: Tenant, acme_operator: User
+) -> None:
+    # The agent's lookup holds no lock: after the approval the step runs again, its lookup
+    # answered from the record (the version it saw then). Someone changed the contact meanwhile:
+    # the update is refused by the CRM and a reviewer decides (not a failed run).
+    run = ticket(sandbox_acme, "I was charged twice, please refund 150")
+    pump()
+    request = ApprovalRequest.objects.get(run=run, status=ApprovalStatus.PENDING)
+    SandboxContact.objects.filter(tenant=sandbox_acme, number=3).update(version=F("version") + 1)
+    approvals.approval_decide(request=request, user=acme_operator, decision="approve", expected_version=1)
+    pump_until(lambda: Step.objects.get(run=run).status == StepStatus.CONFLICT)
+    conflict = ConflictArtifact.objects.get(run=run)
+    assert conflict.kind == "entity_version_mismatch"
+    assert calls("update_contact") == 0 and calls("send") == 0
+    assert Run.objects.get(pk=run.pk).status == RunStatus.CONFLICT
+    assert check_invariants() == []
