@@ -131,20 +131,22 @@ def crm_update_contact(
     tenant_id: int,
     contact_id: int,
     changes: dict[str, Any],
-    expected_version: int,
+    expected_version: int | None,
     key: str = "",
     connection: BoundConnection | None = None,
 ) -> dict[str, Any]:
-    """Write ``changes`` if the contact is still at ``expected_version`` (like an ETag)."""
+    """Write ``changes`` if the contact is still at ``expected_version`` (like an ETag); None:
+    whatever version it is at (a PATCH without If-Match)."""
     allowed = {"stage", "name", "email"}
     unknown = set(changes) - allowed
     if unknown:
         raise ValueError(f"unknown contact fields: {', '.join(sorted(unknown))}")
 
     def act() -> dict[str, Any]:
-        updated = SandboxContact.objects.filter(
-            tenant_id=tenant_id, number=contact_id, version=expected_version
-        ).update(**changes, version=F("version") + 1, updated_at=timezone.now())
+        current = SandboxContact.objects.filter(tenant_id=tenant_id, number=contact_id)
+        if expected_version is not None:
+            current = current.filter(version=expected_version)
+        updated = current.update(**changes, version=F("version") + 1, updated_at=timezone.now())
         contact = SandboxContact.objects.get(tenant_id=tenant_id, number=contact_id)
         if updated != 1:
             raise SandboxVersionMismatch(expected_version, contact.version)

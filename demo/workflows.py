@@ -576,7 +576,7 @@ def answer_ticket(ctx: StepContext) -> dict[str, Any]:
         elif tool == "refund":
             observed[tool] = _refund(ctx, decision["amount"])
         elif tool == "update_crm":
-            observed[tool] = _update_looked_up(ctx, contact_id, observed["lookup_customer"]["version"])
+            observed[tool] = _move_to_support(ctx, contact_id)
         elif tool == "send_reply":
             message = observed["draft_reply"]
             observed[tool] = ctx.tool(
@@ -592,29 +592,24 @@ def answer_ticket(ctx: StepContext) -> dict[str, Any]:
             )
 
 
-def _update_looked_up(ctx: StepContext, contact_id: int, version: int) -> dict[str, Any]:
-    """Move the contact to the support stage, if it is still at the version the agent looked
-    up (the lookup holds no lock: another run may have written it since). Changed meanwhile, the
-    step goes to a reviewer (EntityChanged), as a plain CRM update does."""
-    changes = {"stage": "support"}
-    try:
-        return ctx.tool(
-            "crm",
-            lambda req: sandbox.crm_update_contact(
-                tenant_id=ctx.tenant_id,
-                contact_id=req["contact_id"],
-                changes=req["changes"],
-                expected_version=req["expected_version"],
-                key=f"{ctx.run_id}:update",
-                connection=ctx.connection("crm"),
-            ),
-            request={"contact_id": contact_id, "changes": changes, "expected_version": version},
-            locks=[f"crm_contact:{contact_id}"],
-        )
-    except sandbox.SandboxVersionMismatch as changed:
-        raise EntityChanged(
-            f"crm_contact:{contact_id}", expected=changed.expected, actual=changed.actual, proposed=changes
-        ) from None
+def _move_to_support(ctx: StepContext, contact_id: int) -> dict[str, Any]:
+    """Move the contact to the support stage, whatever version it is at by then: the agent's
+    lookup held no lock and is answered from its record when the step runs again (after an
+    approval), so another run may have written the contact since; the stage is all this
+    changes, under the contact's lock (the call's ``locks``)."""
+    return ctx.tool(
+        "crm",
+        lambda req: sandbox.crm_update_contact(
+            tenant_id=ctx.tenant_id,
+            contact_id=req["contact_id"],
+            changes=req["changes"],
+            expected_version=None,
+            key=f"{ctx.run_id}:update",
+            connection=ctx.connection("crm"),
+        ),
+        request={"contact_id": contact_id, "changes": {"stage": "support"}},
+        locks=[f"crm_contact:{contact_id}"],
+    )
 
 
 def _refund(ctx: StepContext, amount: str) -> dict[str, Any]:
