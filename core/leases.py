@@ -211,11 +211,12 @@ def leases_renew_many(
     holders: Sequence[tuple[Sequence[LeaseGrant], float]], *, now: datetime | None = None
 ) -> list[list[LeaseGrant] | None]:
     """Renew the leases of many holders at once (a worker's running steps: each its grants and
-    its lease length) in ONE statement; per holder, its grants, or None when one of its leases
-    was lost (that holder alone: the others are renewed).
+    its lease length) in ONE statement (and a read, only when one was passed over or lost); per
+    holder, its grants, or None when one of its leases was lost (that holder alone: the others
+    are renewed).
 
     A renewal never waits for a row lock: a lease locked at that moment (its step's fenced
-    write in progress, or a take-over) is passed over, and its grant comes back as it was (its
+    write in progress, a cancel, a take-over) is passed over, and its grant comes back as it was (its
     old ``expires_at``: the holder renews it again before then). Waiting would order this
     statement's locks against a fence's (its own lease, then its others by id) and deadlock.
     """

@@ -7,7 +7,7 @@ bursts collapse into one element, so a thousand commits cost one round, not a th
 the embedded default (one process) it is a threading.Event.
 
 A commit's wake-up (``wake_on_commit``) is sent to Redis by a thread of the process, after
-the commit: the committing caller (a run's start, a step's end) never waits on Redis for it,
+the commit: the committing caller (a run's start, a step's end) does not wait on Redis for it,
 and the wake-ups asked for while one is on its way go together, once each.
 """
 
@@ -82,7 +82,8 @@ def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_l
         wake = (wake_unless_saturated, (lane,))
     else:
         wake = (wake_now, ())
-    transaction.on_commit(lambda: _sender().send(*wake))
+    # robust: a failure here must not keep the commit's later hooks (its tasks) from running.
+    transaction.on_commit(lambda: _sender().send(*wake), robust=True)
 
 
 class _Sender:
@@ -101,7 +102,7 @@ class _Sender:
             wake(*args)  # a threading.Event in this process: nothing to wait on
             return
         with self.cond:
-            if self.thread is None:
+            if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="wake-ups", daemon=True)
                 self.thread.start()
             self.pending[(wake, args)] = None
@@ -153,6 +154,7 @@ def flush_wakes(timeout: float = 5.0) -> bool:
 
 
 atexit.register(flush_wakes, 2.0)  # a command that starts a run and exits still wakes
+# (A prefork child exits past atexit: core.celery flushes on worker_process_shutdown.)
 
 
 # A wake-up that depends on a mark, read and acted on in one round trip (a start over the API

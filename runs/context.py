@@ -22,7 +22,6 @@ from core.leases import (
     LockWait,
     StaleToken,
     lease_fence,
-    leases_release,
     leases_renew,
     locks_acquire,
     locks_try_acquire,
@@ -525,7 +524,7 @@ class StepContext:
         """Stopped from outside (a timeout, a lost lease, a cancel): give back what the call
         holds if the database lets us now; else its leases run out on their own."""
         try:
-            coordination.run(leases_release, call.held)
+            coordination.run(tools.call_give_back, call.held)
         except Exception:  # the stop goes on; the leases expire
             logger.warning("the %s call's locks and slot were not released", call.record.tool, exc_info=True)
         finally:

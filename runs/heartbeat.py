@@ -87,7 +87,7 @@ class Heartbeat:
                 if self.on_lost is not None:
                     self.on_lost(self.ctx)
             return False
-        self.next_beat = time.monotonic() + min(self.interval, _third_of_time_left(grants))
+        self.next_beat = time.monotonic() + next_beat_in(self.interval, grants)
         return True
 
     def _time_out(self) -> None:
@@ -100,11 +100,12 @@ class Heartbeat:
             connections.close_all()
 
 
-def _third_of_time_left(grants: list[LeaseGrant]) -> float:
-    """A third of the time until the first of these leases expires: a lease a renewal passed
-    over (a write had it locked) is tried again well before it runs out."""
+def next_beat_in(interval: float, grants: list[LeaseGrant]) -> float:
+    """Seconds to the next renewal of these leases: the interval, or sooner, a third of the time
+    until the first of them expires (a lease a renewal passed over, a write having it locked,
+    is tried again well before it runs out)."""
     left = min(((grant.expires_at - timezone.now()).total_seconds() for grant in grants), default=math.inf)
-    return max(left / 3, 0.05)
+    return min(interval, max(left / 3, 0.05))
 
 
 class _Watcher:
@@ -162,8 +163,9 @@ class _Watcher:
             connections.close_all()  # this thread's connection is idle until the next beat
 
     def _renew_together(self, heartbeats: list[Heartbeat]) -> None:
-        """Renew the leases of these steps in one statement. It waits for no row lock: a lease
-        locked by a write in progress is renewed at a later beat (``Heartbeat.renewed``)."""
+        """Renew the leases of these steps in one statement (``leases_renew_many``). It waits
+        for no row lock: a lease locked by a write in progress is renewed at a later beat, well
+        before it runs out (``Heartbeat.renewed``)."""
         if not heartbeats:
             return
         try:
@@ -187,7 +189,7 @@ class _Watcher:
             heartbeat.ctx.call_grants_renewed(outcome)
             if outcome:  # a call's lease passed over beats again as early as a step's would
                 heartbeat.next_beat = min(
-                    heartbeat.next_beat, time.monotonic() + _third_of_time_left(outcome)
+                    heartbeat.next_beat, time.monotonic() + next_beat_in(heartbeat.interval, outcome)
                 )
 
 

@@ -35,7 +35,7 @@ def quiet_broker() -> Iterator[None]:
     """No worker pools announced (caps alone decide), no wake-up pending, no task queued."""
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
-    wakeups.flush_wakes()  # none of an earlier test's lands in this one
+    assert wakeups.flush_wakes(), "none of an earlier test's wake-ups lands in this one"
     client.delete(POOLS_KEY, wakeups.WAKE_KEY)
     workers._last_read = None  # nor this process's second-old view of them
     sent_to_workers()

@@ -17,7 +17,7 @@ from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
-from runs.heartbeat import _third_of_time_left
+from runs.heartbeat import next_beat_in
 from runs.models import Run, RunStatus, StepStatus
 from runs.services import run_start
 from tests.concurrency import run_concurrently
@@ -86,6 +86,6 @@ def test_a_lease_a_renewal_passed_over_is_tried_again_well_before_it_runs_out() 
     def grant(seconds_left: float) -> LeaseGrant:
         return LeaseGrant(1, 1, "step:1", 1, now, now + timedelta(seconds=seconds_left))
 
-    assert 0.8 <= _third_of_time_left([grant(30), grant(3)]) <= 1.0
-    assert _third_of_time_left([grant(30)]) > 9.0
-    assert _third_of_time_left([grant(-1)]) == 0.05, "one already out: beat at once, and find it lost"
+    assert 0.8 <= next_beat_in(10.0, [grant(30), grant(3)]) <= 1.0
+    assert next_beat_in(10.0, [grant(60)]) == 10.0, "renewed: a whole interval"
+    assert next_beat_in(10.0, [grant(-1)]) == 0.05, "one already out: beat at once, and find it lost"
