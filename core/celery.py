@@ -6,13 +6,7 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import (
-    setup_logging,
-    worker_init,
-    worker_process_shutdown,
-    worker_ready,
-    worker_shutting_down,
-)
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
 
@@ -62,15 +56,6 @@ def _settle_collector(**kwargs: object) -> None:
     from core.collector import settle_after_startup
 
     settle_after_startup()
-
-
-@worker_process_shutdown.connect
-def _send_pending_wake_ups(**kwargs: object) -> None:
-    """A prefork child leaves with os._exit, past atexit: the wake-ups its last commits asked
-    for go out first (else the dispatcher's sweep finds that work a second later)."""
-    from core.wakeups import flush_wakes
-
-    flush_wakes(2.0)
 
 
 # By worker name: the embedded default runs two workers in one process.

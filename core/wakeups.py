@@ -5,19 +5,14 @@ database and sweeps on a timer as a safety net, so a lost wake-up only delays wo
 sweep. With Redis, a wake-up is a one-element list the dispatcher blocks on (``BLPOP``);
 bursts collapse into one element, so a thousand commits cost one round, not a thousand. In
 the embedded default (one process) it is a threading.Event.
-
-A commit's wake-up (``wake_on_commit``) is sent to Redis by a thread of the process, after
-the commit: the committing caller (a run's start, a step's end) does not wait on Redis for it,
-and the wake-ups asked for while one is on its way go together, once each.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from functools import partial
 
 from django.db import transaction
 from redis import Redis
@@ -69,92 +64,16 @@ def wake_on_commit(*, only_if_waiting: bool = False, lane: str = "", admission_l
     a round is useful only if some ready step is waiting for room; ``admission_locked``: the
     transaction holds the admission lock, so no round runs while it commits and the last
     round's verdict is the one to go by. ``lane``: the change made a step of that lane ready;
-    no round is needed while that lane's workers are all busy. Outside a transaction: now.
+    no round is needed while that lane's workers are all busy.
     """
     if only_if_waiting and admission_locked:
-        wake: tuple[Callable[..., None], tuple[object, ...]] = (
-            _wake_if_marked,
-            (LEFT_WAITING_KEY, _local_left_waiting),
-        )
+        transaction.on_commit(partial(_wake_if_marked, LEFT_WAITING_KEY, _local_left_waiting))
     elif only_if_waiting:
-        wake = (_wake_if_marked, (WAITING_KEY, _local_waiting))
+        transaction.on_commit(partial(_wake_if_marked, WAITING_KEY, _local_waiting))
     elif lane:
-        wake = (wake_unless_saturated, (lane,))
+        transaction.on_commit(lambda: wake_unless_saturated(lane))
     else:
-        wake = (wake_now, ())
-    # robust: a failure here must not keep the commit's later hooks (its tasks) from running.
-    transaction.on_commit(lambda: _sender().send(*wake), robust=True)
-
-
-class _Sender:
-    """One thread per process sends the wake-ups its commits ask for. Asked again for one not
-    yet sent, it sends it once; asked while sending it, once more afterwards (the dispatcher
-    may have taken the first before that commit)."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.pending: dict[tuple[Callable[..., None], tuple[object, ...]], None] = {}
-        self.sending = False
-        self.thread: threading.Thread | None = None
-
-    def send(self, wake: Callable[..., None], args: tuple[object, ...]) -> None:
-        if get_redis() is None:
-            wake(*args)  # a threading.Event in this process: nothing to wait on
-            return
-        with self.cond:
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, name="wake-ups", daemon=True)
-                self.thread.start()
-            self.pending[(wake, args)] = None
-            self.cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: bool(self.pending))
-                batch, self.pending, self.sending = list(self.pending), {}, True
-            for wake, args in batch:
-                try:
-                    wake(*args)
-                except Exception:  # a wake-up is a hint: the sweep finds the work
-                    logger.warning("a wake-up failed", exc_info=True)
-            with self.cond:
-                self.sending = False
-                self.cond.notify_all()
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until every wake-up asked for so far is sent."""
-        with self.cond:
-            return self.cond.wait_for(lambda: not self.pending and not self.sending, timeout)
-
-
-_the_sender: _Sender | None = None
-_sender_lock = threading.Lock()
-
-
-def _sender() -> _Sender:
-    global _the_sender
-    with _sender_lock:
-        if _the_sender is None:
-            _the_sender = _Sender()
-        return _the_sender
-
-
-def _new_sender_after_fork() -> None:
-    global _the_sender, _sender_lock
-    _the_sender, _sender_lock = None, threading.Lock()  # the parent's thread stays behind
-
-
-os.register_at_fork(after_in_child=_new_sender_after_fork)
-
-
-def flush_wakes(timeout: float = 5.0) -> bool:
-    """Wait until this process's committed wake-ups are sent (for tests, and before exit)."""
-    return _the_sender is None or _the_sender.flush(timeout)
-
-
-atexit.register(flush_wakes, 2.0)  # a command that starts a run and exits still wakes
-# (A prefork child exits past atexit: core.celery flushes on worker_process_shutdown.)
+        transaction.on_commit(wake_now)
 
 
 # A wake-up that depends on a mark, read and acted on in one round trip (a start over the API

@@ -22,7 +22,7 @@ from core.connections import ConnectionInvalid, connections_bind, environment_ch
 from core.models import Role, Tenant, User
 from core.transactions import transaction_retried_once
 from core.validation import fingerprint
-from core.wakeups import wake_on_commit
+from core.wakeups import wake_on_commit, wake_unless_saturated
 from runs import transitions
 from runs.definitions import (
     InvalidInput,
@@ -294,7 +294,7 @@ def _created_in_one_round_trip(
         step.pk = step_id
     core_services.event_committed(recorded(event_id))
     if steps:
-        wake_on_commit(lane=steps[0].lane)  # committed: sent at once, by the process's sender
+        wake_unless_saturated(steps[0].lane)
     return True
 
 

@@ -868,7 +868,6 @@ def hold_two(ctx: StepContext) -> dict[str, Any]:
 
 
 def _woken() -> bool:
-    assert wakeups.flush_wakes(), "this process's committed wake-ups are sent"
     client = get_redis()
     assert client is not None
     return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
