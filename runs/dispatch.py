@@ -904,20 +904,20 @@ def _admit_for_idle_slots(
     wanted = _fitting(lock_free, room, lanes, headroom, slot_headroom=headroom)[:count]
     if not wanted:
         return  # nothing to take shards for
-    shards = _more_shards(len(wanted))
-    room = load_room(now, pools_max_age=1.0)  # this transaction's own admission counted too
-    picked: list[Candidate] = []
-    for c in wanted[: max(0, shards - 1)]:
-        if _fitting([c], room, lanes, headroom, slot_headroom=headroom):
-            room.take(c)  # the next one counts this one
-            picked.append(c)
-    if not picked:
-        return
     try:
         with transaction.atomic():
+            shards = _more_shards(len(wanted))
+            room = load_room(now, pools_max_age=1.0)  # this transaction's own admission counted too
+            picked: list[Candidate] = []
+            for c in wanted[: max(0, shards - 1)]:
+                if _fitting([c], room, lanes, headroom, slot_headroom=headroom):
+                    room.take(c)  # the next one counts this one
+                    picked.append(c)
+            if not picked:
+                return
             admitted = _grant(picked, _Round(now=now))
     except DatabaseError:
-        logger.warning("admitting %d more steps for idle slots failed", len(picked), exc_info=True)
+        logger.warning("admitting up to %d more steps for idle slots failed", len(wanted), exc_info=True)
         return
     _enqueue_on_commit(admitted)
 
