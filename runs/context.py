@@ -22,7 +22,7 @@ from core.leases import (
     LockWait,
     StaleToken,
     lease_fence,
-    leases_renew,
+    leases_renew_many,
     locks_acquire,
     locks_try_acquire,
 )
@@ -216,13 +216,13 @@ class StepContext:
             return [self.lease, *self.locks]
 
     def renew(self) -> None:
-        """Renew every lease this step holds; remember if one was lost."""
-        try:
-            renewed = leases_renew(grants=self.grants(), ttl=self.lease_seconds)
-        except StaleToken:
-            self.renewed(None)
-            raise
+        """Renew every lease this step holds (raises StaleToken if one was lost), as the
+        worker's heartbeat does: waiting for no row lock, so never in a cycle with the step's
+        own stop (which locks its lease, then its others by id)."""
+        renewed = leases_renew_many([(self.grants(), self.lease_seconds)])[0]
         self.renewed(renewed)
+        if renewed is None:
+            raise StaleToken(self.lease.key, self.lease.token)
 
     def renewed(self, grants: list[LeaseGrant] | None) -> None:
         """Take a renewal's outcome (this step's or its worker's heartbeat's): the step's grants
@@ -230,8 +230,10 @@ class StepContext:
         if grants is None:
             self._lost.set()
             return
-        with self._grants_lock:
-            self.lease, self.locks = grants[0], grants[1:]
+        with self._grants_lock:  # by id and token: a lock taken since the renewal's read stays
+            renewed = {(grant.id, grant.token): grant for grant in grants}
+            self.lease = renewed.get((self.lease.id, self.lease.token), self.lease)
+            self.locks = [renewed.get((grant.id, grant.token), grant) for grant in self.locks]
 
     def call_grants(self) -> list[LeaseGrant]:
         """The slots and locks the governed calls in progress hold (renewed apart from the

@@ -898,7 +898,7 @@ def _admit_for_idle_slots(
     much, in a room read again once those shards are held (an admission made under one of them
     before, committed since, is counted then). Steps without entity keys only: their one lease
     is theirs alone (their row is locked first), and a key's waiters keep their order through
-    the usual paths. In a savepoint: whatever fails here never undoes the finishing step's
+    the usual paths. In a savepoint: a database error here never undoes the finishing step's
     success, nor the step the worker goes on with."""
     lock_free = [c for c in candidates[candidates.index(after) + 1 :] if not c.lock_keys]
     wanted = _fitting(lock_free, room, lanes, headroom, slot_headroom=headroom)[:count]

@@ -100,12 +100,18 @@ class Heartbeat:
             connections.close_all()
 
 
+# How soon a lease a renewal passed over (a write had it locked: milliseconds) is tried again.
+PASSED_OVER_RETRY_SECONDS = 0.25
+
+
 def next_beat_in(interval: float, grants: list[LeaseGrant]) -> float:
-    """Seconds to the next renewal of these leases: the interval, or sooner, a third of the time
-    until the first of them expires (a lease a renewal passed over, a write having it locked,
-    is tried again well before it runs out)."""
+    """Seconds to the next renewal of these leases: the interval when every one was just
+    renewed (a lease lasts three intervals), else soon — a lease a renewal passed over, a write
+    having it locked, is tried again well before it runs out."""
     left = min(((grant.expires_at - timezone.now()).total_seconds() for grant in grants), default=math.inf)
-    return min(interval, max(left / 3, 0.05))
+    if left >= 2.5 * interval:
+        return interval
+    return max(min(left / 3, PASSED_OVER_RETRY_SECONDS), 0.05)
 
 
 class _Watcher:

@@ -187,15 +187,16 @@ def call_finish(
 def call_give_back(held: list[LeaseGrant]) -> None:
     """A call stopped from outside (a timeout, a lost lease, a cancel) gives back its slot and
     locks, those its tokens still hold."""
-    with transaction.atomic():
-        _give_back(held, timezone.now())
+    if held:
+        with transaction.atomic():
+            _give_back(held, timezone.now())
 
 
 def _give_back(held: list[LeaseGrant], now: datetime) -> None:
-    leases_release(held, now=now)
-    # Its slot counted under its tool's caps, its locks kept their keys: a step left waiting
-    # for either may go now, not at the dispatcher's next sweep.
-    wake_on_commit(only_if_waiting=True)
+    if leases_release(held, now=now):
+        # Its slot counted under its tool's caps, its locks kept their keys: a step left
+        # waiting for either may go now, not at the dispatcher's next sweep.
+        wake_on_commit(only_if_waiting=True)
 
 
 def call_approval(

@@ -17,7 +17,7 @@ from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
-from runs.heartbeat import next_beat_in
+from runs.heartbeat import PASSED_OVER_RETRY_SECONDS, next_beat_in
 from runs.models import Run, RunStatus, StepStatus
 from runs.services import run_start
 from tests.concurrency import run_concurrently
@@ -80,12 +80,13 @@ def test_steps_running_side_by_side_keep_their_leases_while_one_beside_them_time
 
 def test_a_lease_a_renewal_passed_over_is_tried_again_well_before_it_runs_out() -> None:
     # A renewal passes over a lease a write has locked, leaving its old expiry: the next beat
-    # comes at a third of the time it has left, not a whole interval later.
+    # comes soon, not a whole interval later (and never later than a third of its time left).
     now = timezone.now()
 
     def grant(seconds_left: float) -> LeaseGrant:
         return LeaseGrant(1, 1, "step:1", 1, now, now + timedelta(seconds=seconds_left))
 
-    assert 0.8 <= next_beat_in(10.0, [grant(30), grant(3)]) <= 1.0
-    assert next_beat_in(10.0, [grant(60)]) == 10.0, "renewed: a whole interval"
+    assert next_beat_in(10.0, [grant(30), grant(20)]) == PASSED_OVER_RETRY_SECONDS
+    assert 0.15 <= next_beat_in(10.0, [grant(30), grant(0.6)]) <= 0.2, "a third of what little is left"
+    assert next_beat_in(10.0, [grant(30)]) == 10.0, "renewed: a whole interval"
     assert next_beat_in(10.0, [grant(-1)]) == 0.05, "one already out: beat at once, and find it lost"
