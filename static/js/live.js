@@ -124,6 +124,25 @@
     }
     if (swapsInFlight === 0) { keptFrame = null; }
   });
+  // A card's notice (what the user's own action did: "Saved version 2 …") outlives a live
+  // refresh of its list, which re-renders every card without one: it stays until the card's
+  // next answer brings a notice of its own.
+  var keptNotices = {};
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var target = e.detail.target;
+    if (!target || !target.querySelectorAll) { return; }
+    target.querySelectorAll(".card[id] > p.notice").forEach(function (notice) {
+      keptNotices[notice.parentElement.id] = notice.cloneNode(true);
+    });
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    Object.keys(keptNotices).forEach(function (id) {
+      var card = document.getElementById(id);
+      var head = card && card.querySelector(":scope > header");
+      if (card && head && !card.querySelector(":scope > p.notice")) { head.after(keptNotices[id]); }
+    });
+    keptNotices = {};
+  });
   document.addEventListener("htmx:oobAfterSwap", function () { localize(document); });
   window.addEventListener("resize", function () { reachableScrolling(document); });
 
