@@ -319,16 +319,22 @@ def lease_fence(
     """
     if not connection.in_atomic_block:
         raise RuntimeError("lease_fence must run inside the transaction of the write it protects")
-    now = _now(now)
     first, first_params = prelude_sql
+    fence, params = fence_sql(tenant_id=tenant_id, key=key, token=token, now=_now(now))
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"{first}SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
-            f" AND {live_lease_sql()}{_no_key_update()}",
-            [*first_params, tenant_id, key, token, _adapt(now)],
-        )
+        cursor.execute(f"{first}{fence}", [*first_params, *params])
         if cursor.fetchone() is None:
             raise StaleToken(key, token)
+
+
+def fence_sql(*, tenant_id: int, key: str, token: int, now: datetime) -> tuple[str, list[Any]]:
+    """The fence as a query (no ``;``), and its parameters: the lease's row while ``token`` owns
+    ``key`` at ``now``, locked until the transaction ends; no row when it does not."""
+    return (
+        "SELECT id FROM core_lease WHERE tenant_id = %s AND key = %s AND token = %s"
+        f" AND {live_lease_sql()}{_no_key_update()}",
+        [tenant_id, key, token, _adapt(now)],
+    )
 
 
 def _no_key_update() -> str:
@@ -350,6 +356,49 @@ def _fence_all(grants: Sequence[LeaseGrant]) -> None:
         raise StaleToken(lost.key, lost.token)
 
 
+class Fence:
+    """The lease check of a ``fenced_write``. Checked as the transaction begins, or, deferred,
+    by the transaction's first write, in that write's own round trip: the write sends
+    ``in_write``'s statements first and its fence query as a CTE every change depends on, and
+    hands what that CTE found to ``confirm``. A write that cannot carry it calls ``check``."""
+
+    def __init__(
+        self, *, tenant_id: int, key: str, token: int, prelude_sql: tuple[str, Sequence[Any]]
+    ) -> None:
+        self.tenant_id, self.key, self.token = tenant_id, key, token
+        self.prelude_sql = prelude_sql
+        self.checked = False
+
+    @property
+    def deferred(self) -> bool:
+        """Not checked yet: the next write must carry it (``in_write``) or ``check`` it first."""
+        return not self.checked
+
+    def check(self) -> None:
+        """Check it now, in a round trip of its own, if no write has carried it yet."""
+        if not self.checked:
+            lease_fence(
+                tenant_id=self.tenant_id, key=self.key, token=self.token, prelude_sql=self.prelude_sql
+            )
+            self.checked = True
+
+    def in_write(self) -> tuple[tuple[str, list[Any]], tuple[str, list[Any]]]:
+        """What a write carrying the fence sends: the statements to run first (ending in ``;``,
+        row locks taken before the lease's) and their parameters; the fence query, for a
+        ``MATERIALIZED`` CTE, and its parameters."""
+        first, first_params = self.prelude_sql
+        return (first, list(first_params)), fence_sql(
+            tenant_id=self.tenant_id, key=self.key, token=self.token, now=timezone.now()
+        )
+
+    def confirm(self, held: bool) -> None:
+        """What the carried fence found: StaleToken (the transaction is rolled back) if the
+        token no longer owned the lease."""
+        if not held:
+            raise StaleToken(self.key, self.token)
+        self.checked = True
+
+
 @contextmanager
 def fenced_write(
     *,
@@ -359,7 +408,8 @@ def fenced_write(
     actor: str,
     prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
     also: Sequence[LeaseGrant] = (),
-) -> Iterator[None]:
+    deferred: bool = False,
+) -> Iterator[Fence]:
     """A transaction whose writes commit only while ``token`` owns ``key``.
 
     ``prelude_sql`` (statements ending in ``;``, and their parameters) runs first, in the
@@ -367,16 +417,23 @@ def fenced_write(
     before it, so two lock orders never meet). ``also``: more leases (a step's entity locks)
     that must still be held for the write to commit.
 
+    ``deferred`` (PostgreSQL, no ``also``): the fence is not checked as the transaction begins;
+    its first write carries it (``Fence``), one round trip fewer. Nothing commits unchecked.
+
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
     transaction, because the refusal must be recorded even though the write is not.
     """
+    fence = Fence(tenant_id=tenant_id, key=key, token=token, prelude_sql=prelude_sql)
     try:
         with transaction.atomic(durable=True):
-            lease_fence(tenant_id=tenant_id, key=key, token=token, prelude_sql=prelude_sql)
+            if not (deferred and not also and rawsql.on_postgresql()):
+                fence.check()
             if also:
                 _fence_all(also)
-            yield
+            yield fence
+            if not fence.checked:
+                raise RuntimeError("a deferred fence was never checked: its transaction is not committed")
     except StaleToken as exc:
         with transaction.atomic():
             services.event_record(

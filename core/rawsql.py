@@ -357,24 +357,27 @@ def execute_prepared(
     params: Sequence[Any] | Mapping[str, Any],
     *,
     without_bitmap_scans: bool = False,
+    prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
 ) -> None:
     """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
     then EXECUTE): the hot path's longer statements cost PostgreSQL more to parse and plan
     than to run. Elsewhere (SQLite, or RUNWARDEN_PREPARED_STATEMENTS off, e.g. behind a
-    transaction-pooling pgbouncer) a plain execute.
+    transaction-pooling pgbouncer) a plain execute. ``prelude_sql``: statements (ending in
+    ``;``, PostgreSQL only) and their parameters, sent first in the same round trip, unprepared.
 
     ``without_bitmap_scans``: where it is prepared, its plan is made with bitmap scans off
     (``_plan_without_bitmap_scans``), for a read of the steps by status; a plain execute plans
     as PostgreSQL chooses."""
+    first, first_params = prelude_sql
     if not preparing():
-        cursor.execute(sql, params)
+        _execute_after(cursor, first, first_params, sql, params)
         return
     state = _prepared_on_this_connection()
     statement = state.statements.get(sql)
     prepared = False
     if statement is None:
         if len(state.statements) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
-            cursor.execute(sql, params)
+            _execute_after(cursor, first, first_params, sql, params)
             return
         statement = state.statements[sql] = _Statement(
             _prepare(cursor, sql, 1), 1, FIRST_REPLAN, FIRST_REPLAN
@@ -393,7 +396,18 @@ def execute_prepared(
     execute = f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}"
     if prepared and without_bitmap_scans and state.generic:
         _plan_without_bitmap_scans(cursor, execute, values)
-    cursor.execute(execute, values)
+    cursor.execute(f"{first}{execute}", [*first_params, *values])
+
+
+def _execute_after(
+    cursor: Any, first: str, first_params: Sequence[Any], sql: str, params: Sequence[Any] | Mapping[str, Any]
+) -> None:
+    if not first:
+        cursor.execute(sql, params)
+        return
+    if isinstance(params, Mapping):
+        raise TypeError("a prelude goes with positional parameters only")
+    cursor.execute(f"{first}{sql}", [*first_params, *params])
 
 
 def _plan_without_bitmap_scans(cursor: Any, execute: str, values: Sequence[Any]) -> None:

@@ -91,32 +91,56 @@ def event_insert_sql(
     """The INSERT of an event (no ``;``: a caller may add ``RETURNING``), its parameters, and
     what builds the Event from its id once written. ``event_record`` sends it; a caller writing
     a whole transaction in one round trip sends it there, then calls ``event_committed``."""
+    # A hand-written INSERT: events are written on every step, and the ORM's save costs more
+    # than the statement. The instance is the one ``Event.objects.create`` would return.
+    params, built = _event_row(tenant=tenant, subject=subject, actor=actor, payload=payload)
+    params.insert(2, verb)
+    sql = f"INSERT INTO core_event ({_EVENT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s)"
+    return sql, params, lambda event_id: built(event_id, verb)
+
+
+def event_insert_select_sql(
+    *, tenant: Tenant | int, subject: str, verb_sql: str, actor: str, payload: dict[str, Any] | None = None
+) -> tuple[str, list[Any], Callable[[int, str], Event]]:
+    """An event's INSERT as ``INSERT ... SELECT`` (no ``WHERE``, no ``;``: a statement's CTE
+    adds its condition), its verb the SQL expression ``verb_sql`` (it takes no parameter); its
+    parameters; and what builds the Event from its id and verb once written."""
+    params, built = _event_row(tenant=tenant, subject=subject, actor=actor, payload=payload)
+    # Typed: a SELECT's parameters take no type from the columns they go to.
+    values = (
+        f"CAST(%s AS bigint), CAST(%s AS text), {verb_sql}, CAST(%s AS text), CAST(%s AS jsonb),"
+        " CAST(%s AS timestamptz)"
+    )
+    return f"INSERT INTO core_event ({_EVENT_COLUMNS}) SELECT {values}", params, built
+
+
+_EVENT_COLUMNS = "tenant_id, subject, verb, actor, payload, created_at"
+
+
+def _event_row(
+    *, tenant: Tenant | int, subject: str, actor: str, payload: dict[str, Any] | None
+) -> tuple[list[Any], Callable[[int, str], Event]]:
+    """An event's values but its verb (tenant, subject, actor, payload, created_at), adapted as
+    parameters, and what builds the Event from its id and verb."""
     tenant_id = tenant if isinstance(tenant, int) else tenant.pk
     payload = payload or {}
     now = timezone.now()
     for enrich in _event_enrichers:
         payload = enrich(subject, payload)
-    # A hand-written INSERT: events are written on every step, and the ORM's save costs more
-    # than the statement. The instance is the one ``Event.objects.create`` would return.
-    sql = (
-        "INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
-        " VALUES (%s, %s, %s, %s, %s, %s)"
-    )
     params = [
         tenant_id,
         subject,
-        verb,
         actor,
         _EVENT_PAYLOAD.get_db_prep_save(payload, connection),
         rawsql.adapt_datetime(now),
     ]
 
-    def recorded(event_id: int) -> Event:
+    def built(event_id: int, verb: str) -> Event:
         return Event.from_db(
             connection.alias, _EVENT_FIELDS, [event_id, tenant_id, subject, verb, actor, payload, now]
         )
 
-    return sql, params, recorded
+    return params, built
 
 
 def event_committed(event: Event) -> None:

@@ -32,7 +32,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -89,6 +89,8 @@ class Admission:
     workflow_version: str = ""
     key: str = ""
     place: Place | None = None
+    # Started already by the statement that admitted it (``admit_here``'s ``starts``).
+    started: transitions.Started | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -808,6 +810,7 @@ def admit_here(
     idle_slots: int = 0,
     leaving: Place | None = None,
     leaving_until: datetime | None = None,
+    starts: Callable[[Candidate], bool] | None = None,
 ) -> Admission | None:
     """Admit one step for the calling worker to run straight on, as it finishes another: the
     run's next step (``prefer``) when every cap, FIFO rule and lock allows it, else the ready
@@ -824,16 +827,17 @@ def admit_here(
     key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
     of the step finishing in this transaction (its release already written), whose lease ran
     until ``leaving_until``: the fairest ready step of that same place may take it over
-    (``_takes_over``).
+    (``_takes_over``). ``starts``: which steps the caller starts in this transaction: the
+    statement admitting such a step starts it too (``Admission.started``).
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
     room = load_room(now, pools_max_age=1.0)
-    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom)):
+    if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom, starts)):
         return admitted
     waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
     for waiter in waiters:
-        if admitted := _admit_named(waiter, now, room, lanes, headroom):
+        if admitted := _admit_named(waiter, now, room, lanes, headroom, starts):
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key
@@ -844,7 +848,7 @@ def admit_here(
     # In fair-share order already (what each tenant holds counted): the first that fits and is
     # still free (another worker may admit it meanwhile) wins.
     fitting = _fitting(candidates, room, lanes, headroom)
-    first = _admit_first(fitting or _takes_over(room, lanes, leaving, leaving_until, now), now)
+    first = _admit_first(fitting or _takes_over(room, lanes, leaving, leaving_until, now), now, starts)
     if first is None:
         return None
     candidate, admitted = first
@@ -1002,12 +1006,17 @@ TAKEOVER_LEASE_MARGIN = timedelta(seconds=2)
 
 
 def _admit_named(
-    step_id: int, now: datetime, room: Room, lanes: frozenset[str], headroom: int
+    step_id: int,
+    now: datetime,
+    room: Room,
+    lanes: frozenset[str],
+    headroom: int,
+    starts: Callable[[Candidate], bool] | None = None,
 ) -> Admission | None:
     """Admit that one step here, if every cap, FIFO rule and lock allows it now."""
     named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
     picked = _fitting(named, room, lanes, headroom)
-    return _admit_one(picked[0], now) if picked else None
+    return _admit_one(picked[0], now, starts) if picked else None
 
 
 def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
@@ -1061,16 +1070,21 @@ def _fitting(
     ]
 
 
-def _admit_one(candidate: Candidate, now: datetime) -> Admission | None:
-    admitted = _admit_first([candidate], now)
+def _admit_one(
+    candidate: Candidate, now: datetime, starts: Callable[[Candidate], bool] | None = None
+) -> Admission | None:
+    admitted = _admit_first([candidate], now, starts)
     return admitted[1] if admitted else None
 
 
-def _admit_first(candidates: Sequence[Candidate], now: datetime) -> tuple[Candidate, Admission] | None:
+def _admit_first(
+    candidates: Sequence[Candidate], now: datetime, starts: Callable[[Candidate], bool] | None = None
+) -> tuple[Candidate, Admission] | None:
     """The first of ``candidates`` (in their order) that can be admitted now, and its admission.
     On PostgreSQL each try is one statement over all those left (``transitions.step_lease_first``):
     workers that race for the same oldest steps skip those another admission holds without a
-    round trip each."""
+    round trip each. ``starts``: the caller starts such a step in this transaction; when every
+    one left is such, the statement starts the one it admits (``Admission.started``)."""
     if not rawsql.on_postgresql():
         for candidate in candidates:
             if admitted := _grant([candidate], _Round(now=now)):
@@ -1078,13 +1092,16 @@ def _admit_first(candidates: Sequence[Candidate], now: datetime) -> tuple[Candid
         return None
     left = list(candidates)
     while left:
-        locked, marked, granted = transitions.step_lease_first(
-            step_ids=[c.step_id for c in left], ttl=float(settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS), now=now
+        start = starts is not None and all(starts(c) for c in left)
+        # A step started here runs now: its leases last as a running step's do.
+        ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS if start else settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS
+        locked, marked, granted, started = transitions.step_lease_first(
+            step_ids=[c.step_id for c in left], ttl=float(ttl), now=now, start=start
         )
         if locked is None:
             return None  # each is being admitted by a round or another worker, or no longer ready
         at = next(index for index, c in enumerate(left) if c.step_id == locked)
-        if admission := _admission_of(left[at], marked, granted, now):
+        if admission := _admission_of(left[at], marked, granted, now, started):
             return left[at], admission
         # A key held elsewhere: those after it may still go (those before it were held by other
         # admissions or no longer ready: tried once, as each candidate is).
@@ -1093,7 +1110,11 @@ def _admit_first(candidates: Sequence[Candidate], now: datetime) -> tuple[Candid
 
 
 def _admission_of(
-    c: Candidate, marked: bool, granted: dict[str, LeaseGrant], now: datetime
+    c: Candidate,
+    marked: bool,
+    granted: dict[str, LeaseGrant],
+    now: datetime,
+    started: transitions.Started | None = None,
 ) -> Admission | None:
     """What ``step_lease_first`` did for ``c``, whose row it locked: its admission, or None (a key
     held elsewhere: the grants it got are given back)."""
@@ -1120,6 +1141,7 @@ def _admission_of(
         workflow_version=c.workflow_version,
         key=c.key,
         place=c.place(),
+        started=started,
     )
 
 

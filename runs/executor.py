@@ -36,7 +36,15 @@ from core.workers import idle_local_slots, slot_taken
 from runs import gates, transitions
 from runs.context import AsyncStepContext, StepContext
 from runs.definitions import StepSpec, UnknownWorkflow, get_workflow
-from runs.dispatch import Admission, Place, admission_shard_sql, admit_here, shard_headroom, worker_idle
+from runs.dispatch import (
+    Admission,
+    Candidate,
+    Place,
+    admission_shard_sql,
+    admit_here,
+    shard_headroom,
+    worker_idle,
+)
 from runs.gates import GateVerdict
 from runs.heartbeat import Heartbeat
 from runs.interrupts import LeaseLost, Rejected, RunCancelled, StepParked, StepTimedOut
@@ -69,17 +77,27 @@ def _start(step_id: int, token: int) -> _Start:
         return _Start("stale")  # the admission expired before a worker got to it; admitted anew
 
 
-def _begin(step_id: int, token: int, outputs: dict[str, Any] | None = None) -> _Start:
+def _begin(
+    step_id: int,
+    token: int,
+    outputs: dict[str, Any] | None = None,
+    started: transitions.Started | None = None,
+) -> _Start:
     """The start of an attempt, in the caller's transaction: leased → running, leases renewed
     to the step's own length (StaleToken if they ran out), a gated step parked or let through.
-    ``outputs``: the earlier steps' outputs when the caller already has them."""
-    now = timezone.now()
+    ``outputs``: the earlier steps' outputs when the caller already has them. ``started``: the
+    step as the statement that admitted it in this transaction also started it."""
     default_ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-    # Raises StaleToken if the admission's lease already ran out (the step is admitted anew).
-    started = transitions.step_attempt_start(step_id=step_id, token=token, now=now, ttl=default_ttl)
-    if started is None:
-        return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
-    step, run, grants = started
+    if started is not None:
+        step, run, grants = started.step, started.run, started.grants
+        now = step.started_at or timezone.now()
+    else:
+        now = timezone.now()
+        # Raises StaleToken if the admission's lease already ran out (the step is admitted anew).
+        begun = transitions.step_attempt_start(step_id=step_id, token=token, now=now, ttl=default_ttl)
+        if begun is None:
+            return _Start("not-ours")  # a duplicate delivery, a cancelled run, a reaped admission
+        step, run, grants = begun
     contract_remember(run)  # its events carry it without reading it again
 
     def fail(reason: str, outcome: str = "failed") -> _Start:
@@ -340,10 +358,11 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
             own.shutdown()
 
 
-def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
+def _fenced(ctx: StepContext, *, admitting: bool = False, deferred: bool = False) -> Any:
     """The fenced transaction that ends an attempt. Locks are taken in the one order every
     writer uses — admission lock (one shard of it, ``admitting``), step row, leases, run row —
-    so a cancel, the reaper or a round never waits on this transaction while it waits on them."""
+    so a cancel, the reaper or a round never waits on this transaction while it waits on them.
+    ``deferred``: the transaction's first write carries the fence (``core.leases.Fence``)."""
 
     # Sent in the fence's own round trip, in this order, before the lease's row lock.
     step_lock, params = step_row_lock(ctx.step.pk)
@@ -355,6 +374,7 @@ def _fenced(ctx: StepContext, *, admitting: bool = False) -> Any:
         actor=f"step:{ctx.step.pk}",
         prelude_sql=(f"{admission_lock}{step_lock}", params),
         also=ctx.locks,
+        deferred=deferred,
     )
 
 
@@ -380,7 +400,7 @@ def _finish_succeeded(
     leaving = (ctx.step.tenant_id, ctx.run.workflow, ctx.step.lane, ctx.step.tool)
     try:
         # The admission lock comes first, as in a dispatch round, so lock orders never cross.
-        with _fenced(ctx, admitting=go_on):
+        with _fenced(ctx, admitting=go_on, deferred=True) as fence:
             outcome, next_id = transitions.step_succeed(
                 step=ctx.step,
                 run=ctx.run,
@@ -388,6 +408,7 @@ def _finish_succeeded(
                 outputs=ctx.outputs,
                 grants=ctx.grants(),
                 wake_for_next=not go_on,
+                fence=fence,
             )
             follow = (
                 admit_here(
@@ -399,6 +420,7 @@ def _finish_succeeded(
                     idle_slots=idle_local_slots(lanes),
                     leaving=leaving,
                     leaving_until=ctx.lease.expires_at,
+                    starts=_starts_at_once,
                 )
                 if go_on
                 else None
@@ -414,7 +436,9 @@ def _finish_succeeded(
             # with that start never undoes this step's success: the step is then started in a
             # transaction of its own.
             mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
-            if _gated(follow):  # its gate may raise: in a savepoint
+            if _gated(
+                follow.workflow, follow.workflow_version, follow.key
+            ):  # its gate may raise: in a savepoint
                 try:
                     with transaction.atomic():
                         return outcome, _begin(follow.step_id, follow.token, mine)
@@ -426,7 +450,7 @@ def _finish_succeeded(
             try:
                 # No savepoint needed: the start writes nothing unless every lease is live, and
                 # these leases were granted, and are row-locked, by this very transaction.
-                return outcome, _begin(follow.step_id, follow.token, mine)
+                return outcome, _begin(follow.step_id, follow.token, mine, follow.started)
             except StaleToken:
                 return outcome, follow
     except StaleToken:
@@ -439,13 +463,20 @@ def _finish_succeeded(
         return "stale", None
 
 
-def _gated(admission: Admission) -> bool:
-    """Whether the step an admission hands over waits on an approval gate (or is unknown)."""
+def _gated(workflow: str, version: str, key: str) -> bool:
+    """Whether a step waits on an approval gate (or is unknown)."""
     try:
-        spec = get_workflow(admission.workflow, admission.workflow_version).spec(admission.key)
+        spec = get_workflow(workflow, version).spec(key)
     except UnknownWorkflow:
         return True
     return spec.approval is not None
+
+
+def _starts_at_once(candidate: Candidate) -> bool:
+    """Whether a step this worker admits to itself as it finishes one is started by the very
+    statement that admits it: every step but a gated one (whose gate may raise: it starts in a
+    savepoint of its own)."""
+    return not _gated(candidate.workflow, candidate.workflow_version, candidate.key)
 
 
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Case, Exists, F, OuterRef, Q, Value, When
 from django.utils import timezone
 
@@ -30,6 +30,7 @@ from core.access import member_role_check
 from core.direct_admission import admit_on_commit
 from core.leases import (
     LEASE_GRANT_COLUMNS,
+    Fence,
     LeaseGrant,
     StaleToken,
     lease_take_over_sql,
@@ -297,33 +298,46 @@ def step_succeed(
     outputs: Mapping[str, Any],
     grants: Sequence[LeaseGrant],
     wake_for_next: bool = True,
+    fence: Fence | None = None,
 ) -> tuple[str, int | None]:
     """Record a step's output and ready the next step (its lock keys resolved now), or finish
     the run. Returns (``succeeded``, the readied next step's id or None), or (``failed``,
     None) when the next step cannot be readied (its workflow is gone, or its lock template
     does not fit this run's data). ``wake_for_next=False``: the caller admits the next step
     itself (or wakes the dispatcher when it cannot), holding the admission lock, and wakes it
-    for the room a run's last step frees (``executor._wake_for_freed_room``)."""
+    for the room a run's last step frees (``executor._wake_for_freed_room``). ``fence``: the
+    transaction's fence, if the step's output is its first write (it may carry the fence)."""
     now = timezone.now()
-    recorded, following = _step_record_success(step, output, grants, now)
+    if fence is not None and fence.deferred and rawsql.on_postgresql() and grants and not step.compensates:
+        # The fence, the output, the leases released, and the run's end or the step's event:
+        # one round trip.
+        recorded, following = _step_record_success_fenced(step, run, output, grants, now, fence)
+        evented = True
+    else:
+        if fence is not None:
+            fence.check()
+        recorded, following = _step_record_success(step, output, grants, now)
+        evented = False
     if not recorded:  # cancelled, timed out or reaped while it ran: its result is refused
         raise StaleToken(f"step:{step.pk}", step.lease_token or 0)
     if step.compensates:
         _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
         return "succeeded", _compensation_next(step, now)
-    if following is None:  # the run's end and its event in one round trip
-        _event(
-            step,
-            "run_succeeded",
-            f"step:{step.key}",
-            attempt=step.attempt,
-            prelude_sql=_run_succeed(run.pk, now),
-        )
+    if following is None:
+        if not evented:  # the run's end and its event in one round trip
+            _event(
+                step,
+                "run_succeeded",
+                f"step:{step.key}",
+                attempt=step.attempt,
+                prelude_sql=_run_succeed(run.pk, now),
+            )
         if wake_for_next:
             wake_on_commit(only_if_waiting=True)
         return "succeeded", None
     next_id, next_key = following
-    _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
+    if not evented:
+        _event(step, "step_succeeded", f"step:{step.key}", attempt=step.attempt)
     try:
         keys = step_lock_keys(
             workflow=run.workflow,
@@ -390,6 +404,70 @@ def _step_record_success(
         recorded, next_id, next_key = cursor.fetchone()
     if not recorded:
         return False, None
+    return True, (None if next_id is None else (next_id, next_key))
+
+
+# ``_SUCCESS_SQL`` carrying the transaction's fence (``core.leases.Fence``), every change
+# depending on it, and the step's event with it: ``run_succeeded`` and the run's end when the
+# run has no next step, else ``step_succeeded``. The fence's lease row is locked before any
+# row is written (every change depends on it), the run's row last, as every writer orders them.
+_FENCED_SUCCESS_SQL = f"""
+    WITH fence AS MATERIALIZED ({{fence}}),
+    done AS (
+        UPDATE runs_step SET status = '{StepStatus.SUCCEEDED.value}', output = %s, error = '',
+               finished_at = %s, updated_at = %s
+        WHERE id = %s AND status = '{StepStatus.RUNNING.value}' AND EXISTS (SELECT 1 FROM fence)
+        RETURNING id
+    ), released AS (
+        UPDATE core_lease SET released_at = %s
+        WHERE {{owned}} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
+        RETURNING id
+    ), nxt AS (
+        SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s
+    ), ended AS (
+        UPDATE runs_run SET status = '{RunStatus.SUCCEEDED.value}', finished_at = %s, updated_at = %s,
+               session_state = {SESSION_RELEASE_SQL}
+        WHERE id = %s AND status = '{RunStatus.RUNNING.value}'
+          AND EXISTS (SELECT 1 FROM done) AND NOT EXISTS (SELECT 1 FROM nxt)
+        RETURNING id
+    ), event AS (
+        {{event}} WHERE EXISTS (SELECT 1 FROM done)
+        RETURNING id
+    )
+    SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM done), nxt.id, nxt.key,
+           (SELECT id FROM event), (SELECT count(*) FROM ended)
+    FROM (SELECT 1) AS one
+    LEFT JOIN nxt ON true
+"""
+_SUCCESS_VERB_SQL = "CASE WHEN EXISTS (SELECT 1 FROM nxt) THEN 'step_succeeded' ELSE 'run_succeeded' END"
+
+
+def _step_record_success_fenced(
+    step: Step, run: Run, output: Any, grants: Sequence[LeaseGrant], now: datetime, fence: Fence
+) -> tuple[bool, tuple[int, str] | None]:
+    """``_step_record_success`` carrying ``fence`` (StaleToken if it no longer holds), the
+    run's end when it has no next step, and the step's event (PostgreSQL)."""
+    (first, first_params), (fence_query, fence_params) = fence.in_write()
+    owned, owned_params = owned_sql(grants)
+    event, event_params, built = core_services.event_insert_select_sql(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb_sql=_SUCCESS_VERB_SQL,
+        actor=f"step:{step.key}",
+        payload={"step": step.key, "attempt": step.attempt},
+    )
+    at = rawsql.adapt_datetime(now)
+    params = [*fence_params, rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
+    params += [step.run_id, step.position + 1, at, at, run.pk, *event_params]
+    sql = _FENCED_SUCCESS_SQL.format(fence=fence_query, owned=owned, event=event)
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, sql, params, prelude_sql=(first, first_params))
+        held, recorded, next_id, next_key, event_id, _ = cursor.fetchone()
+    fence.confirm(held)
+    if not recorded:
+        return False, None
+    written = built(event_id, "run_succeeded" if next_id is None else "step_succeeded")
+    transaction.on_commit(lambda: core_services.event_committed(written))
     return True, (None if next_id is None else (next_id, next_key))
 
 
@@ -803,13 +881,19 @@ def step_attempt_start(
     run = rawsql.from_row(Run, row, rawsql.width(Step))
     if renewed != held:
         raise StaleToken(f"step:{step_id}", token)
-    if started:
+    return step, run, _started(step, run, now, expires, started)
+
+
+def _started(step: Step, run: Run, now: datetime, expires: datetime, run_started: bool) -> list[LeaseGrant]:
+    """A step just started, read back in the statement that started it: its run as that
+    statement left it (``run_started``: it moved the run pending → running, which its own read
+    of the run did not see yet), and the step's grants, running until ``expires``."""
+    if run_started:
         run.status, run.started_at, run.updated_at = RunStatus.RUNNING, now, now
     step._state.fields_cache["run"] = run
-    grants = [
+    return [
         LeaseGrant(g.id, g.tenant_id, g.key, g.token, g.acquired_at, expires) for g in admission_grants(step)
     ]
-    return step, run, grants
 
 
 def step_await_approval(*, step: Step, actor: str) -> bool:
@@ -1004,45 +1088,93 @@ _LEASE_FIRST_SQL = f"""
         {lease_take_over_sql("l", token_sql="nextval('core_fencing_token_seq')", now="%(now)s")}
         RETURNING l.id, l.key, l.token
     ), marked AS (
-        UPDATE runs_step SET status = '{StepStatus.LEASED.value}', lease_id = g.id, lease_token = g.token,
+        UPDATE runs_step SET status = {{status}}, lease_id = g.id, lease_token = g.token,
                lock_leases = COALESCE((
                    SELECT jsonb_agg(
                        jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
                    FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> locked.step_key
                ), '[]'::jsonb),
-               enqueued_at = %(now)s, updated_at = %(now)s
+               enqueued_at = %(now)s, updated_at = %(now)s{{started}}
         FROM granted g, locked
         WHERE runs_step.id = locked.id AND g.key = locked.step_key
         AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
-        RETURNING runs_step.id
-    )
+        RETURNING {{returning}}
+    ){{run_started}}
     SELECT (SELECT id FROM locked), (SELECT tenant_id FROM locked), EXISTS (SELECT 1 FROM marked),
-           g.id, g.key, g.token
-    FROM (SELECT 1) AS one LEFT JOIN granted g ON true
+           g.id, g.key, g.token{{rows}}
+    FROM (SELECT 1) AS one LEFT JOIN granted g ON true{{joins}}
 """
+# The same, the step started at once (leased → running in the same statement, as
+# ``step_attempt_start`` moves it): for the worker that runs it in this very transaction.
+_LEASE_FIRST_AND_START_SQL = _LEASE_FIRST_SQL.format(
+    status=f"'{StepStatus.RUNNING.value}'",
+    returning="runs_step.*",
+    started=", attempt = runs_step.attempt + 1, started_at = %(now)s, worker = %(worker)s",
+    run_started=f"""
+    , run_started AS (
+        UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', started_at = %(now)s, updated_at = %(now)s
+        FROM marked WHERE runs_run.id = marked.run_id AND runs_run.status = '{RunStatus.PENDING.value}'
+        RETURNING runs_run.id
+    )""",
+    rows=(
+        f", EXISTS (SELECT 1 FROM run_started), {rawsql.select_list(Step, 'm')},"
+        f" {rawsql.select_list(Run, 'r')}"
+    ),
+    joins=" LEFT JOIN marked m ON true LEFT JOIN runs_run r ON r.id = m.run_id",
+)
+_LEASE_FIRST_SQL = _LEASE_FIRST_SQL.format(
+    status=f"'{StepStatus.LEASED.value}'",
+    returning="runs_step.id",
+    started="",
+    run_started="",
+    rows="",
+    joins="",
+)
+
+
+@dataclass(frozen=True)
+class Started:
+    """A step started (leased → running) by the statement that admitted it: its row, its run's,
+    and its grants, as ``step_attempt_start`` returns them."""
+
+    step: Step
+    run: Run
+    grants: list[LeaseGrant]
 
 
 def step_lease_first(
-    *, step_ids: Sequence[int], ttl: float, now: datetime
-) -> tuple[int | None, bool, dict[str, LeaseGrant]]:
+    *, step_ids: Sequence[int], ttl: float, now: datetime, start: bool = False
+) -> tuple[int | None, bool, dict[str, LeaseGrant], Started | None]:
     """ready → leased for the first of ``step_ids`` whose row can be locked while it is ready,
     in one statement (PostgreSQL; see ``_LEASE_FIRST_SQL``). Returns that step's id (None:
     another admission has each, or none is ready any more), whether it was marked leased
-    (False: a key is held; the caller gives back the grants), and the grants by key."""
+    (False: a key is held; the caller gives back the grants), and the grants by key.
+    ``start``: the step is started too (leased → running, the attempt counted, its run running,
+    its leases running ``ttl`` from ``now``: the caller runs it in this transaction), and is
+    returned as ``Started``."""
     params = {
         "steps": list(step_ids),
         "now": rawsql.adapt_datetime(now),
         "expires": rawsql.adapt_datetime(now + timedelta(seconds=ttl)),
     }
+    if start:
+        params["worker"] = worker_id()
     with connection.cursor() as cursor:
         # Planned as index scans of the primary key: a bitmap scan, which PostgreSQL picks for
         # ``id = ANY`` where statistics are missing, reads every dead version's page each time.
-        rawsql.execute_prepared(cursor, _LEASE_FIRST_SQL, params, without_bitmap_scans=True)
+        sql = _LEASE_FIRST_AND_START_SQL if start else _LEASE_FIRST_SQL
+        rawsql.execute_prepared(cursor, sql, params, without_bitmap_scans=True)
         rows = cursor.fetchall()
     locked, tenant_id, marked = rows[0][0], rows[0][1], bool(rows[0][2])
     granted = {
         key: LeaseGrant(lease_id, tenant_id, key, token, now, now)
-        for _, _, _, lease_id, key, token in rows
+        for _, _, _, lease_id, key, token, *_ in rows
         if key
     }
-    return locked, marked, granted
+    started = None
+    if start and marked:
+        first = rows[0]
+        step = rawsql.from_row(Step, first, 7)
+        run = rawsql.from_row(Run, first, 7 + rawsql.width(Step))
+        started = Started(step, run, _started(step, run, now, now + timedelta(seconds=ttl), bool(first[6])))
+    return locked, marked, granted, started

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core.leases import (
+    Fence,
     LeaseGrant,
     StaleToken,
     fenced_write,
@@ -24,7 +26,7 @@ from core.leases import (
 )
 from core.models import Event, Lease, Tenant
 from tests.concurrency import run_concurrently
-from tests.dialects import RACING_THREADS
+from tests.dialects import ON_SQLITE, RACING_THREADS, postgresql_only
 
 pytestmark = pytest.mark.both_dialects
 
@@ -198,6 +200,66 @@ def test_a_stale_tokens_write_is_refused_and_recorded(acme: Tenant) -> None:
     with fenced_write(tenant_id=acme.pk, key="k", token=new.token, actor="fresh"):
         Event.objects.create(tenant=acme, subject="k", verb="fresh_wrote", actor="fresh")
     assert Event.objects.filter(verb="fresh_wrote").count() == 1
+
+
+def _event_carrying(fence: Fence, tenant: Tenant, verb: str) -> None:
+    """An event written by a statement that carries ``fence``, as a step's end does."""
+    (first, first_params), (fence_query, fence_params) = fence.in_write()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"{first}WITH fence AS MATERIALIZED ({fence_query}), written AS ("
+            " INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
+            " SELECT %s, 'k', %s, 'writer', '{}'::jsonb, now() WHERE EXISTS (SELECT 1 FROM fence)"
+            " RETURNING id)"
+            " SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM written)",
+            [*first_params, *fence_params, tenant.pk, verb],
+        )
+        held, written = cursor.fetchone()
+    fence.confirm(held)
+    assert written == 1
+
+
+@postgresql_only("a fence carried by a write is PostgreSQL's: SQLite checks every fence as it begins")
+@pytest.mark.django_db(transaction=True)
+def test_a_deferred_fence_is_carried_by_the_first_write_and_refuses_a_stale_token(acme: Tenant) -> None:
+    old = lease_acquire(tenant_id=acme.pk, key="k", holder="zombie", ttl=0.05)
+    assert old is not None
+    new = take_over(old, holder="fresh")
+    with (
+        pytest.raises(StaleToken),
+        fenced_write(tenant_id=acme.pk, key="k", token=old.token, actor="zombie", deferred=True) as fence,
+    ):
+        assert fence.deferred  # nothing checked yet: the write below carries it
+        _event_carrying(fence, acme, "zombie_wrote")
+    assert not Event.objects.filter(verb="zombie_wrote").exists()
+    assert Event.objects.get(verb="stale_token_write").payload == {"key": "k", "token": old.token}
+    with (
+        CaptureQueriesContext(connection) as queries,
+        fenced_write(tenant_id=acme.pk, key="k", token=new.token, actor="fresh", deferred=True) as fence,
+    ):
+        _event_carrying(fence, acme, "fresh_wrote")
+    assert Event.objects.filter(verb="fresh_wrote").count() == 1
+    # The fence cost no round trip of its own: the transaction was the write alone.
+    statements = [q["sql"] for q in queries.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
+    assert len(statements) == 1 and "core_lease" in statements[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deferred_fence_that_no_write_carried_commits_nothing(acme: Tenant) -> None:
+    grant = lease_acquire(tenant_id=acme.pk, key="k", holder="h", ttl=30)
+    assert grant is not None
+    deferred = not ON_SQLITE  # SQLite checks every fence as it begins
+    with (
+        pytest.raises(RuntimeError) if deferred else nullcontext(),
+        fenced_write(tenant_id=acme.pk, key="k", token=grant.token, actor="h", deferred=True),
+    ):
+        Event.objects.create(tenant=acme, subject="k", verb="unfenced", actor="h")
+    assert Event.objects.filter(verb="unfenced").exists() is not deferred
+    # Checked by hand instead (a write that cannot carry it), it commits.
+    with fenced_write(tenant_id=acme.pk, key="k", token=grant.token, actor="h", deferred=True) as fence:
+        fence.check()
+        Event.objects.create(tenant=acme, subject="k", verb="checked", actor="h")
+    assert Event.objects.filter(verb="checked").count() == 1
 
 
 @RACING_THREADS

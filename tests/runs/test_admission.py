@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import connections, transaction
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -17,7 +18,7 @@ from core import rawsql, tallies, wakeups
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
 from core.redis_client import get_redis
-from runs import dispatch, executor
+from runs import dispatch, executor, transitions
 from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import admit_here, dispatch_round, fair_candidates
@@ -27,7 +28,7 @@ from runs.services import run_start
 from tests.approvals.helpers import pump, sent_to_workers
 from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
 from tests.conftest import make_tenant
-from tests.dialects import RACING_THREADS
+from tests.dialects import RACING_THREADS, postgresql_only
 from tests.runs.workflows_for_tests import AwaitInput, await_then_notify
 
 pytestmark = pytest.mark.both_dialects
@@ -219,6 +220,45 @@ def test_a_worker_pulling_its_next_step_gets_its_lease_and_entity_lock_together(
     [lock] = step.lock_leases
     assert lock["key"] == "crm_contact:7"
     assert _live_leases(acme) == {(f"step:{step.pk}", admission.token), ("crm_contact:7", lock["token"])}
+
+
+@postgresql_only("one statement admits and starts on PostgreSQL; on SQLite the start follows it")
+@pytest.mark.django_db(transaction=True)
+def test_a_step_the_puller_starts_at_once_is_admitted_and_started_by_one_statement(acme: Tenant) -> None:
+    """What the chain does as it finishes a step: the step it admits to itself is started in the
+    same statement — running, its attempt counted, its run running, its leases a running step's
+    length — exactly as ``step_attempt_start`` would leave it; a step it does not start at once
+    (a gated one) is only leased."""
+    run = run_start(tenant=acme, workflow="demo.crm_update", input=CRM_INPUT, actor="t").run
+    other = crm_run(acme, contact=8)
+    with transaction.atomic():
+        admission = admit_here(lanes=frozenset({"external"}), starts=lambda c: True)
+        assert admission is not None and admission.started is not None
+        started = admission.started
+    step = Step.objects.select_related("run").get(run=run)
+    assert admission.step_id == step.pk and step.lease_token == admission.token
+    assert (step.status, step.attempt, step.worker) == (StepStatus.RUNNING, 1, transitions.worker_id())
+    assert step.run.status == RunStatus.RUNNING and step.run.started_at == step.started_at
+    # What the executor is handed is what was written.
+    assert (started.step.status, started.step.attempt, started.run.status) == (
+        StepStatus.RUNNING,
+        1,
+        RunStatus.RUNNING,
+    )
+    leases = Lease.objects.filter(
+        tenant=acme, released_at__isnull=True, key__in=[f"step:{step.pk}", "crm_contact:7"]
+    )
+    ttl = timedelta(seconds=settings.RUNWARDEN_DEFAULT_LEASE_SECONDS)
+    assert {lease.expires_at for lease in leases} == {step.started_at + ttl}
+    assert {(grant.key, grant.expires_at) for grant in started.grants} == {
+        (f"step:{step.pk}", step.started_at + ttl),
+        ("crm_contact:7", step.started_at + ttl),
+    }
+    with transaction.atomic():  # not started at once: leased, as a round admits
+        leased = admit_here(lanes=frozenset({"external"}), starts=lambda c: False)
+    assert leased is not None and leased.started is None
+    assert Step.objects.get(pk=leased.step_id).run_id == other.pk
+    assert Step.objects.get(pk=leased.step_id).status == StepStatus.LEASED
 
 
 @pytest.mark.django_db(transaction=True)
