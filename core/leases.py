@@ -413,8 +413,8 @@ def fenced_write(
     """A transaction whose writes commit only while ``token`` owns ``key``.
 
     ``prelude_sql`` (statements ending in ``;``, and their parameters) runs first, in the
-    fence's own round trip, before the fence's row lock (e.g. locks that must always be taken
-    before it, so two lock orders never meet). ``also``: more leases (a step's entity locks)
+    fence's round trip (its own, or the write's that carries it), before the fence's row lock
+    (e.g. locks that must always be taken before it, so two lock orders never meet). ``also``: more leases (a step's entity locks)
     that must still be held for the write to commit.
 
     ``deferred`` (PostgreSQL, no ``also``): the fence is not checked as the transaction begins;

@@ -172,18 +172,30 @@ def _insert_columns(model: type[models.Model], vendor: str) -> str:
     return ", ".join(quote(field.column) for field in _insert_fields(model))
 
 
-def transaction_in_one_round_trip(statements: str, params: Sequence[Any], *, then: str = "") -> Any:
-    """Run ``statements`` (each ending in ``;``) as one transaction in a single round trip to
-    PostgreSQL, then ``then``, a read in that same transaction whose first row is returned (None
-    without one). The statements of one query string are one implicit transaction, committed
-    when the last one ends: a transaction Django opens costs a round trip for psycopg2's BEGIN
-    and one for its COMMIT besides its statements. Only outside any transaction (Django's
-    autocommit, where psycopg2 sends no BEGIN of its own). On an error PostgreSQL rolls all of
-    it back, and the error is raised: nothing of it was written."""
+def transaction_in_one_round_trip(
+    statements: Sequence[tuple[str, Sequence[Any]]], *, then: tuple[str, Sequence[Any]] | None = None
+) -> Any:
+    """Run ``statements`` (SQL without ``;``, and its parameters) as one transaction in a single
+    round trip to PostgreSQL, then ``then``, a read in that same transaction whose first row is
+    returned (None without one). The statements of one query string are one implicit
+    transaction, committed when the last one ends: a transaction Django opens costs a round
+    trip for psycopg2's BEGIN and one for its COMMIT besides its statements. Only outside any
+    transaction (Django's autocommit, where psycopg2 sends no BEGIN of its own). On an error
+    PostgreSQL rolls all of it back, and the error is raised: nothing of it was written. Where
+    this thread prepares its statements (``preparing``), each is sent as an ``EXECUTE`` of its
+    prepared form (a new run's INSERTs cost PostgreSQL more to parse and plan than to run)."""
     if not on_postgresql() or connection.in_atomic_block:
         raise RuntimeError("one round trip needs PostgreSQL and no transaction already open")
+    parts = [*statements, *([then] if then else [])]
+    texts: list[str] = []
+    values: list[Any] = []
     with connection.cursor() as cursor:
-        cursor.execute(f"{statements} {then}", params)
+        for sql, params in parts:
+            form = _prepared_form(cursor, sql, params) if preparing() else None
+            text, sent = form or (sql, list(params))
+            texts.append(text)
+            values += sent
+        cursor.execute("; ".join(texts), values)
         return cursor.fetchone() if then else None
 
 
@@ -372,13 +384,25 @@ def execute_prepared(
     if not preparing():
         _execute_after(cursor, first, first_params, sql, params)
         return
+    prepared = _prepared_form(cursor, sql, params, without_bitmap_scans=without_bitmap_scans)
+    if prepared is None:  # many variants of one statement: plan the rest each time
+        _execute_after(cursor, first, first_params, sql, params)
+        return
+    execute, values = prepared
+    cursor.execute(f"{first}{execute}", [*first_params, *values])
+
+
+def _prepared_form(
+    cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any], *, without_bitmap_scans: bool = False
+) -> tuple[str, list[Any]] | None:
+    """``sql`` as this connection's ``EXECUTE`` of it (prepared first where it is new, or due
+    to be planned again), and its parameters; None once ``MAX_PREPARED`` statements are."""
     state = _prepared_on_this_connection()
     statement = state.statements.get(sql)
     prepared = False
     if statement is None:
-        if len(state.statements) >= MAX_PREPARED:  # many variants of one statement: plan the rest each time
-            _execute_after(cursor, first, first_params, sql, params)
-            return
+        if len(state.statements) >= MAX_PREPARED:
+            return None
         statement = state.statements[sql] = _Statement(
             _prepare(cursor, sql, 1), 1, FIRST_REPLAN, FIRST_REPLAN
         )
@@ -396,7 +420,7 @@ def execute_prepared(
     execute = f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}"
     if prepared and without_bitmap_scans and state.generic:
         _plan_without_bitmap_scans(cursor, execute, values)
-    cursor.execute(f"{first}{execute}", [*first_params, *values])
+    return execute, values
 
 
 def _execute_after(

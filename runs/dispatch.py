@@ -1096,7 +1096,10 @@ def _admit_first(
         # A step started here runs now: its leases last as a running step's do.
         ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS if start else settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS
         locked, marked, granted, started = transitions.step_lease_first(
-            step_ids=[c.step_id for c in left], ttl=float(ttl), now=now, start=start
+            step_ids=[c.step_id for c in left],
+            ttl=float(ttl),
+            now=timezone.now() if start else now,  # a start's leases run from the start itself
+            start=start,
         )
         if locked is None:
             return None  # each is being admitted by a round or another worker, or no longer ready

@@ -90,7 +90,8 @@ def _begin(
     default_ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
     if started is not None:
         step, run, grants = started.step, started.run, started.grants
-        now = step.started_at or timezone.now()
+        assert step.started_at is not None  # written by the statement that started it
+        now = step.started_at
     else:
         now = timezone.now()
         # Raises StaleToken if the admission's lease already ran out (the step is admitted anew).
@@ -364,7 +365,8 @@ def _fenced(ctx: StepContext, *, admitting: bool = False, deferred: bool = False
     so a cancel, the reaper or a round never waits on this transaction while it waits on them.
     ``deferred``: the transaction's first write carries the fence (``core.leases.Fence``)."""
 
-    # Sent in the fence's own round trip, in this order, before the lease's row lock.
+    # Sent in this order before the lease's row lock: in the fence's own round trip, or, when
+    # the first write carries the fence (``deferred``), in that write's.
     step_lock, params = step_row_lock(ctx.step.pk)
     admission_lock = admission_shard_sql() if admitting and step_lock else ""
     return fenced_write(
@@ -436,9 +438,8 @@ def _finish_succeeded(
             # with that start never undoes this step's success: the step is then started in a
             # transaction of its own.
             mine = {**ctx.outputs, ctx.step.key: output} if follow.step_id == next_id else None
-            if _gated(
-                follow.workflow, follow.workflow_version, follow.key
-            ):  # its gate may raise: in a savepoint
+            gated = follow.started is None and _gated(follow.workflow, follow.workflow_version, follow.key)
+            if gated:  # its gate may raise: in a savepoint
                 try:
                     with transaction.atomic():
                         return outcome, _begin(follow.step_id, follow.token, mine)
@@ -449,7 +450,9 @@ def _finish_succeeded(
                     return outcome, follow
             try:
                 # No savepoint needed: the start writes nothing unless every lease is live, and
-                # these leases were granted, and are row-locked, by this very transaction.
+                # these leases were granted, and are row-locked, by this very transaction (a step
+                # already started by its admission has no lease of its own length to renew:
+                # ``_starts_at_once``; nothing here can raise StaleToken for it).
                 return outcome, _begin(follow.step_id, follow.token, mine, follow.started)
             except StaleToken:
                 return outcome, follow
@@ -474,9 +477,15 @@ def _gated(workflow: str, version: str, key: str) -> bool:
 
 def _starts_at_once(candidate: Candidate) -> bool:
     """Whether a step this worker admits to itself as it finishes one is started by the very
-    statement that admits it: every step but a gated one (whose gate may raise: it starts in a
-    savepoint of its own)."""
-    return not _gated(candidate.workflow, candidate.workflow_version, candidate.key)
+    statement that admits it (its leases then run a running step's default length): every step
+    but a gated one (whose gate may raise: it starts in a savepoint of its own) and one with a
+    lease length of its own (renewed as it starts)."""
+    try:
+        spec = get_workflow(candidate.workflow, candidate.workflow_version).spec(candidate.key)
+    except UnknownWorkflow:
+        return False
+    default = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
+    return spec.approval is None and (spec.lease_seconds or default) == default
 
 
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:

@@ -259,31 +259,31 @@ def _created_in_one_round_trip(
     PostgreSQL, where the start does not already sit in a transaction. False, with nothing
     written, where the queue place needs the slow path or the delivery id is taken: the
     caller's transaction then decides, as for any start."""
-    statements: list[str] = []
-    params: list[Any] = []
+    statements: list[tuple[str, list[Any]]] = []
+
+    def add(sql: str, params: list[Any]) -> None:
+        statements.append((sql.strip().removesuffix(";"), params))
+
     if trigger is not None:
         # First: a known delivery id (a client retrying) stops the round trip at once, before
         # the queue place and the run's rows (the foreign key to the run is checked at commit).
-        sql, params = rawsql.insert_sql([trigger])
-        statements.append(sql)
-    place, place_params = queue_place_fast_sql(run.tenant_id, refuse=True)
-    statements.append(place)
-    params += place_params
+        add(*rawsql.insert_sql([trigger]))
+    add(*queue_place_fast_sql(run.tenant_id, refuse=True))
     for rows, expressions in (([run], {"depth_shard": DEPTH_SHARD_SQL}), (steps, None)):
         if rows:
-            sql, row_params = rawsql.insert_sql(rows, expressions=expressions)
-            statements.append(sql)
-            params += row_params
+            add(*rawsql.insert_sql(rows, expressions=expressions))
     contract_remember(run)  # the event carries the run's contract
     event_sql, event_params, recorded = core_services.event_insert_sql(tenant=run.tenant_id, **created)
-    statements.append(f"{event_sql};")
+    add(event_sql, event_params)
     try:
         event_id, run.depth_shard, step_ids = rawsql.transaction_in_one_round_trip(
-            " ".join(statements),
-            [*params, *event_params, run.id, run.id],
-            then="SELECT currval(pg_get_serial_sequence('core_event', 'id')),"
-            " (SELECT depth_shard FROM runs_run WHERE id = %s),"
-            " ARRAY(SELECT id FROM runs_step WHERE run_id = %s ORDER BY position)",
+            statements,
+            then=(
+                "SELECT currval(pg_get_serial_sequence('core_event', 'id')),"
+                " (SELECT depth_shard FROM runs_run WHERE id = %s),"
+                " ARRAY(SELECT id FROM runs_step WHERE run_id = %s ORDER BY position)",
+                [run.id, run.id],
+            ),
         )
     except DatabaseError as exc:
         refused = getattr(exc.__cause__, "pgcode", "") == REFUSED_FAST

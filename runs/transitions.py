@@ -359,23 +359,26 @@ def step_succeed(
     return "succeeded", next_id
 
 
-# A step's success as one statement: its output recorded (only while it is running), its
-# leases released (only when it was), and the run's next step looked up.
-_SUCCESS_SQL = f"""
-    WITH done AS (
-        UPDATE runs_step SET status = '{StepStatus.SUCCEEDED.value}', output = %s, error = '',
-               finished_at = %s, updated_at = %s
-        WHERE id = %s AND status = '{StepStatus.RUNNING.value}'
-        RETURNING id
-    ), released AS (
-        UPDATE core_lease SET released_at = %s
-        WHERE {{owned}} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
-        RETURNING id
-    )
-    SELECT (SELECT count(*) FROM done), nxt.id, nxt.key
-    FROM (SELECT 1) AS one
-    LEFT JOIN (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s) AS nxt ON true
-"""
+# A step's success: its output recorded (only while it is running; ``{fenced}`` may add a
+# condition), its leases released (only when it was).
+_STEP_SUCCEEDED_CTES = (
+    f"done AS (UPDATE runs_step SET status = '{StepStatus.SUCCEEDED.value}', output = %s, error = '',"
+    f" finished_at = %s, updated_at = %s WHERE id = %s AND status = '{StepStatus.RUNNING.value}'{{fenced}}"
+    " RETURNING id),"
+    " released AS (UPDATE core_lease SET released_at = %s"
+    " WHERE {owned} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done) RETURNING id)"
+)
+# The same as one statement, the run's next step looked up.
+_SUCCESS_SQL = (
+    f"WITH {_STEP_SUCCEEDED_CTES}"
+    " SELECT (SELECT count(*) FROM done), nxt.id, nxt.key FROM (SELECT 1) AS one"
+    " LEFT JOIN (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s) AS nxt ON true"
+)
+# A run's end (running → succeeded, its session place freed as ``session_release`` says).
+_RUN_SUCCEEDED_SET = (
+    f"status = '{RunStatus.SUCCEEDED.value}', finished_at = %s, updated_at = %s,"
+    f" session_state = {SESSION_RELEASE_SQL}"
+)
 
 
 def _step_record_success(
@@ -400,7 +403,7 @@ def _step_record_success(
     params = [rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1]
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _SUCCESS_SQL.format(owned=owned), params)
+        rawsql.execute_prepared(cursor, _SUCCESS_SQL.format(fenced="", owned=owned), params)
         recorded, next_id, next_key = cursor.fetchone()
     if not recorded:
         return False, None
@@ -409,36 +412,21 @@ def _step_record_success(
 
 # ``_SUCCESS_SQL`` carrying the transaction's fence (``core.leases.Fence``), every change
 # depending on it, and the step's event with it: ``run_succeeded`` and the run's end when the
-# run has no next step, else ``step_succeeded``. The fence's lease row is locked before any
-# row is written (every change depends on it), the run's row last, as every writer orders them.
-_FENCED_SUCCESS_SQL = f"""
-    WITH fence AS MATERIALIZED ({{fence}}),
-    done AS (
-        UPDATE runs_step SET status = '{StepStatus.SUCCEEDED.value}', output = %s, error = '',
-               finished_at = %s, updated_at = %s
-        WHERE id = %s AND status = '{StepStatus.RUNNING.value}' AND EXISTS (SELECT 1 FROM fence)
-        RETURNING id
-    ), released AS (
-        UPDATE core_lease SET released_at = %s
-        WHERE {{owned}} AND released_at IS NULL AND EXISTS (SELECT 1 FROM done)
-        RETURNING id
-    ), nxt AS (
-        SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s
-    ), ended AS (
-        UPDATE runs_run SET status = '{RunStatus.SUCCEEDED.value}', finished_at = %s, updated_at = %s,
-               session_state = {SESSION_RELEASE_SQL}
-        WHERE id = %s AND status = '{RunStatus.RUNNING.value}'
-          AND EXISTS (SELECT 1 FROM done) AND NOT EXISTS (SELECT 1 FROM nxt)
-        RETURNING id
-    ), event AS (
-        {{event}} WHERE EXISTS (SELECT 1 FROM done)
-        RETURNING id
-    )
-    SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM done), nxt.id, nxt.key,
-           (SELECT id FROM event), (SELECT count(*) FROM ended)
-    FROM (SELECT 1) AS one
-    LEFT JOIN nxt ON true
-"""
+# run has no next step, else ``step_succeeded``. Row locks in the order every writer takes
+# them: the fence's lease row first (every change depends on it), the run's row last (``ended``
+# is read by nothing, so it runs after the rest).
+_FENCED_SUCCESS_SQL = (
+    "WITH fence AS MATERIALIZED ({fence}),"
+    f" {_STEP_SUCCEEDED_CTES},"
+    " nxt AS (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s),"
+    f" ended AS (UPDATE runs_run SET {_RUN_SUCCEEDED_SET}"
+    f" WHERE id = %s AND status = '{RunStatus.RUNNING.value}'"
+    " AND EXISTS (SELECT 1 FROM done) AND NOT EXISTS (SELECT 1 FROM nxt) RETURNING id),"
+    " event AS ({event} WHERE EXISTS (SELECT 1 FROM done) RETURNING id)"
+    " SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM done), nxt.id, nxt.key,"
+    " (SELECT count(*) FROM released), (SELECT id FROM event)"
+    " FROM (SELECT 1) AS one LEFT JOIN nxt ON true"
+)
 _SUCCESS_VERB_SQL = "CASE WHEN EXISTS (SELECT 1 FROM nxt) THEN 'step_succeeded' ELSE 'run_succeeded' END"
 
 
@@ -459,10 +447,12 @@ def _step_record_success_fenced(
     at = rawsql.adapt_datetime(now)
     params = [*fence_params, rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1, at, at, run.pk, *event_params]
-    sql = _FENCED_SUCCESS_SQL.format(fence=fence_query, owned=owned, event=event)
+    sql = _FENCED_SUCCESS_SQL.format(
+        fence=fence_query, fenced=" AND EXISTS (SELECT 1 FROM fence)", owned=owned, event=event
+    )
     with connection.cursor() as cursor:
         rawsql.execute_prepared(cursor, sql, params, prelude_sql=(first, first_params))
-        held, recorded, next_id, next_key, event_id, _ = cursor.fetchone()
+        held, recorded, next_id, next_key, _, event_id = cursor.fetchone()
     fence.confirm(held)
     if not recorded:
         return False, None
@@ -476,8 +466,7 @@ def _run_succeed(run_id: str, now: datetime) -> tuple[str, list[Any]]:
     ``session_release`` says), to send before its event."""
     at = rawsql.adapt_datetime(now)
     return (
-        f"UPDATE runs_run SET status = '{RunStatus.SUCCEEDED.value}', finished_at = %s, updated_at = %s,"
-        f" session_state = {SESSION_RELEASE_SQL} WHERE id = %s AND status = '{RunStatus.RUNNING.value}'; ",
+        f"UPDATE runs_run SET {_RUN_SUCCEEDED_SET} WHERE id = %s AND status = '{RunStatus.RUNNING.value}'; ",
         [at, at, run_id],
     )
 
@@ -790,6 +779,23 @@ def step_attempt_started(*, step_id: int, token: int, now: datetime) -> bool:
     )
 
 
+# What an attempt's start writes, in hand-written SQL (as ``step_attempt_started`` does): the
+# step running, its attempt counted; its run running, if still pending (``started`` the CTE
+# of the step's started row).
+_ATTEMPT_STARTED_SET = (
+    f"status = '{StepStatus.RUNNING.value}', attempt = runs_step.attempt + 1, started_at = %(now)s,"
+    " worker = %(worker)s"
+)
+
+
+def _run_started_sql(started: str) -> str:
+    return (
+        f"UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', started_at = %(now)s,"
+        f" updated_at = %(now)s FROM {started} WHERE runs_run.id = {started}.run_id"
+        f" AND runs_run.status = '{RunStatus.PENDING.value}' RETURNING runs_run.id"
+    )
+
+
 # The start of an attempt as one statement: the step (leased → running, its attempt counted),
 # its run (pending → running), its step lease and entity locks renewed, and the step and run
 # read back. Nothing is written unless every lease of the admission is still live (``alive``
@@ -809,8 +815,7 @@ _START_SQL = f"""
         AND (l.id, l.token) IN (SELECT id, token FROM held)
         AND {{live}}
     ), s AS (
-        UPDATE runs_step SET status = '{StepStatus.RUNNING.value}', attempt = attempt + 1,
-               started_at = %(now)s, updated_at = %(now)s, worker = %(worker)s
+        UPDATE runs_step SET {_ATTEMPT_STARTED_SET}, updated_at = %(now)s
         WHERE id = %(step_id)s AND status = '{StepStatus.LEASED.value}' AND lease_token = %(token)s
         AND (SELECT n FROM alive) = (SELECT count(*) FROM held)
         RETURNING *
@@ -821,11 +826,7 @@ _START_SQL = f"""
         AND {{live}}
         AND EXISTS (SELECT 1 FROM s)
         RETURNING l.id
-    ), started AS (
-        UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', started_at = %(now)s, updated_at = %(now)s
-        FROM s WHERE runs_run.id = s.run_id AND runs_run.status = '{RunStatus.PENDING.value}'
-        RETURNING runs_run.id
-    )
+    ), started AS ({_run_started_sql("s")})
     SELECT {{step}}, {{run}}, (SELECT count(*) FROM held), (SELECT n FROM alive),
            (SELECT count(*) FROM renewed), EXISTS (SELECT 1 FROM started)
     FROM (SELECT 1) AS one LEFT JOIN s ON true LEFT JOIN runs_run r ON r.id = s.run_id
@@ -1088,13 +1089,13 @@ _LEASE_FIRST_SQL = f"""
         {lease_take_over_sql("l", token_sql="nextval('core_fencing_token_seq')", now="%(now)s")}
         RETURNING l.id, l.key, l.token
     ), marked AS (
-        UPDATE runs_step SET status = {{status}}, lease_id = g.id, lease_token = g.token,
+        UPDATE runs_step SET {{status}}, lease_id = g.id, lease_token = g.token,
                lock_leases = COALESCE((
                    SELECT jsonb_agg(
                        jsonb_build_object('id', o.id, 'key', o.key, 'token', o.token) ORDER BY w.n)
                    FROM granted o JOIN wanted w ON w.key = o.key WHERE o.key <> locked.step_key
                ), '[]'::jsonb),
-               enqueued_at = %(now)s, updated_at = %(now)s{{started}}
+               enqueued_at = %(now)s, updated_at = %(now)s
         FROM granted g, locked
         WHERE runs_step.id = locked.id AND g.key = locked.step_key
         AND (SELECT count(*) FROM granted) = (SELECT count(*) FROM wanted)
@@ -1107,15 +1108,9 @@ _LEASE_FIRST_SQL = f"""
 # The same, the step started at once (leased → running in the same statement, as
 # ``step_attempt_start`` moves it): for the worker that runs it in this very transaction.
 _LEASE_FIRST_AND_START_SQL = _LEASE_FIRST_SQL.format(
-    status=f"'{StepStatus.RUNNING.value}'",
+    status=_ATTEMPT_STARTED_SET,
     returning="runs_step.*",
-    started=", attempt = runs_step.attempt + 1, started_at = %(now)s, worker = %(worker)s",
-    run_started=f"""
-    , run_started AS (
-        UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', started_at = %(now)s, updated_at = %(now)s
-        FROM marked WHERE runs_run.id = marked.run_id AND runs_run.status = '{RunStatus.PENDING.value}'
-        RETURNING runs_run.id
-    )""",
+    run_started=f", run_started AS ({_run_started_sql('marked')})",
     rows=(
         f", EXISTS (SELECT 1 FROM run_started), {rawsql.select_list(Step, 'm')},"
         f" {rawsql.select_list(Run, 'r')}"
@@ -1123,16 +1118,15 @@ _LEASE_FIRST_AND_START_SQL = _LEASE_FIRST_SQL.format(
     joins=" LEFT JOIN marked m ON true LEFT JOIN runs_run r ON r.id = m.run_id",
 )
 _LEASE_FIRST_SQL = _LEASE_FIRST_SQL.format(
-    status=f"'{StepStatus.LEASED.value}'",
+    status=f"status = '{StepStatus.LEASED.value}'",
     returning="runs_step.id",
-    started="",
     run_started="",
     rows="",
     joins="",
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Started:
     """A step started (leased → running) by the statement that admitted it: its row, its run's,
     and its grants, as ``step_attempt_start`` returns them."""

@@ -4,12 +4,14 @@ from datetime import datetime
 
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core import rawsql
-from core.models import ApiToken, Event, Tenant, User
+from core.models import ApiToken, Event, Tenant, TenantQuota, User
 from core.services import api_token_find, api_token_issue, event_record
-from runs.models import Run, Step
+from runs.models import Run, RunStatus, Step
+from runs.services import QuotaExceeded, run_start
 
 
 def test_placeholders_become_numbered_parameters_in_order() -> None:
@@ -50,6 +52,40 @@ def test_a_statement_is_prepared_once_per_connection_only_where_asked_and_answer
     connection.close()  # a new connection has nothing prepared: it prepares again
     with rawsql.prepared_statements():
         assert run() == [("acme",)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_in_one_round_trip_sends_prepared_statements_where_the_thread_prepares(acme: Tenant) -> None:
+    """A new run's rows, written in one round trip (``transaction_in_one_round_trip``), go as
+    EXECUTEs of statements prepared once per connection on a thread that prepares; the run is
+    the same either way, and a start the fast path refuses (over the quota) still writes
+    nothing."""
+    connection.close()
+    rawsql.prepare_on_this_thread()
+    try:
+        started = [run_start(tenant=acme, workflow="bench.noop", input={}, actor="t") for _ in range(3)]
+        with CaptureQueriesContext(connection) as sent:
+            again = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    finally:
+        rawsql._preparing.on = False
+    [round_trip] = [
+        q["sql"] for q in sent.captured_queries if "runs_run" in q["sql"] or "EXECUTE" in q["sql"]
+    ]
+    assert round_trip.startswith("EXECUTE rw_") and "INSERT" not in round_trip
+    for start in [*started, again]:
+        run = Run.objects.get(pk=start.run.pk)
+        assert run.status == RunStatus.PENDING and run.depth_shard == start.run.depth_shard
+        ids = list(run.steps.values_list("pk", flat=True))
+        assert len(ids) == 1 and (start.steps is None or ids == [step.pk for step in start.steps])
+        assert Event.objects.filter(subject=f"run:{run.pk}", verb="created").count() == 1
+    TenantQuota.objects.filter(tenant=acme).update(max_queue_depth=4)
+    rawsql.prepare_on_this_thread()
+    try:
+        with pytest.raises(QuotaExceeded):
+            run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    finally:
+        rawsql._preparing.on = False
+    assert Run.objects.filter(tenant=acme).count() == 4
 
 
 @pytest.mark.both_dialects

@@ -56,6 +56,7 @@ from bench.http_path import HttpClient, IngestTally
 from bench.peers.common import PeakCount, free_port, percentile, wait_for_http
 from bench.push_clients import PushClients
 from bench.workloads import BENCH_TOOL, KEY_HOLD_SECONDS, TOOL_CALL_SECONDS
+from core import rawsql
 from core.models import Event, Membership, Role, Tenant, TenantQuota, User
 from core.services import api_token_issue
 from runs import services
@@ -1046,6 +1047,9 @@ def bench_session(out: Callable[[str], None], options: dict[str, Any]) -> Bench:
     """A Bench on the database and Redis DB of the settings: the bench's workflows imported, its
     statement counter installed, its tenant made, a fresh log folder; the time budget starts now."""
     started = time.monotonic()
+    # This process starts the runs (and decides approvals in process) as the web process's
+    # request threads do: keeping its connection, preparing its hand-written statements.
+    rawsql.prepare_on_this_thread()
     import_module(BENCH_WORKFLOWS_MODULE)
     client = redis.Redis.from_url(settings.REDIS_URL)
     statement_counter.install(settings.REDIS_URL, STATEMENTS_KEY, role="bench")

@@ -25,7 +25,6 @@ from django.db import connection
 from bench.harness import stop_all_started
 from bench.management.commands.bench import Bench, PhaseSkipped, bench_session
 from bench.peers.common import STEP_PROCESSES, WORKLOADS, emit
-from core import rawsql
 
 
 class Command(BaseCommand):
@@ -40,9 +39,6 @@ class Command(BaseCommand):
             raise CommandError("bench_peer needs DATABASE_URL (PostgreSQL) and REDIS_URL")
         if "peers" not in str(connection.settings_dict["NAME"]):
             raise CommandError("bench_peer cancels unfinished runs: run it on a database named *peers*")
-        # This process stands in for the web process (signal: approvals through the API in
-        # process), whose request threads prepare their hand-written statements: so does it.
-        rawsql.prepare_on_this_thread()
         workload = WORKLOADS[options["workload"]]
         runs = options["runs"] or workload.runs
         log = io.StringIO()  # the bench's progress lines; stdout carries only the result
