@@ -414,8 +414,8 @@ def fenced_write(
 
     ``prelude_sql`` (statements ending in ``;``, and their parameters) runs first, in the
     fence's round trip (its own, or the write's that carries it), before the fence's row lock
-    (e.g. locks that must always be taken before it, so two lock orders never meet). ``also``: more leases (a step's entity locks)
-    that must still be held for the write to commit.
+    (e.g. locks that must always be taken before it, so two lock orders never meet). ``also``:
+    more leases (a step's entity locks) that must still be held for the write to commit.
 
     ``deferred`` (PostgreSQL, no ``also``): the fence is not checked as the transaction begins;
     its first write carries it (``Fence``), one round trip fewer. Nothing commits unchecked.
