@@ -1060,14 +1060,23 @@ def worker_idle(lanes: frozenset[str]) -> None:
 def _fitting(
     candidates: list[Candidate], room: Room, lanes: frozenset[str], headroom: int = 1, slot_headroom: int = 1
 ) -> list[Candidate]:
-    return [
-        c
-        for c in candidates
-        if c.lane in lanes
-        and c.lock_policy == "wait"
-        and not _unadmittable_reason(c)
-        and room.fits(c, headroom, slot_headroom)
-    ]
+    # Each verdict once per call: the candidates of a pull are mostly of one place and one step
+    # definition (every candidate of a place fits, or none does).
+    fits: dict[Place, bool] = {}
+    admittable: dict[tuple[str, str, str, tuple[Any, ...]], bool] = {}
+
+    def fitting(c: Candidate) -> bool:
+        if c.lane not in lanes or c.lock_policy != "wait":
+            return False
+        definition = (c.workflow, c.workflow_version, c.key, c.lock_keys)
+        if definition not in admittable:
+            admittable[definition] = not _unadmittable_reason(c)
+        place = c.place()
+        if admittable[definition] and place not in fits:
+            fits[place] = room.fits(c, headroom, slot_headroom)
+        return admittable[definition] and fits[place]
+
+    return [c for c in candidates if fitting(c)]
 
 
 def _admit_one(
@@ -1092,7 +1101,10 @@ def _admit_first(
         return None
     left = list(candidates)
     while left:
-        start = starts is not None and all(starts(c) for c in left)
+        # Asked once per step definition: a pull's candidates are mostly of one.
+        start = starts is not None and all(
+            starts(c) for c in {(c.workflow, c.workflow_version, c.key): c for c in left}.values()
+        )
         # A step started here runs now: its leases last as a running step's do.
         ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS if start else settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS
         locked, marked, granted, started = transitions.step_lease_first(
