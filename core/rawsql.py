@@ -191,6 +191,8 @@ def transaction_in_one_round_trip(
     values: list[Any] = []
     with connection.cursor() as cursor:
         for sql, params in parts:
+            if isinstance(params, Mapping):
+                raise TypeError("statements sent together take positional parameters only")
             form = _prepared_form(cursor, sql, params) if preparing() else None
             text, sent = form or (sql, list(params))
             texts.append(text)

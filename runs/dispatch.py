@@ -553,6 +553,11 @@ def _json_dict(value: Any) -> dict[str, Any]:
 
 def _unadmittable_reason(candidate: Candidate) -> str:
     """Why a step can never be admitted as it is (its own data or definition), or ''."""
+    return _undefined_reason(candidate) or _lock_keys_reason(candidate)
+
+
+def _undefined_reason(candidate: Candidate) -> str:
+    """Why a step's definition (its workflow, version and key) cannot run any more, or ''."""
     if candidate.workflow not in REGISTRY:
         return f"workflow {candidate.workflow!r} is no longer registered"
     try:
@@ -563,6 +568,11 @@ def _unadmittable_reason(candidate: Candidate) -> str:
         definition.spec(candidate.key)
     except UnknownWorkflow:
         return f"workflow {candidate.workflow!r} no longer has a step {candidate.key!r}"
+    return ""
+
+
+def _lock_keys_reason(candidate: Candidate) -> str:
+    """Why a step's lock keys (its own data, perhaps corrupt) can be no lease's key, or ''."""
     for key in candidate.lock_keys:
         if not transitions.valid_lock_key(key):
             return f"lock key {str(key)[:60]!r} is not a valid key"
@@ -827,8 +837,9 @@ def admit_here(
     key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
     of the step finishing in this transaction (its release already written), whose lease ran
     until ``leaving_until``: the fairest ready step of that same place may take it over
-    (``_takes_over``). ``starts``: which steps the caller starts in this transaction: the
-    statement admitting such a step starts it too (``Admission.started``).
+    (``_takes_over``). ``starts``: which steps the caller starts in this transaction (asked of
+    each step definition: its workflow, version and key): the statement admitting such a step
+    starts it too (``Admission.started``).
     """
     now = timezone.now()
     # The calling worker is one of the pools, alive: a second-old view of them will do.
@@ -1063,18 +1074,20 @@ def _fitting(
     # Each verdict once per call: the candidates of a pull are mostly of one place and one step
     # definition (every candidate of a place fits, or none does).
     fits: dict[Place, bool] = {}
-    admittable: dict[tuple[str, str, str, tuple[Any, ...]], bool] = {}
+    defined: dict[tuple[str, str, str], bool] = {}
 
     def fitting(c: Candidate) -> bool:
-        if c.lane not in lanes or c.lock_policy != "wait":
+        if c.lane not in lanes or c.lock_policy != "wait" or _lock_keys_reason(c):
             return False
-        definition = (c.workflow, c.workflow_version, c.key, c.lock_keys)
-        if definition not in admittable:
-            admittable[definition] = not _unadmittable_reason(c)
+        definition = (c.workflow, c.workflow_version, c.key)
+        if definition not in defined:
+            defined[definition] = not _undefined_reason(c)
+        if not defined[definition]:
+            return False
         place = c.place()
-        if admittable[definition] and place not in fits:
+        if place not in fits:
             fits[place] = room.fits(c, headroom, slot_headroom)
-        return admittable[definition] and fits[place]
+        return fits[place]
 
     return [c for c in candidates if fitting(c)]
 
@@ -1107,16 +1120,14 @@ def _admit_first(
         )
         # A step started here runs now: its leases last as a running step's do.
         ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS if start else settings.RUNWARDEN_PICKUP_TIMEOUT_SECONDS
+        granted_at = timezone.now() if start else now  # a start's leases run from the start itself
         locked, marked, granted, started = transitions.step_lease_first(
-            step_ids=[c.step_id for c in left],
-            ttl=float(ttl),
-            now=timezone.now() if start else now,  # a start's leases run from the start itself
-            start=start,
+            step_ids=[c.step_id for c in left], ttl=float(ttl), now=granted_at, start=start
         )
         if locked is None:
             return None  # each is being admitted by a round or another worker, or no longer ready
         at = next(index for index, c in enumerate(left) if c.step_id == locked)
-        if admission := _admission_of(left[at], marked, granted, now, started):
+        if admission := _admission_of(left[at], marked, granted, granted_at, started):
             return left[at], admission
         # A key held elsewhere: those after it may still go (those before it were held by other
         # admissions or no longer ready: tried once, as each candidate is).

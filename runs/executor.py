@@ -86,7 +86,8 @@ def _begin(
     """The start of an attempt, in the caller's transaction: leased → running, leases renewed
     to the step's own length (StaleToken if they ran out), a gated step parked or let through.
     ``outputs``: the earlier steps' outputs when the caller already has them. ``started``: the
-    step as the statement that admitted it in this transaction also started it."""
+    step as the statement that admitted it in this transaction also started it (running, its
+    leases of the default length: nothing is renewed, ``_starts_at_once``)."""
     default_ttl = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
     if started is not None:
         step, run, grants = started.step, started.run, started.grants
@@ -466,13 +467,18 @@ def _finish_succeeded(
         return "stale", None
 
 
+def _spec_of(workflow: str, version: str, key: str) -> StepSpec | None:
+    """A step's declaration, or None where its workflow (version) or step is unknown."""
+    try:
+        return get_workflow(workflow, version).spec(key)
+    except UnknownWorkflow:
+        return None
+
+
 def _gated(workflow: str, version: str, key: str) -> bool:
     """Whether a step waits on an approval gate (or is unknown)."""
-    try:
-        spec = get_workflow(workflow, version).spec(key)
-    except UnknownWorkflow:
-        return True
-    return spec.approval is not None
+    spec = _spec_of(workflow, version, key)
+    return spec is None or spec.approval is not None
 
 
 def _starts_at_once(candidate: Candidate) -> bool:
@@ -480,12 +486,9 @@ def _starts_at_once(candidate: Candidate) -> bool:
     statement that admits it (its leases then run a running step's default length): every step
     but a gated one (whose gate may raise: it starts in a savepoint of its own) and one with a
     lease length of its own (renewed as it starts)."""
-    try:
-        spec = get_workflow(candidate.workflow, candidate.workflow_version).spec(candidate.key)
-    except UnknownWorkflow:
-        return False
+    spec = _spec_of(candidate.workflow, candidate.workflow_version, candidate.key)
     default = settings.RUNWARDEN_DEFAULT_LEASE_SECONDS
-    return spec.approval is None and (spec.lease_seconds or default) == default
+    return spec is not None and spec.approval is None and (spec.lease_seconds or default) == default
 
 
 def _finish_failed(ctx: StepContext, spec: StepSpec, error: str, *, retryable: bool) -> str:

@@ -136,6 +136,20 @@ def test_poisoned_runs_fail_alone_with_their_reason_and_good_runs_finish(
         assert Event.objects.filter(subject=f"run:{run_id}", verb="run_failed").count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_workers_pull_passes_over_lock_keys_corrupt_beyond_strings(acme: Tenant) -> None:
+    """Lock keys that are not even strings (lists, objects: no valid key, and not hashable) are
+    passed over by a worker's pull as by a round, never raised into the finishing step's
+    transaction; the next good step is admitted."""
+    corrupt = [crm_run(acme, 20 + n) for n in range(2)]
+    for run, keys in zip(corrupt, ([["a"]], [{}]), strict=True):
+        Step.objects.filter(run=run).update(lock_keys=keys)
+    good = crm_run(acme, 30)
+    with transaction.atomic():
+        admission = admit_here(lanes=frozenset({"external"}), starts=lambda c: True)
+    assert admission is not None and admission.step_id == Step.objects.get(run=good).pk
+
+
 def test_a_round_costs_the_same_number_of_queries_for_one_step_or_fifty(acme: Tenant) -> None:
     def round_queries(n: int) -> tuple[int, int]:
         for _ in range(n):
