@@ -6,10 +6,11 @@ a counter also adds to a ``Tally`` row here, in the caller's transaction (a roll
 attempt counts nothing), with one ``INSERT ... ON CONFLICT DO UPDATE SET count = count + n``
 per batch: concurrent writers add up exactly, without reading first.
 
-Lock order: a row stays locked until its writer commits. The admission tallies (lock waits,
-lock conflicts, retries blocked) are written only under the admission lock, once per round
-or admission; the duplicate tallies are single statements that hold nothing else. So no two
-writers can wait on each other's tally rows crosswise.
+Lock order: a row stays locked until its writer commits. A round's admission tallies (lock
+waits, lock conflicts, retries blocked) are written under the admission lock, once per round;
+a worker's own admission adds its tallies once it has committed, and the duplicate tallies are
+single statements: neither holds anything else. So no two writers can wait on each other's
+tally rows crosswise.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -61,6 +63,18 @@ def tally_add(
             f"ON CONFLICT (tenant_id, minute, name) DO UPDATE SET count = {table}.count + EXCLUDED.count",
             params,
         )
+
+
+def tally_add_on_commit(counts: Counter[tuple[int, str]], *, now: datetime | None = None) -> None:
+    """``tally_add`` once the caller's transaction commits, in a statement of its own (nothing
+    for a rolled-back one). For a worker's own admissions: every keyed admission of a tenant
+    adds to one row per minute, and written in the admitting transaction it stayed locked until
+    that transaction committed, so a tenant's keyed admissions waited on each other there."""
+    if not counts:
+        return
+    at = now or timezone.now()
+    # Robust: a figure for the overview that could not be written never undoes the admission.
+    transaction.on_commit(partial(tally_add, Counter(counts), now=at), robust=True)
 
 
 def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:

@@ -1151,13 +1151,13 @@ def _admission_of(
         if step_key not in granted:
             metrics.RETRIES_BLOCKED_BY_LEASE.inc()  # a live lease still owns the step
             counted[(c.tenant_id, tallies.RETRIES_BLOCKED_BY_LEASE)] += 1
-        tallies.tally_add(counted, now=now)
+        tallies.tally_add_on_commit(counted, now=now)
         return None
     if c.lock_keys and c.ready_since is not None:
         waited = max(0.0, (now - c.ready_since).total_seconds())
         metrics.LOCK_WAIT_SECONDS.observe(waited)
         counted[(c.tenant_id, tallies.lock_wait_bucket(waited))] += 1
-        tallies.tally_add(counted, now=now)
+        tallies.tally_add_on_commit(counted, now=now)
     admission_traced(c, now)
     return Admission(
         step_id=c.step_id,

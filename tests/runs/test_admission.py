@@ -136,6 +136,41 @@ def test_poisoned_runs_fail_alone_with_their_reason_and_good_runs_finish(
         assert Event.objects.filter(subject=f"run:{run_id}", verb="run_failed").count() == 1
 
 
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_keyed_admissions_of_one_tenant_do_not_wait_on_each_others_lock_wait_tally(acme: Tenant) -> None:
+    """Every keyed admission of a tenant adds to one lock-wait tally row per minute; a worker's
+    own admission adds it once it has committed, so a second admission never waits for the
+    first's transaction on that row (it did, until the first committed)."""
+    first_run, second_run = crm_run(acme, 40), crm_run(acme, 41)
+    admitted_first, release_first = threading.Event(), threading.Event()
+
+    def first() -> int | None:
+        with transaction.atomic():
+            admission = admit_here(lanes=frozenset({"external"}))
+            admitted_first.set()
+            release_first.wait(10)
+        return admission.step_id if admission else None
+
+    def second() -> int | None:
+        assert admitted_first.wait(10)
+        with transaction.atomic(), connections["default"].cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = '3s'")  # waiting on the first's row fails
+            admission = admit_here(lanes=frozenset({"external"}))
+        release_first.set()
+        return admission.step_id if admission else None
+
+    try:
+        results = run_concurrently(lambda i: (first, second)[i](), 2)
+    finally:
+        release_first.set()
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert set(results) == {Step.objects.get(run=first_run).pk, Step.objects.get(run=second_run).pk}
+    since = timezone.now() - timedelta(hours=1)
+    waits = tallies.tallies_since([acme.pk], since)
+    assert sum(n for name, n in waits.items() if name.startswith(tallies.LOCK_WAIT_PREFIX)) == 2
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_workers_pull_passes_over_lock_keys_corrupt_beyond_strings(acme: Tenant) -> None:
     """Lock keys that are not even strings (lists, objects: no valid key, and not hashable) are
