@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from functools import partial
+from typing import Any
 
 from django.db import transaction
 from redis import Redis
@@ -36,6 +37,10 @@ LEFT_WAITING_KEY = "runwarden:dispatcher:left_waiting"
 # Lanes whose workers are all busy (every slot admitted): their workers take the next ready
 # step themselves when they finish one, so new work in them needs no round.
 SATURATED_KEY = "runwarden:dispatcher:saturated"
+# Counts the steps that began to wait without waking a round (``mark_waiter_added``). A round
+# reads it before it looks at the steps, and clears a waiting mark only if it is unchanged then:
+# a step that began to wait meanwhile, perhaps unseen by the round, keeps the marks set.
+WAITERS_ADDED_KEY = "runwarden:dispatcher:waiters_added"
 _local_wake = threading.Event()
 _local_waiting = threading.Event()
 _local_left_waiting = threading.Event()
@@ -86,11 +91,8 @@ _scripts: dict[str, Script] = {}
 
 def _wake_by_script(client: Redis, source: str, key: str, *args: str) -> None:
     """Run a conditional wake-up script; if Redis fails it, wake anyway (a wake is only a hint)."""
-    script = _scripts.get(source)
-    if script is None:
-        script = _scripts[source] = client.register_script(source)
     try:
-        woke = script(keys=[key, WAKE_KEY], args=list(args), client=client)
+        woke = _script(client, source)(keys=[key, WAKE_KEY], args=list(args), client=client)
     except Exception:
         logger.warning("a conditional wake-up failed in Redis; waking the dispatcher anyway", exc_info=True)
         wake_now()
@@ -120,9 +122,67 @@ def _wake_if_marked(key: str, local: threading.Event) -> None:
     _wake_by_script(client, _WAKE_IF_EXISTS, key)
 
 
-def mark_left_waiting(waiting: bool) -> None:
+def mark_waiter_added() -> bool:
+    """A step that has committed waits for an entity key held elsewhere, and no round is woken
+    for it: its key's holder hands the key on as it lets go, or wakes a round (``runs.dispatch
+    .admit_here``). Every other way a key is freed wakes a round only where the waiting marks
+    are set: they are set now, and a round in progress, which may not have seen this step, will
+    not clear them. False where Redis does not keep the marks (or failed them): then a round
+    must be woken for the step."""
+    client = get_redis()
+    if client is None:
+        return False
+    try:
+        _script(client, _WAITER_ADDED)(keys=[WAITERS_ADDED_KEY, WAITING_KEY, LEFT_WAITING_KEY], client=client)
+    except Exception:
+        logger.warning("could not mark a step waiting for its key; waking the dispatcher", exc_info=True)
+        return False
+    return True
+
+
+def waiters_added() -> str | None:
+    """How many steps have begun to wait without a round (read by a round before it looks at
+    the steps, for ``mark_left_waiting`` and ``mark_waiting``); None without Redis."""
+    client = get_redis()
+    if client is None:
+        return None
+    try:
+        added = client.get(WAITERS_ADDED_KEY)
+    except Exception:
+        logger.warning("could not read the steps begun to wait", exc_info=True)
+        return None
+    return added.decode() if isinstance(added, bytes) else str(added or 0)
+
+
+_WAITER_ADDED = (
+    "redis.call('INCR', KEYS[1]); redis.call('SET', KEYS[2], 1); redis.call('SET', KEYS[3], 1); return 1"
+)
+# Clear a mark only if no step began to wait since the round read the count.
+_CLEAR_UNLESS_ADDED = (
+    "if (redis.call('GET', KEYS[1]) or '0') == ARGV[1] then redis.call('DEL', KEYS[2]) end; return 1"
+)
+
+
+def _script(client: Redis, source: str) -> Script:
+    script = _scripts.get(source)
+    if script is None:
+        script = _scripts[source] = client.register_script(source)
+    return script
+
+
+def _clear_mark(client: Redis, pipe: Any, key: str, since: str | None) -> None:
+    """Clear the mark ``key`` (in ``pipe``, of ``client``), unless a step began to wait after
+    ``since``."""
+    if since is None:
+        pipe.delete(key)
+    else:
+        _script(client, _CLEAR_UNLESS_ADDED)(keys=[WAITERS_ADDED_KEY, key], args=[since], client=pipe)
+
+
+def mark_left_waiting(waiting: bool, *, since: str | None = None) -> None:
     """A round says, inside its transaction (before any release under the admission lock can
-    commit after it), whether it left ready steps waiting for room."""
+    commit after it), whether it left ready steps waiting for room. ``since``: the count of
+    ``waiters_added`` the round read before it looked at the steps."""
     if waiting:
         _local_left_waiting.set()
     else:
@@ -134,14 +194,15 @@ def mark_left_waiting(waiting: bool) -> None:
         if waiting:
             client.set(LEFT_WAITING_KEY, 1)
         else:
-            client.delete(LEFT_WAITING_KEY)
+            _clear_mark(client, client, LEFT_WAITING_KEY, since)
     except Exception:
         logger.warning("could not record what a round left waiting", exc_info=True)
 
 
-def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:
+def mark_waiting(waiting: bool, saturated: set[str] | None = None, *, since: str | None = None) -> None:
     """The dispatcher says whether ready steps are left waiting for room a release may free,
-    and (after a round) which lanes have every worker slot taken."""
+    and (after a round) which lanes have every worker slot taken. ``since``: as for
+    ``mark_left_waiting``."""
     if waiting:
         _local_waiting.set()
     else:
@@ -157,7 +218,7 @@ def mark_waiting(waiting: bool, saturated: set[str] | None = None) -> None:
             if waiting:
                 pipe.set(WAITING_KEY, 1)
             else:
-                pipe.delete(WAITING_KEY)
+                _clear_mark(client, pipe, WAITING_KEY, since)
             if saturated is not None:
                 pipe.delete(SATURATED_KEY)
                 if saturated:

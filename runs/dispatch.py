@@ -55,7 +55,14 @@ from core.leases import (
     live_leases_filter,
 )
 from core.models import Lease
-from core.wakeups import mark_left_waiting, mark_unsaturated, mark_waiting, wake_now, wake_on_commit
+from core.wakeups import (
+    mark_left_waiting,
+    mark_unsaturated,
+    mark_waiting,
+    waiters_added,
+    wake_now,
+    wake_on_commit,
+)
 from core.workers import Pool, live_pools
 from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
@@ -752,6 +759,7 @@ class RoundResult:
 def admit_round(*, limit: int | None = None) -> RoundResult:
     """One admission round (see the module docstring); enqueues after commit."""
     limit = limit or settings.RUNWARDEN_DISPATCH_BATCH
+    since = waiters_added()  # before the round looks at the steps: see mark_waiter_added
     mark_waiting(True)  # until this round says otherwise: releases meanwhile wake the next one
     with transaction.atomic():
         # Wait for the lock rather than try it: finishing workers take it too, and PostgreSQL
@@ -772,13 +780,13 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
             state.admitted = _grant_isolated(chosen, state)
         waiting, saturated, next_due = _left_behind(state, room)
         waiting = waiting or sessions_waiting  # a run finishing in a session frees a turn
-        mark_left_waiting(waiting)  # before the commit: see core.wakeups.LEFT_WAITING_KEY
+        mark_left_waiting(waiting, since=since)  # before the commit: see core.wakeups.LEFT_WAITING_KEY
         if session_due is not None:
             next_due = session_due if next_due is None else min(next_due, session_due)
         _enqueue_on_commit(state.admitted)
         for run_id, reason in state.cancel:
             transaction.on_commit(partial(run_cancel_by_id, run_id=run_id, actor="dispatcher", reason=reason))
-    mark_waiting(waiting, saturated)
+    mark_waiting(waiting, saturated, since=since)
     return RoundResult(state.admitted, waiting, next_due)
 
 
@@ -849,6 +857,8 @@ def admit_here(
     waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
     for waiter in waiters:
         if admitted := _admit_named(waiter, now, room, lanes, headroom, starts):
+            if len(waiters) > 1:
+                wake_on_commit()  # the other keys' next holders: a round gives them their keys
             return admitted
     if waiters:
         wake_on_commit()  # a key's next holder this worker cannot take: a round gives it the key

@@ -383,11 +383,12 @@ def _fenced(ctx: StepContext, *, admitting: bool = False, deferred: bool = False
 
 def _wake_for_freed_room(ctx: StepContext, follow: Admission | None, leaving: Place) -> None:
     """A run's last step ended, freeing its place (``leaving``) under every cap, its worker
-    slot, its entity keys and the run's session place: a round may now admit a step left
-    waiting for one of them. Not when this worker's own next step took that very place (same
-    tenant, workflow, lane and tool: no cap or slot has more room than before), the step held
-    no entity key (``admit_here`` hands on one at most) and the run had no session."""
-    if follow is not None and follow.place == leaving and not ctx.locks and not ctx.run.session_key:
+    slot and the run's session place: a round may now admit a step left waiting for one of
+    them. Not when this worker's own next step took that very place (same tenant, workflow,
+    lane and tool: no cap or slot has more room than before) and the run had no session. Its
+    entity keys need no round of their own: ``admit_here`` handed each key's next waiter its
+    key, or woke the dispatcher for it."""
+    if follow is not None and follow.place == leaving and not ctx.run.session_key:
         return
     wake_on_commit(only_if_waiting=True, admission_locked=True)
 

@@ -12,6 +12,10 @@ A transaction that locks or changes more than one of these rows takes them in th
 5. the acting member's row (a role checked at the instant of the write, ``core.access``);
 6. notifications, events and the outbox (inserts only).
 
+A run's start, as it commits, takes ``FOR SHARE SKIP LOCKED`` on the lease rows of its first
+step's entity keys (``held_key_share_sql``): it never waits for one, so it needs no place in
+this order.
+
 Tenant-wide settings take the tenant's row (members, ``FOR NO KEY UPDATE``) or its quota row
 (``FOR UPDATE``: no row refers to it), then the acting admin's member row, and no step row.
 
@@ -30,9 +34,11 @@ foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from core import rawsql
+from core.leases import live_lease_sql
 from runs.models import Step, StepStatus
 
 
@@ -69,3 +75,20 @@ def ready_steps_lock(step_ids: list[int]) -> set[int]:
     if rawsql.on_postgresql():
         ready = ready.select_for_update(no_key=True, skip_locked=True)
     return set(ready.values_list("pk", flat=True))
+
+
+def held_key_share_sql(step: Step, now: datetime) -> tuple[str, list[Any]]:
+    """An expression for the transaction that made ``step`` ready, on PostgreSQL: whether it
+    waits (lock policy ``wait``) for an entity key that a live lease holds, that lease's row
+    locked ``FOR SHARE`` until the transaction ends. Its holder's release then waits for this
+    commit, so the release sees the step as the key's waiter: it hands the key on or wakes a
+    round (``runs.dispatch.admit_here``) — this step needs no round of its own. A row that is
+    being changed (released, renewed, taken over) is skipped, not waited for: the step is then
+    not known to wait, and a round is woken for it as usual."""
+    if step.lock_policy != "wait" or not step.lock_keys:
+        return "false", []
+    return (
+        "EXISTS (SELECT 1 FROM core_lease l WHERE l.tenant_id = %s AND l.key = ANY(%s)"
+        f" AND {live_lease_sql('l')} FOR SHARE SKIP LOCKED)",
+        [step.tenant_id, list(step.lock_keys), rawsql.adapt_datetime(now)],
+    )

@@ -14,7 +14,7 @@ from core.redis_client import get_redis
 def redis_marks() -> Iterator[None]:
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
-    keys = [wakeups.WAKE_KEY, wakeups.SATURATED_KEY, wakeups.WAITING_KEY]
+    keys = [wakeups.WAKE_KEY, wakeups.SATURATED_KEY, wakeups.WAITING_KEY, wakeups.LEFT_WAITING_KEY]
     client.delete(*keys)
     yield
     wakeups.mark_waiting(False, saturated=set())
@@ -48,3 +48,23 @@ def test_freed_room_wakes_the_dispatcher_only_while_steps_wait_for_room(redis_ma
     client = get_redis()
     assert client is not None
     assert client.llen(wakeups.WAKE_KEY) == 1
+
+
+def test_a_round_clears_the_waiting_marks_only_if_no_step_began_to_wait_meanwhile(redis_marks: None) -> None:
+    """A step that starts waiting for a held key wakes no round but sets the marks; a round in
+    progress, which read the count before it looked at the steps and so may not have seen that
+    step, leaves them set — a later one, which saw it, may clear them."""
+    client = get_redis()
+    assert client is not None
+    since = wakeups.waiters_added()  # a round begins
+    assert wakeups.mark_waiter_added()  # meanwhile a step starts waiting for a held key
+    assert client.exists(wakeups.WAITING_KEY) and client.exists(wakeups.LEFT_WAITING_KEY)
+    wakeups.mark_left_waiting(False, since=since)
+    wakeups.mark_waiting(False, saturated=set(), since=since)
+    assert client.exists(wakeups.WAITING_KEY) and client.exists(wakeups.LEFT_WAITING_KEY)
+    wakeups._wake_if_marked(wakeups.LEFT_WAITING_KEY, wakeups._local_left_waiting)
+    assert woken()  # a release under the admission lock still wakes the next round
+    since = wakeups.waiters_added()  # the next round saw the step
+    wakeups.mark_left_waiting(False, since=since)
+    wakeups.mark_waiting(False, saturated=set(), since=since)
+    assert not client.exists(wakeups.WAITING_KEY) and not client.exists(wakeups.LEFT_WAITING_KEY)

@@ -7,6 +7,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pydantic
 import pytest
 from django.conf import settings
 from django.db import connections, transaction
@@ -18,7 +19,7 @@ from core import rawsql, tallies, wakeups
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
 from core.redis_client import get_redis
-from runs import dispatch, executor, transitions
+from runs import dispatch, executor, locking, transitions
 from runs.context import StepContext
 from runs.definitions import workflow
 from runs.dispatch import admit_here, dispatch_round, fair_candidates
@@ -962,25 +963,59 @@ def _woken() -> bool:
     return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
 
 
+class KeyPair(pydantic.BaseModel):
+    a: int
+    b: int
+
+
+keyed_pair = workflow(
+    "test.keyed_pair", description="one step holding two entity keys of its input", input=KeyPair
+)
+
+
+@keyed_pair.step(lane="read", locks=["thing:{a}", "thing:{b}"])
+def hold_pair(ctx: StepContext) -> dict[str, Any]:
+    return {}
+
+
+def _clear_marks() -> None:
+    wakeups.mark_left_waiting(False)
+    wakeups.mark_waiting(False)
+    _woken()
+
+
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize("after", ["same_place", "another_tenant", "nothing", "a_session_run", "a_keyed_run"])
+@pytest.mark.parametrize(
+    "after",
+    ["same_place", "another_tenant", "nothing", "a_session_run", "a_keyed_run", "two_keys_two_waiters"],
+)
 def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_took_that_very_place(
     acme: Tenant, after: str
 ) -> None:
     """The room a run's last step frees (its caps, its worker slot, its session place) may let
     a step left waiting by the last round go: the dispatcher is woken for it, unless the
     worker's own next step took that very place (same tenant, workflow, lane and tool: no cap
-    or slot has more room than before) and the run had no session."""
+    or slot has more room than before) and the run had no session. Its entity keys need no
+    round where the worker handed its one waiter both keys; where each key has a waiter of its
+    own, the one it did not take needs a round."""
     if not rawsql.on_postgresql() or get_redis() is None:
         pytest.skip("a worker's own admission knows its place on PostgreSQL; wake-ups go through Redis")
     session = {"session_key": "conversation-1"} if after == "a_session_run" else {}
-    workflow_name = "test.keyed_noop" if after == "a_keyed_run" else "bench.noop"
-    first = run_start(tenant=acme, workflow=workflow_name, input={}, actor="t", **session).run
+    workflow_name = {"a_keyed_run": "test.keyed_noop", "two_keys_two_waiters": "test.keyed_pair"}.get(
+        after, "bench.noop"
+    )
+    inputs = (
+        [{"a": 1, "b": 2}, {"a": 1, "b": 3}, {"a": 2, "b": 4}]
+        if after == "two_keys_two_waiters"
+        else [{}] * 2
+    )
+    first = run_start(tenant=acme, workflow=workflow_name, input=inputs[0], actor="t", **session).run
     [admission] = dispatch_round(limit=1)  # a round: a session's run is let in first
     assert admission.step_id == Step.objects.get(run=first).pk
     if after != "nothing":
         other = make_tenant("elsewhere", "Elsewhere") if after == "another_tenant" else acme
-        run_start(tenant=other, workflow=workflow_name, input={}, actor="t")
+        for later in inputs[1:]:
+            run_start(tenant=other, workflow=workflow_name, input=later, actor="t")
     started = executor._start(admission.step_id, admission.token)
     assert started.ctx is not None
     wakeups.mark_left_waiting(True)  # the last round left steps waiting for room
@@ -988,12 +1023,187 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
     try:
         outcome, follow = executor._finish_succeeded(started.ctx, {}, frozenset({"read"}))
         assert outcome == "succeeded" and (follow is not None) == (after != "nothing")
-        if after in ("same_place", "a_session_run", "a_keyed_run"):
+        if after in ("same_place", "a_session_run", "a_keyed_run", "two_keys_two_waiters"):
             assert isinstance(follow, executor._Start) and follow.ctx is not None
             assert follow.ctx.run.workflow == workflow_name and follow.ctx.step.tenant_id == acme.pk
-        assert _woken() == (after != "same_place")
+            assert follow.ctx.run.input == inputs[1]  # the oldest waiter of the first key
+        assert _woken() == (after not in ("same_place", "a_keyed_run"))
     finally:
-        wakeups.mark_left_waiting(False)
+        _clear_marks()
+
+
+def _started_pair(tenant: Tenant, a: int, b: int) -> executor._Start:
+    """A test.keyed_pair run admitted by a round and started: its step holds both keys."""
+    run = run_start(tenant=tenant, workflow="test.keyed_pair", input={"a": a, "b": b}, actor="t").run
+    [admission] = dispatch_round(limit=1)
+    assert admission.step_id == Step.objects.get(run=run).pk
+    started = executor._start(admission.step_id, admission.token)
+    assert started.ctx is not None
+    return started
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_behind_a_held_key_wakes_no_round_and_its_holder_hands_the_key_on(acme: Tenant) -> None:
+    """A run whose first step waits for a key held elsewhere needs no round: the start marks
+    steps as waiting (so any other release of the key wakes a round) and the key's holder
+    hands it on as it finishes. A key free, or its lease row being changed as the start
+    commits, wakes a round as before."""
+    if not rawsql.on_postgresql() or get_redis() is None:
+        pytest.skip("the start's look at the key's lease is PostgreSQL's; the marks are Redis's")
+    client = get_redis()
+    assert client is not None
+    wakeups.mark_waiting(False, saturated=set())
+    _clear_marks()
+    holder = _started_pair(acme, 1, 2)
+    _woken()
+    before = int(wakeups.waiters_added() or 0)
+    try:
+        waiter = run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 3}, actor="t").run
+        assert not _woken()
+        assert int(wakeups.waiters_added() or 0) == before + 1
+        assert client.exists(wakeups.WAITING_KEY) and client.exists(wakeups.LEFT_WAITING_KEY)
+        run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 5, "b": 6}, actor="t")
+        assert _woken()  # its keys are free: a round admits it
+
+        changing = threading.Event()
+        done = threading.Event()
+
+        def release_in_progress() -> None:
+            try:
+                with transaction.atomic(), connections["default"].cursor() as cursor:
+                    cursor.execute(
+                        "SELECT id FROM core_lease WHERE tenant_id = %s AND key = 'thing:2' FOR UPDATE",
+                        [acme.pk],
+                    )
+                    changing.set()
+                    done.wait(30)
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=release_in_progress)
+        thread.start()
+        try:
+            assert changing.wait(30)
+            run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 2, "b": 7}, actor="t")
+            assert _woken()  # its key's row is being changed: not known to wait, a round decides
+        finally:
+            done.set()
+            thread.join(30)
+        assert holder.ctx is not None
+        outcome, follow = executor._finish_succeeded(holder.ctx, {}, frozenset({"read"}))
+        assert outcome == "succeeded"
+        assert (
+            isinstance(follow, executor._Start) and follow.ctx is not None and follow.ctx.run_id == waiter.pk
+        )
+    finally:
+        _clear_marks()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_keys_release_waits_for_a_start_that_found_it_held_and_hands_it_that_step(acme: Tenant) -> None:
+    """The start that found a key held keeps the key's lease row share-locked until it commits:
+    the holder's release, which locks that row first, waits for it — and then sees the new
+    step as the key's waiter and hands it the key. (Read without the lock, the release could
+    commit unaware of a step that started waiting as it did, and no round would be woken.)"""
+    if not rawsql.on_postgresql():
+        pytest.skip("row locks on lease rows are PostgreSQL's")
+    holder = _started_pair(acme, 1, 2)
+    assert holder.ctx is not None
+    found_held = threading.Event()
+    blocked = threading.Event()
+    started: list[str] = []
+
+    def start_behind_the_key() -> None:
+        try:
+            with transaction.atomic():
+                wanted = Step(tenant_id=acme.pk, lock_keys=["thing:1"], lock_policy="wait")
+                sql, params = locking.held_key_share_sql(wanted, timezone.now())
+                with connections["default"].cursor() as cursor:
+                    cursor.execute(f"SELECT {sql}", params)
+                    assert cursor.fetchone() == (True,)
+                found_held.set()
+                blocked.wait(10)  # the holder's release now waits for this transaction
+                run = run_start(
+                    tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 3}, actor="t"
+                ).run
+                started.append(run.pk)
+        finally:
+            connections.close_all()
+
+    results: list[Any] = []
+
+    def finish() -> None:
+        try:
+            assert holder.ctx is not None
+            results.append(executor._finish_succeeded(holder.ctx, {}, frozenset({"read"})))
+        finally:
+            connections.close_all()
+
+    starter = threading.Thread(target=start_behind_the_key)
+    starter.start()
+    assert found_held.wait(30)
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not blocked.is_set():
+            with connections["default"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+                if cursor.fetchone()[0]:
+                    blocked.set()
+            time.sleep(0.01)
+    finally:
+        blocked.set()
+        starter.join(30)
+        finisher.join(30)
+    [(outcome, follow)] = results
+    assert outcome == "succeeded" and started
+    assert isinstance(follow, executor._Start) and follow.ctx is not None and follow.ctx.run_id == started[0]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_racing_its_keys_release_is_handed_the_key_or_wakes_a_round(acme: Tenant) -> None:
+    """A key's holder finishes while a run that waits for that key starts, over many trials:
+    whichever commits first, the new step is never left with neither — its holder hands it the
+    key, or a round is woken for it."""
+    if not rawsql.on_postgresql() or get_redis() is None:
+        pytest.skip("the start's look at the key's lease is PostgreSQL's; the marks are Redis's")
+    wakeups.mark_waiting(False, saturated=set())
+    for trial in range(12):
+        holder = _started_pair(acme, 100 + trial, 200 + trial)
+        assert holder.ctx is not None
+        ctx = holder.ctx
+        _clear_marks()
+
+        def act(i: int, ctx: StepContext = ctx, trial: int = trial) -> Any:
+            if i == 0:
+                return executor._finish_succeeded(ctx, {}, frozenset({"read"}))
+            pair = {"a": 100 + trial, "b": 300 + trial}
+            return run_start(tenant=acme, workflow="test.keyed_pair", input=pair, actor="t").run
+
+        try:
+            (outcome, follow), waiter = run_concurrently(act, 2)
+            assert outcome == "succeeded" and isinstance(waiter, Run)
+            handed = (
+                isinstance(follow, executor._Start)
+                and follow.ctx is not None
+                and follow.ctx.run_id == waiter.pk
+            )
+            assert handed or _woken(), (
+                f"trial {trial}: the waiting step was neither handed its key nor woken for"
+            )
+            if follow is not None:
+                assert isinstance(follow, executor._Start) and follow.ctx is not None
+                executor._finish_succeeded(follow.ctx, {}, frozenset())  # its keys free for the next trial
+        finally:
+            _clear_marks()
+        pump()  # a waiter left to a round runs now
+    assert set(Run.objects.filter(workflow="test.keyed_pair").values_list("status", flat=True)) == {
+        RunStatus.SUCCEEDED
+    }
 
 
 @pytest.mark.django_db(transaction=True)
