@@ -359,14 +359,21 @@ def _fence_all(grants: Sequence[LeaseGrant]) -> None:
 class Fence:
     """The lease check of a ``fenced_write``. Checked as the transaction begins, or, deferred,
     by the transaction's first write, in that write's own round trip: the write sends
-    ``in_write``'s statements first and its fence query as a CTE every change depends on, and
-    hands what that CTE found to ``confirm``. A write that cannot carry it calls ``check``."""
+    ``in_write``'s statements first and its fence queries as CTEs every change depends on, and
+    hands what they found to ``confirm``. A write that cannot carry it calls ``check``."""
 
     def __init__(
-        self, *, tenant_id: int, key: str, token: int, prelude_sql: tuple[str, Sequence[Any]]
+        self,
+        *,
+        tenant_id: int,
+        key: str,
+        token: int,
+        prelude_sql: tuple[str, Sequence[Any]],
+        also: Sequence[LeaseGrant] = (),
     ) -> None:
         self.tenant_id, self.key, self.token = tenant_id, key, token
         self.prelude_sql = prelude_sql
+        self.also = list(also)
         self.checked = False
 
     @property
@@ -375,28 +382,58 @@ class Fence:
         return not self.checked
 
     def check(self) -> None:
-        """Check it now, in a round trip of its own, if no write has carried it yet."""
+        """Check it now, in a round trip of its own (and one for ``also``), if no write has
+        carried it yet."""
         if not self.checked:
             lease_fence(
                 tenant_id=self.tenant_id, key=self.key, token=self.token, prelude_sql=self.prelude_sql
             )
+            if self.also:
+                _fence_all(self.also)
             self.checked = True
 
-    def in_write(self) -> tuple[tuple[str, list[Any]], tuple[str, list[Any]]]:
-        """What a write carrying the fence sends: the statements to run first (ending in ``;``,
-        row locks taken before the lease's) and their parameters; the fence query, for a
-        ``MATERIALIZED`` CTE, and its parameters."""
+    def in_write(self) -> FenceInWrite:
+        """What a write carrying the fence sends (``FenceInWrite``)."""
         first, first_params = self.prelude_sql
-        return (first, list(first_params)), fence_sql(
-            tenant_id=self.tenant_id, key=self.key, token=self.token, now=timezone.now()
-        )
+        now = timezone.now()
+        fence, params = fence_sql(tenant_id=self.tenant_id, key=self.key, token=self.token, now=now)
+        ctes, held = f"fence AS MATERIALIZED ({fence})", "EXISTS (SELECT 1 FROM fence)"
+        if self.also:
+            # The entity locks' rows after the lease's, by id, as ``_fence_all`` takes them:
+            # fence_also reads fence (an init plan, run before any of its rows is locked).
+            owned, owned_params = owned_sql(self.also)
+            ctes += (
+                f", fence_also AS MATERIALIZED (SELECT id FROM core_lease WHERE {owned}"
+                f" AND {live_lease_sql()} AND EXISTS (SELECT 1 FROM fence) ORDER BY id{_no_key_update()})"
+            )
+            params += [*owned_params, _adapt(now)]
+            held = f"({held} AND (SELECT count(*) FROM fence_also) = {len(self.also)})"
+        return FenceInWrite((first, list(first_params)), ctes, params, held)
 
     def confirm(self, held: bool) -> None:
         """What the carried fence found: StaleToken (the transaction is rolled back) if the
-        token no longer owned the lease."""
+        token no longer owned the lease, or a lock of ``also`` was lost — named by checking
+        them again, in this transaction that holds their rows."""
         if not held:
+            lease_fence(tenant_id=self.tenant_id, key=self.key, token=self.token)
+            if self.also:
+                _fence_all(self.also)
             raise StaleToken(self.key, self.token)
         self.checked = True
+
+
+@dataclass(frozen=True)
+class FenceInWrite:
+    """What a write carrying a ``Fence`` sends: ``prelude`` (statements ending in ``;``, row
+    locks taken before the lease's, and their parameters) first; ``ctes`` (the fence's
+    ``MATERIALIZED`` CTEs, named ``fence`` and, with entity locks, ``fence_also``) and their
+    ``params`` at the head of its ``WITH``; ``held``, a boolean expression every change must
+    depend on and whose value goes to ``Fence.confirm``."""
+
+    prelude: tuple[str, list[Any]]
+    ctes: str
+    params: list[Any]
+    held: str
 
 
 @contextmanager
@@ -417,20 +454,19 @@ def fenced_write(
     (e.g. locks that must always be taken before it, so two lock orders never meet). ``also``:
     more leases (a step's entity locks) that must still be held for the write to commit.
 
-    ``deferred`` (PostgreSQL, no ``also``): the fence is not checked as the transaction begins;
-    its first write carries it (``Fence``), one round trip fewer. Nothing commits unchecked.
+    ``deferred`` (PostgreSQL): the fence (``also`` with it) is not checked as the transaction
+    begins; its first write carries it (``Fence``), a round trip or two fewer. Nothing commits
+    unchecked.
 
     A refused write raises StaleToken after recording a ``stale_token_write`` event in a
     transaction of its own (the refused one is rolled back). Not nestable in an outer
     transaction, because the refusal must be recorded even though the write is not.
     """
-    fence = Fence(tenant_id=tenant_id, key=key, token=token, prelude_sql=prelude_sql)
+    fence = Fence(tenant_id=tenant_id, key=key, token=token, prelude_sql=prelude_sql, also=also)
     try:
         with transaction.atomic(durable=True):
-            if not (deferred and not also and rawsql.on_postgresql()):
+            if not (deferred and rawsql.on_postgresql()):
                 fence.check()
-            if also:
-                _fence_all(also)
             yield fence
             if not fence.checked:
                 raise RuntimeError("a deferred fence was never checked: its transaction is not committed")

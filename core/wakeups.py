@@ -29,8 +29,9 @@ WAKE_KEY = "runwarden:dispatcher:wake"
 # release that lands during a round still wakes the next one.
 WAITING_KEY = "runwarden:dispatcher:waiting"
 # What the last round left behind, written inside its transaction (WAITING is also set for the
-# whole of a round). A release made under the admission lock cannot commit while a round runs,
-# so only this tells it whether a round is needed: checking WAITING, it would find every round
+# whole of a round), or that a step began to wait since (``mark_waiter_added``). A release made
+# under the admission lock cannot commit while a round runs, so only this tells it whether a
+# round is needed: checking WAITING, it would find every round
 # in progress and wake the next one, and a dispatcher and a busy worker would take turns at
 # the admission lock for ever.
 LEFT_WAITING_KEY = "runwarden:dispatcher:left_waiting"
@@ -123,12 +124,11 @@ def _wake_if_marked(key: str, local: threading.Event) -> None:
 
 
 def mark_waiter_added() -> bool:
-    """A step that has committed waits for an entity key held elsewhere, and no round is woken
-    for it: its key's holder hands the key on as it lets go, or wakes a round (``runs.dispatch
-    .admit_here``). Every other way a key is freed wakes a round only where the waiting marks
-    are set: they are set now, and a round in progress, which may not have seen this step, will
-    not clear them. False where Redis does not keep the marks (or failed them): then a round
-    must be woken for the step."""
+    """A step that has committed waits for room, and no round is woken for it (a key held
+    elsewhere: ``runs.locking.wake_for_ready_step``): the waiting marks are set, so what frees
+    room wakes a round, and a round in progress, which may not have seen the step, will not
+    clear them. False where Redis does not keep the marks (or failed them): then a round must
+    be woken for the step."""
     client = get_redis()
     if client is None:
         return False
@@ -149,9 +149,13 @@ def waiters_added() -> str | None:
     try:
         added = client.get(WAITERS_ADDED_KEY)
     except Exception:
-        logger.warning("could not read the steps begun to wait", exc_info=True)
-        return None
+        logger.warning("could not read the steps begun to wait; the round keeps the marks", exc_info=True)
+        return UNKNOWN_COUNT
     return added.decode() if isinstance(added, bytes) else str(added or 0)
+
+
+# No count is ever this: a round that could not read the count clears no mark.
+UNKNOWN_COUNT = "unknown"
 
 
 _WAITER_ADDED = (

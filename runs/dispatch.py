@@ -841,8 +841,9 @@ def admit_here(
     ``shard_headroom()``: a step is admitted only where every cap leaves room for that many).
     A busy worker thus pulls its next step without a dispatch round trip; near a cap, the
     dispatcher's round (woken by the caller) admits exactly. ``released``: the entity keys the
-    finishing step gave up (of ``tenant_id``): the oldest waiter of each comes next, handed the
-    key in the releasing transaction, or the dispatcher is woken for it. ``leaving``: the place
+    finishing step gave up (of ``tenant_id``): each key's oldest waiter is tried in turn, the
+    first this worker can take handed its key in the releasing transaction; the dispatcher is
+    woken for the others. ``leaving``: the place
     of the step finishing in this transaction (its release already written), whose lease ran
     until ``leaving_until``: the fairest ready step of that same place may take it over
     (``_takes_over``). ``starts``: which steps the caller starts in this transaction (asked of

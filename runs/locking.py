@@ -37,8 +37,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from django.utils import timezone
+
 from core import rawsql
 from core.leases import live_lease_sql
+from core.wakeups import mark_waiter_added, wake_unless_saturated
 from runs.models import Step, StepStatus
 
 
@@ -80,15 +83,33 @@ def ready_steps_lock(step_ids: list[int]) -> set[int]:
 def held_key_share_sql(step: Step, now: datetime) -> tuple[str, list[Any]]:
     """An expression for the transaction that made ``step`` ready, on PostgreSQL: whether it
     waits (lock policy ``wait``) for an entity key that a live lease holds, that lease's row
-    locked ``FOR SHARE`` until the transaction ends. Its holder's release then waits for this
-    commit, so the release sees the step as the key's waiter: it hands the key on or wakes a
-    round (``runs.dispatch.admit_here``) — this step needs no round of its own. A row that is
-    being changed (released, renewed, taken over) is skipped, not waited for: the step is then
-    not known to wait, and a round is woken for it as usual."""
+    locked ``FOR SHARE`` until the transaction ends. The holder's release, which locks that row
+    first, then waits for this commit and sees the step as the key's waiter. A row being
+    changed (released, renewed, taken over) is skipped, not waited for: the step is then not
+    known to wait. What the caller does with the answer: ``wake_for_ready_step``."""
     if step.lock_policy != "wait" or not step.lock_keys:
         return "false", []
+    return _held_key_sql(step, now, " FOR SHARE SKIP LOCKED")
+
+
+def _held_key_sql(step: Step, now: datetime, lock: str) -> tuple[str, list[Any]]:
     return (
         "EXISTS (SELECT 1 FROM core_lease l WHERE l.tenant_id = %s AND l.key = ANY(%s)"
-        f" AND {live_lease_sql('l')} FOR SHARE SKIP LOCKED)",
+        f" AND {live_lease_sql('l')}{lock})",
         [step.tenant_id, list(step.lock_keys), rawsql.adapt_datetime(now)],
     )
+
+
+def wake_for_ready_step(step: Step, found_held: bool) -> None:
+    """After the commit that made ``step`` ready (a run's start): wake the dispatcher for it —
+    unless ``held_key_share_sql`` found it waiting for a key held elsewhere. Then no round is
+    needed: a holder finishing on a worker hands the key to its oldest waiter, or wakes a round
+    (``runs.dispatch.admit_here``); every other release (a failure, a cancel, a governed
+    call's end) wakes a round where the waiting marks are set, and they are set now
+    (``core.wakeups.mark_waiter_added``). A release that committed before they were set saw
+    none: so the key is read again once they are, and a round is woken if it is free."""
+    if found_held and mark_waiter_added():
+        sql, params = _held_key_sql(step, timezone.now(), "")
+        if rawsql.fetch_rows(f"SELECT {sql}", params)[0][0]:
+            return
+    wake_unless_saturated(step.lane)

@@ -22,7 +22,7 @@ from core.connections import ConnectionInvalid, connections_bind, environment_ch
 from core.models import Role, Tenant, User
 from core.transactions import transaction_retried_once
 from core.validation import fingerprint
-from core.wakeups import mark_waiter_added, wake_on_commit, wake_unless_saturated
+from core.wakeups import wake_on_commit
 from runs import transitions
 from runs.definitions import (
     InvalidInput,
@@ -33,7 +33,7 @@ from runs.definitions import (
     get_workflow,
 )
 from runs.gates import report_conflict
-from runs.locking import held_key_share_sql, run_steps_lock
+from runs.locking import held_key_share_sql, run_steps_lock, wake_for_ready_step
 from runs.models import Run, SessionState, Step, StepStatus, TriggerEvent, new_run_id
 from runs.queue_depth import (
     DEPTH_SHARD_SQL,
@@ -276,15 +276,15 @@ def _created_in_one_round_trip(
     event_sql, event_params, recorded = core_services.event_insert_sql(tenant=run.tenant_id, **created)
     add(event_sql, event_params)
     # Last, just before the commit: whether the first step waits for a key held elsewhere.
-    held, held_params = held_key_share_sql(steps[0], timezone.now()) if steps else ("false", [])
+    waits_sql, waits_params = held_key_share_sql(steps[0], timezone.now()) if steps else ("false", [])
     try:
         event_id, run.depth_shard, step_ids, waits_for_key = rawsql.transaction_in_one_round_trip(
             statements,
             then=(
                 "SELECT currval(pg_get_serial_sequence('core_event', 'id')),"
                 " (SELECT depth_shard FROM runs_run WHERE id = %s),"
-                f" ARRAY(SELECT id FROM runs_step WHERE run_id = %s ORDER BY position), {held}",
-                [run.id, run.id, *held_params],
+                f" ARRAY(SELECT id FROM runs_step WHERE run_id = %s ORDER BY position), {waits_sql}",
+                [run.id, run.id, *waits_params],
             ),
         )
     except DatabaseError as exc:
@@ -294,10 +294,9 @@ def _created_in_one_round_trip(
         raise
     for step, step_id in zip(steps, step_ids, strict=True):
         step.pk = step_id
+    if steps:
+        wake_for_ready_step(steps[0], waits_for_key)
     core_services.event_committed(recorded(event_id))
-    # A step waiting for a held key is handed it by its holder, or a round is woken then.
-    if steps and not (waits_for_key and mark_waiter_added()):
-        wake_unless_saturated(steps[0].lane)
     return True
 
 

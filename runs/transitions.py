@@ -413,18 +413,19 @@ def _step_record_success(
 # ``_SUCCESS_SQL`` carrying the transaction's fence (``core.leases.Fence``), every change
 # depending on it, and the step's event with it: ``run_succeeded`` and the run's end when the
 # run has no next step, else ``step_succeeded``. Row locks in the order every writer takes
-# them: the fence's lease row first (every change depends on it), the run's row last (``ended``
+# them: the fence's lease rows first (the step's, then its entity locks' by id; every change
+# depends on them), the run's row last (``ended``
 # is read by nothing, so PostgreSQL runs it after the rest; ``released`` is read — its count,
 # otherwise unused — so that it runs before).
 _FENCED_SUCCESS_SQL = (
-    "WITH fence AS MATERIALIZED ({fence}),"
+    "WITH {fence},"
     f" {_STEP_SUCCEEDED_CTES},"
     " nxt AS (SELECT id, key FROM runs_step WHERE run_id = %s AND position = %s),"
     f" ended AS (UPDATE runs_run SET {_RUN_SUCCEEDED_SET}"
     f" WHERE id = %s AND status = '{RunStatus.RUNNING.value}'"
     " AND EXISTS (SELECT 1 FROM done) AND NOT EXISTS (SELECT 1 FROM nxt) RETURNING id),"
     " event AS ({event} WHERE EXISTS (SELECT 1 FROM done) RETURNING id)"
-    " SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM done), nxt.id, nxt.key,"
+    " SELECT {held}, (SELECT count(*) FROM done), nxt.id, nxt.key,"
     " (SELECT count(*) FROM released), (SELECT id FROM event)"
     " FROM (SELECT 1) AS one LEFT JOIN nxt ON true"
 )
@@ -436,7 +437,7 @@ def _step_record_success_fenced(
 ) -> tuple[bool, tuple[int, str] | None]:
     """``_step_record_success`` carrying ``fence`` (StaleToken if it no longer holds), the
     run's end when it has no next step, and the step's event (PostgreSQL)."""
-    (first, first_params), (fence_query, fence_params) = fence.in_write()
+    carried = fence.in_write()
     owned, owned_params = owned_sql(grants)
     event, event_params, built = core_services.event_insert_select_sql(
         tenant=step.tenant_id,
@@ -446,13 +447,13 @@ def _step_record_success_fenced(
         payload={"step": step.key, "attempt": step.attempt},
     )
     at = rawsql.adapt_datetime(now)
-    params = [*fence_params, rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
+    params = [*carried.params, rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1, at, at, run.pk, *event_params]
     sql = _FENCED_SUCCESS_SQL.format(
-        fence=fence_query, fenced=" AND EXISTS (SELECT 1 FROM fence)", owned=owned, event=event
+        fence=carried.ctes, held=carried.held, fenced=f" AND {carried.held}", owned=owned, event=event
     )
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, params, prelude_sql=(first, first_params))
+        rawsql.execute_prepared(cursor, sql, params, prelude_sql=carried.prelude)
         held, recorded, next_id, next_key, _, event_id = cursor.fetchone()
     fence.confirm(held)
     if not recorded:

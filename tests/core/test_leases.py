@@ -204,15 +204,16 @@ def test_a_stale_tokens_write_is_refused_and_recorded(acme: Tenant) -> None:
 
 def _event_carrying(fence: Fence, tenant: Tenant, verb: str) -> None:
     """An event written by a statement that carries ``fence``, as a step's end does."""
-    (first, first_params), (fence_query, fence_params) = fence.in_write()
+    carried = fence.in_write()
+    first, first_params = carried.prelude
     with connection.cursor() as cursor:
         cursor.execute(
-            f"{first}WITH fence AS MATERIALIZED ({fence_query}), written AS ("
+            f"{first}WITH {carried.ctes}, written AS ("
             " INSERT INTO core_event (tenant_id, subject, verb, actor, payload, created_at)"
-            " SELECT %s, 'k', %s, 'writer', '{}'::jsonb, now() WHERE EXISTS (SELECT 1 FROM fence)"
+            f" SELECT %s, 'k', %s, 'writer', '{{}}'::jsonb, now() WHERE {carried.held}"
             " RETURNING id)"
-            " SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM written)",
-            [*first_params, *fence_params, tenant.pk, verb],
+            f" SELECT {carried.held}, (SELECT count(*) FROM written)",
+            [*first_params, *carried.params, tenant.pk, verb],
         )
         held, written = cursor.fetchone()
     fence.confirm(held)
@@ -242,6 +243,40 @@ def test_a_deferred_fence_is_carried_by_the_first_write_and_refuses_a_stale_toke
     # The fence cost no round trip of its own: the transaction was the write alone.
     statements = [q["sql"] for q in queries.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
     assert len(statements) == 1 and "core_lease" in statements[0]
+
+
+@postgresql_only("a fence carried by a write is PostgreSQL's: SQLite checks every fence as it begins")
+@pytest.mark.django_db(transaction=True)
+def test_a_deferred_fence_carries_its_entity_locks_and_names_the_one_lost(acme: Tenant) -> None:
+    """A step holding entity locks: the write carries the lease and the locks (one statement,
+    rows locked lease first, then the locks by id); a lock taken over meanwhile refuses the
+    write, and the refusal names that lock."""
+    step = lease_acquire(tenant_id=acme.pk, key="k", holder="step", ttl=30)
+    locks = [lease_acquire(tenant_id=acme.pk, key=key, holder="step", ttl=30) for key in ("crm:1", "crm:2")]
+    assert step is not None and all(locks)
+    held = [grant for grant in locks if grant is not None]
+    with (
+        CaptureQueriesContext(connection) as queries,
+        fenced_write(
+            tenant_id=acme.pk, key="k", token=step.token, actor="step", also=held, deferred=True
+        ) as fence,
+    ):
+        assert fence.deferred
+        _event_carrying(fence, acme, "locked_wrote")
+    assert Event.objects.filter(verb="locked_wrote").count() == 1
+    statements = [q["sql"] for q in queries.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
+    assert len(statements) == 1 and "fence_also" in statements[0]
+    lease_revoke(tenant_id=acme.pk, keys=["crm:2"])  # the lock taken from the step, and taken again
+    assert lease_acquire(tenant_id=acme.pk, key="crm:2", holder="another", ttl=30) is not None
+    with (
+        pytest.raises(StaleToken) as refused,
+        fenced_write(
+            tenant_id=acme.pk, key="k", token=step.token, actor="step", also=held, deferred=True
+        ) as fence,
+    ):
+        _event_carrying(fence, acme, "lost_lock_wrote")
+    assert (refused.value.key, refused.value.token) == ("crm:2", held[1].token)
+    assert not Event.objects.filter(verb="lost_lock_wrote").exists()
 
 
 @pytest.mark.django_db(transaction=True)

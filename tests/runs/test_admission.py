@@ -1100,6 +1100,30 @@ def test_a_start_behind_a_held_key_wakes_no_round_and_its_holder_hands_the_key_o
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_start_that_found_its_key_held_wakes_a_round_if_the_key_was_freed_before_its_marks(
+    acme: Tenant,
+) -> None:
+    """A release that commits between the start's commit and its waiting marks saw no mark and
+    woke nothing (a failure, a cancel): the start reads the key again once the marks are set,
+    and wakes a round where it is free by then."""
+    if not rawsql.on_postgresql() or get_redis() is None:
+        pytest.skip("the start's look at the key's lease is PostgreSQL's; the marks are Redis's")
+    wakeups.mark_waiting(False, saturated=set())
+    _clear_marks()
+    waiting = Step(tenant_id=acme.pk, lock_keys=["thing:1"], lock_policy="wait", lane="read")
+    grant = lease_acquire(tenant_id=acme.pk, key="thing:1", holder="elsewhere", ttl=60)
+    assert grant is not None
+    try:
+        locking.wake_for_ready_step(waiting, found_held=True)
+        assert not _woken()  # still held: its holder hands it on, or the marks wake a round
+        lease_release(grant=grant)
+        locking.wake_for_ready_step(waiting, found_held=True)
+        assert _woken()
+    finally:
+        _clear_marks()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_keys_release_waits_for_a_start_that_found_it_held_and_hands_it_that_step(acme: Tenant) -> None:
     """The start that found a key held keeps the key's lease row share-locked until it commits:
     the holder's release, which locks that row first, waits for it — and then sees the new

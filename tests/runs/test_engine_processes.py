@@ -128,7 +128,7 @@ def test_a_backlog_on_one_worker_process_runs_every_step_on_its_first_attempt(
     )
     assert set(Step.objects.filter(run_id__in=ids).values_list("attempt", flat=True)) == {1}
     assert _reaped_events(ids) == 0, "an admission expired while its task waited"
-    assert peaks.samples > 50
+    assert peaks.samples >= 20  # the sampler watched the whole backlog (300 runs take a second or more)
     # One slot holds RUNWARDEN_WORKER_PREFETCH admissions (the step running, by default).
     limit = settings.RUNWARDEN_WORKER_PREFETCH
     assert peaks["admitted"] <= limit, f"admission outran the one worker slot: {peaks!r}"
