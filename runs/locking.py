@@ -34,15 +34,19 @@ foreign-key check takes ``FOR KEY SHARE``, which does not wait for it.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
+from django.db import DatabaseError
 from django.utils import timezone
 
 from core import rawsql
 from core.leases import live_lease_sql
 from core.wakeups import mark_waiter_added, wake_unless_saturated
 from runs.models import Step, StepStatus
+
+logger = logging.getLogger(__name__)
 
 
 def step_row_lock(step_id: int) -> tuple[str, list[Any]]:
@@ -82,20 +86,27 @@ def ready_steps_lock(step_ids: list[int]) -> set[int]:
 
 def held_key_share_sql(step: Step, now: datetime) -> tuple[str, list[Any]]:
     """An expression for the transaction that made ``step`` ready, on PostgreSQL: whether it
-    waits (lock policy ``wait``) for an entity key that a live lease holds, that lease's row
-    locked ``FOR SHARE`` until the transaction ends. The holder's release, which locks that row
-    first, then waits for this commit and sees the step as the key's waiter. A row being
-    changed (released, renewed, taken over) is skipped, not waited for: the step is then not
-    known to wait. What the caller does with the answer: ``wake_for_ready_step``."""
+    waits (lock policy ``wait``) for entity keys held elsewhere, every live lease row of its
+    keys locked ``FOR SHARE`` until the transaction ends. The holder's release, which locks
+    that row first, then waits for this commit and sees the step as the key's waiter. A row
+    being changed (released, renewed, taken over) is skipped, not waited for: the step is then
+    not known to wait — nor where any of its keys' rows was skipped. What the caller does with
+    the answer: ``wake_for_ready_step``."""
     if step.lock_policy != "wait" or not step.lock_keys:
         return "false", []
-    return _held_key_sql(step, now, " FOR SHARE SKIP LOCKED")
-
-
-def _held_key_sql(step: Step, now: datetime, lock: str) -> tuple[str, list[Any]]:
+    live, params = _live_keys_sql(step, now)
     return (
-        "EXISTS (SELECT 1 FROM core_lease l WHERE l.tenant_id = %s AND l.key = ANY(%s)"
-        f" AND {live_lease_sql('l')}{lock})",
+        f"(SELECT n > 0 AND n = (SELECT count(*) FROM core_lease l WHERE {live})"
+        f" FROM (SELECT count(*) AS n FROM (SELECT 1 FROM core_lease l WHERE {live}"
+        " FOR SHARE SKIP LOCKED) locked) shared)",
+        [*params, *params],
+    )
+
+
+def _live_keys_sql(step: Step, now: datetime) -> tuple[str, list[Any]]:
+    """A WHERE fragment for the live leases of ``step``'s keys (lease table ``l``)."""
+    return (
+        f"l.tenant_id = %s AND l.key = ANY(%s) AND {live_lease_sql('l')}",
         [step.tenant_id, list(step.lock_keys), rawsql.adapt_datetime(now)],
     )
 
@@ -109,7 +120,12 @@ def wake_for_ready_step(step: Step, found_held: bool) -> None:
     (``core.wakeups.mark_waiter_added``). A release that committed before they were set saw
     none: so the key is read again once they are, and a round is woken if it is free."""
     if found_held and mark_waiter_added():
-        sql, params = _held_key_sql(step, timezone.now(), "")
-        if rawsql.fetch_rows(f"SELECT {sql}", params)[0][0]:
-            return
+        live, params = _live_keys_sql(step, timezone.now())
+        try:
+            if rawsql.fetch_rows(f"SELECT EXISTS (SELECT 1 FROM core_lease l WHERE {live})", params)[0][0]:
+                return
+        except DatabaseError:  # the start has committed: a round decides
+            logger.warning(
+                "could not read step %s's keys again; waking the dispatcher", step.pk, exc_info=True
+            )
     wake_unless_saturated(step.lane)

@@ -294,9 +294,9 @@ def _created_in_one_round_trip(
         raise
     for step, step_id in zip(steps, step_ids, strict=True):
         step.pk = step_id
+    core_services.event_committed(recorded(event_id))
     if steps:
         wake_for_ready_step(steps[0], waits_for_key)
-    core_services.event_committed(recorded(event_id))
     return True
 
 
