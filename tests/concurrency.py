@@ -44,6 +44,31 @@ def run_concurrently(fn: Callable[[int], Any], n: int, timeout: float = 60.0) ->
     return results
 
 
+@contextmanager
+def held_meanwhile(sql: str, params: list[Any], timeout: float = 30.0) -> Iterator[None]:
+    """Row locks another transaction holds while the block runs: ``sql`` (locking rows) runs on
+    a connection of its own, in a transaction that stays open until the block ends."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        try:
+            with transaction.atomic(), connections["default"].cursor() as cursor:
+                cursor.execute(sql, params)
+                holding.set()
+                done.wait(timeout)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(timeout), "the other transaction never took its locks"
+        yield
+    finally:
+        done.set()
+        thread.join(timeout)
+
+
 class Peaks(dict[str, int]):
     """The highest value each sampled count reached (``peaks["global"]``), and ``samples``: how
     many times the counts were taken. A count never sampled is a KeyError, never a silent 0."""

@@ -27,7 +27,13 @@ from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.approvals.helpers import pump, sent_to_workers
-from tests.concurrency import held_per_scope, race_dispatchers, run_concurrently, sampled_peaks
+from tests.concurrency import (
+    held_meanwhile,
+    held_per_scope,
+    race_dispatchers,
+    run_concurrently,
+    sampled_peaks,
+)
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS, postgresql_only
 from tests.runs.workflows_for_tests import AwaitInput, await_then_notify
@@ -1065,32 +1071,12 @@ def test_a_start_behind_a_held_key_wakes_no_round_and_its_holder_hands_the_key_o
         run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 5, "b": 6}, actor="t")
         assert _woken()  # its keys are free: a round admits it
 
-        changing = threading.Event()
-        done = threading.Event()
-
-        def release_in_progress() -> None:
-            try:
-                with transaction.atomic(), connections["default"].cursor() as cursor:
-                    cursor.execute(
-                        "SELECT id FROM core_lease WHERE tenant_id = %s AND key = 'thing:2' FOR UPDATE",
-                        [acme.pk],
-                    )
-                    changing.set()
-                    done.wait(30)
-            finally:
-                connections.close_all()
-
-        thread = threading.Thread(target=release_in_progress)
-        thread.start()
-        try:
-            assert changing.wait(30)
+        being_released = "SELECT id FROM core_lease WHERE tenant_id = %s AND key = 'thing:2' FOR UPDATE"
+        with held_meanwhile(being_released, [acme.pk]):
             # Both its keys held, one of them (thing:2) with its row being changed: not known
             # to wait for it, a round decides.
             run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 2}, actor="t")
             assert _woken()
-        finally:
-            done.set()
-            thread.join(30)
         assert holder.ctx is not None
         outcome, follow = executor._finish_succeeded(holder.ctx, {}, frozenset({"read"}))
         assert outcome == "succeeded"
