@@ -385,11 +385,7 @@ class Fence:
         """Check it now, in a round trip of its own (and one for ``also``), if no write has
         carried it yet."""
         if not self.checked:
-            lease_fence(
-                tenant_id=self.tenant_id, key=self.key, token=self.token, prelude_sql=self.prelude_sql
-            )
-            if self.also:
-                _fence_all(self.also)
+            self._held_or_stale(self.prelude_sql)
             self.checked = True
 
     def in_write(self) -> FenceInWrite:
@@ -415,11 +411,15 @@ class Fence:
         token no longer owned the lease, or a lock of ``also`` was lost — named by checking
         them again, in this transaction that holds their rows."""
         if not held:
-            lease_fence(tenant_id=self.tenant_id, key=self.key, token=self.token)
-            if self.also:
-                _fence_all(self.also)
+            self._held_or_stale(("", ()))  # its prelude's locks are held already
             raise StaleToken(self.key, self.token)
         self.checked = True
+
+    def _held_or_stale(self, prelude_sql: tuple[str, Sequence[Any]]) -> None:
+        """The lease, then ``also``, checked (rows locked), or StaleToken naming the one lost."""
+        lease_fence(tenant_id=self.tenant_id, key=self.key, token=self.token, prelude_sql=prelude_sql)
+        if self.also:
+            _fence_all(self.also)
 
 
 @dataclass(frozen=True)

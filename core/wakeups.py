@@ -31,9 +31,8 @@ WAITING_KEY = "runwarden:dispatcher:waiting"
 # What the last round left behind, written inside its transaction (WAITING is also set for the
 # whole of a round), or that a step began to wait since (``mark_waiter_added``). A release made
 # under the admission lock cannot commit while a round runs, so only this tells it whether a
-# round is needed: checking WAITING, it would find every round
-# in progress and wake the next one, and a dispatcher and a busy worker would take turns at
-# the admission lock for ever.
+# round is needed: checking WAITING, it would find every round in progress and wake the next
+# one, and a dispatcher and a busy worker would take turns at the admission lock for ever.
 LEFT_WAITING_KEY = "runwarden:dispatcher:left_waiting"
 # Lanes whose workers are all busy (every slot admitted): their workers take the next ready
 # step themselves when they finish one, so new work in them needs no round.

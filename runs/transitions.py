@@ -414,9 +414,8 @@ def _step_record_success(
 # depending on it, and the step's event with it: ``run_succeeded`` and the run's end when the
 # run has no next step, else ``step_succeeded``. Row locks in the order every writer takes
 # them: the fence's lease rows first (the step's, then its entity locks' by id; every change
-# depends on them), the run's row last (``ended``
-# is read by nothing, so PostgreSQL runs it after the rest; ``released`` is read — its count,
-# otherwise unused — so that it runs before).
+# depends on them), the run's row last (``ended`` is read by nothing, so PostgreSQL runs it
+# after the rest; ``released`` is read — its count, otherwise unused — so that it runs before).
 _FENCED_SUCCESS_SQL = (
     "WITH {fence},"
     f" {_STEP_SUCCEEDED_CTES},"

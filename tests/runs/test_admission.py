@@ -1236,22 +1236,8 @@ def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_s
     for candidate in fair_candidates(limit=10, now=now):
         by_workflow.setdefault(candidate.workflow, []).append(candidate)
     (held_row, free_row, after_key), (keyed,) = by_workflow["bench.noop"], by_workflow["demo.crm_update"]
-    locked = threading.Event()
-    done = threading.Event()
-
-    def another_admission_holds(step_id: int) -> None:
-        try:
-            with transaction.atomic(), connections["default"].cursor() as cursor:
-                cursor.execute("SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE", [step_id])
-                locked.set()
-                done.wait(30)
-        finally:
-            connections.close_all()
-
-    holder = threading.Thread(target=another_admission_holds, args=(held_row.step_id,))
-    holder.start()
-    try:
-        assert locked.wait(30)
+    another_admission = "SELECT id FROM runs_step WHERE id = %s FOR NO KEY UPDATE"
+    with held_meanwhile(another_admission, [held_row.step_id]):
         with transaction.atomic(), CaptureQueriesContext(connections["default"]) as queries:
             first = dispatch._admit_first([held_row, free_row], now)
         assert first is not None and first[0] == free_row and first[1].step_id == free_row.step_id
@@ -1267,7 +1253,4 @@ def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_s
             (f"step:{after_key.step_id}", second[1].token),
             ("crm_contact:7", key.token),
         }
-    finally:
-        done.set()
-        holder.join(30)
     assert Step.objects.get(pk=held_row.step_id).status == StepStatus.READY
