@@ -60,8 +60,9 @@ class Run(models.Model):
     session_max = models.PositiveIntegerField(default=1)
     session_gap_seconds = models.FloatField(default=30.0)
     queue_deadline = models.DateTimeField(null=True, blank=True)
+    # Indexed by run_replays, on the replays alone.
     replay_of = models.ForeignKey(
-        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays"
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replays", db_index=False
     )
     retries = models.PositiveIntegerField(default=0)
     # Compensation after a failure or cancel: "" (none), running, done, or failed (a
@@ -88,8 +89,21 @@ class Run(models.Model):
             models.Index(fields=["tenant", "correlation_id"], name="run_tenant_correlation"),
             # The overview's last hour: runs started and finished per minute.
             models.Index(fields=["tenant", "created_at"], name="run_tenant_created"),
-            models.Index(fields=["tenant", "finished_at"], name="run_tenant_finished"),
-            models.Index(fields=["tenant", "session_key", "id"], name="run_tenant_session"),
+            # Partial where most runs have nothing to index: every index a run's row is in costs
+            # each of its writes (a status move rewrites the row into every one of them).
+            models.Index(
+                fields=["tenant", "finished_at"],
+                name="run_tenant_finished",
+                condition=models.Q(finished_at__isnull=False),
+            ),
+            models.Index(
+                fields=["tenant", "session_key", "id"],
+                name="run_tenant_session",
+                condition=~models.Q(session_key=""),
+            ),
+            models.Index(
+                fields=["replay_of"], name="run_replays", condition=models.Q(replay_of__isnull=False)
+            ),
             models.Index(
                 fields=["session_state"],
                 name="run_session_waiting",
@@ -131,7 +145,9 @@ class StepStatus(models.TextChoices):
 class Step(models.Model):
     # Indexed as the first column of step_key_unique_in_run.
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
-    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+")
+    # Read with a status (step_status_tenant, step_ready_keyed), never alone: an index of its
+    # own would cost every write of a step and serve no query.
+    tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+", db_index=False)
     key = models.CharField(max_length=120)
     position = models.PositiveIntegerField()
     lane = models.CharField(max_length=20)
