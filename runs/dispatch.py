@@ -241,11 +241,19 @@ def _adapt(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
 
 
-def load_room(now: datetime, *, pools_max_age: float = 0.0, tool: str = "") -> Room:
+def load_room(
+    now: datetime,
+    *,
+    pools_max_age: float = 0.0,
+    tool: str = "",
+    prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
+) -> Room:
     """Count live holders (admitted steps whose lease is live, governed calls running with a
     live slot) per scope in one query. ``pools_max_age``: how old this process's last read of
     the worker pools may be. ``tool``: only that tool's holders are counted (a call's slot
-    looks at its tool's scopes alone, and the count stays short under the admission lock)."""
+    looks at its tool's scopes alone, and the count stays short under the admission lock).
+    ``prelude_sql``: statements run first in the same round trip (a shard of the admission
+    lock, taken before the count as ever)."""
     only = "AND s.tool = %s" if tool else ""
     sql = f"""
         SELECT s.tenant_id, r.workflow, s.lane, s.tool, COUNT(*)
@@ -269,7 +277,7 @@ def load_room(now: datetime, *, pools_max_age: float = 0.0, tool: str = "") -> R
     with connection.cursor() as cursor:
         at = _adapt(now)
         params = [at, tool, at, tool] if tool else [at, at]
-        rawsql.execute_prepared(cursor, sql, params, without_bitmap_scans=True)
+        rawsql.execute_prepared(cursor, sql, params, without_bitmap_scans=True, prelude_sql=prelude_sql)
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))
@@ -978,16 +986,17 @@ def _admit_directly_under(step_id: int, *, whole_lock: bool) -> tuple[Admission 
     """``admit_directly`` under one shard of the admission lock or all of them; and, when not
     admitted, whether it would have fitted exactly (without the other shards' headroom)."""
     with transaction.atomic():
+        shard: tuple[str, list[Any]] = ("", [])
         if whole_lock:
             with connection.cursor() as cursor:
                 cursor.execute(f"SET LOCAL lock_timeout = '{WHOLE_LOCK_WAIT}'")
             wait_for_round_lock()
         else:
-            with connection.cursor() as cursor:
-                cursor.execute(admission_shard_sql())
+            shard = (admission_shard_sql(), [])  # taken in the room's round trip, before its count
         headroom = 1 if whole_lock else shard_headroom()
         now = timezone.now()
-        room = load_room(now, pools_max_age=1.0)  # a second-old view of the worker pools will do
+        # A second-old view of the worker pools will do.
+        room = load_room(now, pools_max_age=1.0, prelude_sql=shard)
         named = fair_candidates(limit=1, now=now, room=room, only_step=step_id, wait_policy_only=True)
         lanes = frozenset(LANES)
         if not _fitting(named, room, lanes, headroom):

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from functools import partial
 
 import pytest
-from django.db import connections
+from django.db import connection, connections
+from django.test.utils import CaptureQueriesContext
 
 from approvals.models import ApprovalRequest
 from core import after_response, wakeups, workers
@@ -128,6 +129,22 @@ def admit_or_cancel(step: Step, run: Run, i: int) -> object:
     if i == 0:
         return dispatch.admit_directly(step.pk)
     return run_cancel(run=run, actor="operator", reason="race")
+
+
+def test_a_direct_admission_takes_its_shard_in_the_round_trip_that_reads_the_room(acme: Tenant) -> None:
+    """A shard of the admission lock, the room, the step's own candidacy and its lease, in
+    three round trips: the shard's statement goes first in the room's."""
+    TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=100)
+    step = ready_step(acme)
+    with CaptureQueriesContext(connection) as captured:
+        assert dispatch.admit_directly(step.pk)
+    statements = [q["sql"] for q in captured.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
+    assert len(statements) == 3, statements
+    assert (
+        statements[0].startswith("SELECT CASE WHEN EXISTS") and "pg_try_advisory_xact_lock" in statements[0]
+    )
+    assert Step.objects.get(pk=step.pk).status == StepStatus.LEASED
+    assert sent_to_workers() == [(step.pk, Step.objects.get(pk=step.pk).lease_token)]
 
 
 def test_a_direct_admission_racing_a_round_admits_the_step_once(acme: Tenant) -> None:
