@@ -42,6 +42,11 @@ class SessionState(models.TextChoices):
     DROPPED = "dropped"  # left the queue without running (cancelled or expired)
 
 
+# The runs of a session (``runs.sessions``): the only runs ``run_in_session`` indexes. A query of
+# a session's runs names this condition too: SQLite uses a partial index only then.
+IN_A_SESSION = ~models.Q(session_key="")
+
+
 class Run(models.Model):
     id = models.CharField(primary_key=True, max_length=40, default=new_run_id, editable=False)
     # Indexed as the first column of run_tenant_status (and the other tenant indexes).
@@ -93,13 +98,11 @@ class Run(models.Model):
             # each of its writes (a status move rewrites the row into every one of them).
             models.Index(
                 fields=["tenant", "finished_at"],
-                name="run_tenant_finished",
+                name="run_finished_at",
                 condition=models.Q(finished_at__isnull=False),
             ),
             models.Index(
-                fields=["tenant", "session_key", "id"],
-                name="run_tenant_session",
-                condition=~models.Q(session_key=""),
+                fields=["tenant", "session_key", "id"], name="run_in_session", condition=IN_A_SESSION
             ),
             models.Index(
                 fields=["replay_of"], name="run_replays", condition=models.Q(replay_of__isnull=False)
@@ -145,8 +148,8 @@ class StepStatus(models.TextChoices):
 class Step(models.Model):
     # Indexed as the first column of step_key_unique_in_run.
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
-    # Read with a status (step_status_tenant, step_ready_keyed), never alone: an index of its
-    # own would cost every write of a step and serve no query.
+    # Read with a status (step_status_tenant, step_ready_keyed): an index of its own would cost
+    # every write of a step for the one read of it alone, a tenant's deletion (a scan).
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+", db_index=False)
     key = models.CharField(max_length=120)
     position = models.PositiveIntegerField()

@@ -17,7 +17,7 @@ from core.selectors import AnyUser, scope_to_user
 from runs.definitions import LANES, REGISTRY
 from runs.dispatch import load_room
 from runs.explain import explain_ready
-from runs.models import Run, SideEffect, Step, StepStatus, ToolCall
+from runs.models import IN_A_SESSION, Run, SideEffect, Step, StepStatus, ToolCall
 from runs.sessions import session_summary
 
 
@@ -40,7 +40,7 @@ def runs_for_user(
     if tenant:
         runs = runs.filter(tenant__slug=tenant)
     if session_key:
-        runs = runs.filter(session_key=session_key)
+        runs = runs.filter(IN_A_SESSION, session_key=session_key)
     return runs.order_by("-id")
 
 

@@ -23,14 +23,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from core import rawsql, tracing
 from core import services as core_services
 from runs import transitions
 from runs.definitions import SessionPolicy
-from runs.models import Run, SessionState
+from runs.models import IN_A_SESSION, Run, SessionState
 from runs.transitions import run_cancel_in_transaction
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,11 @@ class SessionOverflow(Exception):
         self.retry_after = 5
 
 
+def session_runs_of(tenant_id: int, session_key: str) -> QuerySet[Run]:
+    """The runs of one session, asked as its index (``run_in_session``) can answer."""
+    return Run.objects.filter(IN_A_SESSION, tenant_id=tenant_id, session_key=session_key)
+
+
 def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, actor: str) -> None:
     """Make room for one more run in a session, inside the starting transaction, per the
     workflow's overflow policy: refuse it (SessionOverflow) or cancel the oldest waiting runs.
@@ -68,7 +73,7 @@ def session_admit(*, tenant_id: int, session_key: str, policy: SessionPolicy, ac
             cursor.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 7411003))", [f"{tenant_id}:{session_key}"]
             )
-    session = Run.objects.filter(tenant_id=tenant_id, session_key=session_key)
+    session = session_runs_of(tenant_id, session_key)
     active = session.filter(session_state=SessionState.ACTIVE).count()
     waiting = list(session.filter(session_state=SessionState.WAITING).order_by("sequence", "id"))
     if active + len(waiting) < policy.max_concurrent or len(waiting) < limit:
@@ -179,43 +184,45 @@ def _turn_traced(row: _Waiting, now: datetime) -> None:
 _PASSED_STATES = rawsql.sql_strings(SessionState.ACTIVE, SessionState.DONE, SessionState.DROPPED)
 
 
+# Waiting runs in session order, with their place, their session's room and what it passed.
+WAITING_WITH_ROOM_SQL = f"""
+    WITH waiting AS (
+        SELECT id, tenant_id, session_key, sequence, created_at, session_gap_seconds,
+               session_max, traceparent,
+               row_number() OVER (
+                   PARTITION BY tenant_id, session_key ORDER BY sequence NULLS LAST, id
+               ) AS place
+        FROM runs_run WHERE session_state = '{SessionState.WAITING.value}'
+    ),
+    sessions AS (SELECT DISTINCT tenant_id, session_key FROM waiting),
+    passed AS (
+        SELECT r.tenant_id, r.session_key,
+               count(*) FILTER (WHERE r.session_state = '{SessionState.ACTIVE.value}') AS active,
+               max(r.sequence) AS last_sequence,
+               max(r.finished_at) AS last_finished
+        FROM runs_run r JOIN sessions s USING (tenant_id, session_key)
+        -- IN_A_SESSION, as run_in_session's condition reads: a join's keys cannot prove it
+        WHERE r.session_state IN ({_PASSED_STATES}) AND NOT (r.session_key = '')
+        GROUP BY r.tenant_id, r.session_key
+    )
+    SELECT w.id AS run_id, w.tenant_id, w.session_key, w.sequence, w.created_at,
+           w.session_gap_seconds AS gap_seconds, w.place,
+           w.session_max - coalesce(p.active, 0) AS room, p.last_sequence, p.last_finished,
+           w.traceparent
+    FROM waiting w LEFT JOIN passed p USING (tenant_id, session_key)
+    WHERE w.place <= w.session_max - coalesce(p.active, 0)
+    -- Every session's next run first, then the ones after: a session that cannot go on
+    -- (a sequence gap) never crowds the others out of the batch.
+    ORDER BY w.place, w.tenant_id, w.session_key
+    LIMIT %s
+    """
+
+
 def _waiting_with_room() -> list[_Waiting]:
     """Waiting runs in session order, with their place, their session's free room and the
     last sequence number the session passed (started, or left the queue)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"""
-            WITH waiting AS (
-                SELECT id, tenant_id, session_key, sequence, created_at, session_gap_seconds,
-                       session_max, traceparent,
-                       row_number() OVER (
-                           PARTITION BY tenant_id, session_key ORDER BY sequence NULLS LAST, id
-                       ) AS place
-                FROM runs_run WHERE session_state = '{SessionState.WAITING.value}'
-            ),
-            sessions AS (SELECT DISTINCT tenant_id, session_key FROM waiting),
-            passed AS (
-                SELECT r.tenant_id, r.session_key,
-                       count(*) FILTER (WHERE r.session_state = '{SessionState.ACTIVE.value}') AS active,
-                       max(r.sequence) AS last_sequence,
-                       max(r.finished_at) AS last_finished
-                FROM runs_run r JOIN sessions s USING (tenant_id, session_key)
-                WHERE r.session_state IN ({_PASSED_STATES})
-                GROUP BY r.tenant_id, r.session_key
-            )
-            SELECT w.id AS run_id, w.tenant_id, w.session_key, w.sequence, w.created_at,
-                   w.session_gap_seconds AS gap_seconds, w.place,
-                   w.session_max - coalesce(p.active, 0) AS room, p.last_sequence, p.last_finished,
-                   w.traceparent
-            FROM waiting w LEFT JOIN passed p USING (tenant_id, session_key)
-            WHERE w.place <= w.session_max - coalesce(p.active, 0)
-            -- Every session's next run first, then the ones after: a session that cannot go on
-            -- (a sequence gap) never crowds the others out of the batch.
-            ORDER BY w.place, w.tenant_id, w.session_key
-            LIMIT %s
-            """,
-            [MAX_PROMOTIONS_PER_ROUND],
-        )
+        cursor.execute(WAITING_WITH_ROOM_SQL, [MAX_PROMOTIONS_PER_ROUND])
         names = [column[0] for column in cursor.description]
         rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     for row in rows:  # compared with aware datetimes; SQLite returns text or naive ones
@@ -240,9 +247,7 @@ def session_place(run: Run) -> int | None:
     """A waiting run's place in its session's queue (1: next), else None."""
     if run.session_state != SessionState.WAITING:
         return None
-    ahead = Run.objects.filter(
-        tenant_id=run.tenant_id, session_key=run.session_key, session_state=SessionState.WAITING
-    )
+    ahead = session_runs_of(run.tenant_id, run.session_key).filter(session_state=SessionState.WAITING)
     if run.sequence is None:
         ahead = ahead.filter(Q(sequence__isnull=False) | Q(id__lt=run.id))
     else:
@@ -263,7 +268,7 @@ def session_summary(run: Run) -> dict[str, Any] | None:
 
 def session_runs(*, tenant_id: int, session_key: str) -> list[Run]:
     """A session's runs in session order: sequence (when given), then start order."""
-    runs = Run.objects.filter(tenant_id=tenant_id, session_key=session_key)
+    runs = session_runs_of(tenant_id, session_key)
     return sorted(runs, key=lambda r: (r.sequence is None, r.sequence or 0, r.id))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 
 import pytest
@@ -13,7 +14,7 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
 from approvals.models import ApprovalRequest
-from core import after_response, wakeups, workers
+from core import after_response, rawsql, wakeups, workers
 from core.models import Lease, Tenant, TenantQuota, User
 from core.redis_client import get_redis
 from core.workers import POOLS_KEY
@@ -131,20 +132,26 @@ def admit_or_cancel(step: Step, run: Run, i: int) -> object:
     return run_cancel(run=run, actor="operator", reason="race")
 
 
-def test_a_direct_admission_takes_its_shard_in_the_round_trip_that_reads_the_room(acme: Tenant) -> None:
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
+def test_a_direct_admission_takes_its_shard_in_the_round_trip_that_reads_the_room(
+    acme: Tenant, prepared: bool
+) -> None:
     """A shard of the admission lock, the room, the step's own candidacy and its lease, in
-    three round trips: the shard's statement goes first in the room's."""
+    three round trips: the shard's statement goes first in the room's. As a web request's
+    thread sends them (prepared, once prepared) and plainly."""
     TenantQuota.objects.filter(tenant=acme).update(max_concurrent_steps=100)
-    step = ready_step(acme)
-    with CaptureQueriesContext(connection) as captured:
-        assert dispatch.admit_directly(step.pk)
+    with rawsql.prepared_statements() if prepared else nullcontext():
+        assert dispatch.admit_directly(ready_step(acme).pk)  # its statements prepared, if so
+        step = ready_step(acme)
+        with CaptureQueriesContext(connection) as captured:
+            assert dispatch.admit_directly(step.pk)
     statements = [q["sql"] for q in captured.captured_queries if q["sql"] not in ("BEGIN", "COMMIT")]
     assert len(statements) == 3, statements
-    assert (
-        statements[0].startswith("SELECT CASE WHEN EXISTS") and "pg_try_advisory_xact_lock" in statements[0]
-    )
+    shard, room = statements[0].split("; ", 1)
+    assert shard.startswith("SELECT CASE WHEN EXISTS") and "pg_try_advisory_xact_lock" in shard
+    assert room.startswith("EXECUTE") if prepared else "core_tenantquota" in room
     assert Step.objects.get(pk=step.pk).status == StepStatus.LEASED
-    assert sent_to_workers() == [(step.pk, Step.objects.get(pk=step.pk).lease_token)]
+    assert (step.pk, Step.objects.get(pk=step.pk).lease_token) in sent_to_workers()
 
 
 def test_a_direct_admission_racing_a_round_admits_the_step_once(acme: Tenant) -> None:

@@ -1,6 +1,7 @@
 """The indexes of runs and steps: every one a row is in costs each of its writes (a status move
 rewrites the row into every index), so a run is indexed only where it has something to index,
-and the queries that need those partial indexes still find them."""
+and the queries that need those partial indexes still find them — on PostgreSQL, and on SQLite
+(the embedded default), which uses a partial index only where the query names its condition."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from core.models import Tenant
-from runs.models import Run, Step
+from core.models import Tenant, User
+from runs import selectors, sessions
+from runs.models import IN_A_SESSION, Run, SessionState, Step
 from runs.services import run_start
 
 pytestmark = pytest.mark.django_db
@@ -35,37 +37,56 @@ def indexes_of(table: str) -> dict[str, str]:
 
 
 def plan(queryset: QuerySet[Run]) -> str:
-    """The plan PostgreSQL picks with sequential scans priced out: which index it can use."""
+    """The plan the database picks, with PostgreSQL's sequential scans priced out: which
+    index it can use."""
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL enable_seqscan = off")
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL enable_seqscan = off")
         return queryset.explain()
 
 
 @pytest.fixture
 def on_postgresql() -> None:
     if connection.vendor != "postgresql":
-        pytest.skip("partial indexes and their plans are PostgreSQL's")
+        pytest.skip("the indexes' definitions and the round's plan are read from PostgreSQL")
 
 
 def test_a_run_and_its_steps_are_indexed_only_where_they_have_something_to_index(
     acme: Tenant, on_postgresql: None
 ) -> None:
     runs = indexes_of(Run._meta.db_table)
-    assert "WHERE (finished_at IS NOT NULL)" in runs["run_tenant_finished"]
-    assert "WHERE (NOT ((session_key)::text = ''::text))" in runs["run_tenant_session"]
+    assert "WHERE (finished_at IS NOT NULL)" in runs["run_finished_at"]
+    assert "WHERE (NOT ((session_key)::text = ''::text))" in runs["run_in_session"]
     assert "WHERE (replay_of_id IS NOT NULL)" in runs["run_replays"]
     assert not [name for name, definition in runs.items() if definition.endswith("(replay_of_id)")]
-    # A step's tenant is read with its status (step_status_tenant), never alone.
+    # A step's tenant is read with its status (step_status_tenant), not alone.
     steps = indexes_of(Step._meta.db_table)
     assert not [name for name, definition in steps.items() if definition.endswith("(tenant_id)")]
 
 
-def test_the_queries_that_need_the_partial_indexes_use_them(acme: Tenant, on_postgresql: None) -> None:
+@pytest.mark.both_dialects
+def test_the_queries_that_need_the_partial_indexes_use_them(acme: Tenant, acme_operator: User) -> None:
     first = run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run
-    # Each as the code asks it: a session's runs (runs.sessions), the overview's finished runs
-    # of the last hour (runs.overview), a run's replays (the foreign key's SET_NULL on delete).
-    assert "run_tenant_session" in plan(Run.objects.filter(tenant_id=acme.pk, session_key="conversation-1"))
+    # Each as the code asks it: a session's runs (runs.sessions, the runs list's filter), the
+    # overview's finished runs of the last hour (runs.overview), a run's replays (the foreign
+    # key's SET_NULL on delete).
+    assert "run_in_session" in plan(sessions.session_runs_of(acme.pk, "conversation-1"))
+    assert "run_in_session" in plan(selectors.runs_for_user(acme_operator, session_key="conversation-1"))
     since = timezone.now() - timedelta(hours=1)
-    assert "run_tenant_finished" in plan(Run.objects.filter(tenant_id__in=[acme.pk], finished_at__gte=since))
+    assert "run_finished_at" in plan(Run.objects.filter(tenant_id__in=[acme.pk], finished_at__gte=since))
     assert "run_replays" in plan(Run.objects.filter(replay_of__in=[first]))
+
+
+def test_the_sessions_round_reads_the_sessions_runs_by_their_index(acme: Tenant, on_postgresql: None) -> None:
+    """The round's read of what each waiting session passed joins on the session's key, which
+    cannot prove the index's condition: it names it."""
+    Run.objects.filter(pk=run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run.pk).update(
+        session_key="conversation-1", session_state=SessionState.WAITING
+    )
+    assert IN_A_SESSION.children == [("session_key", "")] and IN_A_SESSION.negated
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {sessions.WAITING_WITH_ROOM_SQL}", [sessions.MAX_PROMOTIONS_PER_ROUND])
+        found = "\n".join(line for (line,) in cursor.fetchall())
+    assert "run_in_session" in found, found
