@@ -260,5 +260,10 @@ def wait_for_wake(timeout: float) -> bool:
         _local_wake.wait(timeout)
         return False
     if woken:
-        client.delete(WAKE_KEY)  # collapse a burst that arrived meanwhile into this round
+        try:
+            client.delete(WAKE_KEY)  # collapse a burst that arrived meanwhile into this round
+        except Exception:  # Redis lost just after the wake-up: the round runs all the same
+            logger.warning(
+                "could not collapse the wake-ups waiting; the next round may run sooner", exc_info=True
+            )
     return woken
