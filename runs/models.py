@@ -148,8 +148,8 @@ class StepStatus(models.TextChoices):
 class Step(models.Model):
     # Indexed as the first column of step_key_unique_in_run.
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
-    # Read with a status (step_status_tenant, step_ready_keyed): an index of its own would cost
-    # every write of a step for the one read of it alone, a tenant's deletion (a scan).
+    # Read with a status (step_status_tenant, step_ready_keyed); alone only when a tenant is
+    # deleted (a scan then): an index of its own would cost every write of a step.
     tenant = models.ForeignKey(Tenant, on_delete=models.PROTECT, related_name="+", db_index=False)
     key = models.CharField(max_length=120)
     position = models.PositiveIntegerField()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import redis
+from django.test import override_settings
 
 from core import redis_client, wakeups
 from core.redis_client import get_redis
@@ -72,20 +72,10 @@ def test_a_round_clears_the_waiting_marks_only_if_no_step_began_to_wait_meanwhil
     assert not client.exists(wakeups.WAITING_KEY) and not client.exists(wakeups.LEFT_WAITING_KEY)
 
 
-def admin_url(client: redis.Redis, user: str, password: str) -> str:
+def url_as(client: redis.Redis, user: str, password: str) -> str:
     """The URL of ``client``'s server and database, as another user."""
     where = client.connection_pool.connection_kwargs
     return f"redis://{user}:{password}@{where['host']}:{where['port']}/{where.get('db', 0)}"
-
-
-@contextmanager
-def redis_client_as(client: redis.Redis) -> Iterator[None]:
-    """This process's Redis client (``get_redis``) is ``client`` for the block."""
-    before, redis_client._client = redis_client._client, client
-    try:
-        yield
-    finally:
-        redis_client._client = before
 
 
 def test_a_wake_up_is_taken_even_when_redis_fails_right_after_it(redis_marks: None) -> None:
@@ -95,11 +85,13 @@ def test_a_wake_up_is_taken_even_when_redis_fails_right_after_it(redis_marks: No
     admin = get_redis()
     assert admin is not None
     admin.execute_command("ACL", "SETUSER", "rw-pop-only", "on", ">pop-only", "~*", "+@connection", "+blpop")
-    limited = redis.Redis.from_url(admin_url(admin, "rw-pop-only", "pop-only"), socket_timeout=5)
     try:
         admin.rpush(wakeups.WAKE_KEY, 1)
-        with redis_client_as(limited):
-            assert wakeups.wait_for_wake(1.0) is True
+        with override_settings(REDIS_URL=url_as(admin, "rw-pop-only", "pop-only")):
+            redis_client._client = None  # a client for the user that may only pop
+            try:
+                assert wakeups.wait_for_wake(1.0) is True
+            finally:
+                redis_client._client = None
     finally:
-        limited.close()
         admin.execute_command("ACL", "DELUSER", "rw-pop-only")
