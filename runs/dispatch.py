@@ -809,11 +809,31 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
     step themselves), whether other ready steps wait for room a release may free, and when
     the next retry backoff ends."""
     saturated = {lane for lane in LANES if room.pools and not room.worker_room(lane)}
-    ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=[a.step_id for a in state.admitted])
+    admitted = [a.step_id for a in state.admitted]
+    if rawsql.on_postgresql():  # both in one round trip, planned once (every round asks)
+        at = rawsql.adapt_datetime(state.now)
+        [(waiting, next_due)] = rawsql.fetch_rows(
+            _LEFT_BEHIND_SQL, [admitted, at, sorted(saturated), admitted, at]
+        )
+        return waiting, saturated, next_due
+    ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=admitted)
     due = Q(available_at__isnull=True) | Q(available_at__lte=state.now)
     waiting = ready.filter(due).exclude(lane__in=saturated).exists()
     next_due = ready.filter(available_at__gt=state.now).aggregate(due=Min("available_at"))["due"]
     return waiting, saturated, next_due
+
+
+# ``_left_behind``'s two reads: a ready step the round left, due now, in a lane with a free
+# slot; and when the next retry backoff ends.
+_LEFT_BEHIND_SQL = f"""
+    SELECT EXISTS (
+        SELECT 1 FROM runs_step WHERE status = {_READY} AND NOT (id = ANY (%s::bigint[]))
+        AND (available_at IS NULL OR available_at <= %s) AND NOT (lane = ANY (%s::text[]))
+    ), (
+        SELECT MIN(available_at) FROM runs_step WHERE status = {_READY} AND NOT (id = ANY (%s::bigint[]))
+        AND available_at > %s
+    )
+"""
 
 
 def dispatch_round(*, limit: int | None = None) -> list[Admission]:

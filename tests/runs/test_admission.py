@@ -1254,3 +1254,18 @@ def test_a_worker_pulling_takes_the_first_step_no_other_admission_holds_in_one_s
             ("crm_contact:7", key.token),
         }
     assert Step.objects.get(pk=held_row.step_id).status == StepStatus.READY
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_round_says_whether_it_left_a_due_step_and_when_the_next_backoff_ends(acme: Tenant) -> None:
+    runs = [run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run for _ in range(3)]
+    later = timezone.now() + timedelta(seconds=30)
+    Step.objects.filter(run=runs[2]).update(available_at=later)  # backing off after a failure
+    first = dispatch.admit_round(limit=1)
+    assert [a.step_id for a in first.admitted] == [Step.objects.get(run=runs[0]).pk]
+    assert first.waiting  # the second run's step is due and was left for the next round
+    assert first.next_due == later
+    second = dispatch.admit_round(limit=1)
+    assert [a.step_id for a in second.admitted] == [Step.objects.get(run=runs[1]).pk]
+    assert not second.waiting  # only the step backing off is left
+    assert second.next_due == later
