@@ -68,7 +68,7 @@ from runs import transitions
 from runs.definitions import LANES, REGISTRY, UnknownWorkflow, get_workflow
 from runs.locking import ready_steps_lock
 from runs.models import Step, StepStatus, ToolCallStatus
-from runs.queueing import enqueue_step
+from runs.queueing import enqueue_steps
 from runs.services import run_cancel_by_id
 from runs.sessions import session_round
 
@@ -800,8 +800,9 @@ def admit_round(*, limit: int | None = None) -> RoundResult:
 
 def _enqueue_on_commit(admissions: Iterable[Admission]) -> None:
     """Each admitted step's task to its lane's queue once the admitting transaction commits."""
-    for admission in admissions:
-        transaction.on_commit(partial(enqueue_step, admission.step_id, admission.token, admission.lane))
+    sends = [(admission.step_id, admission.token, admission.lane) for admission in admissions]
+    if sends:
+        transaction.on_commit(partial(enqueue_steps, sends))
 
 
 def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | None]:

@@ -16,6 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from core import rawsql, tallies, wakeups
+from core.celery import app
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
 from core.redis_client import get_redis
@@ -551,9 +552,9 @@ def test_more_steps_are_counted_against_a_room_read_once_their_shards_are_held(a
                 mine = next(c for c in candidates if dispatch._admit_one(c, now) is not None)
                 all_read.wait(20)
                 turns[i].wait(20)
-                queued = len(transaction.get_connection().run_on_commit)
+                leased = len(_leased(acme))  # as this transaction sees them: its own too
                 dispatch._admit_for_idle_slots(candidates, room, lanes, 1, now, after=mine, headroom=shards)
-                took[i] = 1 + len(transaction.get_connection().run_on_commit) - queued
+                took[i] = 1 + len(_leased(acme)) - leased
         finally:
             if i + 1 < shards:
                 turns[i + 1].set()
@@ -648,9 +649,9 @@ def test_workers_taking_more_steps_while_others_come_and_go_on_the_other_shards_
             with override_settings(**settings_here), transaction.atomic():
                 with connections["default"].cursor() as cursor:
                     cursor.execute(dispatch.admission_shard_sql())
-                before = len(transaction.get_connection().run_on_commit)
+                before = len(_leased(acme))  # as this transaction sees them: its own too
                 assert admit_here(lanes=frozenset({"draft"}), headroom=shards, idle_slots=batch) is not None
-                admitted_unseen.append(1 + len(transaction.get_connection().run_on_commit) - before)
+                admitted_unseen.append(len(_leased(acme)) - before)
                 ready.set()
                 release.wait(30)
         finally:
@@ -1269,3 +1270,34 @@ def test_a_round_says_whether_it_left_a_due_step_and_when_the_next_backoff_ends(
     assert [a.step_id for a in second.admitted] == [Step.objects.get(run=runs[1]).pk]
     assert not second.waiting  # only the step backing off is left
     assert second.next_due == later
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rounds_admissions_reach_their_lanes_queues_each_once_as_the_step_task(acme: Tenant) -> None:
+    """A round sends its admissions over one producer, declaring nothing: each arrives once, in
+    its own lane's queue, as the task a worker runs."""
+    sent_to_workers()  # what earlier tests left on the queues
+    started = [run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run for _ in range(3)]
+    started.append(run_start(tenant=acme, workflow="bench.keyed", input={"key": 1}, actor="t").run)
+    admitted = dispatch.admit_round().admitted
+    assert {a.step_id for a in admitted} == set(
+        Step.objects.filter(run__in=started).values_list("pk", flat=True)
+    )
+    found = []
+    with app.connection_for_read() as connection:
+        for lane in ("read", "draft"):
+            with connection.SimpleQueue(lane) as queue:
+                while True:
+                    try:
+                        message = queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    _, kwargs, _ = message.decode()  # Celery's task message: args, kwargs, options
+                    message.ack()
+                    found.append((lane, message.headers["task"], kwargs["step_id"], kwargs["token"]))
+    assert sorted(found) == sorted((a.lane, "runs.execute_step", a.step_id, a.token) for a in admitted)
+    for _, _, step_id, token in found:  # as the lanes' workers take them
+        step_execute(step_id=step_id, token=token)
+    assert set(Run.objects.filter(pk__in=[r.pk for r in started]).values_list("status", flat=True)) == {
+        RunStatus.SUCCEEDED
+    }
