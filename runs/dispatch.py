@@ -813,9 +813,12 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
     admitted = [a.step_id for a in state.admitted]
     if rawsql.on_postgresql():  # both in one round trip, planned once (every round asks)
         at = rawsql.adapt_datetime(state.now)
-        [(waiting, next_due)] = rawsql.fetch_rows(
-            _LEFT_BEHIND_SQL, [admitted, at, sorted(saturated), admitted, at]
-        )
+        # With every lane's slots taken no step waits for a slot: not even looked for.
+        some_room = not saturated >= set(LANES)
+        params = [some_room, admitted, at, sorted(saturated), admitted, at]
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(cursor, _LEFT_BEHIND_SQL, params, without_bitmap_scans=True)
+            waiting, next_due = cursor.fetchone()
         return waiting, saturated, next_due
     ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=admitted)
     due = Q(available_at__isnull=True) | Q(available_at__lte=state.now)
@@ -825,9 +828,10 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
 
 
 # ``_left_behind``'s two reads: a ready step the round left, due now, in a lane with a free
-# slot; and when the next retry backoff ends.
+# slot (not looked for where no lane has one: AND evaluates its subquery only when needed);
+# and when the next retry backoff ends.
 _LEFT_BEHIND_SQL = f"""
-    SELECT EXISTS (
+    SELECT %s AND EXISTS (
         SELECT 1 FROM runs_step WHERE status = {_READY} AND NOT (id = ANY (%s::bigint[]))
         AND (available_at IS NULL OR available_at <= %s) AND NOT (lane = ANY (%s::text[]))
     ), (
