@@ -41,6 +41,12 @@ def pump(rounds: int = 8) -> list[str]:
 def sent_to_workers() -> list[tuple[int, int]]:
     """The steps waiting in the lanes' queues, taken off the broker as a worker takes them:
     (step id, token) each. One sent by an earlier test finds its step gone and does nothing."""
+    return [(step_id, token) for _, _, step_id, token in taken_from_queues()]
+
+
+def taken_from_queues() -> list[tuple[str, str, int, int]]:
+    """``sent_to_workers`` with where each was and what it asks: (lane, task name, step id,
+    token) each."""
     taken = []
     with app.connection_for_read() as connection:
         for lane in LANES:
@@ -52,7 +58,7 @@ def sent_to_workers() -> list[tuple[int, int]]:
                         break
                     _, kwargs, _ = message.decode()  # Celery's task message: args, kwargs, options
                     message.ack()
-                    taken.append((kwargs["step_id"], kwargs["token"]))
+                    taken.append((lane, message.headers["task"], kwargs["step_id"], kwargs["token"]))
     return taken
 
 
