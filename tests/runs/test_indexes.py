@@ -14,8 +14,9 @@ from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from core import rawsql
 from core.models import Tenant, User
-from runs import selectors, sessions
+from runs import dispatch, selectors, sessions
 from runs.models import IN_A_SESSION, Run, SessionState, Step
 from runs.services import run_start
 
@@ -90,3 +91,30 @@ def test_the_sessions_round_reads_the_sessions_runs_by_their_index(acme: Tenant,
         cursor.execute(f"EXPLAIN {sessions.WAITING_WITH_ROOM_SQL}", [sessions.MAX_PROMOTIONS_PER_ROUND])
         found = "\n".join(line for (line,) in cursor.fetchall())
     assert "run_in_session" in found, found
+
+
+def test_a_rounds_left_behind_read_uses_the_status_index_and_skips_its_scan_where_no_lane_has_room(
+    acme: Tenant, on_postgresql: None
+) -> None:
+    """Every round asks it, planned once (a generic plan, bitmap scans off as it is prepared):
+    by the steps' status index, and where every lane's slots are taken the waiting step is not
+    looked for at all (the AND never evaluates its subquery)."""
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    text, _ = rawsql._numbering(dispatch._LEFT_BEHIND_SQL)
+    found = {}
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_bitmapscan = off")
+        cursor.execute(f"PREPARE left_behind AS {text}")
+        try:
+            for some_room in (True, False):
+                cursor.execute(
+                    "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE left_behind"
+                    "(%s, ARRAY[]::bigint[], now(), ARRAY['read']::text[], ARRAY[]::bigint[], now())",
+                    [some_room],
+                )
+                found[some_room] = "\n".join(line for (line,) in cursor.fetchall())
+        finally:
+            cursor.execute("DEALLOCATE left_behind")
+    assert found[True].count("step_status_tenant") == 2, found[True]
+    assert "never executed" not in found[True], found[True]
+    assert "never executed" in found[False], found[False]  # the waiting step's scan
