@@ -26,6 +26,18 @@ def test_it_runs_every_step_of_the_chain_and_reports_its_cost() -> None:
     assert Run.objects.filter(actor="bench_step_cost", status=RunStatus.SUCCEEDED).count() == 6
 
 
+@pytest.mark.django_db(transaction=True)
+def test_by_statement_it_accounts_for_every_statement_per_step() -> None:
+    out = io.StringIO()
+    call_command("bench_step_cost", runs=6, any_database=True, by_statement=True, stdout=out)
+    report = out.getvalue()
+    total = float(re.search(r"([\d.]+) statements,", report).group(1))  # type: ignore[union-attr]
+    lines = re.findall(r"^\s*([\d.]+)/step\s+([\d.]+) ms/step  (.+)$", report, re.MULTILINE)
+    assert lines, report
+    assert abs(sum(float(count) for count, _, _ in lines) - total) < 0.05 * len(lines) + 0.1
+    assert any("runs_step" in sql or sql.startswith("EXECUTE") for _, _, sql in lines)
+
+
 @pytest.mark.django_db
 def test_it_refuses_a_database_not_meant_for_benches() -> None:
     with pytest.raises(CommandError, match="named \\*bench\\*"):

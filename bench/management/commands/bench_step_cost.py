@@ -63,6 +63,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--runs", type=int, default=300, help="one-step runs to start and run")
         parser.add_argument("--cprofile", type=int, default=0, help="also print the N costliest functions")
+        parser.add_argument(
+            "--by-statement", action="store_true", help="also print each statement's count and time per step"
+        )
         parser.add_argument("--any-database", action="store_true", help="run on a database not named *bench*")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -97,14 +100,17 @@ class Command(BaseCommand):
         first = admitted[0]
         lanes = frozenset(Step.objects.filter(tenant=tenant).values_list("lane", flat=True).distinct())
         spent = {"statements": 0, "seconds": 0.0}
+        by_statement: dict[str, list[float]] = {}
 
         def timed(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
             t = time.perf_counter()
             try:
                 return execute(sql, params, many, context)
             finally:
+                took = time.perf_counter() - t
                 spent["statements"] += 1
-                spent["seconds"] += time.perf_counter() - t
+                spent["seconds"] += took
+                by_statement.setdefault(" ".join(sql.split())[:110], []).append(took)
 
         backend = _backend_pid()
         profile = cProfile.Profile(time.process_time) if options["cprofile"] else None
@@ -131,6 +137,9 @@ class Command(BaseCommand):
             f"CPU per step: {cpu * per:.2f} ms in this process, {backend_cpu * per:.2f} ms in its PostgreSQL "
             "backend (steadier than wall time on a machine whose speed drifts)"
         )
+        if options["by_statement"]:
+            for sql, took in sorted(by_statement.items(), key=lambda item: -sum(item[1])):
+                self.stdout.write(f"{len(took) / steps:5.2f}/step {sum(took) * per:6.3f} ms/step  {sql}")
         if profile:
             out = io.StringIO()
             pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(options["cprofile"])
