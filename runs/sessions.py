@@ -112,12 +112,26 @@ class _Waiting:
         return since + timedelta(seconds=self.gap_seconds)
 
 
+def _runs_wait_for_a_turn() -> bool:
+    """Whether any run waits for its session's turn: every admission round asks first, under
+    the whole admission lock, so it is one prepared statement (the session index's partial
+    range), not an ORM query built each time."""
+    rows = rawsql.fetch_rows(_ANY_WAITING_SQL, [])
+    return bool(rows[0][0])
+
+
+_ANY_WAITING_SQL = (
+    f"SELECT EXISTS (SELECT 1 FROM {Run._meta.db_table} WHERE session_state = "
+    f"{rawsql.sql_strings(SessionState.WAITING)})"
+)
+
+
 def session_round(now: datetime) -> tuple[bool, datetime | None]:
     """Expire waiting runs past their deadline, then promote the runs whose turn it is. Call
     inside the admission round's transaction. Returns whether runs still wait for a turn (so
     a run finishing must wake the dispatcher), and when a waiting run's deadline or a
     sequence gap's timeout next needs a round."""
-    if not Run.objects.filter(session_state=SessionState.WAITING).exists():
+    if not _runs_wait_for_a_turn():
         return False, None
     _expire(now)
     promote: list[str] = []
