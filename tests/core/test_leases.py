@@ -11,9 +11,11 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from core import rawsql
 from core.leases import (
     Fence,
     LeaseGrant,
+    LeaseRequest,
     StaleToken,
     fenced_write,
     lease_acquire,
@@ -21,6 +23,7 @@ from core.leases import (
     lease_release,
     lease_renew,
     lease_revoke,
+    leases_acquire_many,
     leases_renew,
     leases_renew_many,
 )
@@ -409,3 +412,38 @@ def test_a_revoked_lease_cannot_be_renewed_by_a_clock_a_moment_behind(acme: Tena
     # A heartbeat that read its clock just before the revoke must not bring the lease back.
     with pytest.raises(StaleToken):
         leases_renew(grants=[grant], ttl=30, now=now - timedelta(seconds=1))
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
+def test_many_keys_are_granted_in_one_statement_free_or_expired_ones_only(
+    acme: Tenant, globex: Tenant, prepared: bool
+) -> None:
+    """A round's grants: every free key of the batch, an expired one taken over with a larger
+    token, a live one left out; tokens rise in the requests' order; each key once per call."""
+    held = lease_acquire(tenant_id=acme.pk, key="held", holder="other", ttl=30)
+    expired = lease_acquire(tenant_id=acme.pk, key="expired", holder="gone", ttl=0.05)
+    assert held is not None and expired is not None
+    while timezone.now() < expired.expires_at:
+        time.sleep(0.005)
+    requests = [
+        LeaseRequest(acme.pk, key, "round", 30, {"step_key": key})
+        for key in ("a-free", "expired", "held", "z-free")
+    ] + [LeaseRequest(globex.pk, "held", "round", 30, {})]  # the same key of another tenant is free
+    with rawsql.prepared_statements() if prepared else nullcontext(), transaction.atomic():
+        grants = leases_acquire_many(requests)
+    assert set(grants) == {
+        (acme.pk, "a-free"),
+        (acme.pk, "expired"),
+        (acme.pk, "z-free"),
+        (globex.pk, "held"),
+    }
+    tokens = [grants[(r.tenant_id, r.key)].token for r in requests if (r.tenant_id, r.key) in grants]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    assert grants[(acme.pk, "expired")].token > expired.token
+    taken = Lease.objects.get(tenant_id=acme.pk, key="expired")
+    assert (taken.holder, taken.metadata, taken.released_at) == ("round", {"step_key": "expired"}, None)
+    assert Lease.objects.get(tenant_id=acme.pk, key="held").token == held.token  # untouched
+    assert taken.expires_at > timezone.now() + timedelta(seconds=25)
+    with pytest.raises(ValueError, match="once per call"):
+        leases_acquire_many([requests[0], requests[0]])
