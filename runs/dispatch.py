@@ -1120,7 +1120,7 @@ def _due_ready_step_in(lanes: frozenset[str], now: datetime) -> bool:
         return Step.objects.filter(due, status=StepStatus.READY, lane__in=lanes).exists()
     with connection.cursor() as cursor:
         rawsql.execute_prepared(
-            cursor, _DUE_READY_SQL, [sorted(lanes), _adapt(now)], without_bitmap_scans=True
+            cursor, _DUE_READY_SQL, [sorted(lanes), rawsql.adapt_datetime(now)], without_bitmap_scans=True
         )
         return bool(cursor.fetchone()[0])
 

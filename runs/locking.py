@@ -85,14 +85,17 @@ def ready_steps_lock(step_ids: list[int]) -> set[int]:
     # Hand-written and prepared where the thread prepares: a round takes these locks under the
     # whole admission lock, and the ORM's statement cost more to build than to run. Planned as
     # an index scan of the primary key (see transitions.step_lease_first on bitmap scans).
+    lock = rawsql.row_lock_clause(" FOR NO KEY UPDATE SKIP LOCKED")  # refused outside a transaction
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, _READY_STEPS_LOCK_SQL, [list(step_ids)], without_bitmap_scans=True)
+        rawsql.execute_prepared(
+            cursor, f"{_READY_STEPS_SQL}{lock}", [list(step_ids)], without_bitmap_scans=True
+        )
         return {step_id for (step_id,) in cursor.fetchall()}
 
 
-_READY_STEPS_LOCK_SQL = (
+_READY_STEPS_SQL = (
     f"SELECT id FROM {Step._meta.db_table} WHERE id = ANY(%s::bigint[])"
-    f" AND status = {rawsql.sql_strings(StepStatus.READY)} ORDER BY id FOR NO KEY UPDATE SKIP LOCKED"
+    f" AND status = {rawsql.sql_strings(StepStatus.READY)} ORDER BY id"
 )
 
 

@@ -26,6 +26,7 @@ from runs.services import run_cancel, run_start
 from tests.approvals.helpers import sent_to_workers, waiting_followup
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client
+from tests.wakes import woken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -42,12 +43,6 @@ def quiet_broker() -> Iterator[None]:
     sent_to_workers()
     yield
     client.delete(wakeups.WAKE_KEY)
-
-
-def woken() -> bool:
-    client = get_redis()
-    assert client is not None
-    return bool(client.delete(wakeups.WAKE_KEY))
 
 
 def approve(user: User, request: ApprovalRequest) -> None:

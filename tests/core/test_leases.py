@@ -11,7 +11,6 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core import rawsql
 from core.leases import (
     Fence,
     LeaseGrant,
@@ -415,9 +414,8 @@ def test_a_revoked_lease_cannot_be_renewed_by_a_clock_a_moment_behind(acme: Tena
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "prepared"])
 def test_many_keys_are_granted_in_one_statement_free_or_expired_ones_only(
-    acme: Tenant, globex: Tenant, prepared: bool
+    acme: Tenant, globex: Tenant
 ) -> None:
     """A round's grants: every free key of the batch, an expired one taken over with a larger
     token, a live one left out; tokens rise in the requests' order; each key once per call."""
@@ -430,7 +428,7 @@ def test_many_keys_are_granted_in_one_statement_free_or_expired_ones_only(
         LeaseRequest(acme.pk, key, "round", 30, {"step_key": key})
         for key in ("a-free", "expired", "held", "z-free")
     ] + [LeaseRequest(globex.pk, "held", "round", 30, {})]  # the same key of another tenant is free
-    with rawsql.prepared_statements() if prepared else nullcontext(), transaction.atomic():
+    with transaction.atomic():
         grants = leases_acquire_many(requests)
     assert set(grants) == {
         (acme.pk, "a-free"),

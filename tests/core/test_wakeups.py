@@ -10,6 +10,7 @@ from django.test import override_settings
 
 from core import redis_client, wakeups
 from core.redis_client import get_redis
+from tests.wakes import woken
 
 
 @pytest.fixture
@@ -21,12 +22,6 @@ def redis_marks() -> Iterator[None]:
     yield
     wakeups.mark_waiting(False, saturated=set())
     client.delete(*keys)
-
-
-def woken() -> bool:
-    client = get_redis()
-    assert client is not None
-    return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
 
 
 def test_a_ready_step_wakes_the_dispatcher_unless_its_lanes_workers_are_all_busy(redis_marks: None) -> None:

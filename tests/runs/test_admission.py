@@ -38,6 +38,7 @@ from tests.concurrency import (
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS, postgresql_only
 from tests.runs.workflows_for_tests import AwaitInput, await_then_notify
+from tests.wakes import woken
 
 pytestmark = pytest.mark.both_dialects
 
@@ -964,12 +965,6 @@ def hold_two(ctx: StepContext) -> dict[str, Any]:
     return {}
 
 
-def _woken() -> bool:
-    client = get_redis()
-    assert client is not None
-    return bool(client.delete(wakeups.WAKE_KEY))  # and take the wake-up, as the dispatcher would
-
-
 class KeyPair(pydantic.BaseModel):
     a: int
     b: int
@@ -988,7 +983,7 @@ def hold_pair(ctx: StepContext) -> dict[str, Any]:
 def _clear_marks() -> None:
     wakeups.mark_left_waiting(False)
     wakeups.mark_waiting(False)
-    _woken()
+    woken()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -1026,7 +1021,7 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
     started = executor._start(admission.step_id, admission.token)
     assert started.ctx is not None
     wakeups.mark_left_waiting(True)  # the last round left steps waiting for room
-    _woken()
+    woken()
     try:
         outcome, follow = executor._finish_succeeded(started.ctx, {}, frozenset({"read"}))
         assert outcome == "succeeded" and (follow is not None) == (after != "nothing")
@@ -1034,7 +1029,7 @@ def test_a_runs_last_step_wakes_the_dispatcher_for_its_room_unless_its_worker_to
             assert isinstance(follow, executor._Start) and follow.ctx is not None
             assert follow.ctx.run.workflow == workflow_name and follow.ctx.step.tenant_id == acme.pk
             assert follow.ctx.run.input == inputs[1]  # the oldest waiter of the first key
-        assert _woken() == (after not in ("same_place", "a_keyed_run"))
+        assert woken() == (after not in ("same_place", "a_keyed_run"))
     finally:
         _clear_marks()
 
@@ -1062,22 +1057,22 @@ def test_a_start_behind_a_held_key_wakes_no_round_and_its_holder_hands_the_key_o
     wakeups.mark_waiting(False, saturated=set())
     _clear_marks()
     holder = _started_pair(acme, 1, 2)
-    _woken()
+    woken()
     before = int(wakeups.waiters_added() or 0)
     try:
         waiter = run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 3}, actor="t").run
-        assert not _woken()
+        assert not woken()
         assert int(wakeups.waiters_added() or 0) == before + 1
         assert client.exists(wakeups.WAITING_KEY) and client.exists(wakeups.LEFT_WAITING_KEY)
         run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 5, "b": 6}, actor="t")
-        assert _woken()  # its keys are free: a round admits it
+        assert woken()  # its keys are free: a round admits it
 
         being_released = "SELECT id FROM core_lease WHERE tenant_id = %s AND key = 'thing:2' FOR UPDATE"
         with held_meanwhile(being_released, [acme.pk]):
             # Both its keys held, one of them (thing:2) with its row being changed: not known
             # to wait for it, a round decides.
             run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 2}, actor="t")
-            assert _woken()
+            assert woken()
         assert holder.ctx is not None
         outcome, follow = executor._finish_succeeded(holder.ctx, {}, frozenset({"read"}))
         assert outcome == "succeeded"
@@ -1104,10 +1099,10 @@ def test_a_start_that_found_its_key_held_wakes_a_round_if_the_key_was_freed_befo
     assert grant is not None
     try:
         locking.wake_for_ready_step(waiting, found_held=True)
-        assert not _woken()  # still held: its holder hands it on, or the marks wake a round
+        assert not woken()  # still held: its holder hands it on, or the marks wake a round
         lease_release(grant=grant)
         locking.wake_for_ready_step(waiting, found_held=True)
-        assert _woken()
+        assert woken()
     finally:
         _clear_marks()
 
@@ -1205,7 +1200,7 @@ def test_a_start_racing_its_keys_release_is_handed_the_key_or_wakes_a_round(acme
                 and follow.ctx is not None
                 and follow.ctx.run_id == waiter.pk
             )
-            assert handed or _woken(), (
+            assert handed or woken(), (
                 f"trial {trial}: the waiting step was neither handed its key nor woken for"
             )
             if follow is not None:

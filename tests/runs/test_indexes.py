@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from core import rawsql
 from core.models import Tenant, User
-from runs import dispatch, selectors, sessions
+from runs import dispatch, locking, selectors, sessions
 from runs.models import IN_A_SESSION, Run, SessionState, Step
 from runs.services import run_start
 
@@ -118,3 +118,28 @@ def test_a_rounds_left_behind_read_uses_the_status_index_and_skips_its_scan_wher
     assert found[True].count("step_status_tenant") == 2, found[True]
     assert "never executed" not in found[True], found[True]
     assert "never executed" in found[False], found[False]  # the waiting step's scan
+
+
+def _kept_plan(sql: str, params: list[object]) -> str:
+    """The plan this connection keeps for ``sql``, prepared by ``rawsql.execute_prepared``."""
+    name = rawsql._prepared_on_this_connection().statements[sql].name
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN EXECUTE {name}({', '.join(['%s'] * len(params))})", params)
+        return "\n".join(line for (line,) in cursor.fetchall())
+
+
+def test_a_workers_look_for_due_work_and_a_rounds_row_locks_keep_index_scans(
+    acme: Tenant, on_postgresql: None
+) -> None:
+    """Both are prepared reads of the steps (by status; by id), planned with bitmap scans off
+    (``rawsql._plan_without_bitmap_scans``): a bitmap scan reads every dead version's page."""
+    step = Step.objects.get(run=run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run)
+    lanes = ["draft", "read"]
+    with rawsql.prepared_statements(), transaction.atomic():
+        assert dispatch._due_ready_step_in(frozenset(lanes), timezone.now())
+        due = _kept_plan(dispatch._DUE_READY_SQL, [lanes, timezone.now()])
+        assert locking.ready_steps_lock([step.pk]) == {step.pk}
+        lock_sql = f"{locking._READY_STEPS_SQL} FOR NO KEY UPDATE SKIP LOCKED"
+        locked = _kept_plan(lock_sql, [[step.pk]])
+    assert "Bitmap" not in due and "step_status_tenant" in due, due
+    assert "Bitmap" not in locked and "runs_step_pkey" in locked, locked

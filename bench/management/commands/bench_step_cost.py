@@ -4,7 +4,8 @@ Starts ``--runs`` one-step ``bench.noop`` runs, admits the first, then runs the 
 exactly as a busy worker does (``step_execute`` with the worker's lanes: each finish admits
 and starts the next ready step), and reports per step: wall time, statements and the time
 spent inside them, the rest being Python (ORM, Runwarden) and commits. ``--cprofile`` adds
-the functions that took the most time. No broker round trip or Celery overhead is included:
+the functions that took the most time, ``--by-statement`` each statement's count and time per
+step (a prepared one shown as the SQL it runs). No broker round trip or Celery overhead is included:
 this is the engine's own cost per step, the part ``make bench``'s ratio is made of.
 
 Run it on the bench database (``make bench`` creates it), e.g.::
@@ -16,10 +17,12 @@ Run it on the bench database (``make bench`` creates it), e.g.::
 from __future__ import annotations
 
 import cProfile
+import hashlib
 import io
 import logging
 import os
 import pstats
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from django.db import connection
 
 import bench.workloads  # noqa: F401  (declares bench.noop, whatever RUNWARDEN_WORKFLOW_MODULES names)
 from bench.harness import bench_tenant
+from core import rawsql
 from runs.dispatch import dispatch_round
 from runs.executor import step_execute
 from runs.models import Run, RunStatus, Step, StepStatus
@@ -55,6 +59,30 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _readable(sql: str) -> str:
+    """One line per statement: a prepared one's ``EXECUTE`` (under any of its generations) shown
+    as the statement it runs, the admission shard's random start and the values dropped."""
+    prepared = (
+        {
+            f"rw_{hashlib.sha1(text.encode()).hexdigest()[:20]}": " ".join(text.split())
+            for text in rawsql._prepared_on_this_connection().statements
+        }
+        if rawsql.on_postgresql()
+        else {}
+    )
+
+    def shown(match: re.Match[str]) -> str:
+        return f"[prepared] {prepared.get(match.group(1), match.group(1))}"
+
+    sql = re.sub(r"EXECUTE (rw_[0-9a-f]{20})_\d+(\([^)]*\))?", shown, sql)
+    sql = re.sub(r"(PREPARE|DEALLOCATE) rw_[0-9a-f]{20}_\d+.*", r"\1 (planning a prepared statement)", sql)
+    sql = re.sub(r"SET LOCAL enable_bitmapscan = off; EXPLAIN .*", "(planning a prepared statement)", sql)
+    sql = re.sub(
+        r"(mod\(n \+ )\d+|(pg_advisory_xact_lock\(\d+, )\d+", lambda m: f"{m.group(1) or m.group(2)}k", sql
+    )
+    return sql[:150]
 
 
 class Command(BaseCommand):
@@ -110,7 +138,7 @@ class Command(BaseCommand):
                 took = time.perf_counter() - t
                 spent["statements"] += 1
                 spent["seconds"] += took
-                by_statement.setdefault(" ".join(sql.split())[:110], []).append(took)
+                by_statement.setdefault(" ".join(sql.split()), []).append(took)
 
         backend = _backend_pid()
         profile = cProfile.Profile(time.process_time) if options["cprofile"] else None
@@ -138,7 +166,10 @@ class Command(BaseCommand):
             "backend (steadier than wall time on a machine whose speed drifts)"
         )
         if options["by_statement"]:
-            for sql, took in sorted(by_statement.items(), key=lambda item: -sum(item[1])):
+            grouped: dict[str, list[float]] = {}
+            for sql, took in by_statement.items():
+                grouped.setdefault(_readable(sql), []).extend(took)
+            for sql, took in sorted(grouped.items(), key=lambda item: -sum(item[1])):
                 self.stdout.write(f"{len(took) / steps:5.2f}/step {sum(took) * per:6.3f} ms/step  {sql}")
         if profile:
             out = io.StringIO()
