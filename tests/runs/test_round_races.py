@@ -23,7 +23,7 @@ from tests.concurrency import held_meanwhile, run_concurrently
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TRIALS = 30
+TRIALS = 20
 
 
 def round_or_cancel(run: Run, i: int) -> object:
