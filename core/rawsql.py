@@ -355,11 +355,21 @@ def _due_for_replan(statement: _Statement) -> bool:
     return True
 
 
+def _name_stem(sql: str) -> str:
+    return f"rw_{hashlib.sha1(sql.encode()).hexdigest()[:20]}"
+
+
+def prepared_texts() -> dict[str, str]:
+    """The statements this thread's connection has prepared, by their names' stem (every
+    generation of one shares it): for a report that shows an ``EXECUTE`` as the SQL it runs."""
+    return {_name_stem(sql): sql for sql in _prepared_on_this_connection().statements}
+
+
 def _prepare(cursor: Any, sql: str, generation: int) -> str:
     """PREPARE ``sql`` on this connection under a name of its own: named after the text, so a
     connection never runs one statement under another's name, and its generation, so a plan
     made again never takes a name in use; the name."""
-    name = f"rw_{hashlib.sha1(sql.encode()).hexdigest()[:20]}_{generation}"
+    name = f"{_name_stem(sql)}_{generation}"
     text, _ = _numbering(sql)
     cursor.execute(f"PREPARE {name} AS {text}")  # no parameters: nothing is interpolated
     return name

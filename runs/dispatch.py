@@ -805,6 +805,14 @@ def _enqueue_on_commit(admissions: Iterable[Admission]) -> None:
         transaction.on_commit(partial(enqueue_steps, sends))
 
 
+def _due(now: datetime) -> Q:
+    """A step due at ``now``: no retry backoff, or one that has ended (``_DUE_SQL`` in SQL)."""
+    return Q(available_at__isnull=True) | Q(available_at__lte=now)
+
+
+_DUE_SQL = "(available_at IS NULL OR available_at <= %s)"
+
+
 def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | None]:
     """After a round: the lanes whose worker slots are all taken (their workers pull their next
     step themselves), whether other ready steps wait for room a release may free, and when
@@ -821,8 +829,7 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
             waiting, next_due = cursor.fetchone()
         return waiting, saturated, next_due
     ready = Step.objects.filter(status=StepStatus.READY).exclude(pk__in=admitted)
-    due = Q(available_at__isnull=True) | Q(available_at__lte=state.now)
-    waiting = ready.filter(due).exclude(lane__in=saturated).exists()
+    waiting = ready.filter(_due(state.now)).exclude(lane__in=saturated).exists()
     next_due = ready.filter(available_at__gt=state.now).aggregate(due=Min("available_at"))["due"]
     return waiting, saturated, next_due
 
@@ -833,7 +840,7 @@ def _left_behind(state: _Round, room: Room) -> tuple[bool, set[str], datetime | 
 _LEFT_BEHIND_SQL = f"""
     SELECT %s AND EXISTS (
         SELECT 1 FROM runs_step WHERE status = {_READY} AND NOT (id = ANY (%s::bigint[]))
-        AND (available_at IS NULL OR available_at <= %s) AND NOT (lane = ANY (%s::text[]))
+        AND {_DUE_SQL} AND NOT (lane = ANY (%s::text[]))
     ), (
         SELECT MIN(available_at) FROM runs_step WHERE status = {_READY} AND NOT (id = ANY (%s::bigint[]))
         AND available_at > %s
@@ -1116,8 +1123,7 @@ def _due_ready_step_in(lanes: frozenset[str], now: datetime) -> bool:
     """Whether a step of ``lanes`` is ready and due. On PostgreSQL one prepared statement: a
     worker asks at the end of every chain, and the ORM's query costs more to build than to run."""
     if not rawsql.on_postgresql():
-        due = Q(available_at__isnull=True) | Q(available_at__lte=now)
-        return Step.objects.filter(due, status=StepStatus.READY, lane__in=lanes).exists()
+        return Step.objects.filter(_due(now), status=StepStatus.READY, lane__in=lanes).exists()
     with connection.cursor() as cursor:
         rawsql.execute_prepared(
             cursor, _DUE_READY_SQL, [sorted(lanes), rawsql.adapt_datetime(now)], without_bitmap_scans=True
@@ -1127,8 +1133,7 @@ def _due_ready_step_in(lanes: frozenset[str], now: datetime) -> bool:
 
 _DUE_READY_SQL = f"""
     SELECT EXISTS (
-        SELECT 1 FROM runs_step WHERE status = {_READY} AND lane = ANY(%s::text[])
-        AND (available_at IS NULL OR available_at <= %s))
+        SELECT 1 FROM runs_step WHERE status = {_READY} AND lane = ANY(%s::text[]) AND {_DUE_SQL})
 """
 
 

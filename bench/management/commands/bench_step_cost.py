@@ -17,7 +17,6 @@ Run it on the bench database (``make bench`` creates it), e.g.::
 from __future__ import annotations
 
 import cProfile
-import hashlib
 import io
 import logging
 import os
@@ -61,20 +60,14 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _readable(sql: str) -> str:
+def _readable(sql: str, prepared: dict[str, str]) -> str:
     """One line per statement: a prepared one's ``EXECUTE`` (under any of its generations) shown
-    as the statement it runs, the admission shard's random start and the values dropped."""
-    prepared = (
-        {
-            f"rw_{hashlib.sha1(text.encode()).hexdigest()[:20]}": " ".join(text.split())
-            for text in rawsql._prepared_on_this_connection().statements
-        }
-        if rawsql.on_postgresql()
-        else {}
-    )
+    as the statement it runs (``prepared``: by name stem), the admission shard's random start and
+    the values dropped."""
 
     def shown(match: re.Match[str]) -> str:
-        return f"[prepared] {prepared.get(match.group(1), match.group(1))}"
+        text = prepared.get(match.group(1))
+        return f"[prepared] {' '.join(text.split()) if text else match.group(1)}"
 
     sql = re.sub(r"EXECUTE (rw_[0-9a-f]{20})_\d+(\([^)]*\))?", shown, sql)
     sql = re.sub(r"(PREPARE|DEALLOCATE) rw_[0-9a-f]{20}_\d+.*", r"\1 (planning a prepared statement)", sql)
@@ -166,9 +159,10 @@ class Command(BaseCommand):
             "backend (steadier than wall time on a machine whose speed drifts)"
         )
         if options["by_statement"]:
+            prepared = rawsql.prepared_texts() if rawsql.on_postgresql() else {}
             grouped: dict[str, list[float]] = {}
             for sql, took in by_statement.items():
-                grouped.setdefault(_readable(sql), []).extend(took)
+                grouped.setdefault(_readable(sql, prepared), []).extend(took)
             for sql, took in sorted(grouped.items(), key=lambda item: -sum(item[1])):
                 self.stdout.write(f"{len(took) / steps:5.2f}/step {sum(took) * per:6.3f} ms/step  {sql}")
         if profile:
