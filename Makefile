@@ -58,11 +58,18 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint test-unit test-sqlite test-e2e
+# Lint and the three suites below, side by side (scripts/test-all), each on its own database and
+# Redis DB (core/settings_test.py).
+test: $(STAMP)
+	@bash scripts/ensure-chromium
+	@DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
+		bash scripts/test-all
 
+# Over TEST_WORKERS pytest-xdist workers, a test file per worker at a time.
+TEST_WORKERS ?= 2
 test-unit: $(STAMP)
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
-		$(BIN)/pytest -m "not e2e" -p no:cacheprovider
+		$(BIN)/pytest -m "not e2e" -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 # The engine's transition tests (marked both_dialects) again on SQLite, in the embedded default's
 # shape: no DATABASE_URL or REDIS_URL (a SQLite file per run, made by pytest-django, the in-memory
@@ -74,7 +81,7 @@ test-sqlite: $(STAMP)
 test-e2e: $(STAMP)
 	@bash scripts/ensure-chromium
 	DATABASE_URL=$${DATABASE_URL:-$(TEST_DATABASE_URL)} REDIS_URL=$${REDIS_URL:-$(TEST_REDIS_URL)} \
-		$(BIN)/pytest -m e2e -p no:cacheprovider
+		RUNWARDEN_TEST_SUITE=browser $(BIN)/pytest -m e2e -p no:cacheprovider
 
 # Side by side on this machine: Runwarden's pipeline vs raw Celery on the same Redis broker, with real
 # worker processes (docs/BENCHMARKS.md). A fresh database each time, Redis DB 2 (emptied between

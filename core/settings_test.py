@@ -7,8 +7,30 @@ Tests of coordination run against the PostgreSQL and Redis named by DATABASE_URL
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
+
+
+def _redis_url_of_this_process(url: str) -> str:
+    """``make test`` runs pytest processes side by side (the unit suite's pytest-xdist workers, the
+    browser suite): each takes a Redis DB of its own, next to REDIS_URL's, so that one's queues,
+    wake-ups and channel groups never reach another's. pytest-django gives each its own database."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        offset = 1 + int(worker.removeprefix("gw"))
+    elif os.environ.get("RUNWARDEN_TEST_SUITE") == "browser":
+        offset = 8
+    else:
+        return url
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(db + offset) % 16}"))
+
+
+if os.environ.get("REDIS_URL"):
+    # Here, before the settings read it, and in the environment the processes a test starts inherit.
+    os.environ["REDIS_URL"] = _redis_url_of_this_process(os.environ["REDIS_URL"])
 
 from core.settings import *  # noqa: E402,F403
 from core.settings import DATABASES  # noqa: E402
@@ -21,6 +43,8 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0
 if "postgresql" in DATABASES["default"]["ENGINE"]:
     DATABASES["default"].setdefault("TEST", {})
     DATABASES["default"]["TEST"]["NAME"] = "test_" + str(DATABASES["default"]["NAME"]).removeprefix("test_")
+    if os.environ.get("RUNWARDEN_TEST_SUITE") == "browser":
+        DATABASES["default"]["TEST"]["NAME"] += "_browser"
 SECURE_SSL_REDIRECT = False
 SESSION_COOKIE_SECURE = False
 CSRF_COOKIE_SECURE = False
