@@ -183,7 +183,8 @@ def transaction_in_one_round_trip(
     transaction (Django's autocommit, where psycopg2 sends no BEGIN of its own). On an error
     PostgreSQL rolls all of it back, and the error is raised: nothing of it was written. Where
     this thread prepares its statements (``preparing``), each is sent as an ``EXECUTE`` of its
-    prepared form (a new run's INSERTs cost PostgreSQL more to parse and plan than to run)."""
+    prepared form (a new run's INSERTs cost PostgreSQL more to parse and plan than to run);
+    elsewhere, once this connection has sent it ``PREPARE_AFTER`` times (``_prepared_once_hot``)."""
     if not on_postgresql() or connection.in_atomic_block:
         raise RuntimeError("one round trip needs PostgreSQL and no transaction already open")
     parts = [*statements, *([then] if then else [])]
@@ -193,7 +194,11 @@ def transaction_in_one_round_trip(
         for sql, params in parts:
             if isinstance(params, Mapping):
                 raise TypeError("statements sent together take positional parameters only")
-            form = _prepared_form(cursor, sql, params) if preparing() else None
+            form = (
+                _prepared_form(cursor, sql, params)
+                if preparing()
+                else _prepared_once_hot(cursor, sql, params)
+            )
             text, sent = form or (sql, list(params))
             texts.append(text)
             values += sent
@@ -310,20 +315,21 @@ class _Prepared:
         self.raw = raw
         self.statements: dict[str, _Statement] = {}
         self.generic = False  # plan_cache_mode set for this session
+        self.sent_unprepared: dict[str, int] = {}  # by statement text (``_prepared_once_hot``)
 
 
 def _preparing_here() -> bool:
     return on_postgresql() and bool(settings.RUNWARDEN_PREPARED_STATEMENTS)
 
 
-def _prepared_on_this_connection() -> _Prepared:
+def _prepared_on_this_connection(*, generic_plans: bool = True) -> _Prepared:
     here = connections[DEFAULT_DB_ALIAS]  # one thread-local lookup, not one per attribute
     here.ensure_connection()
     state = getattr(here, "_runwarden_prepared", None)
     if state is None or state.raw is not here.connection:  # a new connection
         state = _Prepared(here.connection)
         here._runwarden_prepared = state  # type: ignore[attr-defined]
-    if not state.generic and not here.in_atomic_block:
+    if generic_plans and not state.generic and not here.in_atomic_block:
         # Generic plans: these statements' plans do not depend on their values, but with a
         # timestamp among them PostgreSQL's default keeps re-planning every execution (about
         # 1 ms each for the admission query). Set outside a transaction, so no rollback undoes
@@ -405,11 +411,17 @@ def execute_prepared(
 
 
 def _prepared_form(
-    cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any], *, without_bitmap_scans: bool = False
+    cursor: Any,
+    sql: str,
+    params: Sequence[Any] | Mapping[str, Any],
+    *,
+    without_bitmap_scans: bool = False,
+    generic_plans: bool = True,
 ) -> tuple[str, list[Any]] | None:
     """``sql`` as this connection's ``EXECUTE`` of it (prepared first where it is new, or due
-    to be planned again), and its parameters; None once ``MAX_PREPARED`` statements are."""
-    state = _prepared_on_this_connection()
+    to be planned again), and its parameters; None once ``MAX_PREPARED`` statements are.
+    ``generic_plans``: set this session's plans generic first (``_prepared_on_this_connection``)."""
+    state = _prepared_on_this_connection(generic_plans=generic_plans)
     statement = state.statements.get(sql)
     prepared = False
     if statement is None:
@@ -433,6 +445,33 @@ def _prepared_form(
     if prepared and without_bitmap_scans and state.generic:
         _plan_without_bitmap_scans(cursor, execute, values)
     return execute, values
+
+
+# A connection that is neither a worker's nor a request thread's (an integrator's process
+# starting runs in a loop) prepares a statement of the one-round-trip start once it has sent it
+# this many times, as pgjdbc's prepareThreshold does: a connection opened for one start (a web
+# request's, without CONN_MAX_AGE) never pays for a PREPARE it would not use again.
+PREPARE_AFTER = 5
+
+
+def _prepared_once_hot(
+    cursor: Any, sql: str, params: Sequence[Any] | Mapping[str, Any]
+) -> tuple[str, list[Any]] | None:
+    """``_prepared_form`` of a statement this connection has sent ``PREPARE_AFTER`` times
+    unprepared already; None before that (and where nothing is prepared). The session's plan
+    settings are the caller's and stay as they are: PostgreSQL's own choice (plan_cache_mode
+    auto) settles a start's INSERTs on their generic plan after five custom ones."""
+    if not _preparing_here():
+        return None
+    state = _prepared_on_this_connection(generic_plans=False)
+    if sql not in state.statements:
+        sent = state.sent_unprepared.get(sql, 0)
+        if sent < PREPARE_AFTER:
+            if sent or len(state.sent_unprepared) < MAX_PREPARED * 4:  # a bound on the texts kept
+                state.sent_unprepared[sql] = sent + 1
+            return None
+        del state.sent_unprepared[sql]
+    return _prepared_form(cursor, sql, params, generic_plans=False)
 
 
 def _execute_after(

@@ -7,7 +7,7 @@ Tests of coordination run against the PostgreSQL and Redis named by DATABASE_URL
 from __future__ import annotations
 
 import os
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
 
@@ -24,6 +24,10 @@ def _redis_url_of_this_process(url: str) -> str:
     else:
         return url
     parts = urlsplit(url)
+    if parts.scheme == "unix":  # unix:///path/to/socket?db=N
+        query = dict(parse_qsl(parts.query))
+        query["db"] = str((int(query.get("db", 0)) + offset) % 16)
+        return f"{url.partition('?')[0]}?{urlencode(query)}"  # urlunsplit would drop the empty host
     db = int(parts.path.strip("/") or 0)
     return urlunsplit(parts._replace(path=f"/{(db + offset) % 16}"))
 

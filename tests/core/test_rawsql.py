@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -86,6 +87,66 @@ def test_a_start_in_one_round_trip_sends_prepared_statements_where_the_thread_pr
     finally:
         rawsql._preparing.on = False
     assert Run.objects.filter(tenant=acme).count() == 4
+
+
+def _plan_cache_mode() -> str:
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW plan_cache_mode")
+        return str(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_starting_run_after_run_prepares_the_start_and_leaves_its_plan_settings_alone(
+    acme: Tenant,
+) -> None:
+    """An integrator's process starting runs in a loop, outside any thread that prepares: the
+    start's statements are prepared once the connection has sent them ``PREPARE_AFTER`` times,
+    then sent as EXECUTEs; the session's plan_cache_mode is never set; a new connection (a web
+    request's) starts unprepared again. The runs are the same either way."""
+    connection.close()
+    assert not rawsql.preparing()
+    started = [
+        run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+        for _ in range(rawsql.PREPARE_AFTER)
+    ]
+    assert not any(name.startswith("rw_") for name in _prepared_names()), "only after PREPARE_AFTER sends"
+    with CaptureQueriesContext(connection) as sent:
+        started.append(run_start(tenant=acme, workflow="bench.noop", input={}, actor="t"))
+    prepares = [q["sql"] for q in sent.captured_queries if q["sql"].startswith("PREPARE rw_")]
+    assert len(prepares) >= 4, prepares  # the queue place, the run, its steps, the event (and the read)
+    [round_trip] = [
+        q["sql"]
+        for q in sent.captured_queries
+        if ("runs_run" in q["sql"] or "EXECUTE" in q["sql"]) and not q["sql"].startswith("PREPARE")
+    ]
+    assert round_trip.startswith("EXECUTE rw_") and "INSERT" not in round_trip
+    assert len([name for name in _prepared_names() if name.startswith("rw_")]) == len(prepares)
+    with CaptureQueriesContext(connection) as sent:
+        started.append(run_start(tenant=acme, workflow="bench.noop", input={}, actor="t"))
+    assert not any(q["sql"].startswith("PREPARE") for q in sent.captured_queries), "prepared once"
+    assert _plan_cache_mode() == "auto", "the caller's session settings are its own"
+    for start in started:
+        run = Run.objects.get(pk=start.run.pk)
+        assert run.status == RunStatus.PENDING and run.depth_shard == start.run.depth_shard
+        ids = list(run.steps.values_list("pk", flat=True))
+        assert len(ids) == 1 and (start.steps is None or ids == [step.pk for step in start.steps])
+        assert Event.objects.filter(subject=f"run:{run.pk}", verb="created").count() == 1
+
+    connection.close()  # a connection of one start prepares nothing
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    assert not any(name.startswith("rw_") for name in _prepared_names())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_prepared_statements_off_a_connection_never_prepares_the_start(
+    acme: Tenant, settings: Any
+) -> None:
+    settings.RUNWARDEN_PREPARED_STATEMENTS = False  # e.g. behind a transaction-pooling pgbouncer
+    connection.close()
+    for _ in range(2 * rawsql.PREPARE_AFTER):
+        run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    assert not any(name.startswith("rw_") for name in _prepared_names())
+    assert Run.objects.filter(tenant=acme).count() == 2 * rawsql.PREPARE_AFTER
 
 
 @pytest.mark.both_dialects

@@ -103,3 +103,29 @@ def test_check_deploy_is_clean_in_production_shape() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("worker", "suite", "url", "expected"),
+    [
+        ("", "", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("gw0", "", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"),
+        ("gw1", "", "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/2"),
+        (
+            "gw1",
+            "",
+            "rediss://:pw@cache:6380/15?ssl_cert_reqs=none",
+            "rediss://:pw@cache:6380/1?ssl_cert_reqs=none",
+        ),
+        ("", "browser", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/8"),
+        ("gw0", "", "unix:///run/redis.sock?db=3", "unix:///run/redis.sock?db=4"),
+    ],
+)
+def test_each_pytest_process_of_make_test_takes_a_redis_db_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, worker: str, suite: str, url: str, expected: str
+) -> None:
+    from core.settings_test import _redis_url_of_this_process
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    monkeypatch.setenv("RUNWARDEN_TEST_SUITE", suite)
+    assert _redis_url_of_this_process(url) == expected
