@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, beat, signals
@@ -78,7 +79,10 @@ def start_embedded_worker(*, with_beat: bool = True) -> list[WorkController]:
         _start_worker(name="embedded", queues=ONE_AT_A_TIME_QUEUES, pool="solo", slots=1),
     ]
     if with_beat:
-        beat_service = beat.EmbeddedService(app, thread=True, schedule_filename="var/celerybeat-schedule")
+        # Next to the database: two embedded processes on two databases (two tests at once)
+        # never share the schedule file, which dbm.dumb does not lock.
+        schedule = Path(settings.DATABASES["default"]["NAME"]).parent / "celerybeat-schedule"
+        beat_service = beat.EmbeddedService(app, thread=True, schedule_filename=str(schedule))
         assert isinstance(beat_service, threading.Thread)
         beat_service.start()
     for starter in settings.EMBEDDED_BACKGROUND:

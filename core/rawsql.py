@@ -467,8 +467,9 @@ def _prepared_once_hot(
     if sql not in state.statements:
         sent = state.sent_unprepared.get(sql, 0)
         if sent < PREPARE_AFTER:
-            if sent or len(state.sent_unprepared) < MAX_PREPARED * 4:  # a bound on the texts kept
-                state.sent_unprepared[sql] = sent + 1
+            if not sent and len(state.sent_unprepared) >= MAX_PREPARED * 4:
+                state.sent_unprepared.clear()  # a bound on the texts counted: many rare ones
+            state.sent_unprepared[sql] = sent + 1
             return None
         del state.sent_unprepared[sql]
     return _prepared_form(cursor, sql, params, generic_plans=False)

@@ -12,22 +12,29 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 os.environ.setdefault("SECRET_KEY", "test-only-secret-key-not-for-production-use-0123456789")
 
 
+# After REDIS_URL's DB (0 by default), clear of the benches' (2 and 3: make bench, make bench-peers).
+WORKER_REDIS_DB_OFFSET = 4
+BROWSER_REDIS_DB_OFFSET = 12
+
+
 def _redis_url_of_this_process(url: str) -> str:
     """``make test`` runs pytest processes side by side (the unit suite's pytest-xdist workers, the
     browser suite): each takes a Redis DB of its own, next to REDIS_URL's, so that one's queues,
     wake-ups and channel groups never reach another's. pytest-django gives each its own database."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if worker.startswith("gw"):
-        offset = 1 + int(worker.removeprefix("gw"))
+        offset = WORKER_REDIS_DB_OFFSET + int(worker.removeprefix("gw"))
+        if offset >= BROWSER_REDIS_DB_OFFSET:
+            raise ValueError(f"at most {BROWSER_REDIS_DB_OFFSET - WORKER_REDIS_DB_OFFSET} xdist workers")
     elif os.environ.get("RUNWARDEN_TEST_SUITE") == "browser":
-        offset = 8
+        offset = BROWSER_REDIS_DB_OFFSET
     else:
         return url
     parts = urlsplit(url)
-    if parts.scheme == "unix":  # unix:///path/to/socket?db=N
-        query = dict(parse_qsl(parts.query))
+    query = dict(parse_qsl(parts.query))
+    if parts.scheme == "unix" or "db" in query:  # unix:///path/to/socket?db=N; a query's db wins
         query["db"] = str((int(query.get("db", 0)) + offset) % 16)
-        return f"{url.partition('?')[0]}?{urlencode(query)}"  # urlunsplit would drop the empty host
+        return f"{url.partition('?')[0]}?{urlencode(query)}"  # urlunsplit would drop an empty host
     db = int(parts.path.strip("/") or 0)
     return urlunsplit(parts._replace(path=f"/{(db + offset) % 16}"))
 

@@ -109,16 +109,17 @@ def test_check_deploy_is_clean_in_production_shape() -> None:
     ("worker", "suite", "url", "expected"),
     [
         ("", "", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-        ("gw0", "", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1"),
-        ("gw1", "", "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/2"),
+        ("gw0", "", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/4"),
+        ("gw1", "", "redis://127.0.0.1:6379", "redis://127.0.0.1:6379/5"),
         (
             "gw1",
             "",
             "rediss://:pw@cache:6380/15?ssl_cert_reqs=none",
-            "rediss://:pw@cache:6380/1?ssl_cert_reqs=none",
+            "rediss://:pw@cache:6380/4?ssl_cert_reqs=none",
         ),
-        ("", "browser", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/8"),
-        ("gw0", "", "unix:///run/redis.sock?db=3", "unix:///run/redis.sock?db=4"),
+        ("", "browser", "redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/12"),
+        ("gw0", "", "unix:///run/redis.sock?db=3", "unix:///run/redis.sock?db=7"),
+        ("gw0", "", "redis://127.0.0.1:6379?db=1", "redis://127.0.0.1:6379?db=5"),
     ],
 )
 def test_each_pytest_process_of_make_test_takes_a_redis_db_of_its_own(
@@ -129,3 +130,13 @@ def test_each_pytest_process_of_make_test_takes_a_redis_db_of_its_own(
     monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
     monkeypatch.setenv("RUNWARDEN_TEST_SUITE", suite)
     assert _redis_url_of_this_process(url) == expected
+
+
+def test_more_xdist_workers_than_redis_dbs_between_them_and_the_browser_suite_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from core.settings_test import _redis_url_of_this_process
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw8")
+    with pytest.raises(ValueError, match="at most 8 xdist workers"):
+        _redis_url_of_this_process("redis://127.0.0.1:6379/0")

@@ -544,7 +544,7 @@ def test_more_steps_are_counted_against_a_room_read_once_their_shards_are_held(a
 
     def finish_in_turn(i: int) -> None:
         try:
-            with override_settings(RUNWARDEN_CAPS=_tool_caps(cap)), transaction.atomic():
+            with transaction.atomic():
                 with connections["default"].cursor() as cursor:
                     cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [dispatch.ROUND_LOCK_ID, i])
                 now = timezone.now()
@@ -563,10 +563,13 @@ def test_more_steps_are_counted_against_a_room_read_once_their_shards_are_held(a
 
     turns[0].set()
     threads = [threading.Thread(target=finish_in_turn, args=(i,), daemon=True) for i in range(shards)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    # Entered once, here, for every thread (settings are the process's): entered and left in
+    # each thread, the last to leave would restore another's override for every later test.
+    with override_settings(RUNWARDEN_CAPS=_tool_caps(cap)):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
     assert took == [1] * shards  # each its own step, no more
     assert len(_leased(acme)) == shards <= cap
     assert sent_to_workers() == []
@@ -645,30 +648,37 @@ def test_workers_taking_more_steps_while_others_come_and_go_on_the_other_shards_
     release = threading.Event()
     admitted_unseen: list[int] = []
 
-    def take_more_and_hold(ready: threading.Event) -> None:
-        try:
-            with override_settings(**settings_here), transaction.atomic():
-                with connections["default"].cursor() as cursor:
-                    cursor.execute(dispatch.admission_shard_sql())
-                before = len(_leased(acme))  # as this transaction sees them: its own too
-                assert admit_here(lanes=frozenset({"draft"}), headroom=shards, idle_slots=batch) is not None
-                admitted_unseen.append(len(_leased(acme)) - before)
-                ready.set()
-                release.wait(30)
-        finally:
-            ready.set()
-            connections.close_all()
+    # Entered once, here, for the holders' threads too (settings are the process's): entered and
+    # left in each thread, the last to leave would restore another's override for every later test.
+    with override_settings(**settings_here):
 
-    newest_first = list(Step.objects.filter(run__tenant=acme).order_by("-pk").values_list("pk", flat=True))
-    holding = []
-    for _ in range(holders):  # one after the other: each takes what shards are left
-        ready = threading.Event()
-        holding.append(threading.Thread(target=take_more_and_hold, args=(ready,), daemon=True))
-        holding[-1].start()
-        assert ready.wait(10)
-    singles = 0
-    try:
-        with override_settings(**settings_here):
+        def take_more_and_hold(ready: threading.Event) -> None:
+            try:
+                with transaction.atomic():
+                    with connections["default"].cursor() as cursor:
+                        cursor.execute(dispatch.admission_shard_sql())
+                    before = len(_leased(acme))  # as this transaction sees them: its own too
+                    assert (
+                        admit_here(lanes=frozenset({"draft"}), headroom=shards, idle_slots=batch) is not None
+                    )
+                    admitted_unseen.append(len(_leased(acme)) - before)
+                    ready.set()
+                    release.wait(30)
+            finally:
+                ready.set()
+                connections.close_all()
+
+        newest_first = list(
+            Step.objects.filter(run__tenant=acme).order_by("-pk").values_list("pk", flat=True)
+        )
+        holding = []
+        for _ in range(holders):  # one after the other: each takes what shards are left
+            ready = threading.Event()
+            holding.append(threading.Thread(target=take_more_and_hold, args=(ready,), daemon=True))
+            holding[-1].start()
+            assert ready.wait(10)
+        singles = 0
+        try:
             # Single admissions, each committed, on any free shard, never waiting; each names
             # its step (as a run's next step is named), past the ones the three hold.
             for step_id in newest_first:
@@ -684,10 +694,10 @@ def test_workers_taking_more_steps_while_others_come_and_go_on_the_other_shards_
                     if admit_here(lanes=frozenset({"draft"}), prefer=step_id, headroom=shards) is None:
                         break
                 singles += 1
-    finally:
-        release.set()
-        for holder in holding:
-            holder.join(10)
+        finally:
+            release.set()
+            for holder in holding:
+                holder.join(10)
     assert len(admitted_unseen) == holders and sum(admitted_unseen) > holders  # they did take more
     assert (singles > 0) == (holders == 2)
     assert len(_leased(acme)) == sum(admitted_unseen) + singles <= cap
@@ -833,7 +843,10 @@ def test_workers_taking_a_full_caps_place_over_with_idle_slots_while_runs_start_
     ran out). Every finish commits, and the cap is never passed."""
     if not rawsql.on_postgresql():
         pytest.skip("PostgreSQL only: SQLite admits one writer at a time, under no shard")
-    TenantQuota.objects.update_or_create(tenant=acme, defaults={"max_concurrent_steps": 1000})
+    # The starter runs until the finishers are done, as fast as starts go: no queue-depth quota stops it.
+    TenantQuota.objects.update_or_create(
+        tenant=acme, defaults={"max_concurrent_steps": 1000, "max_queue_depth": 1_000_000}
+    )
     place = (acme.pk, "test.awaits_a_tool", "draft", "crm")
     finishers, finishes_each = dispatch.ADMISSION_SHARDS, 25
     with override_settings(RUNWARDEN_CAPS=_tool_caps(SHARD_CAP)):
