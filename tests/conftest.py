@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from core import services
 from core.models import Membership, Role, Tenant, TenantQuota, User
 from demo.sandbox import seed_sandbox
 from demo.seeding import sandbox_connections_create
-from tests.runs.cluster import Cluster
+from tests.runs.cluster import Cluster, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +45,13 @@ def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[N
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
             " AND backend_type = 'client backend'"
         )
-        deadline = time.monotonic() + 5
-        while True:
+
+        def none_left() -> bool:
             cursor.execute(others)
-            if not cursor.fetchall() or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+            return not cursor.fetchall()
+
+        with suppress(AssertionError):  # still open after 5 s: ended below
+            wait_for(none_left, 5, "sessions closing")
         cursor.execute(f"SELECT pg_terminate_backend(pid) FROM ({others}) AS left_open")
 
 
