@@ -387,6 +387,7 @@ def execute_prepared(
     params: Sequence[Any] | Mapping[str, Any],
     *,
     without_bitmap_scans: bool = False,
+    without_seq_scans: bool = False,
     prelude_sql: tuple[str, Sequence[Any]] = ("", ()),
 ) -> None:
     """Execute ``sql`` as a server-side prepared statement of this connection (PREPARE once,
@@ -395,14 +396,16 @@ def execute_prepared(
     transaction-pooling pgbouncer) a plain execute. ``prelude_sql``: statements (ending in
     ``;``, PostgreSQL only) and their parameters, sent first in the same round trip, unprepared.
 
-    ``without_bitmap_scans``: where it is prepared, its plan is made with bitmap scans off
-    (``_plan_without_bitmap_scans``), for a read of the steps by status; a plain execute plans
-    as PostgreSQL chooses."""
+    ``without_bitmap_scans``, ``without_seq_scans``: where it is prepared, its plan is made with
+    those scans off (``_plan_without``), for a read of the steps by status; a plain execute
+    plans as PostgreSQL chooses."""
     first, first_params = prelude_sql
     if not preparing():
         _execute_after(cursor, first, first_params, sql, params)
         return
-    prepared = _prepared_form(cursor, sql, params, without_bitmap_scans=without_bitmap_scans)
+    prepared = _prepared_form(
+        cursor, sql, params, without_bitmap_scans=without_bitmap_scans, without_seq_scans=without_seq_scans
+    )
     if prepared is None:  # many variants of one statement: plan the rest each time
         _execute_after(cursor, first, first_params, sql, params)
         return
@@ -416,6 +419,7 @@ def _prepared_form(
     params: Sequence[Any] | Mapping[str, Any],
     *,
     without_bitmap_scans: bool = False,
+    without_seq_scans: bool = False,
     generic_plans: bool = True,
 ) -> tuple[str, list[Any]] | None:
     """``sql`` as this connection's ``EXECUTE`` of it (prepared first where it is new, or due
@@ -442,8 +446,8 @@ def _prepared_form(
     _, values = _numbered(sql, params)
     arguments = ", ".join(["%s"] * len(values))
     execute = f"EXECUTE {name}({arguments})" if values else f"EXECUTE {name}"
-    if prepared and without_bitmap_scans and state.generic:
-        _plan_without_bitmap_scans(cursor, execute, values)
+    if prepared and (without_bitmap_scans or without_seq_scans) and state.generic:
+        _plan_without(cursor, execute, values, bitmap_scans=without_bitmap_scans, seq_scans=without_seq_scans)
     return execute, values
 
 
@@ -486,23 +490,39 @@ def _execute_after(
     cursor.execute(f"{first}{sql}", [*first_params, *params])
 
 
-def _plan_without_bitmap_scans(cursor: Any, execute: str, values: Sequence[Any]) -> None:
+def _plan_without(
+    cursor: Any, execute: str, values: Sequence[Any], *, bitmap_scans: bool, seq_scans: bool
+) -> None:
     """Have PostgreSQL make (and keep) a just-prepared statement's generic plan with bitmap
-    scans off, the setting back to its default in the same round trip (inside the caller's
-    transaction, or the message's own outside one). A plan PostgreSQL remakes on its own (once
-    ANALYZE or VACUUM has touched a table it reads) follows the statistics until the next
-    prepare (``_due_for_replan``); with statistics it picks the plain index scan itself.
+    scans or sequential scans off, the settings back to their defaults in the same round trip
+    (inside the caller's transaction, or the message's own outside one). ``EXPLAIN EXECUTE``
+    makes the generic plan the statement keeps (the session plans generically) without running
+    it. A plan PostgreSQL remakes on its own (once ANALYZE or VACUUM has touched a table it
+    reads) follows the statistics until the next prepare (``_due_for_replan``); with statistics
+    it picks the plain index scans itself. Both are for reads of the steps by status, where the
+    index on the status is the one right path whatever the tables hold.
 
-    Why: a step leaves one index entry per status it passes through, dead once it moves on,
-    until VACUUM removes them. A plain index scan marks each dead entry it meets, and later
+    Bitmap scans: a step leaves one index entry per status it passes through, dead once it moves
+    on, until VACUUM removes them. A plain index scan marks each dead entry it meets, and later
     scans skip them; a bitmap scan marks none and reads every one's table page every time. On
     tables whose statistics are missing (a new database, autovacuum off or behind) PostgreSQL
     picks the bitmap scan for a read of the steps by status, and the admission's count of
     admitted steps grew with every step ever run: 0.33 ms after 3,000 one-step runs and 4-8 ms
     after 15,000, against 0.05 and 0.35 ms as a plain index scan (which marks an entry once its
-    row is dead to every open transaction). ``EXPLAIN EXECUTE`` makes the generic plan the
-    statement keeps (the session plans generically) without running it."""
-    cursor.execute(
-        f"SET LOCAL enable_bitmapscan = off; EXPLAIN {execute}; SET LOCAL enable_bitmapscan TO DEFAULT",
-        values,
-    )
+    row is dead to every open transaction).
+
+    Sequential scans: planned while the tables were nearly empty, that count read every lease
+    and, for each live one, every step (a nested loop of two sequential scans): one 300-run
+    ``agent_io`` on a new database scanned ``runs_step`` 24,581 times, 7.2 million rows,
+    before the statement was planned again. Not for every statement: without statistics, with
+    sequential scans off, PostgreSQL reads a step or a run by id through the index of its
+    status (every ready step, every pending run) as readily as through its primary key. With
+    them off, a table read whole all the same (the tenants' quotas) is costed so high that
+    PostgreSQL would JIT-compile the statement at every execution (600 ms): JIT is off too."""
+    settings = [
+        *(["enable_bitmapscan"] if bitmap_scans else []),
+        *(["enable_seqscan", "jit"] if seq_scans else []),
+    ]
+    off = "".join(f"SET LOCAL {name} = off; " for name in settings)
+    back = "".join(f"; SET LOCAL {name} TO DEFAULT" for name in settings)
+    cursor.execute(f"{off}EXPLAIN {execute}{back}", values)

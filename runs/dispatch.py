@@ -277,7 +277,9 @@ def load_room(
     with connection.cursor() as cursor:
         at = _adapt(now)
         params = [at, tool, at, tool] if tool else [at, at]
-        rawsql.execute_prepared(cursor, sql, params, without_bitmap_scans=True, prelude_sql=prelude_sql)
+        rawsql.execute_prepared(
+            cursor, sql, params, without_bitmap_scans=True, without_seq_scans=True, prelude_sql=prelude_sql
+        )
         for tenant_id, workflow, lane, tool, n in cursor.fetchall():
             if workflow is None:  # a tenant's quota row: (tenant, max concurrent steps, caps)
                 quotas.append((tenant_id, n, _json_dict(tool)))

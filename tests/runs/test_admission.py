@@ -915,6 +915,20 @@ def test_workers_taking_a_full_caps_place_over_with_idle_slots_while_runs_start_
     assert len(_leased(acme)) <= SHARD_CAP
 
 
+def _prepared_under(statement: str, *settings_off: str) -> str:
+    """``statement`` (as pg_prepared_statements shows it) prepared afresh and planned generically
+    with ``settings_off`` off: its plan."""
+    name = "under_" + "_".join(settings_off)
+    off = "".join(f"SET LOCAL {setting} = off; " for setting in settings_off)
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"PREPARE {name} AS {statement.split(' AS ', 1)[1]}")
+        cursor.execute(f"BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; {off}")
+        try:
+            return _explained(f"EXECUTE {name}(now(), now())")
+        finally:
+            cursor.execute("COMMIT")
+
+
 def _explained(execute: str) -> str:
     with connections["default"].cursor() as cursor:
         cursor.execute(f"EXPLAIN {execute}")
@@ -966,6 +980,52 @@ def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
             assert "Bitmap Heap Scan on runs_step" in _explained("EXECUTE plainly(now(), now())")
             kept = _explained(f"EXECUTE {name}(now(), now())")
             assert "Bitmap" not in kept and "Index Scan using step_status_tenant on runs_step" in kept
+    finally:
+        connections["default"].close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_count_of_admitted_steps_keeps_a_plan_by_index_on_tables_never_analyzed(acme: Tenant) -> None:
+    """Planned while the tables are nearly empty and have no statistics (a new database, before
+    autovacuum first analyzes it), the admission's count of admitted steps would read every lease
+    and, for each live one, every step. The plan it keeps reads the admitted steps through the
+    index of their status and each one's lease and run by primary key, without JIT compilation
+    (which sequential scans off would otherwise bring on at every execution), and the settings
+    are back to their defaults afterwards."""
+    if not rawsql.on_postgresql():
+        pytest.skip("plans and prepared statements are PostgreSQL's")
+    connections["default"].close()  # a connection of its own, nothing prepared on it
+    try:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SHOW jit")
+            (jit_before,) = cursor.fetchone()
+            cursor.execute("SELECT pg_jit_available()")
+            (jit_available,) = cursor.fetchone()
+        with rawsql.prepared_statements():
+            with transaction.atomic():
+                dispatch.load_room(timezone.now())  # prepared (and planned) inside an admission's transaction
+                with connections["default"].cursor() as cursor:
+                    cursor.execute("SHOW enable_seqscan")
+                    assert cursor.fetchone() == ("on",)
+                    cursor.execute("SHOW jit")
+                    assert cursor.fetchone() == (jit_before,)
+            with connections["default"].cursor() as cursor:
+                cursor.execute(
+                    "SELECT name, statement FROM pg_prepared_statements WHERE statement LIKE %s",
+                    ["%JOIN core_lease l ON l.id = s.lease_id%"],
+                )
+                ((name, statement),) = cursor.fetchall()
+            # The premises: planned with bitmap scans off alone, it reads the leases whole and, for
+            # each live one, the steps whole; with sequential scans off too, it is JIT-compiled.
+            without_bitmaps = _prepared_under(statement, "enable_bitmapscan")
+            assert "Seq Scan on core_lease" in without_bitmaps and "Seq Scan on runs_step" in without_bitmaps
+            if jit_available and jit_before == "on":
+                assert "JIT:" in _prepared_under(statement, "enable_bitmapscan", "enable_seqscan")
+            kept = _explained(f"EXECUTE {name}(now(), now())")
+            assert "Seq Scan on runs_step" not in kept and "Seq Scan on core_lease" not in kept
+            assert "Index Scan using step_status_tenant on runs_step" in kept
+            assert "Index Scan using core_lease_pkey on core_lease" in kept
+            assert "JIT:" not in kept
     finally:
         connections["default"].close()
 

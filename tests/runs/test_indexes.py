@@ -132,7 +132,7 @@ def test_a_workers_look_for_due_work_and_a_rounds_row_locks_keep_index_scans(
     acme: Tenant, on_postgresql: None
 ) -> None:
     """Both are prepared reads of the steps (by status; by id), planned with bitmap scans off
-    (``rawsql._plan_without_bitmap_scans``): a bitmap scan reads every dead version's page."""
+    (``rawsql._plan_without``): a bitmap scan reads every dead version's page."""
     step = Step.objects.get(run=run_start(tenant=acme, workflow="bench.noop", input={}, actor="t").run)
     lanes = ["draft", "read"]
     with rawsql.prepared_statements(), transaction.atomic():
