@@ -391,3 +391,57 @@ def test_a_step_waiting_for_a_lock_holds_back_neither_the_holder_nor_others(
     assert set(FINISHED_AT) == {"holder", "waiter", "quick"}, "the waiter got the key once it was free"
     assert FINISHED_AT["quick"] < FINISHED_AT["holder"] < FINISHED_AT["waiter"]
     assert check_invariants() == []
+
+
+LEFT_BEHIND: dict[str, list[Any]] = {"loops": [], "events": [], "generators": []}
+leaving = workflow("test.async_leaves_work", description="an async step that leaves work running")
+
+
+async def _late_write() -> None:
+    try:
+        await asyncio.sleep(0.3)
+        LEFT_BEHIND["events"].append("late write")  # never: cancelled as its body ended
+    except asyncio.CancelledError:
+        LEFT_BEHIND["events"].append("task cancelled")
+        raise
+
+
+async def _numbers() -> Any:
+    try:
+        for n in range(10):
+            yield n
+    finally:
+        LEFT_BEHIND["events"].append("generator closed")
+
+
+@leaving.step(lane="draft")
+async def leave_work_running(ctx: AsyncStepContext) -> dict[str, Any]:
+    LEFT_BEHIND["loops"].append(asyncio.get_running_loop())
+    asyncio.get_running_loop().create_task(_late_write())
+    numbers = _numbers()
+    first = await numbers.__anext__()  # left suspended, never closed by the body
+    LEFT_BEHIND["generators"].append(numbers)  # still referenced: only the body's end closes it
+    await asyncio.sleep(0)  # the task starts
+    return {"first": first}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_what_an_async_body_leaves_running_ends_with_it_and_the_next_body_reuses_its_loop(
+    acme: Tenant,
+) -> None:
+    """Async bodies run one after another on a thread's own event loop, kept between them (a
+    new loop per body costs more than the body itself); what a body leaves behind ends with it,
+    as asyncio.run would end it: its tasks cancelled, its async generators closed. Nothing of it
+    runs into the next body or writes late."""
+    for kept in LEFT_BEHIND.values():
+        kept.clear()
+    for _ in range(2):
+        run = run_start(tenant=acme, workflow=leaving.key, input={}, actor="t").run
+        assert run_to_its_end(run).status == RunStatus.SUCCEEDED
+        assert sorted(LEFT_BEHIND["events"]) == ["generator closed", "task cancelled"]
+        LEFT_BEHIND["events"].clear()
+    time.sleep(0.4)  # past the left task's write, had it gone on
+    assert LEFT_BEHIND["events"] == []
+    first, second = LEFT_BEHIND["loops"]
+    assert first is second and not first.is_running()
+    assert check_invariants() == []
