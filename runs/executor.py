@@ -19,11 +19,10 @@ import signal
 import threading
 import time
 import traceback
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from typing import Any, TypeVar
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, connections, transaction
@@ -56,8 +55,6 @@ from runs.services import contract_remember, step_outputs
 from runs.tools import CallDiverged
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class _Start:
@@ -328,7 +325,7 @@ def _run_body(ctx: StepContext, spec: StepSpec) -> str | _Output:
 
 
 def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitable[Any]]) -> Any:
-    """Run an ``async def`` body to its end on its thread's event loop. Its reads and writes of
+    """Run an ``async def`` body to its end on an event loop of its own. Its reads and writes of
     Runwarden's tables go to one coordination thread (one database connection, closed after);
     its timeout, or its leases lost, cancel it (``_interrupt_body``)."""
     # Without the process's coordination threads (core.coordination), one of the step's own.
@@ -356,58 +353,11 @@ def _run_async_body(ctx: StepContext, body: Callable[[AsyncStepContext], Awaitab
                 _async_bodies.pop(id(ctx), None)
 
     try:
-        return _run_on_this_threads_loop(main())
+        return asyncio.run(main())
     finally:
         if own is not None:
             own.submit(connections.close_all).result()
             own.shutdown()
-
-
-# The event loop each thread that runs async bodies keeps for them: asyncio.run makes a loop
-# (its selector, its wake-up socket pair) and tears it down at every call, 0.26 ms of CPU
-# against 0.03 ms to run a body on a loop kept, where a step costs a worker about 2 ms of
-# Python in all.
-_this_threads = threading.local()
-
-
-def _run_on_this_threads_loop(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on this thread's own event loop, kept for its next body. What the
-    body left behind is ended as asyncio.run ends it: its tasks still running cancelled (and
-    waited for), its unfinished async generators closed. Unlike asyncio.run, the loop's default
-    executor (``asyncio.to_thread``'s few threads) stays for the next body: a body cancelled
-    while such a thread still runs a blocking call frees its slot without waiting for the call
-    (whose writes to Runwarden the lease fences, as a plain body's)."""
-    loop = getattr(_this_threads, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _this_threads.loop = asyncio.new_event_loop()
-        weakref.finalize(threading.current_thread(), loop.close)  # closed once the thread is gone
-    asyncio.set_event_loop(loop)
-    try:
-        return loop.run_until_complete(main)
-    finally:
-        try:
-            _cancel_left_running(loop)
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            asyncio.set_event_loop(None)
-
-
-def _cancel_left_running(loop: asyncio.AbstractEventLoop) -> None:
-    left = asyncio.all_tasks(loop)
-    for task in left:
-        task.cancel()
-    if not left:
-        return
-    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-    for task in left:
-        if not task.cancelled() and task.exception() is not None:
-            loop.call_exception_handler(
-                {
-                    "message": "a task a step body left running failed as it was cancelled",
-                    "exception": task.exception(),
-                    "task": task,
-                }
-            )
 
 
 def _fenced(ctx: StepContext, *, admitting: bool = False, deferred: bool = False) -> Any:
