@@ -494,8 +494,8 @@ def _plan_without(
     cursor: Any, execute: str, values: Sequence[Any], *, bitmap_scans: bool, seq_scans: bool
 ) -> None:
     """Have PostgreSQL make (and keep) a just-prepared statement's generic plan with bitmap
-    scans or sequential scans off, the settings back to their defaults in the same round trip
-    (inside the caller's transaction, or the message's own outside one). ``EXPLAIN EXECUTE``
+    scans or sequential scans off, the settings back to the session's defaults in the same
+    round trip (inside the caller's transaction, or the message's own outside one). ``EXPLAIN EXECUTE``
     makes the generic plan the statement keeps (the session plans generically) without running
     it. A plan PostgreSQL remakes on its own (once ANALYZE or VACUUM has touched a table it
     reads) follows the statistics until the next prepare (``_due_for_replan``); with statistics
@@ -519,10 +519,10 @@ def _plan_without(
     status (every ready step, every pending run) as readily as through its primary key. With
     them off, a table read whole all the same (the tenants' quotas) is costed so high that
     PostgreSQL would JIT-compile the statement at every execution (600 ms): JIT is off too."""
-    settings = [
+    names = [
         *(["enable_bitmapscan"] if bitmap_scans else []),
         *(["enable_seqscan", "jit"] if seq_scans else []),
     ]
-    off = "".join(f"SET LOCAL {name} = off; " for name in settings)
-    back = "".join(f"; SET LOCAL {name} TO DEFAULT" for name in settings)
+    off = "".join(f"SET LOCAL {name} = off; " for name in names)
+    back = "".join(f"; SET LOCAL {name} TO DEFAULT" for name in names)
     cursor.execute(f"{off}EXPLAIN {execute}{back}", values)

@@ -1015,16 +1015,26 @@ def test_the_count_of_admitted_steps_keeps_a_plan_by_index_on_tables_never_analy
                     ["%JOIN core_lease l ON l.id = s.lease_id%"],
                 )
                 ((name, statement),) = cursor.fetchall()
-            # The premises: planned with bitmap scans off alone, it reads the leases whole and, for
-            # each live one, the steps whole; with sequential scans off too, it is JIT-compiled.
-            without_bitmaps = _prepared_under(statement, "enable_bitmapscan")
-            assert "Seq Scan on core_lease" in without_bitmaps and "Seq Scan on runs_step" in without_bitmaps
-            if jit_available and jit_before == "on":
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stats WHERE tablename IN ('runs_step', 'core_lease')"
+                    " UNION ALL SELECT current_setting('server_version_num')::int"
+                )
+                (analyzed,), (version,) = cursor.fetchall()
+            # The premises (where the tables have no statistics, as a new database): planned with
+            # bitmap scans off alone, it reads the leases whole and, for each live one, the steps
+            # whole; with sequential scans off too, PostgreSQL before 18 (which costs a disabled
+            # scan so high) JIT-compiles it.
+            if not analyzed:
+                without_bitmaps = _prepared_under(statement, "enable_bitmapscan")
+                assert "Seq Scan on core_lease" in without_bitmaps
+                assert "Seq Scan on runs_step" in without_bitmaps
+            if jit_available and jit_before == "on" and version < 180000:
                 assert "JIT:" in _prepared_under(statement, "enable_bitmapscan", "enable_seqscan")
             kept = _explained(f"EXECUTE {name}(now(), now())")
             assert "Seq Scan on runs_step" not in kept and "Seq Scan on core_lease" not in kept
             assert "Index Scan using step_status_tenant on runs_step" in kept
             assert "Index Scan using core_lease_pkey on core_lease" in kept
+            assert "Index Scan using runs_run_pkey on runs_run" in kept  # not every run by its status
             assert "JIT:" not in kept
     finally:
         connections["default"].close()

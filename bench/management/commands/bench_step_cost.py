@@ -71,7 +71,7 @@ def _readable(sql: str, prepared: dict[str, str]) -> str:
 
     sql = re.sub(r"EXECUTE (rw_[0-9a-f]{20})_\d+(\([^)]*\))?", shown, sql)
     sql = re.sub(r"(PREPARE|DEALLOCATE) rw_[0-9a-f]{20}_\d+.*", r"\1 (planning a prepared statement)", sql)
-    sql = re.sub(r"SET LOCAL enable_bitmapscan = off; EXPLAIN .*", "(planning a prepared statement)", sql)
+    sql = re.sub(r"(SET LOCAL \w+ = off; )+EXPLAIN .*", "(planning a prepared statement)", sql)
     sql = re.sub(
         r"(mod\(n \+ )\d+|(pg_advisory_xact_lock\(\d+, )\d+", lambda m: f"{m.group(1) or m.group(2)}k", sql
     )
