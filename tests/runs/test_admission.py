@@ -935,6 +935,11 @@ def _explained(execute: str) -> str:
         return "\n".join(row[0] for row in cursor.fetchall())
 
 
+# The plans PostgreSQL keeps for this code's prepared statements.
+PLANS = postgresql_only("PostgreSQL's plans of prepared statements")
+
+
+@PLANS
 @pytest.mark.django_db(transaction=True)
 def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
     acme: Tenant, monkeypatch: pytest.MonkeyPatch
@@ -944,8 +949,6 @@ def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
     steps as a bitmap scan, which reads every dead entry's table page on every admission; the
     plan it keeps is a plain index scan, and the setting is back to its default afterwards,
     inside the admission's transaction too."""
-    if not rawsql.on_postgresql():
-        pytest.skip("plans and prepared statements are PostgreSQL's")
     monkeypatch.setattr(rawsql, "FIRST_REPLAN", 1)  # the second count is prepared (and planned) again
     run = Run.objects.create(tenant=acme, workflow="t.history", actor="test", input={})
     template = Step.objects.create(run=run, tenant=acme, key="s0", position=0, lane="read")
@@ -975,15 +978,15 @@ def test_the_count_of_admitted_steps_keeps_a_plan_without_bitmap_scans(
                     ["%JOIN core_lease l ON l.id = s.lease_id%"],
                 )
                 ((name, statement),) = cursor.fetchall()
-                # The premise: the same statement prepared plainly is planned as a bitmap scan.
-                cursor.execute(f"PREPARE plainly AS {statement.split(' AS ', 1)[1]}")
-            assert "Bitmap Heap Scan on runs_step" in _explained("EXECUTE plainly(now(), now())")
+            # The premise: the same statement prepared plainly is planned as a bitmap scan.
+            assert "Bitmap Heap Scan on runs_step" in _prepared_under(statement)
             kept = _explained(f"EXECUTE {name}(now(), now())")
             assert "Bitmap" not in kept and "Index Scan using step_status_tenant on runs_step" in kept
     finally:
         connections["default"].close()
 
 
+@PLANS
 @pytest.mark.django_db(transaction=True)
 def test_the_count_of_admitted_steps_keeps_a_plan_by_index_on_tables_never_analyzed(acme: Tenant) -> None:
     """Planned while the tables are nearly empty and have no statistics (a new database, before
@@ -992,8 +995,6 @@ def test_the_count_of_admitted_steps_keeps_a_plan_by_index_on_tables_never_analy
     index of their status and each one's lease and run by primary key, without JIT compilation
     (which sequential scans off would otherwise bring on at every execution), and the settings
     are back to their defaults afterwards."""
-    if not rawsql.on_postgresql():
-        pytest.skip("plans and prepared statements are PostgreSQL's")
     connections["default"].close()  # a connection of its own, nothing prepared on it
     try:
         with connections["default"].cursor() as cursor:
