@@ -40,6 +40,33 @@
     var trigger = e.detail.triggeringEvent;
     if (subject && trigger && trigger.type === "live:event" && trigger.detail && trigger.detail.subject !== subject) {
       e.preventDefault();
+      return;
+    }
+    if (isLiveRefresh(trigger) && answerAwaitedIn(e.detail.target)) { e.preventDefault(); refreshOwed = true; }
+  });
+  // A request of something inside a live refresh's target (a card's decision or edit) pins
+  // it until its answer is in: a refresh is not sent meanwhile, and one already sent is not
+  // swapped in when it comes back. Swapped in, it would replace that card, and the card's
+  // answer would go to a card no longer on screen: the user would see nothing happen. The
+  // refresh is sent again once the answer is in.
+  var refreshOwed = false;
+  function isLiveRefresh(trigger) {
+    return !!trigger && /^(live:event|live:resync|htmx:wsOpen)$/.test(trigger.type);
+  }
+  function answerAwaitedIn(target) {
+    return !!(target && target.querySelector && target.querySelector(".htmx-request"));
+  }
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    var config = e.detail.requestConfig;
+    if (config && isLiveRefresh(config.triggeringEvent) && answerAwaitedIn(e.detail.target)) {
+      e.detail.shouldSwap = false;
+      refreshOwed = true;
+    }
+  });
+  document.addEventListener("htmx:afterRequest", function () {
+    if (refreshOwed && !document.querySelector(".htmx-request")) {
+      refreshOwed = false;
+      document.body.dispatchEvent(new CustomEvent("live:resync"));
     }
   });
   // Moments are sent in UTC (<time datetime>); show them in the reader's timezone, with how
@@ -106,7 +133,8 @@
   // swap that starts while an earlier one has not settled finds the focus already gone, so the
   // place kept is held until the last swap in flight has settled (or for 2 s at most).
   var keptFrame = null, swapsInFlight = 0;
-  document.addEventListener("htmx:beforeSwap", function () {
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    if (!e.detail.shouldSwap) { return; }  // nothing will settle
     var active = document.activeElement;
     if (keptFrame && Date.now() - keptFrame.at > 2000) { keptFrame = null; swapsInFlight = 0; }
     swapsInFlight += 1;
@@ -130,7 +158,7 @@
   var keptNotices = {};
   document.addEventListener("htmx:beforeSwap", function (e) {
     var target = e.detail.target;
-    if (!target || !target.querySelectorAll) { return; }
+    if (!e.detail.shouldSwap || !target || !target.querySelectorAll) { return; }
     target.querySelectorAll(".card[id] > p.notice").forEach(function (notice) {
       keptNotices[notice.parentElement.id] = notice.cloneNode(true);
     });

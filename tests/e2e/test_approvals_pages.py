@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from playwright.sync_api import Browser, Page, WebSocketRoute, expect
+import re
+
+from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
@@ -175,3 +177,50 @@ def test_an_edit_shows_the_diff_and_needs_a_new_approval(live_console: str, page
     screenshot(page, "approvals-inbox-edited")
     assert ApprovalRequest.objects.get(pk=req.pk).status == ApprovalStatus.INVALIDATED
     assert ApprovalRequest.objects.get(pk=new.pk).version == 1
+
+
+def test_a_decision_is_shown_when_a_live_refresh_lands_while_it_is_on_its_way(
+    live_console: str, page: Page
+) -> None:
+    """A live refresh of the list answered while a card's decision is still on its way would
+    replace that card, and the decision's answer would then go to the card no longer on
+    screen: the operator would see nothing happen. The refresh waits for the answer instead."""
+    req = elsewhere(waiting_for_approval)
+    login(page, live_console, "operator")
+    go_live(page, live_console, "/approvals/")
+    card = page.locator(f"#approval-{req.pk}")
+    expect(card.locator(".badge")).to_have_text("pending")
+    page.wait_for_load_state("networkidle")
+    held: list[Route] = []
+
+    def hold_the_first(route: Route) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(re.compile(r"/approvals/\?"), hold_the_first)  # the list's live refresh
+    page.route(re.compile(r"/approvals/\d+/decide/$"), hold_the_first)
+    page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
+    refresh = _held(page, held)
+    card.get_by_role("button", name="Approve", exact=True).click()
+    decision = _held(page, held)
+    refresh.continue_()  # the list is answered first, the decision still on its way
+    page.wait_for_timeout(300)
+    decision.continue_()
+    expect(card.locator(".notice")).to_contain_text("Approved version 1")
+    expect(card.locator(".badge")).to_have_text("approved")
+    page.wait_for_load_state("networkidle")
+    expect(card.locator(".notice")).to_contain_text("Approved version 1")
+    req.refresh_from_db()
+    assert req.status == ApprovalStatus.APPROVED
+
+
+def _held(page: Page, held: list[Route]) -> Route:
+    """The request a route handler holds, once the browser has sent it (the handlers run while
+    Playwright waits)."""
+    for _ in range(100):
+        if held:
+            return held.pop()
+        page.wait_for_timeout(50)
+    raise AssertionError("the request was never sent")
