@@ -42,7 +42,7 @@
       e.preventDefault();
       return;
     }
-    if (isLiveRefresh(trigger) && answerAwaitedIn(e.detail.target)) { e.preventDefault(); refreshOwed = true; }
+    if (isLiveRefresh(trigger) && answerAwaitedIn(e.detail.target, elt)) { e.preventDefault(); refreshOwed = true; }
   });
   // A request of something inside a live refresh's target (a card's decision or edit) pins
   // it until its answer is in: a refresh is not sent meanwhile, and one already sent is not
@@ -53,12 +53,13 @@
   function isLiveRefresh(trigger) {
     return !!trigger && /^(live:event|live:resync|htmx:wsOpen)$/.test(trigger.type);
   }
-  function answerAwaitedIn(target) {
-    return !!(target && target.querySelector && target.querySelector(".htmx-request"));
+  function answerAwaitedIn(target, refresher) {
+    if (!target || !target.querySelectorAll) { return false; }
+    return Array.prototype.some.call(target.querySelectorAll(".htmx-request"), function (el) { return el !== refresher; });
   }
   document.addEventListener("htmx:beforeSwap", function (e) {
     var config = e.detail.requestConfig;
-    if (config && isLiveRefresh(config.triggeringEvent) && answerAwaitedIn(e.detail.target)) {
+    if (config && isLiveRefresh(config.triggeringEvent) && answerAwaitedIn(e.detail.target, config.elt)) {
       e.detail.shouldSwap = false;
       refreshOwed = true;
     }
@@ -68,6 +69,12 @@
       refreshOwed = false;
       document.body.dispatchEvent(new CustomEvent("live:resync"));
     }
+  });
+  // An answer whose handling failed leaves htmx's request class on its element: it would hold
+  // every later refresh of its list back. Taken off here.
+  document.addEventListener("htmx:onLoadError", function (e) {
+    var elt = e.detail && e.detail.elt;
+    if (elt && elt.classList) { elt.classList.remove("htmx-request"); }
   });
   // Moments are sent in UTC (<time datetime>); show them in the reader's timezone, with how
   // long ago for recent ones, and keep UTC in the tooltip. Re-run after every swap.
