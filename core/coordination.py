@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,8 @@ from django.db import close_old_connections, connections
 from core import rawsql
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 _here = threading.local()
 
@@ -64,6 +67,15 @@ class Coordinator:
         context = contextvars.copy_context()
         return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
 
+    def submit(self, fn: Callable[..., object], /, *args: Any) -> bool:
+        """``fn(*args)`` on a coordination thread, with the caller's log context, not waited for
+        (a failure is logged). False once the threads are stopped."""
+        try:
+            self._pool.submit(_logged, contextvars.copy_context(), fn, *args)
+        except RuntimeError:  # the pool is shut down
+            return False
+        return True
+
     def close(self) -> None:
         """Close each thread's connection and stop the threads (a test's end, a worker's)."""
         barrier = threading.Barrier(self.threads)
@@ -84,7 +96,21 @@ class Coordinator:
         return await loop.run_in_executor(self._pool, partial(_in_context, context, fn, *args, **kwargs))
 
 
+def _logged(context: contextvars.Context, fn: Callable[..., object], *args: Any) -> None:
+    try:
+        _in_context(context, fn, *args)
+    except Exception:
+        logger.warning("coordination work done in the background failed: %r", fn, exc_info=True)
+
+
 _coordinator: Coordinator | None = None
+
+
+def run_soon(fn: Callable[..., object], /, *args: Any) -> None:
+    """``fn(*args)`` where this process does its database work, without waiting for it: on a
+    coordination thread when there are some (for work off a step's path), else right here."""
+    if _coordinator is None or not _coordinator.submit(fn, *args):
+        fn(*args)
 
 
 def coordinate_on_threads(threads: int) -> Coordinator:

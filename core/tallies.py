@@ -11,22 +11,33 @@ waits, lock conflicts, retries blocked) are written under the admission lock, on
 a worker's own admission adds its tallies once it has committed, and the duplicate tallies are
 single statements: neither holds anything else. So no two writers can wait on each other's
 tally rows crosswise.
+
+A worker's own admissions (``tally_add_on_commit``) are the one exception to "in the caller's
+transaction": on a worker with coordination threads their tallies are written together, by one
+coordination thread, just after the admitting transactions commit — not on the path of the step
+that goes on from there (a key's next holder waited for the tally row and its commit). A worker
+killed in that moment loses them: they are a figure for the overview, not a record.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from core import coordination
 from core.models import Tally
+
+logger = logging.getLogger(__name__)
 
 LOCK_CONFLICTS = "lock_conflicts"
 DUPLICATES_SUPPRESSED = "duplicates_suppressed"
@@ -66,15 +77,76 @@ def tally_add(
 
 
 def tally_add_on_commit(counts: Counter[tuple[int, str]], *, now: datetime | None = None) -> None:
-    """``tally_add`` once the caller's transaction commits, in a statement of its own (nothing
-    for a rolled-back one). For a worker's own admissions: every keyed admission of a tenant
-    adds to one row per minute, and written in the admitting transaction it stayed locked until
-    that transaction committed, so a tenant's keyed admissions waited on each other there."""
+    """``tally_add`` once the caller's transaction commits (nothing for a rolled-back one): in
+    a statement of its own, or, where this process has coordination threads, with the others
+    committed meanwhile, by one of them (``_committed``). For a worker's own admissions: every
+    keyed admission of a tenant adds to one row per minute, and written in the admitting
+    transaction it stayed locked until that transaction committed, so a tenant's keyed
+    admissions waited on each other there."""
     if not counts:
         return
     at = now or timezone.now()
     # Robust: a figure for the overview that could not be written never undoes the admission.
-    transaction.on_commit(partial(tally_add, Counter(counts), now=at), robust=True)
+    transaction.on_commit(partial(_committed, Counter(counts), at), robust=True)
+
+
+class _Unwritten:
+    """This process's committed tallies not written yet, and whether a coordination thread is
+    on its way to write them."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.counts: Counter[tuple[datetime, int, str]] = Counter()  # (minute, tenant, name)
+        self.writers = 0  # writes asked for or in progress
+
+
+_unwritten = _Unwritten()
+
+
+def _committed(counts: Counter[tuple[int, str]], at: datetime) -> None:
+    if coordination.current() is None:
+        tally_add(counts, now=at)  # where the caller is: nothing else would write it
+        return
+    minute = at.replace(second=0, microsecond=0)
+    with _unwritten.changed:
+        for (tenant_id, name), n in counts.items():
+            _unwritten.counts[(minute, tenant_id, name)] += n
+        if _unwritten.writers:
+            return  # a write already asked for takes these too (it reads them when it starts)
+        _unwritten.writers += 1
+    coordination.run_soon(_write_unwritten)
+
+
+def _write_unwritten() -> None:
+    """Write every tally committed so far, one statement per minute they fall in."""
+    with _unwritten.changed:
+        taken, _unwritten.counts = _unwritten.counts, Counter()
+    try:
+        by_minute: dict[datetime, Counter[tuple[int, str]]] = {}
+        for (minute, tenant_id, name), n in taken.items():
+            by_minute.setdefault(minute, Counter())[(tenant_id, name)] += n
+        for minute, counts in sorted(by_minute.items()):
+            tally_add(counts, now=minute)
+    except DatabaseError:
+        logger.warning("could not write %d tallies for the overview", sum(taken.values()), exc_info=True)
+    finally:
+        with _unwritten.changed:
+            _unwritten.writers -= 1
+            if _unwritten.counts and not _unwritten.writers:
+                _unwritten.writers += 1  # committed while this one wrote: one more write
+                again = True
+            else:
+                again = False
+                _unwritten.changed.notify_all()
+        if again:
+            coordination.run_soon(_write_unwritten)
+
+
+def tallies_written(timeout: float = 5.0) -> bool:
+    """Wait until this process has written every tally committed so far (a test's check, a
+    worker's end); False if that took longer than ``timeout`` seconds."""
+    with _unwritten.changed:
+        return _unwritten.changed.wait_for(lambda: not _unwritten.writers and not _unwritten.counts, timeout)
 
 
 def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:

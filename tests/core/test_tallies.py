@@ -11,12 +11,13 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from core import tallies
+from core import coordination, tallies
 from core.leases import locks_acquire, locks_release
 from core.models import Tally, Tenant
 from runs.dispatch import admit_round
 from runs.models import RunStatus, Step, StepStatus
 from runs.services import run_start
+from tests.concurrency import run_concurrently
 
 
 @pytest.mark.django_db(transaction=True)
@@ -113,3 +114,27 @@ def test_old_tallies_are_pruned_and_the_last_hour_is_read(acme: Tenant) -> None:
     assert tallies.tallies_since([acme.pk], now - timedelta(hours=1))[tallies.LOCK_CONFLICTS] == 1
     assert tallies.tallies_prune(now=now) == 1
     assert Tally.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tallies_committed_on_coordination_threads_are_written_together_and_add_up(acme: Tenant) -> None:
+    """A worker's own admissions add their tallies after they commit; with coordination threads
+    those are written together, off the admitting step's path, and still add up exactly: every
+    committed transaction's count, none of a rolled-back one's."""
+    committed, rolled_back = 30, 5
+
+    def admitting(n: int) -> None:
+        with transaction.atomic():
+            tallies.tally_add_on_commit(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 1}))
+            if n >= committed:
+                transaction.set_rollback(True)
+
+    coordination.coordinate_on_threads(2)
+    try:
+        results = run_concurrently(lambda n: coordination.run(admitting, n), committed + rolled_back)
+        assert not [r for r in results if isinstance(r, BaseException)], results
+        assert tallies.tallies_written(10)
+    finally:
+        coordination.coordinate_in_place()
+    since = timezone.now() - timedelta(hours=1)
+    assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == committed

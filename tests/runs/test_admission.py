@@ -15,7 +15,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from core import rawsql, tallies, wakeups
+from core import coordination, rawsql, tallies, wakeups
 from core.leases import lease_acquire, lease_release, locks_acquire, locks_release
 from core.models import Event, Lease, Tenant, TenantQuota
 from core.redis_client import get_redis
@@ -178,6 +178,52 @@ def test_keyed_admissions_of_one_tenant_do_not_wait_on_each_others_lock_wait_tal
     since = timezone.now() - timedelta(hours=1)
     waits = tallies.tallies_since([acme.pk], since)
     assert sum(n for name, n in waits.items() if name.startswith(tallies.LOCK_WAIT_PREFIX)) == 2
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_a_workers_keyed_admission_goes_on_while_its_lock_wait_tally_waits(acme: Tenant) -> None:
+    """On a worker with coordination threads, the step a keyed admission lets go on (a key's
+    next holder, run by the same thread) does not wait for the lock-wait tally: another
+    transaction holding the tally rows does not hold the admitting call back. The tally is
+    written once they are free."""
+    run = crm_run(acme, 42)
+    held, admitted, release = threading.Event(), threading.Event(), threading.Event()
+    buckets = [*(tallies.LOCK_WAIT_PREFIX + f"{b:g}" for b in tallies.LOCK_WAIT_BUCKETS), "lock_wait_le_inf"]
+
+    def hold_the_tally_rows() -> None:
+        now = timezone.now()
+        with transaction.atomic():  # every bucket's row, this minute's and the next's, until released
+            for minute in (now, now + timedelta(minutes=1)):
+                tallies.tally_add(Counter({(acme.pk, name): 0 for name in buckets}), now=minute)
+            held.set()
+            release.wait(30)
+
+    def admit() -> int | None:
+        with transaction.atomic():
+            admission = admit_here(lanes=frozenset({"external"}))
+        admitted.set()
+        return admission.step_id if admission else None
+
+    coordination.coordinate_on_threads(2)
+    holder = threading.Thread(target=lambda: (hold_the_tally_rows(), connections.close_all()), daemon=True)
+    try:
+        holder.start()
+        assert held.wait(10)
+        admitting = threading.Thread(target=lambda: coordination.run(admit), daemon=True)
+        admitting.start()
+        went_on = admitted.wait(5)  # the old way waited for the rows until the holder let go
+        release.set()
+        admitting.join(10)
+        holder.join(10)
+        assert tallies.tallies_written(10)
+    finally:
+        release.set()
+        coordination.coordinate_in_place()
+    assert went_on, "the admitting call waited for the tally rows another transaction held"
+    assert Step.objects.get(run=run).status == StepStatus.LEASED
+    waits = tallies.tallies_since([acme.pk], timezone.now() - timedelta(hours=1))
+    assert sum(n for name, n in waits.items() if name.startswith(tallies.LOCK_WAIT_PREFIX)) == 1
 
 
 @pytest.mark.django_db(transaction=True)
