@@ -343,7 +343,13 @@ class Bench:
         return done
 
     def pipeline(
-        self, workflow: str, steps_per_run: int, runs: int, workers: int, threads: int = 0
+        self,
+        workflow: str,
+        steps_per_run: int,
+        runs: int,
+        workers: int,
+        threads: int = 0,
+        warm_up_runs: int = WARMUP_RUNS,
     ) -> dict[str, Any]:
         """Runs of ``workflow`` started with run_start, timed until all succeeded; every
         transaction (pg_stat_database) and statement (the counter) of every process counted.
@@ -360,7 +366,7 @@ class Bench:
         result: dict[str, Any] = {"workflow": workflow, "workers": workers, "runs": runs}
         t0 = timezone.now()
         with self.runwarden(workers, threads) as processes:
-            all_ids += self.warm_up(processes, workflow)
+            all_ids += self.warm_up(processes, workflow, count=warm_up_runs)
             cpu0 = cpu_snapshot(processes.pgids(), self.monitor.backend_pids())
             t0, began = timezone.now(), time.monotonic()
             ids = self.start_runs(workflow, runs)
@@ -809,7 +815,7 @@ class Bench:
             return rate
         return {**self._push_window(clients, after_id, "burst"), **rate}
 
-    def agent_io(self, workers: int, slots: int, runs: int) -> dict[str, Any]:
+    def agent_io(self, workers: int, slots: int, runs: int, warm_up_runs: int = 2) -> dict[str, Any]:
         """``runs`` one-step runs whose step awaits a 1 s stand-in for a model call, on
         ``workers`` threads-pool step workers with ``slots`` slots in all: how close to the ideal
         (runs x 1 s / slots) they finish, on how many PostgreSQL connections, in how much memory."""
@@ -823,7 +829,7 @@ class Bench:
             every=0.05,
         )
         with self.runwarden(workers, threads=per_worker) as processes:
-            self.warm_up(processes, "bench.agent_io", count=2)
+            self.warm_up(processes, "bench.agent_io", count=warm_up_runs)
             t0, began = timezone.now(), time.monotonic()
             with connections:
                 ids = self.start_runs("bench.agent_io", runs)
@@ -849,7 +855,7 @@ class Bench:
             "worker_rss_mb": max((r for r in rss if r is not None), default=None),
         }
 
-    def keyed(self, workers: int, slots: int, runs: int, keys: int) -> dict[str, Any]:
+    def keyed(self, workers: int, slots: int, runs: int, keys: int, warm_up_runs: int = 2) -> dict[str, Any]:
         """``runs`` runs over ``keys`` entity keys, each step holding its key's lock for 50 ms, on
         ``workers`` threads-pool step workers with ``slots`` slots in all: how close to the ideal
         (runs ÷ keys x 50 ms) they finish, the most steps of one key that ever overlapped (must be
@@ -857,7 +863,7 @@ class Bench:
         self.need(40, "keyed")
         self.prepare()
         with self.runwarden(workers, threads=max(slots // workers, 1)) as processes:
-            self.warm_up(processes, "bench.keyed", count=2)
+            self.warm_up(processes, "bench.keyed", count=warm_up_runs)
             t0 = timezone.now()
             ids = self.start_runs("bench.keyed", runs, inputs=lambda n: {"key": n % keys})
             waited = self.wait_runs(ids, timeout=self.budget(120), processes=processes)

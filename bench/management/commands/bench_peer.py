@@ -2,8 +2,9 @@
 
 It keeps the contract of bench/peers/__init__.py with the machinery of ``manage.py bench``:
 2 step-worker processes on Celery's threads pool (the waiting lanes' shape) plus the
-dispatcher, one warm-up, then the workload from this process as the one submitting client
-(``run_start`` in process, as an integrator's Python code would), and one ``PEER_RESULT`` line.
+dispatcher, a warm-up of as many runs as every peer's driver (``WARM_UP_RUNS``), then the
+workload from this process as the one submitting client (``run_start`` in process, as an
+integrator's Python code would), and one ``PEER_RESULT`` line.
 
 - ``noop``: 1,000 runs of ``bench.noop``, 2 workers x 4 slots;
 - ``keyed``: 200 runs of ``bench.keyed`` over 10 entity keys (the step's declared lock), 20 slots;
@@ -24,7 +25,7 @@ from django.db import connection
 
 from bench.harness import stop_all_started
 from bench.management.commands.bench import Bench, PhaseSkipped, bench_session
-from bench.peers.common import STEP_PROCESSES, WORKLOADS, emit
+from bench.peers.common import STEP_PROCESSES, WARM_UP_RUNS, WORKLOADS, emit
 
 
 class Command(BaseCommand):
@@ -60,7 +61,9 @@ class Command(BaseCommand):
 def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> dict[str, Any]:
     per_worker = slots // STEP_PROCESSES
     if workload == "noop":
-        got = bench.pipeline("bench.noop", 1, runs, STEP_PROCESSES, threads=per_worker)
+        got = bench.pipeline(
+            "bench.noop", 1, runs, STEP_PROCESSES, threads=per_worker, warm_up_runs=WARM_UP_RUNS
+        )
         return {
             "ok": got["complete"] and got["succeeded"] == runs,
             "finished": got["succeeded"],
@@ -73,7 +76,7 @@ def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> d
             },
         }
     if workload == "keyed":
-        got = bench.keyed(STEP_PROCESSES, slots, runs, keys)
+        got = bench.keyed(STEP_PROCESSES, slots, runs, keys, warm_up_runs=WARM_UP_RUNS)
         return {
             "ok": got["elapsed_s"] is not None and got["succeeded"] == runs,
             "finished": got["succeeded"],
@@ -82,7 +85,7 @@ def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> d
             "key_handoff_ms": got["key_handoff_ms"],
         }
     if workload == "agent_io":
-        got = bench.agent_io(STEP_PROCESSES, slots, runs)
+        got = bench.agent_io(STEP_PROCESSES, slots, runs, warm_up_runs=WARM_UP_RUNS)
         return {
             "ok": got["elapsed_s"] is not None and got["succeeded"] == runs,
             "finished": got["succeeded"],
