@@ -19,7 +19,7 @@ import contextvars
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
 from typing import Any, TypeVar
@@ -67,14 +67,15 @@ class Coordinator:
         context = contextvars.copy_context()
         return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
 
-    def submit(self, fn: Callable[..., object], /, *args: Any) -> bool:
-        """``fn(*args)`` on a coordination thread, with the caller's log context, not waited for
-        (a failure is logged). False once the threads are stopped."""
+    def submit(self, fn: Callable[..., object], /, *args: Any) -> Future[object] | None:
+        """``fn(*args)`` on a coordination thread, with the caller's log context, not waited for:
+        its Future (a failure is logged as it ends). None once the threads are stopped."""
         try:
-            self._pool.submit(_logged, contextvars.copy_context(), fn, *args)
+            future = self._pool.submit(_in_context, contextvars.copy_context(), fn, *args)
         except RuntimeError:  # the pool is shut down
-            return False
-        return True
+            return None
+        future.add_done_callback(_log_failure)
+        return future
 
     def close(self) -> None:
         """Close each thread's connection and stop the threads (a test's end, a worker's)."""
@@ -96,21 +97,22 @@ class Coordinator:
         return await loop.run_in_executor(self._pool, partial(_in_context, context, fn, *args, **kwargs))
 
 
-def _logged(context: contextvars.Context, fn: Callable[..., object], *args: Any) -> None:
-    try:
-        _in_context(context, fn, *args)
-    except Exception:
-        logger.warning("coordination work done in the background failed: %r", fn, exc_info=True)
+def _log_failure(future: Future[object]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        logger.warning("coordination work done in the background failed", exc_info=exc)
 
 
 _coordinator: Coordinator | None = None
 
 
-def run_soon(fn: Callable[..., object], /, *args: Any) -> None:
+def run_soon(fn: Callable[..., object], /, *args: Any) -> Future[object] | None:
     """``fn(*args)`` where this process does its database work, without waiting for it: on a
-    coordination thread when there are some (for work off a step's path), else right here."""
-    if _coordinator is None or not _coordinator.submit(fn, *args):
-        fn(*args)
+    coordination thread when there are some (work off a step's path), its Future; else, or once
+    they are stopped, right here (None)."""
+    if _coordinator is not None and (future := _coordinator.submit(fn, *args)) is not None:
+        return future
+    fn(*args)
+    return None
 
 
 def coordinate_on_threads(threads: int) -> Coordinator:

@@ -12,11 +12,12 @@ a worker's own admission adds its tallies once it has committed, and the duplica
 single statements: neither holds anything else. So no two writers can wait on each other's
 tally rows crosswise.
 
-A worker's own admissions (``tally_add_on_commit``) are the one exception to "in the caller's
-transaction": on a worker with coordination threads their tallies are written together, by one
-coordination thread, just after the admitting transactions commit — not on the path of the step
-that goes on from there (a key's next holder waited for the tally row and its commit). A worker
-killed in that moment loses them: they are a figure for the overview, not a record.
+A worker's own admissions add their tallies once they have committed (``tally_add_on_commit``),
+and a process writes those of all its admissions together: on one of its coordination threads
+where it has some, just after the commits, so the step a worker goes on with — a key's next
+holder, run by the same thread — never waits for the tally row and its commit. A worker killed
+in that moment, or a write that fails, loses them: they are a figure for the overview, not a
+record.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
 
@@ -53,6 +54,10 @@ def lock_wait_bucket(seconds: float) -> str:
     return LOCK_WAIT_PREFIX + (f"{LOCK_WAIT_BUCKETS[index]:g}" if index < len(LOCK_WAIT_BUCKETS) else "inf")
 
 
+def _minute(at: datetime) -> datetime:
+    return at.replace(second=0, microsecond=0)
+
+
 def tally_add(
     counts: Iterable[tuple[int, str]] | Counter[tuple[int, str]], *, now: datetime | None = None
 ) -> None:
@@ -61,7 +66,7 @@ def tally_add(
     totals = counts if isinstance(counts, Counter) else Counter(counts)
     if not totals:
         return
-    minute = (now or timezone.now()).replace(second=0, microsecond=0)
+    minute = _minute(now or timezone.now())
     rows = sorted(totals.items())
     values = ", ".join(["(%s, %s, %s, %s)"] * len(rows))
     params: list[Any] = []
@@ -77,12 +82,11 @@ def tally_add(
 
 
 def tally_add_on_commit(counts: Counter[tuple[int, str]], *, now: datetime | None = None) -> None:
-    """``tally_add`` once the caller's transaction commits (nothing for a rolled-back one): in
-    a statement of its own, or, where this process has coordination threads, with the others
-    committed meanwhile, by one of them (``_committed``). For a worker's own admissions: every
-    keyed admission of a tenant adds to one row per minute, and written in the admitting
-    transaction it stayed locked until that transaction committed, so a tenant's keyed
-    admissions waited on each other there."""
+    """``tally_add`` once the caller's transaction commits (nothing for a rolled-back one),
+    with the other tallies this process commits meanwhile (``_committed``). For a worker's own
+    admissions: every keyed admission of a tenant adds to one row per minute, and written in
+    the admitting transaction it stayed locked until that transaction committed, so a tenant's
+    keyed admissions waited on each other there."""
     if not counts:
         return
     at = now or timezone.now()
@@ -91,62 +95,77 @@ def tally_add_on_commit(counts: Counter[tuple[int, str]], *, now: datetime | Non
 
 
 class _Unwritten:
-    """This process's committed tallies not written yet, and whether a coordination thread is
-    on its way to write them."""
+    """This process's committed tallies not written yet, by (minute, tenant, name), and whether
+    a write is on its way (it takes every count added before it starts; those added after, it
+    writes again once it is done: ``_written``)."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
-        self.counts: Counter[tuple[datetime, int, str]] = Counter()  # (minute, tenant, name)
-        self.writers = 0  # writes asked for or in progress
+        self.counts: Counter[tuple[datetime, int, str]] = Counter()
+        self.scheduled = False
 
 
 _unwritten = _Unwritten()
 
 
 def _committed(counts: Counter[tuple[int, str]], at: datetime) -> None:
-    if coordination.current() is None:
-        tally_add(counts, now=at)  # where the caller is: nothing else would write it
-        return
-    minute = at.replace(second=0, microsecond=0)
     with _unwritten.changed:
         for (tenant_id, name), n in counts.items():
-            _unwritten.counts[(minute, tenant_id, name)] += n
-        if _unwritten.writers:
-            return  # a write already asked for takes these too (it reads them when it starts)
-        _unwritten.writers += 1
-    coordination.run_soon(_write_unwritten)
+            _unwritten.counts[(_minute(at), tenant_id, name)] += n
+        if _unwritten.scheduled:
+            return
+        _unwritten.scheduled = True
+    _write_soon()
+
+
+def _write_soon() -> None:
+    try:
+        future = coordination.run_soon(_write_unwritten)
+    except BaseException:
+        _written(failed=True)  # written right here, and it failed: the caller logs it
+        raise
+    if future is None:
+        _written(failed=False)
+    else:
+        future.add_done_callback(
+            lambda done: _written(failed=done.cancelled() or done.exception() is not None)
+        )
 
 
 def _write_unwritten() -> None:
     """Write every tally committed so far, one statement per minute they fall in."""
     with _unwritten.changed:
         taken, _unwritten.counts = _unwritten.counts, Counter()
-    try:
-        by_minute: dict[datetime, Counter[tuple[int, str]]] = {}
-        for (minute, tenant_id, name), n in taken.items():
-            by_minute.setdefault(minute, Counter())[(tenant_id, name)] += n
-        for minute, counts in sorted(by_minute.items()):
-            tally_add(counts, now=minute)
-    except DatabaseError:
-        logger.warning("could not write %d tallies for the overview", sum(taken.values()), exc_info=True)
-    finally:
-        with _unwritten.changed:
-            _unwritten.writers -= 1
-            if _unwritten.counts and not _unwritten.writers:
-                _unwritten.writers += 1  # committed while this one wrote: one more write
-                again = True
-            else:
-                again = False
-                _unwritten.changed.notify_all()
-        if again:
-            coordination.run_soon(_write_unwritten)
+    by_minute: dict[datetime, Counter[tuple[int, str]]] = {}
+    for (minute, tenant_id, name), n in taken.items():
+        by_minute.setdefault(minute, Counter())[(tenant_id, name)] += n
+    for minute, counts in sorted(by_minute.items()):
+        tally_add(counts, now=minute)
+
+
+def _written(*, failed: bool) -> None:
+    """A write has ended: write what was committed while it ran. After a failure (logged where
+    it happened), what came meanwhile is dropped too rather than kept for a write that may fail
+    the same way."""
+    with _unwritten.changed:
+        if failed and _unwritten.counts:
+            logger.warning(
+                "dropped %d tallies for the overview after a failed write", _unwritten.counts.total()
+            )
+            _unwritten.counts.clear()
+        _unwritten.scheduled = bool(_unwritten.counts)
+        again = _unwritten.scheduled
+        if not again:
+            _unwritten.changed.notify_all()
+    if again:
+        _write_soon()
 
 
 def tallies_written(timeout: float = 5.0) -> bool:
-    """Wait until this process has written every tally committed so far (a test's check, a
-    worker's end); False if that took longer than ``timeout`` seconds."""
+    """Wait until this process has written (or dropped) every tally committed so far; False if
+    that took longer than ``timeout`` seconds (tests check with it)."""
     with _unwritten.changed:
-        return _unwritten.changed.wait_for(lambda: not _unwritten.writers and not _unwritten.counts, timeout)
+        return _unwritten.changed.wait_for(lambda: not _unwritten.scheduled, timeout)
 
 
 def tallies_since(tenant_ids: Sequence[int], since: datetime) -> Counter[str]:

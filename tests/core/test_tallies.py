@@ -4,11 +4,12 @@ writers on the real PostgreSQL, counted only when the writer's transaction commi
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from core import coordination, tallies
@@ -118,10 +119,22 @@ def test_old_tallies_are_pruned_and_the_last_hour_is_read(acme: Tenant) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_tallies_committed_on_coordination_threads_are_written_together_and_add_up(acme: Tenant) -> None:
-    """A worker's own admissions add their tallies after they commit; with coordination threads
-    those are written together, off the admitting step's path, and still add up exactly: every
-    committed transaction's count, none of a rolled-back one's."""
+    """With coordination threads, a process writes its committed tallies together, off the
+    committing call's path; those committed while a write is held up are written once it is
+    done. They add up exactly: every committed transaction's count, none of a rolled-back one's."""
     committed, rolled_back = 30, 5
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        try:
+            now = timezone.now()
+            with transaction.atomic():  # this minute's row and the next's, until released
+                for minute in (now, now + timedelta(minutes=1)):
+                    tallies.tally_add(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 0}), now=minute)
+                held.set()
+                release.wait(30)
+        finally:
+            connections.close_all()  # this thread's own connection
 
     def admitting(n: int) -> None:
         with transaction.atomic():
@@ -129,12 +142,31 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
             if n >= committed:
                 transaction.set_rollback(True)
 
+    def a_write_waits_for_the_row() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'INSERT INTO core_tally%%')"
+            )
+            return bool(cursor.fetchone()[0])
+
     coordination.coordinate_on_threads(2)
+    holder = threading.Thread(target=hold_the_row, daemon=True)
     try:
-        results = run_concurrently(lambda n: coordination.run(admitting, n), committed + rolled_back)
+        holder.start()
+        assert held.wait(10)
+        coordination.run(admitting, 0)  # returns at once: its write waits for the row
+        began = time.monotonic()
+        while not a_write_waits_for_the_row():
+            assert time.monotonic() - began < 10, "the first write never reached the held row"
+            time.sleep(0.01)
+        results = run_concurrently(lambda n: coordination.run(admitting, n + 1), committed + rolled_back - 1)
         assert not [r for r in results if isinstance(r, BaseException)], results
+        release.set()
+        holder.join(10)
         assert tallies.tallies_written(10)
     finally:
+        release.set()
         coordination.coordinate_in_place()
     since = timezone.now() - timedelta(hours=1)
     assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == committed

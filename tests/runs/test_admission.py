@@ -189,15 +189,18 @@ def test_a_workers_keyed_admission_goes_on_while_its_lock_wait_tally_waits(acme:
     written once they are free."""
     run = crm_run(acme, 42)
     held, admitted, release = threading.Event(), threading.Event(), threading.Event()
-    buckets = [*(tallies.LOCK_WAIT_PREFIX + f"{b:g}" for b in tallies.LOCK_WAIT_BUCKETS), "lock_wait_le_inf"]
+    buckets = {tallies.lock_wait_bucket(b) for b in [*tallies.LOCK_WAIT_BUCKETS, float("inf")]}
 
     def hold_the_tally_rows() -> None:
-        now = timezone.now()
-        with transaction.atomic():  # every bucket's row, this minute's and the next's, until released
-            for minute in (now, now + timedelta(minutes=1)):
-                tallies.tally_add(Counter({(acme.pk, name): 0 for name in buckets}), now=minute)
-            held.set()
-            release.wait(30)
+        try:
+            now = timezone.now()
+            with transaction.atomic():  # every bucket's row, this minute's and the next's, until released
+                for minute in (now, now + timedelta(minutes=1)):
+                    tallies.tally_add(Counter({(acme.pk, name): 0 for name in buckets}), now=minute)
+                held.set()
+                release.wait(30)
+        finally:
+            connections.close_all()  # this thread's own connection
 
     def admit() -> int | None:
         with transaction.atomic():
@@ -206,7 +209,7 @@ def test_a_workers_keyed_admission_goes_on_while_its_lock_wait_tally_waits(acme:
         return admission.step_id if admission else None
 
     coordination.coordinate_on_threads(2)
-    holder = threading.Thread(target=lambda: (hold_the_tally_rows(), connections.close_all()), daemon=True)
+    holder = threading.Thread(target=hold_the_tally_rows, daemon=True)
     try:
         holder.start()
         assert held.wait(10)

@@ -62,7 +62,7 @@ def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> d
     per_worker = slots // STEP_PROCESSES
     if workload == "noop":
         got = bench.pipeline(
-            "bench.noop", 1, runs, STEP_PROCESSES, threads=per_worker, warm_up_runs=WARM_UP_RUNS
+            "bench.noop", 1, runs, STEP_PROCESSES, threads=per_worker, warm_up_runs=min(WARM_UP_RUNS, runs)
         )
         return {
             "ok": got["complete"] and got["succeeded"] == runs,
@@ -76,7 +76,7 @@ def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> d
             },
         }
     if workload == "keyed":
-        got = bench.keyed(STEP_PROCESSES, slots, runs, keys, warm_up_runs=WARM_UP_RUNS)
+        got = bench.keyed(STEP_PROCESSES, slots, runs, keys, warm_up_runs=min(WARM_UP_RUNS, runs))
         return {
             "ok": got["elapsed_s"] is not None and got["succeeded"] == runs,
             "finished": got["succeeded"],
@@ -85,7 +85,7 @@ def _measure(bench: Bench, workload: str, runs: int, slots: int, keys: int) -> d
             "key_handoff_ms": got["key_handoff_ms"],
         }
     if workload == "agent_io":
-        got = bench.agent_io(STEP_PROCESSES, slots, runs, warm_up_runs=WARM_UP_RUNS)
+        got = bench.agent_io(STEP_PROCESSES, slots, runs, warm_up_runs=min(WARM_UP_RUNS, runs))
         return {
             "ok": got["elapsed_s"] is not None and got["succeeded"] == runs,
             "finished": got["succeeded"],
