@@ -4,7 +4,6 @@ writers on the real PostgreSQL, counted only when the writer's transaction commi
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from datetime import timedelta
 
@@ -19,6 +18,7 @@ from runs.dispatch import admit_round
 from runs.models import RunStatus, Step, StepStatus
 from runs.services import run_start
 from tests.concurrency import run_concurrently
+from tests.runs.cluster import wait_for
 
 
 @pytest.mark.django_db(transaction=True)
@@ -156,10 +156,7 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
         holder.start()
         assert held.wait(10)
         coordination.run(admitting, 0)  # returns at once: its write waits for the row
-        began = time.monotonic()
-        while not a_write_waits_for_the_row():
-            assert time.monotonic() - began < 10, "the first write never reached the held row"
-            time.sleep(0.01)
+        wait_for(a_write_waits_for_the_row, 10, "the first write never reached the held row", interval=0.01)
         results = run_concurrently(lambda n: coordination.run(admitting, n + 1), committed + rolled_back - 1)
         assert not [r for r in results if isinstance(r, BaseException)], results
         release.set()
