@@ -10,4 +10,5 @@ def woken() -> bool:
     """Whether a wake-up is pending; it is taken, as the dispatcher would take it."""
     client = get_redis()
     assert client is not None, "this needs REDIS_URL"
+    wakeups.wake_ups_delivered()  # sent unanswered on a connection of their own: arrived by now
     return bool(client.delete(wakeups.WAKE_KEY))

@@ -38,10 +38,12 @@ def quiet_broker() -> Iterator[None]:
     """No worker pools announced (caps alone decide), no wake-up pending, no task queued."""
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
+    wakeups.wake_ups_delivered()  # an earlier test's last start's, on its way
     client.delete(POOLS_KEY, wakeups.WAKE_KEY)
     workers._last_read = None  # nor this process's second-old view of them
     sent_to_workers()
     yield
+    wakeups.wake_ups_delivered()
     client.delete(wakeups.WAKE_KEY)
 
 

@@ -10,6 +10,7 @@ from django.test import override_settings
 
 from core import redis_client, wakeups
 from core.redis_client import get_redis
+from tests.runs.cluster import wait_for
 from tests.wakes import woken
 
 
@@ -90,3 +91,31 @@ def test_a_wake_up_is_taken_even_when_redis_fails_right_after_it(redis_marks: No
                 redis_client._client = None
     finally:
         admin.execute_command("ACL", "DELUSER", "rw-pop-only")
+
+
+def _unanswered_connection(client: redis.Redis) -> dict[str, object] | None:
+    return next((c for c in client.client_list() if c.get("name") == wakeups._Unanswered.name()), None)
+
+
+def test_a_starts_wake_up_waits_for_no_reply_and_still_arrives(redis_marks: None) -> None:
+    """The wake-up a run's start sends goes on the process's own connection with its replies
+    off, so the start waits for no round trip; the dispatcher finds it all the same, and a
+    connection Redis has closed is replaced before the next one is sent."""
+    client = get_redis()
+    assert client is not None
+    wakeups.wake_unless_saturated("read")
+    wait_for(
+        lambda: (_unanswered_connection(client) or {}).get("cmd") == "eval",
+        5,
+        "the wake-up never ran on the connection whose replies are off",
+        interval=0.01,
+    )
+    assert woken()
+    killed = _unanswered_connection(client)
+    assert killed is not None
+    client.client_kill_filter(_id=str(killed["id"]))
+    wait_for(lambda: _unanswered_connection(client) is None, 5, "Redis kept the connection", interval=0.01)
+    wakeups.wake_unless_saturated("read")  # on a new connection: none is lost
+    assert woken()
+    replaced = _unanswered_connection(client)
+    assert replaced is not None and replaced["id"] != killed["id"]

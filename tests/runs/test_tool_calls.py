@@ -559,6 +559,7 @@ def test_a_call_giving_back_its_slot_wakes_the_dispatcher_while_steps_wait_for_r
         call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key=f"none-{key}", release=[slot])
 
     try:
+        wakeups.wake_ups_delivered()
         client.delete(wakeups.WAKE_KEY)  # the start's own
         wakeups.mark_waiting(True)
         finish_a_call("a")

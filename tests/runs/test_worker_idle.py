@@ -28,8 +28,10 @@ READ = frozenset({"read"})
 def redis_marks() -> Iterator[None]:
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
+    wakeups.wake_ups_delivered()  # an earlier test's last start's, on its way
     client.delete(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
     yield
+    wakeups.wake_ups_delivered()
     client.delete(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
 
 
