@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
 import threading
+import time
 from collections.abc import Iterable
 from contextlib import suppress
 from functools import partial
@@ -119,67 +121,95 @@ def wake_unless_saturated(lane: str) -> None:
 
 class _Unanswered:
     """This process's own connection to Redis with its replies off (``CLIENT REPLY OFF``): what
-    is sent on it costs a write, not a round trip. For the wake-up of a run's start: with the
-    machine busy, a client starting runs one after the other spent a tenth of its time waiting
-    for that reply. What fails in Redis goes unseen — a wake-up is only a hint, and the
-    dispatcher's sweep finds what a lost one leaves; a connection that fails is replaced, and
-    the wake-up sent the usual way."""
+    is sent on it costs a write, not a round trip. For the wake-up of a run's start: a client
+    starting runs one after the other on a busy machine spent an eighth of its time waiting for
+    that reply (docs/BENCHMARKS.md). A wake-up is only a hint — the dispatcher's sweep finds what
+    a lost one leaves — but an error Redis answers goes unseen here, so one wake-up in every
+    ``CONFIRM_EVERY`` seconds is sent with its reply read, on this same connection. Any failure
+    (a refused command, a broken connection) turns this path off for ``BACK_OFF`` seconds: the
+    wake-ups go with a reply meanwhile."""
 
-    @staticmethod
-    def name() -> str:
-        return f"runwarden-unanswered-{os.getpid()}"
+    CONFIRM_EVERY = 30.0
+    BACK_OFF = 30.0
 
     def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        """Start afresh (a child process after fork(): the parent's connection is the parent's)."""
         self.lock = threading.Lock()
         self.connection: Any = None
         self.pool: Any = None
-        self.pid = 0
+        self.confirmed = 0.0  # time.monotonic() of the last reply read on it
+        self.off_until = 0.0
+
+    @staticmethod
+    def name() -> str:
+        """Named after its host and process: ``CLIENT LIST`` tells whose it is."""
+        return f"runwarden-unanswered-{socket.gethostname()}-{os.getpid()}"
 
     def send(self, client: Redis, *command: object) -> bool:
-        """Send ``command``; False where it could not be sent."""
-        with self.lock:
-            try:
-                connection = self._connection(client)
-                # No health check: its PING would wait for a reply that never comes.
-                connection.send_packed_command(connection.pack_command(*command), check_health=False)
-            except Exception:
-                logger.warning("could not send to Redis unanswered; sending with a reply", exc_info=True)
-                self._drop()
-                return False
-            return True
+        """Send ``command``; False where it was not (the caller sends it with a reply)."""
+        if time.monotonic() < self.off_until or not self.lock.acquire(blocking=False):
+            return False  # off after a failure, or another thread sending: not worth a wait
+        try:
+            connection = self._connection(client)
+            if time.monotonic() - self.confirmed < self.CONFIRM_EVERY:
+                connection.send_packed_command(connection.pack_command(*command))
+            else:  # this one with its reply: an error Redis answers is raised here
+                self._replies(on=True)
+                connection.send_packed_command(connection.pack_command(*command))
+                connection.read_response()  # the replies' own OK
+                connection.read_response()
+                self._replies(on=False)
+                self.confirmed = time.monotonic()
+        except Exception:
+            logger.warning("a wake-up could not be sent unanswered; sent with a reply", exc_info=True)
+            self._drop()
+            self.off_until = time.monotonic() + self.BACK_OFF
+            return False
+        finally:
+            self.lock.release()
+        return True
 
     def delivered(self) -> None:
         """Return once Redis has run everything sent so far: replies on for one command, whose
         answer comes after theirs (for a reader on another connection: a test)."""
         with self.lock:
-            if self.connection is None or self.pid != os.getpid():
+            if self.connection is None:
                 return
             try:
-                self._unanswered(False)
+                self._replies(on=True)
                 self.connection.read_response()
-                self._unanswered(True)
+                self._replies(on=False)
+                self.confirmed = time.monotonic()
             except Exception:
+                logger.warning("could not confirm the wake-ups sent unanswered", exc_info=True)
                 self._drop()
 
     def _connection(self, client: Redis) -> Any:
-        if self.connection is not None and (
-            self.pid != os.getpid() or self.pool is not client.connection_pool or self._closed_by_redis()
-        ):
+        if self.connection is not None and (self.pool is not client.connection_pool or self._readable()):
             self._drop()
         if self.connection is None:
             pool = client.connection_pool
+            # No health checks: their PING would wait for a reply that never comes.
             connection = pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
             connection.connect()
-            self.connection, self.pool, self.pid = connection, pool, os.getpid()
-            # Named after the process: CLIENT LIST tells whose it is.
+            self.connection, self.pool = connection, pool
             connection.send_packed_command(connection.pack_command("CLIENT", "SETNAME", self.name()))
             connection.read_response()
-            self._unanswered(True)
+            # Off, then on for one reply: were OFF refused, that reply would be its error.
+            self._replies(on=False)
+            self._replies(on=True)
+            connection.read_response()
+            self._replies(on=False)
+            self.confirmed = time.monotonic()
         return self.connection
 
-    def _closed_by_redis(self) -> bool:
-        """Whether Redis closed the connection (killed, restarted): nothing else is ever there to
-        read on it, with its replies off."""
+    def _readable(self) -> bool:
+        """Whether anything came in: with its replies off, only Redis closing it (killed,
+        restarted) or a push message. Either way a new connection is made (redis-py would
+        reconnect a closed one on its own, unnamed and with replies on)."""
         sock = getattr(self.connection, "_sock", None)
         if sock is None:
             return True
@@ -187,23 +217,24 @@ class _Unanswered:
         readable.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         return bool(readable.poll(0))
 
-    def _unanswered(self, off: bool) -> None:
-        command = self.connection.pack_command("CLIENT", "REPLY", "OFF" if off else "ON")
-        self.connection.send_packed_command(command, check_health=False)
+    def _replies(self, *, on: bool) -> None:
+        self.connection.send_packed_command(
+            self.connection.pack_command("CLIENT", "REPLY", "ON" if on else "OFF")
+        )
 
     def _drop(self) -> None:
-        # A connection inherited across fork() is the parent's too: left alone, never shut.
-        if self.connection is not None and self.pid == os.getpid():
+        if self.connection is not None:
             with suppress(Exception):
                 self.connection.disconnect()
         self.connection = None
 
 
 _unanswered = _Unanswered()
+os.register_at_fork(after_in_child=_unanswered.forget)
 
 
 def wake_ups_delivered() -> None:
-    """Return once every wake-up this process sent unanswered has reached Redis."""
+    """Return once Redis has run every wake-up this process sent unanswered."""
     _unanswered.delivered()
 
 

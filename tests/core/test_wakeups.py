@@ -19,9 +19,11 @@ def redis_marks() -> Iterator[None]:
     client = get_redis()
     assert client is not None, "these tests need REDIS_URL"
     keys = [wakeups.WAKE_KEY, wakeups.SATURATED_KEY, wakeups.WAITING_KEY, wakeups.LEFT_WAITING_KEY]
+    wakeups.wake_ups_delivered()  # an earlier test's, sent unanswered, on its way
     client.delete(*keys)
     yield
     wakeups.mark_waiting(False, saturated=set())
+    wakeups.wake_ups_delivered()
     client.delete(*keys)
 
 
@@ -99,23 +101,31 @@ def _unanswered_connection(client: redis.Redis) -> dict[str, object] | None:
 
 def test_a_starts_wake_up_waits_for_no_reply_and_still_arrives(redis_marks: None) -> None:
     """The wake-up a run's start sends goes on the process's own connection with its replies
-    off, so the start waits for no round trip; the dispatcher finds it all the same, and a
+    off, so the start waits for no round trip: one wake-up after another on the same connection
+    (a reply left unread there would have it replaced). The dispatcher finds each, and a
     connection Redis has closed is replaced before the next one is sent."""
     client = get_redis()
     assert client is not None
     wakeups.wake_unless_saturated("read")
+    assert woken()
+    sent_on = _unanswered_connection(client)
+    assert sent_on is not None, "the wake-up went on no connection of its own"
+    for _ in range(2):
+        wakeups.wake_unless_saturated("read")
+        assert woken()
+        assert (_unanswered_connection(client) or {}).get("id") == sent_on["id"], "a reply was left on it"
+    wakeups.wake_unless_saturated("read")
     wait_for(
         lambda: (_unanswered_connection(client) or {}).get("cmd") == "eval",
         5,
-        "the wake-up never ran on the connection whose replies are off",
+        "the last wake-up never ran on the connection whose replies are off",
         interval=0.01,
     )
+    assert (_unanswered_connection(client) or {}).get("id") == sent_on["id"]
     assert woken()
-    killed = _unanswered_connection(client)
-    assert killed is not None
-    client.client_kill_filter(_id=str(killed["id"]))
+    client.client_kill_filter(_id=str(sent_on["id"]))
     wait_for(lambda: _unanswered_connection(client) is None, 5, "Redis kept the connection", interval=0.01)
     wakeups.wake_unless_saturated("read")  # on a new connection: none is lost
     assert woken()
     replaced = _unanswered_connection(client)
-    assert replaced is not None and replaced["id"] != killed["id"]
+    assert replaced is not None and replaced["id"] != sent_on["id"]
