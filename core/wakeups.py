@@ -156,13 +156,8 @@ class _Unanswered:
             connection = self._connection(client)
             if time.monotonic() - self.confirmed < self.CONFIRM_EVERY:
                 connection.send_packed_command(connection.pack_command(*command))
-            else:  # this one with its reply: an error Redis answers is raised here
-                self._replies(on=True)
-                connection.send_packed_command(connection.pack_command(*command))
-                connection.read_response()  # the replies' own OK
-                connection.read_response()
-                self._replies(on=False)
-                self.confirmed = time.monotonic()
+            else:
+                self._confirm(*command)
         except Exception:
             logger.warning("a wake-up could not be sent unanswered; sent with a reply", exc_info=True)
             self._drop()
@@ -179,10 +174,7 @@ class _Unanswered:
             if self.connection is None:
                 return
             try:
-                self._replies(on=True)
-                self.connection.read_response()
-                self._replies(on=False)
-                self.confirmed = time.monotonic()
+                self._confirm()
             except Exception:
                 logger.warning("could not confirm the wake-ups sent unanswered", exc_info=True)
                 self._drop()
@@ -198,12 +190,8 @@ class _Unanswered:
             self.connection, self.pool = connection, pool
             connection.send_packed_command(connection.pack_command("CLIENT", "SETNAME", self.name()))
             connection.read_response()
-            # Off, then on for one reply: were OFF refused, that reply would be its error.
             self._replies(on=False)
-            self._replies(on=True)
-            connection.read_response()
-            self._replies(on=False)
-            self.confirmed = time.monotonic()
+            self._confirm()  # were OFF refused, the first reply read would be its error
         return self.connection
 
     def _readable(self) -> bool:
@@ -216,6 +204,19 @@ class _Unanswered:
         readable = select.poll()  # not select(): a busy web process's descriptors pass 1,024
         readable.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
         return bool(readable.poll(0))
+
+    def _confirm(self, *command: object) -> None:
+        """Replies on for one exchange: ``command`` (if any) sent with its reply read — an error
+        Redis answers is raised — after the OK of the replies turned on, which comes once
+        everything sent before has run. Then off again."""
+        self._replies(on=True)
+        if command:
+            self.connection.send_packed_command(self.connection.pack_command(*command))
+        self.connection.read_response()
+        if command:
+            self.connection.read_response()
+        self._replies(on=False)
+        self.confirmed = time.monotonic()
 
     def _replies(self, *, on: bool) -> None:
         self.connection.send_packed_command(

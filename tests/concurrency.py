@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from django.db import connections, transaction
@@ -67,6 +67,19 @@ def held_meanwhile(sql: str, params: list[Any], timeout: float = 30.0) -> Iterat
     finally:
         done.set()
         thread.join(timeout)
+
+
+def tally_rows_held_meanwhile(tenant_id: int, names: Iterable[str]) -> AbstractContextManager[None]:
+    """``held_meanwhile`` for a tenant's tally rows of ``names``, this minute's and the next's (a
+    minute may turn while the block runs): written with count 0 where missing, locked as any
+    writer's upsert would lock them."""
+    return held_meanwhile(
+        "INSERT INTO core_tally (tenant_id, minute, name, count)"
+        " SELECT %s, date_trunc('minute', now()) + g * interval '1 minute', n, 0"
+        " FROM generate_series(0, 1) g, unnest(%s::text[]) n"
+        " ON CONFLICT (tenant_id, minute, name) DO UPDATE SET count = core_tally.count",
+        [tenant_id, sorted(names)],
+    )
 
 
 class Peaks(dict[str, int]):

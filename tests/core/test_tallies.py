@@ -8,7 +8,7 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from core import coordination, tallies
@@ -17,7 +17,7 @@ from core.models import Tally, Tenant
 from runs.dispatch import admit_round
 from runs.models import RunStatus, Step, StepStatus
 from runs.services import run_start
-from tests.concurrency import run_concurrently
+from tests.concurrency import run_concurrently, tally_rows_held_meanwhile
 from tests.runs.cluster import wait_for
 
 
@@ -123,18 +123,6 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
     committing call's path; those committed while a write is held up are written once it is
     done. They add up exactly: every committed transaction's count, none of a rolled-back one's."""
     committed, rolled_back = 30, 5
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_row() -> None:
-        try:
-            now = timezone.now()
-            with transaction.atomic():  # this minute's row and the next's, until released
-                for minute in (now, now + timedelta(minutes=1)):
-                    tallies.tally_add(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 0}), now=minute)
-                held.set()
-                release.wait(30)
-        finally:
-            connections.close_all()  # this thread's own connection
 
     def admitting(n: int) -> None:
         with transaction.atomic():
@@ -145,25 +133,24 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
     def a_write_waits_for_the_row() -> bool:
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                " AND query LIKE 'INSERT INTO core_tally%%')"
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO core_tally%%')"
             )
             return bool(cursor.fetchone()[0])
 
     coordination.coordinate_on_threads(2)
-    holder = threading.Thread(target=hold_the_row, daemon=True)
     try:
-        holder.start()
-        assert held.wait(10)
-        coordination.run(admitting, 0)  # returns at once: its write waits for the row
-        wait_for(a_write_waits_for_the_row, 10, "the first write never reached the held row", interval=0.01)
-        results = run_concurrently(lambda n: coordination.run(admitting, n + 1), committed + rolled_back - 1)
-        assert not [r for r in results if isinstance(r, BaseException)], results
-        release.set()
-        holder.join(10)
+        with tally_rows_held_meanwhile(acme.pk, [tallies.LOCK_CONFLICTS]):
+            coordination.run(admitting, 0)  # returns at once: its write waits for the row
+            wait_for(
+                a_write_waits_for_the_row, 10, "the first write never reached the held row", interval=0.01
+            )
+            results = run_concurrently(
+                lambda n: coordination.run(admitting, n + 1), committed + rolled_back - 1
+            )
+            assert not [r for r in results if isinstance(r, BaseException)], results
         assert tallies.tallies_written(10)
     finally:
-        release.set()
         coordination.coordinate_in_place()
     since = timezone.now() - timedelta(hours=1)
     assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == committed

@@ -34,6 +34,7 @@ from tests.concurrency import (
     race_dispatchers,
     run_concurrently,
     sampled_peaks,
+    tally_rows_held_meanwhile,
 )
 from tests.conftest import make_tenant
 from tests.dialects import RACING_THREADS, postgresql_only
@@ -188,19 +189,8 @@ def test_a_workers_keyed_admission_goes_on_while_its_lock_wait_tally_waits(acme:
     transaction holding the tally rows does not hold the admitting call back. The tally is
     written once they are free."""
     run = crm_run(acme, 42)
-    held, admitted, release = threading.Event(), threading.Event(), threading.Event()
+    admitted = threading.Event()
     buckets = {tallies.lock_wait_bucket(b) for b in [*tallies.LOCK_WAIT_BUCKETS, float("inf")]}
-
-    def hold_the_tally_rows() -> None:
-        try:
-            now = timezone.now()
-            with transaction.atomic():  # every bucket's row, this minute's and the next's, until released
-                for minute in (now, now + timedelta(minutes=1)):
-                    tallies.tally_add(Counter({(acme.pk, name): 0 for name in buckets}), now=minute)
-                held.set()
-                release.wait(30)
-        finally:
-            connections.close_all()  # this thread's own connection
 
     def admit() -> int | None:
         with transaction.atomic():
@@ -209,19 +199,14 @@ def test_a_workers_keyed_admission_goes_on_while_its_lock_wait_tally_waits(acme:
         return admission.step_id if admission else None
 
     coordination.coordinate_on_threads(2)
-    holder = threading.Thread(target=hold_the_tally_rows, daemon=True)
     try:
-        holder.start()
-        assert held.wait(10)
-        admitting = threading.Thread(target=lambda: coordination.run(admit), daemon=True)
-        admitting.start()
-        went_on = admitted.wait(5)  # the old way waited for the rows until the holder let go
-        release.set()
+        with tally_rows_held_meanwhile(acme.pk, buckets):
+            admitting = threading.Thread(target=lambda: coordination.run(admit), daemon=True)
+            admitting.start()
+            went_on = admitted.wait(5)  # the old way waited for the rows until the holder let go
         admitting.join(10)
-        holder.join(10)
         assert tallies.tallies_written(10)
     finally:
-        release.set()
         coordination.coordinate_in_place()
     assert went_on, "the admitting call waited for the tally rows another transaction held"
     assert Step.objects.get(run=run).status == StepStatus.LEASED
