@@ -23,7 +23,7 @@ from runs.executor import step_execute
 from runs.invariants import check_invariants
 from runs.models import Run, RunStatus, Step
 from runs.services import run_start
-from tests.approvals.helpers import pump_until
+from tests.approvals.helpers import pump_until, sent_to_workers
 from tests.conftest import bearer_client, client_for
 from tests.dialects import RACING_THREADS
 
@@ -86,10 +86,15 @@ def run_cycle(tenant: Tenant, flow: str, prefix: str, size: int) -> list[Run]:
 
 
 def execute_all() -> list[threading.Thread]:
+    """Run the steps a round admits, each on a thread of its own, as workers would: taken off
+    the lanes' queues too, so a later ``pump`` cannot take one first and run it in the test's own
+    thread, where its wait for a lock would hold up the test itself."""
     threads = []
-    for admission in dispatch_round():
+    admitted = [(admission.step_id, admission.token) for admission in dispatch_round()]
+    queued = [task for task in sent_to_workers() if task not in admitted]
+    for step_id, token in admitted + queued:
 
-        def execute(step_id: int = admission.step_id, token: int = admission.token) -> None:
+        def execute(step_id: int = step_id, token: int = token) -> None:
             try:
                 step_execute(step_id=step_id, token=token)
             finally:
