@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -9,6 +10,8 @@ from celery import Celery
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutting_down
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "core.settings")
+
+logger = logging.getLogger(__name__)
 
 
 def make_app(*, set_as_current: bool = True) -> Celery:
@@ -72,13 +75,25 @@ def _announce_pool(sender: object = None, **kwargs: object) -> None:
     slots = int(getattr(consumer.controller, "concurrency", 1) or 1)
     if getattr(consumer.controller.pool_cls, "__module__", "") == "celery.concurrency.thread":
         # Many steps at once on threads: their database work goes to a few coordination threads,
-        # so the connections this process holds do not grow with its slots.
+        # so the connections this process holds do not grow with its slots; a pool of no more
+        # slots than threads does its own (core.coordination).
         from django.conf import settings
 
         from core.coordination import coordinate_on_threads, current
 
         if current() is None:  # the embedded default sets it up before its workers start
-            coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS)
+            threads = settings.RUNWARDEN_COORDINATION_THREADS
+            where = (
+                "on each slot's own connection"
+                if coordinate_on_threads(threads, slots=slots).in_place
+                else "on the coordination threads"
+            )
+            logger.info(
+                "threads pool of %d slots, %d coordination threads: steps' database work %s",
+                slots,
+                threads,
+                where,
+            )
     _announcers[consumer.hostname] = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
 
 

@@ -10,6 +10,15 @@ threads, each with one connection kept open: the connections a process holds are
 a tool holds none. Elsewhere (a prefork or solo worker: one step per process at a time; the web
 process) nothing is handed off: ``run`` calls the function right there. The embedded default
 sets this up for its whole process, its one-at-a-time worker included.
+
+A pool of no more slots than coordination threads (``Coordinator.in_place``) gains nothing
+from the hand-off: its slots' connections are no more than the threads' would be. Each slot
+thread then does its step's database work itself, on a connection of its own, as a prefork
+worker's process does, and skips the two thread switches a hand-off costs. Only what cannot
+run on the asking thread still goes to the coordination threads: an ``async def`` body's calls
+(Django refuses database work on a thread running an event loop) and work done in the
+background (``run_soon``). Such a process holds at most slots + coordination threads
+connections.
 """
 
 from __future__ import annotations
@@ -39,6 +48,14 @@ def _coordinating() -> bool:
     return bool(getattr(_here, "coordinating", False))
 
 
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _enter_thread() -> None:
     _here.coordinating = True
 
@@ -52,17 +69,20 @@ def _in_context(context: contextvars.Context, fn: Callable[..., T], *args: Any, 
 
 
 class Coordinator:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, *, in_place: bool = False) -> None:
         self.threads = threads
+        self.in_place = in_place  # a small pool: each slot thread does its own (module docstring)
         self._pool = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="coordination", initializer=_enter_thread
         )
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on a coordination thread, with the caller's log context;
-        waits for it. Called from a coordination thread, it runs right there: a hand-off from
-        one to another could leave every thread waiting on another."""
-        if _coordinating():
+        waits for it. Right where it is called instead from a coordination thread (a hand-off
+        from one to another could leave every thread waiting on another) and in a small pool
+        (``in_place``), unless the calling thread runs an event loop (Django refuses database
+        work there)."""
+        if _coordinating() or (self.in_place and not _in_event_loop()):
             return fn(*args, **kwargs)
         context = contextvars.copy_context()
         return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
@@ -115,11 +135,12 @@ def run_soon(fn: Callable[..., object], /, *args: Any) -> Future[object] | None:
     return None
 
 
-def coordinate_on_threads(threads: int) -> Coordinator:
+def coordinate_on_threads(threads: int, *, slots: int | None = None) -> Coordinator:
     """From now on this process hands its database work to ``threads`` coordination threads
-    (a worker on the threads pool calls it as it starts)."""
+    (a worker on the threads pool calls it as it starts, with its pool's ``slots``: where they
+    are no more than the threads, each slot does its own, ``Coordinator.in_place``)."""
     global _coordinator
-    _coordinator = Coordinator(threads)
+    _coordinator = Coordinator(threads, in_place=slots is not None and slots <= threads)
     return _coordinator
 
 
@@ -132,8 +153,16 @@ def coordinate_in_place() -> None:
 
 
 def current() -> Coordinator | None:
-    """This process's coordination threads, or None when it does its database work in place."""
+    """This process's coordination threads (where an async body's calls go), or None when it
+    has none."""
     return _coordinator
+
+
+def in_place() -> bool:
+    """Whether a step's database work runs on the thread that runs the step: in a process
+    without coordination threads, and in a small pool's slots (``Coordinator.in_place``). Then
+    that thread's connection is the step's, as on a prefork worker."""
+    return _coordinator is None or _coordinator.in_place
 
 
 def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

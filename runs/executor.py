@@ -162,7 +162,7 @@ def _begin(
         # timeout); none on a coordination thread, which the body's queries never use.
         backend_pid=(
             connection.connection.get_backend_pid()
-            if rawsql.on_postgresql() and coordination.current() is None
+            if rawsql.on_postgresql() and coordination.in_place()
             else None
         ),
     )
@@ -181,7 +181,7 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     start folded into that same transaction, or another ready step of its lanes). Returns
     what happened to the last step run (for logs and tests)."""
     with slot_taken(lanes):  # this pool's idle slots are what a finishing step may pull for
-        if coordination.current() is not None:  # the coordination threads prepare their own
+        if not coordination.in_place():  # the coordination threads prepare their own
             return _execute_chain(step_id, token, lanes)
         with rawsql.prepared_statements():  # a chain runs the same statements step after step
             return _execute_chain(step_id, token, lanes)

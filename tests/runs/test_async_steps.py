@@ -30,14 +30,18 @@ from tests.runs.cluster import wait_for
 pytestmark = pytest.mark.both_dialects
 
 
-@pytest.fixture(autouse=True, params=["in place", "on coordination threads"])
+@pytest.fixture(autouse=True, params=["in place", "on coordination threads", "a small pool's, in place"])
 def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Each test twice: as a prefork or solo worker runs steps (its database work in place, an
-    async body's on a thread of the step's own), and as a threads-pool worker does (handed to
-    the process's few coordination threads)."""
+    """Each test three times: as a prefork or solo worker runs steps (its database work in
+    place, an async body's on a thread of the step's own), as a threads-pool worker does
+    (handed to the process's few coordination threads), and as a pool of no more slots than
+    coordination threads does (in place on each slot's thread, an async body's on the
+    coordination threads)."""
     MAILER.sent.clear()  # the outside world starts afresh
     if request.param == "on coordination threads":
         coordination.coordinate_on_threads(2)
+    elif request.param == "a small pool's, in place":
+        coordination.coordinate_on_threads(2, slots=2)
     try:
         yield request.param
     finally:

@@ -99,6 +99,58 @@ def test_one_worker_process_runs_many_awaiting_steps_at_once_on_few_connections(
     assert check_invariants() == []
 
 
+SMALL_POOL_SLOTS = 3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.django_db(transaction=True)
+def test_a_pool_of_no_more_slots_than_coordination_threads_does_its_own_database_work(
+    acme: Tenant, roomy_cluster: Cluster, tmp_path: Path
+) -> None:
+    """Each slot of a small threads pool does its steps' database work on a connection of its
+    own (no hand-off to the coordination threads); an async body's calls still go to those.
+    Plain and async bodies side by side: every effect once, no more steps at once than slots,
+    no more connections than slots and threads."""
+    cluster = roomy_cluster
+    db = settings.DATABASES["default"]
+    cluster.worker(
+        "small",
+        ["draft"],
+        concurrency=SMALL_POOL_SLOTS,
+        pool="threads",
+        DATABASE_URL=(
+            f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}?application_name={APPLICATION_NAME}"
+        ),
+        RUNWARDEN_COORDINATION_THREADS=str(COORDINATION_THREADS),
+    )
+    cluster.dispatcher()
+    ids = [
+        run_start(tenant=acme, workflow=flow, input={"wait_seconds": 0.1}, actor="t").run.pk
+        for flow in ["test.waits_plainly", "test.awaits_a_model"] * 12
+    ]
+
+    def measure() -> dict[str, int]:
+        running = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING).count()
+        return {"running": running, "connections": worker_connections()}
+
+    with sampled_peaks(measure, every=0.02) as peaks:
+        wait_for(lambda: finished(ids), 90, cluster.logs)
+
+    assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
+        cluster.logs()
+    )
+    log = (tmp_path / "small.log").read_text()
+    assert "threads pool of 3 slots, 4 coordination threads: steps' database work on each slot's own" in log
+    assert 1 <= peaks["running"] <= SMALL_POOL_SLOTS, peaks
+    # The slots' own, the coordination threads' (async bodies, tallies), the heartbeat watcher's.
+    assert 1 <= peaks["connections"] <= SMALL_POOL_SLOTS + COORDINATION_THREADS + 1, peaks
+    outside = redis.Redis.from_url(settings.REDIS_URL)
+    assert [int(outside.get(f"test:notified:{run_id}") or 0) for run_id in ids] == [1] * len(ids)
+    committed = SideEffect.objects.filter(run_id__in=ids, status=EffectStatus.COMMITTED)
+    assert committed.count() == len(ids)
+    assert check_invariants() == []
+
+
 KILLED_IN_FLIGHT = 200
 
 

@@ -441,6 +441,27 @@ async def await_then_notify(ctx: AsyncStepContext) -> dict[str, Any]:
     return await ctx.effect("notify.send", lambda: notify(ctx.run_id), request={"run": ctx.run_id})
 
 
+def notify_plainly(run_id: str) -> dict[str, Any]:
+    """``notify`` for a plain body."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        return {"count": client.incr(f"test:notified:{run_id}")}
+    finally:
+        client.close()
+
+
+waits_plainly = workflow(
+    "test.waits_plainly", description="waits in a plain body, then notifies once", input=AwaitInput
+)
+
+
+@waits_plainly.step(lane="draft", lease_seconds=3)
+def wait_then_notify(ctx: StepContext) -> dict[str, Any]:
+    time.sleep(float(ctx.input["wait_seconds"]))  # a model call, made by a plain client
+    ctx.checkpoint({"answered": True})
+    return ctx.effect("notify.send", lambda: notify_plainly(ctx.run_id), request={"run": ctx.run_id})
+
+
 awaits_a_tool = workflow(
     "test.awaits_a_tool", description="the same, through the capped crm tool", input=AwaitInput
 )
