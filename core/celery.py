@@ -75,24 +75,19 @@ def _announce_pool(sender: object = None, **kwargs: object) -> None:
     slots = int(getattr(consumer.controller, "concurrency", 1) or 1)
     if getattr(consumer.controller.pool_cls, "__module__", "") == "celery.concurrency.thread":
         # Many steps at once on threads: their database work goes to a few coordination threads,
-        # so the connections this process holds do not grow with its slots; a pool of no more
-        # slots than threads does its own (core.coordination).
+        # so the connections this process holds do not grow with its slots; a pool of fewer
+        # slots than that does its own (core.coordination).
         from django.conf import settings
 
         from core.coordination import coordinate_on_threads, current
 
         if current() is None:  # the embedded default sets it up before its workers start
-            threads = settings.RUNWARDEN_COORDINATION_THREADS
-            where = (
-                "on each slot's own connection"
-                if coordinate_on_threads(threads, slots=slots).in_place
-                else "on the coordination threads"
-            )
+            coordinator = coordinate_on_threads(settings.RUNWARDEN_COORDINATION_THREADS, slots=slots)
             logger.info(
-                "threads pool of %d slots, %d coordination threads: steps' database work %s",
+                "threads pool of %d slots: steps' database work %s, %d coordination thread(s)",
                 slots,
-                threads,
-                where,
+                "on each slot's own connection" if coordinator.slots_do_their_own else "handed off",
+                coordinator.threads,
             )
     _announcers[consumer.hostname] = Announcer(name=consumer.hostname, queues=queues, slots=slots).start()
 

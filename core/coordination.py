@@ -11,14 +11,13 @@ a tool holds none. Elsewhere (a prefork or solo worker: one step per process at 
 process) nothing is handed off: ``run`` calls the function right there. The embedded default
 sets this up for its whole process, its one-at-a-time worker included.
 
-A pool of no more slots than coordination threads (``Coordinator.in_place``) gains nothing
-from the hand-off: its slots' connections are no more than the threads' would be. Each slot
-thread then does its step's database work itself, on a connection of its own, as a prefork
-worker's process does, and skips the two thread switches a hand-off costs. Only what cannot
-run on the asking thread still goes to the coordination threads: an ``async def`` body's calls
-(Django refuses database work on a thread running an event loop) and work done in the
-background (``run_soon``). Such a process holds at most slots + coordination threads
-connections.
+A pool of fewer slots than ``RUNWARDEN_COORDINATION_THREADS`` gains nothing from the hand-off
+(``Coordinator.slots_do_their_own``): each slot thread does its step's database work itself,
+on a connection of its own, as a prefork worker's process does, and skips the two thread
+switches a hand-off costs. Only what cannot run on the asking thread still goes to coordination
+threads, as many as the slots leave of that number, so the bound holds: an ``async def``
+body's calls (Django refuses database work on a thread running an event loop) and work done in
+the background (``run_soon``).
 """
 
 from __future__ import annotations
@@ -56,6 +55,16 @@ def _in_event_loop() -> bool:
     return True
 
 
+def _done_right_here(coordinator: Coordinator | None) -> bool:
+    """Whether database work asked for on this thread is done right here, not handed off: with
+    no coordination threads; on one of them (a hand-off from one to another could leave every
+    thread waiting on another); on a small pool's slot (``slots_do_their_own``), unless the
+    thread runs an event loop."""
+    if coordinator is None or _coordinating():
+        return True
+    return coordinator.slots_do_their_own and not _in_event_loop()
+
+
 def _enter_thread() -> None:
     _here.coordinating = True
 
@@ -69,20 +78,17 @@ def _in_context(context: contextvars.Context, fn: Callable[..., T], *args: Any, 
 
 
 class Coordinator:
-    def __init__(self, threads: int, *, in_place: bool = False) -> None:
+    def __init__(self, threads: int, *, slots_do_their_own: bool = False) -> None:
         self.threads = threads
-        self.in_place = in_place  # a small pool: each slot thread does its own (module docstring)
+        self.slots_do_their_own = slots_do_their_own  # a small pool's (module docstring)
         self._pool = ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="coordination", initializer=_enter_thread
         )
 
     def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on a coordination thread, with the caller's log context;
-        waits for it. Right where it is called instead from a coordination thread (a hand-off
-        from one to another could leave every thread waiting on another) and in a small pool
-        (``in_place``), unless the calling thread runs an event loop (Django refuses database
-        work there)."""
-        if _coordinating() or (self.in_place and not _in_event_loop()):
+        waits for it. Right here where this thread does its own (``_done_right_here``)."""
+        if _done_right_here(self):
             return fn(*args, **kwargs)
         context = contextvars.copy_context()
         return self._pool.submit(_in_context, context, fn, *args, **kwargs).result()
@@ -136,11 +142,15 @@ def run_soon(fn: Callable[..., object], /, *args: Any) -> Future[object] | None:
 
 
 def coordinate_on_threads(threads: int, *, slots: int | None = None) -> Coordinator:
-    """From now on this process hands its database work to ``threads`` coordination threads
-    (a worker on the threads pool calls it as it starts, with its pool's ``slots``: where they
-    are no more than the threads, each slot does its own, ``Coordinator.in_place``)."""
+    """From now on this process does its database work on at most ``threads`` connections: on
+    that many coordination threads (a worker on the threads pool calls it as it starts, with
+    its pool's ``slots``), or, for fewer slots, on each slot's own and on the threads left over
+    (``Coordinator.slots_do_their_own``)."""
     global _coordinator
-    _coordinator = Coordinator(threads, in_place=slots is not None and slots <= threads)
+    if slots is not None and slots < threads:
+        _coordinator = Coordinator(threads - slots, slots_do_their_own=True)
+    else:
+        _coordinator = Coordinator(threads)
     return _coordinator
 
 
@@ -158,11 +168,11 @@ def current() -> Coordinator | None:
     return _coordinator
 
 
-def in_place() -> bool:
-    """Whether a step's database work runs on the thread that runs the step: in a process
-    without coordination threads, and in a small pool's slots (``Coordinator.in_place``). Then
-    that thread's connection is the step's, as on a prefork worker."""
-    return _coordinator is None or _coordinator.in_place
+def steps_do_their_own() -> bool:
+    """Whether a step's start and end, and its plain body's calls, run on the step's own thread
+    and connection, as on a prefork worker: without coordination threads, and in a small pool
+    (``Coordinator.slots_do_their_own``; an async body's calls go to its threads even there)."""
+    return _coordinator is None or _coordinator.slots_do_their_own
 
 
 def run(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

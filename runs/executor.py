@@ -158,11 +158,12 @@ def _begin(
         started_from=seen,
         deadlock_policy=definition.deadlock_policy,
         deadline_seconds=spec.timeout_seconds,
-        # The connection a plain body's own queries share (for cancelling one past the
-        # timeout); none on a coordination thread, which the body's queries never use.
+        # The connection a plain body's own queries share, for cancelling one past the timeout:
+        # only where the body can be stopped by a signal (the main thread of a prefork or solo
+        # worker, ``_interruptible``), where this start and the body share the thread.
         backend_pid=(
             connection.connection.get_backend_pid()
-            if rawsql.on_postgresql() and coordination.in_place()
+            if rawsql.on_postgresql() and threading.current_thread() is threading.main_thread()
             else None
         ),
     )
@@ -181,7 +182,7 @@ def step_execute(*, step_id: int, token: int, lanes: frozenset[str] = frozenset(
     start folded into that same transaction, or another ready step of its lanes). Returns
     what happened to the last step run (for logs and tests)."""
     with slot_taken(lanes):  # this pool's idle slots are what a finishing step may pull for
-        if not coordination.in_place():  # the coordination threads prepare their own
+        if not coordination.steps_do_their_own():  # the coordination threads prepare their own
             return _execute_chain(step_id, token, lanes)
         with rawsql.prepared_statements():  # a chain runs the same statements step after step
             return _execute_chain(step_id, token, lanes)

@@ -25,7 +25,7 @@ def execute_step_task(self: Task, *, step_id: int, token: int) -> str:
         # Where caps and lanes allow, the worker goes straight on with the run's next step.
         return executor.step_execute(step_id=step_id, token=token, lanes=local_queues(_lane(self)))
     finally:
-        if not coordination.in_place():
+        if not coordination.steps_do_their_own():
             # Many steps on threads: a body's own queries (the demo's sandbox) keep no
             # connection open between steps; Runwarden's own went to the coordination threads.
             connections.close_all()

@@ -1,6 +1,7 @@
 """Where a process does its database work (core.coordination): handed to a few coordination
-threads by a large threads pool, done by each slot itself in a pool of no more slots than
-threads — but never on a thread running an event loop, where Django refuses it."""
+threads by a large threads pool, done by each slot itself in a pool of fewer slots than
+``RUNWARDEN_COORDINATION_THREADS`` — but never on a thread running an event loop, where Django
+refuses it — on no more connections in all than that number."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture(autouse=True)
-def in_place_after() -> Iterator[None]:
+def none_after() -> Iterator[None]:
     yield
     coordination.coordinate_in_place()
 
@@ -26,15 +27,19 @@ def thread_of() -> int:
     return threading.get_ident()
 
 
-def test_a_large_pool_hands_its_database_work_to_the_coordination_threads() -> None:
-    coordinator = coordination.coordinate_on_threads(2, slots=3)
-    assert not coordinator.in_place and not coordination.in_place()
+@pytest.mark.parametrize("slots", [8, 9, 100])
+def test_a_pool_of_as_many_slots_or_more_hands_its_database_work_to_the_threads(slots: int) -> None:
+    coordinator = coordination.coordinate_on_threads(8, slots=slots)
+    assert (coordinator.threads, coordinator.slots_do_their_own) == (8, False)
+    assert not coordination.steps_do_their_own()
     assert coordination.run(thread_of) != threading.get_ident()
 
 
 def test_a_small_pools_slots_do_their_own_and_an_event_loops_still_goes_to_the_threads() -> None:
-    coordinator = coordination.coordinate_on_threads(2, slots=2)
-    assert coordinator.in_place and coordination.in_place()
+    coordinator = coordination.coordinate_on_threads(8, slots=6)
+    # The slots' connections and the threads' together: no more than 8.
+    assert (coordinator.threads, coordinator.slots_do_their_own) == (2, True)
+    assert coordination.steps_do_their_own()
     assert coordination.run(thread_of) == threading.get_ident()
 
     async def from_a_loop() -> tuple[int, int, int]:
@@ -49,5 +54,5 @@ def test_a_small_pools_slots_do_their_own_and_an_event_loops_still_goes_to_the_t
 
 
 def test_without_coordination_threads_everything_is_done_in_place() -> None:
-    assert coordination.current() is None and coordination.in_place()
+    assert coordination.current() is None and coordination.steps_do_their_own()
     assert coordination.run(thread_of) == threading.get_ident()

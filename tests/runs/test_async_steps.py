@@ -41,7 +41,7 @@ def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
     if request.param == "on coordination threads":
         coordination.coordinate_on_threads(2)
     elif request.param == "a small pool's, in place":
-        coordination.coordinate_on_threads(2, slots=2)
+        coordination.coordinate_on_threads(3, slots=2)  # one thread left for async bodies
     try:
         yield request.param
     finally:

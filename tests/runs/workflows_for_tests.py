@@ -11,6 +11,7 @@ import time
 from typing import Annotated, Any
 
 import redis.asyncio
+from django import db
 from django.conf import settings
 from pydantic import Field
 
@@ -457,9 +458,13 @@ waits_plainly = workflow(
 
 @waits_plainly.step(lane="draft", lease_seconds=3)
 def wait_then_notify(ctx: StepContext) -> dict[str, Any]:
+    # Whether this thread holds a connection already: the step's start opened it where the
+    # slot does its own database work (a prefork worker's process, a small threads pool).
+    connected = db.connection.connection is not None
     time.sleep(float(ctx.input["wait_seconds"]))  # a model call, made by a plain client
     ctx.checkpoint({"answered": True})
-    return ctx.effect("notify.send", lambda: notify_plainly(ctx.run_id), request={"run": ctx.run_id})
+    sent = ctx.effect("notify.send", lambda: notify_plainly(ctx.run_id), request={"run": ctx.run_id})
+    return {**sent, "started_on_this_thread": connected}
 
 
 awaits_a_tool = workflow(
