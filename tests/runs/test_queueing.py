@@ -1,6 +1,7 @@
 """Handing admitted steps to their lanes' queues (``runs.queueing``): each arrives once, as the
-task a worker runs, without declaring anything; a send the broker refuses loses only its own
-step (the dispatcher's sweep sends it again) and never fails the transaction that admitted it."""
+task a worker runs, without declaring anything, those sent together in one write to Redis; a
+send the broker refuses loses only its own step (the dispatcher's sweep sends it again) and
+never fails the transaction that admitted it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from functools import partial
 import pytest
 from django.conf import settings
 from django.db import transaction
+from redis.connection import AbstractConnection
 
 from core.celery import make_app
 from core.models import Tenant
@@ -90,3 +92,25 @@ def test_a_send_the_broker_refuses_loses_only_its_own_step_and_never_fails_the_c
             )
         )
     assert sorted(sent_to_workers()) == [(2, 12), (4, 14)]
+
+
+@postgresql_only("the broker is Redis there (the embedded default's is in memory)")
+def test_a_rounds_sends_go_to_the_broker_in_one_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many admissions at once (a round, a worker's idle slots) cost one write to Redis, not
+    one each; every one still arrives on its lane's queue."""
+    sent_to_workers()
+    queueing.enqueue_steps([(1, 11, "read")])  # the producer's connection made, as in a running process
+    assert sent_to_workers() == [(1, 11)]
+    writes: list[object] = []
+    send = AbstractConnection.send_packed_command
+
+    def counted(connection: AbstractConnection, command: object, check_health: bool = True) -> None:
+        writes.append(command)
+        send(connection, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+    admitted = [(n, 100 + n, lane) for n, lane in enumerate(["read", "draft"] * 4, start=2)]
+    queueing.enqueue_steps(admitted)
+    monkeypatch.undo()
+    assert len(writes) == 1
+    assert sorted(sent_to_workers()) == sorted((step_id, token) for step_id, token, _ in admitted)
