@@ -30,7 +30,7 @@ from tests.runs.cluster import wait_for
 pytestmark = pytest.mark.both_dialects
 
 
-@pytest.fixture(autouse=True, params=["in place", "on coordination threads", "a small pool's, in place"])
+@pytest.fixture(autouse=True, params=["in place", "on coordination threads", "on each slot of a small pool"])
 def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
     """Each test three times: as a prefork or solo worker runs steps (its database work in
     place, an async body's on a thread of the step's own), as a threads-pool worker does
@@ -40,7 +40,7 @@ def database_work(request: pytest.FixtureRequest) -> Iterator[str]:
     MAILER.sent.clear()  # the outside world starts afresh
     if request.param == "on coordination threads":
         coordination.coordinate_on_threads(2)
-    elif request.param == "a small pool's, in place":
+    elif request.param == "on each slot of a small pool":
         coordination.coordinate_on_threads(3, slots=2)  # one thread left for async bodies
     try:
         yield request.param
