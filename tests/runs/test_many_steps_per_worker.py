@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,27 @@ def worker_connections() -> int:
         return int(cursor.fetchone()[0])
 
 
+def threads_pool_worker(cluster: Cluster, name: str, slots: int) -> None:
+    """A worker of the draft lane on the threads pool, its connections named for counting."""
+    db = settings.DATABASES["default"]
+    cluster.worker(
+        name,
+        ["draft"],
+        concurrency=slots,
+        pool="threads",
+        DATABASE_URL=(
+            f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}?application_name={APPLICATION_NAME}"
+        ),
+        RUNWARDEN_COORDINATION_THREADS=str(COORDINATION_THREADS),
+    )
+
+
+def running_and_connections(ids: list[str]) -> dict[str, int]:
+    """Of these runs, how many have a step running; the worker's connections."""
+    running = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING).count()
+    return {"running": running, "connections": worker_connections()}
+
+
 @pytest.fixture
 def roomy_cluster(acme: Tenant, tmp_path: Path) -> Iterator[Cluster]:
     """Worker and dispatcher processes under caps and a quota that never hold these back."""
@@ -59,27 +81,13 @@ def test_one_worker_process_runs_many_awaiting_steps_at_once_on_few_connections(
     acme: Tenant, roomy_cluster: Cluster
 ) -> None:
     cluster = roomy_cluster
-    db = settings.DATABASES["default"]
-    cluster.worker(
-        "many",
-        ["draft"],
-        concurrency=SLOTS,
-        pool="threads",
-        DATABASE_URL=(
-            f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}?application_name={APPLICATION_NAME}"
-        ),
-        RUNWARDEN_COORDINATION_THREADS=str(COORDINATION_THREADS),
-    )
+    threads_pool_worker(cluster, "many", SLOTS)
     cluster.dispatcher()
     start = {"tenant": acme, "workflow": "test.awaits_a_model", "input": {"wait_seconds": 1.0}}
     ids = [run_start(**start, actor="t").run.pk for _ in range(RUNS)]
     began = time.monotonic()
 
-    def measure() -> dict[str, int]:
-        running = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING).count()
-        return {"running": running, "connections": worker_connections()}
-
-    with sampled_peaks(measure, every=0.05) as peaks:
+    with sampled_peaks(partial(running_and_connections, ids), every=0.05) as peaks:
         wait_for(lambda: finished(ids), 180, cluster.logs)
     took = time.monotonic() - began
 
@@ -112,28 +120,14 @@ def test_a_pool_of_fewer_slots_than_coordination_threads_does_its_own_database_w
     slots leave over. Plain and async bodies side by side: every effect once, no more steps at
     once than slots, no more connections than ``RUNWARDEN_COORDINATION_THREADS``."""
     cluster = roomy_cluster
-    db = settings.DATABASES["default"]
-    cluster.worker(
-        "small",
-        ["draft"],
-        concurrency=SMALL_POOL_SLOTS,
-        pool="threads",
-        DATABASE_URL=(
-            f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}?application_name={APPLICATION_NAME}"
-        ),
-        RUNWARDEN_COORDINATION_THREADS=str(COORDINATION_THREADS),
-    )
+    threads_pool_worker(cluster, "small", SMALL_POOL_SLOTS)
     cluster.dispatcher()
     ids = [
         run_start(tenant=acme, workflow=flow, input={"wait_seconds": 0.1}, actor="t").run.pk
         for flow in ["test.waits_plainly", "test.awaits_a_model"] * 12
     ]
 
-    def measure() -> dict[str, int]:
-        running = Run.objects.filter(pk__in=ids, steps__status=StepStatus.RUNNING).count()
-        return {"running": running, "connections": worker_connections()}
-
-    with sampled_peaks(measure, every=0.02) as peaks:
+    with sampled_peaks(partial(running_and_connections, ids), every=0.02) as peaks:
         wait_for(lambda: finished(ids), 90, cluster.logs)
 
     assert set(Run.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"succeeded"}, (
