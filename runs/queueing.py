@@ -42,7 +42,8 @@ def _one_round_trip(producer: Producer) -> AbstractContextManager[object]:
     """The sends made within go to the broker together as the block ends, in one round trip
     (kombu's publish batch: one Redis pipeline), not one each: a round's many sends cost the
     dispatcher about a millisecond apiece under load. Where kombu has no batches, one each.
-    A batch that fails is discarded whole: the sweep re-sends its steps, as for any failure."""
+    A write that fails may have delivered some of them: the sweep re-sends what was not, and a
+    step delivered twice runs once (its token)."""
     batch = getattr(producer, "batch", None)
     return batch() if batch is not None else nullcontext()
 
