@@ -5,6 +5,7 @@ never fails the transaction that admitted it."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from functools import partial
 
@@ -12,6 +13,7 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 from redis.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.celery import make_app
 from core.models import Tenant
@@ -94,23 +96,62 @@ def test_a_send_the_broker_refuses_loses_only_its_own_step_and_never_fails_the_c
     assert sorted(sent_to_workers()) == [(2, 12), (4, 14)]
 
 
-@postgresql_only("the broker is Redis there (the embedded default's is in memory)")
-def test_a_rounds_sends_go_to_the_broker_in_one_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many admissions at once (a round, a worker's idle slots) cost one write to Redis, not
-    one each; every one still arrives on its lane's queue."""
+def lpushes(command: object) -> int:
+    """How many LPUSH commands a packed write to Redis carries."""
+    chunks = command if isinstance(command, list | tuple) else [command]
+    return sum(bytes(chunk).count(b"\r\nLPUSH\r\n") for chunk in chunks)
+
+
+@pytest.fixture
+def writes_to_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The LPUSHes of each write to Redis this test's thread makes (another thread's, such as a
+    wake-up's, are not counted); one made before, so that the producer's connection is open."""
     sent_to_workers()
-    queueing.enqueue_steps([(1, 11, "read")])  # the producer's connection made, as in a running process
+    queueing.enqueue_steps([(1, 11, "read")])
     assert sent_to_workers() == [(1, 11)]
-    writes: list[object] = []
+    writes: list[int] = []
     send = AbstractConnection.send_packed_command
+    mine = threading.get_ident()
 
     def counted(connection: AbstractConnection, command: object, check_health: bool = True) -> None:
-        writes.append(command)
+        if threading.get_ident() == mine:
+            writes.append(lpushes(command))
         send(connection, command, check_health)
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
-    admitted = [(n, 100 + n, lane) for n, lane in enumerate(["read", "draft"] * 4, start=2)]
-    queueing.enqueue_steps(admitted)
-    monkeypatch.undo()
-    assert len(writes) == 1
-    assert sorted(sent_to_workers()) == sorted((step_id, token) for step_id, token, _ in admitted)
+    yield writes
+
+
+ADMITTED = [(n, 100 + n, lane) for n, lane in enumerate(["read", "draft"] * 4, start=2)]
+
+
+@postgresql_only("the broker is Redis there (the embedded default's is in memory)")
+def test_a_rounds_sends_go_to_the_broker_in_one_write(writes_to_redis: list[int]) -> None:
+    """Many admissions at once (a round, a worker's idle slots) cost one write to Redis, not a
+    round trip each; every one still arrives on its lane's queue."""
+    queueing.enqueue_steps(ADMITTED)
+    assert writes_to_redis == [len(ADMITTED)]
+    assert sorted(sent_to_workers()) == sorted((step_id, token) for step_id, token, _ in ADMITTED)
+
+
+@postgresql_only("the broker is Redis there (the embedded default's is in memory)")
+def test_where_the_write_of_them_all_fails_each_is_sent_again_alone(
+    writes_to_redis: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection Redis dropped fails the one write of them all (a pipeline is not retried):
+    each step is then sent alone, under kombu's reconnect-and-retry, and every one arrives."""
+    counting = AbstractConnection.send_packed_command
+
+    def dropped_once(connection: AbstractConnection, command: object, check_health: bool = True) -> None:
+        if lpushes(command) > 1 and len(writes_to_redis) == 0:
+            writes_to_redis.append(-1)  # the batch's write, lost as on a dropped connection
+            connection.disconnect()
+            raise RedisConnectionError("connection dropped (the test's)")
+        counting(connection, command, check_health)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", dropped_once)
+    queueing.enqueue_steps(ADMITTED)
+    # After the lost write: a new connection's handshake, then one LPUSH a write.
+    assert writes_to_redis[0] == -1
+    assert [lpush for lpush in writes_to_redis[1:] if lpush] == [1] * len(ADMITTED)
+    assert sorted(sent_to_workers()) == sorted((step_id, token) for step_id, token, _ in ADMITTED)
