@@ -16,7 +16,6 @@ from django.test.utils import CaptureQueriesContext
 from approvals.models import ApprovalRequest
 from core import after_response, rawsql, wakeups, workers
 from core.models import Lease, Tenant, TenantQuota, User
-from core.redis_client import get_redis
 from core.workers import POOLS_KEY
 from runs import dispatch
 from runs.executor import step_execute
@@ -26,7 +25,7 @@ from runs.services import run_cancel, run_start
 from tests.approvals.helpers import sent_to_workers, waiting_followup
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client
-from tests.wakes import woken
+from tests.wakes import wake_marks_cleared, woken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -36,15 +35,11 @@ TRIALS = 25
 @pytest.fixture(autouse=True)
 def quiet_broker() -> Iterator[None]:
     """No worker pools announced (caps alone decide), no wake-up pending, no task queued."""
-    client = get_redis()
-    assert client is not None, "these tests need REDIS_URL"
-    wakeups.wake_ups_delivered()  # an earlier test's last start's, on its way
-    client.delete(POOLS_KEY, wakeups.WAKE_KEY)
+    wake_marks_cleared(POOLS_KEY, wakeups.WAKE_KEY)
     workers._last_read = None  # nor this process's second-old view of them
     sent_to_workers()
     yield
-    wakeups.wake_ups_delivered()
-    client.delete(wakeups.WAKE_KEY)
+    wake_marks_cleared(wakeups.WAKE_KEY)
 
 
 def approve(user: User, request: ApprovalRequest) -> None:

@@ -11,20 +11,16 @@ from django.test import override_settings
 from core import redis_client, wakeups
 from core.redis_client import get_redis
 from tests.runs.cluster import wait_for
-from tests.wakes import woken
+from tests.wakes import wake_marks_cleared, woken
 
 
 @pytest.fixture
 def redis_marks() -> Iterator[None]:
-    client = get_redis()
-    assert client is not None, "these tests need REDIS_URL"
     keys = [wakeups.WAKE_KEY, wakeups.SATURATED_KEY, wakeups.WAITING_KEY, wakeups.LEFT_WAITING_KEY]
-    wakeups.wake_ups_delivered()  # an earlier test's, sent unanswered, on its way
-    client.delete(*keys)
+    wake_marks_cleared(*keys)
     yield
     wakeups.mark_waiting(False, saturated=set())
-    wakeups.wake_ups_delivered()
-    client.delete(*keys)
+    wake_marks_cleared(*keys)
 
 
 def test_a_ready_step_wakes_the_dispatcher_unless_its_lanes_workers_are_all_busy(redis_marks: None) -> None:

@@ -36,6 +36,7 @@ from tests.approvals.helpers import pump, pump_until
 from tests.concurrency import run_concurrently
 from tests.conftest import bearer_client, make_member
 from tests.dialects import RACING_THREADS, postgresql_only
+from tests.wakes import wake_marks_cleared
 
 pytestmark = pytest.mark.both_dialects
 
@@ -559,8 +560,7 @@ def test_a_call_giving_back_its_slot_wakes_the_dispatcher_while_steps_wait_for_r
         call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key=f"none-{key}", release=[slot])
 
     try:
-        wakeups.wake_ups_delivered()
-        client.delete(wakeups.WAKE_KEY)  # the start's own
+        wake_marks_cleared(wakeups.WAKE_KEY)  # the start's own
         wakeups.mark_waiting(True)
         finish_a_call("a")
         assert client.delete(wakeups.WAKE_KEY)

@@ -17,7 +17,7 @@ from core.redis_client import get_redis
 from runs.dispatch import _due_ready_step_in, worker_idle
 from runs.models import Step, StepStatus
 from runs.services import run_start
-from tests.wakes import woken
+from tests.wakes import wake_marks_cleared, woken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -26,13 +26,9 @@ READ = frozenset({"read"})
 
 @pytest.fixture
 def redis_marks() -> Iterator[None]:
-    client = get_redis()
-    assert client is not None, "these tests need REDIS_URL"
-    wakeups.wake_ups_delivered()  # an earlier test's last start's, on its way
-    client.delete(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
+    wake_marks_cleared(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
     yield
-    wakeups.wake_ups_delivered()
-    client.delete(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
+    wake_marks_cleared(wakeups.WAKE_KEY, wakeups.SATURATED_KEY)
 
 
 def read_step(tenant: Tenant) -> Step:
