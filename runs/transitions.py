@@ -620,28 +620,60 @@ def step_resume(
     and a timeout) move it exactly once. Call in the deciding transaction."""
     now = timezone.now()
     at = rawsql.adapt_datetime(now)
-    with connection.cursor() as cursor:  # hand-written: every approval resumes a step here
-        rawsql.execute_prepared(
-            cursor,
-            f"UPDATE runs_step SET status = '{StepStatus.READY.value}', available_at = %s, error = '',"
-            f" updated_at = %s WHERE id = %s AND status IN ({rawsql.sql_strings(*from_statuses)})",
-            [at, at, step.pk],
+    payload = {"step": step.key}
+    if rawsql.on_postgresql():
+        # The step, its run and its event in one statement: every approval resumes a step here.
+        event, event_params, built = core_services.event_insert_select_sql(
+            tenant=step.tenant_id,
+            subject=f"run:{step.run_id}",
+            verb_sql=f"{rawsql.sql_strings('step_resumed')}",
+            actor=actor,
+            payload=payload,
         )
-        if cursor.rowcount != 1:
+        with connection.cursor() as cursor:
+            rawsql.execute_prepared(
+                cursor,
+                _RESUME_SQL.format(from_statuses=rawsql.sql_strings(*from_statuses), event=event),
+                [at, at, step.pk, *event_params, at, step.run_id],
+            )
+            moved, event_id = cursor.fetchone()
+        if not moved:
             return False
+        written = built(event_id, "step_resumed")
+        transaction.on_commit(lambda: core_services.event_committed(written))
+    else:  # SQLite runs one statement per call
+        moved = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
+            status=StepStatus.READY, available_at=now, error="", updated_at=now
+        )
+        if moved != 1:
+            return False
+        Run.objects.filter(pk=step.run_id, status__in=_RESUMED_RUN_FROM).update(
+            status=RunStatus.RUNNING, updated_at=now
+        )
+        _event(step, "step_resumed", actor)
     if step.compensates:
         Run.objects.filter(pk=step.run_id, compensation="failed").update(
             compensation="running", updated_at=now
         )
-    # The run moves with its event, in one round trip.
-    run_running = (
-        f"UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', updated_at = %s WHERE id = %s"
-        f" AND status IN ({rawsql.sql_strings(RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT)}); ",
-        [at, step.run_id],
-    )
-    _event(step, "step_resumed", actor, prelude_sql=run_running)
     admit_on_commit(step.pk)  # straight to a worker where it fits, else a round
     return True
+
+
+# The run statuses a resumed step takes its run back from to running.
+_RESUMED_RUN_FROM = (RunStatus.WAITING_APPROVAL, RunStatus.CONFLICT)
+
+# ``step_resume`` on PostgreSQL: the step back to ready, its event, then its run (the row
+# locks in the order every writer takes them: the step's, the run's last; ``running`` is read
+# by nothing, so PostgreSQL runs it after the rest).
+_RESUME_SQL = (
+    f"WITH moved AS (UPDATE runs_step SET status = '{StepStatus.READY.value}', available_at = %s,"
+    " error = '', updated_at = %s WHERE id = %s AND status IN ({from_statuses}) RETURNING id),"
+    " event AS ({event} WHERE EXISTS (SELECT 1 FROM moved) RETURNING id),"
+    f" running AS (UPDATE runs_run SET status = '{RunStatus.RUNNING.value}', updated_at = %s"
+    f" WHERE id = %s AND status IN ({rawsql.sql_strings(*_RESUMED_RUN_FROM)})"
+    " AND EXISTS (SELECT 1 FROM moved))"
+    " SELECT (SELECT count(*) FROM moved), (SELECT id FROM event)"
+)
 
 
 def started_from(run: Run, outputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -90,9 +90,10 @@ def approval_decide(
         if seen.version != expected_version or seen.status != ApprovalStatus.PENDING:
             return None
         decided = _decided(seen, user, decision, comment, now)
-        if not _decision_written(decided, expected_version):
+        written, voted = _decision_written(decided, expected_version, user, decision, comment, now)
+        if not written:
             return None
-        if decision == "approve" and not _vote_recorded(request, user, now):
+        if not voted:
             # Raised out of the transaction, which then undoes the compare-and-set too.
             raise DecisionForbidden("you already approved this request; it needs another approver")
         decided.step.status = statuses.get(decided.step_id, decided.step.status)  # under the lock
@@ -115,19 +116,84 @@ def approval_decide(
 DECISION_FIELDS = ("status", "approvals", "version", "decided_by", "decided_at", "comment", "updated_at")
 
 
-def _decision_written(decided: ApprovalRequest, expected_version: int) -> bool:
+def _decision_written(
+    decided: ApprovalRequest, expected_version: int, user: User, decision: str, comment: str, now: Any
+) -> tuple[bool, bool]:
     """Write the decision's fields (``DECISION_FIELDS``) on the request, as a compare-and-set:
-    only while it is still pending at ``expected_version``. Hand-written (prepared where the
-    thread prepares): every decision writes it."""
+    only while it is still pending at ``expected_version``; an approval's vote; and the
+    decision's event. Whether the decision was written, and whether the vote was (True but for
+    an approver who had voted already: the unique constraint decides, without a savepoint).
+    On PostgreSQL one statement (prepared where the thread prepares): every decision writes it."""
     fields = [field for field in ApprovalRequest._meta.concrete_fields if field.name in DECISION_FIELDS]
     values = [field.get_db_prep_save(getattr(decided, field.attname), connection) for field in fields]
-    sql = (
+    update = (
         f"UPDATE {ApprovalRequest._meta.db_table} SET {', '.join(f'{f.column} = %s' for f in fields)}"
         f" WHERE id = %s AND version = %s AND status = '{ApprovalStatus.PENDING.value}'"
     )
+    update_params = [*values, decided.pk, expected_version]
+    verb, payload = _decision_event(decided, comment)
+    if not rawsql.on_postgresql():  # SQLite runs one statement per call
+        with connection.cursor() as cursor:
+            cursor.execute(update, update_params)
+            if cursor.rowcount != 1:
+                return False, False
+        voted = decision != "approve" or _vote_recorded(decided, user, now)
+        if voted:
+            core_services.event_record(
+                tenant=decided.tenant_id,
+                subject=f"run:{decided.run_id}",
+                verb=verb,
+                actor=user.get_username(),
+                payload=payload,
+            )
+        return True, voted
+    event, event_params, built = core_services.event_insert_select_sql(
+        tenant=decided.tenant_id,
+        subject=f"run:{decided.run_id}",
+        verb_sql=rawsql.sql_strings(verb),
+        actor=user.get_username(),
+        payload=payload,
+    )
     with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, [*values, decided.pk, expected_version])
-        return bool(cursor.rowcount == 1)
+        rawsql.execute_prepared(
+            cursor,
+            _DECISION_SQL.format(update=update, event=event),
+            [*update_params, user.pk, rawsql.adapt_datetime(now), decision == "approve", *event_params],
+        )
+        written, votes, event_id = cursor.fetchone()
+    if not written:
+        return False, False
+    if decision == "approve" and not votes:
+        return True, False
+    recorded = built(event_id, verb)
+    transaction.on_commit(lambda: core_services.event_committed(recorded))
+    return True, True
+
+
+# ``_decision_written`` on PostgreSQL: the compare-and-set, then, only where it won, an
+# approval's vote (nothing where the approver voted already) and the decision's event.
+_DECISION_SQL = (
+    "WITH decided AS ({update} RETURNING id),"
+    f" vote AS (INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at)"
+    " SELECT id, %s, %s FROM decided WHERE CAST(%s AS boolean)"
+    " ON CONFLICT (request_id, user_id) DO NOTHING RETURNING id),"
+    " event AS ({event} WHERE EXISTS (SELECT 1 FROM decided) RETURNING id)"
+    " SELECT (SELECT count(*) FROM decided), (SELECT count(*) FROM vote), (SELECT id FROM event)"
+)
+
+
+def _decision_event(request: ApprovalRequest, comment: str) -> tuple[str, dict[str, Any]]:
+    """The verb and payload of the event a decision leaves on its run."""
+    verb = f"approval_{request.status}" if request.status != ApprovalStatus.PENDING else "approval_vote"
+    payload = {
+        "approval_id": request.pk,
+        "version": request.version,
+        "artifact_version": request.artifact_version.number,
+        "approvals": request.approvals,
+        "required": request.required,
+        "comment": comment,
+    }
+    return verb, payload
 
 
 def _reread(request: ApprovalRequest) -> ApprovalRequest:
@@ -161,8 +227,9 @@ def _decided(seen: ApprovalRequest, user: User, decision: str, comment: str, now
 
 
 def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
-    """Record the user's vote on the request; False if they had voted already (the unique
-    constraint decides, without a savepoint: the statement does nothing rather than fail)."""
+    """Record the user's vote on the request (SQLite: on PostgreSQL ``_DECISION_SQL`` does);
+    False if they had voted already (the unique constraint decides, without a savepoint: the
+    statement does nothing rather than fail)."""
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at) VALUES (%s, %s, %s)"
@@ -175,20 +242,6 @@ def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
 def _after_decision(request: ApprovalRequest, actor: str, decision: str, comment: str) -> None:
     step = request.step
     approval_traced(request, decision if request.status != ApprovalStatus.PENDING else "vote", actor)
-    core_services.event_record(
-        tenant=request.tenant_id,
-        subject=f"run:{request.run_id}",
-        verb=f"approval_{request.status}" if request.status != ApprovalStatus.PENDING else "approval_vote",
-        actor=actor,
-        payload={
-            "approval_id": request.pk,
-            "version": request.version,
-            "artifact_version": request.artifact_version.number,
-            "approvals": request.approvals,
-            "required": request.required,
-            "comment": comment,
-        },
-    )
     if request.status != ApprovalStatus.PENDING and step.run.workflow == OUTSIDE_APPROVAL:
         notifications.notify(request, "approval_decided")  # the outside agent's webhook
     if request.status == ApprovalStatus.APPROVED:

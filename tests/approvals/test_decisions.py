@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from approvals import services
@@ -14,7 +17,7 @@ from runs.services import run_start
 from tests.approvals.helpers import RESUMED, followup, pending_request, pump
 from tests.concurrency import run_concurrently
 from tests.conftest import make_member
-from tests.dialects import RACING_THREADS
+from tests.dialects import RACING_THREADS, postgresql_only
 
 pytestmark = [pytest.mark.both_dialects, pytest.mark.django_db(transaction=True)]
 
@@ -85,6 +88,53 @@ def test_quorum_of_two_distinct_approvers_with_self_approval_blocked(
     pump()
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
+
+
+def test_each_decision_leaves_its_event_and_a_refused_vote_none(acme: Tenant, acme_operator: User) -> None:
+    second = make_member("second", acme, Role.OPERATOR)
+    third = make_member("third", acme, Role.OPERATOR)
+    run = run_start(tenant=acme, workflow="test.quorum", input={}, actor="operator").run
+    pump()
+    request = pending_request(run)
+    services.approval_decide(request=request, user=second, decision="approve", expected_version=1)
+    with pytest.raises(services.DecisionForbidden, match="already approved"):
+        services.approval_decide(request=request, user=second, decision="approve", expected_version=2)
+    services.approval_decide(request=request, user=third, decision="approve", expected_version=2)
+    events = Event.objects.filter(subject=f"run:{run.id}", verb__in=DECISION_VERBS).order_by("id")
+    assert [(e.verb, e.actor, e.payload.get("version")) for e in events] == [
+        ("approval_vote", "second", 2),
+        ("approval_approved", "third", 3),
+        ("step_resumed", "third", None),
+    ]
+    decided = {key: events[1].payload.get(key) for key in ("approval_id", "approvals", "required", "comment")}
+    assert decided == {"approval_id": request.pk, "approvals": 2, "required": 2, "comment": ""}
+    assert Run.objects.get(pk=run.pk).status == RunStatus.RUNNING
+
+
+DECISION_VERBS = ("approval_vote", "approval_approved", "approval_rejected", "step_resumed")
+
+
+@postgresql_only("the statements PostgreSQL is sent")
+def test_an_approval_writes_its_decision_vote_and_event_in_one_statement_and_the_resume_in_another(
+    sandbox_acme: Tenant, acme_operator: User, settings: Any
+) -> None:
+    settings.RUNWARDEN_PREPARED_STATEMENTS = False  # the statements' own text is sent
+    run = followup(sandbox_acme)
+    pump()
+    request = pending_request(run)
+    with CaptureQueriesContext(connection) as captured:
+        services.approval_decide(request=request, user=acme_operator, decision="approve", expected_version=1)
+    sent = [q["sql"] for q in captured.captured_queries]
+    [decision] = [sql for sql in sent if "approvals_approvalvote" in sql]
+    assert "UPDATE approvals_approvalrequest" in decision and "INSERT INTO core_event" in decision
+    [resume] = [sql for sql in sent if "step_resumed" in sql]
+    assert "UPDATE runs_step" in resume and "UPDATE runs_run" in resume
+    assert not [sql for sql in sent if "core_event" in sql and sql not in (decision, resume)]
+    assert Step.objects.get(run=run, key="send_message").status in RESUMED
+    assert Run.objects.get(pk=run.pk).status == RunStatus.RUNNING
+    assert list(
+        Event.objects.filter(subject=f"run:{run.id}", verb__in=DECISION_VERBS).values_list("verb", flat=True)
+    ) == ["approval_approved", "step_resumed"]
 
 
 def test_whoever_wrote_the_latest_version_cannot_approve_it(
