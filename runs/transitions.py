@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,7 +41,7 @@ from core.leases import (
     live_leases_filter,
     owned_sql,
 )
-from core.models import Lease, Role, User
+from core.models import Event, Lease, Role, User
 from core.validation import fingerprint
 from core.wakeups import wake_on_commit
 from runs import gates
@@ -83,6 +83,19 @@ def _event(
         actor=actor,
         payload={"step": step.key, **payload},
         prelude_sql=prelude_sql,
+    )
+
+
+def _event_select_sql(
+    step: Step, verb_sql: str, actor: str, **payload: Any
+) -> tuple[str, list[Any], Callable[[int, str], Event]]:
+    """``_event`` as ``INSERT ... SELECT`` for a statement's CTE (``event_insert_select_sql``)."""
+    return core_services.event_insert_select_sql(
+        tenant=step.tenant_id,
+        subject=f"run:{step.run_id}",
+        verb_sql=verb_sql,
+        actor=actor,
+        payload={"step": step.key, **payload},
     )
 
 
@@ -439,13 +452,8 @@ def _step_record_success_fenced(
     run's end when it has no next step, and the step's event (PostgreSQL)."""
     carried = fence.in_write()
     owned, owned_params = owned_sql(grants)
-    event, event_params, built = core_services.event_insert_select_sql(
-        tenant=step.tenant_id,
-        subject=f"run:{step.run_id}",
-        verb_sql=_SUCCESS_VERB_SQL,
-        actor=f"step:{step.key}",
-        payload={"step": step.key, "attempt": step.attempt},
-    )
+    actor = f"step:{step.key}"
+    event, event_params, built = _event_select_sql(step, _SUCCESS_VERB_SQL, actor, attempt=step.attempt)
     at = rawsql.adapt_datetime(now)
     params = [*carried.params, rawsql.adapt_json(Step, "output", output), at, at, step.pk, at, *owned_params]
     params += [step.run_id, step.position + 1, at, at, run.pk, *event_params]
@@ -619,17 +627,11 @@ def step_resume(
     """Make a parked step ready again, once: two racing resumes (two approvals, an approval
     and a timeout) move it exactly once. Call in the deciding transaction."""
     now = timezone.now()
-    at = rawsql.adapt_datetime(now)
-    payload = {"step": step.key}
+    verb = "step_resumed"
     if rawsql.on_postgresql():
-        # The step, its run and its event in one statement: every approval resumes a step here.
-        event, event_params, built = core_services.event_insert_select_sql(
-            tenant=step.tenant_id,
-            subject=f"run:{step.run_id}",
-            verb_sql=f"{rawsql.sql_strings('step_resumed')}",
-            actor=actor,
-            payload=payload,
-        )
+        # The step, its event and its run in one statement: every approval resumes a step here.
+        event, event_params, built = _event_select_sql(step, rawsql.sql_strings(verb), actor)
+        at = rawsql.adapt_datetime(now)
         with connection.cursor() as cursor:
             rawsql.execute_prepared(
                 cursor,
@@ -639,7 +641,7 @@ def step_resume(
             moved, event_id = cursor.fetchone()
         if not moved:
             return False
-        written = built(event_id, "step_resumed")
+        written = built(event_id, verb)
         transaction.on_commit(lambda: core_services.event_committed(written))
     else:  # SQLite runs one statement per call
         moved = Step.objects.filter(pk=step.pk, status__in=from_statuses).update(
@@ -650,7 +652,7 @@ def step_resume(
         Run.objects.filter(pk=step.run_id, status__in=_RESUMED_RUN_FROM).update(
             status=RunStatus.RUNNING, updated_at=now
         )
-        _event(step, "step_resumed", actor)
+        _event(step, verb, actor)
     if step.compensates:
         Run.objects.filter(pk=step.run_id, compensation="failed").update(
             compensation="running", updated_at=now

@@ -90,7 +90,7 @@ def approval_decide(
         if seen.version != expected_version or seen.status != ApprovalStatus.PENDING:
             return None
         decided = _decided(seen, user, decision, comment, now)
-        written, voted = _decision_written(decided, expected_version, user, decision, comment, now)
+        written, voted = _decision_written(decided, expected_version, decision)
         if not written:
             return None
         if not voted:
@@ -116,9 +116,7 @@ def approval_decide(
 DECISION_FIELDS = ("status", "approvals", "version", "decided_by", "decided_at", "comment", "updated_at")
 
 
-def _decision_written(
-    decided: ApprovalRequest, expected_version: int, user: User, decision: str, comment: str, now: Any
-) -> tuple[bool, bool]:
+def _decision_written(decided: ApprovalRequest, expected_version: int, decision: str) -> tuple[bool, bool]:
     """Write the decision's fields (``DECISION_FIELDS``) on the request, as a compare-and-set:
     only while it is still pending at ``expected_version``; an approval's vote; and the
     decision's event. Whether the decision was written, and whether the vote was (True but for
@@ -131,59 +129,60 @@ def _decision_written(
         f" WHERE id = %s AND version = %s AND status = '{ApprovalStatus.PENDING.value}'"
     )
     update_params = [*values, decided.pk, expected_version]
-    verb, payload = _decision_event(decided, comment)
+    votes = decision == "approve"
+    verb, event = _decision_event(decided)
     if not rawsql.on_postgresql():  # SQLite runs one statement per call
         with connection.cursor() as cursor:
             cursor.execute(update, update_params)
             if cursor.rowcount != 1:
                 return False, False
-        voted = decision != "approve" or _vote_recorded(decided, user, now)
-        if voted:
-            core_services.event_record(
-                tenant=decided.tenant_id,
-                subject=f"run:{decided.run_id}",
-                verb=verb,
-                actor=user.get_username(),
-                payload=payload,
-            )
-        return True, voted
-    event, event_params, built = core_services.event_insert_select_sql(
-        tenant=decided.tenant_id,
-        subject=f"run:{decided.run_id}",
-        verb_sql=rawsql.sql_strings(verb),
-        actor=user.get_username(),
-        payload=payload,
+        if votes and not _vote_recorded(decided):
+            return True, False
+        core_services.event_record(verb=verb, **event)
+        return True, True
+    sql, event_params, built = core_services.event_insert_select_sql(
+        verb_sql=rawsql.sql_strings(verb), **event
     )
+    vote_params = [*_vote_of(decided), votes]
     with connection.cursor() as cursor:
         rawsql.execute_prepared(
             cursor,
-            _DECISION_SQL.format(update=update, event=event),
-            [*update_params, user.pk, rawsql.adapt_datetime(now), decision == "approve", *event_params],
+            _DECISION_SQL.format(update=update, event=sql),
+            [*update_params, *vote_params, *event_params, votes],
         )
-        written, votes, event_id = cursor.fetchone()
+        written, voted, event_id = cursor.fetchone()
     if not written:
         return False, False
-    if decision == "approve" and not votes:
+    if votes and not voted:
         return True, False
     recorded = built(event_id, verb)
     transaction.on_commit(lambda: core_services.event_committed(recorded))
     return True, True
 
 
+def _vote_of(decided: ApprovalRequest) -> list[Any]:
+    """The decider's vote on the request: who, and when (the decision's own moment)."""
+    assert decided.decided_by is not None and decided.decided_at is not None
+    return [decided.decided_by.pk, rawsql.adapt_datetime(decided.decided_at)]
+
+
+# An approver's vote: nothing where they voted already (the unique constraint decides).
+_VOTE_INSERT = f"INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at)"
+_VOTE_ONCE = " ON CONFLICT (request_id, user_id) DO NOTHING RETURNING id"
+
 # ``_decision_written`` on PostgreSQL: the compare-and-set, then, only where it won, an
-# approval's vote (nothing where the approver voted already) and the decision's event.
+# approval's vote, and the decision's event unless the approver had voted already.
 _DECISION_SQL = (
     "WITH decided AS ({update} RETURNING id),"
-    f" vote AS (INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at)"
-    " SELECT id, %s, %s FROM decided WHERE CAST(%s AS boolean)"
-    " ON CONFLICT (request_id, user_id) DO NOTHING RETURNING id),"
-    " event AS ({event} WHERE EXISTS (SELECT 1 FROM decided) RETURNING id)"
+    f" vote AS ({_VOTE_INSERT} SELECT id, %s, %s FROM decided WHERE CAST(%s AS boolean){_VOTE_ONCE}),"
+    " event AS ({event} WHERE EXISTS (SELECT 1 FROM decided)"
+    " AND (NOT CAST(%s AS boolean) OR EXISTS (SELECT 1 FROM vote)) RETURNING id)"
     " SELECT (SELECT count(*) FROM decided), (SELECT count(*) FROM vote), (SELECT id FROM event)"
 )
 
 
-def _decision_event(request: ApprovalRequest, comment: str) -> tuple[str, dict[str, Any]]:
-    """The verb and payload of the event a decision leaves on its run."""
+def _decision_event(request: ApprovalRequest) -> tuple[str, dict[str, Any]]:
+    """The verb of the event a decision leaves on its run, and the rest of it."""
     verb = f"approval_{request.status}" if request.status != ApprovalStatus.PENDING else "approval_vote"
     payload = {
         "approval_id": request.pk,
@@ -191,9 +190,11 @@ def _decision_event(request: ApprovalRequest, comment: str) -> tuple[str, dict[s
         "artifact_version": request.artifact_version.number,
         "approvals": request.approvals,
         "required": request.required,
-        "comment": comment,
+        "comment": request.comment,
     }
-    return verb, payload
+    assert request.decided_by is not None
+    where = {"tenant": request.tenant_id, "subject": f"run:{request.run_id}"}
+    return verb, {**where, "actor": request.decided_by.get_username(), "payload": payload}
 
 
 def _reread(request: ApprovalRequest) -> ApprovalRequest:
@@ -226,16 +227,11 @@ def _decided(seen: ApprovalRequest, user: User, decision: str, comment: str, now
     return decided
 
 
-def _vote_recorded(request: ApprovalRequest, user: User, now: Any) -> bool:
-    """Record the user's vote on the request (SQLite: on PostgreSQL ``_DECISION_SQL`` does);
-    False if they had voted already (the unique constraint decides, without a savepoint: the
-    statement does nothing rather than fail)."""
+def _vote_recorded(request: ApprovalRequest) -> bool:
+    """Record the decider's vote on the request (SQLite: on PostgreSQL ``_DECISION_SQL`` does);
+    False if they had voted already (the statement does nothing rather than fail)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {ApprovalVote._meta.db_table} (request_id, user_id, created_at) VALUES (%s, %s, %s)"
-            " ON CONFLICT (request_id, user_id) DO NOTHING RETURNING id",
-            [request.pk, user.pk, rawsql.adapt_datetime(now)],
-        )
+        cursor.execute(f"{_VOTE_INSERT} VALUES (%s, %s, %s){_VOTE_ONCE}", [request.pk, *_vote_of(request)])
         return cursor.fetchone() is not None
 
 

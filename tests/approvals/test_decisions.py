@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, ApprovalVote
+from core import services as core_services
 from core.models import Event, Role, Tenant, User
 from demo.models import SandboxCall
 from runs.models import Run, RunStatus, Step, StepStatus
@@ -20,6 +21,15 @@ from tests.conftest import make_member
 from tests.dialects import RACING_THREADS, postgresql_only
 
 pytestmark = [pytest.mark.both_dialects, pytest.mark.django_db(transaction=True)]
+
+# The events a decision leaves on its run.
+DECISION_VERBS = (
+    "approval_vote",
+    "approval_approved",
+    "approval_rejected",
+    "approval_changes_requested",
+    "step_resumed",
+)
 
 
 def test_a_gated_step_waits_and_one_approval_resumes_it_once(
@@ -90,28 +100,35 @@ def test_quorum_of_two_distinct_approvers_with_self_approval_blocked(
     assert run.status == RunStatus.SUCCEEDED
 
 
-def test_each_decision_leaves_its_event_and_a_refused_vote_none(acme: Tenant, acme_operator: User) -> None:
+def test_each_decision_leaves_its_event_heard_once_and_a_refused_vote_none(
+    acme: Tenant, acme_operator: User
+) -> None:
     second = make_member("second", acme, Role.OPERATOR)
     third = make_member("third", acme, Role.OPERATOR)
     run = run_start(tenant=acme, workflow="test.quorum", input={}, actor="operator").run
     pump()
     request = pending_request(run)
-    services.approval_decide(request=request, user=second, decision="approve", expected_version=1)
-    with pytest.raises(services.DecisionForbidden, match="already approved"):
-        services.approval_decide(request=request, user=second, decision="approve", expected_version=2)
-    services.approval_decide(request=request, user=third, decision="approve", expected_version=2)
+    heard: list[tuple[int, str]] = []
+    core_services.event_listener_register(listener := lambda event: heard.append((event.pk, event.verb)))
+    try:
+        services.approval_decide(request=request, user=second, decision="approve", expected_version=1)
+        with pytest.raises(services.DecisionForbidden, match="already approved"):
+            services.approval_decide(request=request, user=second, decision="approve", expected_version=2)
+        services.approval_decide(request=request, user=third, decision="approve", expected_version=2)
+    finally:
+        core_services._event_listeners.remove(listener)
     events = Event.objects.filter(subject=f"run:{run.id}", verb__in=DECISION_VERBS).order_by("id")
     assert [(e.verb, e.actor, e.payload.get("version")) for e in events] == [
         ("approval_vote", "second", 2),
         ("approval_approved", "third", 3),
         ("step_resumed", "third", None),
     ]
+    assert [heard_event for heard_event in heard if heard_event[1] in DECISION_VERBS] == [
+        (e.pk, e.verb) for e in events
+    ]  # each once, after its commit; none for the refused vote
     decided = {key: events[1].payload.get(key) for key in ("approval_id", "approvals", "required", "comment")}
     assert decided == {"approval_id": request.pk, "approvals": 2, "required": 2, "comment": ""}
     assert Run.objects.get(pk=run.pk).status == RunStatus.RUNNING
-
-
-DECISION_VERBS = ("approval_vote", "approval_approved", "approval_rejected", "step_resumed")
 
 
 @postgresql_only("the statements PostgreSQL is sent")
