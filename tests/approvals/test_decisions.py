@@ -73,14 +73,19 @@ def test_a_repeated_or_stale_decision_changes_nothing_and_returns_the_current_st
     assert Event.objects.filter(subject=f"run:{run.id}", verb="step_resumed").count() == 1
 
 
-def test_quorum_of_two_distinct_approvers_with_self_approval_blocked(
-    acme: Tenant, acme_operator: User
-) -> None:
+def quorum_request(acme: Tenant) -> tuple[User, User, Run, ApprovalRequest]:
+    """Two operators besides the run's starter, and a run waiting on a request that needs two."""
     second = make_member("second", acme, Role.OPERATOR)
     third = make_member("third", acme, Role.OPERATOR)
     run = run_start(tenant=acme, workflow="test.quorum", input={}, actor="operator").run
     pump()
-    request = pending_request(run)
+    return second, third, run, pending_request(run)
+
+
+def test_quorum_of_two_distinct_approvers_with_self_approval_blocked(
+    acme: Tenant, acme_operator: User
+) -> None:
+    second, third, run, request = quorum_request(acme)
     assert request.required == 2
     with pytest.raises(services.DecisionForbidden, match="started this run"):
         services.approval_decide(request=request, user=acme_operator, decision="approve", expected_version=1)
@@ -103,11 +108,7 @@ def test_quorum_of_two_distinct_approvers_with_self_approval_blocked(
 def test_each_decision_leaves_its_event_heard_once_and_a_refused_vote_none(
     acme: Tenant, acme_operator: User
 ) -> None:
-    second = make_member("second", acme, Role.OPERATOR)
-    third = make_member("third", acme, Role.OPERATOR)
-    run = run_start(tenant=acme, workflow="test.quorum", input={}, actor="operator").run
-    pump()
-    request = pending_request(run)
+    second, third, run, request = quorum_request(acme)
     heard: list[tuple[int, str]] = []
     core_services.event_listener_register(listener := lambda event: heard.append((event.pk, event.verb)))
     try:
