@@ -251,6 +251,15 @@ def prepared_statements() -> Iterator[None]:
         _preparing.on = before
 
 
+def among(values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """A column's condition of being one of ``values``, written after the column, and its
+    parameters: ``= ANY(%s)`` with one array on PostgreSQL (one statement text whatever their
+    number, so one prepared statement serves every call), ``IN (%s, ...)`` on SQLite (no arrays)."""
+    if on_postgresql():
+        return "= ANY(%s)", [list(values)]
+    return f"IN ({', '.join(['%s'] * len(values))})", list(values)
+
+
 def fetch_rows(sql: str, params: Sequence[Any] | Mapping[str, Any]) -> list[tuple[Any, ...]]:
     """The rows a hand-written read returns, run through ``execute_prepared``."""
     with connection.cursor() as cursor:

@@ -207,16 +207,12 @@ def _live_leases_of(run: Run, steps: list[Step]) -> list[Lease]:
     keys = [f"step:{step.pk}" for step in steps] + [key for step in steps for key in step.lock_keys]
     if not keys:
         return []
-    # One statement text whatever the number of keys on PostgreSQL (an array), so one prepared
-    # statement serves every run; SQLite has no arrays.
-    on_postgresql = rawsql.on_postgresql()
-    among = "= ANY(%s)" if on_postgresql else f"IN ({', '.join(['%s'] * len(keys))})"
+    among, key_params = rawsql.among(keys)
     sql = (
         f"SELECT {rawsql.select_list(Lease, 'l')}, {rawsql.select_list(Tenant, 't')} FROM core_lease l"
         f" JOIN core_tenant t ON t.id = l.tenant_id WHERE l.tenant_id = %s"
         f" AND l.key {among} AND {live_lease_sql('l')} ORDER BY l.key"
     )
-    key_params = [keys] if on_postgresql else keys
     leases = []
     for row in rawsql.fetch_rows(sql, [run.tenant_id, *key_params, rawsql.adapt_datetime(timezone.now())]):
         lease, lease.tenant = rawsql.from_joined_row(row, Lease, Tenant)
