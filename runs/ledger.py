@@ -16,7 +16,7 @@ from django.db.models import F, QuerySet
 from django.utils import timezone
 from opentelemetry.trace import Span
 
-from core import coordination, metrics, tallies, tracing
+from core import coordination, metrics, rawsql, tallies, tracing
 from core.leases import LeaseGrant, fenced_write, lease_fence, live_leases_filter
 from core.models import Lease
 from core.validation import fingerprint
@@ -83,20 +83,31 @@ def _propose(
     lease: LeaseGrant | None,
 ) -> tuple[SideEffect, bool]:
     """Insert the ``proposed`` row, or find the one a racing caller inserted first."""
-    return SideEffect.objects.get_or_create(
-        idempotency_key=key,
-        defaults={
-            "tenant_id": tenant_id,
-            "run": run,
-            "step": step,
-            "kind": kind,
-            "request": request,
-            "request_fingerprint": request_fingerprint,
-            "proposer_lease_id": lease.id if lease else None,
-            "proposer_token": lease.token if lease else None,
-            "context": run.contract(attempt=step.attempt if step else None) if run else {},
-        },
+    fields = {
+        "tenant_id": tenant_id,
+        "run": run,
+        "step": step,
+        "kind": kind,
+        "request": request,
+        "request_fingerprint": request_fingerprint,
+        "proposer_lease_id": lease.id if lease else None,
+        "proposer_token": lease.token if lease else None,
+        "context": run.contract(attempt=step.attempt if step else None) if run else {},
+    }
+    if not rawsql.on_postgresql():
+        return SideEffect.objects.get_or_create(idempotency_key=key, defaults=fields)
+    # One statement where the key is new, as nearly every effect's is: the ORM's get_or_create
+    # reads first and inserts under a savepoint, four round trips. A key taken meanwhile (by a
+    # racing proposer, whose insert this one waits for) inserts nothing: its row is read then.
+    effect = SideEffect(idempotency_key=key, **fields)
+    insert, params = rawsql.insert_sql([effect])
+    inserted = rawsql.fetch_rows(
+        f"{insert.strip().removesuffix(';')} ON CONFLICT (idempotency_key) DO NOTHING RETURNING id", params
     )
+    if not inserted:
+        return SideEffect.objects.get(idempotency_key=key), False
+    effect.pk = inserted[0][0]
+    return effect, True
 
 
 # What stops an effect's call from outside (a soft time limit, a lost lease or a cancelled run
@@ -299,11 +310,13 @@ def effect_settle(claim: EffectClaim, result: Any) -> EffectOutcome:
     """Step 3 of ``effect_execute``: the claimed effect happened; record its result."""
     now = timezone.now()
     ref = claim.external_ref(result) if claim.external_ref else ""
-    _mine(claim).update(
-        status=EffectStatus.COMMITTED, result=result, external_ref=ref, committed_at=now, updated_at=now
-    )
+    settled = {"status": EffectStatus.COMMITTED, "result": result, "external_ref": ref, "committed_at": now}
     effect = claim.effect
-    effect.refresh_from_db()
+    if _mine(claim).update(**settled, updated_at=now):
+        for name, value in {**settled, "updated_at": now}.items():
+            setattr(effect, name, value)  # what was just written to this claim's own row
+    else:
+        effect.refresh_from_db()  # settled by someone else meanwhile: what they recorded
     logger.info(
         "effect %s committed",
         claim.kind,

@@ -7,15 +7,21 @@ import time
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from core import tallies
 from core.leases import lease_acquire, lease_release
 from core.models import Tally, Tenant
 from runs.ledger import (
+    EffectClaim,
     EffectOutcome,
     EffectRequestMismatch,
     EffectUnresolved,
+    effect_claim,
+    effect_confirm_committed,
     effect_execute,
+    effect_settle,
 )
 from runs.models import EffectStatus, Run, SideEffect
 from tests.concurrency import run_concurrently
@@ -184,3 +190,40 @@ def test_a_crash_between_proposed_and_committed_leaves_an_ambiguous_record_not_a
     assert calls_after == []
     assert calls_file.read_text() == "sent\n"
     assert SideEffect.objects.get(run=run).status == EffectStatus.PROPOSED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_effect_is_proposed_in_one_statement_and_settled_in_one(acme: Tenant) -> None:
+    """No read before the proposal's insert nor after the outcome's update (on PostgreSQL; SQLite
+    reads first): what the step gets back is what was written."""
+    run = make_run(acme)
+    with CaptureQueriesContext(connection) as captured:
+        outcome = effect_execute(
+            run=run, step=None, kind="send", fn=lambda: {"id": "m-1"}, external_ref=lambda r: r["id"]
+        )
+    sent = [query["sql"].split()[0] for query in captured.captured_queries]
+    sent = [verb for verb in sent if verb not in ("BEGIN", "COMMIT")]
+    if not ON_SQLITE:
+        assert sent == ["INSERT", "UPDATE"], captured.captured_queries
+    stored = SideEffect.objects.get()
+    assert (outcome.effect.pk, outcome.effect.status, outcome.effect.external_ref) == (
+        stored.pk, stored.status, stored.external_ref,
+    )  # fmt: skip
+    assert (outcome.effect.result, outcome.effect.committed_at) == (stored.result, stored.committed_at)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_settled_by_someone_else_meanwhile_records_nothing_and_answers_what_was(
+    acme: Tenant,
+) -> None:
+    """A proposer whose effect a reviewer settled while its call ran (a zombie) writes nothing
+    over it: its outcome shows the row as the reviewer left it."""
+    run = make_run(acme)
+    claim = effect_claim(run=run, step=None, kind="send", request={"to": "x"})
+    assert isinstance(claim, EffectClaim)
+    assert effect_confirm_committed(effect_id=claim.effect.pk, external_ref="by-reviewer", verified_by="rev")
+    outcome = effect_settle(claim, {"id": "late"})
+    stored = SideEffect.objects.get()
+    assert (stored.status, stored.external_ref) == (EffectStatus.COMMITTED, "by-reviewer")
+    assert stored.result != {"id": "late"}
+    assert (outcome.effect.external_ref, outcome.effect.result) == ("by-reviewer", stored.result)
