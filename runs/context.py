@@ -44,6 +44,7 @@ from runs.ledger import (
     step_checkpoint,
 )
 from runs.models import EffectStatus, Run, RunStatus, SideEffect, Step, ToolCallStatus
+from runs.slot_waits import slot_wait, slot_wait_async, slots_released_so_far
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def call_policy(
 
 class _SlotWait:
     """How long a call waits between looks for a slot under its tool's cap: full jitter,
-    doubling up to a quarter second (the step's own timeout bounds the wait)."""
+    doubling up to a quarter second (the step's own timeout bounds the wait), unless a call of
+    this process gives a slot back sooner (``runs.slot_waits``)."""
 
     def __init__(self) -> None:
         self.delay = 0.005
@@ -140,6 +142,7 @@ class StepContext:
     # Governed calls (``tool``): how many this attempt made, the slots and locks they hold now
     # (renewed with the step's by its worker's heartbeat), and whether one parked the step.
     _calls: int = 0
+    _beaten_at: float = 0.0  # time.monotonic() of the last heartbeat's database check
     _call_grants: list[LeaseGrant] = field(default_factory=list)
     parked: bool = False
 
@@ -273,7 +276,20 @@ class StepContext:
         """Prove the step still owns its work; raise StepInterrupted if it does not."""
         coordination.run(self._heartbeat)
 
+    def heartbeat_due(self) -> bool:
+        """Between two looks for a slot under a tool's cap: raises LeaseLost at once if the step
+        timed out or lost its lease; whether the database's check (``heartbeat``) is due, once
+        per heartbeat interval at most. A full heartbeat after each look, a read and a renewal's
+        commit, cost more than the looks themselves once calls were woken as slots were given
+        back (``runs.slot_waits``); the worker's own heartbeat renews the leases meanwhile."""
+        if self.timed_out.is_set():
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
+        if self._lost.is_set():
+            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
+        return time.monotonic() - self._beaten_at >= self.lease_seconds / 3
+
     def _heartbeat(self) -> None:
+        self._beaten_at = time.monotonic()
         if self.timed_out.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
         # The run first: a cancel also revokes the leases, and says why they are gone.
@@ -396,11 +412,13 @@ class StepContext:
             caps = {} if name == self.step.tool else coordination.run(tools.tool_caps, self.tenant_id, name)
             started, wait = time.monotonic(), _SlotWait()
             while True:
+                seen = slots_released_so_far(name)
                 slot = self._slot_try(call, caps)
                 if slot is not False:
                     break
-                time.sleep(wait.next_delay())
-                self.heartbeat()
+                slot_wait(name, seen, wait.next_delay())  # or until a call here gives one back
+                if self.heartbeat_due():
+                    self.heartbeat()
             if caps:
                 call.cap_wait_ms = (time.monotonic() - started) * 1000
             outcome = effect_execute(
@@ -526,7 +544,7 @@ class StepContext:
         """Stopped from outside (a timeout, a lost lease, a cancel): give back what the call
         holds if the database lets us now; else its leases run out on their own."""
         try:
-            coordination.run(tools.call_give_back, call.held)
+            coordination.run(tools.call_give_back, call.record, call.held)
         except Exception:  # the stop goes on; the leases expire
             logger.warning("the %s call's locks and slot were not released", call.record.tool, exc_info=True)
         finally:
@@ -718,10 +736,14 @@ class AsyncStepContext:
                 else await self._coordinate(tools.tool_caps, self.tenant_id, name)
             )
             started, wait = time.monotonic(), _SlotWait()
-            # To its end though cancelled: a slot it took is then in ``call.held``, released below.
-            while await self._to_the_end(sync._slot_try, call, caps) is False:
-                await asyncio.sleep(wait.next_delay())
-                await self.heartbeat()
+            while True:
+                seen = slots_released_so_far(name)
+                # To its end though cancelled: a slot it took is then in ``call.held``, released below.
+                if await self._to_the_end(sync._slot_try, call, caps) is not False:
+                    break
+                await slot_wait_async(name, seen, wait.next_delay())  # or until one is given back here
+                if sync.heartbeat_due():
+                    await self.heartbeat()
             if caps:
                 call.cap_wait_ms = (time.monotonic() - started) * 1000
             result = await self.effect(

@@ -15,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from core import rawsql
 from core.leases import LeaseGrant, StaleToken, lease_acquire, lease_fence, leases_release
 from core.models import TenantQuota
 from core.validation import fingerprint
@@ -33,6 +35,7 @@ from runs.gates import GateVerdict
 from runs.interrupts import LeaseLost
 from runs.locking import run_steps_lock
 from runs.models import EffectStatus, Run, SideEffect, Step, ToolCall, ToolCallStatus
+from runs.slot_waits import slot_released
 
 
 def call_idempotency_key(run_id: str, step_key: str, call_key: str) -> str:
@@ -109,34 +112,58 @@ def slot_try_take(
     *, call: ToolCall, caps: dict[str, int], holder: str, ttl: float, now: datetime | None = None
 ) -> LeaseGrant | None:
     """One attempt at a slot under every cap in ``caps``: the slot's lease, or None while one
-    of them is full. Under the whole admission lock (every shard): a round, a worker's own
-    admission and other calls count and grant one at a time."""
-    now = now or timezone.now()
+    of them is full, or while another attempt at a slot of the same tool is under way
+    (``_alone_for_its_tool``). Under the whole admission lock (every shard): a round, a
+    worker's own admission and other calls count and grant one at a time."""
 
-    def full() -> bool:
-        room = load_room(now, pools_max_age=1.0, tool=call.tool)
+    def full(at: datetime) -> bool:
+        room = load_room(at, pools_max_age=1.0, tool=call.tool)
         return any(room.held[scope] >= cap for scope, cap in caps.items())
 
-    if full():  # a look without the lock first: a full cap does not hold up admissions
+    if full(now or timezone.now()):  # a look without the lock first: a full cap holds up nobody
         return None
     with transaction.atomic():
+        if not _alone_for_its_tool(call.tool):
+            return None
         wait_for_round_lock()
+        at = now or timezone.now()  # after the wait: the slot is counted from when it is granted
         # First write of the transaction: on SQLite, the writer's lock before the count.
-        ToolCall.objects.filter(pk=call.pk).update(updated_at=now)
-        if full():
+        ToolCall.objects.filter(pk=call.pk).update(updated_at=at)
+        if full(at):
             return None
         grant = lease_acquire(
             tenant_id=call.tenant_id,
-            key=f"toolcall:{call.pk}",
+            key=_slot_key(call),
             holder=holder,
             ttl=ttl,
             metadata={"run_id": call.run_id, "step_id": call.step_id, "tool": call.tool},
-            now=now,
+            now=at,
         )
         if grant is None:  # only a dead attempt's slot of this same call: it frees itself
             return None
-        call_running(call, grant, now=now)
+        call_running(call, grant, now=at)
         return grant
+
+
+# The seed of the advisory lock keys of ``_alone_for_its_tool`` (one bigint key per tool, apart
+# from the sessions' keys, seeded 7411003).
+TOOL_SLOT_LOCK_SEED = 7_411_004
+
+
+def _alone_for_its_tool(tool: str) -> bool:
+    """Whether this is the only attempt at a slot of ``tool`` taking the whole admission lock
+    now: a transaction-level advisory lock per tool, taken without waiting (PostgreSQL; SQLite
+    lets one writer in at a time). Attempts that queued behind each other for the whole lock
+    each held the shards they had while waiting for the rest, so a step's end, which takes one
+    shard, waited behind them; and all but the first found the slot taken once they got in. A
+    call that finds another attempt under way waits as for a full cap (``runs.slot_waits``)."""
+    if not rawsql.on_postgresql():
+        return True
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, %s))", [tool, TOOL_SLOT_LOCK_SEED]
+        )
+        return bool(cursor.fetchone()[0])
 
 
 def mine(call: ToolCall) -> QuerySet[ToolCall]:
@@ -181,22 +208,30 @@ def call_finish(
             updated_at=now,
         )
         if release:
-            _give_back(release, now)
+            _give_back(call, release, now)
 
 
-def call_give_back(held: list[LeaseGrant]) -> None:
+def call_give_back(call: ToolCall, held: list[LeaseGrant]) -> None:
     """A call stopped from outside (a timeout, a lost lease, a cancel) gives back its slot and
     locks, those its tokens still hold."""
     if held:
         with transaction.atomic():
-            _give_back(held, timezone.now())
+            _give_back(call, held, timezone.now())
 
 
-def _give_back(held: list[LeaseGrant], now: datetime) -> None:
+def _slot_key(call: ToolCall) -> str:
+    """The lease key of the call's slot under its tool's caps."""
+    return f"toolcall:{call.pk}"
+
+
+def _give_back(call: ToolCall, held: list[LeaseGrant], now: datetime) -> None:
     if leases_release(held, now=now):
         # Its slot counted under its tool's caps, its locks kept their keys: a step left
         # waiting for either may go now, not at the dispatcher's next sweep.
         wake_on_commit(only_if_waiting=True)
+        if any(grant.key == _slot_key(call) for grant in held):
+            # And a call of this process waiting for a slot of the same tool, at once.
+            transaction.on_commit(partial(slot_released, call.tool))
 
 
 def call_approval(

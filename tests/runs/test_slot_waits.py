@@ -1,0 +1,151 @@
+"""Governed calls waiting for a slot under their tool's cap: woken as a call of the same process
+gives a slot back (``runs.slot_waits``), one attempt per tool at a time at the whole admission
+lock (``runs.tools._alone_for_its_tool``), and between two looks a heartbeat's database check
+once per interval at most (``StepContext.heartbeat_due``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from django.db import connections, transaction
+
+from core.models import Tenant
+from runs import executor
+from runs.dispatch import dispatch_round
+from runs.interrupts import LeaseLost
+from runs.services import run_start
+from runs.slot_waits import slot_released, slot_wait, slot_wait_async, slots_released_so_far
+from runs.tools import _alone_for_its_tool
+from tests.dialects import RACING_THREADS
+
+pytestmark = pytest.mark.both_dialects
+
+LONG = 30.0  # a waiter not woken would wait this long: far past every join below
+
+
+def waiting(tool: str, done: list[str], name: str) -> threading.Thread:
+    """A thread waiting for a slot of ``tool`` (seen now), noting ``name`` in ``done`` when woken."""
+    seen = slots_released_so_far(tool)
+
+    def wait() -> None:
+        slot_wait(tool, seen, LONG)
+        done.append(name)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread
+
+
+def until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    ends = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > ends:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_slot_given_back_wakes_the_call_waiting_longest_for_that_tool_only() -> None:
+    done: list[str] = []
+    first = waiting("crm-a", done, "first")
+    assert until(lambda: _queued_for("crm-a") == 1)
+    second = waiting("crm-a", done, "second")
+    other = waiting("mail-a", done, "other tool")
+    assert until(lambda: _queued_for("crm-a") == 2 and _queued_for("mail-a") == 1)
+    slot_released("crm-a")
+    first.join(5)
+    assert done == ["first"] and second.is_alive() and other.is_alive()
+    slot_released("crm-a")
+    second.join(5)
+    slot_released("mail-a")
+    other.join(5)
+    assert done == ["first", "second", "other tool"]
+
+
+def test_a_slot_given_back_between_the_look_and_the_wait_is_not_waited_for() -> None:
+    seen = slots_released_so_far("crm-b")
+    slot_released("crm-b")  # after the look that found the cap full, before the wait
+    done: list[str] = []
+
+    def wait() -> None:
+        slot_wait("crm-b", seen, LONG)
+        done.append("returned")
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert done == ["returned"]
+    assert _queued_for("crm-b") == 0
+
+
+def test_an_async_body_waiting_for_a_slot_is_woken_from_another_thread() -> None:
+    async def wait() -> float:
+        seen = slots_released_so_far("crm-c")
+        started = time.monotonic()
+        threading.Timer(0.05, slot_released, args=("crm-c",)).start()
+        await slot_wait_async("crm-c", seen, LONG)
+        return time.monotonic() - started
+
+    assert asyncio.run(asyncio.wait_for(wait(), 10)) < LONG
+    assert _queued_for("crm-c") == 0
+
+
+def test_a_wait_that_times_out_leaves_no_waiter_behind() -> None:
+    slot_wait("crm-d", slots_released_so_far("crm-d"), 0.01)
+    assert _queued_for("crm-d") == 0
+
+
+def _queued_for(tool: str) -> int:
+    from runs import slot_waits
+
+    with slot_waits._lock:
+        return len(slot_waits._waiting.get(tool, ()))
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_one_attempt_per_tool_at_a_time_takes_the_whole_admission_lock() -> None:
+    """While one attempt at a slot of a tool holds its place, another of the same tool does not
+    queue behind it (it waits for a slot like a full cap's); one of another tool goes on."""
+    holding, release = threading.Event(), threading.Event()
+
+    def attempt() -> None:
+        try:
+            with transaction.atomic():
+                assert _alone_for_its_tool("crm-e")
+                holding.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    assert holding.wait(10)
+    try:
+        with transaction.atomic():
+            assert not _alone_for_its_tool("crm-e")
+            assert _alone_for_its_tool("mail-e")
+    finally:
+        release.set()
+        thread.join(10)
+    with transaction.atomic():
+        assert _alone_for_its_tool("crm-e")  # the first attempt's transaction ended
+
+
+@pytest.mark.django_db(transaction=True)
+def test_between_looks_the_database_is_asked_once_per_heartbeat_interval(acme: Tenant) -> None:
+    run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
+    admitted = dispatch_round()[0]
+    ctx = executor._start(admitted.step_id, admitted.token).ctx
+    assert ctx is not None
+    ctx.heartbeat()
+    assert not ctx.heartbeat_due()  # just checked with the database
+    ctx._beaten_at -= ctx.lease_seconds / 3
+    assert ctx.heartbeat_due()
+    ctx._lost.set()  # the worker's heartbeat found the lease gone: stop at the next look
+    with pytest.raises(LeaseLost):
+        ctx.heartbeat_due()
