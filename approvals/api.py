@@ -125,7 +125,7 @@ def approval_list(request: HttpRequest, filters: Query[ApprovalFilters]) -> list
     requests = selectors.approvals_for_user(
         request_user(request), status=filters.status, run_id=filters.run_id
     )
-    return selectors.approval_details(list(requests[:200]))
+    return selectors.approval_details(selectors.approvals_whole(requests[:200]))
 
 
 @router.get("/approvals/{approval_id}", response=ApprovalOut)

@@ -110,7 +110,7 @@ def _approvals(user: User, *, status: str, shown: list[int]) -> list[ApprovalReq
     requests = selectors.approvals_for_user(user)
     if status:
         requests = requests.filter(Q(status=status) | Q(pk__in=shown))
-    return list(requests[:PAGE_SIZE])
+    return selectors.approvals_whole(requests[:PAGE_SIZE])
 
 
 def _approval_cards(approvals: list[ApprovalRequest]) -> list[dict[str, Any]]:

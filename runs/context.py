@@ -277,16 +277,16 @@ class StepContext:
         coordination.run(self._heartbeat)
 
     def heartbeat_due(self) -> bool:
-        """Between two looks for a slot under a tool's cap: raises LeaseLost at once if the step
-        timed out or lost its lease; whether the database's check (``heartbeat``) is due, once
-        per heartbeat interval at most. A full heartbeat after each look, a read and a renewal's
-        commit, cost more than the looks themselves once calls were woken as slots were given
-        back (``runs.slot_waits``); the worker's own heartbeat renews the leases meanwhile."""
+        """Between two looks for a slot under a tool's cap: whether to check with the database
+        (``heartbeat``) now: once per heartbeat interval at most, and at once when the worker's
+        heartbeat found a lease lost (the check says why: the run cancelled, or the lease taken
+        over). Raises LeaseLost at once if the step timed out. A full heartbeat after each look,
+        a read and a renewal's commit, cost more than the looks themselves once calls were
+        woken as slots were given back (``runs.slot_waits``); the worker's own heartbeat renews
+        the leases meanwhile."""
         if self.timed_out.is_set():
             raise LeaseLost(f"step {self.step_key} of {self.run_id} timed out")
-        if self._lost.is_set():
-            raise LeaseLost(f"step {self.step_key} of {self.run_id} lost its lease")
-        return time.monotonic() - self._beaten_at >= self.lease_seconds / 3
+        return self._lost.is_set() or time.monotonic() - self._beaten_at >= self.lease_seconds / 3
 
     def _heartbeat(self) -> None:
         self._beaten_at = time.monotonic()

@@ -313,8 +313,10 @@ def effect_settle(claim: EffectClaim, result: Any) -> EffectOutcome:
     settled = {"status": EffectStatus.COMMITTED, "result": result, "external_ref": ref, "committed_at": now}
     effect = claim.effect
     if _mine(claim).update(**settled, updated_at=now):
+        # What was just written to this claim's own row, as the caller gave it (a replay reads
+        # the stored JSON back: its objects' keys in PostgreSQL's order).
         for name, value in {**settled, "updated_at": now}.items():
-            setattr(effect, name, value)  # what was just written to this claim's own row
+            setattr(effect, name, value)
     else:
         effect.refresh_from_db()  # settled by someone else meanwhile: what they recorded
     logger.info(

@@ -125,6 +125,9 @@ def slot_try_take(
     with transaction.atomic():
         if not _alone_for_its_tool(call.tool):
             return None
+        # Once this attempt ends, the next call of this process waiting for the tool looks:
+        # the cap may have room for it too (it may have lost its turn to this attempt).
+        transaction.on_commit(partial(slot_released, call.tool))
         wait_for_round_lock()
         at = now or timezone.now()  # after the wait: the slot is counted from when it is granted
         # First write of the transaction: on SQLite, the writer's lock before the count.
@@ -145,8 +148,9 @@ def slot_try_take(
         return grant
 
 
-# The seed of the advisory lock keys of ``_alone_for_its_tool`` (one bigint key per tool, apart
-# from the sessions' keys, seeded 7411003).
+# The seed of the advisory lock keys of ``_alone_for_its_tool``: one bigint key per tool, hashed
+# with a seed of its own (the sessions' keys are seeded 7411003; the dispatcher's lock is the
+# bigint 7411002), so a collision is as likely as one of two 64-bit hashes.
 TOOL_SLOT_LOCK_SEED = 7_411_004
 
 

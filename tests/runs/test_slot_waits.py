@@ -17,9 +17,10 @@ from core.models import Tenant
 from runs import executor
 from runs.dispatch import dispatch_round
 from runs.interrupts import LeaseLost
+from runs.models import Step, ToolCall, ToolCallStatus
 from runs.services import run_start
 from runs.slot_waits import slot_released, slot_wait, slot_wait_async, slots_released_so_far
-from runs.tools import _alone_for_its_tool
+from runs.tools import _alone_for_its_tool, call_finish, slot_try_take
 from tests.dialects import RACING_THREADS
 
 pytestmark = pytest.mark.both_dialects
@@ -90,7 +91,7 @@ def test_an_async_body_waiting_for_a_slot_is_woken_from_another_thread() -> None
         await slot_wait_async("crm-c", seen, LONG)
         return time.monotonic() - started
 
-    assert asyncio.run(asyncio.wait_for(wait(), 10)) < LONG
+    assert asyncio.run(asyncio.wait_for(wait(), 10)) < 5  # woken, not timed out
     assert _queued_for("crm-c") == 0
 
 
@@ -136,6 +137,61 @@ def test_one_attempt_per_tool_at_a_time_takes_the_whole_admission_lock() -> None
         assert _alone_for_its_tool("crm-e")  # the first attempt's transaction ended
 
 
+def a_call(tenant: Tenant, tool: str) -> ToolCall:
+    """A governed call of ``tool`` opened by a running step (its record, as ``ctx.tool`` opens it)."""
+    run = run_start(tenant=tenant, workflow="bench.noop", input={}, actor="t").run
+    step = Step.objects.get(run=run)
+    return ToolCall.objects.create(tenant=tenant, run=run, step=step, key="1", tool=tool)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_call_ending_gives_its_slot_back_and_wakes_a_call_of_this_process_waiting_for_it(
+    acme: Tenant,
+) -> None:
+    call = a_call(acme, "crm-f")
+    slot = slot_try_take(call=call, caps={"tool:crm-f": 1}, holder="t", ttl=30)
+    assert slot is not None
+    waiter = a_call(acme, "crm-f")
+    assert slot_try_take(call=waiter, caps={"tool:crm-f": 1}, holder="t", ttl=30) is None  # full
+    done: list[str] = []
+    thread = waiting("crm-f", done, "waiter")
+    assert until(lambda: _queued_for("crm-f") == 1)
+    call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key="none", release=[slot])
+    thread.join(5)
+    assert done == ["waiter"]
+    assert slot_try_take(call=waiter, caps={"tool:crm-f": 1}, holder="t", ttl=30) is not None
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_a_look_for_a_slot_while_another_of_its_tool_is_under_way_takes_nothing_and_waits_for_none(
+    acme: Tenant,
+) -> None:
+    call = a_call(acme, "crm-g")
+    holding, release = threading.Event(), threading.Event()
+
+    def attempt_under_way() -> None:
+        try:
+            with transaction.atomic():
+                assert _alone_for_its_tool("crm-g")
+                holding.set()
+                release.wait(10)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=attempt_under_way)
+    thread.start()
+    assert holding.wait(10)
+    try:
+        assert slot_try_take(call=call, caps={"tool:crm-g": 4}, holder="t", ttl=30) is None
+        call.refresh_from_db()
+        assert call.status == ToolCallStatus.WAITING  # no slot, and no queueing for the lock
+    finally:
+        release.set()
+        thread.join(10)
+    assert slot_try_take(call=call, caps={"tool:crm-g": 4}, holder="t", ttl=30) is not None
+
+
 @pytest.mark.django_db(transaction=True)
 def test_between_looks_the_database_is_asked_once_per_heartbeat_interval(acme: Tenant) -> None:
     run_start(tenant=acme, workflow="bench.noop", input={}, actor="t")
@@ -146,6 +202,9 @@ def test_between_looks_the_database_is_asked_once_per_heartbeat_interval(acme: T
     assert not ctx.heartbeat_due()  # just checked with the database
     ctx._beaten_at -= ctx.lease_seconds / 3
     assert ctx.heartbeat_due()
-    ctx._lost.set()  # the worker's heartbeat found the lease gone: stop at the next look
+    ctx.heartbeat()
+    ctx._lost.set()  # the worker's heartbeat found a lease gone: the database says why, at once
+    assert ctx.heartbeat_due()
+    ctx.timed_out.set()
     with pytest.raises(LeaseLost):
         ctx.heartbeat_due()
