@@ -34,8 +34,7 @@ def slots_released_so_far(tool: str) -> int:
 
 
 def slot_released(tool: str) -> None:
-    """A call of this process gave back its slot under ``tool``'s caps, or an attempt at one
-    ended (``runs.tools.slot_try_take``: the cap may have room left): wake the call of this
+    """A call of this process gave back its slot under ``tool``'s caps: wake the call of this
     process waiting longest for one."""
     with _lock:
         _released[tool] += 1

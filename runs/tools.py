@@ -125,9 +125,6 @@ def slot_try_take(
     with transaction.atomic():
         if not _alone_for_its_tool(call.tool):
             return None
-        # Once this attempt ends, the next call of this process waiting for the tool looks:
-        # the cap may have room for it too (it may have lost its turn to this attempt).
-        transaction.on_commit(partial(slot_released, call.tool))
         wait_for_round_lock()
         at = now or timezone.now()  # after the wait: the slot is counted from when it is granted
         # First write of the transaction: on SQLite, the writer's lock before the count.
