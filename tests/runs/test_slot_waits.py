@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.db import connections, transaction
@@ -107,17 +108,15 @@ def _queued_for(tool: str) -> int:
         return len(slot_waits._waiting.get(tool, ()))
 
 
-@RACING_THREADS
-@pytest.mark.django_db(transaction=True)
-def test_one_attempt_per_tool_at_a_time_takes_the_whole_admission_lock() -> None:
-    """While one attempt at a slot of a tool holds its place, another of the same tool does not
-    queue behind it (it waits for a slot like a full cap's); one of another tool goes on."""
+@contextmanager
+def attempt_under_way(tool: str) -> Iterator[None]:
+    """For the block, another connection's attempt at a slot of ``tool`` holds its place."""
     holding, release = threading.Event(), threading.Event()
 
     def attempt() -> None:
         try:
             with transaction.atomic():
-                assert _alone_for_its_tool("crm-e")
+                assert _alone_for_its_tool(tool)
                 holding.set()
                 release.wait(10)
         finally:
@@ -127,12 +126,20 @@ def test_one_attempt_per_tool_at_a_time_takes_the_whole_admission_lock() -> None
     thread.start()
     assert holding.wait(10)
     try:
-        with transaction.atomic():
-            assert not _alone_for_its_tool("crm-e")
-            assert _alone_for_its_tool("mail-e")
+        yield
     finally:
         release.set()
         thread.join(10)
+
+
+@RACING_THREADS
+@pytest.mark.django_db(transaction=True)
+def test_one_attempt_per_tool_at_a_time_takes_the_whole_admission_lock() -> None:
+    """While one attempt at a slot of a tool holds its place, another of the same tool does not
+    queue behind it (it waits for a slot like a full cap's); one of another tool goes on."""
+    with attempt_under_way("crm-e"), transaction.atomic():
+        assert not _alone_for_its_tool("crm-e")
+        assert _alone_for_its_tool("mail-e")
     with transaction.atomic():
         assert _alone_for_its_tool("crm-e")  # the first attempt's transaction ended
 
@@ -168,27 +175,10 @@ def test_a_look_for_a_slot_while_another_of_its_tool_is_under_way_takes_nothing_
     acme: Tenant,
 ) -> None:
     call = a_call(acme, "crm-g")
-    holding, release = threading.Event(), threading.Event()
-
-    def attempt_under_way() -> None:
-        try:
-            with transaction.atomic():
-                assert _alone_for_its_tool("crm-g")
-                holding.set()
-                release.wait(10)
-        finally:
-            connections.close_all()
-
-    thread = threading.Thread(target=attempt_under_way)
-    thread.start()
-    assert holding.wait(10)
-    try:
+    with attempt_under_way("crm-g"):
         assert slot_try_take(call=call, caps={"tool:crm-g": 4}, holder="t", ttl=30) is None
         call.refresh_from_db()
         assert call.status == ToolCallStatus.WAITING  # no slot, and no queueing for the lock
-    finally:
-        release.set()
-        thread.join(10)
     assert slot_try_take(call=call, caps={"tool:crm-g": 4}, holder="t", ttl=30) is not None
 
 
