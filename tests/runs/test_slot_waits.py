@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -23,6 +23,7 @@ from runs.services import run_start
 from runs.slot_waits import slot_released, slot_wait, slot_wait_async, slots_released_so_far
 from runs.tools import _alone_for_its_tool, call_finish, slot_try_take
 from tests.dialects import RACING_THREADS
+from tests.runs.cluster import wait_for
 
 pytestmark = pytest.mark.both_dialects
 
@@ -42,22 +43,14 @@ def waiting(tool: str, done: list[str], name: str) -> threading.Thread:
     return thread
 
 
-def until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    ends = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > ends:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_a_slot_given_back_wakes_the_call_waiting_longest_for_that_tool_only() -> None:
     done: list[str] = []
     first = waiting("crm-a", done, "first")
-    assert until(lambda: _queued_for("crm-a") == 1)
+    wait_for(lambda: _queued_for("crm-a") == 1, 5, "the waiters queued", interval=0.005)
     second = waiting("crm-a", done, "second")
     other = waiting("mail-a", done, "other tool")
-    assert until(lambda: _queued_for("crm-a") == 2 and _queued_for("mail-a") == 1)
+    queued = {"crm-a": 2, "mail-a": 1}
+    wait_for(lambda: all(_queued_for(t) == n for t, n in queued.items()), 5, "the waiters", interval=0.005)
     slot_released("crm-a")
     first.join(5)
     assert done == ["first"] and second.is_alive() and other.is_alive()
@@ -162,7 +155,7 @@ def test_a_call_ending_gives_its_slot_back_and_wakes_a_call_of_this_process_wait
     assert slot_try_take(call=waiter, caps={"tool:crm-f": 1}, holder="t", ttl=30) is None  # full
     done: list[str] = []
     thread = waiting("crm-f", done, "waiter")
-    assert until(lambda: _queued_for("crm-f") == 1)
+    wait_for(lambda: _queued_for("crm-f") == 1, 5, "the waiters queued", interval=0.005)
     call_finish(call, ToolCallStatus.SUCCEEDED, idempotency_key="none", release=[slot])
     thread.join(5)
     assert done == ["waiter"]
