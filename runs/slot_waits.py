@@ -70,10 +70,9 @@ async def slot_wait_async(tool: str, seen: int, timeout: float) -> None:
 
     if _queued(tool, seen, wake):
         try:
-            async with asyncio.timeout(timeout):
-                await woken
-        except TimeoutError:
-            pass
+            with suppress(TimeoutError):  # a wait that ran its length: the caller looks again
+                async with asyncio.timeout(timeout):
+                    await woken
         finally:
             _dequeue(tool, wake)
 
