@@ -746,7 +746,11 @@ class AsyncStepContext:
                     await self.heartbeat()
             if caps:
                 call.cap_wait_ms = (time.monotonic() - started) * 1000
-            result = await self.effect(
+            # Checked at the call's start, as the sync call is: another full heartbeat here
+            # was a read and a renewal's commit more while the call held its slot.
+            if sync.heartbeat_due():
+                await self.heartbeat()
+            result = await self._effect_stopped_after(
                 name,
                 lambda: fn(call.request),
                 request=call.request,
@@ -790,6 +794,22 @@ class AsyncStepContext:
         lease (the run cancelled) stops the body only once the call in flight is recorded, as
         a plain body's would be."""
         await self.heartbeat()
+        return await self._effect_stopped_after(
+            kind, fn, request=request, key=key, external_ref=external_ref, guard=guard
+        )
+
+    async def _effect_stopped_after(
+        self,
+        kind: str,
+        fn: Callable[[], Any],
+        *,
+        request: dict[str, Any] | None,
+        key: str,
+        external_ref: Callable[[Any], str] | None,
+        guard: Callable[[], None] | None,
+    ) -> Any:
+        """The effect through the ledger, a stop that comes meanwhile deferred until it is
+        recorded (``effect``, less its heartbeat first)."""
         with self.sync._stop_lock:
             self.sync._effect_running = True
         try:

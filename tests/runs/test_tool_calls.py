@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from django.db import connections
+from django.db.backends.signals import connection_created
 from django.utils import timezone
 
 from approvals import services as approvals
@@ -359,6 +360,72 @@ def executed(*, step_id: int, token: int) -> None:
         step_execute(step_id=step_id, token=token)
     finally:
         connections.close_all()
+
+
+sync_caller = workflow("test.tool_counted_sync", description="two governed calls from a plain step")
+async_caller = workflow("test.tool_counted_async", description="two governed calls from an async step")
+
+
+@sync_caller.step(lane="draft")
+def sync_calls(ctx: StepContext) -> dict[str, Any]:
+    for n in range(2):
+        ctx.tool("crm", lambda req: CRM.call("crm.count", req), request={"n": n})
+    return {}
+
+
+@async_caller.step(lane="draft")
+async def async_calls(ctx: AsyncStepContext) -> dict[str, Any]:
+    for n in range(2):
+        await ctx.tool("crm", lambda req: CRM.call_slowly("crm.count", req, 0), request={"n": n})
+    return {}
+
+
+class RunStatusReads:
+    """Counts the heartbeats' checks of a run's status (``StepContext._heartbeat`` reads it
+    first), on every connection opened from now on: coordination threads open their own."""
+
+    STATEMENT = 'SELECT "runs_run"."status" AS "status" FROM "runs_run" WHERE "runs_run"."id" = '
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen = 0
+
+    def __enter__(self) -> RunStatusReads:
+        connection_created.connect(self._instrument, dispatch_uid="test-run-status-reads")
+        for connection in connections.all(initialized_only=True):  # this thread's
+            self._instrument(None, connection)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        connection_created.disconnect(dispatch_uid="test-run-status-reads")
+        for connection in connections.all(initialized_only=True):
+            connection.execute_wrappers.remove(self._count)
+
+    def _instrument(self, sender: Any, connection: Any, **kwargs: Any) -> None:
+        if self._count not in connection.execute_wrappers:
+            connection.execute_wrappers.append(self._count)
+
+    def _count(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith(self.STATEMENT):
+            with self.lock:
+                self.seen += 1
+        return execute(sql, params, many, context)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_governed_call_checks_with_the_database_once_sync_or_async(acme: Tenant) -> None:
+    """Each call checks that its step still owns its work once, before it is recorded; an async
+    call checked again before its effect, a read and a renewal's commit more while it held its
+    slot."""
+    reads = []
+    with RunStatusReads() as counted:
+        for flow in (sync_caller, async_caller):
+            run = run_start(tenant=acme, workflow=flow.key, input={}, actor="agent").run
+            before = counted.seen
+            assert finished(run).status == RunStatus.SUCCEEDED
+            reads.append(counted.seen - before)
+    assert len(served("crm.count")) == 4
+    assert reads == [2, 2]
 
 
 racing_refund = workflow(
