@@ -55,8 +55,27 @@
   }
   function answerAwaitedIn(target, refresher) {
     if (!target || !target.querySelectorAll) { return false; }
+    if (pressedIn(target)) { return true; }
     return Array.prototype.some.call(target.querySelectorAll(".htmx-request"), function (el) { return el !== refresher; });
   }
+  // A press (mouse, pen or touch) inside the target pins it the same way until it is released:
+  // swapped in between the press and its release, the refresh would replace the button being
+  // pressed, and the browser fires no click for a button no longer on the page. The operator's
+  // Approve would be lost without a word. A press held for more than 10 s pins nothing.
+  var press = null;
+  function pressedIn(target) {
+    return !!press && Date.now() - press.at < 10000 && target.contains(press.on);
+  }
+  document.addEventListener("pointerdown", function (e) { press = { on: e.target, at: Date.now() }; }, true);
+  function released() {
+    if (!press) { return; }
+    press = null;
+    // After the release's click has sent its own request (if any): the refresh waits for it.
+    setTimeout(refreshIfOwed, 0);
+  }
+  document.addEventListener("pointerup", released, true);
+  document.addEventListener("pointercancel", released, true);
+  window.addEventListener("blur", released);
   document.addEventListener("htmx:beforeSwap", function (e) {
     var config = e.detail.requestConfig;
     if (config && isLiveRefresh(config.triggeringEvent) && answerAwaitedIn(e.detail.target, config.elt)) {
@@ -64,12 +83,13 @@
       refreshOwed = true;
     }
   });
-  document.addEventListener("htmx:afterRequest", function () {
-    if (refreshOwed && !document.querySelector(".htmx-request")) {
+  function refreshIfOwed() {
+    if (refreshOwed && !press && !document.querySelector(".htmx-request")) {
       refreshOwed = false;
       document.body.dispatchEvent(new CustomEvent("live:resync"));
     }
-  });
+  }
+  document.addEventListener("htmx:afterRequest", refreshIfOwed);
   // An answer whose handling failed leaves htmx's request class on its element: it would hold
   // every later refresh of its list back. Taken off here.
   document.addEventListener("htmx:onLoadError", function (e) {

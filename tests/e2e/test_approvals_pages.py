@@ -232,6 +232,39 @@ def test_a_decision_is_shown_when_a_live_refresh_lands_while_it_is_on_its_way(
     assert req.status == ApprovalStatus.APPROVED
 
 
+def test_a_live_refresh_answered_while_a_button_is_pressed_waits_for_its_release(
+    live_console: str, page: Page
+) -> None:
+    """A refresh swapped in between the press of Approve and its release would replace the
+    button being pressed: the browser fires no click for a button no longer on the page, and
+    the approval would be lost without a word. The refresh's answer is left out while the
+    button is held, the click goes through, and the list is refreshed after the decision."""
+    req = elsewhere(waiting_for_approval)
+    page.route_web_socket("**/ws/live/", _never_delivers)
+    login(page, live_console, "operator")
+    page.goto(live_console + "/approvals/")
+    card = page.locator(f"#approval-{req.pk}")
+    expect(card.locator(".badge")).to_have_text("pending")
+    page.wait_for_load_state("networkidle")
+    page.evaluate(
+        "window.__listAnswered = 0;"
+        " document.addEventListener('htmx:afterRequest', function (e) {"
+        "   if (e.detail.target && e.detail.target.id === 'approvals-list') { window.__listAnswered += 1; }"
+        " });"
+    )
+    card.get_by_role("button", name="Approve", exact=True).hover()
+    page.mouse.down()
+    page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
+    page.wait_for_timeout(300)
+    page.wait_for_load_state("networkidle")  # a refresh sent meanwhile has been answered
+    page.mouse.up()
+    expect(card.locator(".notice")).to_contain_text("Approved version 1")
+    _polled(page, lambda: page.evaluate("window.__listAnswered"))  # the refresh owed, after it
+    expect(card.locator(".badge")).to_have_text("approved")
+    req.refresh_from_db()
+    assert req.status == ApprovalStatus.APPROVED
+
+
 def _polled(page: Page, condition: Callable[[], object]) -> object:
     """``condition()`` once it is true, asked every 50 ms for 5 s (route handlers run while
     Playwright waits; ``wait_for_function`` would eval, which the console's CSP refuses)."""
