@@ -109,9 +109,11 @@
       if (isNaN(moment.getTime())) { return; }
       // A date carries its month by name: 12/02/2026 reads as December or February by locale.
       var timeOnly = el.dataset.local === "time" || (!el.dataset.local && el.textContent.indexOf("-") < 0);
+      // The year only where it is not this one: a table of runs then fits a laptop's width.
+      var year = moment.getFullYear() === new Date().getFullYear() ? undefined : "numeric";
       var text = timeOnly
         ? moment.toLocaleTimeString([], { hour12: false })
-        : moment.toLocaleString([], { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
+        : moment.toLocaleString([], { year: year, month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit", hour12: false });
       var seconds = (Date.now() - moment.getTime()) / 1000;
       if (!timeOnly && seconds >= 0 && seconds < 86400) { text += " · " + ago(seconds); }
       el.title = el.getAttribute("datetime") + " (UTC " + el.textContent.trim() + ")";
