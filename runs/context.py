@@ -720,6 +720,16 @@ class AsyncStepContext:
         call = await self._coordinate(sync._call_open, name, request, locks, approval, approval_policy, key)
         if not isinstance(call, _Call):
             return call.result
+        ended = False
+
+        def end_succeeded() -> None:
+            # Right after the effect's record, on the same coordination thread (one hop to and
+            # from the event loop less while the call holds its slot). From here on a failure
+            # is the call record's own, not the call's.
+            nonlocal ended
+            ended = True
+            sync._call_ended(call, ToolCallStatus.SUCCEEDED)
+
         try:
             fresh = sorted(set(locks) - sync._held_keys())
             started = time.monotonic()
@@ -757,19 +767,22 @@ class AsyncStepContext:
                 key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
                 external_ref=external_ref,
                 guard=call.proposal_guard(),
+                then=end_succeeded,
             )
         except INTERRUPTIONS:
             await asyncio.shield(self._coordinate(sync._call_interrupted, call))
             raise
         except Exception as exc:
-            await self._coordinate(
-                sync._call_ended, call, ToolCallStatus.FAILED, f"{type(exc).__name__}: {exc}"
-            )
+            if not ended:
+                await self._coordinate(
+                    sync._call_ended, call, ToolCallStatus.FAILED, f"{type(exc).__name__}: {exc}"
+                )
             raise
         except BaseException:
             await asyncio.shield(self._coordinate(sync._call_interrupted, call))
             raise
-        await self._coordinate(sync._call_ended, call, ToolCallStatus.SUCCEEDED)
+        if not ended:  # answered from the ledger's record: nothing was recorded here
+            await self._coordinate(sync._call_ended, call, ToolCallStatus.SUCCEEDED)
         return result
 
     async def checkpoint(self, data: Any) -> None:
@@ -807,9 +820,11 @@ class AsyncStepContext:
         key: str,
         external_ref: Callable[[Any], str] | None,
         guard: Callable[[], None] | None,
+        then: Callable[[], None] | None = None,
     ) -> Any:
         """The effect through the ledger, a stop that comes meanwhile deferred until it is
-        recorded (``effect``, less its heartbeat first)."""
+        recorded (``effect``, less its heartbeat first). ``then``: run right after a new
+        result is recorded, on the same coordination thread (``_recorded_then``)."""
         with self.sync._stop_lock:
             self.sync._effect_running = True
         try:
@@ -820,6 +835,7 @@ class AsyncStepContext:
                 key=key,
                 external_ref=external_ref,
                 guard=guard or self.sync.approval_guard,
+                then=then,
             )
         finally:
             with self.sync._stop_lock:
@@ -838,6 +854,7 @@ class AsyncStepContext:
         key: str,
         external_ref: Callable[[Any], str] | None,
         guard: Callable[[], None] | None,
+        then: Callable[[], None] | None = None,
     ) -> Any:
         with effect_span(kind) as span:
             claiming = asyncio.ensure_future(
@@ -879,7 +896,7 @@ class AsyncStepContext:
                     raise  # the call failed as it was being cancelled: it may have happened
                 await self._to_the_end(effect_settle_failed, claimed, exc)
                 raise
-            outcome = await self._to_the_end(effect_settle, claimed, result)
+            outcome = await self._to_the_end(_recorded_then, claimed, result, then)
             effect_traced(span, outcome)
             return outcome.result
 
@@ -892,3 +909,11 @@ class AsyncStepContext:
         except asyncio.CancelledError:
             await asyncio.wait([call])
             raise
+
+
+def _recorded_then(claim: EffectClaim, result: Any, then: Callable[[], None] | None) -> EffectOutcome:
+    """``effect_settle`` (its own statement, committed), then ``then()`` where one is given."""
+    outcome = effect_settle(claim, result)
+    if then is not None:
+        then()
+    return outcome

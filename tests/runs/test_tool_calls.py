@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import OperationalError, connections
 from django.db.backends.signals import connection_created
 from django.utils import timezone
 
@@ -380,9 +380,31 @@ async def async_calls(ctx: AsyncStepContext) -> dict[str, Any]:
     return {}
 
 
+class OnEveryConnection:
+    """Django's execute wrapper ``wrapper`` on this thread's connections and on every one opened
+    meanwhile (coordination threads and a step's own open theirs)."""
+
+    def __init__(self, wrapper: Callable[..., Any]) -> None:
+        self.wrapper = wrapper
+
+    def __enter__(self) -> None:
+        connection_created.connect(self._instrument, dispatch_uid="test-on-every-connection")
+        for connection in connections.all(initialized_only=True):
+            self._instrument(None, connection)
+
+    def __exit__(self, *exc: object) -> None:
+        connection_created.disconnect(dispatch_uid="test-on-every-connection")
+        for connection in connections.all(initialized_only=True):
+            connection.execute_wrappers.remove(self.wrapper)
+
+    def _instrument(self, sender: Any, connection: Any, **kwargs: Any) -> None:
+        if self.wrapper not in connection.execute_wrappers:
+            connection.execute_wrappers.append(self.wrapper)
+
+
 class RunStatusReads:
     """Counts the heartbeats' checks of a run's status (``StepContext._heartbeat`` reads it
-    first), on every connection opened from now on: coordination threads open their own."""
+    first)."""
 
     STATEMENT = 'SELECT "runs_run"."status" AS "status" FROM "runs_run" WHERE "runs_run"."id" = '
 
@@ -390,22 +412,7 @@ class RunStatusReads:
         self.lock = threading.Lock()
         self.seen = 0
 
-    def __enter__(self) -> RunStatusReads:
-        connection_created.connect(self._instrument, dispatch_uid="test-run-status-reads")
-        for connection in connections.all(initialized_only=True):  # this thread's
-            self._instrument(None, connection)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        connection_created.disconnect(dispatch_uid="test-run-status-reads")
-        for connection in connections.all(initialized_only=True):
-            connection.execute_wrappers.remove(self._count)
-
-    def _instrument(self, sender: Any, connection: Any, **kwargs: Any) -> None:
-        if self._count not in connection.execute_wrappers:
-            connection.execute_wrappers.append(self._count)
-
-    def _count(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+    def count(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
         if sql.startswith(self.STATEMENT):
             with self.lock:
                 self.seen += 1
@@ -418,7 +425,8 @@ def test_a_governed_call_checks_with_the_database_once_sync_or_async(acme: Tenan
     call checked again before its effect, a read and a renewal's commit more while it held its
     slot."""
     reads = []
-    with RunStatusReads() as counted:
+    counted = RunStatusReads()
+    with OnEveryConnection(counted.count):
         for flow in (sync_caller, async_caller):
             run = run_start(tenant=acme, workflow=flow.key, input={}, actor="agent").run
             before = counted.seen
@@ -426,6 +434,35 @@ def test_a_governed_call_checks_with_the_database_once_sync_or_async(acme: Tenan
             reads.append(counted.seen - before)
     assert len(served("crm.count")) == 4
     assert reads == [2, 2]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_the_retry(
+    acme: Tenant,
+) -> None:
+    """The call's end (its record, its slot) fails once, right after its effect was recorded:
+    the call is not taken for a failed one. The step's retry answers it from the ledger; the
+    CRM served it once."""
+    failures: list[str] = []
+
+    def end_fails_once(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        ending = sql.startswith('UPDATE "runs_toolcall" SET "status"') and ToolCallStatus.SUCCEEDED in params
+        if ending and not failures:
+            failures.append(sql)
+            raise OperationalError("the connection dropped as the call's end was written")
+        return execute(sql, params, many, context)
+
+    with OnEveryConnection(end_fails_once):
+        run = run_start(tenant=acme, workflow=async_caller.key, input={}, actor="agent").run
+        assert finished(run).status == RunStatus.SUCCEEDED
+    assert len(failures) == 1
+    assert [request["n"] for request in served("crm.count")] == [0, 1]  # each once
+    assert (
+        list(ToolCall.objects.filter(run=run).values_list("status", flat=True))
+        == [ToolCallStatus.SUCCEEDED] * 2
+    )
+    assert SideEffect.objects.filter(run=run, status=EffectStatus.COMMITTED).count() == 2
+    assert check_invariants() == []
 
 
 racing_refund = workflow(
