@@ -8,7 +8,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -760,14 +760,16 @@ class AsyncStepContext:
             # was a read and a renewal's commit more while the call held its slot.
             if sync.heartbeat_due():
                 await self.heartbeat()
-            result = await self._effect_stopped_after(
-                name,
-                lambda: fn(call.request),
-                request=call.request,
-                key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
-                external_ref=external_ref,
-                guard=call.proposal_guard(),
-                then=end_succeeded,
+            result = await self._stop_deferred_during(
+                self._effect(
+                    name,
+                    lambda: fn(call.request),
+                    request=call.request,
+                    key=tools.call_idempotency_key(self.run_id, self.step_key, call.record.key),
+                    external_ref=external_ref,
+                    guard=call.proposal_guard(),
+                    then=end_succeeded,
+                )
             )
         except INTERRUPTIONS:
             await asyncio.shield(self._coordinate(sync._call_interrupted, call))
@@ -807,36 +809,24 @@ class AsyncStepContext:
         lease (the run cancelled) stops the body only once the call in flight is recorded, as
         a plain body's would be."""
         await self.heartbeat()
-        return await self._effect_stopped_after(
-            kind, fn, request=request, key=key, external_ref=external_ref, guard=guard
-        )
-
-    async def _effect_stopped_after(
-        self,
-        kind: str,
-        fn: Callable[[], Any],
-        *,
-        request: dict[str, Any] | None,
-        key: str,
-        external_ref: Callable[[Any], str] | None,
-        guard: Callable[[], None] | None,
-        then: Callable[[], None] | None = None,
-    ) -> Any:
-        """The effect through the ledger, a stop that comes meanwhile deferred until it is
-        recorded (``effect``, less its heartbeat first). ``then``: run right after a new
-        result is recorded, on the same coordination thread (``_recorded_then``)."""
-        with self.sync._stop_lock:
-            self.sync._effect_running = True
-        try:
-            outcome = await self._effect(
+        return await self._stop_deferred_during(
+            self._effect(
                 kind,
                 fn,
                 request=request,
                 key=key,
                 external_ref=external_ref,
                 guard=guard or self.sync.approval_guard,
-                then=then,
             )
+        )
+
+    async def _stop_deferred_during(self, effect: Awaitable[T]) -> T:
+        """``effect`` (an ``_effect``) awaited with a stop that comes meanwhile deferred until it
+        is recorded, then raised."""
+        with self.sync._stop_lock:
+            self.sync._effect_running = True
+        try:
+            outcome = await effect
         finally:
             with self.sync._stop_lock:
                 self.sync._effect_running = False
@@ -856,6 +846,8 @@ class AsyncStepContext:
         guard: Callable[[], None] | None,
         then: Callable[[], None] | None = None,
     ) -> Any:
+        """The effect through the ledger. ``then``: run right after a new result is recorded,
+        on the same coordination thread (``_recorded_then``)."""
         with effect_span(kind) as span:
             claiming = asyncio.ensure_future(
                 self._coordinate(

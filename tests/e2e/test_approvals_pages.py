@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from playwright.sync_api import Browser, Page, Route, WebSocketRoute, expect
+from playwright.sync_api import Browser, Locator, Page, Route, WebSocketRoute, expect
 
 from approvals import services
 from approvals.models import ApprovalRequest, ApprovalStatus, Artifact, ConflictArtifact, ConflictStatus
@@ -188,13 +188,7 @@ def test_a_decision_is_shown_when_a_live_refresh_lands_while_it_is_on_its_way(
     screen: the operator would see nothing happen. The refresh's answer is left out, and the
     list refreshed again once the decision's answer is in. No push reaches the page (its socket
     is held), so the refreshes are the page's own."""
-    req = elsewhere(waiting_for_approval)
-    page.route_web_socket("**/ws/live/", _never_delivers)
-    login(page, live_console, "operator")
-    page.goto(live_console + "/approvals/")
-    card = page.locator(f"#approval-{req.pk}")
-    expect(card.locator(".badge")).to_have_text("pending")
-    page.wait_for_load_state("networkidle")
+    req, card = _a_pending_card_without_pushes(live_console, page)
     held: list[Route] = []
     seen: set[str] = set()
 
@@ -239,13 +233,7 @@ def test_a_live_refresh_answered_while_a_button_is_pressed_waits_for_its_release
     button being pressed: the browser fires no click for a button no longer on the page, and
     the approval would be lost without a word. The refresh's answer is left out while the
     button is held, the click goes through, and the list is refreshed after the decision."""
-    req = elsewhere(waiting_for_approval)
-    page.route_web_socket("**/ws/live/", _never_delivers)
-    login(page, live_console, "operator")
-    page.goto(live_console + "/approvals/")
-    card = page.locator(f"#approval-{req.pk}")
-    expect(card.locator(".badge")).to_have_text("pending")
-    page.wait_for_load_state("networkidle")
+    req, card = _a_pending_card_without_pushes(live_console, page)
     page.evaluate(
         "window.__listAnswered = 0;"
         " document.addEventListener('htmx:afterRequest', function (e) {"
@@ -263,6 +251,19 @@ def test_a_live_refresh_answered_while_a_button_is_pressed_waits_for_its_release
     expect(card.locator(".badge")).to_have_text("approved")
     req.refresh_from_db()
     assert req.status == ApprovalStatus.APPROVED
+
+
+def _a_pending_card_without_pushes(live_console: str, page: Page) -> tuple[ApprovalRequest, Locator]:
+    """A request waiting for approval, and its card in the inbox of a page no push reaches (its
+    socket is held): the list's refreshes are the page's own."""
+    req = elsewhere(waiting_for_approval)
+    page.route_web_socket("**/ws/live/", _never_delivers)
+    login(page, live_console, "operator")
+    page.goto(live_console + "/approvals/")
+    card = page.locator(f"#approval-{req.pk}")
+    expect(card.locator(".badge")).to_have_text("pending")
+    page.wait_for_load_state("networkidle")
+    return req, card
 
 
 def _polled(page: Page, condition: Callable[[], object]) -> object:
