@@ -772,7 +772,8 @@ class AsyncStepContext:
                 )
             )
         except INTERRUPTIONS:
-            await asyncio.shield(self._coordinate(sync._call_interrupted, call))
+            if not ended:  # else its end was written and its slot and locks given back
+                await asyncio.shield(self._coordinate(sync._call_interrupted, call))
             raise
         except Exception as exc:
             if not ended:
@@ -781,7 +782,8 @@ class AsyncStepContext:
                 )
             raise
         except BaseException:
-            await asyncio.shield(self._coordinate(sync._call_interrupted, call))
+            if not ended:
+                await asyncio.shield(self._coordinate(sync._call_interrupted, call))
             raise
         if not ended:  # answered from the ledger's record: nothing was recorded here
             await self._coordinate(sync._call_ended, call, ToolCallStatus.SUCCEEDED)

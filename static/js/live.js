@@ -63,10 +63,13 @@
   // pressed, and the browser fires no click for a button no longer on the page. The operator's
   // Approve would be lost without a word. A press held for more than 10 s pins nothing.
   var press = null;
-  function pressedIn(target) {
-    return !!press && Date.now() - press.at < 10000 && target.contains(press.on);
-  }
-  document.addEventListener("pointerdown", function (e) { press = { on: e.target, at: Date.now() }; }, true);
+  function pressing() { return !!press && Date.now() - press.at < 10000; }
+  function pressedIn(target) { return pressing() && target.contains(press.on); }
+  document.addEventListener("pointerdown", function (e) {
+    if (e.button !== 0) { return; }  // a press that clicks: a mouse's main button, a touch, a pen
+    press = { on: e.target, at: Date.now() };
+    setTimeout(refreshIfOwed, 10000);  // a release that never came (a menu took it) holds no longer
+  }, true);
   function released() {
     if (!press) { return; }
     press = null;
@@ -84,7 +87,7 @@
     }
   });
   function refreshIfOwed() {
-    if (refreshOwed && !press && !document.querySelector(".htmx-request")) {
+    if (refreshOwed && !pressing() && !document.querySelector(".htmx-request")) {
       refreshOwed = false;
       document.body.dispatchEvent(new CustomEvent("live:resync"));
     }

@@ -3,6 +3,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+import pytest
 from playwright.sync_api import Browser, Locator, Page, Route, WebSocketRoute, expect
 
 from approvals import services
@@ -226,13 +227,15 @@ def test_a_decision_is_shown_when_a_live_refresh_lands_while_it_is_on_its_way(
     assert req.status == ApprovalStatus.APPROVED
 
 
-def test_a_live_refresh_answered_while_a_button_is_pressed_waits_for_its_release(
-    live_console: str, page: Page
+@pytest.mark.parametrize("refresh", ["asked during the press", "answered during the press"])
+def test_a_live_refresh_while_a_button_is_pressed_waits_for_its_release(
+    live_console: str, page: Page, refresh: str
 ) -> None:
     """A refresh swapped in between the press of Approve and its release would replace the
     button being pressed: the browser fires no click for a button no longer on the page, and
-    the approval would be lost without a word. The refresh's answer is left out while the
-    button is held, the click goes through, and the list is refreshed after the decision."""
+    the approval would be lost without a word. A refresh asked for during the press is not sent,
+    one already on its way is not swapped in; the click goes through, and the list is refreshed
+    after the decision's answer."""
     req, card = _a_pending_card_without_pushes(live_console, page)
     page.evaluate(
         "window.__listAnswered = 0;"
@@ -240,14 +243,33 @@ def test_a_live_refresh_answered_while_a_button_is_pressed_waits_for_its_release
         "   if (e.detail.target && e.detail.target.id === 'approvals-list') { window.__listAnswered += 1; }"
         " });"
     )
+    held: list[Route] = []
+    refreshes: list[Route] = []
+
+    def hold_the_first(route: Route) -> None:
+        refreshes.append(route)
+        if len(refreshes) == 1:
+            held.append(route)
+        else:
+            route.continue_()
+
+    if refresh == "answered during the press":
+        page.route(re.compile(r"/approvals/\?"), hold_the_first)
+        page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
+        sent = _held(page, held)
     card.get_by_role("button", name="Approve", exact=True).hover()
     page.mouse.down()
-    page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
-    page.wait_for_timeout(300)
-    page.wait_for_load_state("networkidle")  # a refresh sent meanwhile has been answered
+    if refresh == "asked during the press":
+        page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
+        page.wait_for_timeout(300)
+        page.wait_for_load_state("networkidle")  # a refresh sent meanwhile has been answered
+    else:
+        sent.continue_()
+        _polled(page, lambda: page.evaluate("window.__listAnswered") == 1)  # answered while pressed
     page.mouse.up()
     expect(card.locator(".notice")).to_contain_text("Approved version 1")
-    _polled(page, lambda: page.evaluate("window.__listAnswered"))  # the refresh owed, after it
+    owed = 2 if refresh == "answered during the press" else 1
+    _polled(page, lambda: page.evaluate("window.__listAnswered") >= owed)  # the refresh owed
     expect(card.locator(".badge")).to_have_text("approved")
     req.refresh_from_db()
     assert req.status == ApprovalStatus.APPROVED

@@ -59,6 +59,22 @@ def test_an_operator_lists_filters_opens_and_cancels_a_run(live_console: str, pa
     screenshot(page, "run-detail-cancelled")
 
 
+def test_the_runs_list_fits_a_laptops_width(live_console: str, page: Page) -> None:
+    """At 1280 px every column of the runs list is on screen, the last (Finished) too: its frame
+    has nothing to scroll sideways."""
+    run = start("acme", input={"lead_id": 8})
+    run_cancel(run=run, actor="e2e")  # finished: both of its moments shown
+    page.set_viewport_size({"width": 1280, "height": 800})
+    login(page, live_console, "operator")
+    page.goto(live_console + "/runs/")
+    expect(page.locator(f"#run-{run.id} .badge")).to_have_text("cancelled")
+    frame = page.locator(".table-wrap").first
+    assert (
+        frame.evaluate("el => [el.scrollWidth, el.clientWidth]")
+        == [frame.evaluate("el => el.clientWidth")] * 2
+    )
+
+
 def test_a_dismissed_confirmation_cancels_nothing(live_console: str, page: Page) -> None:
     run = start("acme")
     login(page, live_console, "operator")

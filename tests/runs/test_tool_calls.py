@@ -441,8 +441,9 @@ def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_t
     acme: Tenant,
 ) -> None:
     """The call's end (its record, its slot) fails once, right after its effect was recorded:
-    the call is not taken for a failed one. The step's retry answers it from the ledger; the
-    CRM served it once."""
+    the call is not taken for a failed one. The step's retry answers it from the ledger, and
+    ends it then (the call answered from the record, not settled again); the CRM served it
+    once."""
     failures: list[str] = []
 
     def end_fails_once(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
