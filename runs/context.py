@@ -537,6 +537,12 @@ class StepContext:
                 lock_wait_ms=call.lock_wait_ms,
                 cap_wait_ms=call.cap_wait_ms,
             )
+        except Exception:
+            # Its end was not written (a dropped connection, say): its slot and locks given back
+            # now if the database lets us, not held from every other call under the tool's caps
+            # until their leases run out.
+            self._call_interrupted(call)
+            raise
         finally:
             self._let_go(call.held)
 

@@ -466,6 +466,55 @@ def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_t
     assert check_invariants() == []
 
 
+capped_sync = workflow("test.tool_capped_sync", description="a plain step's call holding a lock, capped")
+capped_async = workflow("test.tool_capped_async", description="an async step's call holding a lock, capped")
+
+
+@capped_sync.step(lane="draft")
+def capped_call(ctx: StepContext) -> dict[str, Any]:
+    ctx.tool("crm", lambda req: CRM.call("crm.capped", req), request={"n": 1}, locks=["contact:c9"])
+    return {}
+
+
+@capped_async.step(lane="draft")
+async def capped_call_async(ctx: AsyncStepContext) -> dict[str, Any]:
+    await ctx.tool(
+        "crm", lambda req: CRM.call_slowly("crm.capped", req, 0), request={"n": 1}, locks=["contact:c9"]
+    )
+    return {}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("flow", [capped_sync, capped_async], ids=["sync", "async"])
+def test_a_calls_end_that_fails_to_be_written_gives_its_slot_and_locks_back_at_once(
+    acme: Tenant, flow: Any
+) -> None:
+    """A call's end fails to be written (its effect recorded): the attempt fails, and the slot
+    it held under the tool's cap of 1 and its entity lock are given back with it, not held
+    from every other call until their leases run out. The retry then finishes the run."""
+    TenantQuota.objects.update_or_create(tenant=acme, defaults={"caps": {"tool": {"crm": 1}}})
+    failures: list[str] = []
+
+    def end_fails_once(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        ending = sql.startswith('UPDATE "runs_toolcall" SET "status"') and ToolCallStatus.SUCCEEDED in params
+        if ending and not failures:
+            failures.append(sql)
+            raise OperationalError("the connection dropped as the call's end was written")
+        return execute(sql, params, many, context)
+
+    run = run_start(tenant=acme, workflow=flow.key, input={}, actor="agent").run
+    with OnEveryConnection(end_fails_once):
+        (admitted,) = dispatch_round()
+        executed(step_id=admitted.step_id, token=admitted.token)
+    assert len(failures) == 1
+    assert Step.objects.get(run=run).status != StepStatus.SUCCEEDED  # the attempt failed
+    call = ToolCall.objects.get(run=run)
+    held = Lease.objects.filter(tenant=acme, released_at__isnull=True, expires_at__gt=timezone.now())
+    assert not held.filter(key__in=[f"toolcall:{call.pk}", "contact:c9"]).exists()
+    assert finished(run).status == RunStatus.SUCCEEDED
+    assert served("crm.capped") == [{"n": 1}]  # once, the retry answered from the ledger
+
+
 racing_refund = workflow(
     "test.tool_racing_refund", description="one refund a human approves, timing out to reject"
 )
