@@ -453,10 +453,14 @@ def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_t
             raise OperationalError("the connection dropped as the call's end was written")
         return execute(sql, params, many, context)
 
+    run = run_start(tenant=acme, workflow=async_caller.key, input={}, actor="agent").run
     with OnEveryConnection(end_fails_once):
-        run = run_start(tenant=acme, workflow=async_caller.key, input={}, actor="agent").run
-        assert finished(run).status == RunStatus.SUCCEEDED
+        (admitted,) = dispatch_round()
+        executed(step_id=admitted.step_id, token=admitted.token)
     assert len(failures) == 1
+    # The attempt failed on the end's write; the call it was ending is not recorded as failed.
+    assert ToolCall.objects.get(run=run, key="1").status == ToolCallStatus.RUNNING
+    assert finished(run).status == RunStatus.SUCCEEDED
     assert [request["n"] for request in served("crm.count")] == [0, 1]  # each once
     assert (
         list(ToolCall.objects.filter(run=run).values_list("status", flat=True))
