@@ -42,7 +42,7 @@
       e.preventDefault();
       return;
     }
-    if (isLiveRefresh(trigger) && answerAwaitedIn(e.detail.target, elt)) { e.preventDefault(); refreshOwed = true; }
+    if (isLiveRefresh(trigger, elt) && answerAwaitedIn(e.detail.target, elt)) { e.preventDefault(); refreshOwed = true; }
   });
   // A request of something inside a live refresh's target (a card's decision or edit) pins
   // it until its answer is in: a refresh is not sent meanwhile, and one already sent is not
@@ -50,8 +50,10 @@
   // answer would go to a card no longer on screen: the user would see nothing happen. The
   // refresh is sent again once the answer is in.
   var refreshOwed = false;
-  function isLiveRefresh(trigger) {
-    return !!trigger && /^(live:event|live:resync|htmx:wsOpen)$/.test(trigger.type);
+  function isLiveRefresh(trigger, elt) {
+    if (trigger) { return /^(live:event|live:resync|htmx:wsOpen)$/.test(trigger.type); }
+    // A timed refresh (hx-trigger "every 2s": the ownership board, the overview) has no event.
+    return !!elt && elt.getAttribute && /\bevery\b/.test(elt.getAttribute("hx-trigger") || "");
   }
   function answerAwaitedIn(target, refresher) {
     if (!target || !target.querySelectorAll) { return false; }
@@ -81,7 +83,7 @@
   window.addEventListener("blur", released);
   document.addEventListener("htmx:beforeSwap", function (e) {
     var config = e.detail.requestConfig;
-    if (config && isLiveRefresh(config.triggeringEvent) && answerAwaitedIn(e.detail.target, config.elt)) {
+    if (config && isLiveRefresh(config.triggeringEvent, config.elt) && answerAwaitedIn(e.detail.target, config.elt)) {
       e.detail.shouldSwap = false;
       refreshOwed = true;
     }

@@ -128,6 +128,27 @@ def test_the_ownership_board_shows_lease_and_lock_holders(live_console: str, pag
     screenshot(page, "run-detail-with-lease-and-effect")
 
 
+def test_a_click_on_the_ownership_board_is_not_lost_to_its_timed_refresh(
+    live_console: str, page: Page
+) -> None:
+    """The board refreshes itself every 2 s. A refresh swapped in between the press of a run's
+    link and its release would replace the link, and the browser would follow nothing: the
+    refresh waits for the release, and the click goes through."""
+    acme = Tenant.objects.get(slug="acme")
+    run = start("acme", input={"lead_id": 9})
+    lease_acquire(
+        tenant_id=acme.pk, key="crm_contact:9", holder="worker-9", ttl=60, metadata={"run_id": run.id}
+    )
+    login(page, live_console, "operator")
+    page.goto(live_console + "/leases/")
+    link = page.locator("#lease-board .board-row", has_text="crm_contact:9").get_by_role("link", name=run.id)
+    link.hover()
+    page.mouse.down()
+    page.wait_for_timeout(2600)  # a timed refresh came due meanwhile
+    page.mouse.up()
+    expect(page).to_have_url(f"{live_console}/runs/{run.id}/")
+
+
 def test_a_run_started_elsewhere_appears_on_the_open_list_without_reload(
     live_console: str, page: Page
 ) -> None:
