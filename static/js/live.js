@@ -60,7 +60,7 @@
     if (pressedIn(target)) { return true; }
     return Array.prototype.some.call(target.querySelectorAll(".htmx-request"), function (el) { return el !== refresher; });
   }
-  // A press (mouse, pen or touch) inside the target pins it the same way until it is released:
+  // A press (mouse, pen, touch, or Space on a button) inside the target pins it the same way until it is released:
   // swapped in between the press and its release, the refresh would replace the button being
   // pressed, and the browser fires no click for a button no longer on the page. The operator's
   // Approve would be lost without a word. A press held for more than 10 s pins nothing.
@@ -81,6 +81,14 @@
   document.addEventListener("pointerup", released, true);
   document.addEventListener("pointercancel", released, true);
   window.addEventListener("blur", released);
+  // The Space key clicks a button as it comes up (Enter at once, as it goes down): a refresh in
+  // between would take that click too.
+  document.addEventListener("keydown", function (e) {
+    if (e.key !== " " || e.repeat || !e.target.closest || !e.target.closest("button")) { return; }
+    press = { on: e.target, at: Date.now() };
+    setTimeout(refreshIfOwed, 10000);
+  }, true);
+  document.addEventListener("keyup", function (e) { if (e.key === " ") { released(); } }, true);
   document.addEventListener("htmx:beforeSwap", function (e) {
     var config = e.detail.requestConfig;
     if (config && isLiveRefresh(config.triggeringEvent, config.elt) && answerAwaitedIn(e.detail.target, config.elt)) {

@@ -275,6 +275,23 @@ def test_a_live_refresh_while_a_button_is_pressed_waits_for_its_release(
     assert req.status == ApprovalStatus.APPROVED
 
 
+def test_a_live_refresh_while_space_is_held_on_a_button_waits_for_its_release(
+    live_console: str, page: Page
+) -> None:
+    """A keyboard user's Space clicks Approve as the key comes up: a refresh swapped in while it
+    is held would take that click as a press's would. The refresh waits for the key."""
+    req, card = _a_pending_card_without_pushes(live_console, page)
+    card.get_by_role("button", name="Approve", exact=True).focus()
+    page.keyboard.down(" ")
+    page.evaluate("document.body.dispatchEvent(new CustomEvent('live:resync'))")
+    page.wait_for_timeout(300)
+    page.wait_for_load_state("networkidle")  # a refresh sent meanwhile has been answered
+    page.keyboard.up(" ")
+    expect(card.locator(".notice")).to_contain_text("Approved version 1")
+    req.refresh_from_db()
+    assert req.status == ApprovalStatus.APPROVED
+
+
 def _a_pending_card_without_pushes(live_console: str, page: Page) -> tuple[ApprovalRequest, Locator]:
     """A request waiting for approval, and its card in the inbox of a page no push reaches (its
     socket is held): the list's refreshes are the page's own."""
