@@ -402,6 +402,21 @@ class OnEveryConnection:
             connection.execute_wrappers.append(self.wrapper)
 
 
+class EndFailsOnce:
+    """An execute wrapper under which the first write of a call's successful end fails, as a
+    connection dropping at that moment would."""
+
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def __call__(self, execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        ending = sql.startswith('UPDATE "runs_toolcall" SET "status"') and ToolCallStatus.SUCCEEDED in params
+        if ending and not self.failed:
+            self.failed += 1
+            raise OperationalError("the connection dropped as the call's end was written")
+        return execute(sql, params, many, context)
+
+
 class RunStatusReads:
     """Counts the heartbeats' checks of a run's status (``StepContext._heartbeat`` reads it
     first)."""
@@ -444,20 +459,12 @@ def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_t
     the call is not taken for a failed one. The step's retry answers it from the ledger, and
     ends it then (the call answered from the record, not settled again); the CRM served it
     once."""
-    failures: list[str] = []
-
-    def end_fails_once(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        ending = sql.startswith('UPDATE "runs_toolcall" SET "status"') and ToolCallStatus.SUCCEEDED in params
-        if ending and not failures:
-            failures.append(sql)
-            raise OperationalError("the connection dropped as the call's end was written")
-        return execute(sql, params, many, context)
-
+    end_fails = EndFailsOnce()
     run = run_start(tenant=acme, workflow=async_caller.key, input={}, actor="agent").run
-    with OnEveryConnection(end_fails_once):
+    with OnEveryConnection(end_fails):
         (admitted,) = dispatch_round()
         executed(step_id=admitted.step_id, token=admitted.token)
-    assert len(failures) == 1
+    assert end_fails.failed == 1
     # The attempt failed on the end's write; the call it was ending is not recorded as failed.
     assert ToolCall.objects.get(run=run, key="1").status == ToolCallStatus.RUNNING
     assert finished(run).status == RunStatus.SUCCEEDED
@@ -497,20 +504,12 @@ def test_a_calls_end_that_fails_to_be_written_gives_its_slot_and_locks_back_at_o
     it held under the tool's cap of 1 and its entity lock are given back with it, not held
     from every other call until their leases run out. The retry then finishes the run."""
     TenantQuota.objects.update_or_create(tenant=acme, defaults={"caps": {"tool": {"crm": 1}}})
-    failures: list[str] = []
-
-    def end_fails_once(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        ending = sql.startswith('UPDATE "runs_toolcall" SET "status"') and ToolCallStatus.SUCCEEDED in params
-        if ending and not failures:
-            failures.append(sql)
-            raise OperationalError("the connection dropped as the call's end was written")
-        return execute(sql, params, many, context)
-
+    end_fails = EndFailsOnce()
     run = run_start(tenant=acme, workflow=flow.key, input={}, actor="agent").run
-    with OnEveryConnection(end_fails_once):
+    with OnEveryConnection(end_fails):
         (admitted,) = dispatch_round()
         executed(step_id=admitted.step_id, token=admitted.token)
-    assert len(failures) == 1
+    assert end_fails.failed == 1
     assert Step.objects.get(run=run).status != StepStatus.SUCCEEDED  # the attempt failed
     call = ToolCall.objects.get(run=run)
     held = Lease.objects.filter(tenant=acme, released_at__isnull=True, expires_at__gt=timezone.now())
