@@ -417,6 +417,17 @@ class EndFailsOnce:
         return execute(sql, params, many, context)
 
 
+def first_attempt_with_its_calls_end_failing(tenant: Tenant, workflow_key: str) -> Run:
+    """A new run of ``workflow_key`` whose first attempt runs with its call's end failing once."""
+    run = run_start(tenant=tenant, workflow=workflow_key, input={}, actor="agent").run
+    end_fails = EndFailsOnce()
+    with OnEveryConnection(end_fails):
+        (admitted,) = dispatch_round()
+        executed(step_id=admitted.step_id, token=admitted.token)
+    assert end_fails.failed == 1
+    return run
+
+
 class RunStatusReads:
     """Counts the heartbeats' checks of a run's status (``StepContext._heartbeat`` reads it
     first)."""
@@ -459,12 +470,7 @@ def test_an_async_calls_end_failing_after_its_effect_is_recorded_leaves_it_for_t
     the call is not taken for a failed one. The step's retry answers it from the ledger, and
     ends it then (the call answered from the record, not settled again); the CRM served it
     once."""
-    end_fails = EndFailsOnce()
-    run = run_start(tenant=acme, workflow=async_caller.key, input={}, actor="agent").run
-    with OnEveryConnection(end_fails):
-        (admitted,) = dispatch_round()
-        executed(step_id=admitted.step_id, token=admitted.token)
-    assert end_fails.failed == 1
+    run = first_attempt_with_its_calls_end_failing(acme, async_caller.key)
     # The attempt failed on the end's write; the call it was ending is not recorded as failed.
     assert ToolCall.objects.get(run=run, key="1").status == ToolCallStatus.RUNNING
     assert finished(run).status == RunStatus.SUCCEEDED
@@ -504,12 +510,7 @@ def test_a_calls_end_that_fails_to_be_written_gives_its_slot_and_locks_back_at_o
     it held under the tool's cap of 1 and its entity lock are given back with it, not held
     from every other call until their leases run out. The retry then finishes the run."""
     TenantQuota.objects.update_or_create(tenant=acme, defaults={"caps": {"tool": {"crm": 1}}})
-    end_fails = EndFailsOnce()
-    run = run_start(tenant=acme, workflow=flow.key, input={}, actor="agent").run
-    with OnEveryConnection(end_fails):
-        (admitted,) = dispatch_round()
-        executed(step_id=admitted.step_id, token=admitted.token)
-    assert end_fails.failed == 1
+    run = first_attempt_with_its_calls_end_failing(acme, flow.key)
     assert Step.objects.get(run=run).status != StepStatus.SUCCEEDED  # the attempt failed
     call = ToolCall.objects.get(run=run)
     held = Lease.objects.filter(tenant=acme, released_at__isnull=True, expires_at__gt=timezone.now())
