@@ -547,8 +547,9 @@ class StepContext:
             self._let_go(call.held)
 
     def _call_interrupted(self, call: _Call) -> None:
-        """Stopped from outside (a timeout, a lost lease, a cancel): give back what the call
-        holds if the database lets us now; else its leases run out on their own."""
+        """Stopped from outside (a timeout, a lost lease, a cancel), or its end not written: give
+        back what the call holds if the database lets us now; else its leases run out on their
+        own."""
         try:
             coordination.run(tools.call_give_back, call.record, call.held)
         except Exception:  # the stop goes on; the leases expire
