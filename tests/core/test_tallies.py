@@ -4,6 +4,7 @@ writers on the real PostgreSQL, counted only when the writer's transaction commi
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 
@@ -154,3 +155,36 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
         coordination.coordinate_in_place()
     since = timezone.now() - timedelta(hours=1)
     assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == committed
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_with_coordination_threads_writes_its_tallies_a_moment_later_in_one_write(
+    acme: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admissions committed one after the other (a key handed on every few milliseconds) are not
+    written one by one as they commit: nothing is written for ``WRITE_EVERY_SECONDS``, then all
+    of them at once."""
+    monkeypatch.setattr(tallies, "WRITE_EVERY_SECONDS", 1.5)
+    since = timezone.now() - timedelta(hours=1)
+
+    def admitting() -> None:
+        with transaction.atomic():
+            tallies.tally_add_on_commit(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 1}))
+
+    def written() -> int:
+        return tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS]
+
+    coordination.coordinate_on_threads(2)
+    try:
+        began = time.monotonic()
+        for _ in range(20):
+            coordination.run(admitting)
+            time.sleep(0.005)
+        time.sleep(0.3)  # long enough for a write right after each commit to show
+        seen_early, early = written(), time.monotonic() - began
+        assert tallies.tallies_written(10)
+    finally:
+        coordination.coordinate_in_place()
+    if early < 1.2:  # the checks ran well inside the gathering time (a stalled machine: not)
+        assert seen_early == 0
+    assert written() == 20
