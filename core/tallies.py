@@ -17,8 +17,8 @@ and a process writes those of all its admissions together: on one of its coordin
 where it has some, gathered for ``WRITE_EVERY_SECONDS`` first (``_write_later``), so the step a
 worker goes on with — a key's next holder, run by the same thread — never waits for the tally
 row and its commit, and a process that admits a keyed step every few milliseconds writes its
-tallies a few times a second, not once per admission. A worker killed in that moment, or a
-write that fails, loses them: they are a figure for the overview, not a record.
+tallies a few times a second, not once per admission. A worker stopped or killed in that
+moment, or a write that fails, loses them: they are a figure for the overview, not a record.
 """
 
 from __future__ import annotations
@@ -131,23 +131,29 @@ def _write_later() -> None:
     meanwhile, where this process has coordination threads (a timer hands the write to one);
     right away elsewhere (a prefork worker's process, the web process: on the committing
     thread, which has a connection of its own)."""
-    if coordination.current() is None:
+    coordinator = coordination.current()
+    if coordinator is None:
         _write_soon()
         return
-    timer = threading.Timer(WRITE_EVERY_SECONDS, _write_gathered)
+    timer = threading.Timer(WRITE_EVERY_SECONDS, _write_gathered, args=(coordinator,))
     timer.daemon = True  # a process stopping does not wait for a figure
     timer.start()
 
 
-def _write_gathered() -> None:
-    """The timer's write: on a coordination thread; right on the timer's thread where they were
-    stopped meanwhile, its connection closed after."""
+def _write_gathered(coordinator: coordination.Coordinator) -> None:
+    """The timer's write, handed to one of ``coordinator``'s threads. Dropped where this process
+    has stopped them meanwhile: no connection is opened on the timer's thread for a figure."""
+    if coordination.current() is not coordinator:
+        with _unwritten.changed:
+            _unwritten.counts.clear()
+        _written(failed=False)
+        return
     try:
         _write_soon()
     except Exception:
         logger.warning("could not write this process's tallies for the overview", exc_info=True)
     finally:
-        connections.close_all()  # opened only if written right here
+        connections.close_all()  # opened only if the threads stopped just now: written right here
 
 
 def _write_soon() -> None:

@@ -188,3 +188,18 @@ def test_a_process_with_coordination_threads_writes_its_tallies_a_moment_later_i
     if early < 1.2:  # the checks ran well inside the gathering time (a stalled machine: not)
         assert seen_early == 0
     assert written() == 20
+
+
+@pytest.mark.django_db(transaction=True)
+def test_tallies_gathered_when_the_coordination_threads_stop_are_dropped_not_written_elsewhere(
+    acme: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tallies, "WRITE_EVERY_SECONDS", 0.3)
+    coordination.coordinate_on_threads(2)
+    try:
+        with transaction.atomic():
+            tallies.tally_add_on_commit(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 1}))
+    finally:
+        coordination.coordinate_in_place()
+    assert tallies.tallies_written(10)
+    assert not Tally.objects.filter(tenant=acme).exists()
