@@ -155,11 +155,24 @@ def coordinate_on_threads(threads: int, *, slots: int | None = None) -> Coordina
 
 
 def coordinate_in_place() -> None:
-    """Back to doing database work right where it is asked for; the threads are closed."""
+    """Back to doing database work right where it is asked for; the threads are closed, after
+    the work handed to them before they stop (``before_threads_stop``)."""
     global _coordinator
+    if _coordinator is not None:
+        for hand_over in _before_stop:
+            hand_over()
     coordinator, _coordinator = _coordinator, None
     if coordinator is not None:
         coordinator.close()
+
+
+_before_stop: list[Callable[[], object]] = []
+
+
+def before_threads_stop(hand_over: Callable[[], object]) -> None:
+    """Call ``hand_over`` as this process's coordination threads are about to stop, while they
+    still take work (``run_soon``): what it hands them is done before they close."""
+    _before_stop.append(hand_over)
 
 
 def current() -> Coordinator | None:

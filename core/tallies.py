@@ -17,14 +17,16 @@ and a process writes those of all its admissions together: on one of its coordin
 where it has some, gathered for ``WRITE_EVERY_SECONDS`` first (``_write_later``), so the step a
 worker goes on with — a key's next holder, run by the same thread — never waits for the tally
 row and its commit, and a process that admits a keyed step every few milliseconds writes its
-tallies a few times a second, not once per admission. A worker stopped or killed in that
-moment, or a write that fails, loses them: they are a figure for the overview, not a record.
+tallies a few times a second, not once per admission. A worker that exits or is killed in
+that moment, or a write that fails, loses them: they are a figure for the overview, not a
+record (a process's coordination threads stopped on purpose write them first).
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -96,17 +98,28 @@ def tally_add_on_commit(counts: Counter[tuple[int, str]], *, now: datetime | Non
 
 
 class _Unwritten:
-    """This process's committed tallies not written yet, by (minute, tenant, name), and whether
-    a write is on its way (it takes every count added before it starts; those added after, it
-    writes again once it is done: ``_written``)."""
+    """This process's committed tallies not written yet, by (minute, tenant, name), whether a
+    write is on its way (it takes every count added before it starts; those added after, it
+    writes again once it is done: ``_written``), and the timer that starts it, while one waits
+    (``_write_later``)."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.counts: Counter[tuple[datetime, int, str]] = Counter()
         self.scheduled = False
+        self.timer: threading.Timer | None = None
 
 
 _unwritten = _Unwritten()
+
+
+def _forget_in_child() -> None:
+    """A process forked meanwhile starts with none of its parent's tallies, and no timer."""
+    global _unwritten
+    _unwritten = _Unwritten()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _committed(counts: Counter[tuple[int, str]], at: datetime) -> None:
@@ -120,40 +133,59 @@ def _committed(counts: Counter[tuple[int, str]], at: datetime) -> None:
 
 
 # How long a process with coordination threads gathers its committed tallies before it writes
-# them. Written as each admission committed, `keyed`'s 200 admissions were 180 writes (each its
-# own transaction, often waiting for the row another process was writing): an eighth of the
-# database's statement time in that workload. The overview reads them every few seconds.
+# them. Written as each admission committed, one `keyed` run of `bench_peer` (210 keyed
+# admissions) wrote 195 times, each its own transaction, often waiting for the row another
+# process was writing: an eighth of the database's statement time in that workload. The
+# overview reads them every few seconds.
 WRITE_EVERY_SECONDS = 0.5
 
 
 def _write_later() -> None:
     """Write the committed tallies ``WRITE_EVERY_SECONDS`` from now, with those committed
-    meanwhile, where this process has coordination threads (a timer hands the write to one);
+    meanwhile, where this process has coordination threads (a timer hands the write to one;
+    the threads write what is still gathered before they stop: ``_write_before_threads_stop``);
     right away elsewhere (a prefork worker's process, the web process: on the committing
     thread, which has a connection of its own)."""
-    coordinator = coordination.current()
-    if coordinator is None:
+    if coordination.current() is None:
         _write_soon()
         return
-    timer = threading.Timer(WRITE_EVERY_SECONDS, _write_gathered, args=(coordinator,))
+    with _unwritten.changed:
+        timer = _unwritten.timer = threading.Timer(WRITE_EVERY_SECONDS, _write_on_time)
     timer.daemon = True  # a process stopping does not wait for a figure
     timer.start()
 
 
-def _write_gathered(coordinator: coordination.Coordinator) -> None:
-    """The timer's write, handed to one of ``coordinator``'s threads. Dropped where this process
-    has stopped them meanwhile: no connection is opened on the timer's thread for a figure."""
-    if coordination.current() is not coordinator:
-        with _unwritten.changed:
-            _unwritten.counts.clear()
-        _written(failed=False)
-        return
+def _timer_taken() -> bool:
+    """Whether a timer was waiting to start the write, now taken off (by the timer itself, or
+    by the threads stopping before it: whichever comes first starts the write, once)."""
+    with _unwritten.changed:
+        timer, _unwritten.timer = _unwritten.timer, None
+    if timer is not None:
+        timer.cancel()  # a no-op for the timer itself, running this
+    return timer is not None
+
+
+def _write_on_time() -> None:
+    """The timer's end: the write handed to a coordination thread (right here if they stopped
+    just now, the connection closed after)."""
+    if not _timer_taken():
+        return  # the threads' stop started it already
     try:
         _write_soon()
     except Exception:
         logger.warning("could not write this process's tallies for the overview", exc_info=True)
     finally:
-        connections.close_all()  # opened only if the threads stopped just now: written right here
+        connections.close_all()  # opened only where written right here
+
+
+def _write_before_threads_stop() -> None:
+    """The coordination threads are stopping: what they gathered goes to them now, queued
+    before they close (``coordination.coordinate_in_place``)."""
+    if _timer_taken():
+        _write_soon()
+
+
+coordination.before_threads_stop(_write_before_threads_stop)
 
 
 def _write_soon() -> None:

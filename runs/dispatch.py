@@ -430,8 +430,9 @@ def _candidates_of(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[
     ]
 
 
-# A candidate's fields and the columns they come from: both statements below select these
-# under these names, and fair_candidates builds each Candidate from them by name.
+# A candidate's fields and the columns they come from: the candidate statements below (and
+# ``_NEXT_HOLDERS_SQL``, through ``_NAMED_CANDIDATE_SQL``) select these under these names, and
+# ``_candidates_of`` builds each Candidate from them by name.
 _CANDIDATE_COLUMNS = {
     "step_id": "s.id",
     "tenant_id": "s.tenant_id",
@@ -1114,8 +1115,9 @@ def _admit_named(
 
 def _next_holders(keys: Sequence[str], tenant_id: int, now: datetime, room: Room) -> list[Candidate | None]:
     """For each key, its oldest ready waiter of the tenant (FIFO per key, by step id), each
-    once, in the keys' order: as a candidate (``fair_candidates``' rules for that one step),
-    or None where those rules leave it out now (another of its keys held, a full scope). On
+    once, in the keys' order: as a candidate (``fair_candidates``' rules for that one step, a
+    worker's pull: ``wait`` locks only), or None where those rules leave it out now (another
+    of its keys held or wanted by an older waiter, a full scope, a retry not due yet). On
     PostgreSQL the waiters and their candidates are one statement: a key's hand-over is on
     the path of every next holder."""
     if not keys:

@@ -142,7 +142,7 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
     coordination.coordinate_on_threads(2)
     try:
         with tally_rows_held_meanwhile(acme.pk, [tallies.LOCK_CONFLICTS]):
-            coordination.run(admitting, 0)  # returns at once: its write waits for the row
+            coordination.run(admitting, 0)  # returns at once: its write, a moment later, waits for the row
             wait_for(
                 a_write_waits_for_the_row, 10, "the first write never reached the held row", interval=0.01
             )
@@ -158,7 +158,7 @@ def test_tallies_committed_on_coordination_threads_are_written_together_and_add_
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_process_with_coordination_threads_writes_its_tallies_a_moment_later_in_one_write(
+def test_a_process_with_coordination_threads_writes_its_tallies_together_a_moment_later(
     acme: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Admissions committed one after the other (a key handed on every few milliseconds) are not
@@ -191,15 +191,18 @@ def test_a_process_with_coordination_threads_writes_its_tallies_a_moment_later_i
 
 
 @pytest.mark.django_db(transaction=True)
-def test_tallies_gathered_when_the_coordination_threads_stop_are_dropped_not_written_elsewhere(
+def test_tallies_gathered_when_the_coordination_threads_stop_are_written_before_they_stop(
     acme: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tallies, "WRITE_EVERY_SECONDS", 0.3)
+    """Stopping the threads does not wait out the gathering, nor leave a write to the timer's
+    thread (nor drop a count): what was gathered is written on the threads before they close."""
+    monkeypatch.setattr(tallies, "WRITE_EVERY_SECONDS", 30.0)
     coordination.coordinate_on_threads(2)
     try:
         with transaction.atomic():
             tallies.tally_add_on_commit(Counter({(acme.pk, tallies.LOCK_CONFLICTS): 1}))
     finally:
         coordination.coordinate_in_place()
-    assert tallies.tallies_written(10)
-    assert not Tally.objects.filter(tenant=acme).exists()
+    assert tallies.tallies_written(1)  # the timer never fires
+    since = timezone.now() - timedelta(hours=1)
+    assert tallies.tallies_since([acme.pk], since)[tallies.LOCK_CONFLICTS] == 1
