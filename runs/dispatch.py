@@ -333,57 +333,16 @@ def fair_candidates(
     now = now or timezone.now()
     on_postgresql = rawsql.on_postgresql()
     named = on_postgresql and only_step is not None  # one step: a statement of its own
-    exclusions, filter_params = _candidate_filters(
-        room,
-        # On PostgreSQL, against the lateral's tenant: a tenant at its cap is then skipped
-        # whole (a one-time filter), not step by step.
-        tenant_column="t.tenant_id" if on_postgresql and not named else "s.tenant_id",
-        only_step=None if named else only_step,
-        wait_policy_only=wait_policy_only,
-        lanes=lanes,
-    )
-    params: list[Any] = [_adapt(now), *filter_params]
-    # Weighted fair shares: a tenant's n-th candidate would be its (held + n)-th step at once.
-    held = json.dumps(
-        [
-            [int(scope[7:]), n]
-            for scope, n in (room.held.items() if room else ())
-            if scope.startswith("tenant:") and n
-        ]
-    )
-    params += [_adapt(now), held, limit]
-    if named:
-        params = [only_step, *params[:-2], _adapt(now)]  # the older waiters' due time, then the leases'
-        sql = _NAMED_CANDIDATE_SQL.format(step="%s", exclusions=exclusions)
-    elif on_postgresql:
-        # The same rule, found per tenant: each tenant's oldest ready steps by index, so a
-        # round or a worker's pull costs what it takes, not a pass over every ready step.
-        params = [_adapt(now), *params[:-2], limit, held, limit]
-        sql = _FAIR_CANDIDATES_SQL.format(exclusions=exclusions)
-    else:
-        sql = _fair_candidates_portable(exclusions)
-    with connection.cursor() as cursor:
-        rawsql.execute_prepared(cursor, sql, params)
-        return _candidates_of([column[0] for column in cursor.description], cursor.fetchall())
-
-
-def _candidate_filters(
-    room: Room | None,
-    *,
-    tenant_column: str,
-    only_step: int | None,
-    wait_policy_only: bool,
-    lanes: Iterable[str],
-) -> tuple[str, list[Any]]:
-    """The conditions (``AND ...``, on the step ``s`` and its run ``r``) that leave out of the
-    candidates what ``room`` has no room for, and those that ask for one step, the ``wait``
-    lock policy or some lanes only; and their parameters."""
-    params: list[Any] = []
+    params: list[Any] = [_adapt(now)]
     exclusions = ""
     if room is not None:
         full = [scope for scope in {*room.held, *room.caps} if room.full(scope)]
         exclusions += _in_clause(
-            tenant_column, [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")], params
+            # On PostgreSQL, against the lateral's tenant: a tenant at its cap is then skipped
+            # whole (a one-time filter), not step by step.
+            "t.tenant_id" if on_postgresql and not named else "s.tenant_id",
+            [int(s.split(":", 1)[1]) for s in full if s.startswith("tenant:")],
+            params,
         )
         exclusions += _in_clause(
             "r.workflow", [s.split(":", 1)[1] for s in full if s.startswith("workflow:")], params
@@ -400,7 +359,7 @@ def _candidate_filters(
             kind, tenant_id, name = scope.removeprefix("tenant_").split(":", 2)
             exclusions += f" AND NOT (s.tenant_id = %s AND {column[kind]} = %s)"
             params.extend([int(tenant_id), name])
-    if only_step is not None:
+    if only_step is not None and not named:
         exclusions += " AND s.id = %s"
         params.append(only_step)
     if wait_policy_only:  # a worker's own pull: other lock policies are the dispatcher's to apply
@@ -410,14 +369,29 @@ def _candidate_filters(
     if lanes:
         exclusions += f" AND s.lane IN ({', '.join(['%s'] * len(lanes))})"
         params.extend(lanes)
-    return exclusions, params
-
-
-def _candidates_of(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[Candidate]:
-    """The candidates of ``rows`` (columns ``names``: ``_CANDIDATE_COLUMNS``' names and
-    ``weight``, maybe more), skipping those whose step is NULL (``_NEXT_HOLDERS_SQL``'s waiters
-    that are not candidates)."""
-    read = [dict(zip(names, row, strict=True)) for row in rows]
+    # Weighted fair shares: a tenant's n-th candidate would be its (held + n)-th step at once.
+    held = json.dumps(
+        [
+            [int(scope[7:]), n]
+            for scope, n in (room.held.items() if room else ())
+            if scope.startswith("tenant:") and n
+        ]
+    )
+    params += [_adapt(now), held, limit]
+    if named:
+        params = [only_step, *params[:-2], _adapt(now)]  # the older waiters' due time, then the leases'
+        sql = _NAMED_CANDIDATE_SQL.format(exclusions=exclusions)
+    elif on_postgresql:
+        # The same rule, found per tenant: each tenant's oldest ready steps by index, so a
+        # round or a worker's pull costs what it takes, not a pass over every ready step.
+        params = [_adapt(now), *params[:-2], limit, held, limit]
+        sql = _FAIR_CANDIDATES_SQL.format(exclusions=exclusions)
+    else:
+        sql = _fair_candidates_portable(exclusions)
+    with connection.cursor() as cursor:
+        rawsql.execute_prepared(cursor, sql, params)
+        names = [column[0] for column in cursor.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
     return [
         Candidate(
             **{name: row[name] for name in _CANDIDATE_COLUMNS if name not in ("lock_keys", "ready_since")},
@@ -425,14 +399,12 @@ def _candidates_of(names: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[
             ready_since=rawsql.read_datetime(row["ready_since"]),
             weight=row["weight"],
         )
-        for row in read
-        if row["step_id"] is not None
+        for row in rows
     ]
 
 
-# A candidate's fields and the columns they come from: the candidate statements below (and
-# ``_NEXT_HOLDERS_SQL``, through ``_NAMED_CANDIDATE_SQL``) select these under these names, and
-# ``_candidates_of`` builds each Candidate from them by name.
+# A candidate's fields and the columns they come from: both statements below select these
+# under these names, and fair_candidates builds each Candidate from them by name.
 _CANDIDATE_COLUMNS = {
     "step_id": "s.id",
     "tenant_id": "s.tenant_id",
@@ -535,7 +507,7 @@ _NAMED_CANDIDATE_SQL = f"""
     FROM runs_step s
     JOIN runs_run r ON r.id = s.run_id
     LEFT JOIN core_tenantquota q ON q.tenant_id = s.tenant_id
-    WHERE s.id = {{step}} AND s.status = {_READY}
+    WHERE s.id = %s AND s.status = {_READY}
     AND (s.available_at IS NULL OR s.available_at <= %s) {{exclusions}}
     AND (jsonb_array_length(s.lock_keys) = 0 OR NOT EXISTS (
         SELECT 1 FROM runs_step o
@@ -925,10 +897,9 @@ def admit_here(
     room = load_room(now, pools_max_age=1.0)
     if prefer is not None and (admitted := _admit_named(prefer, now, room, lanes, headroom, starts)):
         return admitted
-    waiters = _next_holders(released, tenant_id, now, room) if tenant_id is not None else []
-    for candidate in waiters:
-        picked = _fitting([candidate], room, lanes, headroom) if candidate is not None else []
-        if picked and (admitted := _admit_one(picked[0], now, starts)):
+    waiters = _next_holders(released, tenant_id) if tenant_id is not None else []
+    for waiter in waiters:
+        if admitted := _admit_named(waiter, now, room, lanes, headroom, starts):
             if len(waiters) > 1:
                 wake_on_commit()  # the other keys' next holders: a round gives them their keys
             return admitted
@@ -1113,31 +1084,15 @@ def _admit_named(
     return _admit_one(picked[0], now, starts) if picked else None
 
 
-def _next_holders(keys: Sequence[str], tenant_id: int, now: datetime, room: Room) -> list[Candidate | None]:
-    """For each key, its oldest ready waiter of the tenant (FIFO per key, by step id), each
-    once, in the keys' order: as a candidate (``fair_candidates``' rules for that one step, a
-    worker's pull: ``wait`` locks only), or None where those rules leave it out now (another
-    of its keys held or wanted by an older waiter, a full scope, a retry not due yet). On
-    PostgreSQL the waiters and their candidates are one statement: a key's hand-over is on
-    the path of every next holder."""
+def _next_holders(keys: Sequence[str], tenant_id: int) -> list[int]:
+    """For each key, its oldest ready waiter of the tenant (FIFO per key, by step id)."""
     if not keys:
         return []
     if rawsql.on_postgresql():
-        exclusions, filter_params = _candidate_filters(
-            room, tenant_column="s.tenant_id", only_step=None, wait_policy_only=True, lanes=()
-        )
-        at = _adapt(now)
         with connection.cursor() as cursor:
-            rawsql.execute_prepared(
-                cursor,
-                _NEXT_HOLDERS_SQL.format(exclusions=exclusions),
-                [tenant_id, list(keys), at, *filter_params, at, at],
-            )
-            rows = cursor.fetchall()
-            names = [column[0] for column in cursor.description]
-        holders = [row[0] for row in rows]
-        candidates = {c.step_id: c for c in _candidates_of(names, rows)}
-    else:  # SQLite has no JSON containment: its few waiters are read in order, then named
+            rawsql.execute_prepared(cursor, _NEXT_HOLDERS_SQL, [tenant_id, list(keys)])
+            holders = [step_id for (step_id,) in cursor.fetchall()]
+    else:  # SQLite has no JSON containment: its few waiters are read in order
         ready = (
             Step.objects.filter(tenant_id=tenant_id, status=StepStatus.READY)
             .exclude(lock_keys=[])
@@ -1145,29 +1100,16 @@ def _next_holders(keys: Sequence[str], tenant_id: int, now: datetime, room: Room
         )
         waiting = list(ready.values_list("id", "lock_keys"))
         holders = [next((pk for pk, held in waiting if key in held), None) for key in keys]
-        candidates = {
-            c.step_id: c
-            for pk in {pk for pk in holders if pk is not None}
-            for c in fair_candidates(limit=1, now=now, room=room, only_step=pk, wait_policy_only=True)
-        }
-    return [candidates.get(pk) for pk in dict.fromkeys(pk for pk in holders if pk is not None)]
+    return list(dict.fromkeys(step_id for step_id in holders if step_id is not None))
 
 
-# Each key's oldest ready waiter of the tenant, in the keys' order (a key without one: NULL),
-# the keyed ready steps of the tenant by id (a partial index) up to the first that needs it;
-# beside it, the waiter as a candidate (``_NAMED_CANDIDATE_SQL``; all NULL where it is not one).
-# Each OFFSET 0 keeps its subquery whole: else the planner joins every ready step, each judged
-# as a candidate, to the waiters by hash (three times slower with 190 steps waiting, `keyed`).
+# Each key's oldest ready waiter of the tenant, in the keys' order (a key without one: NULL):
+# the keyed ready steps of the tenant by id (a partial index), up to the first that needs it.
 _NEXT_HOLDERS_SQL = f"""
-    SELECT h.holder, c.*
-    FROM (
-        SELECT k.n, (SELECT s.id FROM runs_step s
-                     WHERE s.tenant_id = %s AND s.status = {_READY} AND NOT (s.lock_keys = '[]'::jsonb)
-                     AND s.lock_keys ? k.key ORDER BY s.id LIMIT 1) AS holder
-        FROM unnest(%s::text[]) WITH ORDINALITY AS k(key, n) OFFSET 0
-    ) h
-    LEFT JOIN LATERAL ({_NAMED_CANDIDATE_SQL.replace("{step}", "h.holder")} OFFSET 0) c ON true
-    ORDER BY h.n
+    SELECT (SELECT s.id FROM runs_step s
+            WHERE s.tenant_id = %s AND s.status = {_READY} AND NOT (s.lock_keys = '[]'::jsonb)
+            AND s.lock_keys ? k.key ORDER BY s.id LIMIT 1)
+    FROM unnest(%s::text[]) WITH ORDINALITY AS k(key, n) ORDER BY k.n
 """
 
 

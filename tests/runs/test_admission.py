@@ -1412,29 +1412,3 @@ def test_a_round_counts_a_step_it_left_as_waiting_only_where_its_lane_has_a_free
         locks_release(held)
         pool_withdraw("test-read@host")
         pool_withdraw("test-draft@host")
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_keys_holder_finds_its_next_holder_and_judges_it_in_one_statement(acme: Tenant) -> None:
-    """A holder's end hands its keys on in one transaction: its end, the room, each key's next
-    waiter read together with that waiter's verdict as a candidate (one statement, on the path
-    of every key's next holder), the waiter's admission and start, the commit. With two keys
-    released and a waiter on each: still one statement for both, and the first key's waiter is
-    the one handed its keys."""
-    if not rawsql.on_postgresql():
-        pytest.skip("SQLite reads the waiters, then each as a candidate")
-    holder = _started_pair(acme, 1, 2)
-    first = run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 1, "b": 3}, actor="t").run
-    run_start(tenant=acme, workflow="test.keyed_pair", input={"a": 2, "b": 4}, actor="t")
-    assert holder.ctx is not None
-    try:
-        with CaptureQueriesContext(connections["default"]) as queries:
-            outcome, follow = executor._finish_succeeded(holder.ctx, {}, frozenset({"read"}))
-    finally:
-        _clear_marks()
-    assert outcome == "succeeded"
-    assert isinstance(follow, executor._Start) and follow.ctx is not None and follow.ctx.run_id == first.pk
-    sent = [q["sql"] for q in queries if not q["sql"].startswith(("SAVEPOINT", "RELEASE SAVEPOINT"))]
-    transaction_sent = sent[sent.index("BEGIN") + 1 : sent.index("COMMIT")]
-    # The end, the room, the keys' next holders as candidates, the admission with its start.
-    assert len(transaction_sent) == 4, transaction_sent
