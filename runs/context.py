@@ -432,14 +432,11 @@ class StepContext:
                 external_ref=external_ref,
                 guard=call.proposal_guard(),
             )
-        except INTERRUPTIONS:
-            self._call_interrupted(call)  # stopped from outside: its row is the next attempt's
-            raise
-        except Exception as exc:
-            self._call_ended(call, ToolCallStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-            raise
-        except BaseException:
-            self._call_interrupted(call)
+        except BaseException as exc:
+            if (failure := _call_failure(exc)) is not None:
+                self._call_ended(call, ToolCallStatus.FAILED, error=failure)
+            else:
+                self._call_interrupted(call)  # stopped from outside: its row is the next attempt's
             raise
         self._call_ended(call, ToolCallStatus.SUCCEEDED)
         return outcome.result
@@ -778,18 +775,12 @@ class AsyncStepContext:
                     then=end_succeeded,
                 )
             )
-        except INTERRUPTIONS:
-            if not ended:  # else its end was written and its slot and locks given back
-                await asyncio.shield(self._coordinate(sync._call_interrupted, call))
-            raise
-        except Exception as exc:
-            if not ended:
-                await self._coordinate(
-                    sync._call_ended, call, ToolCallStatus.FAILED, f"{type(exc).__name__}: {exc}"
-                )
-            raise
-        except BaseException:
-            if not ended:
+        except BaseException as exc:
+            if ended:  # its end was written and its slot and locks given back
+                raise
+            if (failure := _call_failure(exc)) is not None:
+                await self._coordinate(sync._call_ended, call, ToolCallStatus.FAILED, failure)
+            else:
                 await asyncio.shield(self._coordinate(sync._call_interrupted, call))
             raise
         if not ended:  # answered from the ledger's record: nothing was recorded here
@@ -910,6 +901,15 @@ class AsyncStepContext:
         except asyncio.CancelledError:
             await asyncio.wait([call])
             raise
+
+
+def _call_failure(exc: BaseException) -> str | None:
+    """What a governed call that raised ``exc`` failed of (its row's error), or None where it
+    was stopped from outside instead (a timeout, a lost lease, a cancel, the worker's own
+    stop): then its row stays for the next attempt, which answers it from the ledger."""
+    if isinstance(exc, INTERRUPTIONS) or not isinstance(exc, Exception):
+        return None
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _recorded_then(claim: EffectClaim, result: Any, then: Callable[[], None] | None) -> EffectOutcome:

@@ -67,10 +67,12 @@
   var press = null;
   function pressing() { return !!press && Date.now() - press.at < 10000; }
   function pressedIn(target) { return pressing() && target.contains(press.on); }
-  document.addEventListener("pointerdown", function (e) {
-    if (e.button !== 0) { return; }  // a press that clicks: a mouse's main button, a touch, a pen
-    press = { on: e.target, at: Date.now() };
+  function pressed(on) {
+    press = { on: on, at: Date.now() };
     setTimeout(refreshIfOwed, 10000);  // a release that never came (a menu took it) holds no longer
+  }
+  document.addEventListener("pointerdown", function (e) {
+    if (e.button === 0) { pressed(e.target); }  // a press that clicks: a mouse's main button, a touch, a pen
   }, true);
   function released() {
     if (!press) { return; }
@@ -84,9 +86,7 @@
   // The Space key clicks a button as it comes up (Enter at once, as it goes down): a refresh in
   // between would take that click too.
   document.addEventListener("keydown", function (e) {
-    if (e.key !== " " || e.repeat || !e.target.closest || !e.target.closest("button")) { return; }
-    press = { on: e.target, at: Date.now() };
-    setTimeout(refreshIfOwed, 10000);
+    if (e.key === " " && !e.repeat && e.target.closest && e.target.closest("button")) { pressed(e.target); }
   }, true);
   document.addEventListener("keyup", function (e) { if (e.key === " ") { released(); } }, true);
   document.addEventListener("htmx:beforeSwap", function (e) {
